@@ -1,0 +1,1 @@
+"""Artifact container formats fleet servers wrap MCUboot images in (Mender/RDFM)."""

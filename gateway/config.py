@@ -1,0 +1,277 @@
+"""Gateway configuration: YAML file -> typed, validated pydantic models.
+
+Owns the schema of ``smp-gateway``'s YAML (gateway identity, state directory, trusted keys,
+update source, devices) and turns every validation problem into one ``ConfigError`` that
+names the file, the key path and what was expected. Unknown keys are errors.
+Relative paths in the file are resolved against the file's directory.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+
+class ConfigError(Exception):
+    """A configuration problem, with the file, the key path and what was expected."""
+
+    def __init__(self, path: str | Path, key: str, message: str) -> None:
+        self.path = str(path)
+        self.key = key
+        self.message = message
+        super().__init__(f"{self.path}: {key}: {message}" if key else f"{self.path}: {message}")
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SecretRef(Model):
+    """A secret given inline (``value``), read from a file (``file``) or the environment (``env``).
+
+    The value is never logged: ``repr`` shows only where it comes from.
+    """
+
+    value: SecretStr | None = None
+    file: Path | None = None
+    env: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SecretRef:
+        given = [k for k in ("value", "file", "env") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of value, file or env")
+        return self
+
+    def get(self) -> str:
+        if self.value is not None:
+            return self.value.get_secret_value()
+        if self.file is not None:
+            try:
+                return self.file.read_text().strip()
+            except OSError as exc:
+                raise ConfigError(self.file, "file", f"cannot read secret: {exc.strerror}") from exc
+        assert self.env is not None
+        val = os.environ.get(self.env)
+        if val is None:
+            raise ConfigError("<environment>", self.env, "environment variable is not set")
+        return val
+
+    def __repr__(self) -> str:
+        where = "value=***" if self.value is not None else (
+            f"file={self.file}" if self.file is not None else f"env={self.env}"
+        )
+        return f"SecretRef({where})"
+
+
+def _secret(v: Any) -> Any:
+    # a bare string is an inline secret
+    return {"value": v} if isinstance(v, str) else v
+
+
+Secret = Annotated[SecretRef, BeforeValidator(_secret)]
+"""A secret: a bare string (inline), or ``{file: PATH}`` / ``{env: NAME}``."""
+
+
+class UdpTransport(Model):
+    kind: Literal["udp"] = "udp"
+    host: str
+    port: int = Field(1337, ge=1, le=65535)
+    mtu: int = Field(1500, ge=64, le=65535, description="link MTU; IP+UDP headers are subtracted")
+
+
+class SerialTransport(Model):
+    kind: Literal["serial"] = "serial"
+    port: str = Field(description="serial device, e.g. /dev/ttyACM0")
+    baud: int = Field(115200, gt=0)
+    line_length: int = Field(
+        127, ge=8, le=8192, description="CONFIG_UART_MCUMGR_RX_BUF_SIZE: max bytes per framed line"
+    )
+    mtu: int = Field(
+        256, ge=64, le=65535, description="CONFIG_UART_MCUMGR_MTU: max SMP packet (before base64)"
+    )
+
+
+class BleTransport(Model):
+    kind: Literal["ble"] = "ble"
+    address: str | None = None
+    name: str | None = None
+    adapter: str = "hci0"
+    scan_timeout_s: float = Field(10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _addr_or_name(self) -> BleTransport:
+        if not self.address and not self.name:
+            raise ValueError("give the device's address or its advertised name")
+        return self
+
+
+TransportConfig = Annotated[
+    UdpTransport | SerialTransport | BleTransport, Field(discriminator="kind")
+]
+
+
+class Timeouts(Model):
+    request_s: float = Field(5.0, gt=0, description="one SMP request/response")
+    upload_first_chunk_s: float = Field(
+        30.0, gt=0, description="first upload chunk (the device may erase the slot first)"
+    )
+    reset_s: float = Field(
+        60.0, gt=0, description="how long a device may take to come back after a reset (swap)"
+    )
+    app_confirm_s: float = Field(
+        120.0, gt=0, description="policy 'app': how long the application has to confirm itself"
+    )
+    connect_s: float = Field(10.0, gt=0)
+
+
+class DeviceConfig(Model):
+    id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.:@-]+$")
+    transport: TransportConfig
+    hardware: str = Field(min_length=1, description="hardware type the images must target")
+    image: int = Field(0, ge=0, le=7, description="MCUboot image number (multi-image devices)")
+    slot_size: int | None = Field(
+        None, gt=0, description="secondary slot size in bytes; images larger are refused"
+    )
+    confirm: Literal["gateway", "app"] = "gateway"
+    health_check_s: float = Field(
+        3.0, ge=0, description="policy 'gateway': the new image must keep answering this long"
+    )
+    allow_downgrade: bool = False
+    allow_unsigned: bool = False
+    group: str | None = Field(None, description="devices that must change version together")
+    timeouts: Timeouts = Timeouts()
+    window: int | None = Field(
+        None, ge=1, le=64, description="max upload chunks in flight (default: buf_count - 1)"
+    )
+    chunk_size: int | None = Field(None, ge=32, description="cap on data bytes per upload chunk")
+
+
+class LocalSourceConfig(Model):
+    kind: Literal["local"] = "local"
+    path: Path = Field(description="directory holding signed images and manifest.yaml")
+    poll_interval_s: float = Field(10.0, gt=0)
+
+
+SourceConfig = Annotated[LocalSourceConfig, Field(discriminator="kind")]
+
+
+class GatewayConfig(Model):
+    gateway_id: str = Field("smp-gateway", min_length=1)
+    state_dir: Path
+    trusted_keys: list[Path] = Field(min_length=1, description="PEM files of image signing keys")
+    source: SourceConfig
+    devices: list[DeviceConfig] = Field(min_length=1)
+    max_concurrent: int = Field(32, ge=1, description="global cap on simultaneous device sessions")
+    log_format: Literal["text", "json"] = "text"
+    config_path: Path | None = Field(None, exclude=True)
+
+    @field_validator("devices")
+    @classmethod
+    def _unique_ids(cls, devices: list[DeviceConfig]) -> list[DeviceConfig]:
+        seen: set[str] = set()
+        for d in devices:
+            if d.id in seen:
+                raise ValueError(f"device id {d.id!r} appears twice")
+            seen.add(d.id)
+        return devices
+
+    def device(self, device_id: str) -> DeviceConfig:
+        for d in self.devices:
+            if d.id == device_id:
+                return d
+        raise KeyError(device_id)
+
+
+_PATH_KEYS = {"state_dir", "path", "trusted_keys", "file", "ca_file", "cert_file", "key_file",
+              "device_key_dir"}
+
+
+def _resolve_paths(node: Any, base: Path, key: str = "") -> Any:
+    if isinstance(node, dict):
+        return {k: _resolve_paths(v, base, k) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_resolve_paths(v, base, key) for v in node]
+    if key in _PATH_KEYS and isinstance(node, str) and node and not os.path.isabs(node):
+        return str((base / os.path.expanduser(node)).resolve())
+    return node
+
+
+def _format_loc(loc: tuple[int | str, ...], data: Any) -> str:
+    """Render a pydantic location as a YAML key path: devices[2].transport.port."""
+    out = ""
+    node = data
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+            node = node[part] if isinstance(node, list) and part < len(node) else None
+            continue
+        if isinstance(node, dict) and part not in node and out:
+            # discriminated-union tags (e.g. 'udp') are not keys of the document: skip them
+            continue
+        out += f".{part}" if out else str(part)
+        node = node.get(part) if isinstance(node, dict) else None
+    return out
+
+
+def _describe(err: Any) -> str:
+    typ = err["type"]
+    if typ == "extra_forbidden":
+        return "unknown key (check the spelling; see configs/ for the schema)"
+    if typ == "missing":
+        return "required key is missing"
+    msg = str(err["msg"])
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    inp = err.get("input")
+    if typ not in ("missing",) and not isinstance(inp, dict | list):
+        return f"{msg} (got {inp!r})"
+    return msg
+
+
+def parse_config(data: Any, path: str | Path = "<config>") -> GatewayConfig:
+    """Validate an already-loaded YAML document."""
+    if not isinstance(data, dict):
+        raise ConfigError(path, "", "the top level must be a mapping of keys to values")
+    base = Path(path).parent if str(path) != "<config>" else Path.cwd()
+    data = _resolve_paths(data, base)
+    try:
+        cfg = GatewayConfig.model_validate({**data, "config_path": str(path)})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        more = len(exc.errors()) - 1
+        suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
+        raise ConfigError(path, _format_loc(err["loc"], data), _describe(err) + suffix) from None
+    for i, k in enumerate(cfg.trusted_keys):
+        if not k.is_file():
+            raise ConfigError(path, f"trusted_keys[{i}]", f"no such key file: {k}")
+    return cfg
+
+
+def load_config(path: str | Path) -> GatewayConfig:
+    """Read and validate a YAML config file; raises ConfigError."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError(p, "", f"cannot read config file: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError(p, "", f"not valid YAML: {where}{getattr(exc, 'problem', exc)}") from None
+    return parse_config(data, p)

@@ -1,0 +1,167 @@
+"""A self-contained bench: signing key, signed v1/v2 images, simulated devices, gateway config.
+
+Owns ``smp-gateway demo`` and the same bench for tests and benchmarks: everything is made
+with the real tools (imgtool keys and images, the device simulator on real UDP sockets and
+PTYs), written as ordinary YAML files a user can open, edit and re-run by hand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gateway import devkit
+from gateway.config import GatewayConfig, parse_config
+from gateway.sim.config import SimConfig, SimDeviceConfig
+from gateway.sim.simulator import Simulator
+
+HARDWARE = "sim_board"
+
+
+@dataclass
+class Bench:
+    root: Path
+    key: Path
+    images: dict[str, Path]
+    updates_dir: Path
+    sim_cfg: SimConfig
+    device_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def publish(self, version: str, hardware: str = HARDWARE, **entry: Any) -> None:
+        """Put ``version`` into the local update directory's manifest (replacing the list)."""
+        img = self.images[version]
+        dest = self.updates_dir / img.name
+        if not dest.exists():
+            shutil.copy(img, dest)
+        manifest = {"images": [{"file": img.name, "hardware": hardware, **entry}]}
+        (self.updates_dir / "manifest.yaml").write_text(yaml.safe_dump(manifest))
+
+    def gateway_dict(self, sim: Simulator, **device_kw: Any) -> dict[str, Any]:
+        devices = []
+        for dev_id, dev in sim.devices.items():
+            ep = dev.endpoint()
+            if ep["transport"] == "udp":
+                transport: dict[str, Any] = {"kind": "udp", "host": ep["host"], "port": ep["port"]}
+            else:
+                transport = {"kind": "serial", "port": ep["address"]}
+                if ep.get("baud"):
+                    transport["baud"] = ep["baud"]
+            d: dict[str, Any] = {"id": dev_id, "transport": transport, "hardware": dev.cfg.hardware,
+                                 "slot_size": dev.cfg.slot_size, "health_check_s": 1.0,
+                                 "timeouts": {"reset_s": 20, "request_s": 2.0}}
+            d.update(device_kw)
+            d.update(self.device_overrides.get(dev_id, {}))
+            devices.append(d)
+        return {
+            "gateway_id": "demo-gateway",
+            "state_dir": str(self.root / "gateway-state"),
+            "trusted_keys": [str(self.key)],
+            "source": {"kind": "local", "path": str(self.updates_dir), "poll_interval_s": 2},
+            "devices": devices,
+        }
+
+    def gateway_config(self, sim: Simulator, **device_kw: Any) -> GatewayConfig:
+        data = self.gateway_dict(sim, **device_kw)
+        path = self.root / "gateway.yaml"
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        return parse_config(data, path)
+
+
+def make_bench(
+    root: Path,
+    *,
+    udp: int = 2,
+    serial: int = 1,
+    versions: tuple[str, ...] = ("1.0.0", "2.0.0"),
+    image_size: int = 96 * 1024,
+    slot_size: int = 0x40000,
+    key_type: str = "ecdsa-p256",
+    device_kw: dict[str, Any] | None = None,
+) -> Bench:
+    """Key + signed images (imgtool) + a simulator config of ``udp`` + ``serial`` devices on v1."""
+    root.mkdir(parents=True, exist_ok=True)
+    key = devkit.make_key(root / "keys" / "signing.pem", key_type)
+    images = {
+        v: devkit.sign_image(root / "images" / f"app-{v}.bin", version=v, key=key,
+                             size=image_size + i * 1024, slot_size=slot_size)
+        for i, v in enumerate(versions)
+    }
+    updates = root / "updates"
+    updates.mkdir(exist_ok=True)
+    devs = []
+    for i in range(udp + serial):
+        kind = "udp" if i < udp else "serial"
+        d: dict[str, Any] = {
+            "id": f"{kind}-{i + 1 if kind == 'udp' else i - udp + 1}",
+            "key": str(key), "initial_image": str(images[versions[0]]), "slot_size": slot_size,
+            "hardware": HARDWARE, "boot_time_s": 0.3,
+        }
+        d[kind] = {"host": "127.0.0.1", "port": 0} if kind == "udp" else {}
+        d.update(device_kw or {})
+        devs.append(SimDeviceConfig.model_validate(d))
+    sim_cfg = SimConfig(state_dir=root / "sim-state", devices=devs)
+    (root / "sim.yaml").write_text(yaml.safe_dump(sim_cfg.model_dump(mode="json"), sort_keys=False))
+    return Bench(root, key, images, updates, sim_cfg)
+
+
+async def run_demo(workdir: Path | None = None, keep: bool = False) -> int:
+    from rich.console import Console
+
+    from gateway.daemon import Gateway
+    from gateway.ui import ProgressView, outcome_table, print_outcomes_plain
+
+    tty = sys.stderr.isatty()
+    root = workdir or Path(tempfile.mkdtemp(prefix="smp-gateway-demo-"))
+    console = Console(stderr=True)
+    console.print(f"[bold]smp-gateway demo[/bold] in {root}")
+    console.print("making a signing key and signed images v1.0.0 / v2.0.0 with imgtool ...")
+    bench = make_bench(root)
+    bench.publish("2.0.0")
+    async with Simulator(bench.sim_cfg) as sim:
+        for dev in sim.devices.values():
+            console.print(f"  simulated device {dev.id:<9} {dev.endpoint()['transport']:<6} "
+                          f"{dev.address}  running 1.0.0")
+        cfg = bench.gateway_config(sim)
+        console.print(f"gateway config: {cfg.config_path}; update source: {bench.updates_dir}")
+        view = ProgressView(console) if tty else None
+        gw = Gateway(cfg, on_progress=view.update if view else None)
+        try:
+            if view:
+                with view:
+                    result = await gw.run_once()
+            else:
+                result = await gw.run_once()
+        finally:
+            gw.close()
+        if tty:
+            console.print(outcome_table(result.outcomes, f"demo: one pass in {result.seconds:.1f}s"))
+        else:
+            print_outcomes_plain(result.outcomes)
+        # what the devices themselves say: every one must run 2.0.0, confirmed
+        ok = result.ok
+        for dev in sim.devices.values():
+            st = dev.server.state_images()
+            active = next((s for s in st if s.active), None)
+            good = active is not None and active.version == "2.0.0" and bool(active.confirmed)
+            ok = ok and good
+            console.print(f"  {dev.id:<9} device reports active={active.version if active else None} "
+                          f"confirmed={bool(active and active.confirmed)}")
+    if not keep and workdir is None:
+        shutil.rmtree(root, ignore_errors=True)
+    console.print("[green]all devices updated and confirmed[/green]" if ok
+                  else "[red]demo failed[/red]")
+    return 0 if ok else 1
+
+
+def main_demo(workdir: str | None, keep: bool) -> int:
+    if workdir:
+        os.makedirs(workdir, exist_ok=True)
+    return asyncio.run(run_demo(Path(workdir) if workdir else None, keep))

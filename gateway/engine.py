@@ -1,0 +1,400 @@
+"""Per-device update engine: the MCUboot A/B flow as an explicit state machine.
+
+Owns one device's update from "what is on it" to a final outcome::
+
+    READ_STATE -> UPLOAD -> MARK_TEST -> RESET -> WAIT_BOOT -> VERIFY -> CONFIRM | WAIT_APP -> DONE
+                                                                      \\-> ROLLED_BACK
+    (any) -> REFUSED (before a byte is sent) | FAILED
+
+Every transition is logged with the device id and written to the journal before the step
+runs, so a restarted gateway resumes: an upload continues from the device's offset (the
+``sha`` resume of img_mgmt), a device that was reset is re-checked, and an image is confirmed
+only if the journal says this gateway marked exactly that hash for test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from smp.image_management import ImageState
+
+from gateway.config import DeviceConfig
+from gateway.images import ImageRefused, VerifiedImage, preflight
+from gateway.journal import Entry, Journal
+from gateway.mcuboot import Version
+from gateway.smp.session import SMPError, SMPSession, SMPTimeout, UploadError
+from gateway.smp.transport import TransportError
+from gateway.sources.base import UpdateResult
+
+log = logging.getLogger("gateway.engine")
+
+
+class Step(enum.StrEnum):
+    READ_STATE = "read-state"
+    UPLOAD = "upload"
+    MARK_TEST = "mark-test"
+    RESET = "reset"
+    WAIT_BOOT = "wait-boot"
+    VERIFY = "verify"
+    CONFIRM = "confirm"
+    WAIT_APP = "wait-app-confirm"
+    DONE = "done"
+    ROLLED_BACK = "rolled-back"
+    REFUSED = "refused"
+    FAILED = "failed"
+
+
+class Status(enum.StrEnum):
+    UPDATED = "updated"
+    UP_TO_DATE = "up-to-date"
+    REFUSED = "refused"
+    ROLLED_BACK = "rolled-back"
+    FAILED = "failed"
+
+
+@dataclass
+class Outcome:
+    device_id: str
+    status: Status
+    result: UpdateResult
+    detail: str = ""
+    old_version: str | None = None
+    new_version: str | None = None
+    bytes_uploaded: int = 0
+    upload_seconds: float = 0.0
+    resumed_from: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.status in (Status.UPDATED, Status.UP_TO_DATE)
+
+
+class _Finish(Exception):
+    def __init__(self, outcome: Outcome) -> None:
+        self.outcome = outcome
+
+
+@dataclass
+class Slots:
+    """The device's image state for one MCUboot image number."""
+
+    active: ImageState | None
+    other: ImageState | None
+
+    @classmethod
+    def parse(cls, images: list[ImageState], image_num: int) -> Slots:
+        mine = [i for i in images if (i.image or 0) == image_num]
+        active = next((i for i in mine if i.active), None)
+        if active is None:
+            active = next((i for i in mine if i.slot == 0), None)
+        other = next((i for i in mine if i is not active), None)
+        return cls(active, other)
+
+    @property
+    def active_hash(self) -> bytes | None:
+        return bytes(self.active.hash) if self.active and self.active.hash else None
+
+    @property
+    def other_hash(self) -> bytes | None:
+        return bytes(self.other.hash) if self.other and self.other.hash else None
+
+    @property
+    def active_version(self) -> Version | None:
+        if self.active is None:
+            return None
+        try:
+            return Version.parse(self.active.version)
+        except ValueError:
+            return None
+
+
+ProgressFn = Callable[[str, Step, int, int], None]
+
+
+class UpdateEngine:
+    """Drives one device through one update. Create one per (device, image) attempt."""
+
+    def __init__(
+        self,
+        device: DeviceConfig,
+        session: SMPSession,
+        journal: Journal,
+        *,
+        on_progress: ProgressFn | None = None,
+        poll_interval_s: float = 0.5,
+    ) -> None:
+        self.dev = device
+        self.s = session
+        self.journal = journal
+        self.on_progress = on_progress
+        self.poll = poll_interval_s
+        self.entry = journal.get(device.id)
+
+    # -- bookkeeping -------------------------------------------------------------------------
+    def _step(self, step: Step, detail: str = "", **changes: object) -> None:
+        self.entry = self.entry.with_(step=step.value, **changes)
+        self.journal.put(self.entry, detail)
+        log.info("device=%s step=%s %s", self.dev.id, step.value, detail)
+        if self.on_progress:
+            self.on_progress(self.dev.id, step, self.entry.upload_offset, self.entry.upload_total)
+
+    def _finish(self, status: Status, result: UpdateResult, detail: str, image: VerifiedImage | None,
+                old: str | None = None) -> _Finish:
+        step = {Status.UPDATED: Step.DONE, Status.UP_TO_DATE: Step.DONE, Status.REFUSED: Step.REFUSED,
+                Status.ROLLED_BACK: Step.ROLLED_BACK, Status.FAILED: Step.FAILED}[status]
+        self._step(step, detail, outcome=status.value,
+                   last_error=None if status in (Status.UPDATED, Status.UP_TO_DATE) else detail)
+        return _Finish(Outcome(self.dev.id, status, result, detail, old_version=old,
+                               new_version=str(image.version) if image else None))
+
+    async def read_slots(self, timeout_s: float | None = None) -> Slots:
+        images = await self.s.image_state(timeout_s=timeout_s)
+        slots = Slots.parse(images, self.dev.image)
+        self.entry = self.entry.with_(
+            running_version=slots.active.version if slots.active else None,
+            running_hash=slots.active_hash.hex() if slots.active_hash else None,
+        )
+        return slots
+
+    # -- the flow ----------------------------------------------------------------------------
+    async def run(self, image: VerifiedImage, slots: Slots | None = None,
+                  artifact_id: str | None = None, source: str | None = None) -> Outcome:
+        try:
+            return await self._run(image, slots, artifact_id, source)
+        except _Finish as f:
+            return f.outcome
+        except (SMPTimeout, TransportError, UploadError, SMPError) as exc:
+            result = (UpdateResult.CONNECTION_LOST if isinstance(exc, SMPTimeout | TransportError)
+                      else UpdateResult.UPDATE_FAILED)
+            return self._finish(Status.FAILED, result, f"{type(exc).__name__}: {exc}", image).outcome
+
+    async def _run(self, image: VerifiedImage, slots: Slots | None, artifact_id: str | None,
+                   source: str | None) -> Outcome:
+        target = image.hash
+        th = target.hex()
+        if slots is None:
+            slots = await self.read_slots()
+        old_v = slots.active.version if slots.active else None
+        resuming = self.entry.target_hash == th and self.entry.outcome is None
+        if not resuming:
+            self.entry = Entry(device_id=self.dev.id, target_hash=th,
+                               target_version=str(image.version), artifact_id=artifact_id,
+                               source=source, image_path=str(image.path),
+                               old_hash=slots.active_hash.hex() if slots.active_hash else None,
+                               old_version=old_v, attempts=self.entry.attempts + 1,
+                               running_version=self.entry.running_version,
+                               running_hash=self.entry.running_hash)
+        self._step(Step.READ_STATE, f"running={old_v} target={image.version} resume={resuming}")
+
+        # 1. is the target already running?
+        if slots.active_hash == target:
+            if slots.active and slots.active.confirmed:
+                st = Status.UPDATED if resuming else Status.UP_TO_DATE
+                raise self._finish(st, UpdateResult.SUCCESS, f"running {image.version}, confirmed",
+                                   image, old_v)
+            if self.entry.tested_hash == th:
+                return await self._after_boot(image, old_v)
+            raise self._finish(Status.FAILED, UpdateResult.UPDATE_FAILED,
+                               "device runs the target image unconfirmed, but this gateway did not "
+                               "test it: refusing to confirm", image, old_v)
+        if slots.active is not None and not slots.active.confirmed:
+            raise self._finish(Status.FAILED, UpdateResult.UPDATE_FAILED,
+                               f"device is test-running an unconfirmed image ({slots.active.version}) "
+                               "that is not the target; leaving it alone", image, old_v)
+
+        # 2. pre-flight: refuse before a single byte is sent
+        try:
+            preflight(image, device_id=self.dev.id, hardware=self.dev.hardware,
+                      slot_size=self.dev.slot_size, running=slots.active_version,
+                      running_hash=slots.active_hash, allow_downgrade=self.dev.allow_downgrade)
+        except ImageRefused as exc:
+            raise self._finish(Status.REFUSED, exc.reason.lwm2m, str(exc), image, old_v) from None
+
+        # 3. what does slot 1 hold?
+        other = slots.other
+        if other is not None and other.pending and slots.other_hash != target:
+            raise self._finish(Status.FAILED, UpdateResult.UPDATE_FAILED,
+                               f"another image ({other.version}) is already pending in the secondary "
+                               "slot; clear it before updating", image, old_v)
+        if other is not None and slots.other_hash == target and other.pending:
+            if self.entry.tested_hash != th:
+                self._step(Step.MARK_TEST, "target already pending on the device",
+                           tested_hash=th)
+            return await self._reset_and_verify(image, old_v)
+        if other is not None and slots.other_hash == target:
+            self._step(Step.UPLOAD, "target already complete in the secondary slot: no upload",
+                       upload_offset=image.size, upload_total=image.size)
+            bytes_up, secs, resumed = 0, 0.0, image.size
+        else:
+            bytes_up, secs, resumed = await self._upload(image)
+
+        # 4. mark for test (journal first: from here on this gateway owns the test)
+        self._step(Step.MARK_TEST, f"hash={th[:16]}", tested_hash=th)
+        states = await self.s.image_test(target)
+        post = Slots.parse(states, self.dev.image)
+        if not (post.other_hash == target and post.other and post.other.pending):
+            raise self._finish(Status.FAILED, UpdateResult.UPDATE_FAILED,
+                               "device did not mark the image pending", image, old_v)
+        out = await self._reset_and_verify(image, old_v)
+        out.bytes_uploaded, out.upload_seconds, out.resumed_from = bytes_up, secs, resumed
+        return out
+
+    async def _upload(self, image: VerifiedImage) -> tuple[int, float, int]:
+        data = image.read()
+        self._step(Step.UPLOAD, f"{len(data)} bytes", upload_total=len(data))
+        last_saved = [time.monotonic()]
+
+        def progress(off: int, total: int) -> None:
+            self.entry = self.entry.with_(upload_offset=off, upload_total=total)
+            now = time.monotonic()
+            if now - last_saved[0] > 1.0 or off == total:  # checkpoint at most once a second
+                last_saved[0] = now
+                self.journal.put(self.entry, "upload-progress")
+            if self.on_progress:
+                self.on_progress(self.dev.id, Step.UPLOAD, off, total)
+
+        stats = await self.s.upload(
+            data, image_num=self.dev.image, window=self.dev.window, chunk_cap=self.dev.chunk_size,
+            first_timeout_s=self.dev.timeouts.upload_first_chunk_s, progress=progress,
+        )
+        log.info("device=%s upload done bytes=%d resumed_from=%d window=%d chunk=%d seconds=%.2f "
+                 "retransmits=%d rewinds=%d", self.dev.id, stats.total, stats.start_offset,
+                 stats.window, stats.chunk_size, stats.seconds, stats.retransmits, stats.rewinds)
+        # the device must now hold exactly our image in the secondary slot
+        slots = await self.read_slots()
+        if slots.other_hash != image.hash:
+            raise UploadError("after the upload the secondary slot does not hold the image "
+                              f"(slot hash {slots.other_hash.hex()[:16] if slots.other_hash else None})")
+        return stats.sent_bytes, stats.seconds, stats.start_offset
+
+    async def _reset_and_verify(self, image: VerifiedImage, old_v: str | None) -> Outcome:
+        self._step(Step.RESET)
+        acked = await self.s.reset()
+        self._step(Step.WAIT_BOOT, f"reset acknowledged={acked}")
+        await self._wait_reboot()
+        return await self._after_boot(image, old_v, reset_acked=acked)
+
+    async def _wait_reboot(self) -> None:
+        """After a reset: wait for the link to go away (bounded), then for the device to answer."""
+        t = self.dev.timeouts
+        # Zephyr answers the reset, then reboots CONFIG_MCUMGR_GRP_OS_RESET_MS (250 ms) later;
+        # probe until an echo goes unanswered, at most 5 s (a fast boot may hide the gap).
+        gone_deadline = time.monotonic() + 5.0
+        while time.monotonic() < gone_deadline:
+            try:
+                await self.s.echo("boot?", timeout_s=0.3)
+            except SMPTimeout:
+                break
+            except TransportError:
+                await self._reopen()
+                break
+            await asyncio.sleep(0.1)
+        deadline = time.monotonic() + t.reset_s
+        while time.monotonic() < deadline:
+            try:
+                await self.s.echo("boot?", timeout_s=min(1.0, max(0.2, deadline - time.monotonic())))
+                return
+            except SMPTimeout:
+                continue
+            except TransportError:
+                await self._reopen()
+                await asyncio.sleep(self.poll)
+        raise _Finish(Outcome(self.dev.id, Status.FAILED, UpdateResult.CONNECTION_LOST,
+                              f"device did not come back within {t.reset_s:g}s after reset"))
+
+    async def _reopen(self) -> None:
+        """A serial device that re-enumerates (USB CDC) or a closed socket: open again."""
+        try:
+            await self.s.close()
+            await self.s.open()
+        except TransportError as exc:
+            log.debug("device=%s reopen failed: %s", self.dev.id, exc)
+
+    async def _after_boot(self, image: VerifiedImage, old_v: str | None,
+                          reset_acked: bool = True) -> Outcome:
+        target = image.hash
+        self._step(Step.VERIFY)
+        slots = await self.read_slots()
+        if slots.active_hash != target:
+            return self._rolled_back(image, slots, old_v, reset_acked)
+        if self.dev.confirm == "app":
+            return await self._wait_app_confirm(image, old_v)
+        if slots.active and slots.active.confirmed:
+            raise self._finish(Status.UPDATED, UpdateResult.SUCCESS,
+                               f"running {image.version}, already confirmed", image, old_v)
+        # health window: the new image must keep answering before it is made permanent
+        self._step(Step.CONFIRM, f"health check {self.dev.health_check_s:g}s")
+        end = time.monotonic() + self.dev.health_check_s
+        while True:
+            slots = await self._read_slots_through_reboot()
+            if slots.active_hash != target:
+                return self._rolled_back(image, slots, old_v, True)
+            if time.monotonic() >= end:
+                break
+            await asyncio.sleep(min(self.poll, max(0.0, end - time.monotonic())))
+        if self.entry.tested_hash != target.hex():  # the invariant, checked at the last moment
+            raise self._finish(Status.FAILED, UpdateResult.UPDATE_FAILED,
+                               "refusing to confirm an image this gateway did not test", image, old_v)
+        states = await self.s.image_confirm(target)
+        slots = Slots.parse(states, self.dev.image)
+        if slots.active_hash == target and slots.active and slots.active.confirmed:
+            raise self._finish(Status.UPDATED, UpdateResult.SUCCESS,
+                               f"{old_v} -> {image.version}, confirmed by the gateway", image, old_v)
+        raise self._finish(Status.FAILED, UpdateResult.UPDATE_FAILED,
+                           "device did not report the image confirmed", image, old_v)
+
+    async def _read_slots_through_reboot(self) -> Slots:
+        """Read the state; if the device vanished (crash, watchdog), wait for it to come back."""
+        try:
+            return await self.read_slots(timeout_s=1.0)
+        except SMPTimeout:
+            await self._wait_reboot()
+            return await self.read_slots()
+
+    async def _wait_app_confirm(self, image: VerifiedImage, old_v: str | None) -> Outcome:
+        target = image.hash
+        self._step(Step.WAIT_APP, f"waiting up to {self.dev.timeouts.app_confirm_s:g}s")
+        deadline = time.monotonic() + self.dev.timeouts.app_confirm_s
+        while time.monotonic() < deadline:
+            slots = await self._read_slots_through_reboot()
+            if slots.active_hash != target:
+                return self._rolled_back(image, slots, old_v, True)
+            if slots.active and slots.active.confirmed:
+                raise self._finish(Status.UPDATED, UpdateResult.SUCCESS,
+                                   f"{old_v} -> {image.version}, confirmed by the application",
+                                   image, old_v)
+            await asyncio.sleep(self.poll)
+        # the application never confirmed: reset so MCUboot reverts, and report it
+        await self.s.reset()
+        await self._wait_reboot()
+        slots = await self.read_slots()
+        detail = (f"application did not confirm {image.version} within "
+                  f"{self.dev.timeouts.app_confirm_s:g}s; reset to revert")
+        if slots.active_hash == target:
+            raise self._finish(Status.FAILED, UpdateResult.UPDATE_FAILED,
+                               detail + ", but the device still runs it", image, old_v)
+        raise self._finish(Status.ROLLED_BACK, UpdateResult.UPDATE_FAILED, detail + " (reverted)",
+                           image, old_v)
+
+    def _rolled_back(self, image: VerifiedImage, slots: Slots, old_v: str | None,
+                     reset_acked: bool) -> Outcome:
+        target = image.hash
+        other = slots.other
+        if slots.other_hash == target and other is not None and other.pending:
+            detail = ("device did not reboot into the image (reset "
+                      f"{'acknowledged' if reset_acked else 'unanswered'}); image still pending")
+            raise self._finish(Status.FAILED, UpdateResult.CONNECTION_LOST, detail, image, old_v)
+        if slots.other_hash == target:
+            now = slots.active.version if slots.active else "?"
+            detail = (f"rollback: {image.version} booted but was not confirmed before the next reset "
+                      f"(crash or watchdog); MCUboot reverted to {now}")
+        else:
+            detail = (f"rollback: MCUboot refused {image.version} at boot (signature or validation "
+                      f"failed on the device; its secondary slot was erased); still running "
+                      f"{slots.active.version if slots.active else '?'}")
+        raise self._finish(Status.ROLLED_BACK, UpdateResult.UPDATE_FAILED, detail, image, old_v)

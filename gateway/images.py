@@ -1,0 +1,184 @@
+"""Verified image store and the pre-flight checks that run before any byte reaches a device.
+
+Owns the step between a fleet source and a device: a raw file from a source becomes a
+``VerifiedImage`` only after its MCUboot structure, hash and signature (against the gateway's
+trusted keys, with imgtool) are checked; verified images are kept content-addressed under
+``<state_dir>/images/<hash>.bin``. ``preflight`` then decides, per device, whether the image may
+be sent: hardware type, slot size, downgrade and security counter. Every refusal is an
+``ImageRefused`` with a reason code and a sentence an operator can act on.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway.mcuboot import (
+    ImageFormatError,
+    ImageInfo,
+    SignatureError,
+    TrustedKey,
+    Version,
+    parse_image,
+    verify_signature,
+)
+from gateway.sources.base import UpdateResult
+
+
+class Refusal(enum.Enum):
+    BAD_FORMAT = "bad-format"
+    HASH_MISMATCH = "hash-mismatch"
+    UNSIGNED = "unsigned"
+    UNTRUSTED = "untrusted-signature"
+    TOO_LARGE = "too-large"
+    WRONG_HARDWARE = "wrong-hardware"
+    NOT_NEWER = "not-newer"
+    SECURITY_COUNTER = "security-counter"
+    ENCRYPTED = "encrypted"
+
+    @property
+    def lwm2m(self) -> UpdateResult:
+        return {
+            Refusal.TOO_LARGE: UpdateResult.NOT_ENOUGH_FLASH,
+            Refusal.WRONG_HARDWARE: UpdateResult.UNSUPPORTED_PACKAGE,
+            Refusal.NOT_NEWER: UpdateResult.UNSUPPORTED_PACKAGE,
+            Refusal.ENCRYPTED: UpdateResult.UNSUPPORTED_PACKAGE,
+            Refusal.BAD_FORMAT: UpdateResult.UNSUPPORTED_PACKAGE,
+        }.get(self, UpdateResult.INTEGRITY_FAILURE)
+
+
+class ImageRefused(Exception):
+    def __init__(self, reason: Refusal, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.reason.value}: {self.message}"
+
+
+@dataclass(frozen=True)
+class VerifiedImage:
+    """An image whose structure, hash and signature the gateway has checked."""
+
+    path: Path
+    info: ImageInfo
+    signed_by: str | None  # trusted key name; None = unsigned (allowed per device only)
+    hardware: str | None  # target hardware type from the source's metadata
+    file_sha256: bytes  # sha256 of the whole file: the upload's `sha`
+    size: int
+
+    @property
+    def version(self) -> Version:
+        return self.info.version
+
+    @property
+    def hash(self) -> bytes:
+        return self.info.hash
+
+    def read(self) -> bytes:
+        data = self.path.read_bytes()
+        if hashlib.sha256(data).digest() != self.file_sha256:
+            raise ImageRefused(Refusal.HASH_MISMATCH,
+                               f"{self.path} changed on disk after verification")
+        return data
+
+
+def check_image(
+    data: bytes, keys: list[TrustedKey], *, allow_unsigned: bool = False
+) -> tuple[ImageInfo, str | None]:
+    """Structure + hash + signature; returns (info, key name or None when unsigned)."""
+    try:
+        info = parse_image(data)
+    except ImageFormatError as exc:
+        raise ImageRefused(Refusal.BAD_FORMAT, f"not a valid MCUboot image: {exc}") from exc
+    if not info.hash_valid:
+        raise ImageRefused(Refusal.HASH_MISMATCH,
+                           "the image's SHA-256 TLV does not match its contents (corrupt image)")
+    if info.total_size != len(data.rstrip(b"\xff")) and len(data) < info.total_size:
+        raise ImageRefused(Refusal.BAD_FORMAT, "image is truncated")
+    if not info.is_signed:
+        if allow_unsigned:
+            return info, None
+        raise ImageRefused(Refusal.UNSIGNED,
+                           "the image carries no signature; set allow_unsigned on the device to permit")
+    try:
+        key = verify_signature(data, keys)
+    except SignatureError as exc:
+        raise ImageRefused(Refusal.UNTRUSTED, str(exc)) from exc
+    return info, key.name
+
+
+class ImageStore:
+    """Content-addressed store of verified images in ``<state_dir>/images``."""
+
+    def __init__(self, root: Path, keys: list[TrustedKey]) -> None:
+        self.root = root
+        self.keys = keys
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._cache: dict[tuple[bytes, str | None, bool], VerifiedImage] = {}
+
+    def add_file(self, path: Path, *, hardware: str | None, allow_unsigned: bool = False) -> VerifiedImage:
+        return self.add_bytes(path.read_bytes(), hardware=hardware, allow_unsigned=allow_unsigned)
+
+    def add_bytes(self, data: bytes, *, hardware: str | None, allow_unsigned: bool = False) -> VerifiedImage:
+        file_sha = hashlib.sha256(data).digest()
+        ck = (file_sha, hardware, allow_unsigned)
+        if ck in self._cache:
+            return self._cache[ck]
+        info, signer = check_image(data, self.keys, allow_unsigned=allow_unsigned)
+        dest = self.root / f"{info.hash.hex()}.bin"
+        if not dest.exists() or hashlib.sha256(dest.read_bytes()).digest() != file_sha:
+            fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".in-")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.chmod(tmp, 0o600)
+                os.replace(tmp, dest)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        img = VerifiedImage(dest, info, signer, hardware, file_sha, len(data))
+        self._cache[ck] = img
+        return img
+
+
+def preflight(
+    image: VerifiedImage,
+    *,
+    device_id: str,
+    hardware: str,
+    slot_size: int | None,
+    running: Version | None,
+    running_hash: bytes | None,
+    allow_downgrade: bool,
+    running_security_counter: int | None = None,
+) -> None:
+    """Refuse an image this device must not receive; raises ImageRefused."""
+    if image.hardware is not None and image.hardware != hardware:
+        raise ImageRefused(Refusal.WRONG_HARDWARE,
+                           f"image is built for hardware {image.hardware!r}; "
+                           f"device {device_id} is {hardware!r}")
+    if image.info.is_encrypted:
+        raise ImageRefused(Refusal.ENCRYPTED, "encrypted images are not supported yet")
+    if slot_size is not None:
+        # MCUboot swap needs the image plus its trailer to fit; the trailer is at the slot's end
+        if image.size > slot_size:
+            raise ImageRefused(Refusal.TOO_LARGE,
+                               f"image is {image.size} bytes, device {device_id}'s slot holds {slot_size}")
+    if running is not None and running_hash != image.hash and not allow_downgrade:
+        if image.version <= running:
+            raise ImageRefused(Refusal.NOT_NEWER,
+                               f"image version {image.version} is not newer than the running "
+                               f"{running} (set allow_downgrade to permit)")
+    if (running_security_counter is not None and image.info.security_counter is not None
+            and image.info.security_counter < running_security_counter):
+        raise ImageRefused(Refusal.SECURITY_COUNTER,
+                           f"image security counter {image.info.security_counter} is below the "
+                           f"device's {running_security_counter}; MCUboot would refuse it")

@@ -1,0 +1,107 @@
+"""Crash-safe update journal: what the gateway is doing to each device, on disk.
+
+Owns ``<state_dir>/journal.sqlite`` (SQLite in WAL mode, ``synchronous=FULL``): one row per
+device with the update in progress — target hash/version, artifact, step, upload offset,
+attempts, last error — and, crucially, ``tested_hash``: the image this gateway marked for test.
+The engine writes a row *before* each irreversible step, so after SIGKILL or power loss the
+next start knows where each device was. It never confirms an image whose hash is not the
+row's ``tested_hash``.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Entry:
+    device_id: str
+    step: str = "idle"
+    target_hash: str | None = None
+    target_version: str | None = None
+    artifact_id: str | None = None
+    source: str | None = None
+    image_path: str | None = None
+    old_hash: str | None = None
+    old_version: str | None = None
+    tested_hash: str | None = None  # set just before the reset that boots it
+    upload_offset: int = 0
+    upload_total: int = 0
+    attempts: int = 0
+    outcome: str | None = None  # updated / rolled-back / refused / failed / up-to-date
+    last_error: str | None = None
+    running_version: str | None = None
+    running_hash: str | None = None
+    updated_at: float = 0.0
+
+    def with_(self, **changes: object) -> Entry:
+        return replace(self, updated_at=time.time(), **changes)  # type: ignore[arg-type]
+
+
+_COLUMNS = [f.name for f in fields(Entry)]
+
+
+class Journal:
+    """SQLite-backed journal; safe to use from one process (the daemon) plus readers (status)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        new = not path.exists()
+        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        if new:
+            os.chmod(path, 0o600)
+        self._lock = threading.Lock()
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        cols = ", ".join(
+            f"{c} {'TEXT PRIMARY KEY' if c == 'device_id' else ''}" for c in _COLUMNS
+        )
+        self._db.execute(f"CREATE TABLE IF NOT EXISTS devices ({cols})")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS events (t REAL, device_id TEXT, step TEXT, detail TEXT)"
+        )
+
+    def close(self) -> None:
+        self._db.close()
+
+    def get(self, device_id: str) -> Entry:
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {', '.join(_COLUMNS)} FROM devices WHERE device_id=?", (device_id,)
+            ).fetchone()
+        if row is None:
+            return Entry(device_id=device_id)
+        return Entry(**dict(zip(_COLUMNS, row, strict=True)))
+
+    def all(self) -> list[Entry]:
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {', '.join(_COLUMNS)} FROM devices ORDER BY device_id"
+            ).fetchall()
+        return [Entry(**dict(zip(_COLUMNS, r, strict=True))) for r in rows]
+
+    def put(self, entry: Entry, detail: str = "") -> None:
+        d = asdict(entry)
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute(
+                f"INSERT OR REPLACE INTO devices ({', '.join(_COLUMNS)}) "
+                f"VALUES ({', '.join('?' for _ in _COLUMNS)})",
+                [d[c] for c in _COLUMNS],
+            )
+            self._db.execute("INSERT INTO events VALUES (?, ?, ?, ?)",
+                             (time.time(), entry.device_id, entry.step, detail))
+            self._db.execute("COMMIT")
+
+    def events(self, device_id: str | None = None) -> list[tuple[float, str, str, str]]:
+        with self._lock:
+            if device_id is None:
+                return list(self._db.execute("SELECT * FROM events ORDER BY rowid"))
+            return list(self._db.execute("SELECT * FROM events WHERE device_id=? ORDER BY rowid",
+                                         (device_id,)))

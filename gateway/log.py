@@ -1,0 +1,64 @@
+"""Structured logging: ``key=value`` text (reads well in journald) or one JSON object a line.
+
+Owns the process-wide logging setup. Messages in the gateway are written as ``key=value``
+pairs (``device=... step=...``); the JSON formatter lifts those pairs into fields.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import time
+
+_KV = re.compile(r"(\w+)=(\"[^\"]*\"|\S+)")
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self, with_time: bool = True) -> None:
+        super().__init__()
+        self.with_time = with_time
+
+    def format(self, record: logging.LogRecord) -> str:
+        msg = record.getMessage()
+        head = f"level={record.levelname.lower()} logger={record.name}"
+        if self.with_time:
+            t = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(record.created))
+            head = f"time={t}.{int(record.msecs):03d} {head}"
+        line = f"{head} {msg}"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        msg = record.getMessage()
+        out: dict[str, object] = {
+            "time": record.created,
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": msg,
+        }
+        for k, v in _KV.findall(msg):
+            out.setdefault(k, v.strip('"'))
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def setup(fmt: str = "text", level: int = logging.INFO, stream: object = None) -> None:
+    """Configure the root logger. Under systemd (JOURNAL_STREAM set) timestamps are omitted."""
+    import os
+
+    handler = logging.StreamHandler(stream or sys.stderr)  # type: ignore[arg-type]
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(TextFormatter(with_time="JOURNAL_STREAM" not in os.environ))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    for noisy in ("smp", "smpclient", "asyncio", "aiohttp.access"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))

@@ -1,0 +1,315 @@
+"""MCUboot image format: parsing, hashing and signature verification.
+
+Owns the byte layout of an MCUboot image (``struct image_header``, the protected and
+unprotected TLV areas) as MCUboot's ``bootutil/image.h`` defines it, and the check of an
+image's signature against a set of trusted public keys.
+
+Parsing is written here (it is ~100 lines of ``struct``) because imgtool exposes only a
+file-based ``Image.verify`` that stops at the first problem without saying *which* TLV is
+wrong and gives no access to the security counter, the key hash or the TLV list; the
+signature check itself is delegated to imgtool so that it is exactly MCUboot's.
+Both the gateway (before anything is sent) and the device simulator (at "boot") use it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import tempfile
+from dataclasses import dataclass, field
+from enum import IntEnum
+from functools import total_ordering
+from pathlib import Path
+from typing import Any
+
+IMAGE_MAGIC = 0x96F3B83D
+TLV_INFO_MAGIC = 0x6907
+TLV_PROT_INFO_MAGIC = 0x6908
+HEADER_STRUCT = struct.Struct("<IIHHII")  # magic, load_addr, hdr_size, prot_tlv_size, img_size, flags
+VERSION_STRUCT = struct.Struct("<BBHI")
+HEADER_MIN_SIZE = 32
+TLV_INFO_STRUCT = struct.Struct("<HH")
+TLV_STRUCT = struct.Struct("<BBH")
+
+
+class TLV(IntEnum):
+    """TLV types from MCUboot's ``bootutil/image.h`` (the ones the gateway cares about)."""
+
+    KEYHASH = 0x01
+    PUBKEY = 0x02
+    SHA256 = 0x10
+    SHA384 = 0x11
+    SHA512 = 0x12
+    RSA2048_PSS = 0x20
+    ECDSA_SIG = 0x22
+    RSA3072_PSS = 0x23
+    ED25519 = 0x24
+    SIG_PURE = 0x25
+    ENC_RSA2048 = 0x30
+    ENC_KW = 0x31
+    ENC_EC256 = 0x32
+    ENC_X25519 = 0x33
+    DEPENDENCY = 0x40
+    SEC_CNT = 0x50
+    BOOT_RECORD = 0x60
+
+
+SIGNATURE_TLVS = frozenset({TLV.RSA2048_PSS, TLV.ECDSA_SIG, TLV.RSA3072_PSS, TLV.ED25519})
+HASH_TLVS = {TLV.SHA256: "sha256", TLV.SHA384: "sha384", TLV.SHA512: "sha512"}
+
+IMAGE_F_ENCRYPTED_AES128 = 0x04
+IMAGE_F_ENCRYPTED_AES256 = 0x08
+
+
+class ImageFormatError(ValueError):
+    """The bytes are not a well-formed MCUboot image; the message says what is wrong."""
+
+
+class SignatureError(ValueError):
+    """The image is well formed but its signature does not verify against any trusted key."""
+
+
+@total_ordering
+@dataclass(frozen=True)
+class Version:
+    """An MCUboot ``struct image_version``; compares like MCUboot/Zephyr (major, minor, rev, build)."""
+
+    major: int
+    minor: int
+    revision: int
+    build: int = 0
+
+    @classmethod
+    def parse(cls, text: str) -> Version:
+        """Parse ``a.b.c``, ``a.b.c.d`` (Zephyr's img_mgmt form) or ``a.b.c+d`` (imgtool/RDFM form)."""
+        raw = text.strip()
+        build = 0
+        if "+" in raw:
+            raw, build_s = raw.split("+", 1)
+            build = int(build_s)
+        parts = raw.split(".")
+        if not 1 <= len(parts) <= 4 or not all(p.isdigit() for p in parts):
+            raise ValueError(f"not a version: {text!r} (expected a.b.c or a.b.c+build)")
+        nums = [int(p) for p in parts] + [0] * (4 - len(parts))
+        if len(parts) == 4:
+            build = nums[3]
+        v = cls(nums[0], nums[1], nums[2], build)
+        if v.major > 0xFF or v.minor > 0xFF or v.revision > 0xFFFF or v.build > 0xFFFFFFFF:
+            raise ValueError(f"version out of range for MCUboot: {text!r}")
+        return v
+
+    def key(self) -> tuple[int, int, int, int]:
+        return (self.major, self.minor, self.revision, self.build)
+
+    def __lt__(self, other: object) -> bool:
+        if not isinstance(other, Version):
+            return NotImplemented
+        return self.key() < other.key()
+
+    def smp_str(self) -> str:
+        """The string Zephyr's ``img_mgmt_ver_str`` reports: ``%hu.%hu.%hu`` then ``.%u`` if build."""
+        s = f"{self.major}.{self.minor}.{self.revision}"
+        return f"{s}.{self.build}" if self.build else s
+
+    def semver(self) -> str:
+        """``a.b.c`` or ``a.b.c+d`` (imgtool's ``--version`` syntax; RDFM's software version)."""
+        s = f"{self.major}.{self.minor}.{self.revision}"
+        return f"{s}+{self.build}" if self.build else s
+
+    def __str__(self) -> str:
+        return self.semver()
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What the gateway knows of an MCUboot image after parsing it."""
+
+    load_addr: int
+    hdr_size: int
+    protect_tlv_size: int
+    img_size: int
+    flags: int
+    version: Version
+    hash: bytes  # the SHA-256 TLV: what img_mgmt reports as the slot's "hash"
+    hash_valid: bool  # does the hash TLV match the computed digest?
+    tlvs: list[tuple[int, bytes]] = field(repr=False)  # (type, value), protected then unprotected
+    total_size: int  # header + body + all TLVs: the bytes that must be uploaded
+    security_counter: int | None = None
+
+    @property
+    def signature_types(self) -> list[int]:
+        return [t for t, _ in self.tlvs if t in SIGNATURE_TLVS]
+
+    @property
+    def is_signed(self) -> bool:
+        return bool(self.signature_types)
+
+    @property
+    def is_encrypted(self) -> bool:
+        return bool(self.flags & (IMAGE_F_ENCRYPTED_AES128 | IMAGE_F_ENCRYPTED_AES256))
+
+    def tlv(self, tlv_type: int) -> bytes | None:
+        for t, v in self.tlvs:
+            if t == tlv_type:
+                return v
+        return None
+
+
+def read_version(header: bytes) -> Version:
+    """The version from the first 28 bytes of an image header (no other checks)."""
+    return Version(*VERSION_STRUCT.unpack_from(header, 20))
+
+
+def parse_image(data: bytes | bytearray | memoryview) -> ImageInfo:
+    """Parse and hash-check an MCUboot image; trailing bytes (slot padding) are ignored.
+
+    Raises ImageFormatError naming the first problem found. ``hash_valid`` is False (rather
+    than raising) when everything is well formed but the digest does not match, so callers
+    can report "hash mismatch" distinctly from "not an image".
+    """
+    buf = memoryview(data)
+    if len(buf) < HEADER_MIN_SIZE:
+        raise ImageFormatError(f"too short for an MCUboot header: {len(buf)} bytes")
+    magic, load_addr, hdr_size, prot_size, img_size, flags = HEADER_STRUCT.unpack_from(buf, 0)
+    if magic != IMAGE_MAGIC:
+        raise ImageFormatError(f"bad header magic 0x{magic:08x} (expected 0x{IMAGE_MAGIC:08x})")
+    if hdr_size < HEADER_MIN_SIZE:
+        raise ImageFormatError(f"header size {hdr_size} is smaller than {HEADER_MIN_SIZE}")
+    version = read_version(bytes(buf[:28]))
+    off = hdr_size + img_size
+    if off + TLV_INFO_STRUCT.size > len(buf):
+        raise ImageFormatError(
+            f"image truncated: header+body is {off} bytes, file has {len(buf)} and no TLV area"
+        )
+    tlvs: list[tuple[int, bytes]] = []
+    protected_end = off
+    info_magic, info_len = TLV_INFO_STRUCT.unpack_from(buf, off)
+    if info_magic == TLV_PROT_INFO_MAGIC:
+        if info_len != prot_size:
+            raise ImageFormatError(
+                f"protected TLV area is {info_len} bytes but the header says {prot_size}"
+            )
+        tlvs += _read_tlvs(buf, off, info_len, protected=True)
+        off += info_len
+        protected_end = off
+        if off + TLV_INFO_STRUCT.size > len(buf):
+            raise ImageFormatError("image truncated after the protected TLV area")
+        info_magic, info_len = TLV_INFO_STRUCT.unpack_from(buf, off)
+    elif prot_size != 0:
+        raise ImageFormatError(f"header announces {prot_size} bytes of protected TLVs; none found")
+    if info_magic != TLV_INFO_MAGIC:
+        raise ImageFormatError(f"bad TLV info magic 0x{info_magic:04x} at offset {off}")
+    tlvs += _read_tlvs(buf, off, info_len, protected=False)
+    total = off + info_len
+
+    hashes = [(t, v) for t, v in tlvs if t in HASH_TLVS]
+    if not hashes:
+        raise ImageFormatError("no SHA hash TLV: MCUboot cannot validate this image")
+    if len(hashes) > 1:
+        raise ImageFormatError("more than one hash TLV")
+    htype, hvalue = hashes[0]
+    digest = hashlib.new(HASH_TLVS[TLV(htype)], buf[:protected_end]).digest()
+    sec_cnt_raw = next((v for t, v in tlvs if t == TLV.SEC_CNT), None)
+    sec_cnt = None
+    if sec_cnt_raw is not None:
+        if len(sec_cnt_raw) != 4:
+            raise ImageFormatError(f"security counter TLV has {len(sec_cnt_raw)} bytes, not 4")
+        sec_cnt = int.from_bytes(sec_cnt_raw, "little")
+    return ImageInfo(
+        load_addr=load_addr,
+        hdr_size=hdr_size,
+        protect_tlv_size=prot_size,
+        img_size=img_size,
+        flags=flags,
+        version=version,
+        hash=hvalue,
+        hash_valid=digest == hvalue,
+        tlvs=tlvs,
+        total_size=total,
+        security_counter=sec_cnt,
+    )
+
+
+def _read_tlvs(buf: memoryview, start: int, length: int, protected: bool) -> list[tuple[int, bytes]]:
+    end = start + length
+    where = "protected" if protected else "unprotected"
+    if length < TLV_INFO_STRUCT.size or end > len(buf):
+        raise ImageFormatError(f"{where} TLV area of {length} bytes at {start} overruns the image")
+    out: list[tuple[int, bytes]] = []
+    off = start + TLV_INFO_STRUCT.size
+    while off < end:
+        if off + TLV_STRUCT.size > end:
+            raise ImageFormatError(f"truncated TLV header at offset {off} in the {where} area")
+        t, _, ln = TLV_STRUCT.unpack_from(buf, off)
+        off += TLV_STRUCT.size
+        if off + ln > end:
+            raise ImageFormatError(f"TLV 0x{t:02x} of {ln} bytes overruns the {where} area")
+        out.append((t, bytes(buf[off : off + ln])))
+        off += ln
+    return out
+
+
+@dataclass(frozen=True)
+class TrustedKey:
+    """A public key that may sign images, loaded with imgtool (PEM, private or public)."""
+
+    name: str
+    key: Any  # an imgtool.keys key object
+
+    @classmethod
+    def load(cls, path: str | Path, name: str | None = None) -> TrustedKey:
+        import imgtool.keys
+
+        p = Path(path)
+        try:
+            key = imgtool.keys.load(str(p))
+        except Exception as exc:  # imgtool raises bare Exceptions and click errors
+            raise ValueError(f"cannot load key {p}: {exc}") from exc
+        if key is None:
+            raise ValueError(f"cannot load key {p}: password-protected or unsupported")
+        return cls(name=name or p.stem, key=key)
+
+    def public_pem(self) -> bytes:
+        from cryptography.hazmat.primitives import serialization
+
+        pub = self.key._get_public()
+        return bytes(
+            pub.public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        )
+
+
+def verify_signature(data: bytes, keys: list[TrustedKey]) -> TrustedKey:
+    """Return the trusted key whose signature the image carries, or raise SignatureError.
+
+    The check is imgtool's ``Image.verify`` (hash over header+body+protected TLVs, then the
+    signature TLV against the key), which takes a file path, so the bytes go to a temporary
+    file first.
+    """
+    import imgtool.image
+
+    info = parse_image(data)
+    if not info.hash_valid:
+        raise SignatureError("image hash mismatch: the image is corrupt")
+    if not info.is_signed:
+        raise SignatureError("image carries no signature TLV")
+    fd, tmp = tempfile.mkstemp(suffix=".bin", prefix="smpgw-verify-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data[: info.total_size])
+        reasons = []
+        for k in keys:
+            try:
+                result = imgtool.image.Image.verify(tmp, k.key)[0]
+            except Exception as exc:  # imgtool may raise on key/TLV type combinations
+                reasons.append(f"{k.name}: {exc}")
+                continue
+            if result == imgtool.image.VerifyResult.OK:
+                return k
+            reasons.append(f"{k.name}: {result.name}")
+    finally:
+        os.unlink(tmp)
+    detail = "; ".join(reasons) if reasons else "no trusted keys configured"
+    raise SignatureError(f"signature not made by a trusted key ({detail})")

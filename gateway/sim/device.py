@@ -1,0 +1,602 @@
+"""One simulated device: transports, link emulation, request queue, MCUboot, app knobs."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import os
+import random
+import struct
+import tty
+import zlib
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from smp import packet as smppacket
+from smp.exceptions import SMPBadContinueDelimiter, SMPBadCRC, SMPBadStartDelimiter
+
+from gateway.mcuboot import ImageInfo, TrustedKey, Version
+from gateway.sim.boot import BootResult, Validator, run_bootloader, write_img_confirmed
+from gateway.sim.config import SimDeviceConfig
+from gateway.sim.flash import Flash, Trailer
+from gateway.sim.link import Pipe
+from gateway.sim.smp_server import SmpServer
+
+logger = logging.getLogger("gateway.sim")
+
+DeviceState = Literal["off", "rebooting", "running", "hung", "halted"]
+Reply = Callable[[bytes], None]
+
+
+class _DeviceLog(logging.LoggerAdapter[logging.Logger]):
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        extra = dict(kwargs.get("extra") or {})
+        extra.setdefault("device", self.extra["device"] if self.extra else "?")
+        kwargs["extra"] = extra
+        return f"[{extra['device']}] {msg}", kwargs
+
+
+@dataclass(frozen=True)
+class SimEvent:
+    """One thing that happened to a device (``t`` is the event loop's clock)."""
+
+    t: float
+    kind: str  # boot, reset, upload-start, upload-done, upload-resume, state-write, ...
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+class SimDevice:
+    """A Zephyr smp_svr + MCUboot device. Create through :class:`Simulator`."""
+
+    def __init__(self, cfg: SimDeviceConfig, state_dir: Path) -> None:
+        self.cfg = cfg
+        self.id = cfg.id
+        self.log = _DeviceLog(logger, {"device": cfg.id})
+        self.flash = Flash(state_dir / cfg.id / "flash", cfg.slot_size)
+        keys = [TrustedKey.load(cfg.key)] if cfg.key is not None else None
+        self.validator = Validator(keys)
+        self.server = SmpServer(cfg, self.flash, on_upload=self._on_upload, on_event=self._event)
+        self.events: list[SimEvent] = []
+        self.counters: Counter[str] = Counter()
+        self.state: DeviceState = "off"
+        self.udp_sources: set[tuple[str, int]] = set()
+        self._last_source: tuple[str, int] | None = None
+        seed = cfg.link.seed if cfg.link.seed is not None else zlib.crc32(cfg.id.encode())
+        self.rng = random.Random(seed)
+        bw = cfg.link.bandwidth_bps
+        if cfg.serial is not None and cfg.serial.baud:
+            bw = min(bw or float("inf"), cfg.serial.baud / 10)
+        lk = cfg.link
+        self.req_pipe = Pipe(latency=lk.req_latency, bandwidth=bw, loss=lk.request_loss,
+                             duplicate=lk.duplicate, reorder=lk.reorder,
+                             reorder_delay=lk.reorder_delay_s, rng=self.rng)
+        self.rsp_pipe = Pipe(latency=lk.rsp_latency, bandwidth=bw, loss=lk.response_loss,
+                             duplicate=lk.duplicate, reorder=lk.reorder,
+                             reorder_delay=lk.reorder_delay_s, rng=self.rng)
+        self._queue: deque[tuple[bytes, Reply]] = deque()
+        self._busy = False
+        self._generation = 0  # bumped at every reset: work of the previous life is void
+        self._wake: asyncio.Event | None = None
+        self._worker_task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._app_timers: list[asyncio.TimerHandle] = []
+        self._waiters: list[tuple[Callable[[SimDevice], bool], asyncio.Future[None]]] = []
+        self._upload_reboot_done = False
+        self._reboot_task: asyncio.Task[None] | None = None
+        self.transport: UdpEndpoint | PtyEndpoint
+        if cfg.udp is not None:
+            self.transport = UdpEndpoint(self, cfg.udp.host, cfg.udp.port)
+        else:
+            self.transport = PtyEndpoint(self)
+
+    # --- public API -----------------------------------------------------------------
+    @property
+    def address(self) -> str:
+        """UDP ``host:port`` or the serial port path (the stable link if configured)."""
+        return self.transport.address
+
+    def endpoint(self) -> dict[str, Any]:
+        return {"transport": self.transport.kind, "address": self.address,
+                **self.transport.describe()}
+
+    @property
+    def boots(self) -> int:
+        return self.counters["boots"]
+
+    @property
+    def boot_outcomes(self) -> list[str]:
+        return [e.detail["outcome"] for e in self.events if e.kind == "boot"]
+
+    def slot_bytes(self, slot: int) -> bytes:
+        """The raw slot contents (slot_size bytes)."""
+        return self.flash.read(slot)
+
+    def image_info(self, slot: int) -> ImageInfo | None:
+        return self.flash.image_info(slot)
+
+    def trailer(self, slot: int) -> Trailer:
+        return self.flash.trailers[slot]
+
+    def image_states(self) -> list[dict[str, Any]]:
+        """What an image state read would answer now (as dicts)."""
+        return [s.model_dump(exclude_none=True) for s in self.server.state_images()]
+
+    async def wait_for(
+        self, predicate: Callable[[SimDevice], bool], timeout_s: float = 10.0
+    ) -> None:
+        """Wait until ``predicate(device)`` holds (checked at every event/counter change)."""
+        if predicate(self):
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (predicate, fut)
+        self._waiters.append(entry)
+        try:
+            await asyncio.wait_for(fut, timeout_s)
+        finally:
+            if entry in self._waiters:
+                self._waiters.remove(entry)
+
+    async def wait_booted(self, n: int, timeout_s: float = 10.0) -> None:
+        """Wait until the device has booted ``n`` times in total and is up (or stuck)."""
+        await self.wait_for(
+            lambda d: d.boots >= n and d.state in ("running", "hung", "halted"), timeout_s
+        )
+
+    async def power_cycle(self, wait: bool = True) -> None:
+        """Cut power and restore it: works in any state, boots after ``boot_time_s``."""
+        target = self.boots + 1
+        self._start_reboot("power-cycle", force=True)
+        if wait:
+            await self.wait_booted(target, timeout_s=self.cfg.boot_time_s + 30)
+
+    async def start(self) -> None:
+        self._wake = asyncio.Event()
+        self._worker_task = asyncio.create_task(self._worker(), name=f"sim-{self.id}-worker")
+        if self.flash.is_blank() and self.cfg.initial_image is not None:
+            self.flash.provision(self.cfg.initial_image.read_bytes())
+            # provisioned as `imgtool sign --confirm` would: magic + image_ok in the trailer
+            self.flash.trailers[0] = Trailer(magic="good", image_ok=True)
+            self.flash.save_trailers()
+            self._event("provisioned", {"image": str(self.cfg.initial_image)})
+        await self.transport.open()
+        await self._boot()
+
+    async def stop(self) -> None:
+        self._cancel_app_timers()
+        for t in [self._worker_task, self._reboot_task, *self._tasks]:
+            if t is not None and not t.done():
+                t.cancel()
+        for t in [self._worker_task, self._reboot_task, *self._tasks]:
+            if t is not None:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await t
+        self.req_pipe.clear()
+        self.rsp_pipe.clear()
+        await self.transport.close()
+        self.state = "off"
+        for _, fut in self._waiters:
+            if not fut.done():
+                fut.cancel()
+
+    # --- events ---------------------------------------------------------------------
+    def _event(self, kind: str, detail: dict[str, Any] | None = None) -> None:
+        ev = SimEvent(asyncio.get_running_loop().time(), kind, dict(detail or {}))
+        self.events.append(ev)
+        self.log.info("%s %s", kind, ev.detail)
+        self._notify()
+
+    def _notify(self) -> None:
+        for pred, fut in list(self._waiters):
+            if not fut.done():
+                try:
+                    ok = pred(self)
+                except Exception as exc:
+                    fut.set_exception(exc)
+                    continue
+                if ok:
+                    fut.set_result(None)
+
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro, name=f"sim-{self.id}-{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # --- request path ---------------------------------------------------------------
+    def accepting(self) -> bool:
+        return self.state == "running"
+
+    def frame_arrived(self, frame: bytes, reply: Reply, *, limit_in_flight: bool) -> None:
+        """A complete SMP packet reached the device's SMP transport."""
+        if not self.accepting():
+            self.counters["ignored_not_running"] += 1
+            self._notify()
+            return
+        if len(frame) > self.cfg.buf_size:
+            self.counters["dropped_oversize"] += 1  # does not fit a netbuf
+            self._notify()
+            return
+        in_flight = len(self._queue) + (1 if self._busy else 0)
+        if limit_in_flight and in_flight >= self.cfg.buf_count:
+            self.counters["dropped_netbuf"] += 1  # netbuf pool exhausted
+            self._notify()
+            return
+        self._queue.append((frame, reply))
+        self.counters["max_in_flight"] = max(self.counters["max_in_flight"], in_flight + 1)
+        assert self._wake is not None
+        self._wake.set()
+
+    def send_response(self, rsp: bytes, deliver: Callable[[bytes], None]) -> None:
+        """Through the response pipe (frame loss applies to the whole response)."""
+        if self.cfg.link.response_loss and self.rng.random() < self.cfg.link.response_loss:
+            self.counters["lost_responses"] += 1
+            return
+        self.rsp_pipe.send(len(rsp), lambda: deliver(rsp), lossy=False)
+
+    async def _worker(self) -> None:
+        assert self._wake is not None
+        while True:
+            while not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
+            frame, reply = self._queue.popleft()
+            gen = self._generation
+            self._busy = True
+            try:
+                await self._process(frame, reply, gen)
+            except Exception:
+                self.log.exception("request handling failed")
+            finally:
+                self._busy = False
+
+    async def _process(self, frame: bytes, reply: Reply, gen: int) -> None:
+        if len(frame) >= 8:
+            _, _, _, group, _, cmd = struct.unpack_from("!BBHHBB", frame)
+            self.counters["requests"] += 1
+            self.counters[f"requests.{group}.{cmd}"] += 1
+            if group == 1 and cmd == 1:
+                self.counters["upload_bytes_received"] += max(0, len(frame) - 8)
+        busy_s = self.cfg.request_processing_s
+        is_upload = len(frame) >= 8 and frame[4:6] == b"\x00\x01" and frame[7] == 1
+        if self.cfg.flash_write_bps and is_upload:
+            busy_s += (len(frame) - 8) / self.cfg.flash_write_bps
+        if busy_s:
+            await asyncio.sleep(busy_s)  # device time (a timer: other devices keep running)
+            if gen != self._generation:
+                return
+        res = self.server.handle(frame)
+        await asyncio.sleep(0)  # one request at a time, but let the loop breathe
+        if gen != self._generation:
+            return
+        if res.crash:
+            self._start_reboot("crash during upload")
+            return
+        for r in res.responses:
+            reply(r)
+        self._notify()
+        if res.reset:
+            loop = asyncio.get_running_loop()
+            # CONFIG_MCUMGR_GRP_OS_RESET_MS later, but not before the answer has left
+            down_at = max(loop.time() + self.cfg.reset_delay_s, self.rsp_pipe.busy_until)
+            loop.call_at(down_at, self._start_reboot, "reset command")
+
+    def _on_upload(self, old: int, new: int) -> bool:
+        at = self.cfg.reboot_during_upload_at
+        if at is not None and not self._upload_reboot_done and old <= at < new:
+            self._upload_reboot_done = True
+            self._event("crash", {"reason": "reboot_during_upload_at", "offset": new})
+            return True
+        return False
+
+    # --- life cycle -----------------------------------------------------------------
+    def _cancel_app_timers(self) -> None:
+        for h in self._app_timers:
+            h.cancel()
+        self._app_timers.clear()
+
+    def _start_reboot(self, reason: str, force: bool = False) -> None:
+        if self._reboot_task is not None and not self._reboot_task.done():
+            return
+        if self.state == "off" and not force:
+            return
+        self._reboot_task = asyncio.create_task(self._reboot(reason), name=f"sim-{self.id}-reboot")
+
+    async def _reboot(self, reason: str) -> None:
+        self._generation += 1
+        self.state = "rebooting"
+        self._cancel_app_timers()
+        self.server.reset_ram()  # g_img_mgmt_state lives in RAM
+        self._queue.clear()
+        self.req_pipe.clear()
+        self.counters["resets"] += 1
+        self._event("reset", {"reason": reason})
+        await self.transport.link_down()
+        await asyncio.sleep(self.cfg.boot_time_s)
+        await self._boot()
+
+    async def _boot(self) -> None:
+        result: BootResult = await asyncio.to_thread(run_bootloader, self.flash, self.validator)
+        self.counters["boots"] += 1
+        info = self.flash.image_info(0) if result.booted else None
+        detail: dict[str, Any] = {"outcome": result.outcome, "n": self.counters["boots"]}
+        if info is not None:
+            detail.update(version=info.version.smp_str(), hash=info.hash.hex(),
+                          permanent=result.permanent)
+        if not result.booted or info is None:
+            self.state = "halted"
+            await self.transport.link_down()
+            self._event("boot", detail)
+            return
+        version = info.version
+        if any(_same_version(v, version) for v in self.cfg.hang_on_boot_versions):
+            self.state = "hung"
+            await self.transport.link_up()
+            self._event("boot", detail)
+            self._event("hang", {"version": version.smp_str()})
+            return
+        self.state = "running"
+        await self.transport.link_up()
+        self._event("boot", detail)
+        loop = asyncio.get_running_loop()
+        if any(_same_version(v, version) for v in self.cfg.crash_on_boot_versions):
+            self._app_timers.append(loop.call_later(
+                self.cfg.crash_after_s, self._watchdog, version.smp_str()))
+        elif self.cfg.app_confirms_after_s is not None:
+            t = self.flash.trailers[0]
+            if t.magic == "good" and not t.image_ok:
+                self._app_timers.append(loop.call_later(
+                    self.cfg.app_confirms_after_s, self._app_confirm))
+
+    def _watchdog(self, version: str) -> None:
+        self._event("crash", {"reason": "watchdog", "version": version})
+        self._start_reboot("watchdog")
+
+    def _app_confirm(self) -> None:
+        if self.state != "running":
+            return
+        write_img_confirmed(self.flash)
+        self._event("app-confirm", {})
+
+
+def _same_version(text: str, v: Version) -> bool:
+    try:
+        return Version.parse(text) == v
+    except ValueError:
+        return False
+
+
+class _UdpProtocol(asyncio.DatagramProtocol):
+    def __init__(self, ep: UdpEndpoint) -> None:
+        self.ep = ep
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.ep.received(data, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        self.ep.dev.log.debug("udp error: %s", exc)
+
+
+class UdpEndpoint:
+    """One UDP port; closed while the device is rebooting, re-bound to the same port."""
+
+    kind = "udp"
+
+    def __init__(self, dev: SimDevice, host: str, port: int) -> None:
+        self.dev = dev
+        self.host = host
+        self.port = port
+        self._tr: asyncio.DatagramTransport | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def describe(self) -> dict[str, Any]:
+        return {"host": self.host, "port": self.port}
+
+    async def open(self) -> None:
+        await self.link_up()
+
+    async def link_up(self) -> None:
+        if self._tr is not None:
+            return
+        loop = asyncio.get_running_loop()
+        for attempt in range(50):
+            try:
+                tr, _ = await loop.create_datagram_endpoint(
+                    lambda: _UdpProtocol(self), local_addr=(self.host, self.port))
+                break
+            except OSError:
+                if self.port == 0 or attempt == 49:
+                    raise
+                await asyncio.sleep(0.05)  # port briefly busy: retry (timer, not a block)
+        self._tr = tr
+        self.port = tr.get_extra_info("sockname")[1]
+        self.dev.log.debug("udp bound to %s", self.address)
+
+    async def link_down(self) -> None:
+        # Let answers already on the wire leave before the socket goes.
+        loop = asyncio.get_running_loop()
+        delay = self.dev.rsp_pipe.busy_until - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        self.dev.rsp_pipe.clear()
+        if self._tr is not None:
+            self._tr.close()
+            self._tr = None
+
+    async def close(self) -> None:
+        if self._tr is not None:
+            self._tr.close()
+            self._tr = None
+
+    def received(self, data: bytes, addr: tuple[str, int]) -> None:
+        dev = self.dev
+        dev.counters["rx_datagrams"] += 1
+        if not dev.accepting():
+            dev.counters["ignored_not_running"] += 1
+            return
+        addr = (addr[0], addr[1])
+        if addr not in dev.udp_sources:
+            dev.udp_sources.add(addr)
+            dev.counters["udp_sources"] = len(dev.udp_sources)
+        if dev._last_source is not None and dev._last_source != addr:
+            dev.counters["udp_source_switches"] += 1  # interleaved request sources
+        dev._last_source = addr
+
+        def reply(rsp: bytes) -> None:
+            dev.send_response(rsp, lambda b: self._sendto(b, addr))
+
+        ok = dev.req_pipe.send(
+            len(data), lambda: dev.frame_arrived(data, reply, limit_in_flight=True))
+        if not ok:
+            dev.counters["lost_requests"] += 1
+
+    def _sendto(self, data: bytes, addr: tuple[str, int]) -> None:
+        if self._tr is not None and not self._tr.is_closing():
+            self._tr.sendto(data, addr)
+            self.dev.counters["tx_datagrams"] += 1
+
+
+class PtyEndpoint:
+    """SMP over a pseudo-terminal with the MCUmgr serial framing (smp.packet)."""
+
+    kind = "serial"
+
+    def __init__(self, dev: SimDevice) -> None:
+        self.dev = dev
+        self.master = -1
+        self.slave = -1
+        self.pty_path = ""
+        self.link: Path | None = dev.cfg.serial.link if dev.cfg.serial else None
+        self._rx = bytearray()
+        self._decoder: Any = None
+        self._out = bytearray()
+        self._writer_on = False
+
+    @property
+    def address(self) -> str:
+        return str(self.link) if self.link is not None else self.pty_path
+
+    def describe(self) -> dict[str, Any]:
+        return {"pty": self.pty_path, "link": str(self.link) if self.link else None,
+                "baud": self.dev.cfg.serial.baud if self.dev.cfg.serial else None}
+
+    async def open(self) -> None:
+        self.master, self.slave = os.openpty()
+        tty.setraw(self.slave)
+        os.set_blocking(self.master, False)
+        self.pty_path = os.ttyname(self.slave)
+        if self.link is not None:
+            self.link.parent.mkdir(parents=True, exist_ok=True)
+            if self.link.is_symlink() or self.link.exists():
+                self.link.unlink()
+            self.link.symlink_to(self.pty_path)
+        asyncio.get_running_loop().add_reader(self.master, self._readable)
+
+    async def link_up(self) -> None:
+        self._rx.clear()
+        self._decoder = None
+
+    async def link_down(self) -> None:
+        self._rx.clear()
+        self._decoder = None
+
+    async def close(self) -> None:
+        if self.master >= 0:
+            loop = asyncio.get_running_loop()
+            loop.remove_reader(self.master)
+            if self._writer_on:
+                loop.remove_writer(self.master)
+            os.close(self.master)
+            os.close(self.slave)
+            self.master = self.slave = -1
+        if self.link is not None and self.link.is_symlink():
+            self.link.unlink()
+
+    def _readable(self) -> None:
+        try:
+            data = os.read(self.master, 65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            return
+        dev = self.dev
+        if not dev.accepting():
+            dev.counters["discarded_serial_bytes"] += len(data)
+            return
+        # the device takes input in at the line rate too (FIFO with the link)
+        dev.req_pipe.send(len(data), lambda: self._feed(data), lossy=False)
+
+    def _feed(self, data: bytes) -> None:
+        dev = self.dev
+        if not dev.accepting():
+            dev.counters["discarded_serial_bytes"] += len(data)
+            return
+        self._rx += data
+        while True:
+            i = self._rx.find(b"\n")
+            if i < 0:
+                break
+            line = bytes(self._rx[: i + 1])
+            del self._rx[: i + 1]
+            self._line(line)
+
+    def _line(self, line: bytes) -> None:
+        if line.startswith(smppacket.START_DELIMITER):
+            self._decoder = smppacket.decode()
+            next(self._decoder)
+        elif not line.startswith(smppacket.CONTINUE_DELIMITER) or self._decoder is None:
+            return  # console output or a stray fragment: ignored like mcumgr_serial
+        try:
+            self._decoder.send(line)
+        except StopIteration as done:
+            self._decoder = None
+            self._frame(bytes(done.value))
+        except (SMPBadStartDelimiter, SMPBadContinueDelimiter, SMPBadCRC, ValueError):
+            self.dev.counters["bad_serial_frames"] += 1
+            self._decoder = None
+
+    def _frame(self, frame: bytes) -> None:
+        dev = self.dev
+        if dev.cfg.link.request_loss and dev.rng.random() < dev.cfg.link.request_loss:
+            dev.counters["lost_requests"] += 1
+            return
+        dev.frame_arrived(frame, self._reply, limit_in_flight=False)
+
+    def _reply(self, rsp: bytes) -> None:
+        dev = self.dev
+        if dev.cfg.link.response_loss and dev.rng.random() < dev.cfg.link.response_loss:
+            dev.counters["lost_responses"] += 1
+            return
+        for line in smppacket.encode(rsp, line_length=dev.cfg.serial_line_length):
+            dev.rsp_pipe.send(len(line), functools.partial(self._write, line), lossy=False)
+
+    def _write(self, data: bytes) -> None:
+        if self.master < 0:
+            return
+        self._out += data
+        self._flush()
+
+    def _flush(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._out:
+            try:
+                n = os.write(self.master, self._out)
+            except BlockingIOError:
+                break
+            except OSError:
+                self._out.clear()
+                break
+            del self._out[:n]
+        if self._out and not self._writer_on:
+            loop.add_writer(self.master, self._flush)
+            self._writer_on = True
+        elif not self._out and self._writer_on:
+            loop.remove_writer(self.master)
+            self._writer_on = False

@@ -1,0 +1,84 @@
+"""Hosting many simulated devices in one asyncio process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from gateway.sim.config import SimConfig
+from gateway.sim.device import SimDevice
+
+ENDPOINTS_FILE = "endpoints.json"
+
+
+class Simulator:
+    """``async with Simulator(cfg) as sim: sim.devices["id"] ...``"""
+
+    def __init__(self, cfg: SimConfig) -> None:
+        self.cfg = cfg
+        self.devices: dict[str, SimDevice] = {}
+
+    async def start(self) -> None:
+        self.cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            for dcfg in self.cfg.devices:
+                dev = SimDevice(dcfg, self.cfg.state_dir)
+                self.devices[dcfg.id] = dev
+                await dev.start()
+        except BaseException:
+            await self.stop()
+            raise
+        self.write_endpoints()
+
+    async def stop(self) -> None:
+        for dev in self.devices.values():
+            await dev.stop()
+        with_file = self.cfg.state_dir / ENDPOINTS_FILE
+        if with_file.exists():
+            with_file.unlink()
+
+    def endpoints(self) -> dict[str, dict[str, Any]]:
+        return {i: d.endpoint() for i, d in self.devices.items()}
+
+    def write_endpoints(self) -> Path:
+        """``state_dir/endpoints.json``: device id -> {transport, address, ...} (atomic)."""
+        path = self.cfg.state_dir / ENDPOINTS_FILE
+        tmp = path.with_suffix(".json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(self.endpoints(), f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return path
+
+    async def __aenter__(self) -> Simulator:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+
+async def run_simulator(
+    cfg: SimConfig,
+    stop: asyncio.Event | None = None,
+    announce: Callable[[str], None] | None = print,
+) -> None:
+    """Run the devices until ``stop`` is set (or forever), announcing each address."""
+    stop = stop or asyncio.Event()
+    async with Simulator(cfg) as sim:
+        if announce is not None:
+            for dev in sim.devices.values():
+                announce(f"{dev.id} {dev.transport.kind} {dev.address}")
+            announce(f"endpoints: {cfg.state_dir / ENDPOINTS_FILE}")
+        await stop.wait()

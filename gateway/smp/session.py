@@ -1,0 +1,469 @@
+"""SMP session with one device: requests, responses, errors and the windowed image upload.
+
+Owns the conversation over one transport: sequence numbers (per session, so that thousands
+of sessions never collide), matching responses to requests, explicit timeouts, typed errors
+(SMP v1 ``rc`` and v2 ``err {group, rc}``), the device's MCUmgr parameters and the image
+upload with up to W chunks in flight.
+
+Messages are the ``smp``/``smpclient`` pydantic models (encoding, decoding, validation); the
+request/response loop is written here because smpclient's ``SMPClient.request`` is
+stop-and-wait (one request in flight) and its ``upload`` can therefore not pipeline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from smp import error as smperr
+from smp import header as smphdr
+from smp.image_management import IMG_MGMT_ERR, ImageState
+from smp.os_management import OS_MGMT_RET_RC
+from smpclient.requests.image_management import (
+    ImageErase,
+    ImageStatesRead,
+    ImageStatesWrite,
+    ImageUploadWrite,
+)
+from smpclient.requests.os_management import (
+    BootloaderInformationRead,
+    EchoWrite,
+    MCUMgrParametersRead,
+    ResetWrite,
+)
+
+from gateway.smp.transport import Transport, TransportError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class SMPError(Exception):
+    """The device answered with an SMP error."""
+
+    def __init__(self, request: str, group: int | None, rc: int, rsn: str | None = None) -> None:
+        self.request, self.group, self.rc, self.rsn = request, group, rc, rsn
+        super().__init__(f"{request}: {self.rc_name}" + (f" ({rsn})" if rsn else ""))
+
+    @property
+    def rc_name(self) -> str:
+        try:
+            if self.group == smphdr.GroupId.IMAGE_MANAGEMENT:
+                return f"img_mgmt {IMG_MGMT_ERR(self.rc).name} ({self.rc})"
+            if self.group == smphdr.GroupId.OS_MANAGEMENT:
+                return f"os_mgmt {OS_MGMT_RET_RC(self.rc).name} ({self.rc})"
+            if self.group is None:
+                return f"MGMT_ERR {smperr.MGMT_ERR(self.rc).name} ({self.rc})"
+        except ValueError:
+            pass
+        return f"group {self.group} rc {self.rc}"
+
+    @property
+    def not_supported(self) -> bool:
+        return self.group is None and self.rc == smperr.MGMT_ERR.ENOTSUP
+
+
+class SMPTimeout(TimeoutError):
+    """No answer within the request's timeout (after its retries)."""
+
+
+class UploadError(Exception):
+    """The upload could not complete (the device refused, or the link gave up)."""
+
+
+@dataclass
+class McumgrParams:
+    buf_size: int
+    buf_count: int
+    reported: bool  # False: the device did not answer (plain smp_svr) - defaults in use
+
+
+@dataclass
+class UploadStats:
+    total: int
+    start_offset: int = 0
+    sent_bytes: int = 0  # data bytes sent, retransmissions included
+    chunks: int = 0
+    retransmits: int = 0
+    rewinds: int = 0
+    window: int = 1
+    chunk_size: int = 0
+    seconds: float = 0.0
+    fallbacks: list[str] = field(default_factory=list)
+
+
+def _cbor_uint_extra(n: int) -> int:
+    """Extra bytes CBOR needs beyond the initial byte to encode length/uint ``n``."""
+    return 0 if n < 24 else 1 if n < 0x100 else 2 if n < 0x10000 else 4
+
+
+class SMPSession:
+    """One logical connection to one device's SMP server."""
+
+    def __init__(self, transport: Transport, *, device_id: str = "?", timeout_s: float = 5.0) -> None:
+        self.transport = transport
+        self.device_id = device_id
+        self.timeout_s = timeout_s
+        self._seq = 0
+        self._pending: dict[int, asyncio.Future[bytes]] = {}
+        self._reader: asyncio.Task[None] | None = None
+        self._dead: BaseException | None = None
+        self.params: McumgrParams | None = None
+        self.srtt: float | None = None  # smoothed round-trip time of small requests
+
+    # -- lifecycle -----------------------------------------------------------------------
+    async def open(self) -> None:
+        await self.transport.open()
+        self._dead = None
+        self._reader = asyncio.create_task(self._read_loop(), name=f"smp-rx-{self.device_id}")
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._reader
+            self._reader = None
+        await self.transport.close()
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(TransportError("session closed"))
+        self._pending.clear()
+
+    async def __aenter__(self) -> SMPSession:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _read_loop(self) -> None:
+        try:
+            while True:
+                pkt = await self.transport.recv()
+                if len(pkt) < smphdr.Header.SIZE:
+                    log.debug("device=%s short packet ignored (%d bytes)", self.device_id, len(pkt))
+                    continue
+                seq = pkt[6]
+                fut = self._pending.pop(seq, None)
+                if fut is None or fut.done():
+                    # a late answer to a request that timed out, or a duplicate datagram
+                    log.debug("device=%s unmatched response seq=%d dropped", self.device_id, seq)
+                    continue
+                fut.set_result(pkt)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # transport died: fail every waiter
+            self._dead = exc
+            for fut in self._pending.values():
+                if not fut.done():
+                    fut.set_exception(exc)
+            self._pending.clear()
+
+    # -- requests ------------------------------------------------------------------------
+    def _next_seq(self) -> int:
+        for _ in range(256):
+            self._seq = (self._seq + 1) & 0xFF
+            if self._seq not in self._pending:
+                return self._seq
+        raise RuntimeError("256 requests in flight")
+
+    def _submit(self, factory: Callable[[int], Any]) -> tuple[Any, asyncio.Future[bytes]]:
+        if self._dead is not None:
+            raise TransportError(f"link to {self.device_id} is down: {self._dead}")
+        seq = self._next_seq()
+        req = factory(seq)
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._pending[seq] = fut
+        return req, fut
+
+    def _decode(self, req: Any, frame: bytes) -> Any:
+        try:
+            hdr = smphdr.Header.loads(frame[: smphdr.Header.SIZE])
+        except (ValueError, AssertionError) as exc:
+            raise SMPError(type(req).__name__, None, smperr.MGMT_ERR.EUNKNOWN, f"bad header: {exc}") from exc
+        import cbor2
+
+        try:
+            body = cbor2.loads(frame[smphdr.Header.SIZE : smphdr.Header.SIZE + hdr.length])
+        except Exception as exc:
+            raise SMPError(type(req).__name__, None, smperr.MGMT_ERR.EUNKNOWN, f"bad CBOR: {exc}") from exc
+        if not isinstance(body, dict):
+            raise SMPError(type(req).__name__, None, smperr.MGMT_ERR.EUNKNOWN, "response is not a map")
+        err = body.get("err")
+        if isinstance(err, dict) and "rc" in err:
+            if err["rc"] != 0:
+                raise SMPError(type(req).__name__, int(err.get("group", -1)), int(err["rc"]))
+        rc = body.get("rc")
+        if isinstance(rc, int) and rc != 0 and set(body) <= {"rc", "rsn"}:
+            raise SMPError(type(req).__name__, None, rc, body.get("rsn"))
+        try:
+            return req._Response.load(hdr, {k: v for k, v in body.items() if k != "err"})
+        except Exception as exc:
+            raise SMPError(
+                type(req).__name__, None, smperr.MGMT_ERR.EUNKNOWN, f"malformed response: {exc}"
+            ) from exc
+
+    async def request(
+        self, factory: Callable[[int], Any], *, timeout_s: float | None = None, retries: int = 0
+    ) -> Any:
+        """Send ``factory(seq)`` and return the decoded response; SMPError/SMPTimeout otherwise.
+
+        ``retries`` re-sends (with a new sequence number) after a timeout: only for idempotent
+        requests. A reset is never retried.
+        """
+        timeout = timeout_s if timeout_s is not None else self.timeout_s
+        name = "request"
+        for attempt in range(retries + 1):
+            req, fut = self._submit(factory)
+            name = type(req).__name__
+            t0 = time.monotonic()
+            try:
+                await self.transport.send(req.BYTES)
+                frame = await asyncio.wait_for(fut, timeout)
+            except TimeoutError:
+                self._pending.pop(req.header.sequence, None)
+                log.debug("device=%s %s timed out (attempt %d)", self.device_id, name, attempt + 1)
+                continue
+            except BaseException:
+                self._pending.pop(req.header.sequence, None)
+                raise
+            rtt = time.monotonic() - t0
+            self.srtt = rtt if self.srtt is None else 0.875 * self.srtt + 0.125 * rtt
+            return self._decode(req, frame)
+        raise SMPTimeout(f"{self.device_id}: no answer to {name} within {timeout:g}s x{retries + 1}")
+
+    # -- typed helpers -------------------------------------------------------------------
+    async def echo(self, text: str = "ping", timeout_s: float | None = None, retries: int = 0) -> str:
+        rsp = await self.request(lambda s: EchoWrite(d=text, sequence=s), timeout_s=timeout_s,
+                                 retries=retries)
+        return str(rsp.r)
+
+    async def image_state(self, timeout_s: float | None = None, retries: int = 2) -> list[ImageState]:
+        rsp = await self.request(lambda s: ImageStatesRead(sequence=s), timeout_s=timeout_s,
+                                 retries=retries)
+        return list(rsp.images)
+
+    async def image_test(self, hash_: bytes, retries: int = 2) -> list[ImageState]:
+        rsp = await self.request(lambda s: ImageStatesWrite(hash=hash_, confirm=False, sequence=s),
+                                 retries=retries)
+        return list(rsp.images)
+
+    async def image_confirm(self, hash_: bytes | None, retries: int = 2) -> list[ImageState]:
+        rsp = await self.request(lambda s: ImageStatesWrite(hash=hash_, confirm=True, sequence=s),
+                                 retries=retries)
+        return list(rsp.images)
+
+    async def image_erase(self, slot: int | None = None) -> None:
+        await self.request(lambda s: ImageErase(slot=slot, sequence=s), retries=1)
+
+    async def reset(self, timeout_s: float = 2.0) -> bool:
+        """Ask for a reset; True if the device acknowledged. Never retried (see request)."""
+        try:
+            await self.request(lambda s: ResetWrite(sequence=s), timeout_s=timeout_s)
+            return True
+        except SMPTimeout:
+            return False
+
+    async def mcumgr_params(self, timeout_s: float | None = None) -> McumgrParams:
+        """buf_size/buf_count; falls back to one 384-byte buffer when the device won't say."""
+        if self.params is not None:
+            return self.params
+        try:
+            rsp = await self.request(lambda s: MCUMgrParametersRead(sequence=s), timeout_s=timeout_s,
+                                     retries=1)
+            self.params = McumgrParams(int(rsp.buf_size), int(rsp.buf_count), True)
+        except (SMPError, SMPTimeout) as exc:
+            log.info("device=%s MCUmgr parameters unavailable (%s): window 1, default buffer",
+                     self.device_id, exc)
+            self.params = McumgrParams(384, 1, False)
+        return self.params
+
+    async def bootloader_mode(self) -> Any:
+        try:
+            rsp = await self.request(lambda s: BootloaderInformationRead(query="mode", sequence=s),
+                                     retries=1)
+            return rsp.response
+        except (SMPError, SMPTimeout):
+            return None
+
+    # -- upload --------------------------------------------------------------------------
+    def chunk_limit(self, cap: int | None = None) -> int:
+        """Largest SMP packet for an upload chunk: the device buffer and the link, whichever less."""
+        limit = self.transport.max_packet
+        if self.params is not None:
+            limit = min(limit, self.params.buf_size)
+        return limit
+
+    @staticmethod
+    def _fit(req_empty_len: int, limit: int, remaining: int, cap: int | None) -> int:
+        room = limit - req_empty_len
+        n = room - _cbor_uint_extra(room)
+        while n > 0 and req_empty_len + n + _cbor_uint_extra(n) > limit:
+            n -= 1
+        n = min(n, remaining)
+        if cap is not None:
+            n = min(n, cap)
+        return max(n, 0)
+
+    def _chunk_request(self, image: bytes, off: int, image_num: int, sha: bytes, limit: int,
+                       cap: int | None, seq: int) -> ImageUploadWrite:
+        first = off == 0
+        extra: dict[str, Any] = (
+            {"image": image_num, "len": len(image), "sha": sha} if first else {}
+        )
+        empty = ImageUploadWrite(off=off, data=b"", sequence=seq, **extra)
+        n = self._fit(len(empty.BYTES), limit, len(image) - off, cap)
+        if n <= 0 and off < len(image):
+            raise UploadError(f"device buffer of {limit} bytes cannot carry any image data")
+        return ImageUploadWrite(off=off, data=image[off : off + n], sequence=seq, **extra)
+
+    async def upload(
+        self,
+        image: bytes,
+        *,
+        image_num: int = 0,
+        window: int | None = None,
+        chunk_cap: int | None = None,
+        first_timeout_s: float = 30.0,
+        progress: Callable[[int, int], None] | None = None,
+        max_stalls: int = 8,
+    ) -> UploadStats:
+        """Upload ``image`` to the secondary slot, up to W chunks in flight.
+
+        The first chunk (``off=0`` with ``len``/``sha``) goes alone: the device may erase the
+        slot first, and its answer says where an interrupted upload of the same ``sha`` left
+        off, so a resumed upload starts there. Then chunks are pipelined. Zephyr answers a
+        chunk whose ``off`` is not the one it expects with the offset it expects (no error);
+        any such answer, and any timeout, rewinds to the device's offset; answers to chunks
+        sent before the rewind are recognised by sequence number and only update what the
+        device is known to hold. W falls back to 1 after repeated trouble.
+        """
+        params = await self.mcumgr_params()
+        w = window if window is not None else max(1, params.buf_count - 1)
+        w = max(1, min(w, 32))
+        limit = self.chunk_limit()
+        sha = hashlib.sha256(image).digest()
+        total = len(image)
+        stats = UploadStats(total=total, window=w)
+        t_start = time.monotonic()
+
+        # first chunk, alone, retried on timeout (idempotent with sha: the device resumes)
+        rsp = await self.request(
+            lambda s: self._chunk_request(image, 0, image_num, sha, limit, chunk_cap, s),
+            timeout_s=first_timeout_s, retries=2,
+        )
+        if rsp.off is None:
+            raise UploadError("device answered the first chunk without an offset")
+        acked = int(rsp.off)
+        stats.start_offset = acked if acked > 0 else 0
+        stats.chunks += 1
+        if acked > total:
+            raise UploadError(f"device reports offset {acked} beyond the image size {total}")
+        if progress:
+            progress(acked, total)
+        last_match = rsp.match
+
+        # pipelined remainder
+        @dataclass
+        class Chunk:
+            off: int
+            end: int
+            sent: float
+            stale: bool = False
+
+        inflight: dict[int, Chunk] = {}
+        futs: dict[int, asyncio.Future[bytes]] = {}
+        reqs: dict[int, ImageUploadWrite] = {}
+        next_off = acked
+        stalls = 0
+        rtt_est = self.srtt if self.srtt is not None else 0.2
+        base_timeout = max(self.timeout_s, 0.1)
+
+        def rto() -> float:
+            return min(base_timeout, max(0.25, 3.0 * rtt_est))
+
+        try:
+            while acked < total:
+                # fill the window (stale chunks still occupy device buffers: they count)
+                next_off = max(next_off, acked)
+                while len(inflight) < w and next_off < total:
+                    req, fut = self._submit(
+                        lambda s, o=next_off: self._chunk_request(image, o, image_num, sha, limit,  # type: ignore[misc]
+                                                                  chunk_cap, s)
+                    )
+                    seq = req.header.sequence
+                    n = len(req.data)
+                    inflight[seq] = Chunk(next_off, next_off + n, time.monotonic())
+                    futs[seq], reqs[seq] = fut, req
+                    stats.chunk_size = max(stats.chunk_size, n)
+                    stats.sent_bytes += n
+                    stats.chunks += 1
+                    next_off += n
+                    await self.transport.send(req.BYTES)
+                if not inflight:
+                    raise UploadError(f"nothing in flight at offset {acked}/{total}")
+                oldest = min(inflight.values(), key=lambda c: c.sent)
+                wait = max(0.0, oldest.sent + rto() - time.monotonic())
+                done, _ = await asyncio.wait(list(futs.values()), timeout=wait,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    # the oldest chunk or its answer was lost: rewind to what the device holds
+                    stalls += 1
+                    stats.retransmits += 1
+                    if stalls > max_stalls:
+                        raise UploadError(
+                            f"no progress after {max_stalls} retransmissions at offset {acked}/{total}"
+                        )
+                    if stalls >= 3 and w > 1:
+                        stats.fallbacks.append(f"window {w}->1 after {stalls} timeouts at {acked}")
+                        log.info("device=%s upload: falling back to window 1", self.device_id)
+                        w = 1
+                    for seq in list(inflight):  # forget them; late answers are dropped by seq
+                        self._pending.pop(seq, None)
+                        futs[seq].cancel()
+                        del inflight[seq], futs[seq], reqs[seq]
+                    next_off = acked
+                    rtt_est = min(rtt_est * 2, base_timeout)
+                    continue
+                for fut in done:
+                    seq = next(s for s, f in futs.items() if f is fut)
+                    chunk = inflight.pop(seq)
+                    req = reqs.pop(seq)
+                    del futs[seq]
+                    rsp = self._decode(req, fut.result())
+                    if rsp.off is None:
+                        raise UploadError("device answered a chunk without an offset")
+                    dev_off = int(rsp.off)
+                    if dev_off > total:
+                        raise UploadError(f"device reports offset {dev_off} beyond {total}")
+                    if dev_off > acked:
+                        acked = dev_off
+                        stalls = 0
+                        if progress:
+                            progress(acked, total)
+                    if rsp.match is not None:
+                        last_match = rsp.match
+                    if not chunk.stale:
+                        sample = time.monotonic() - chunk.sent
+                        rtt_est = 0.875 * rtt_est + 0.125 * sample
+                        if dev_off != chunk.end:
+                            # the device expects another offset: everything sent is now moot
+                            stats.rewinds += 1
+                            for c in inflight.values():
+                                c.stale = True
+                            next_off = dev_off
+        finally:
+            for seq, fut in futs.items():
+                self._pending.pop(seq, None)
+                fut.cancel()
+        if last_match is False:
+            raise UploadError("device reports that the uploaded image does not match its sha256")
+        stats.seconds = time.monotonic() - t_start
+        return stats

@@ -1,0 +1,121 @@
+"""The fleet-source interface every update backend implements.
+
+Owns the boundary between a fleet server (or a local directory) and the gateway: *what is the
+target for this device*, *fetch that artifact*, and *report progress and outcome*. Outcomes are
+expressed in the LwM2M Firmware Update object (/5) vocabulary; each backend maps them onto its
+server's own statuses. Sources hand over raw MCUboot image files; checking the signature and
+the device policy is the image store's and the engine's job, never a source's.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from enum import IntEnum
+from pathlib import Path
+from typing import Any
+
+from gateway.mcuboot import Version
+
+
+class UpdateState(IntEnum):
+    """LwM2M /5/0/3 State."""
+
+    IDLE = 0
+    DOWNLOADING = 1
+    DOWNLOADED = 2
+    UPDATING = 3
+
+
+class UpdateResult(IntEnum):
+    """LwM2M /5/0/5 Update Result."""
+
+    INITIAL = 0
+    SUCCESS = 1
+    NOT_ENOUGH_FLASH = 2
+    OUT_OF_RAM = 3
+    CONNECTION_LOST = 4
+    INTEGRITY_FAILURE = 5
+    UNSUPPORTED_PACKAGE = 6
+    INVALID_URI = 7
+    UPDATE_FAILED = 8
+    UNSUPPORTED_PROTOCOL = 9
+
+
+@dataclass(frozen=True)
+class DeviceView:
+    """What a source may know of a device when asked for its target."""
+
+    id: str
+    hardware: str
+    running_version: Version | None = None
+    running_hash: bytes | None = None
+    group: str | None = None
+
+
+@dataclass(frozen=True)
+class Offer:
+    """A target for one device: the artifact the source wants it to run."""
+
+    device_id: str
+    source: str  # backend name, e.g. "local", "rdfm"
+    artifact_id: str  # stable id of the artifact (cache key, journal key)
+    version: Version | None = None  # when the server says which version it is
+    sha256: str | None = None  # hex digest of the downloadable file, when the server gives it
+    size: int | None = None
+    hardware: str | None = None  # hardware type the artifact targets, when the source knows
+    handle: Any = field(default=None, compare=False, repr=False)  # backend-private
+
+
+@dataclass(frozen=True)
+class Report:
+    """Progress or outcome of one device's update, in LwM2M terms."""
+
+    state: UpdateState
+    result: UpdateResult = UpdateResult.INITIAL
+    progress: float | None = None  # 0..1 of the upload, when uploading
+    detail: str = ""
+
+    @property
+    def finished(self) -> bool:
+        return self.result != UpdateResult.INITIAL
+
+
+class FleetSource(abc.ABC):
+    """One update backend. Implementations must be safe to call for many devices concurrently."""
+
+    name: str = "source"
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Open connections (MQTT session, HTTP pool...)."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""
+
+    @abc.abstractmethod
+    async def check(self, device: DeviceView) -> Offer | None:
+        """The target for this device, or None when it is up to date / nothing is assigned."""
+
+    @abc.abstractmethod
+    async def fetch(self, offer: Offer, max_size: int | None) -> Path:
+        """Download (or locate) the artifact; return the path of a raw MCUboot image file.
+
+        Must check whatever integrity data the server gives (sha256, artifact checksums) and
+        refuse a file larger than ``max_size`` before using it; raise FetchError otherwise.
+        """
+
+    @abc.abstractmethod
+    async def report(self, offer: Offer, report: Report) -> None:
+        """Tell the server how the update of ``offer.device_id`` is going / went."""
+
+    def poll_interval(self) -> float:
+        """Seconds until the next check, as the server asks (hawkBit polling.sleep...)."""
+        return 10.0
+
+
+class FetchError(Exception):
+    """The artifact could not be obtained or failed an integrity check."""
+
+    def __init__(self, message: str, result: UpdateResult = UpdateResult.CONNECTION_LOST) -> None:
+        super().__init__(message)
+        self.result = result

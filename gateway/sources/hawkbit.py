@@ -1,0 +1,361 @@
+"""Eclipse hawkBit DDI fleet source: one gateway token, one controller per MCU.
+
+Owns the DDI conversation for each device, as hawkBit's ``DdiRootController`` /
+``DataConversionHelper`` and the ``ddi.json.model`` classes implement it:
+
+- ``GET /{tenant}/controller/v1/{controllerId}`` with ``Authorization: GatewayToken <t>`` →
+  ``config.polling.sleep`` ("HH:MM:SS") and ``_links``: ``deploymentBase`` (an open action),
+  ``cancelAction`` (the action is being canceled), ``configData`` (the server wants the
+  controller attributes), ``installedBase``.
+- ``GET deploymentBase/{actionId}?c=..`` → ``{"id", "deployment": {"download", "update",
+  "maintenanceWindow", "chunks": [{"part", "version", "name", "artifacts": [{"filename",
+  "hashes": {"sha1", "md5", "sha256"}, "size", "_links": {"download", "download-http"}}]}]}}``;
+  404 once the action is canceled. ``update: "skip"`` (download-only, or outside the
+  maintenance window) is not installed.
+- ``POST deploymentBase/{actionId}/feedback`` ``{"status": {"execution": "proceeding"|"closed",
+  "result": {"finished": "none"|"success"|"failure", "progress": {"cnt", "of"}}, "code",
+  "details": [..]}}``; 410 Gone once the action is no longer active.
+- ``GET cancelAction/{actionId}`` → ``{"id", "cancelAction": {"stopId"}}``; answer on
+  ``cancelAction/{actionId}/feedback``: ``execution: closed`` + ``finished: success`` confirms
+  (hawkBit marks the action CANCELED; ``execution: canceled`` there is only a WARNING),
+  ``execution: rejected`` refuses (CANCEL_REJECTED). The gateway confirms when it has not
+  started pushing the image to the device, and rejects otherwise.
+- ``PUT configData`` ``{"mode": "merge", "data": {..}}`` with hardware type, running version
+  and image hash: sent when the server asks (``configData`` link) or the values changed.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import aiohttp
+from pydantic import Field
+
+from gateway.config import Secret
+from gateway.mcuboot import Version
+from gateway.sources._http import HttpOptions, make_downloader, make_session
+from gateway.sources.base import (
+    DeviceView,
+    FetchError,
+    FleetSource,
+    Offer,
+    Report,
+    UpdateResult,
+    UpdateState,
+)
+
+log = logging.getLogger(__name__)
+
+
+class HawkbitSourceConfig(HttpOptions):
+    kind: Literal["hawkbit"] = "hawkbit"
+    url: str = Field(description="hawkBit DDI base URL, e.g. https://hawkbit.example.com")
+    tenant: str = "DEFAULT"
+    gateway_token: Secret = Field(description="the tenant's gateway security token")
+    controller_id: str = Field(
+        "{device}", description="controllerId template: {device}, {gateway}, {hardware}, {group}"
+    )
+    artifact_pattern: str | None = Field(
+        None, description="fnmatch pattern picking the artifact (default: the first one)"
+    )
+    poll_interval_s: float = Field(60.0, gt=0, description="until the server says polling.sleep")
+    min_poll_interval_s: float = Field(1.0, gt=0)
+    progress_interval_s: float = Field(5.0, ge=0, description="min seconds between progress feedback")
+    attributes: dict[str, str] = Field(
+        default_factory=dict, description="extra controller attributes sent with configData"
+    )
+
+
+def parse_sleep(text: str) -> float:
+    """hawkBit's ``polling.sleep`` ("HH:MM:SS") in seconds."""
+    parts = text.strip().split(":")
+    if len(parts) != 3 or not all(p.isdigit() for p in parts):
+        raise ValueError(f"not HH:MM:SS: {text!r}")
+    h, m, s = (int(p) for p in parts)
+    return float(h * 3600 + m * 60 + s)
+
+
+@dataclass
+class _Action:
+    controller: str
+    action_id: str
+    feedback_url: str
+    started_upload: bool = False
+    closed: bool = False
+    last_progress_at: float = 0.0
+    last_sig: tuple[int, int] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class HawkbitSource(FleetSource):
+    name = "hawkbit"
+
+    def __init__(self, cfg: HawkbitSourceConfig, state_dir: Path, gateway_id: str = "smp-gateway") -> None:
+        self.cfg = cfg
+        self.base = cfg.url.rstrip("/")
+        self.gateway_id = gateway_id
+        self.state_dir = Path(state_dir)
+        self._downloader = make_downloader(cfg, self.state_dir)
+        self._session: aiohttp.ClientSession | None = None
+        self._sleep: float = cfg.poll_interval_s
+        self._attrs_sent: dict[str, dict[str, str]] = {}
+        self._actions: dict[tuple[str, str], _Action] = {}
+        self._canceled: set[tuple[str, str]] = set()
+
+    async def start(self) -> None:
+        if self._session is None:
+            self._session = make_session(self.cfg, f"hawkBit server {self.base}")
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+        await self._downloader.close()
+
+    def poll_interval(self) -> float:
+        return max(self.cfg.min_poll_interval_s, self._sleep)
+
+    def controller_id(self, device: DeviceView) -> str:
+        return self.cfg.controller_id.format(
+            device=device.id, gateway=self.gateway_id, hardware=device.hardware, group=device.group or ""
+        )
+
+    def controller_url(self, controller: str) -> str:
+        return f"{self.base}/{self.cfg.tenant}/controller/v1/{controller}"
+
+    def _headers(self) -> dict[str, str]:
+        return {
+            "Authorization": f"GatewayToken {self.cfg.gateway_token.get()}",
+            "Accept": "application/hal+json, application/json",
+        }
+
+    async def _request(self, method: str, url: str, json_body: Any = None) -> tuple[int, Any]:
+        await self.start()
+        assert self._session is not None
+        try:
+            async with self._session.request(method, url, json=json_body, headers=self._headers()) as r:
+                data = None
+                if r.status == 200 and r.content_length != 0:
+                    try:
+                        data = await r.json(content_type=None)
+                    except ValueError:
+                        data = None
+                return r.status, data
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise FetchError(f"hawkBit request {method} {url} failed: {exc}", UpdateResult.CONNECTION_LOST) from None
+
+    def attributes(self, device: DeviceView) -> dict[str, str]:
+        attrs = {
+            "hw_type": device.hardware,
+            "sw_version": device.running_version.semver() if device.running_version else "",
+            "image_hash": device.running_hash.hex() if device.running_hash else "",
+            "gateway": self.gateway_id,
+            "device_id": device.id,
+        }
+        attrs.update(self.cfg.attributes)
+        return attrs
+
+    async def check(self, device: DeviceView) -> Offer | None:
+        controller = self.controller_id(device)
+        status, base = await self._request("GET", self.controller_url(controller))
+        if status in (401, 403):
+            raise FetchError(f"hawkBit refused the gateway token (HTTP {status})", UpdateResult.CONNECTION_LOST)
+        if status != 200 or not isinstance(base, dict):
+            raise FetchError(f"hawkBit controller base answered HTTP {status}", UpdateResult.CONNECTION_LOST)
+        sleep = ((base.get("config") or {}).get("polling") or {}).get("sleep")
+        if isinstance(sleep, str):
+            try:
+                self._sleep = parse_sleep(sleep)
+            except ValueError:
+                log.warning("hawkBit sent an unreadable polling.sleep %r", sleep)
+        links = base.get("_links") or {}
+
+        attrs = self.attributes(device)
+        if "configData" in links or self._attrs_sent.get(controller) != attrs:
+            href = _href(links.get("configData")) or f"{self.controller_url(controller)}/configData"
+            st, _ = await self._request("PUT", href, {"mode": "merge", "data": attrs})
+            if st in (200, 201, 204):
+                self._attrs_sent[controller] = attrs
+                log.debug("hawkBit attributes of %s sent", controller)
+            else:
+                log.warning("hawkBit configData for %s answered HTTP %d", controller, st)
+
+        cancel = _href(links.get("cancelAction"))
+        if cancel:
+            await self._handle_cancel(controller, cancel)
+            return None
+
+        deployment = _href(links.get("deploymentBase"))
+        if not deployment:
+            return None
+        st, dep = await self._request("GET", deployment)
+        if st == 404:
+            return None  # canceled meanwhile
+        if st != 200 or not isinstance(dep, dict):
+            raise FetchError(f"hawkBit deploymentBase answered HTTP {st}", UpdateResult.CONNECTION_LOST)
+        action_id = str(dep.get("id"))
+        if (controller, action_id) in self._canceled:
+            return None
+        act = self._actions.get((controller, action_id))
+        if act is not None and act.closed:
+            return None
+        body = dep.get("deployment") or {}
+        if body.get("update") == "skip":
+            log.info("hawkBit action %s for %s: update=skip (download-only or outside the maintenance "
+                     "window); not installing", action_id, controller)
+            return None
+        picked = self._pick(body.get("chunks") or [])
+        if picked is None:
+            await self._feedback(
+                _Action(controller, action_id, self._feedback_url(controller, action_id)),
+                "closed", "failure",
+                [f"LwM2M result {int(UpdateResult.UNSUPPORTED_PACKAGE)} (UNSUPPORTED_PACKAGE): "
+                 "no artifact matches " + (self.cfg.artifact_pattern or "(any)")],
+                code=int(UpdateResult.UNSUPPORTED_PACKAGE),
+            )
+            return None
+        chunk, art = picked
+        links_a = art.get("_links") or {}
+        url = _href(links_a.get("download")) or _href(links_a.get("download-http"))
+        if not url:
+            return None
+        sha = (art.get("hashes") or {}).get("sha256")
+        version = None
+        if isinstance(chunk.get("version"), str):
+            try:
+                version = Version.parse(chunk["version"])
+            except ValueError:
+                version = None
+        if act is None:
+            act = _Action(controller, action_id, self._feedback_url(controller, action_id))
+            self._actions[(controller, action_id)] = act
+        act.extra = {"url": url, "filename": art.get("filename")}
+        return Offer(
+            device_id=device.id,
+            source=self.name,
+            artifact_id=f"hawkbit-{sha.lower()}" if isinstance(sha, str) else f"hawkbit-{action_id}-{art.get('filename')}",
+            version=version,
+            sha256=sha.lower() if isinstance(sha, str) else None,
+            size=art.get("size") if isinstance(art.get("size"), int) else None,
+            handle=act,
+        )
+
+    def _pick(self, chunks: list[Any]) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        for chunk in chunks:
+            if not isinstance(chunk, dict):
+                continue
+            for art in chunk.get("artifacts") or []:
+                if not isinstance(art, dict):
+                    continue
+                name = str(art.get("filename", ""))
+                if self.cfg.artifact_pattern is None or fnmatch.fnmatch(name, self.cfg.artifact_pattern):
+                    return chunk, art
+        return None
+
+    def _feedback_url(self, controller: str, action_id: str) -> str:
+        return f"{self.controller_url(controller)}/deploymentBase/{action_id}/feedback"
+
+    async def _handle_cancel(self, controller: str, href: str) -> None:
+        st, data = await self._request("GET", href)
+        if st != 200 or not isinstance(data, dict):
+            return
+        action_id = str((data.get("cancelAction") or {}).get("stopId") or data.get("id"))
+        feedback = f"{self.controller_url(controller)}/cancelAction/{data.get('id')}/feedback"
+        act = self._actions.get((controller, action_id))
+        if act is not None and act.started_upload and not act.closed:
+            log.warning("hawkBit asks to cancel action %s of %s, but the image is already being "
+                        "installed: rejecting the cancellation", action_id, controller)
+            body = {"status": {"execution": "rejected", "result": {"finished": "none"},
+                               "details": ["image transfer to the device already started"]}}
+        else:
+            log.info("hawkBit canceled action %s of %s; confirming", action_id, controller)
+            self._canceled.add((controller, action_id))
+            if act is not None:
+                act.closed = True
+            body = {"status": {"execution": "closed", "result": {"finished": "success"},
+                               "details": ["canceled before the transfer to the device"]}}
+        st, _ = await self._request("POST", feedback, body)
+        if st != 200:
+            log.warning("hawkBit cancel feedback for %s answered HTTP %d", action_id, st)
+
+    async def fetch(self, offer: Offer, max_size: int | None) -> Path:
+        act: _Action = offer.handle
+        if (act.controller, act.action_id) in self._canceled:
+            raise FetchError(f"hawkBit action {act.action_id} was canceled", UpdateResult.UPDATE_FAILED)
+        url = act.extra["url"]
+        headers = self._headers() if _same_origin(url, self.base) else {}
+        headers.pop("Accept", None)
+        return await self._downloader.fetch(
+            url, sha256=offer.sha256, max_size=max_size, size=offer.size, headers=headers
+        )
+
+    async def report(self, offer: Offer, report: Report) -> None:
+        act: _Action = offer.handle
+        if act.closed:
+            return
+        if report.state == UpdateState.UPDATING or (report.progress is not None and report.progress > 0):
+            act.started_upload = True
+        sig = (int(report.state), int(report.result))
+        now = time.monotonic()
+        if not report.finished:
+            if sig == act.last_sig and now - act.last_progress_at < self.cfg.progress_interval_s:
+                return
+            act.last_sig, act.last_progress_at = sig, now
+            progress = None
+            if report.progress is not None:
+                progress = {"cnt": int(round(report.progress * 100)), "of": 100}
+            detail = f"LwM2M state {int(report.state)} ({report.state.name})"
+            await self._feedback(act, "proceeding", "none",
+                                 [detail + (f": {report.detail}" if report.detail else "")], progress=progress)
+            return
+        finished = "success" if report.result == UpdateResult.SUCCESS else "failure"
+        detail = f"LwM2M result {int(report.result)} ({report.result.name})"
+        await self._feedback(act, "closed", finished,
+                             [detail + (f": {report.detail}" if report.detail else "")],
+                             code=int(report.result))
+        act.closed = True
+
+    async def _feedback(
+        self,
+        act: _Action,
+        execution: str,
+        finished: str,
+        details: list[str],
+        progress: dict[str, int] | None = None,
+        code: int | None = None,
+    ) -> None:
+        result: dict[str, Any] = {"finished": finished}
+        if progress is not None:
+            result["progress"] = progress
+        status: dict[str, Any] = {"execution": execution, "result": result, "details": details}
+        if code is not None:
+            status["code"] = code
+        body = {"status": status}  # "time"/"timestamp" is optional and changed name across versions
+        try:
+            st, _ = await self._request("POST", act.feedback_url, body)
+        except FetchError as exc:
+            log.warning("hawkBit feedback for action %s not delivered: %s", act.action_id, exc)
+            return
+        if st == 410:
+            log.warning("hawkBit action %s of %s is no longer active (410 Gone)", act.action_id, act.controller)
+            act.closed = True
+        elif st != 200:
+            log.warning("hawkBit feedback for action %s answered HTTP %d", act.action_id, st)
+
+
+def _href(link: Any) -> str | None:
+    if isinstance(link, dict) and isinstance(link.get("href"), str):
+        return str(link["href"])
+    return None
+
+
+def _same_origin(a: str, b: str) -> bool:
+    pa, pb = urlsplit(a), urlsplit(b)
+    return (pa.scheme, pa.hostname, pa.port) == (pb.scheme, pb.hostname, pb.port)
+

@@ -1,0 +1,369 @@
+"""RDFM (antmicro/rdfm) fleet source: the device API exactly as RDFM's server implements it.
+
+Owns the RDFM side of each MCU: its RSA device key (generated on first use, kept 0600 in
+``<state_dir>/rdfm/keys`` or ``device_key_dir``), authentication, update checks, artifact
+download and unpacking. Checked against the server sources (``server/src/api/v1/auth.py``,
+``update.py``, ``middleware.py``, ``logs.py``, ``server/src/auth/device.py``) and the Go
+``devices/mcumgr-client`` (``rdfm/client.go``, ``agent/device/key.go``, ``rdfm/artifact``):
+
+- ``POST /api/v1/auth/device`` body ``{"metadata": {...}, "public_key": PEM, "timestamp": unix}``
+  with ``X-RDFM-Device-Signature`` = base64 RSA PKCS#1 v1.5 / SHA-256 over the exact body bytes.
+  401 = not accepted by an administrator yet (the server records a pending registration);
+  200 ``{"token": jwt, "expires": seconds}`` (HS256, 300 s: ``created_at + expires``).
+- ``POST /api/v1/update/check``, ``Authorization: Bearer token=<jwt>``, body = the metadata
+  object itself (``rdfm.hardware.devtype``, ``rdfm.software.version``,
+  ``rdfm.hardware.macaddr``) → 200 ``{id, created, sha256, uri}`` / 204 / 401 (token expired).
+- ``uri`` is a pre-signed link (1 h); the file is a Mender-format ``zephyr-image`` artifact
+  (see ``gateway.artifacts.mender``) whose ``sha256`` the check response gives.
+
+Reporting: RDFM's device API has no deployment-status endpoint. The server learns the outcome
+from the next update check (``rdfm.software.version`` is the version actually running, so a
+success shows as the new version and a rollback as the old one) and, on servers that have it,
+from device logs: ``POST /api/v1/logs`` (device token) with ``{"batch": [{"device_timestamp",
+"name", "entry"}]}``. ``report()`` sends state changes and outcomes there (name
+``smp-gateway.update``, entry = JSON with the LwM2M state/result); a 404/405 (older server)
+turns that off with one log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import email.utils
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import aiohttp
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from pydantic import Field
+
+from gateway.artifacts.mender import ArtifactError, ArtifactIntegrityError, unpack_zephyr_artifact
+from gateway.sources._http import HttpOptions, make_downloader, make_session
+from gateway.sources.base import (
+    DeviceView,
+    FetchError,
+    FleetSource,
+    Offer,
+    Report,
+    UpdateResult,
+)
+
+log = logging.getLogger(__name__)
+
+SIGNATURE_HEADER = "X-RDFM-Device-Signature"
+META_DEVTYPE = "rdfm.hardware.devtype"
+META_SOFTVER = "rdfm.software.version"
+META_MAC = "rdfm.hardware.macaddr"
+ARTIFACT_OVERHEAD = 256 * 1024  # tar headers + metadata around the image
+
+
+class RdfmSourceConfig(HttpOptions):
+    kind: Literal["rdfm"] = "rdfm"
+    url: str = Field(description="RDFM server base URL, e.g. https://rdfm.example.com")
+    device_key_dir: Path | None = Field(
+        None, description="where device RSA keys live (default <state_dir>/rdfm/keys)"
+    )
+    key_bits: int = Field(3072, ge=2048, le=8192, description="RSA size for new device keys")
+    identity: Literal["device", "group"] = Field(
+        "device", description="one RDFM device per MCU, or per device group (devices[].group)"
+    )
+    device_type: str | None = Field(
+        None, description="rdfm.hardware.devtype to report (default: the device's hardware)"
+    )
+    poll_interval_s: float = Field(60.0, gt=0)
+    token_margin_s: float = Field(30.0, ge=0, description="renew the token this long before expiry")
+    report_logs: bool = Field(True, description="send outcomes as RDFM device logs (POST /api/v1/logs)")
+
+
+@dataclass
+class _Token:
+    value: str
+    valid_until: float  # time.monotonic()
+
+
+class RdfmSource(FleetSource):
+    name = "rdfm"
+
+    def __init__(self, cfg: RdfmSourceConfig, state_dir: Path) -> None:
+        self.cfg = cfg
+        self.base = cfg.url.rstrip("/")
+        self.state_dir = Path(state_dir)
+        self.key_dir = cfg.device_key_dir or self.state_dir / "rdfm" / "keys"
+        self.image_dir = self.state_dir / "rdfm" / "images"
+        self._downloader = make_downloader(cfg, self.state_dir)
+        self._session: aiohttp.ClientSession | None = None
+        self._keys: dict[str, rsa.RSAPrivateKey] = {}
+        self._key_locks: dict[str, asyncio.Lock] = {}
+        self._tokens: dict[str, _Token] = {}
+        self._auth_locks: dict[str, asyncio.Lock] = {}
+        self._waiting: set[str] = set()
+        self._logs_supported = cfg.report_logs
+        self._last_reported: dict[tuple[str, str], tuple[int, int]] = {}
+
+    # -- lifecycle -----------------------------------------------------------------------
+    async def start(self) -> None:
+        if self._session is None:
+            self._session = make_session(self.cfg, f"RDFM server {self.base}")
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+        await self._downloader.close()
+
+    async def _http(self) -> aiohttp.ClientSession:
+        await self.start()
+        assert self._session is not None
+        return self._session
+
+    def poll_interval(self) -> float:
+        return self.cfg.poll_interval_s
+
+    # -- identity and keys ---------------------------------------------------------------
+    def identity(self, device: DeviceView) -> str:
+        if self.cfg.identity == "group" and device.group:
+            return device.group
+        return device.id
+
+    def metadata(self, device: DeviceView) -> dict[str, str]:
+        version = device.running_version.semver() if device.running_version else "0.0.0"
+        return {
+            META_DEVTYPE: self.cfg.device_type or device.hardware,
+            META_SOFTVER: version,
+            META_MAC: self.identity(device),
+        }
+
+    def key_path(self, ident: str) -> Path:
+        safe = "".join(c if c.isalnum() or c in "._-@" else "_" for c in ident)
+        return self.key_dir / f"{safe}.pem"
+
+    async def device_key(self, ident: str) -> rsa.RSAPrivateKey:
+        if ident in self._keys:
+            return self._keys[ident]
+        lock = self._key_locks.setdefault(ident, asyncio.Lock())
+        async with lock:
+            if ident not in self._keys:
+                self._keys[ident] = await asyncio.to_thread(self._load_or_create_key, ident)
+        return self._keys[ident]
+
+    def _load_or_create_key(self, ident: str) -> rsa.RSAPrivateKey:
+        path = self.key_path(ident)
+        if path.exists():
+            if path.stat().st_mode & 0o077:
+                log.warning("RDFM device key %s is readable by other users; fixing to 0600", path)
+                os.chmod(path, 0o600)
+            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+            if not isinstance(key, rsa.RSAPrivateKey):
+                raise FetchError(f"{path} is not an RSA private key", UpdateResult.UPDATE_FAILED)
+            return key
+        log.info("generating a %d-bit RSA device key for %s at %s", self.cfg.key_bits, ident, path)
+        key = rsa.generate_private_key(public_exponent=65537, key_size=self.cfg.key_bits)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(path.parent, 0o700)
+        pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(pem)
+        os.replace(tmp, path)
+        return key
+
+    @staticmethod
+    def public_pem(key: rsa.RSAPrivateKey) -> str:
+        return key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        ).decode()
+
+    # -- authentication ------------------------------------------------------------------
+    async def _token(self, device: DeviceView, force: bool = False) -> str | None:
+        ident = self.identity(device)
+        lock = self._auth_locks.setdefault(ident, asyncio.Lock())
+        async with lock:
+            tok = self._tokens.get(ident)
+            if tok is not None and not force and time.monotonic() < tok.valid_until:
+                return tok.value
+            self._tokens.pop(ident, None)
+            return await self._authenticate(device, ident)
+
+    async def _authenticate(self, device: DeviceView, ident: str) -> str | None:
+        key = await self.device_key(ident)
+        body = json.dumps(
+            {
+                "metadata": self.metadata(device),
+                "public_key": self.public_pem(key),
+                "timestamp": int(time.time()),
+            }
+        ).encode()
+        signature = key.sign(body, padding.PKCS1v15(), hashes.SHA256())
+        headers = {
+            "Content-Type": "application/json",
+            "Accept": "application/json",
+            SIGNATURE_HEADER: base64.b64encode(signature).decode(),
+        }
+        session = await self._http()
+        try:
+            async with session.post(f"{self.base}/api/v1/auth/device", data=body, headers=headers) as r:
+                if r.status == 401:
+                    if ident not in self._waiting:
+                        log.warning(
+                            "device %s waiting for acceptance on the RDFM server %s "
+                            "(accept its registration there; polling continues)", ident, self.base,
+                        )
+                        self._waiting.add(ident)
+                    else:
+                        log.info("device %s still waiting for acceptance on the RDFM server", ident)
+                    return None
+                if r.status != 200:
+                    text = (await r.text())[:200]
+                    raise FetchError(
+                        f"RDFM authentication of {ident} failed: HTTP {r.status} {text}",
+                        UpdateResult.CONNECTION_LOST,
+                    )
+                data = await r.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise FetchError(f"RDFM server unreachable: {exc}", UpdateResult.CONNECTION_LOST) from None
+        token = data.get("token") if isinstance(data, dict) else None
+        expires = data.get("expires") if isinstance(data, dict) else None
+        if not isinstance(token, str) or not isinstance(expires, int | float):
+            raise FetchError("RDFM authentication answer lacks token/expires", UpdateResult.CONNECTION_LOST)
+        if ident in self._waiting:
+            log.info("device %s was accepted by the RDFM server", ident)
+            self._waiting.discard(ident)
+        margin = min(self.cfg.token_margin_s, float(expires) / 2)
+        self._tokens[ident] = _Token(token, time.monotonic() + float(expires) - margin)
+        log.debug("RDFM token for %s valid for %ss", ident, expires)
+        return token
+
+    # -- FleetSource -----------------------------------------------------------------------
+    async def check(self, device: DeviceView) -> Offer | None:
+        meta = self.metadata(device)
+        for attempt in range(2):
+            token = await self._token(device, force=attempt > 0)
+            if token is None:
+                return None
+            status, data = await self._post_json(
+                "/api/v1/update/check", meta, token
+            )
+            if status == 401:
+                log.info("RDFM token for %s rejected; authenticating again", meta[META_MAC])
+                continue
+            if status == 204:
+                return None
+            if status != 200 or not isinstance(data, dict):
+                raise FetchError(f"RDFM update check answered HTTP {status}", UpdateResult.CONNECTION_LOST)
+            sha = data.get("sha256")
+            uri = data.get("uri")
+            if not isinstance(uri, str) or not isinstance(sha, str):
+                raise FetchError("RDFM update check answer lacks uri/sha256", UpdateResult.INVALID_URI)
+            return Offer(
+                device_id=device.id,
+                source=self.name,
+                artifact_id=f"rdfm-{sha.lower()}",
+                sha256=sha.lower(),
+                handle={
+                    "uri": uri,
+                    "package_id": data.get("id"),
+                    "ident": meta[META_MAC],
+                    "device_type": meta[META_DEVTYPE],
+                    "device": device,
+                },
+            )
+        raise FetchError("RDFM rejected a freshly issued token", UpdateResult.CONNECTION_LOST)
+
+    async def _post_json(self, path: str, payload: Any, token: str) -> tuple[int, Any]:
+        session = await self._http()
+        headers = {"Authorization": f"Bearer token={token}", "Accept": "application/json"}
+        try:
+            async with session.post(f"{self.base}{path}", json=payload, headers=headers) as r:
+                data = await r.json(content_type=None) if r.status == 200 else None
+                return r.status, data
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise FetchError(f"RDFM request {path} failed: {exc}", UpdateResult.CONNECTION_LOST) from None
+
+    async def fetch(self, offer: Offer, max_size: int | None) -> Path:
+        h = offer.handle
+        cap = None if max_size is None else max_size + ARTIFACT_OVERHEAD
+        artifact = await self._downloader.fetch(h["uri"], sha256=offer.sha256, max_size=cap)
+        try:
+            art = await asyncio.to_thread(
+                unpack_zephyr_artifact,
+                artifact,
+                self.image_dir,
+                device_type=h["device_type"],
+                max_image_size=max_size,
+            )
+        except ArtifactIntegrityError as exc:
+            artifact.unlink(missing_ok=True)
+            raise FetchError(f"RDFM artifact rejected: {exc}", UpdateResult.INTEGRITY_FAILURE) from None
+        except ArtifactError as exc:
+            raise FetchError(f"RDFM artifact rejected: {exc}", UpdateResult.UNSUPPORTED_PACKAGE) from None
+        log.info("RDFM artifact %s for %s: %s version %s", offer.artifact_id, offer.device_id,
+                 art.name, art.version)
+        return art.image
+
+    async def report(self, offer: Offer, report: Report) -> None:
+        key = (offer.device_id, offer.artifact_id)
+        sig = (int(report.state), int(report.result))
+        if self._last_reported.get(key) == sig:
+            return  # progress ticks: RDFM logs are for state changes and outcomes only
+        self._last_reported[key] = sig
+        if report.finished:
+            self._last_reported.pop(key, None)
+        log.info(
+            "RDFM update of %s (%s): state %s result %s %s",
+            offer.device_id, offer.artifact_id, report.state.name, report.result.name, report.detail,
+        )
+        if not self._logs_supported:
+            return
+        device = offer.handle.get("device") if isinstance(offer.handle, dict) else None
+        if not isinstance(device, DeviceView):
+            return
+        entry = json.dumps(
+            {
+                "device": offer.device_id,
+                "artifact": offer.artifact_id,
+                "state": int(report.state),
+                "state_name": report.state.name,
+                "result": int(report.result),
+                "result_name": report.result.name,
+                "detail": report.detail,
+            }
+        )
+        batch = {
+            "batch": [
+                {
+                    "device_timestamp": email.utils.formatdate(usegmt=True),
+                    "name": "smp-gateway.update",
+                    "entry": entry,
+                }
+            ]
+        }
+        try:
+            for attempt in range(2):
+                token = await self._token(device, force=attempt > 0)
+                if token is None:
+                    return
+                status, _ = await self._post_json("/api/v1/logs", batch, token)
+                if status == 401:
+                    continue
+                if status in (404, 405):
+                    log.info("RDFM server has no device log API (HTTP %d); outcomes are logged locally only",
+                             status)
+                    self._logs_supported = False
+                elif status != 200:
+                    log.warning("RDFM log upload answered HTTP %d", status)
+                return
+        except FetchError as exc:
+            log.warning("could not send the outcome to RDFM: %s", exc)
+
+

@@ -1,0 +1,70 @@
+"""Terminal presentation: a progress bar per device while updating, a table at the end.
+
+Owns only what a person sees on a terminal (rich). With no terminal the gateway prints plain
+structured logs instead, and this module stays silent.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+from rich.table import Table
+
+from gateway.engine import Outcome
+
+
+class ProgressView:
+    """Context manager; ``update`` is the gateway's on_progress callback."""
+
+    def __init__(self, console: Console | None = None) -> None:
+        self.console = console or Console(stderr=True)
+        self.progress = Progress(
+            TextColumn("[bold]{task.fields[device]:<14}"),
+            TextColumn("{task.fields[step]:<16}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            console=self.console,
+            transient=False,
+        )
+        self.tasks: dict[str, Any] = {}
+
+    def __enter__(self) -> ProgressView:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def update(self, device_id: str, step: str, done: int, total: int) -> None:
+        task = self.tasks.get(device_id)
+        if task is None:
+            task = self.progress.add_task("", device=device_id, step=step, total=total or None)
+            self.tasks[device_id] = task
+        kw: dict[str, Any] = {"step": step}
+        if total:
+            kw["total"] = total
+            kw["completed"] = done
+        self.progress.update(task, **kw)
+
+
+def outcome_table(outcomes: dict[str, Outcome], title: str = "smp-gateway") -> Table:
+    table = Table(title=title)
+    for col in ("device", "result", "from", "to", "uploaded", "detail"):
+        table.add_column(col)
+    colors = {"updated": "green", "up-to-date": "green", "refused": "yellow",
+              "rolled-back": "red", "failed": "red"}
+    for dev_id, o in sorted(outcomes.items()):
+        c = colors.get(o.status.value, "white")
+        up = f"{o.bytes_uploaded / 1024:.0f} KiB in {o.upload_seconds:.1f}s" if o.bytes_uploaded else "-"
+        table.add_row(dev_id, f"[{c}]{o.status.value}[/{c}]", o.old_version or "-",
+                      o.new_version or "-", up, o.detail)
+    return table
+
+
+def print_outcomes_plain(outcomes: dict[str, Outcome]) -> None:
+    for dev_id, o in sorted(outcomes.items()):
+        print(f"device={dev_id} result={o.status.value} lwm2m_result={int(o.result)} "
+              f"from={o.old_version} to={o.new_version} bytes={o.bytes_uploaded} detail=\"{o.detail}\"")
