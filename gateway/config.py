@@ -100,8 +100,9 @@ class SerialTransport(Model):
     line_length: int = Field(
         127, ge=8, le=8192, description="CONFIG_UART_MCUMGR_RX_BUF_SIZE: max bytes per framed line"
     )
-    mtu: int = Field(
-        256, ge=64, le=65535, description="CONFIG_UART_MCUMGR_MTU: max SMP packet (before base64)"
+    mtu: int | None = Field(
+        None, ge=64, le=65535,
+        description="cap on one SMP packet before base64 (default: the device's buf_size)",
     )
 
 
@@ -166,7 +167,40 @@ class LocalSourceConfig(Model):
     poll_interval_s: float = Field(10.0, gt=0)
 
 
-SourceConfig = Annotated[LocalSourceConfig, Field(discriminator="kind")]
+# fleet backends' models (gateway/sources/settings.py imports Model and Secret from above)
+from gateway.sources.settings import (  # noqa: E402
+    HawkbitSourceConfig,
+    LatestReleaseSourceConfig,
+    MqttJobsSourceConfig,
+    RdfmSourceConfig,
+)
+
+SourceConfig = Annotated[
+    LocalSourceConfig
+    | RdfmSourceConfig
+    | HawkbitSourceConfig
+    | MqttJobsSourceConfig
+    | LatestReleaseSourceConfig,
+    Field(discriminator="kind"),
+]
+
+
+class RetryConfig(Model):
+    """Failed attempts are retried after ``min(max_s, base_s * 2**(n-1))`` +-50 % jitter."""
+
+    max_attempts: int = Field(5, ge=1, description="attempts per artifact before parking the device")
+    base_s: float = Field(5.0, gt=0)
+    max_s: float = Field(300.0, gt=0)
+    park_s: float = Field(
+        3600.0, gt=0, description="after max_attempts failures: wait this long before a new series"
+    )
+
+
+class MetricsConfig(Model):
+    """Prometheus text exposition on http://host:port/metrics."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(9464, ge=0, le=65535, description="0 = any free port (logged)")
 
 
 class GatewayConfig(Model):
@@ -176,6 +210,17 @@ class GatewayConfig(Model):
     source: SourceConfig
     devices: list[DeviceConfig] = Field(min_length=1)
     max_concurrent: int = Field(32, ge=1, description="global cap on simultaneous device sessions")
+    ble_per_adapter: int = Field(
+        3, ge=1, description="cap on simultaneous sessions per BLE adapter (controller link limit)"
+    )
+    ble_adapters: dict[str, int] = Field(
+        default_factory=dict, description="per-adapter caps overriding ble_per_adapter, e.g. hci1: 5"
+    )
+    retry: RetryConfig = RetryConfig()
+    metrics: MetricsConfig | None = None
+    stop_timeout_s: float = Field(
+        20.0, gt=0, description="SIGTERM: exit within this (keep below systemd's TimeoutStopSec)"
+    )
     log_format: Literal["text", "json"] = "text"
     config_path: Path | None = Field(None, exclude=True)
 
@@ -187,6 +232,10 @@ class GatewayConfig(Model):
             if d.id in seen:
                 raise ValueError(f"device id {d.id!r} appears twice")
             seen.add(d.id)
+            if d.group is not None and d.confirm != "gateway":
+                raise ValueError(f"device {d.id!r} is in group {d.group!r}: group members need "
+                                 "confirm: gateway (an application that confirms itself would "
+                                 "break the group's all-or-nothing switch)")
         return devices
 
     def device(self, device_id: str) -> DeviceConfig:
@@ -219,7 +268,7 @@ def _format_loc(loc: tuple[int | str, ...], data: Any) -> str:
             out += f"[{part}]"
             node = node[part] if isinstance(node, list) and part < len(node) else None
             continue
-        if isinstance(node, dict) and part not in node and out:
+        if isinstance(node, dict) and part not in node and node.get("kind") == part:
             # discriminated-union tags (e.g. 'udp') are not keys of the document: skip them
             continue
         out += f".{part}" if out else str(part)

@@ -135,6 +135,11 @@ class Gateway:
             engine = UpdateEngine(dev, session, self.journal, on_progress=self._progress_cb(dev))
             slots = await engine.read_slots()
             offer, resume_path = await self._target(dev, slots)
+            if offer is None and slots.active is not None and not slots.active.confirmed:
+                # e.g. someone else's test boot: it is not settled, and not ours to confirm
+                return self._fail(dev, UpdateResult.UPDATE_FAILED,
+                                  f"device is test-running unconfirmed {slots.active.version}, which "
+                                  "this gateway did not test; refusing to confirm it")
             if offer is None:
                 entry = engine.entry.with_(step=Step.DONE.value)
                 self.journal.put(entry, "up to date")

@@ -24,7 +24,7 @@ import os
 import re
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -194,7 +194,7 @@ class Downloader:
                 name=f"download {key[:20]}",
             )
             self._inflight[key] = task
-            task.add_done_callback(lambda _t, k=key: self._inflight.pop(k, None))
+            task.add_done_callback(self._done_callback(key))
         else:
             log.debug("joining the in-flight download of %s", url)
         path = await asyncio.shield(task)
@@ -205,6 +205,12 @@ class Downloader:
                 UpdateResult.NOT_ENOUGH_FLASH,
             )
         return path
+
+    def _done_callback(self, key: str) -> Callable[[asyncio.Task[Path]], None]:
+        def done(_task: asyncio.Task[Path]) -> None:
+            self._inflight.pop(key, None)
+
+        return done
 
     async def _fetch_once(
         self,
@@ -253,7 +259,10 @@ class Downloader:
                 delay = min(delay, self.max_backoff_s)
                 log.warning(
                     "download of %s interrupted at %d bytes (%s); retrying in %.1fs",
-                    url, _size(part), exc or type(exc).__name__, delay,
+                    url,
+                    _size(part),
+                    exc or type(exc).__name__,
+                    delay,
                 )
                 await asyncio.sleep(delay)
 
@@ -352,7 +361,8 @@ class Downloader:
                         _unlink(part, meta)
                         raise FetchError(
                             f"server sent more than the {limit} bytes allowed",
-                            UpdateResult.NOT_ENOUGH_FLASH if max_size is not None
+                            UpdateResult.NOT_ENOUGH_FLASH
+                            if max_size is not None
                             else UpdateResult.INTEGRITY_FAILURE,
                         )
                     os.write(fd, chunk)

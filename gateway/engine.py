@@ -55,6 +55,16 @@ class Status(enum.StrEnum):
     REFUSED = "refused"
     ROLLED_BACK = "rolled-back"
     FAILED = "failed"
+    HELD = "held"  # stopped at the stage the caller asked for (group phases); not an outcome
+
+
+class Stage(enum.IntEnum):
+    """How far ``UpdateEngine.run`` goes (groups run their members phase by phase)."""
+
+    UPLOADED = 1  # the image is complete in the secondary slot, not marked
+    MARKED = 2  # marked for test (pending), not reset
+    BOOTED = 3  # reset, booted, health-checked: running unconfirmed
+    CONFIRMED = 4  # the whole flow
 
 
 @dataclass
@@ -68,6 +78,7 @@ class Outcome:
     bytes_uploaded: int = 0
     upload_seconds: float = 0.0
     resumed_from: int = 0
+    group: str | None = None  # set when this outcome is part of a group's (failed) update
 
     @property
     def ok(self) -> bool:
@@ -134,6 +145,8 @@ class UpdateEngine:
         self.on_progress = on_progress
         self.poll = poll_interval_s
         self.entry = journal.get(device.id)
+        self.upload: tuple[int, float, int] = (0, 0.0, 0)  # bytes sent, seconds, resumed from
+        self.until = Stage.CONFIRMED
 
     # -- bookkeeping -------------------------------------------------------------------------
     def _step(self, step: Step, detail: str = "", **changes: object) -> None:
@@ -149,8 +162,19 @@ class UpdateEngine:
                 Status.ROLLED_BACK: Step.ROLLED_BACK, Status.FAILED: Step.FAILED}[status]
         self._step(step, detail, outcome=status.value,
                    last_error=None if status in (Status.UPDATED, Status.UP_TO_DATE) else detail)
+        sent, secs, resumed = self.upload
         return _Finish(Outcome(self.dev.id, status, result, detail, old_version=old,
-                               new_version=str(image.version) if image else None))
+                               new_version=str(image.version) if image else None,
+                               bytes_uploaded=sent, upload_seconds=secs, resumed_from=resumed))
+
+    def _hold(self, stage: Stage, image: VerifiedImage, old: str | None) -> None:
+        """Stop here if the caller asked to go only this far (no outcome is journaled)."""
+        if self.until <= stage:
+            log.info("device=%s held stage=%s", self.dev.id, stage.name.lower())
+            sent, secs, resumed = self.upload
+            raise _Finish(Outcome(self.dev.id, Status.HELD, UpdateResult.INITIAL, stage.name.lower(),
+                                  old_version=old, new_version=str(image.version),
+                                  bytes_uploaded=sent, upload_seconds=secs, resumed_from=resumed))
 
     async def read_slots(self, timeout_s: float | None = None) -> Slots:
         images = await self.s.image_state(timeout_s=timeout_s)
@@ -163,7 +187,11 @@ class UpdateEngine:
 
     # -- the flow ----------------------------------------------------------------------------
     async def run(self, image: VerifiedImage, slots: Slots | None = None,
-                  artifact_id: str | None = None, source: str | None = None) -> Outcome:
+                  artifact_id: str | None = None, source: str | None = None,
+                  until: Stage = Stage.CONFIRMED) -> Outcome:
+        """The flow up to ``until``; short of CONFIRMED it returns Status.HELD at that stage
+        (the journal row stays open, so a restart resumes it)."""
+        self.until = until
         try:
             return await self._run(image, slots, artifact_id, source)
         except _Finish as f:
@@ -180,15 +208,30 @@ class UpdateEngine:
         if slots is None:
             slots = await self.read_slots()
         old_v = slots.active.version if slots.active else None
-        resuming = self.entry.target_hash == th and self.entry.outcome is None
+        prev = self.entry
+        resuming = prev.target_hash == th and prev.outcome is None
+        # where the previous run stopped: a reset may have been sent from RESET on
+        was_reset = resuming and prev.step in (Step.RESET, Step.WAIT_BOOT, Step.VERIFY, Step.CONFIRM,
+                                               Step.WAIT_APP)
         if not resuming:
+            # A new attempt at the same image after a failure (e.g. the device did not come back
+            # in time after the reset) keeps what this gateway did to it: the hash it marked for
+            # test (else it could never confirm it) and the image it replaced.
+            same = prev.target_hash == th and prev.outcome == Status.FAILED.value
             self.entry = Entry(device_id=self.dev.id, target_hash=th,
                                target_version=str(image.version), artifact_id=artifact_id,
                                source=source, image_path=str(image.path),
-                               old_hash=slots.active_hash.hex() if slots.active_hash else None,
-                               old_version=old_v, attempts=self.entry.attempts + 1,
-                               running_version=self.entry.running_version,
-                               running_hash=self.entry.running_hash)
+                               old_hash=prev.old_hash if same else (
+                                   slots.active_hash.hex() if slots.active_hash else None),
+                               old_version=prev.old_version if same else old_v,
+                               tested_hash=prev.tested_hash if same else None,
+                               attempts=prev.attempts + 1,
+                               running_version=prev.running_version,
+                               running_hash=prev.running_hash,
+                               blocked_hash=prev.blocked_hash,
+                               blocked_artifact=prev.blocked_artifact)
+            if same and prev.old_version:
+                old_v = prev.old_version
         self._step(Step.READ_STATE, f"running={old_v} target={image.version} resume={resuming}")
 
         # 1. is the target already running?
@@ -198,10 +241,18 @@ class UpdateEngine:
                 raise self._finish(st, UpdateResult.SUCCESS, f"running {image.version}, confirmed",
                                    image, old_v)
             if self.entry.tested_hash == th:
+                self._hold(Stage.MARKED, image, old_v)
                 return await self._after_boot(image, old_v)
             raise self._finish(Status.FAILED, UpdateResult.UPDATE_FAILED,
                                "device runs the target image unconfirmed, but this gateway did not "
                                "test it: refusing to confirm", image, old_v)
+        if was_reset and self.entry.tested_hash == th and not (
+                slots.other_hash == target and slots.other and slots.other.pending):
+            # The journal says this gateway marked the image and reset the device; it does not
+            # run it and it is no longer pending: it booted and was reverted (crash, watchdog,
+            # reset before confirmation), or MCUboot refused it - while the gateway was down.
+            # Report the rollback; never mark it again.
+            return self._rolled_back(image, slots, old_v, True)
         if slots.active is not None and not slots.active.confirmed:
             raise self._finish(Status.FAILED, UpdateResult.UPDATE_FAILED,
                                f"device is test-running an unconfirmed image ({slots.active.version}) "
@@ -223,15 +274,21 @@ class UpdateEngine:
                                "slot; clear it before updating", image, old_v)
         if other is not None and slots.other_hash == target and other.pending:
             if self.entry.tested_hash != th:
-                self._step(Step.MARK_TEST, "target already pending on the device",
-                           tested_hash=th)
+                # Pending, but not marked by this gateway (the journal is written before every
+                # mark): someone else owns this test. Never boot-and-confirm it.
+                raise self._finish(Status.FAILED, UpdateResult.UPDATE_FAILED,
+                                   "the target image is already pending on the device, but this "
+                                   "gateway did not mark it: refusing to reset and confirm it",
+                                   image, old_v)
+            self._hold(Stage.MARKED, image, old_v)
             return await self._reset_and_verify(image, old_v)
         if other is not None and slots.other_hash == target:
             self._step(Step.UPLOAD, "target already complete in the secondary slot: no upload",
                        upload_offset=image.size, upload_total=image.size)
-            bytes_up, secs, resumed = 0, 0.0, image.size
+            self.upload = (0, 0.0, image.size)
         else:
-            bytes_up, secs, resumed = await self._upload(image)
+            self.upload = await self._upload(image)
+        self._hold(Stage.UPLOADED, image, old_v)
 
         # 4. mark for test (journal first: from here on this gateway owns the test)
         self._step(Step.MARK_TEST, f"hash={th[:16]}", tested_hash=th)
@@ -240,9 +297,8 @@ class UpdateEngine:
         if not (post.other_hash == target and post.other and post.other.pending):
             raise self._finish(Status.FAILED, UpdateResult.UPDATE_FAILED,
                                "device did not mark the image pending", image, old_v)
-        out = await self._reset_and_verify(image, old_v)
-        out.bytes_uploaded, out.upload_seconds, out.resumed_from = bytes_up, secs, resumed
-        return out
+        self._hold(Stage.MARKED, image, old_v)
+        return await self._reset_and_verify(image, old_v)
 
     async def _upload(self, image: VerifiedImage) -> tuple[int, float, int]:
         data = image.read()
@@ -258,10 +314,14 @@ class UpdateEngine:
             if self.on_progress:
                 self.on_progress(self.dev.id, Step.UPLOAD, off, total)
 
-        stats = await self.s.upload(
-            data, image_num=self.dev.image, window=self.dev.window, chunk_cap=self.dev.chunk_size,
-            first_timeout_s=self.dev.timeouts.upload_first_chunk_s, progress=progress,
-        )
+        try:
+            stats = await self.s.upload(
+                data, image_num=self.dev.image, window=self.dev.window, chunk_cap=self.dev.chunk_size,
+                first_timeout_s=self.dev.timeouts.upload_first_chunk_s, progress=progress,
+            )
+        except BaseException:  # cancelled (shutdown) or failed: checkpoint the acked offset
+            self.journal.put(self.entry, "upload-interrupted")
+            raise
         log.info("device=%s upload done bytes=%d resumed_from=%d window=%d chunk=%d seconds=%.2f "
                  "retransmits=%d rewinds=%d", self.dev.id, stats.total, stats.start_offset,
                  stats.window, stats.chunk_size, stats.seconds, stats.retransmits, stats.rewinds)
@@ -337,6 +397,11 @@ class UpdateEngine:
             if time.monotonic() >= end:
                 break
             await asyncio.sleep(min(self.poll, max(0.0, end - time.monotonic())))
+        self._hold(Stage.BOOTED, image, old_v)
+        return await self._confirm(image, old_v)
+
+    async def _confirm(self, image: VerifiedImage, old_v: str | None) -> Outcome:
+        target = image.hash
         if self.entry.tested_hash != target.hex():  # the invariant, checked at the last moment
             raise self._finish(Status.FAILED, UpdateResult.UPDATE_FAILED,
                                "refusing to confirm an image this gateway did not test", image, old_v)

@@ -10,6 +10,7 @@ row's ``tested_hash``.
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import threading
@@ -37,6 +38,10 @@ class Entry:
     last_error: str | None = None
     running_version: str | None = None
     running_hash: str | None = None
+    # an image (hash) and artifact that rolled back or was refused: not re-attempted until the
+    # source offers a different artifact
+    blocked_hash: str | None = None
+    blocked_artifact: str | None = None
     updated_at: float = 0.0
 
     def with_(self, **changes: object) -> Entry:
@@ -63,6 +68,14 @@ class Journal:
             f"{c} {'TEXT PRIMARY KEY' if c == 'device_id' else ''}" for c in _COLUMNS
         )
         self._db.execute(f"CREATE TABLE IF NOT EXISTS devices ({cols})")
+        have = {r[1] for r in self._db.execute("PRAGMA table_info(devices)")}
+        for c in _COLUMNS:  # journals written by an older gateway: add the new columns
+            if c not in have:
+                self._db.execute(f"ALTER TABLE devices ADD COLUMN {c}")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS groups (name TEXT PRIMARY KEY, phase TEXT, members TEXT, "
+            "detail TEXT, updated_at REAL)"
+        )
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS events (t REAL, device_id TEXT, step TEXT, detail TEXT)"
         )
@@ -105,3 +118,33 @@ class Journal:
                 return list(self._db.execute("SELECT * FROM events ORDER BY rowid"))
             return list(self._db.execute("SELECT * FROM events WHERE device_id=? ORDER BY rowid",
                                          (device_id,)))
+
+    # -- groups: the group's phase is the decision every member follows after a restart ----
+    def group(self, name: str) -> GroupRecord | None:
+        with self._lock:
+            row = self._db.execute("SELECT phase, members, detail, updated_at FROM groups WHERE name=?",
+                                   (name,)).fetchone()
+        if row is None:
+            return None
+        return GroupRecord(name, row[0], json.loads(row[1] or "{}"), row[2] or "", row[3] or 0.0)
+
+    def put_group(self, rec: GroupRecord) -> None:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("INSERT OR REPLACE INTO groups VALUES (?, ?, ?, ?, ?)",
+                             (rec.name, rec.phase, json.dumps(rec.members, sort_keys=True),
+                              rec.detail, time.time()))
+            self._db.execute("INSERT INTO events VALUES (?, ?, ?, ?)",
+                             (time.time(), f"group:{rec.name}", rec.phase, rec.detail))
+            self._db.execute("COMMIT")
+
+
+@dataclass(frozen=True)
+class GroupRecord:
+    """One group update: ``members`` maps device id -> target hash (hex)."""
+
+    name: str
+    phase: str  # upload / mark / boot / confirm / revert / done / failed
+    members: dict[str, str]
+    detail: str = ""
+    updated_at: float = 0.0

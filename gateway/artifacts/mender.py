@@ -38,7 +38,7 @@ import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 ZEPHYR_TYPE = "zephyr-image"
 MAX_META_MEMBER = 1 << 20  # version, manifest, header tar: 1 MiB is plenty
@@ -87,7 +87,7 @@ def _decompress(name: str, raw: bytes, limit: int) -> bytes:
     return raw
 
 
-def _bounded(f: IO[bytes], limit: int, name: str) -> bytes:
+def _bounded(f: Any, limit: int, name: str) -> bytes:
     data = f.read(limit + 1)
     if len(data) > limit:
         raise ArtifactError(f"{name} decompresses to more than {limit} bytes")
@@ -286,7 +286,7 @@ def unpack_zephyr_artifact(
     for src in (hinfo.get("artifact_provides"), tinfo.get("artifact_provides")):
         if isinstance(src, dict):
             provides.update({str(k): str(v) for k, v in src.items()})
-    (fname, (content, digest)), = data_files.items()
+    ((_fname, (content, digest)),) = data_files.items()
     want = provides.get(f"{ZEPHYR_TYPE}.checksum")
     if want is None and require_checksum:
         raise ArtifactError(f"artifact lacks {ZEPHYR_TYPE}.checksum")
@@ -344,8 +344,10 @@ def build_zephyr_artifact(
         "artifact_provides": {f"{ZEPHYR_TYPE}.checksum": checksum, f"{ZEPHYR_TYPE}.version": version},
     }
     header = tar_bytes(
-        [("header-info", json.dumps(header_info).encode()),
-         ("headers/0000/type-info", json.dumps(type_info).encode())],
+        [
+            ("header-info", json.dumps(header_info).encode()),
+            ("headers/0000/type-info", json.dumps(type_info).encode()),
+        ],
         compress,
     )
     data = tar_bytes([("zephyr.signed.bin", image)], compress)

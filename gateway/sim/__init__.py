@@ -35,7 +35,8 @@ What it leaves out:
   the scratch area: a swap is an instant exchange of the two slots, so an interrupted
   swap (power lost mid-swap) and MCUboot's swap-status resume are not modelled.
 * Encrypted images, downgrade prevention, hardware rollback counters, dependency TLVs.
-* Flash timing: erases and writes are instantaneous (requests take no device time).
+* Flash timing beyond two knobs: ``request_processing_s`` (device time per request) and
+  ``flash_write_bps`` (upload chunk write speed); erases are instantaneous.
 * Trailer bytes are not stored inside the slot files (kept in trailer.json instead), and
   bootloader-info always reports the configured mode, no ``no-downgrade``.
 """

@@ -362,7 +362,10 @@ class SMPSession:
         if rsp.off is None:
             raise UploadError("device answered the first chunk without an offset")
         acked = int(rsp.off)
-        stats.start_offset = acked if acked > 0 else 0
+        first_len = len(self._chunk_request(image, 0, image_num, sha, limit, chunk_cap, 0).data)
+        # the device answers the offset it already holds for this sha (resume) without writing
+        stats.start_offset = 0 if acked == first_len else acked
+        stats.sent_bytes += first_len if stats.start_offset == 0 else 0
         stats.chunks += 1
         if acked > total:
             raise UploadError(f"device reports offset {acked} beyond the image size {total}")

@@ -221,7 +221,8 @@ class SerialTransport(Transport):
 
     name = "serial"
 
-    def __init__(self, port: str, baud: int = 115200, line_length: int = 127, mtu: int = 256) -> None:
+    def __init__(self, port: str, baud: int = 115200, line_length: int = 127,
+                 mtu: int | None = None) -> None:
         super().__init__()
         self.port, self.baud, self.line_length, self.mtu = port, baud, line_length, mtu
         self._serial: Any = None
@@ -237,7 +238,9 @@ class SerialTransport(Transport):
 
     @property
     def max_packet(self) -> int:
-        return self.mtu
+        # the frame length field is 16 bits; without a configured cap the device's
+        # MCUmgr buf_size (applied by the session) is the real limit
+        return self.mtu if self.mtu is not None else 0xFFFF - 4
 
     def link_overhead(self, packet_len: int) -> int:
         framed = sum(len(x) for x in smppacket.encode(b"\0" * packet_len, self.line_length))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import gateway.config  # noqa: F401 - load the config schema first (it imports sources.settings)
 from gateway.sources.base import FleetSource
 
 if TYPE_CHECKING:
@@ -13,9 +14,33 @@ if TYPE_CHECKING:
 def build_source(cfg: GatewayConfig) -> FleetSource:
     """The FleetSource for ``cfg.source`` (imports each backend only when it is used)."""
     src = cfg.source
-    kind = src.kind
-    if kind == "local":
-        from gateway.sources.local import LocalSource
+    match src.kind:
+        case "local":
+            from gateway.sources.local import LocalSource
 
-        return LocalSource(src)
-    raise ValueError(f"unknown source kind {kind!r}")
+            return LocalSource(src)
+        case "rdfm":
+            from gateway.sources.rdfm import RdfmSource
+            from gateway.sources.settings import RdfmSourceConfig
+
+            assert isinstance(src, RdfmSourceConfig)
+            return RdfmSource(src, cfg.state_dir)
+        case "hawkbit":
+            from gateway.sources.hawkbit import HawkbitSource
+            from gateway.sources.settings import HawkbitSourceConfig
+
+            assert isinstance(src, HawkbitSourceConfig)
+            return HawkbitSource(src, cfg.state_dir, gateway_id=cfg.gateway_id)
+        case "mqtt_jobs":
+            from gateway.sources.mqtt_jobs import MqttJobsSource
+            from gateway.sources.settings import MqttJobsSourceConfig
+
+            assert isinstance(src, MqttJobsSourceConfig)
+            return MqttJobsSource(src, cfg.state_dir, gateway_id=cfg.gateway_id)
+        case "latest_release":
+            from gateway.sources.latest_release import LatestReleaseSource
+            from gateway.sources.settings import LatestReleaseSourceConfig
+
+            assert isinstance(src, LatestReleaseSourceConfig)
+            return LatestReleaseSource(src, cfg.state_dir, gateway_id=cfg.gateway_id)
+    raise ValueError(f"unknown source kind {src.kind!r}")

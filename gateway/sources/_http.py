@@ -6,23 +6,11 @@ import logging
 from pathlib import Path
 
 import aiohttp
-from pydantic import Field
 
-from gateway.config import Model
-from gateway.download import DownloadTimeouts, Downloader, make_ssl
+from gateway.download import Downloader, DownloadTimeouts, make_ssl
+from gateway.sources.settings import HttpOptions
 
 log = logging.getLogger(__name__)
-
-
-class HttpOptions(Model):
-    """TLS and timeout options common to the HTTP backends (mixed into their configs)."""
-
-    ca_file: Path | None = Field(None, description="PEM bundle of CAs to trust (default: system)")
-    insecure: bool = Field(False, description="disable TLS certificate checks (logged as a warning)")
-    request_timeout_s: float = Field(30.0, gt=0, description="one API request, connect to last byte")
-    download_connect_timeout_s: float = Field(15.0, gt=0)
-    download_read_timeout_s: float = Field(60.0, gt=0, description="max silence during a download")
-    download_retries: int = Field(5, ge=0, le=50)
 
 
 def make_session(opts: HttpOptions, what: str) -> aiohttp.ClientSession:

@@ -31,15 +31,13 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
-from pydantic import Field
 
-from gateway.config import Secret
 from gateway.mcuboot import Version
-from gateway.sources._http import HttpOptions, make_downloader, make_session
+from gateway.sources._http import make_downloader, make_session
 from gateway.sources.base import (
     DeviceView,
     FetchError,
@@ -49,27 +47,9 @@ from gateway.sources.base import (
     UpdateResult,
     UpdateState,
 )
+from gateway.sources.settings import HawkbitSourceConfig
 
 log = logging.getLogger(__name__)
-
-
-class HawkbitSourceConfig(HttpOptions):
-    kind: Literal["hawkbit"] = "hawkbit"
-    url: str = Field(description="hawkBit DDI base URL, e.g. https://hawkbit.example.com")
-    tenant: str = "DEFAULT"
-    gateway_token: Secret = Field(description="the tenant's gateway security token")
-    controller_id: str = Field(
-        "{device}", description="controllerId template: {device}, {gateway}, {hardware}, {group}"
-    )
-    artifact_pattern: str | None = Field(
-        None, description="fnmatch pattern picking the artifact (default: the first one)"
-    )
-    poll_interval_s: float = Field(60.0, gt=0, description="until the server says polling.sleep")
-    min_poll_interval_s: float = Field(1.0, gt=0)
-    progress_interval_s: float = Field(5.0, ge=0, description="min seconds between progress feedback")
-    attributes: dict[str, str] = Field(
-        default_factory=dict, description="extra controller attributes sent with configData"
-    )
 
 
 def parse_sleep(text: str) -> float:
@@ -148,7 +128,9 @@ class HawkbitSource(FleetSource):
                         data = None
                 return r.status, data
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise FetchError(f"hawkBit request {method} {url} failed: {exc}", UpdateResult.CONNECTION_LOST) from None
+            raise FetchError(
+                f"hawkBit request {method} {url} failed: {exc}", UpdateResult.CONNECTION_LOST
+            ) from None
 
     def attributes(self, device: DeviceView) -> dict[str, str]:
         attrs = {
@@ -165,7 +147,9 @@ class HawkbitSource(FleetSource):
         controller = self.controller_id(device)
         status, base = await self._request("GET", self.controller_url(controller))
         if status in (401, 403):
-            raise FetchError(f"hawkBit refused the gateway token (HTTP {status})", UpdateResult.CONNECTION_LOST)
+            raise FetchError(
+                f"hawkBit refused the gateway token (HTTP {status})", UpdateResult.CONNECTION_LOST
+            )
         if status != 200 or not isinstance(base, dict):
             raise FetchError(f"hawkBit controller base answered HTTP {status}", UpdateResult.CONNECTION_LOST)
         sleep = ((base.get("config") or {}).get("polling") or {}).get("sleep")
@@ -207,16 +191,23 @@ class HawkbitSource(FleetSource):
             return None
         body = dep.get("deployment") or {}
         if body.get("update") == "skip":
-            log.info("hawkBit action %s for %s: update=skip (download-only or outside the maintenance "
-                     "window); not installing", action_id, controller)
+            log.info(
+                "hawkBit action %s for %s: update=skip (download-only or outside the maintenance "
+                "window); not installing",
+                action_id,
+                controller,
+            )
             return None
         picked = self._pick(body.get("chunks") or [])
         if picked is None:
             await self._feedback(
                 _Action(controller, action_id, self._feedback_url(controller, action_id)),
-                "closed", "failure",
-                [f"LwM2M result {int(UpdateResult.UNSUPPORTED_PACKAGE)} (UNSUPPORTED_PACKAGE): "
-                 "no artifact matches " + (self.cfg.artifact_pattern or "(any)")],
+                "closed",
+                "failure",
+                [
+                    f"LwM2M result {int(UpdateResult.UNSUPPORTED_PACKAGE)} (UNSUPPORTED_PACKAGE): "
+                    "no artifact matches " + (self.cfg.artifact_pattern or "(any)")
+                ],
                 code=int(UpdateResult.UNSUPPORTED_PACKAGE),
             )
             return None
@@ -239,7 +230,9 @@ class HawkbitSource(FleetSource):
         return Offer(
             device_id=device.id,
             source=self.name,
-            artifact_id=f"hawkbit-{sha.lower()}" if isinstance(sha, str) else f"hawkbit-{action_id}-{art.get('filename')}",
+            artifact_id=f"hawkbit-{sha.lower()}"
+            if isinstance(sha, str)
+            else f"hawkbit-{action_id}-{art.get('filename')}",
             version=version,
             sha256=sha.lower() if isinstance(sha, str) else None,
             size=art.get("size") if isinstance(art.get("size"), int) else None,
@@ -269,17 +262,31 @@ class HawkbitSource(FleetSource):
         feedback = f"{self.controller_url(controller)}/cancelAction/{data.get('id')}/feedback"
         act = self._actions.get((controller, action_id))
         if act is not None and act.started_upload and not act.closed:
-            log.warning("hawkBit asks to cancel action %s of %s, but the image is already being "
-                        "installed: rejecting the cancellation", action_id, controller)
-            body = {"status": {"execution": "rejected", "result": {"finished": "none"},
-                               "details": ["image transfer to the device already started"]}}
+            log.warning(
+                "hawkBit asks to cancel action %s of %s, but the image is already being "
+                "installed: rejecting the cancellation",
+                action_id,
+                controller,
+            )
+            body = {
+                "status": {
+                    "execution": "rejected",
+                    "result": {"finished": "none"},
+                    "details": ["image transfer to the device already started"],
+                }
+            }
         else:
             log.info("hawkBit canceled action %s of %s; confirming", action_id, controller)
             self._canceled.add((controller, action_id))
             if act is not None:
                 act.closed = True
-            body = {"status": {"execution": "closed", "result": {"finished": "success"},
-                               "details": ["canceled before the transfer to the device"]}}
+            body = {
+                "status": {
+                    "execution": "closed",
+                    "result": {"finished": "success"},
+                    "details": ["canceled before the transfer to the device"],
+                }
+            }
         st, _ = await self._request("POST", feedback, body)
         if st != 200:
             log.warning("hawkBit cancel feedback for %s answered HTTP %d", action_id, st)
@@ -309,16 +316,25 @@ class HawkbitSource(FleetSource):
             act.last_sig, act.last_progress_at = sig, now
             progress = None
             if report.progress is not None:
-                progress = {"cnt": int(round(report.progress * 100)), "of": 100}
+                progress = {"cnt": round(report.progress * 100), "of": 100}
             detail = f"LwM2M state {int(report.state)} ({report.state.name})"
-            await self._feedback(act, "proceeding", "none",
-                                 [detail + (f": {report.detail}" if report.detail else "")], progress=progress)
+            await self._feedback(
+                act,
+                "proceeding",
+                "none",
+                [detail + (f": {report.detail}" if report.detail else "")],
+                progress=progress,
+            )
             return
         finished = "success" if report.result == UpdateResult.SUCCESS else "failure"
         detail = f"LwM2M result {int(report.result)} ({report.result.name})"
-        await self._feedback(act, "closed", finished,
-                             [detail + (f": {report.detail}" if report.detail else "")],
-                             code=int(report.result))
+        await self._feedback(
+            act,
+            "closed",
+            finished,
+            [detail + (f": {report.detail}" if report.detail else "")],
+            code=int(report.result),
+        )
         act.closed = True
 
     async def _feedback(
@@ -343,7 +359,9 @@ class HawkbitSource(FleetSource):
             log.warning("hawkBit feedback for action %s not delivered: %s", act.action_id, exc)
             return
         if st == 410:
-            log.warning("hawkBit action %s of %s is no longer active (410 Gone)", act.action_id, act.controller)
+            log.warning(
+                "hawkBit action %s of %s is no longer active (410 Gone)", act.action_id, act.controller
+            )
             act.closed = True
         elif st != 200:
             log.warning("hawkBit feedback for action %s answered HTTP %d", act.action_id, st)
@@ -358,4 +376,3 @@ def _href(link: Any) -> str | None:
 def _same_origin(a: str, b: str) -> bool:
     pa, pb = urlsplit(a), urlsplit(b)
     return (pa.scheme, pa.hostname, pa.port) == (pb.scheme, pb.hostname, pb.port)
-

@@ -21,35 +21,25 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import aiohttp
-from pydantic import Field
 
-from gateway.config import Secret
 from gateway.download import retry_after_seconds
 from gateway.mcuboot import Version
-from gateway.sources._http import HttpOptions, make_downloader, make_session
+from gateway.sources._http import make_downloader, make_session
 from gateway.sources.base import DeviceView, FetchError, FleetSource, Offer, Report, UpdateResult
+from gateway.sources.settings import LatestReleaseSourceConfig
 
 log = logging.getLogger(__name__)
-
-
-class LatestReleaseSourceConfig(HttpOptions):
-    kind: Literal["latest_release"] = "latest_release"
-    url: str = Field(description="server base URL, e.g. https://device.memfault.com")
-    project_key: Secret
-    key_header: str = Field("Memfault-Project-Key", description="header carrying the project key")
-    software_type: str = Field("main", description="software_type query parameter")
-    device_serial: str = Field("{device}", description="device_serial template: {device}, {gateway}")
-    poll_interval_s: float = Field(300.0, gt=0)
-    max_retry_after_s: float = Field(24 * 3600.0, gt=0, description="cap on a server's Retry-After")
 
 
 class LatestReleaseSource(FleetSource):
     name = "latest_release"
 
-    def __init__(self, cfg: LatestReleaseSourceConfig, state_dir: Path, gateway_id: str = "smp-gateway") -> None:
+    def __init__(
+        self, cfg: LatestReleaseSourceConfig, state_dir: Path, gateway_id: str = "smp-gateway"
+    ) -> None:
         self.cfg = cfg
         self.base = cfg.url.rstrip("/")
         self.gateway_id = gateway_id
@@ -96,14 +86,17 @@ class LatestReleaseSource(FleetSource):
                     return None
                 if r.status in (429, 503):
                     delay = retry_after_seconds(r.headers.get("Retry-After"))
-                    delay = min(delay if delay is not None else self.cfg.poll_interval_s,
-                                self.cfg.max_retry_after_s)
+                    delay = min(
+                        delay if delay is not None else self.cfg.poll_interval_s, self.cfg.max_retry_after_s
+                    )
                     self._not_before = time.time() + delay
                     log.info("release server answered %d; retrying after %.0fs", r.status, delay)
                     return None
                 if r.status in (401, 403):
-                    raise FetchError(f"release server refused the project key (HTTP {r.status})",
-                                     UpdateResult.CONNECTION_LOST)
+                    raise FetchError(
+                        f"release server refused the project key (HTTP {r.status})",
+                        UpdateResult.CONNECTION_LOST,
+                    )
                 if r.status == 404:
                     log.info("release server knows no release for %s (404)", device.id)
                     return None
@@ -153,5 +146,11 @@ class LatestReleaseSource(FleetSource):
 
     async def report(self, offer: Offer, report: Report) -> None:
         if report.finished:
-            log.info("release %s on %s: %s (%d) %s", offer.handle.get("version"), offer.device_id,
-                     report.result.name, int(report.result), report.detail)
+            log.info(
+                "release %s on %s: %s (%d) %s",
+                offer.handle.get("version"),
+                offer.device_id,
+                report.result.name,
+                int(report.result),
+                report.detail,
+            )

@@ -35,44 +35,16 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import aiomqtt
-from pydantic import Field, model_validator
 
-from gateway.config import Model, Secret
-from gateway.download import DownloadTimeouts, Downloader
+from gateway.download import Downloader, DownloadTimeouts
 from gateway.mcuboot import Version
 from gateway.sources.base import DeviceView, FetchError, FleetSource, Offer, Report, UpdateResult
+from gateway.sources.settings import MqttJobsSourceConfig
 
 log = logging.getLogger(__name__)
-
-
-class MqttJobsSourceConfig(Model):
-    kind: Literal["mqtt_jobs"] = "mqtt_jobs"
-    host: str
-    port: int = Field(8883, ge=1, le=65535)
-    client_id: str | None = Field(None, description="MQTT client id (default: gateway_id)")
-    username: str | None = None
-    password: Secret | None = None
-    tls: bool = Field(True, description="TLS to the broker (AWS IoT requires it)")
-    ca_file: Path | None = None
-    cert_file: Path | None = Field(None, description="client certificate (AWS IoT X.509 auth)")
-    key_file: Path | None = None
-    insecure: bool = Field(False, description="skip broker/download certificate checks (warning)")
-    thing: str = Field("{device}", description="thing name template: {device}, {gateway}, {group}")
-    keepalive_s: int = Field(60, ge=5)
-    request_timeout_s: float = Field(10.0, gt=0, description="wait for /accepted or /rejected")
-    progress_interval_s: float = Field(5.0, ge=0)
-    poll_interval_s: float = Field(60.0, gt=0)
-    download_retries: int = Field(5, ge=0, le=50)
-    download_read_timeout_s: float = Field(60.0, gt=0)
-
-    @model_validator(mode="after")
-    def _pairs(self) -> MqttJobsSourceConfig:
-        if (self.cert_file is None) != (self.key_file is None):
-            raise ValueError("give both cert_file and key_file, or neither")
-        return self
 
 
 @dataclass
@@ -156,8 +128,13 @@ class MqttJobsSource(FleetSource):
                     async for msg in client.messages:
                         self._dispatch(msg.topic.value, msg.payload)
             except aiomqtt.MqttError as exc:
-                log.warning("MQTT connection to %s:%d lost: %s; reconnecting in %.0fs",
-                            self.cfg.host, self.cfg.port, exc, delay)
+                log.warning(
+                    "MQTT connection to %s:%d lost: %s; reconnecting in %.0fs",
+                    self.cfg.host,
+                    self.cfg.port,
+                    exc,
+                    delay,
+                )
             finally:
                 self._connected.clear()
                 self._client = None
@@ -187,8 +164,9 @@ class MqttJobsSource(FleetSource):
         try:
             await asyncio.wait_for(self._connected.wait(), self.cfg.request_timeout_s)
         except TimeoutError:
-            raise FetchError(f"MQTT broker {self.cfg.host}:{self.cfg.port} unreachable",
-                             UpdateResult.CONNECTION_LOST) from None
+            raise FetchError(
+                f"MQTT broker {self.cfg.host}:{self.cfg.port} unreachable", UpdateResult.CONNECTION_LOST
+            ) from None
         client = self._client
         if client is None:
             raise FetchError("MQTT connection lost", UpdateResult.CONNECTION_LOST)
@@ -246,8 +224,10 @@ class MqttJobsSource(FleetSource):
             thing, f"$aws/things/{thing}/jobs/start-next", {"statusDetails": {"gateway": self.gateway_id}}
         )
         if verdict == "rejected":
-            raise FetchError(f"start-next rejected for {thing}: {data.get('code')} {data.get('message')}",
-                             UpdateResult.CONNECTION_LOST)
+            raise FetchError(
+                f"start-next rejected for {thing}: {data.get('code')} {data.get('message')}",
+                UpdateResult.CONNECTION_LOST,
+            )
         execution = data.get("execution")
         if not isinstance(execution, dict):
             return None
@@ -257,9 +237,15 @@ class MqttJobsSource(FleetSource):
         try:
             files = _files(doc)
         except ValueError as exc:
-            await self._update(job, "FAILED", {"lwm2m_result": str(int(UpdateResult.INVALID_URI)),
-                                               "lwm2m_result_name": UpdateResult.INVALID_URI.name,
-                                               "detail": f"job document not understood: {exc}"[:1000]})
+            await self._update(
+                job,
+                "FAILED",
+                {
+                    "lwm2m_result": str(int(UpdateResult.INVALID_URI)),
+                    "lwm2m_result_name": UpdateResult.INVALID_URI.name,
+                    "detail": f"job document not understood: {exc}"[:1000],
+                },
+            )
             return None
         devices = doc.get("devices") if isinstance(doc, dict) else None
         if isinstance(devices, list) and device.id not in devices:
@@ -298,7 +284,11 @@ class MqttJobsSource(FleetSource):
             return
         sig = (int(report.state), int(report.result))
         now = time.monotonic()
-        if not report.finished and sig == job.last_sig and now - job.last_progress_at < self.cfg.progress_interval_s:
+        if (
+            not report.finished
+            and sig == job.last_sig
+            and now - job.last_progress_at < self.cfg.progress_interval_s
+        ):
             return
         job.last_sig, job.last_progress_at = sig, now
         details = {
@@ -311,7 +301,7 @@ class MqttJobsSource(FleetSource):
         if report.detail:
             details["detail"] = report.detail[:1000]
         if report.progress is not None:
-            details["progress"] = str(int(round(report.progress * 100)))
+            details["progress"] = str(round(report.progress * 100))
         if not report.finished:
             status = "IN_PROGRESS"
         else:
@@ -322,15 +312,21 @@ class MqttJobsSource(FleetSource):
     async def _update(self, job: _Job, status: str, details: dict[str, str]) -> None:
         try:
             verdict, data = await self._request(
-                job.thing, f"$aws/things/{job.thing}/jobs/{job.job_id}/update",
+                job.thing,
+                f"$aws/things/{job.thing}/jobs/{job.job_id}/update",
                 {"status": status, "statusDetails": details},
             )
         except FetchError as exc:
             log.warning("job %s update (%s) not delivered: %s", job.job_id, status, exc)
             return
         if verdict == "rejected":
-            log.warning("job %s update to %s rejected: %s %s", job.job_id, status, data.get("code"),
-                        data.get("message"))
+            log.warning(
+                "job %s update to %s rejected: %s %s",
+                job.job_id,
+                status,
+                data.get("code"),
+                data.get("message"),
+            )
             if data.get("code") in ("InvalidStateTransition", "ResourceNotFound"):
                 job.closed = True
 
@@ -344,7 +340,8 @@ def _files(doc: Any) -> list[dict[str, Any]]:
     elif isinstance(doc.get("afr_ota"), dict) and isinstance(doc["afr_ota"].get("files"), list):
         raw = [
             {"url": f.get("update_data_url"), "size": f.get("filesize")}
-            for f in doc["afr_ota"]["files"] if isinstance(f, dict)
+            for f in doc["afr_ota"]["files"]
+            if isinstance(f, dict)
         ]
     elif "url" in doc:
         raw = [doc]

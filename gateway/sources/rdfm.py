@@ -36,15 +36,14 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import aiohttp
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
-from pydantic import Field
 
 from gateway.artifacts.mender import ArtifactError, ArtifactIntegrityError, unpack_zephyr_artifact
-from gateway.sources._http import HttpOptions, make_downloader, make_session
+from gateway.sources._http import make_downloader, make_session
 from gateway.sources.base import (
     DeviceView,
     FetchError,
@@ -53,6 +52,7 @@ from gateway.sources.base import (
     Report,
     UpdateResult,
 )
+from gateway.sources.settings import RdfmSourceConfig
 
 log = logging.getLogger(__name__)
 
@@ -61,24 +61,6 @@ META_DEVTYPE = "rdfm.hardware.devtype"
 META_SOFTVER = "rdfm.software.version"
 META_MAC = "rdfm.hardware.macaddr"
 ARTIFACT_OVERHEAD = 256 * 1024  # tar headers + metadata around the image
-
-
-class RdfmSourceConfig(HttpOptions):
-    kind: Literal["rdfm"] = "rdfm"
-    url: str = Field(description="RDFM server base URL, e.g. https://rdfm.example.com")
-    device_key_dir: Path | None = Field(
-        None, description="where device RSA keys live (default <state_dir>/rdfm/keys)"
-    )
-    key_bits: int = Field(3072, ge=2048, le=8192, description="RSA size for new device keys")
-    identity: Literal["device", "group"] = Field(
-        "device", description="one RDFM device per MCU, or per device group (devices[].group)"
-    )
-    device_type: str | None = Field(
-        None, description="rdfm.hardware.devtype to report (default: the device's hardware)"
-    )
-    poll_interval_s: float = Field(60.0, gt=0)
-    token_margin_s: float = Field(30.0, ge=0, description="renew the token this long before expiry")
-    report_logs: bool = Field(True, description="send outcomes as RDFM device logs (POST /api/v1/logs)")
 
 
 @dataclass
@@ -180,9 +162,11 @@ class RdfmSource(FleetSource):
 
     @staticmethod
     def public_pem(key: rsa.RSAPrivateKey) -> str:
-        return key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        ).decode()
+        return (
+            key.public_key()
+            .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+            .decode()
+        )
 
     # -- authentication ------------------------------------------------------------------
     async def _token(self, device: DeviceView, force: bool = False) -> str | None:
@@ -217,7 +201,9 @@ class RdfmSource(FleetSource):
                     if ident not in self._waiting:
                         log.warning(
                             "device %s waiting for acceptance on the RDFM server %s "
-                            "(accept its registration there; polling continues)", ident, self.base,
+                            "(accept its registration there; polling continues)",
+                            ident,
+                            self.base,
                         )
                         self._waiting.add(ident)
                     else:
@@ -251,9 +237,7 @@ class RdfmSource(FleetSource):
             token = await self._token(device, force=attempt > 0)
             if token is None:
                 return None
-            status, data = await self._post_json(
-                "/api/v1/update/check", meta, token
-            )
+            status, data = await self._post_json("/api/v1/update/check", meta, token)
             if status == 401:
                 log.info("RDFM token for %s rejected; authenticating again", meta[META_MAC])
                 continue
@@ -307,8 +291,13 @@ class RdfmSource(FleetSource):
             raise FetchError(f"RDFM artifact rejected: {exc}", UpdateResult.INTEGRITY_FAILURE) from None
         except ArtifactError as exc:
             raise FetchError(f"RDFM artifact rejected: {exc}", UpdateResult.UNSUPPORTED_PACKAGE) from None
-        log.info("RDFM artifact %s for %s: %s version %s", offer.artifact_id, offer.device_id,
-                 art.name, art.version)
+        log.info(
+            "RDFM artifact %s for %s: %s version %s",
+            offer.artifact_id,
+            offer.device_id,
+            art.name,
+            art.version,
+        )
         return art.image
 
     async def report(self, offer: Offer, report: Report) -> None:
@@ -321,7 +310,11 @@ class RdfmSource(FleetSource):
             self._last_reported.pop(key, None)
         log.info(
             "RDFM update of %s (%s): state %s result %s %s",
-            offer.device_id, offer.artifact_id, report.state.name, report.result.name, report.detail,
+            offer.device_id,
+            offer.artifact_id,
+            report.state.name,
+            report.result.name,
+            report.detail,
         )
         if not self._logs_supported:
             return
@@ -357,13 +350,13 @@ class RdfmSource(FleetSource):
                 if status == 401:
                     continue
                 if status in (404, 405):
-                    log.info("RDFM server has no device log API (HTTP %d); outcomes are logged locally only",
-                             status)
+                    log.info(
+                        "RDFM server has no device log API (HTTP %d); outcomes are logged locally only",
+                        status,
+                    )
                     self._logs_supported = False
                 elif status != 200:
                     log.warning("RDFM log upload answered HTTP %d", status)
                 return
         except FetchError as exc:
             log.warning("could not send the outcome to RDFM: %s", exc)
-
-

@@ -1,0 +1,102 @@
+"""Configuration models of the fleet backends (the ``source:`` section of the YAML).
+
+Kept apart from the backend modules so that ``gateway.config`` can put them in its
+``SourceConfig`` union without importing aiohttp/aiomqtt/cryptography; each backend module
+re-exports its model. Secrets use ``Secret`` (inline, ``{file: ..}`` or ``{env: ..}``) and are
+never logged.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from gateway.config import Model, Secret
+
+
+class HttpOptions(Model):
+    """TLS and timeout options common to the HTTP backends (mixed into their configs)."""
+
+    ca_file: Path | None = Field(None, description="PEM bundle of CAs to trust (default: system)")
+    insecure: bool = Field(False, description="disable TLS certificate checks (logged as a warning)")
+    request_timeout_s: float = Field(30.0, gt=0, description="one API request, connect to last byte")
+    download_connect_timeout_s: float = Field(15.0, gt=0)
+    download_read_timeout_s: float = Field(60.0, gt=0, description="max silence during a download")
+    download_retries: int = Field(5, ge=0, le=50)
+
+
+class RdfmSourceConfig(HttpOptions):
+    kind: Literal["rdfm"] = "rdfm"
+    url: str = Field(description="RDFM server base URL, e.g. https://rdfm.example.com")
+    device_key_dir: Path | None = Field(
+        None, description="where device RSA keys live (default <state_dir>/rdfm/keys)"
+    )
+    key_bits: int = Field(3072, ge=2048, le=8192, description="RSA size for new device keys")
+    identity: Literal["device", "group"] = Field(
+        "device", description="one RDFM device per MCU, or per device group (devices[].group)"
+    )
+    device_type: str | None = Field(
+        None, description="rdfm.hardware.devtype to report (default: the device's hardware)"
+    )
+    poll_interval_s: float = Field(60.0, gt=0)
+    token_margin_s: float = Field(30.0, ge=0, description="renew the token this long before expiry")
+    report_logs: bool = Field(True, description="send outcomes as RDFM device logs (POST /api/v1/logs)")
+
+
+class HawkbitSourceConfig(HttpOptions):
+    kind: Literal["hawkbit"] = "hawkbit"
+    url: str = Field(description="hawkBit DDI base URL, e.g. https://hawkbit.example.com")
+    tenant: str = "DEFAULT"
+    gateway_token: Secret = Field(description="the tenant's gateway security token")
+    controller_id: str = Field(
+        "{device}", description="controllerId template: {device}, {gateway}, {hardware}, {group}"
+    )
+    artifact_pattern: str | None = Field(
+        None, description="fnmatch pattern picking the artifact (default: the first one)"
+    )
+    poll_interval_s: float = Field(60.0, gt=0, description="until the server says polling.sleep")
+    min_poll_interval_s: float = Field(1.0, gt=0)
+    progress_interval_s: float = Field(5.0, ge=0, description="min seconds between progress feedback")
+    attributes: dict[str, str] = Field(
+        default_factory=dict, description="extra controller attributes sent with configData"
+    )
+
+
+class LatestReleaseSourceConfig(HttpOptions):
+    kind: Literal["latest_release"] = "latest_release"
+    url: str = Field(description="server base URL, e.g. https://device.memfault.com")
+    project_key: Secret
+    key_header: str = Field("Memfault-Project-Key", description="header carrying the project key")
+    software_type: str = Field("main", description="software_type query parameter")
+    device_serial: str = Field("{device}", description="device_serial template: {device}, {gateway}")
+    poll_interval_s: float = Field(300.0, gt=0)
+    max_retry_after_s: float = Field(24 * 3600.0, gt=0, description="cap on a server's Retry-After")
+
+
+class MqttJobsSourceConfig(Model):
+    kind: Literal["mqtt_jobs"] = "mqtt_jobs"
+    host: str
+    port: int = Field(8883, ge=1, le=65535)
+    client_id: str | None = Field(None, description="MQTT client id (default: gateway_id)")
+    username: str | None = None
+    password: Secret | None = None
+    tls: bool = Field(True, description="TLS to the broker (AWS IoT requires it)")
+    ca_file: Path | None = None
+    cert_file: Path | None = Field(None, description="client certificate (AWS IoT X.509 auth)")
+    key_file: Path | None = None
+    insecure: bool = Field(False, description="skip broker/download certificate checks (warning)")
+    thing: str = Field("{device}", description="thing name template: {device}, {gateway}, {group}")
+    keepalive_s: int = Field(60, ge=5)
+    request_timeout_s: float = Field(10.0, gt=0, description="wait for /accepted or /rejected")
+    progress_interval_s: float = Field(5.0, ge=0)
+    poll_interval_s: float = Field(60.0, gt=0)
+    download_retries: int = Field(5, ge=0, le=50)
+    download_read_timeout_s: float = Field(60.0, gt=0)
+
+    @model_validator(mode="after")
+    def _pairs(self) -> MqttJobsSourceConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("give both cert_file and key_file, or neither")
+        return self
