@@ -201,6 +201,67 @@ class UpdateEngine:
                       else UpdateResult.UPDATE_FAILED)
             return self._finish(Status.FAILED, result, f"{type(exc).__name__}: {exc}", image).outcome
 
+    async def confirm(self, image: VerifiedImage) -> Outcome:
+        """Group phase: confirm the image the device test-runs - only if this gateway tested it."""
+        self.until = Stage.CONFIRMED
+        old_v = self.entry.old_version
+        try:
+            slots = await self.read_slots()
+            if slots.active_hash == image.hash:
+                if slots.active and slots.active.confirmed:
+                    raise self._finish(Status.UPDATED, UpdateResult.SUCCESS,
+                                       f"running {image.version}, confirmed", image, old_v)
+                self._step(Step.CONFIRM, "group decision: confirm")
+                return await self._confirm(image, old_v)
+            return self._rolled_back(image, slots, old_v, True)
+        except _Finish as f:
+            return f.outcome
+        except (SMPTimeout, TransportError, SMPError) as exc:
+            return self._finish(Status.FAILED, UpdateResult.CONNECTION_LOST,
+                                f"confirm: {type(exc).__name__}: {exc}", image, old_v).outcome
+
+    async def revert(self, image: VerifiedImage, reason: str) -> Outcome:
+        """Group phase: take the device back to its previous image.
+
+        A device test-running ``image`` (booted, unconfirmed) is reset: MCUboot reverts it. A
+        device that was never reset is not touched: if the image is still pending there, img_mgmt
+        cannot un-pend it (no erase of a pending slot), so the group flow marks nobody before
+        every member holds its image. A confirmed image cannot be reverted (reported FAILED).
+        """
+        self.until = Stage.CONFIRMED
+        old_v = self.entry.old_version
+        try:
+            slots = await self.read_slots()
+            if slots.active_hash == image.hash:
+                if slots.active and slots.active.confirmed:
+                    raise self._finish(Status.FAILED, UpdateResult.UPDATE_FAILED,
+                                       f"{reason}; {image.version} is already confirmed here and "
+                                       "cannot be reverted", image, old_v)
+                self._step(Step.RESET, f"group revert: {reason}")
+                acked = await self.s.reset()
+                self._step(Step.WAIT_BOOT, f"revert reset acknowledged={acked}")
+                await self._wait_reboot()
+                slots = await self.read_slots()
+                if slots.active_hash == image.hash:
+                    raise self._finish(Status.FAILED, UpdateResult.UPDATE_FAILED,
+                                       f"{reason}; reset to revert, but the device still runs "
+                                       f"{image.version}", image, old_v)
+                now = slots.active.version if slots.active else "?"
+                raise self._finish(Status.ROLLED_BACK, UpdateResult.UPDATE_FAILED,
+                                   f"{reason}; reset, MCUboot reverted to {now}", image, old_v)
+            now = slots.active.version if slots.active else "?"
+            left = ""
+            if slots.other_hash == image.hash and slots.other and slots.other.pending:
+                left = (f" ({image.version} stays pending: img_mgmt cannot un-pend it; it will "
+                        "test-boot at the next reset and be reverted at the one after)")
+            raise self._finish(Status.ROLLED_BACK, UpdateResult.UPDATE_FAILED,
+                               f"{reason}; not reset, still on {now}{left}", image, old_v)
+        except _Finish as f:
+            return f.outcome
+        except (SMPTimeout, TransportError, SMPError) as exc:
+            return self._finish(Status.FAILED, UpdateResult.CONNECTION_LOST,
+                                f"revert: {type(exc).__name__}: {exc}", image, old_v).outcome
+
     async def _run(self, image: VerifiedImage, slots: Slots | None, artifact_id: str | None,
                    source: str | None) -> Outcome:
         target = image.hash

@@ -23,8 +23,12 @@ import cbor2
 import pytest
 from smpclient import SMPClient
 from smpclient.generics import error, success
-from smpclient.requests.image_management import ImageErase, ImageStatesRead, ImageStatesWrite
-from smpclient.requests.image_management import ImageUploadWrite
+from smpclient.requests.image_management import (
+    ImageErase,
+    ImageStatesRead,
+    ImageStatesWrite,
+    ImageUploadWrite,
+)
 from smpclient.requests.os_management import (
     BootloaderInformationRead,
     EchoWrite,
@@ -404,7 +408,7 @@ def raw_req(op: int, group: int, cmd: int, body: dict[str, Any], seq: int = 7,
 
 
 def parse_rsp(data: bytes) -> tuple[int, int, int, int, dict[str, Any]]:
-    ver_op, _, _, group, seq, cmd = struct.unpack_from("!BBHHBB", data)
+    ver_op, _, _, group, seq, _cmd = struct.unpack_from("!BBHHBB", data)
     return ver_op & 7, ver_op >> 3, group, seq, cbor2.loads(data[8:])
 
 
