@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
+import threading
 from pathlib import Path
 
 from gateway import log as glog
@@ -113,8 +115,21 @@ async def _run(cfg: GatewayConfig, once: bool) -> int:
         return EXIT_OK if result.ok else EXIT_FAILED
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if stop.is_set():
+            return
+        logging.getLogger("gateway").info("signal=%s stopping timeout=%gs", sig.name,
+                                          cfg.stop_timeout_s)
+        stop.set()
+        # last resort if shutdown wedges: leave before systemd's SIGKILL (the journal is
+        # already durable: every step was committed before it ran)
+        t = threading.Timer(cfg.stop_timeout_s, os._exit, args=(EXIT_FAILED,))
+        t.daemon = True
+        t.start()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
     gw = Gateway(cfg)
     try:
         await gw.run_forever(stop)
@@ -124,6 +139,7 @@ async def _run(cfg: GatewayConfig, once: bool) -> int:
 
 
 async def _status(cfg: GatewayConfig, offline: bool) -> int:
+    """Every configured device: what runs on it, its target, the journal's step and progress."""
     from rich.console import Console
     from rich.table import Table
 
@@ -132,34 +148,37 @@ async def _status(cfg: GatewayConfig, offline: bool) -> int:
     from gateway.smp.session import SMPSession
 
     journal = Journal(cfg.state_dir / "journal.sqlite")
-    table = Table(title=f"{cfg.gateway_id}: devices")
-    for col in ("device", "slot", "version", "hash", "flags", "journal step", "target", "progress",
+    title = f"{cfg.gateway_id}: devices" + (" (journal only)" if offline else "")
+    table = Table(title=title)
+    for col in ("device", "group", "running", "hash", "flags", "target", "step", "progress",
                 "last error"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
     rc = EXIT_OK
     for dev in cfg.devices:
         e = journal.get(dev.id)
         prog = f"{100 * e.upload_offset // e.upload_total}%" if e.upload_total else "-"
-        jcols = [e.step, e.target_version or "-", prog, e.last_error or ""]
-        rows: list[list[str]] = []
+        target = f"{e.target_version} {e.target_hash[:12]}" if e.target_hash else "-"
+        if e.blocked_hash:
+            target += " (blocked)"
+        step = e.step + (f" ({e.outcome})" if e.outcome and e.outcome != e.step else "")
+        running = [e.running_version or "-", (e.running_hash or "-")[:16], "(journal)"]
         if not offline:
             try:
                 async with SMPSession(make_transport(dev), device_id=dev.id,
                                       timeout_s=dev.timeouts.request_s) as s:
-                    for st in await s.image_state(retries=1):
-                        flags = [f for f in ("active", "confirmed", "pending", "permanent", "bootable")
-                                 if getattr(st, f)]
-                        rows.append([f"{st.image or 0}/{st.slot}", st.version,
-                                     bytes(st.hash).hex()[:16] if st.hash else "-", ",".join(flags)])
+                    states = await s.image_state(retries=1)
+                act = next((st for st in states if st.active and (st.image or 0) == dev.image), None)
+                flags = sorted({f for st in states for f in ("confirmed", "pending")
+                                if getattr(st, f) and ((f == "confirmed") == bool(st.active))})
+                if act is not None:
+                    running = [act.version, bytes(act.hash).hex()[:16] if act.hash else "-",
+                               ",".join(flags)]
             except Exception as exc:
-                rows.append(["-", "-", "-", f"unreachable: {exc}"])
+                running = [running[0], running[1], f"unreachable: {exc}"]
                 rc = EXIT_FAILED
-        if not rows:
-            rows.append(["-", e.running_version or "-", (e.running_hash or "-")[:16], "(journal)"])
-        for i, r in enumerate(rows):
-            table.add_row(dev.id if i == 0 else "", *r, *(jcols if i == 0 else [""] * 4))
+        table.add_row(dev.id, dev.group or "", *running, target, step, prog, e.last_error or "")
     journal.close()
-    Console().print(table)
+    Console(width=200 if not sys.stdout.isatty() else None).print(table)
     return rc
 
 

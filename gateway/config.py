@@ -107,16 +107,41 @@ class SerialTransport(Model):
 
 
 class BleTransport(Model):
+    """SMP over the MCUmgr GATT service (see docs/ble.md and gateway/smp/ble.py)."""
+
     kind: Literal["ble"] = "ble"
-    address: str | None = None
-    name: str | None = None
-    adapter: str = "hci0"
-    scan_timeout_s: float = Field(10.0, gt=0)
+    address: str | None = Field(None, description="BD_ADDR, e.g. C4:12:34:56:78:9A")
+    name: str | None = Field(None, description="advertised name (CONFIG_BT_DEVICE_NAME)")
+    adapter: str = Field(
+        "hci0", min_length=1,
+        description="BlueZ adapter (bleak); with bumble a label: the per-adapter cap and the "
+                    "serialised scans are keyed by it",
+    )
+    backend: Literal["bleak", "bumble"] = Field(
+        "bleak", description="bleak: BlueZ over D-Bus; bumble: Google's Bumble stack on an HCI transport"
+    )
+    hci: str | None = Field(
+        None, min_length=1,
+        description="bumble HCI transport, e.g. usb:0, hci-socket:0, tcp-client:127.0.0.1:9000, "
+                    "serial:/dev/ttyACM0,1000000 (link:NAME = in-process virtual link, for tests)",
+    )
+    scan_timeout_s: float = Field(
+        10.0, gt=0, description="how long to wait for the device's advertisement (also after a reset)"
+    )
+    connect_timeout_s: float = Field(10.0, gt=0, description="LE connection and GATT discovery")
+    mtu: int = Field(498, ge=23, le=517, description="ATT MTU to ask for (bumble; BlueZ negotiates itself)")
+    reassembly: bool = Field(
+        True, description="the device reassembles SMP packets split over several writes "
+                          "(CONFIG_MCUMGR_TRANSPORT_BT_REASSEMBLY); off: one packet <= MTU-3 per write",
+    )
 
     @model_validator(mode="after")
     def _addr_or_name(self) -> BleTransport:
         if not self.address and not self.name:
             raise ValueError("give the device's address or its advertised name")
+        if self.backend == "bumble" and not self.hci:
+            raise ValueError("backend bumble needs 'hci': the HCI transport of the controller, "
+                             "e.g. usb:0 or hci-socket:0")
         return self
 
 

@@ -1,27 +1,42 @@
 """The gateway process: fleet source -> image store -> per-device engines, under limits.
 
-Owns the passes over all devices: for each device (concurrently, under a global cap and one
-session at a time per serial port) read its state, ask the source for its target, fetch and
-verify the artifact, run the update engine, and report progress and outcome back to the
-source. ``run_once`` is one pass (``--once``); ``run_forever`` repeats at the source's
-polling interval until stopped.
+Owns scheduling and the daemon's life cycle. Every device (or group of devices, see
+``gateway.groups``) gets its own supervisor task that runs an attempt, then waits: the source's
+polling interval after a finished update, exponential backoff with jitter after a failure
+(``retry``), ``retry.park_s`` after ``retry.max_attempts`` failures in a row. An image that
+rolled back or was refused is journaled as *blocked* for that device and not attempted again
+until the source offers a different artifact. Sessions run under limits, acquired in this
+order so a waiting device never holds a global slot: one session at a time per serial port
+(an asyncio.Lock here, plus pyserial's exclusive flock across processes), ``ble_per_adapter``
+per BLE adapter, then the global ``max_concurrent``. One device's failure never stalls another.
+
+Stopping (``stop`` set by SIGTERM/SIGINT): nothing new starts; uploads in flight are cancelled
+at once (the engine checkpoints the acknowledged offset; the device keeps its upload context,
+so the next start resumes there); sessions past the upload get the rest of ``stop_timeout_s``
+to finish their step, then are cancelled too. Every step is journaled before it runs, so a
+cancelled session is picked up where it was by the next start.
+
+``run_once`` is one attempt per device/group (``--once``); ``run_forever`` is the daemon.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import random
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from gateway.config import BleTransport, DeviceConfig, GatewayConfig, SerialTransport, UdpTransport
 from gateway.engine import Outcome, Slots, Status, Step, UpdateEngine
-from gateway.images import ImageRefused, ImageStore
+from gateway.images import ImageRefused, ImageStore, VerifiedImage
 from gateway.journal import Journal
 from gateway.mcuboot import TrustedKey, Version
-from gateway.smp.session import SMPError, SMPSession, SMPTimeout
+from gateway.metrics import Metrics, MetricsServer
+from gateway.smp.session import SMPError, SMPSession, SMPTimeout, UploadError
 from gateway.smp.transport import SerialTransport as SerialLink
 from gateway.smp.transport import Transport, TransportError
 from gateway.smp.transport import UdpTransport as UdpLink
@@ -35,6 +50,7 @@ from gateway.sources.base import (
     UpdateResult,
     UpdateState,
 )
+from gateway.systemd import Notifier, watchdog_interval, watchdog_loop
 
 log = logging.getLogger("gateway")
 
@@ -54,6 +70,10 @@ def make_transport(dev: DeviceConfig) -> Transport:
     raise ValueError(f"unsupported transport {t!r}")
 
 
+class Stopping(Exception):
+    """The gateway is shutting down: no new session starts."""
+
+
 @dataclass
 class Pass:
     outcomes: dict[str, Outcome] = field(default_factory=dict)
@@ -64,9 +84,24 @@ class Pass:
         return all(o.ok for o in self.outcomes.values())
 
 
+@dataclass
+class Plan:
+    """A device, the offer the gateway follows for it and the verified image."""
+
+    dev: DeviceConfig
+    offer: Offer
+    image: VerifiedImage
+    resumed: bool = False
+
+
+def backoff_delay(failures: int, base_s: float, max_s: float, rng: random.Random) -> float:
+    """``min(max_s, base_s * 2**(failures-1))`` with +-50 % jitter (de-synchronises a fleet)."""
+    return min(max_s, base_s * 2 ** max(0, failures - 1)) * rng.uniform(0.5, 1.5)
+
+
 class Gateway:
     def __init__(self, cfg: GatewayConfig, *, source: FleetSource | None = None,
-                 on_progress: ProgressFn | None = None) -> None:
+                 on_progress: ProgressFn | None = None, notifier: Notifier | None = None) -> None:
         self.cfg = cfg
         cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         keys = [TrustedKey.load(p) for p in cfg.trusted_keys]
@@ -74,109 +109,185 @@ class Gateway:
         self.journal = Journal(cfg.state_dir / "journal.sqlite")
         self.source = source or build_source(cfg)
         self.on_progress = on_progress
+        self.notifier = notifier or Notifier()
+        self.stop = asyncio.Event()  # set: start nothing new
         self._sem = asyncio.Semaphore(cfg.max_concurrent)
         self._port_locks: dict[str, asyncio.Lock] = {}
-        self._last_progress_report: dict[str, float] = {}
+        self._ble_sems: dict[str, asyncio.Semaphore] = {}
+        self.sessions_active = 0
+        self.sessions_peak = 0
+        self.in_session: set[str] = set()
+        self.steps: dict[str, str] = {e.device_id: e.step for e in self.journal.all()}
+        self.last: dict[str, Outcome] = {}
+        self._blocked_logged: dict[str, str] = {}
+        self.metrics = Metrics()
+        self._describe_metrics()
+        self.metrics_server: MetricsServer | None = None
+        from gateway.groups import GroupRunner
+
+        self.groups = GroupRunner(self)
 
     def close(self) -> None:
         self.journal.close()
+        self.notifier.close()
 
+    # -- units of scheduling: a device on its own, or a group --------------------------------
+    def units(self) -> list[tuple[str, list[DeviceConfig]]]:
+        """(key, devices): ``device:<id>`` for a lone device, ``group:<name>`` for a group."""
+        out: list[tuple[str, list[DeviceConfig]]] = []
+        groups: dict[str, list[DeviceConfig]] = {}
+        for d in self.cfg.devices:
+            if d.group is None:
+                out.append((f"device:{d.id}", [d]))
+            else:
+                if d.group not in groups:
+                    groups[d.group] = []
+                    out.append((f"group:{d.group}", groups[d.group]))
+                groups[d.group].append(d)
+        return out
+
+    async def attempt(self, key: str, devs: list[DeviceConfig]) -> list[Outcome]:
+        if key.startswith("group:"):
+            outs = await self.groups.run(key[len("group:"):], devs)
+        else:
+            outs = [await self.update_device(devs[0])]
+        for o in outs:
+            self.last[o.device_id] = o
+        return outs
+
+    # -- limits ------------------------------------------------------------------------------
     def _port_lock(self, dev: DeviceConfig) -> asyncio.Lock | None:
         if isinstance(dev.transport, SerialTransport):
             return self._port_locks.setdefault(dev.transport.port, asyncio.Lock())
         return None
 
-    async def run_once(self) -> Pass:
-        t0 = time.monotonic()
-        result = Pass()
-        await self.source.start()
-        try:
-            async with asyncio.TaskGroup() as tg:
-                tasks = {d.id: tg.create_task(self.update_device(d)) for d in self.cfg.devices}
-        finally:
-            await self.source.close()
-        for dev_id, task in tasks.items():
-            result.outcomes[dev_id] = task.result()
-        result.seconds = time.monotonic() - t0
-        return result
+    def _ble_sem(self, dev: DeviceConfig) -> asyncio.Semaphore | None:
+        if isinstance(dev.transport, BleTransport):
+            a = dev.transport.adapter
+            cap = self.cfg.ble_adapters.get(a, self.cfg.ble_per_adapter)
+            return self._ble_sems.setdefault(a, asyncio.Semaphore(cap))
+        return None
 
-    async def run_forever(self, stop: asyncio.Event) -> None:
-        await self.source.start()
-        try:
-            while not stop.is_set():
-                async with asyncio.TaskGroup() as tg:
-                    for d in self.cfg.devices:
-                        tg.create_task(self.update_device(d))
-                try:
-                    await asyncio.wait_for(stop.wait(), self.source.poll_interval())
-                except TimeoutError:
-                    pass
-        finally:
-            await self.source.close()
-
-    async def update_device(self, dev: DeviceConfig) -> Outcome:
-        """One device, one pass. Never raises: every problem becomes an Outcome."""
-        lock = self._port_lock(dev)
-        async with self._sem:
+    @contextlib.asynccontextmanager
+    async def session(self, dev: DeviceConfig) -> AsyncIterator[SMPSession]:
+        """An open session with ``dev`` under every limit; raises Stopping when shutting down."""
+        async with contextlib.AsyncExitStack() as st:
+            if self.stop.is_set():
+                raise Stopping()
+            lock = self._port_lock(dev)
             if lock is not None:
-                async with lock:
-                    return await self._update_device(dev)
-            return await self._update_device(dev)
+                await st.enter_async_context(lock)
+            ble = self._ble_sem(dev)
+            if ble is not None:
+                await st.enter_async_context(ble)
+            await st.enter_async_context(self._sem)
+            if self.stop.is_set():
+                raise Stopping()
+            self.sessions_active += 1
+            self.sessions_peak = max(self.sessions_peak, self.sessions_active)
+            self.in_session.add(dev.id)
 
-    async def _update_device(self, dev: DeviceConfig) -> Outcome:
-        session = SMPSession(make_transport(dev), device_id=dev.id, timeout_s=dev.timeouts.request_s)
+            def done() -> None:
+                self.sessions_active -= 1
+                self.in_session.discard(dev.id)
+
+            st.callback(done)
+            session = SMPSession(make_transport(dev), device_id=dev.id,
+                                 timeout_s=dev.timeouts.request_s)
+            try:
+                await asyncio.wait_for(session.open(), dev.timeouts.connect_s)
+            except (TransportError, TimeoutError) as exc:
+                await session.close()
+                raise TransportError(f"cannot open link: {exc}") from exc
+            st.push_async_callback(session.close)
+            await session.mcumgr_params(timeout_s=min(2.0, dev.timeouts.request_s))
+            yield session
+
+    def engine(self, dev: DeviceConfig, session: SMPSession) -> UpdateEngine:
+        return UpdateEngine(dev, session, self.journal, on_progress=self._progress_cb(dev))
+
+    # -- one device, one attempt -------------------------------------------------------------
+    async def update_device(self, dev: DeviceConfig) -> Outcome:
+        """One device, one attempt. Never raises (but for cancellation): problems are Outcomes."""
         offer: Offer | None = None
         try:
-            await asyncio.wait_for(session.open(), dev.timeouts.connect_s)
-        except (TransportError, TimeoutError) as exc:
-            return self._fail(dev, UpdateResult.CONNECTION_LOST, f"cannot open link: {exc}")
-        try:
-            await session.mcumgr_params(timeout_s=min(2.0, dev.timeouts.request_s))
-            engine = UpdateEngine(dev, session, self.journal, on_progress=self._progress_cb(dev))
-            slots = await engine.read_slots()
-            offer, resume_path = await self._target(dev, slots)
-            if offer is None and slots.active is not None and not slots.active.confirmed:
-                # e.g. someone else's test boot: it is not settled, and not ours to confirm
-                return self._fail(dev, UpdateResult.UPDATE_FAILED,
-                                  f"device is test-running unconfirmed {slots.active.version}, which "
-                                  "this gateway did not test; refusing to confirm it")
-            if offer is None:
-                entry = engine.entry.with_(step=Step.DONE.value)
-                self.journal.put(entry, "up to date")
-                v = slots.active.version if slots.active else None
-                log.info("device=%s up-to-date version=%s", dev.id, v)
-                return Outcome(dev.id, Status.UP_TO_DATE, UpdateResult.SUCCESS, f"running {v}",
-                               old_version=v, new_version=v)
-            path = resume_path
-            if path is None:
-                await self._report(offer, Report(UpdateState.DOWNLOADING))
-                try:
-                    path = await self.source.fetch(offer, dev.slot_size)
-                except FetchError as exc:
-                    return await self._final(offer, self._fail(dev, exc.result, f"download: {exc}"))
-                await self._report(offer, Report(UpdateState.DOWNLOADED))
-            try:
-                image = self.store.add_file(path, hardware=offer.hardware,
-                                            allow_unsigned=dev.allow_unsigned)
-            except ImageRefused as exc:
-                out = Outcome(dev.id, Status.REFUSED, exc.reason.lwm2m, str(exc),
-                              old_version=slots.active.version if slots.active else None,
-                              new_version=str(offer.version) if offer.version else None)
-                log.warning("device=%s refused reason=%s %s", dev.id, exc.reason.value, exc.message)
-                self.journal.put(engine.entry.with_(step=Step.REFUSED.value, outcome="refused",
-                                                    last_error=str(exc)), str(exc))
-                return await self._final(offer, out)
-            await self._report(offer, Report(UpdateState.UPDATING, progress=0.0))
-            out = await engine.run(image, slots, artifact_id=offer.artifact_id, source=offer.source)
-            return await self._final(offer, out)
+            async with self.session(dev) as session:
+                plan = await self.plan(dev, session)
+                if isinstance(plan, Outcome):
+                    return plan
+                offer = plan.offer
+                await self._report(offer, Report(UpdateState.UPDATING, progress=0.0))
+                self.metrics.inc("updates_started_total")
+                out = await self.engine(dev, session).run(plan.image, None,
+                                                          artifact_id=offer.artifact_id,
+                                                          source=offer.source)
+                if out.status in (Status.ROLLED_BACK, Status.REFUSED):
+                    self.block(dev.id, plan.image.hash.hex(), offer.artifact_id)
+                return await self.final(offer, out)
+        except Stopping:
+            return Outcome(dev.id, Status.FAILED, UpdateResult.INITIAL, "gateway stopping")
         except (SMPTimeout, TransportError) as exc:
             out = self._fail(dev, UpdateResult.CONNECTION_LOST, f"{type(exc).__name__}: {exc}")
-            return await self._final(offer, out) if offer else out
-        except SMPError as exc:
+        except (SMPError, UploadError) as exc:
             out = self._fail(dev, UpdateResult.UPDATE_FAILED, str(exc))
-            return await self._final(offer, out) if offer else out
-        finally:
-            await session.close()
+        return await self.final(offer, out) if offer else self._count(out)
+
+    async def plan(self, dev: DeviceConfig, session: SMPSession) -> Plan | Outcome:
+        """Read the device, find its target (journal first), fetch and verify the image.
+
+        An Outcome when there is nothing to do (up to date, blocked) or it cannot be done.
+        """
+        engine = self.engine(dev, session)
+        slots = await engine.read_slots()
+        self.journal.put(engine.entry, "read")  # running version/hash for `status`
+        try:
+            offer, resume_path = await self._target(dev, slots)
+        except Exception as exc:
+            self.metrics.inc("source_errors_total", source=self.source.name, op="check")
+            return self._fail(dev, UpdateResult.CONNECTION_LOST, f"source check: {exc}")
+        if offer is None and slots.active is not None and not slots.active.confirmed:
+            # e.g. someone else's test boot: it is not settled, and not ours to confirm
+            return self._fail(dev, UpdateResult.UPDATE_FAILED,
+                              f"device is test-running unconfirmed {slots.active.version}, which "
+                              "this gateway did not test; refusing to confirm it")
+        if offer is None:
+            entry = engine.entry.with_(step=Step.DONE.value)
+            if entry.outcome is None and entry.target_hash is not None:
+                entry = entry.with_(outcome=Status.UP_TO_DATE.value)
+            self.journal.put(entry, "up to date")
+            self.steps[dev.id] = Step.DONE.value
+            v = slots.active.version if slots.active else None
+            log.info("device=%s up-to-date version=%s", dev.id, v)
+            return self._count(Outcome(dev.id, Status.UP_TO_DATE, UpdateResult.SUCCESS,
+                                       f"running {v}", old_version=v, new_version=v))
+        entry = self.journal.get(dev.id)
+        if resume_path is None and entry.blocked_artifact == offer.artifact_id:
+            return self._blocked(dev, entry.blocked_artifact)
+        path = resume_path
+        if path is None:
+            await self._report(offer, Report(UpdateState.DOWNLOADING))
+            try:
+                path = await self.source.fetch(offer, dev.slot_size)
+            except FetchError as exc:
+                self.metrics.inc("source_errors_total", source=self.source.name, op="fetch")
+                return await self.final(offer, self._fail(dev, exc.result, f"download: {exc}"))
+            await self._report(offer, Report(UpdateState.DOWNLOADED))
+        try:
+            image = self.store.add_file(path, hardware=offer.hardware,
+                                        allow_unsigned=dev.allow_unsigned)
+        except ImageRefused as exc:
+            out = Outcome(dev.id, Status.REFUSED, exc.reason.lwm2m, str(exc),
+                          old_version=slots.active.version if slots.active else None,
+                          new_version=str(offer.version) if offer.version else None)
+            log.warning("device=%s refused reason=%s %s", dev.id, exc.reason.value, exc.message)
+            self.journal.put(engine.entry.with_(step=Step.REFUSED.value, outcome="refused",
+                                                last_error=str(exc),
+                                                blocked_artifact=offer.artifact_id), str(exc))
+            self.steps[dev.id] = Step.REFUSED.value
+            return await self.final(offer, out)
+        if resume_path is None and entry.blocked_hash == image.hash.hex():
+            return self._blocked(dev, offer.artifact_id)
+        return Plan(dev, offer, image, resumed=resume_path is not None)
 
     async def _target(self, dev: DeviceConfig, slots: Slots) -> tuple[Offer | None, Path | None]:
         """The journal's unfinished update wins over the source (resume after a crash)."""
@@ -184,23 +295,63 @@ class Gateway:
         if (entry.outcome is None and entry.target_hash and entry.image_path
                 and Path(entry.image_path).is_file()):
             log.info("device=%s resuming step=%s target=%s", dev.id, entry.step, entry.target_version)
-            offer = Offer(device_id=dev.id, source=entry.source or self.source.name,
-                          artifact_id=entry.artifact_id or entry.target_hash,
-                          version=Version.parse(entry.target_version) if entry.target_version else None,
-                          hardware=None)
-            return offer, Path(entry.image_path)
+            return self.offer_from_journal(dev), Path(entry.image_path)
         view = DeviceView(id=dev.id, hardware=dev.hardware, running_version=slots.active_version,
                           running_hash=slots.active_hash, group=dev.group)
         return await self.source.check(view), None
 
+    def offer_from_journal(self, dev: DeviceConfig) -> Offer:
+        entry = self.journal.get(dev.id)
+        return Offer(device_id=dev.id, source=entry.source or self.source.name,
+                     artifact_id=entry.artifact_id or entry.target_hash or "?",
+                     version=Version.parse(entry.target_version) if entry.target_version else None,
+                     hardware=None)
+
+    # -- blocking: never retry a rolled-back or refused image endlessly ----------------------
+    def block(self, device_id: str, image_hash: str | None, artifact_id: str | None) -> None:
+        entry = self.journal.get(device_id)
+        self.journal.put(entry.with_(blocked_hash=image_hash, blocked_artifact=artifact_id),
+                         f"blocked until the source offers another artifact than {artifact_id}")
+
+    def _blocked(self, dev: DeviceConfig, artifact: str | None) -> Outcome:
+        entry = self.journal.get(dev.id)
+        try:
+            status = Status(entry.outcome or "failed")
+        except ValueError:
+            status = Status.FAILED
+        if status not in (Status.ROLLED_BACK, Status.REFUSED):
+            status = Status.ROLLED_BACK
+        detail = (f"not re-attempting {entry.target_version or artifact}: it {status.value} before "
+                  f"({entry.last_error or '-'}); waiting for a different artifact")
+        if self._blocked_logged.get(dev.id) != artifact:
+            self._blocked_logged[dev.id] = artifact or ""
+            log.warning("device=%s blocked artifact=%s %s", dev.id, artifact, detail)
+        return Outcome(dev.id, status, UpdateResult.UPDATE_FAILED, detail,
+                       old_version=entry.running_version, new_version=entry.target_version,
+                       group=dev.group)
+
+    # -- outcomes, reports, metrics ----------------------------------------------------------
     def _fail(self, dev: DeviceConfig, result: UpdateResult, detail: str) -> Outcome:
-        log.error("device=%s failed result=%s %s", dev.id, result.name, detail)
+        log.error("device=%s failed result=%s detail=%r", dev.id, result.name, detail)
         entry = self.journal.get(dev.id)
         self.journal.put(entry.with_(last_error=detail), detail)
         return Outcome(dev.id, Status.FAILED, result, detail)
 
+    def _count(self, out: Outcome) -> Outcome:
+        if out.status not in (Status.UP_TO_DATE, Status.HELD):
+            self.metrics.inc("updates_finished_total", status=out.status.value,
+                             reason=out.result.name.lower())
+        if out.bytes_uploaded:
+            self.metrics.inc("upload_bytes_total", out.bytes_uploaded)
+            self.metrics.inc("upload_seconds_total", out.upload_seconds)
+            if out.upload_seconds > 0:
+                self.metrics.set("upload_throughput_bytes_per_second",
+                                 out.bytes_uploaded / out.upload_seconds, device=out.device_id)
+        return out
+
     def _progress_cb(self, dev: DeviceConfig) -> Callable[[str, Step, int, int], None]:
         def cb(device_id: str, step: Step, off: int, total: int) -> None:
+            self.steps[device_id] = step.value
             if self.on_progress:
                 self.on_progress(device_id, step.value, off, total)
         return cb
@@ -209,11 +360,177 @@ class Gateway:
         try:
             await self.source.report(offer, report)
         except Exception as exc:  # a report that fails must not fail the update
+            self.metrics.inc("source_errors_total", source=self.source.name, op="report")
             log.warning("device=%s report to %s failed: %s", offer.device_id, self.source.name, exc)
 
-    async def _final(self, offer: Offer | None, out: Outcome) -> Outcome:
-        if offer is not None:
-            state = UpdateState.IDLE
-            await self._report(offer, Report(state, out.result, 1.0 if out.ok else None,
+    async def final(self, offer: Offer | None, out: Outcome) -> Outcome:
+        self._count(out)
+        if offer is not None and out.status != Status.HELD:
+            await self._report(offer, Report(UpdateState.IDLE, out.result, 1.0 if out.ok else None,
                                              f"{out.status.value}: {out.detail}"))
         return out
+
+    def _describe_metrics(self) -> None:
+        m = self.metrics
+        m.describe("updates_started_total", "counter", "updates started (device attempts)")
+        m.describe("updates_finished_total", "counter",
+                   "updates finished, by status (updated/rolled-back/refused/failed) and reason")
+        m.describe("upload_bytes_total", "counter", "image bytes sent to devices")
+        m.describe("upload_seconds_total", "counter",
+                   "seconds spent uploading (throughput = rate(bytes)/rate(seconds))")
+        m.describe("upload_throughput_bytes_per_second", "gauge", "last upload's throughput")
+        m.describe("source_errors_total", "counter", "fleet-server errors by operation")
+        m.describe("retries_total", "counter", "attempts scheduled after a failure")
+        m.describe("group_failures_total", "counter", "group updates that failed (all reverted)")
+        m.describe("devices", "gauge", "devices by journal step")
+        m.describe("sessions_active", "gauge", "device sessions open now")
+        m.describe("sessions_peak", "gauge", "most device sessions open at once")
+
+        def live() -> list[tuple[str, dict[str, str], float]]:
+            counts: dict[str, int] = {}
+            for d in self.cfg.devices:
+                s = self.steps.get(d.id, "idle")
+                counts[s] = counts.get(s, 0) + 1
+            rows: list[tuple[str, dict[str, str], float]] = [
+                ("devices", {"step": s}, float(n)) for s, n in counts.items()]
+            rows.append(("sessions_active", {}, float(self.sessions_active)))
+            rows.append(("sessions_peak", {}, float(self.sessions_peak)))
+            return rows
+
+        m.collector(live)
+
+    def status_line(self) -> str:
+        n = len(self.cfg.devices)
+        by: dict[str, int] = {}
+        for o in self.last.values():
+            by[o.status.value] = by.get(o.status.value, 0) + 1
+        busy = sum(1 for d in self.cfg.devices
+                   if self.steps.get(d.id) not in (None, "idle", "done", "failed", "rolled-back",
+                                                   "refused"))
+        parts = [f"devices={n}", f"sessions={self.sessions_active}", f"updating={busy}"]
+        parts += [f"{k}={v}" for k, v in sorted(by.items())]
+        return " ".join(parts)
+
+    # -- passes ------------------------------------------------------------------------------
+    async def run_once(self) -> Pass:
+        t0 = time.monotonic()
+        result = Pass()
+        await self.source.start()
+        try:
+            outs = await asyncio.gather(*(self.attempt(k, d) for k, d in self.units()))
+        finally:
+            await self.source.close()
+        for group in outs:
+            for o in group:
+                result.outcomes[o.device_id] = o
+        result.seconds = time.monotonic() - t0
+        return result
+
+    async def _supervise(self, key: str, devs: list[DeviceConfig]) -> None:
+        r = self.cfg.retry
+        rng = random.Random()
+        failures = 0
+        while not self.stop.is_set():
+            outs = await self.attempt(key, devs)
+            if self.stop.is_set():
+                break
+            if any(o.status == Status.FAILED for o in outs):
+                failures += 1
+                if failures >= r.max_attempts:
+                    delay = r.park_s
+                    log.warning("unit=%s parked after=%d failures retry_in=%.0fs", key, failures, delay)
+                    failures = 0
+                else:
+                    delay = backoff_delay(failures, r.base_s, r.max_s, rng)
+                    self.metrics.inc("retries_total")
+                    log.info("unit=%s retry=%d in=%.1fs", key, failures, delay)
+            else:
+                failures = 0
+                delay = self.source.poll_interval()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), delay)
+
+    async def run_forever(self, stop: asyncio.Event) -> None:
+        """The daemon: supervisors for every unit until ``stop``; then a bounded shutdown."""
+        loop = asyncio.get_running_loop()
+        t_stop_budget = self.cfg.stop_timeout_s
+        aux: list[asyncio.Task[None]] = []
+        await self.source.start()
+        try:
+            if self.cfg.metrics is not None:
+                self.metrics_server = MetricsServer(self.metrics, self.cfg.metrics.host,
+                                                    self.cfg.metrics.port)
+                await self.metrics_server.start()
+            sups = {key: asyncio.create_task(self._supervise(key, devs), name=f"unit-{key}")
+                    for key, devs in self.units()}
+            log.info("gateway=%s started devices=%d units=%d max_concurrent=%d", self.cfg.gateway_id,
+                     len(self.cfg.devices), len(sups), self.cfg.max_concurrent)
+            self.notifier.ready(self.status_line())
+            wd = watchdog_interval()
+            if wd:
+                aux.append(asyncio.create_task(watchdog_loop(self.notifier, wd, self.status_line)))
+            aux.append(asyncio.create_task(self._status_loop()))
+            stopper = asyncio.create_task(stop.wait())
+            await asyncio.wait([stopper, *sups.values()], return_when=asyncio.FIRST_COMPLETED)
+            stopper.cancel()
+            t0 = loop.time()
+            self.stop.set()
+            self.notifier.stopping(f"stopping: {self.status_line()}")
+            log.info("gateway stopping in_session=%d budget=%.0fs", len(self.in_session), t_stop_budget)
+            await self._shutdown(sups, t0 + max(1.0, t_stop_budget - 3.0))
+        finally:
+            for t in aux:
+                t.cancel()
+            for t in aux:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await t
+            if self.metrics_server is not None:
+                await self.metrics_server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.source.close(), 2.0)
+            log.info("gateway stopped")
+
+    async def _shutdown(self, sups: dict[str, asyncio.Task[None]], deadline: float) -> None:
+        loop = asyncio.get_running_loop()
+        devs = dict(self.units())
+
+        def interruptible(key: str) -> bool:
+            # not in a session (waiting for a slot / backoff) or uploading: stop it now; the
+            # upload is checkpointed and resumes from the device's offset at the next start
+            in_sess = [d.id for d in devs[key] if d.id in self.in_session]
+            return not in_sess or all(self.steps.get(i) in (Step.UPLOAD.value, Step.READ_STATE.value)
+                                      for i in in_sess)
+
+        pending = {t for t in sups.values() if not t.done()}
+        while pending and loop.time() < deadline:
+            for key, t in sups.items():
+                if t in pending and interruptible(key):
+                    t.cancel()
+            _done, pending = await asyncio.wait(pending, timeout=min(0.2, deadline - loop.time()))
+        for t in pending:
+            t.cancel()
+        for t in sups.values():
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+
+    async def _status_loop(self) -> None:
+        last = ""
+        while True:
+            s = self.status_line()
+            if s != last:
+                self.notifier.status(s)
+                last = s
+            await asyncio.sleep(2.0)
+
+
+async def run_daemon(cfg: GatewayConfig, stop: asyncio.Event,
+                     started: Callable[[Gateway], Awaitable[None]] | None = None) -> Gateway:
+    """Build and run a Gateway until ``stop`` (for the CLI and embedding)."""
+    gw = Gateway(cfg)
+    try:
+        if started is not None:
+            await started(gw)
+        await gw.run_forever(stop)
+    finally:
+        gw.close()
+    return gw

@@ -51,8 +51,11 @@ def make_ssl(ca_file: Path | None, insecure: bool, what: str) -> ssl.SSLContext 
     if insecure:
         log.warning("TLS certificate verification is DISABLED for %s (insecure: true)", what)
         return False
-    ctx = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
-    return ctx
+    if ca_file is not None and not Path(ca_file).is_file():
+        from gateway.config import ConfigError
+
+        raise ConfigError(ca_file, "ca_file", f"no such CA file (for {what})")
+    return ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
 
 
 def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:

@@ -250,12 +250,14 @@ class UpdateEngine:
                 raise self._finish(Status.ROLLED_BACK, UpdateResult.UPDATE_FAILED,
                                    f"{reason}; reset, MCUboot reverted to {now}", image, old_v)
             now = slots.active.version if slots.active else "?"
-            left = ""
             if slots.other_hash == image.hash and slots.other and slots.other.pending:
-                left = (f" ({image.version} stays pending: img_mgmt cannot un-pend it; it will "
-                        "test-boot at the next reset and be reverted at the one after)")
+                # FAILED, not rolled back: the journal keeps tested_hash for the next attempt
+                raise self._finish(Status.FAILED, UpdateResult.UPDATE_FAILED,
+                                   f"{reason}; not reset, still on {now} ({image.version} stays "
+                                   "pending: img_mgmt cannot un-pend it; it will test-boot at the "
+                                   "next reset and be reverted at the one after)", image, old_v)
             raise self._finish(Status.ROLLED_BACK, UpdateResult.UPDATE_FAILED,
-                               f"{reason}; not reset, still on {now}{left}", image, old_v)
+                               f"{reason}; not reset, still on {now}", image, old_v)
         except _Finish as f:
             return f.outcome
         except (SMPTimeout, TransportError, SMPError) as exc:

@@ -82,7 +82,9 @@ async def test_failure_carries_lwm2m_result(hb: HawkbitServer, tmp_path: Path) -
         act = hb.deploy("mcu-7", IMG, "1.1.0")
         offer = await src.check(DEV)
         assert offer is not None
-        await src.report(offer, Report(UpdateState.IDLE, UpdateResult.INTEGRITY_FAILURE, detail="rolled back"))
+        await src.report(
+            offer, Report(UpdateState.IDLE, UpdateResult.INTEGRITY_FAILURE, detail="rolled back")
+        )
         st = act.feedback[-1]["status"]
         assert st["execution"] == "closed" and st["result"]["finished"] == "failure"
         assert st["code"] == 5 and "INTEGRITY_FAILURE" in st["details"][0]
@@ -123,16 +125,21 @@ async def test_cancel_during_upload_is_rejected(hb: HawkbitServer, tmp_path: Pat
         await src.close()
 
 
-async def test_build_source_and_secret_not_logged(hb: HawkbitServer, tmp_path: Path,
-                                                   caplog: pytest.LogCaptureFixture) -> None:
+async def test_build_source_and_secret_not_logged(
+    hb: HawkbitServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     key = tmp_path / "k.pem"
     key.write_text("x")
-    cfg = parse_config({
-        "state_dir": str(tmp_path / "state"),
-        "trusted_keys": [str(key)],
-        "source": {"kind": "hawkbit", "url": hb.base, "gateway_token": hb.gateway_token},  # type: ignore[attr-defined]
-        "devices": [{"id": "mcu-7", "hardware": "stm32f4", "transport": {"kind": "udp", "host": "127.0.0.1"}}],
-    })
+    cfg = parse_config(
+        {
+            "state_dir": str(tmp_path / "state"),
+            "trusted_keys": [str(key)],
+            "source": {"kind": "hawkbit", "url": hb.base, "gateway_token": hb.gateway_token},  # type: ignore[attr-defined]
+            "devices": [
+                {"id": "mcu-7", "hardware": "stm32f4", "transport": {"kind": "udp", "host": "127.0.0.1"}}
+            ],
+        }
+    )
     caplog.set_level(logging.DEBUG)
     src = build_source(cfg)
     assert isinstance(src, HawkbitSource)

@@ -40,8 +40,12 @@ async def test_200_then_204(rs: ReleaseServer, tmp_path: Path) -> None:
         rs.publish("evt2", "1.1.0", IMG)
         offer = await src.check(DEV)
         assert offer is not None and offer.version == Version(1, 1, 0) and offer.size == len(IMG)
-        assert rs.queries[-1] == {"device_serial": "sn-42", "hardware_version": "evt2",
-                                  "software_type": "main", "current_version": "1.0.0"}
+        assert rs.queries[-1] == {
+            "device_serial": "sn-42",
+            "hardware_version": "evt2",
+            "software_type": "main",
+            "current_version": "1.0.0",
+        }
         p = await src.fetch(offer, max_size=None)
         assert p.read_bytes() == IMG
         await src.report(offer, Report(UpdateState.IDLE, UpdateResult.SUCCESS))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import os
@@ -37,8 +38,9 @@ async def env(tmp_path: Path):
 
 
 def source(port: int, tmp_path: Path, **kw: object) -> MqttJobsSource:
-    cfg = MqttJobsSourceConfig(host="127.0.0.1", port=port, tls=False, client_id="gw-test",
-                               password="hunter2-secret", **kw)  # type: ignore[arg-type]
+    cfg = MqttJobsSourceConfig(
+        host="127.0.0.1", port=port, tls=False, client_id="gw-test", password="hunter2-secret", **kw
+    )  # type: ignore[arg-type]
     return MqttJobsSource(cfg, tmp_path / "state", gateway_id="gw-test")
 
 
@@ -49,11 +51,21 @@ async def test_start_next_update_flow(env, tmp_path: Path, caplog: pytest.LogCap
     try:
         assert await src.check(DEV) is None  # nothing queued: accepted without execution
         assert svc.start_next_requests[-1]["clientToken"]
-        job = await svc.add_job("mcu-3", "job-1", {
-            "devices": ["mcu-3"],
-            "files": [{"url": url, "sha256": hashlib.sha256(IMG).hexdigest(), "size": len(IMG),
-                       "version": "1.4.0"}],
-        })
+        job = await svc.add_job(
+            "mcu-3",
+            "job-1",
+            {
+                "devices": ["mcu-3"],
+                "files": [
+                    {
+                        "url": url,
+                        "sha256": hashlib.sha256(IMG).hexdigest(),
+                        "size": len(IMG),
+                        "version": "1.4.0",
+                    }
+                ],
+            },
+        )
         offer = await src.check(DEV)
         assert offer is not None and offer.version == Version(1, 4, 0)
         assert job.status == "IN_PROGRESS"
@@ -80,12 +92,7 @@ async def test_failure_and_notify_next(env, tmp_path: Path) -> None:  # type: ig
         assert await src.check(DEV) is None  # subscribes to notify-next
         job = await svc.add_job("mcu-3", "job-2", {"url": url})
         # notify-next makes the next poll come soon
-        for _ in range(100):
-            if src.poll_interval() == 1.0:
-                break
-            await svc.wait_for(lambda: True) if False else None
-            import asyncio
-            await asyncio.sleep(0.01)
+        await asyncio.wait_for(src.notified.wait(), 10)
         assert src.poll_interval() == 1.0
         offer = await src.check(DEV)
         assert offer is not None and offer.sha256 is None

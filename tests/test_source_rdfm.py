@@ -51,8 +51,9 @@ def source(srv: RdfmServer, tmp_path: Path, **kw: object) -> RdfmSource:
 DEV = DeviceView(id="mcu-1", hardware="nrf52840dk", running_version=Version(1, 0, 0))
 
 
-async def test_pending_then_accepted_then_update(rdfm: RdfmServer, tmp_path: Path, image: bytes,
-                                                 caplog: pytest.LogCaptureFixture) -> None:
+async def test_pending_then_accepted_then_update(
+    rdfm: RdfmServer, tmp_path: Path, image: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
     src = source(rdfm, tmp_path)
     try:
         caplog.set_level(logging.INFO)
@@ -129,7 +130,8 @@ async def test_token_renewed_before_expiry(rdfm: RdfmServer, tmp_path: Path) -> 
         rdfm.accept("mcu-1")
         await src.check(DEV)
         n_auth = len(rdfm.auth_requests)
-        time.sleep(0.6)  # let the token's lifetime pass: this is the condition under test
+        start = time.monotonic()
+        src.clock = lambda: start + 0.6  # the token's lifetime has passed: the condition under test
         await src.check(DEV)
         assert len(rdfm.auth_requests) == n_auth + 1
         assert 401 not in [c[0] for c in rdfm.checks]
@@ -155,6 +157,7 @@ async def test_tampered_artifact_refused(rdfm: RdfmServer, tmp_path: Path, image
 
 
 # -- Mender artifact unit tests ----------------------------------------------------------
+
 
 def _write(tmp_path: Path, data: bytes) -> Path:
     p = tmp_path / "a.mender"
@@ -200,7 +203,7 @@ def test_tampered_image_refused(tmp_path: Path, image: bytes) -> None:
         for m, data in members:
             if m.name == "data/0000.tar":
                 i = data.index(image[:64]) + 600
-                data = data[:i] + bytes([data[i] ^ 1]) + data[i + 1:]
+                data = data[:i] + bytes([data[i] ^ 1]) + data[i + 1 :]
             out.append((m, data))
         return out
 
@@ -231,8 +234,9 @@ def test_path_traversal_and_links_refused(tmp_path: Path, image: bytes) -> None:
 def test_oversized_image_refused(tmp_path: Path, image: bytes) -> None:
     art = build_zephyr_artifact(image, device_types=["a"], version="1")
     with pytest.raises(ArtifactError, match="limit"):
-        unpack_zephyr_artifact(_write(tmp_path, art), tmp_path / "out", device_type="a",
-                               max_image_size=len(image) - 1)
+        unpack_zephyr_artifact(
+            _write(tmp_path, art), tmp_path / "out", device_type="a", max_image_size=len(image) - 1
+        )
 
 
 def test_checksum_provide_mismatch(tmp_path: Path, image: bytes) -> None:
@@ -253,7 +257,7 @@ def test_checksum_provide_mismatch(tmp_path: Path, image: bytes) -> None:
             out.append((m, data))
         return out
 
-    with pytest.raises(ArtifactIntegrityError, match="zephyr-image.checksum"):
+    with pytest.raises(ArtifactIntegrityError, match=r"zephyr-image\.checksum"):
         unpack_zephyr_artifact(_write(tmp_path, _retar(art, swap_header)), tmp_path / "out", device_type="a")
 
 

@@ -15,6 +15,11 @@ Rules and where they come from (mcu-tools/mcuboot):
 * ``boot_perform_update`` (loader.c): after the swap, REVERT and PERM set image_ok in the
   primary trailer (``swap_set_image_ok``) and every upgrade sets copy_done; the secondary
   trailer is left erased, which is what makes the next unconfirmed reset a REVERT.
+* Swap progress (``boot_status``, kept in the trailer / scratch area by MCUboot): the swap
+  runs sector by sector and the progress is written to flash after each sector; a boot that
+  finds a swap in progress resumes it from there (``boot_status_source`` says where the
+  status is, ``boot_swap_image`` continues with ``bs->idx``) before anything else, without
+  validating again. ``on_swap_step`` lets the fault model cut the power between two sectors.
 * MCUBOOT_VALIDATE_PRIMARY_SLOT (Zephyr's default): the primary image is validated before
   it is jumped to; if it is not valid the boot stops ("Unable to find bootable image").
 """
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from gateway.mcuboot import (
@@ -32,6 +38,7 @@ from gateway.mcuboot import (
     parse_image,
     verify_signature,
 )
+from gateway.sim.faults import PowerCut
 from gateway.sim.flash import Flash, Trailer
 
 
@@ -135,11 +142,49 @@ class Validator:
         return reason
 
 
-def run_bootloader(flash: Flash, validator: Validator) -> BootResult:
-    """One MCUboot pass at reset, swap mode (loader.c ``context_boot_go`` reduced)."""
-    st = swap_type(flash)
+def _swap(flash: Flash, st: SwapType, start: int, sector_size: int,
+          on_swap_step: Callable[[int, int], bool] | None) -> None:
+    """Exchange the slots sector by sector, persisting the progress (resumable)."""
+    sectors = -(-flash.slot_size // sector_size)
+    flash.swap_status = {"type": int(st), "sector": start, "sectors": sectors,
+                         "sector_size": sector_size}
+    flash.save_trailers()
+    for i in range(start, sectors):
+        if on_swap_step is not None and on_swap_step(i, sectors):
+            raise PowerCut(f"power lost before sector {i}/{sectors} of a {st.name} swap")
+        flash.swap_sector(i, sector_size)
+        flash.swap_status = {**flash.swap_status, "sector": i + 1}
+        flash.save_trailers()
+    flash.trailers[0] = Trailer(
+        magic="good",
+        image_ok=st in (SwapType.REVERT, SwapType.PERM),
+        copy_done=True,
+        swap_type=None,
+    )
+    flash.trailers[1] = Trailer.erased()
+    flash.swap_status = None
+    flash.save_trailers()
+
+
+def run_bootloader(flash: Flash, validator: Validator,
+                   on_swap_step: Callable[[int, int], bool] | None = None,
+                   sector_size: int = 0x4000) -> BootResult:
+    """One MCUboot pass at reset, swap mode (loader.c ``context_boot_go`` reduced).
+
+    Raises PowerCut when ``on_swap_step`` says the power goes mid-swap; the swap status in
+    flash then makes the next pass finish the swap.
+    """
     outcome = "normal"
     performed = SwapType.NONE
+    resume = flash.swap_status
+    if resume is not None:
+        st = SwapType(resume["type"])
+        _swap(flash, st, resume["sector"], resume.get("sector_size", sector_size), on_swap_step)
+        performed = st
+        outcome = "resumed revert" if st == SwapType.REVERT else "resumed swap"
+        st = SwapType.NONE
+    else:
+        st = swap_type(flash)
     if st in (SwapType.TEST, SwapType.PERM, SwapType.REVERT):
         # boot_validated_swap_type -> boot_validate_slot(secondary)
         if flash.header_magic(1) == 0xFFFFFFFF:
@@ -150,16 +195,8 @@ def run_bootloader(flash: Flash, validator: Validator) -> BootResult:
                 flash.erase(1)  # boot_scramble_slot(secondary)
                 outcome = f"refused: {problem}"
             else:
-                flash.swap()
+                _swap(flash, st, 0, sector_size, on_swap_step)
                 performed = st
-                flash.trailers[0] = Trailer(
-                    magic="good",
-                    image_ok=st in (SwapType.REVERT, SwapType.PERM),
-                    copy_done=True,
-                    swap_type=None,
-                )
-                flash.trailers[1] = Trailer.erased()
-                flash.save_trailers()
                 outcome = "revert" if st == SwapType.REVERT else "swap"
     # MCUBOOT_VALIDATE_PRIMARY_SLOT
     if flash.header_magic(0) == 0xFFFFFFFF:

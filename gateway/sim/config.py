@@ -60,6 +60,16 @@ class LinkConfig(_Model):
         return self.latency_s if self.response_latency_s is None else self.response_latency_s
 
 
+class ResponseFaultConfig(_Model):
+    """A device that answers with broken SMP frames (buggy firmware / transport)."""
+
+    kind: Literal["malformed-cbor", "wrong-seq", "oversized", "truncated", "wrong-group"]
+    every: int = Field(default=5, ge=1)  # break every Nth response (of the selected group)
+    count: int = Field(default=3, ge=0)  # at most this many (0 = unlimited)
+    group: int | None = None  # only responses of this SMP group (None = any)
+    size: int = Field(default=4096, ge=1)  # oversized: bytes of padding added
+
+
 class SimDeviceConfig(_Model):
     id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
     udp: UdpTransportConfig | None = None
@@ -76,6 +86,8 @@ class SimDeviceConfig(_Model):
     crash_on_boot_versions: list[str] = Field(default_factory=list)
     crash_after_s: float = Field(default=1.0, ge=0)
     hang_on_boot_versions: list[str] = Field(default_factory=list)
+    # a hung image is reset by its watchdog after this long (None: hangs until power-cycled)
+    hang_watchdog_s: float | None = Field(default=None, ge=0)
     reboot_during_upload_at: int | None = Field(default=None, ge=0)
     hardware: str = "sim_board"
     mcumgr_params_supported: bool = True
@@ -90,6 +102,14 @@ class SimDeviceConfig(_Model):
     flash_write_bps: float | None = Field(default=None, gt=0)  # upload chunk write speed
     serial_line_length: int = Field(default=127, ge=8)  # MCUMGR_SERIAL_MAX_FRAME
     link: LinkConfig = Field(default_factory=LinkConfig)
+    # --- fault injection (gateway/sim/faults.py) ---
+    power_cut_during_swap: bool = False  # cut power once, mid-swap; MCUboot resumes at next boot
+    swap_sector_size: int = Field(default=0x4000, ge=512)  # granularity of the modelled swap
+    dead_after_reset: int | None = Field(default=None, ge=1)  # the Nth reset leaves it off
+    unplug_during_upload_at: int | None = Field(default=None, ge=0)  # serial: PTY vanishes
+    unplug_for_s: float = Field(default=1.0, ge=0)  # ...and comes back (same link path) later
+    response_faults: list[ResponseFaultConfig] = Field(default_factory=list)
+    img_mgmt_supported: bool = True  # False: image group answers ENOTSUP (no CONFIG_MCUMGR_GRP_IMG)
 
     @model_validator(mode="after")
     def _one_transport(self) -> SimDeviceConfig:

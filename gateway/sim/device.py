@@ -23,6 +23,7 @@ from smp.exceptions import SMPBadContinueDelimiter, SMPBadCRC, SMPBadStartDelimi
 from gateway.mcuboot import ImageInfo, TrustedKey, Version
 from gateway.sim.boot import BootResult, Validator, run_bootloader, write_img_confirmed
 from gateway.sim.config import SimDeviceConfig
+from gateway.sim.faults import Faults, PowerCut
 from gateway.sim.flash import Flash, Trailer
 from gateway.sim.link import Pipe
 from gateway.sim.smp_server import SmpServer
@@ -60,6 +61,7 @@ class SimDevice:
         self.flash = Flash(state_dir / cfg.id / "flash", cfg.slot_size)
         keys = [TrustedKey.load(cfg.key)] if cfg.key is not None else None
         self.validator = Validator(keys)
+        self.faults = Faults(cfg)
         self.server = SmpServer(cfg, self.flash, on_upload=self._on_upload, on_event=self._event)
         self.events: list[SimEvent] = []
         self.counters: Counter[str] = Counter()
@@ -277,7 +279,7 @@ class SimDevice:
             self._start_reboot("crash during upload")
             return
         for r in res.responses:
-            reply(r)
+            reply(self.faults.mutate(r))
         self._notify()
         if res.reset:
             loop = asyncio.get_running_loop()
@@ -291,6 +293,9 @@ class SimDevice:
             self._upload_reboot_done = True
             self._event("crash", {"reason": "reboot_during_upload_at", "offset": new})
             return True
+        if self.faults.unplug_at(old, new) and isinstance(self.transport, PtyEndpoint):
+            self._event("unplug", {"offset": new, "for_s": self.cfg.unplug_for_s})
+            self._spawn(self.transport.unplug(self.cfg.unplug_for_s), "unplug")
         return False
 
     # --- life cycle -----------------------------------------------------------------
@@ -316,11 +321,25 @@ class SimDevice:
         self.counters["resets"] += 1
         self._event("reset", {"reason": reason})
         await self.transport.link_down()
+        if self.faults.dead_after(self.counters["resets"]):
+            self.state = "off"  # never comes back on its own (power_cycle() revives it)
+            self._event("dead", {"reset": self.counters["resets"]})
+            return
         await asyncio.sleep(self.cfg.boot_time_s)
         await self._boot()
 
     async def _boot(self) -> None:
-        result: BootResult = await asyncio.to_thread(run_bootloader, self.flash, self.validator)
+        try:
+            result: BootResult = await asyncio.to_thread(
+                run_bootloader, self.flash, self.validator, self.faults.swap_step,
+                self.cfg.swap_sector_size)
+        except PowerCut as cut:
+            self.state = "off"
+            await self.transport.link_down()
+            self._event("power-cut", {"during": "swap", "detail": str(cut)})
+            await asyncio.sleep(self.cfg.boot_time_s)
+            await self._boot()  # power is back: MCUboot resumes the swap
+            return
         self.counters["boots"] += 1
         info = self.flash.image_info(0) if result.booted else None
         detail: dict[str, Any] = {"outcome": result.outcome, "n": self.counters["boots"]}
@@ -338,6 +357,9 @@ class SimDevice:
             await self.transport.link_up()
             self._event("boot", detail)
             self._event("hang", {"version": version.smp_str()})
+            if self.cfg.hang_watchdog_s is not None:
+                self._app_timers.append(asyncio.get_running_loop().call_later(
+                    self.cfg.hang_watchdog_s, self._watchdog, version.smp_str()))
             return
         self.state = "running"
         await self.transport.link_up()
@@ -506,6 +528,17 @@ class PtyEndpoint:
     async def link_down(self) -> None:
         self._rx.clear()
         self._decoder = None
+
+    async def unplug(self, for_s: float) -> None:
+        """The cable is pulled: the PTY goes away, and a new one appears at ``link`` later."""
+        await self.close()
+        self._out.clear()
+        self._writer_on = False
+        self._rx.clear()
+        self._decoder = None
+        await asyncio.sleep(for_s)
+        await self.open()
+        self.dev._event("replug", {"pty": self.pty_path})
 
     async def close(self) -> None:
         if self.master >= 0:

@@ -49,6 +49,8 @@ class Flash:
         self.slot_size = slot_size
         self.dir.mkdir(parents=True, exist_ok=True)
         self.trailers: list[Trailer] = [Trailer(), Trailer()]
+        # MCUboot's swap status (progress of a swap in flight); None = no swap in progress
+        self.swap_status: dict[str, int] | None = None
         for slot in (0, 1):
             p = self._slot_path(slot)
             if not p.exists() or p.stat().st_size != slot_size:
@@ -58,6 +60,7 @@ class Flash:
         if tp.exists():
             raw = json.loads(tp.read_text())
             self.trailers = [Trailer(**raw["slot0"]), Trailer(**raw["slot1"])]
+            self.swap_status = raw.get("swap_status")
 
     def _slot_path(self, slot: int) -> Path:
         if slot not in (0, 1):
@@ -108,10 +111,23 @@ class Flash:
             with open(self._slot_path(slot), "r+b") as f:
                 os.fsync(f.fileno())
 
+    def swap_sector(self, index: int, sector_size: int) -> None:
+        """Exchange one sector of the two slots (one step of a swap)."""
+        off = index * sector_size
+        n = min(sector_size, self.slot_size - off)
+        a, b = self.read(0, off, n), self.read(1, off, n)
+        self.write(0, off, b)
+        self.write(1, off, a)
+        for slot in (0, 1):
+            with open(self._slot_path(slot), "r+b") as f:
+                os.fsync(f.fileno())
+
     def save_trailers(self) -> None:
         tp = self.dir / "trailer.json"
         tmp = tp.with_suffix(".json.tmp")
-        data = {"slot0": asdict(self.trailers[0]), "slot1": asdict(self.trailers[1])}
+        data: dict[str, object] = {"slot0": asdict(self.trailers[0]), "slot1": asdict(self.trailers[1])}
+        if self.swap_status is not None:
+            data["swap_status"] = self.swap_status
         with open(tmp, "w") as f:
             json.dump(data, f, indent=1)
             f.flush()

@@ -213,6 +213,8 @@ class SmpServer:
             (GROUP_IMG, 1, OP_WRITE): self.img_upload,
             (GROUP_IMG, 5, OP_WRITE): self.img_erase,
         }
+        if not self.cfg.img_mgmt_supported:  # CONFIG_MCUMGR_GRP_IMG=n
+            handlers = {k: v for k, v in handlers.items() if k[0] != GROUP_IMG}
         if self.cfg.mcumgr_params_supported:
             handlers[(GROUP_OS, 6, OP_READ)] = self.os_params
         if self.cfg.os_info_supported:

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from smp import error as smperr
@@ -29,7 +28,6 @@ from smpclient.requests.image_management import (
     ImageErase,
     ImageStatesRead,
     ImageStatesWrite,
-    ImageUploadWrite,
 )
 from smpclient.requests.os_management import (
     BootloaderInformationRead,
@@ -39,6 +37,9 @@ from smpclient.requests.os_management import (
 )
 
 from gateway.smp.transport import Transport, TransportError
+from gateway.smp.upload import UploadError, UploadStats, WindowedUpload
+
+__all__ = ["McumgrParams", "SMPError", "SMPSession", "SMPTimeout", "UploadError", "UploadStats"]
 
 log = logging.getLogger(__name__)
 
@@ -74,34 +75,11 @@ class SMPTimeout(TimeoutError):
     """No answer within the request's timeout (after its retries)."""
 
 
-class UploadError(Exception):
-    """The upload could not complete (the device refused, or the link gave up)."""
-
-
 @dataclass
 class McumgrParams:
     buf_size: int
     buf_count: int
     reported: bool  # False: the device did not answer (plain smp_svr) - defaults in use
-
-
-@dataclass
-class UploadStats:
-    total: int
-    start_offset: int = 0
-    sent_bytes: int = 0  # data bytes sent, retransmissions included
-    chunks: int = 0
-    retransmits: int = 0
-    rewinds: int = 0
-    window: int = 1
-    chunk_size: int = 0
-    seconds: float = 0.0
-    fallbacks: list[str] = field(default_factory=list)
-
-
-def _cbor_uint_extra(n: int) -> int:
-    """Extra bytes CBOR needs beyond the initial byte to encode length/uint ``n``."""
-    return 0 if n < 24 else 1 if n < 0x100 else 2 if n < 0x10000 else 4
 
 
 class SMPSession:
@@ -294,36 +272,6 @@ class SMPSession:
             return None
 
     # -- upload --------------------------------------------------------------------------
-    def chunk_limit(self, cap: int | None = None) -> int:
-        """Largest SMP packet for an upload chunk: the device buffer and the link, whichever less."""
-        limit = self.transport.max_packet
-        if self.params is not None:
-            limit = min(limit, self.params.buf_size)
-        return limit
-
-    @staticmethod
-    def _fit(req_empty_len: int, limit: int, remaining: int, cap: int | None) -> int:
-        room = limit - req_empty_len
-        n = room - _cbor_uint_extra(room)
-        while n > 0 and req_empty_len + n + _cbor_uint_extra(n) > limit:
-            n -= 1
-        n = min(n, remaining)
-        if cap is not None:
-            n = min(n, cap)
-        return max(n, 0)
-
-    def _chunk_request(self, image: bytes, off: int, image_num: int, sha: bytes, limit: int,
-                       cap: int | None, seq: int) -> ImageUploadWrite:
-        first = off == 0
-        extra: dict[str, Any] = (
-            {"image": image_num, "len": len(image), "sha": sha} if first else {}
-        )
-        empty = ImageUploadWrite(off=off, data=b"", sequence=seq, **extra)
-        n = self._fit(len(empty.BYTES), limit, len(image) - off, cap)
-        if n <= 0 and off < len(image):
-            raise UploadError(f"device buffer of {limit} bytes cannot carry any image data")
-        return ImageUploadWrite(off=off, data=image[off : off + n], sequence=seq, **extra)
-
     async def upload(
         self,
         image: bytes,
@@ -337,136 +285,14 @@ class SMPSession:
     ) -> UploadStats:
         """Upload ``image`` to the secondary slot, up to W chunks in flight.
 
+        W is ``buf_count - 1`` from the MCUmgr parameters (capped by ``window``; 1 when the
+        device does not report them), chunks fill the device's buffer and the link's MTU.
         The first chunk (``off=0`` with ``len``/``sha``) goes alone: the device may erase the
         slot first, and its answer says where an interrupted upload of the same ``sha`` left
-        off, so a resumed upload starts there. Then chunks are pipelined. Zephyr answers a
-        chunk whose ``off`` is not the one it expects with the offset it expects (no error);
-        any such answer, and any timeout, rewinds to the device's offset; answers to chunks
-        sent before the rewind are recognised by sequence number and only update what the
-        device is known to hold. W falls back to 1 after repeated trouble.
+        off, so a resumed upload starts there. See ``gateway/smp/upload.py`` for the protocol
+        (go-back-N on the device's ``off``, adaptive RTO, fallback to W = 1).
         """
-        params = await self.mcumgr_params()
-        w = window if window is not None else max(1, params.buf_count - 1)
-        w = max(1, min(w, 32))
-        limit = self.chunk_limit()
-        sha = hashlib.sha256(image).digest()
-        total = len(image)
-        stats = UploadStats(total=total, window=w)
-        t_start = time.monotonic()
-
-        # first chunk, alone, retried on timeout (idempotent with sha: the device resumes)
-        rsp = await self.request(
-            lambda s: self._chunk_request(image, 0, image_num, sha, limit, chunk_cap, s),
-            timeout_s=first_timeout_s, retries=2,
-        )
-        if rsp.off is None:
-            raise UploadError("device answered the first chunk without an offset")
-        acked = int(rsp.off)
-        first_len = len(self._chunk_request(image, 0, image_num, sha, limit, chunk_cap, 0).data)
-        # the device answers the offset it already holds for this sha (resume) without writing
-        stats.start_offset = 0 if acked == first_len else acked
-        stats.sent_bytes += first_len if stats.start_offset == 0 else 0
-        stats.chunks += 1
-        if acked > total:
-            raise UploadError(f"device reports offset {acked} beyond the image size {total}")
-        if progress:
-            progress(acked, total)
-        last_match = rsp.match
-
-        # pipelined remainder
-        @dataclass
-        class Chunk:
-            off: int
-            end: int
-            sent: float
-            stale: bool = False
-
-        inflight: dict[int, Chunk] = {}
-        futs: dict[int, asyncio.Future[bytes]] = {}
-        reqs: dict[int, ImageUploadWrite] = {}
-        next_off = acked
-        stalls = 0
-        rtt_est = self.srtt if self.srtt is not None else 0.2
-        base_timeout = max(self.timeout_s, 0.1)
-
-        def rto() -> float:
-            return min(base_timeout, max(0.25, 3.0 * rtt_est))
-
-        try:
-            while acked < total:
-                # fill the window (stale chunks still occupy device buffers: they count)
-                next_off = max(next_off, acked)
-                while len(inflight) < w and next_off < total:
-                    req, fut = self._submit(
-                        lambda s, o=next_off: self._chunk_request(image, o, image_num, sha, limit,  # type: ignore[misc]
-                                                                  chunk_cap, s)
-                    )
-                    seq = req.header.sequence
-                    n = len(req.data)
-                    inflight[seq] = Chunk(next_off, next_off + n, time.monotonic())
-                    futs[seq], reqs[seq] = fut, req
-                    stats.chunk_size = max(stats.chunk_size, n)
-                    stats.sent_bytes += n
-                    stats.chunks += 1
-                    next_off += n
-                    await self.transport.send(req.BYTES)
-                if not inflight:
-                    raise UploadError(f"nothing in flight at offset {acked}/{total}")
-                oldest = min(inflight.values(), key=lambda c: c.sent)
-                wait = max(0.0, oldest.sent + rto() - time.monotonic())
-                done, _ = await asyncio.wait(list(futs.values()), timeout=wait,
-                                             return_when=asyncio.FIRST_COMPLETED)
-                if not done:
-                    # the oldest chunk or its answer was lost: rewind to what the device holds
-                    stalls += 1
-                    stats.retransmits += 1
-                    if stalls > max_stalls:
-                        raise UploadError(
-                            f"no progress after {max_stalls} retransmissions at offset {acked}/{total}"
-                        )
-                    if stalls >= 3 and w > 1:
-                        stats.fallbacks.append(f"window {w}->1 after {stalls} timeouts at {acked}")
-                        log.info("device=%s upload: falling back to window 1", self.device_id)
-                        w = 1
-                    for seq in list(inflight):  # forget them; late answers are dropped by seq
-                        self._pending.pop(seq, None)
-                        futs[seq].cancel()
-                        del inflight[seq], futs[seq], reqs[seq]
-                    next_off = acked
-                    rtt_est = min(rtt_est * 2, base_timeout)
-                    continue
-                for fut in done:
-                    seq = next(s for s, f in futs.items() if f is fut)
-                    chunk = inflight.pop(seq)
-                    req = reqs.pop(seq)
-                    del futs[seq]
-                    rsp = self._decode(req, fut.result())
-                    if rsp.off is None:
-                        raise UploadError("device answered a chunk without an offset")
-                    dev_off = int(rsp.off)
-                    if dev_off > total:
-                        raise UploadError(f"device reports offset {dev_off} beyond {total}")
-                    if dev_off > acked:
-                        acked = dev_off
-                        stalls = 0
-                        if progress:
-                            progress(acked, total)
-                    if rsp.match is not None:
-                        last_match = rsp.match
-                    if not chunk.stale:
-                        sample = time.monotonic() - chunk.sent
-                        rtt_est = 0.875 * rtt_est + 0.125 * sample
-                        if dev_off != chunk.end:
-                            # the device expects another offset: everything sent is now moot
-                            stats.rewinds += 1
-                            for c in inflight.values():
-                                c.stale = True
-                            next_off = dev_off
-        finally:
-            for seq, fut in futs.items():
-                self._pending.pop(seq, None)
-                fut.cancel()
-        if last_match is False:
-            raise UploadError("device reports that the uploaded image does not match its sha256")
-        stats.seconds = time.monotonic() - t_start
-        return stats
+        return await WindowedUpload(
+            self, image, image_num=image_num, window=window, chunk_cap=chunk_cap,
+            first_timeout_s=first_timeout_s, progress=progress, max_stalls=max_stalls,
+        ).run()

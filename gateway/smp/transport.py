@@ -83,6 +83,17 @@ class Transport(abc.ABC):
         """Bytes the link adds around a packet of ``packet_len`` (for efficiency figures)."""
         return 0
 
+    # Bytes of the device's netbuf (MCUmgr ``buf_size``) taken by transport framing next to
+    # the SMP packet: 0 for UDP (smp_udp.c copies the datagram), 4 for serial (serial_util.c
+    # decodes the frame length and CRC16 into the same netbuf).
+    netbuf_overhead = 0
+
+    @property
+    def link_rate(self) -> float | None:
+        """Bytes per second the link carries, when known (UART: baud / 10); None otherwise.
+        The upload uses it to tell serialization time from round-trip time."""
+        return None
+
 
 class _UdpProtocol(asyncio.DatagramProtocol):
     def __init__(self, owner: UdpTransport) -> None:
@@ -245,6 +256,12 @@ class SerialTransport(Transport):
     def link_overhead(self, packet_len: int) -> int:
         framed = sum(len(x) for x in smppacket.encode(b"\0" * packet_len, self.line_length))
         return framed - packet_len
+
+    netbuf_overhead = 4
+
+    @property
+    def link_rate(self) -> float | None:
+        return self.baud / 10  # 8N1: 10 bit times per byte
 
     async def open(self) -> None:
         import serial

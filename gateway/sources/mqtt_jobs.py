@@ -75,12 +75,19 @@ class MqttJobsSource(FleetSource):
         self._things: set[str] = set()
         self._pending: dict[str, asyncio.Future[tuple[str, dict[str, Any]]]] = {}
         self._notified: set[str] = set()
+        self.notified = asyncio.Event()  # set when notify-next announces a pending job
         self._stopping = False
 
     # -- connection ----------------------------------------------------------------------
     def _tls_context(self) -> ssl.SSLContext | None:
         if not self.cfg.tls:
             return None
+        from gateway.config import ConfigError
+
+        for key in ("ca_file", "cert_file", "key_file"):
+            p = getattr(self.cfg, key)
+            if p is not None and not Path(p).is_file():
+                raise ConfigError(p, key, "no such file (MQTT TLS)")
         ctx = ssl.create_default_context(cafile=str(self.cfg.ca_file) if self.cfg.ca_file else None)
         if self.cfg.cert_file and self.cfg.key_file:
             ctx.load_cert_chain(str(self.cfg.cert_file), str(self.cfg.key_file))
@@ -188,6 +195,7 @@ class MqttJobsSource(FleetSource):
             if data.get("execution"):
                 log.info("jobs service notified a pending job for %s", thing)
                 self._notified.add(thing)
+                self.notified.set()
             return
         token = data.get("clientToken")
         fut = self._pending.pop(token, None) if isinstance(token, str) else None
@@ -220,6 +228,8 @@ class MqttJobsSource(FleetSource):
     async def check(self, device: DeviceView) -> Offer | None:
         thing = self.thing_name(device)
         self._notified.discard(thing)
+        if not self._notified:
+            self.notified.clear()
         verdict, data = await self._request(
             thing, f"$aws/things/{thing}/jobs/start-next", {"statusDetails": {"gateway": self.gateway_id}}
         )

@@ -86,6 +86,7 @@ class RdfmSource(FleetSource):
         self._auth_locks: dict[str, asyncio.Lock] = {}
         self._waiting: set[str] = set()
         self._logs_supported = cfg.report_logs
+        self.clock = time.monotonic  # for token lifetimes
         self._last_reported: dict[tuple[str, str], tuple[int, int]] = {}
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -174,7 +175,7 @@ class RdfmSource(FleetSource):
         lock = self._auth_locks.setdefault(ident, asyncio.Lock())
         async with lock:
             tok = self._tokens.get(ident)
-            if tok is not None and not force and time.monotonic() < tok.valid_until:
+            if tok is not None and not force and self.clock() < tok.valid_until:
                 return tok.value
             self._tokens.pop(ident, None)
             return await self._authenticate(device, ident)
@@ -226,7 +227,7 @@ class RdfmSource(FleetSource):
             log.info("device %s was accepted by the RDFM server", ident)
             self._waiting.discard(ident)
         margin = min(self.cfg.token_margin_s, float(expires) / 2)
-        self._tokens[ident] = _Token(token, time.monotonic() + float(expires) - margin)
+        self._tokens[ident] = _Token(token, self.clock() + float(expires) - margin)
         log.debug("RDFM token for %s valid for %ss", ident, expires)
         return token
 

@@ -103,28 +103,34 @@ class HawkbitServer:
             return web.Response(status=404)
         data = self.files.files[f"{act.id}-{act.filename}"]
         href = f"{request.scheme}://{request.host}/artifacts/{act.id}-{act.filename}"
-        return web.json_response({
-            "id": str(act.id),
-            "deployment": {
-                "download": "forced",
-                "update": act.update,
-                "chunks": [{
-                    "part": "os",
-                    "version": act.version,
-                    "name": "zephyr-app",
-                    "artifacts": [{
-                        "filename": act.filename,
-                        "hashes": {
-                            "sha1": hashlib.sha1(data).hexdigest(),
-                            "md5": hashlib.md5(data).hexdigest(),
-                            "sha256": hashlib.sha256(data).hexdigest(),
-                        },
-                        "size": len(data),
-                        "_links": {"download-http": {"href": href}},
-                    }],
-                }],
-            },
-        })
+        return web.json_response(
+            {
+                "id": str(act.id),
+                "deployment": {
+                    "download": "forced",
+                    "update": act.update,
+                    "chunks": [
+                        {
+                            "part": "os",
+                            "version": act.version,
+                            "name": "zephyr-app",
+                            "artifacts": [
+                                {
+                                    "filename": act.filename,
+                                    "hashes": {
+                                        "sha1": hashlib.sha1(data).hexdigest(),
+                                        "md5": hashlib.md5(data).hexdigest(),
+                                        "sha256": hashlib.sha256(data).hexdigest(),
+                                    },
+                                    "size": len(data),
+                                    "_links": {"download-http": {"href": href}},
+                                }
+                            ],
+                        }
+                    ],
+                },
+            }
+        )
 
     async def feedback(self, request: web.Request) -> web.Response:
         act = self.actions[int(request.match_info["aid"])]
@@ -132,8 +138,16 @@ class HawkbitServer:
         if act.status not in ("running", "canceling"):
             return web.Response(status=410)
         status = body["status"]
-        assert status["execution"] in ("closed", "proceeding", "canceled", "scheduled", "rejected",
-                                       "resumed", "downloaded", "download")
+        assert status["execution"] in (
+            "closed",
+            "proceeding",
+            "canceled",
+            "scheduled",
+            "rejected",
+            "resumed",
+            "downloaded",
+            "download",
+        )
         assert status["result"]["finished"] in ("success", "failure", "none")
         act.feedback.append(body)
         if status["execution"] == "closed":

@@ -125,9 +125,17 @@ class JobsService:
                 job.updates.append(body)
                 await self._client.publish(
                     topic + "/accepted",
-                    json.dumps({"timestamp": int(time.time()), "clientToken": token,
-                                "executionState": {"status": job.status, "versionNumber": job.version,
-                                                   "statusDetails": job.status_details}}),
+                    json.dumps(
+                        {
+                            "timestamp": int(time.time()),
+                            "clientToken": token,
+                            "executionState": {
+                                "status": job.status,
+                                "versionNumber": job.version,
+                                "statusDetails": job.status_details,
+                            },
+                        }
+                    ),
                     qos=1,
                 )
         async with self.changed:
@@ -137,6 +145,8 @@ class JobsService:
         assert self._client is not None
         await self._client.publish(
             topic + "/rejected",
-            json.dumps({"code": code, "message": message, "clientToken": token, "timestamp": int(time.time())}),
+            json.dumps(
+                {"code": code, "message": message, "clientToken": token, "timestamp": int(time.time())}
+            ),
             qos=1,
         )

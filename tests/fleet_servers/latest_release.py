@@ -18,7 +18,9 @@ from .common import FileStore
 @dataclass
 class ReleaseServer:
     project_key: str = "proj-key-123"
-    releases: dict[tuple[str, str], tuple[str, str]] = field(default_factory=dict)  # (hw, type) -> (ver, file)
+    releases: dict[tuple[str, str], tuple[str, str]] = field(
+        default_factory=dict
+    )  # (hw, type) -> (ver, file)
     queries: list[dict[str, str]] = field(default_factory=list)
     unavailable: list[str] = field(default_factory=list)  # Retry-After values for the next 503s
     files: FileStore = field(default_factory=lambda: FileStore(prefix="/dl"))

@@ -69,7 +69,7 @@ class RdfmServer:
 
     # -- admin side ----------------------------------------------------------------------
     def accept(self, mac: str) -> None:
-        for (m, key) in list(self.registrations):
+        for m, key in list(self.registrations):
             if m == mac:
                 self.devices[mac] = key
                 del self.registrations[(m, key)]
@@ -114,7 +114,7 @@ class RdfmServer:
         scheme, _, params = auth.partition(" ")
         if scheme.lower() != "bearer" or not params.startswith("token="):
             return None
-        return self._verify(params[len("token="):])
+        return self._verify(params[len("token=") :])
 
     # -- device API ----------------------------------------------------------------------
     async def auth_device(self, request: web.Request) -> web.Response:

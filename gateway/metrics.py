@@ -1,0 +1,119 @@
+"""Prometheus metrics: counters/gauges in memory and a tiny ``/metrics`` HTTP endpoint.
+
+Owns what the daemon exposes to Prometheus (text exposition format 0.0.4). The server is a few
+lines on ``asyncio.start_server`` rather than ``prometheus_client``: the gateway needs a
+handful of labelled counters and gauges, one GET handler, and runs in one event loop;
+prometheus_client would add a dependency and a server thread for that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Iterable
+
+log = logging.getLogger("gateway.metrics")
+
+Labels = tuple[tuple[str, str], ...]
+
+
+def _esc(v: str) -> str:
+    return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _fmt_labels(labels: Labels) -> str:
+    if not labels:
+        return ""
+    return "{" + ",".join(f'{k}="{_esc(v)}"' for k, v in labels) + "}"
+
+
+class Metrics:
+    """Labelled counters and gauges; gauges may also be computed at scrape time."""
+
+    def __init__(self, prefix: str = "smpgw") -> None:
+        self.prefix = prefix
+        self._help: dict[str, tuple[str, str]] = {}  # name -> (type, help)
+        self._values: dict[str, dict[Labels, float]] = {}
+        self._collectors: list[Callable[[], Iterable[tuple[str, dict[str, str], float]]]] = []
+
+    def describe(self, name: str, kind: str, text: str) -> None:
+        self._help[name] = (kind, text)
+        self._values.setdefault(name, {})
+
+    def inc(self, name: str, amount: float = 1.0, **labels: str) -> None:
+        key = tuple(sorted(labels.items()))
+        series = self._values.setdefault(name, {})
+        series[key] = series.get(key, 0.0) + amount
+
+    def set(self, name: str, value: float, **labels: str) -> None:
+        self._values.setdefault(name, {})[tuple(sorted(labels.items()))] = value
+
+    def get(self, name: str, **labels: str) -> float:
+        return self._values.get(name, {}).get(tuple(sorted(labels.items())), 0.0)
+
+    def collector(self, fn: Callable[[], Iterable[tuple[str, dict[str, str], float]]]) -> None:
+        """``fn()`` yields (name, labels, value) gauges at every scrape (replacing the series)."""
+        self._collectors.append(fn)
+
+    def render(self) -> str:
+        values = {k: dict(v) for k, v in self._values.items()}
+        for fn in self._collectors:
+            fresh: dict[str, dict[Labels, float]] = {}
+            for name, labels, value in fn():
+                fresh.setdefault(name, {})[tuple(sorted(labels.items()))] = value
+            values.update(fresh)
+        out: list[str] = []
+        for name in sorted(values):
+            full = f"{self.prefix}_{name}"
+            kind, text = self._help.get(name, ("untyped", ""))
+            if text:
+                out.append(f"# HELP {full} {text}")
+            out.append(f"# TYPE {full} {kind}")
+            for key, v in sorted(values[name].items()):
+                num = repr(float(v)) if v != int(v) else str(int(v))
+                out.append(f"{full}{_fmt_labels(key)} {num}")
+        return "\n".join(out) + "\n"
+
+
+class MetricsServer:
+    """``GET /metrics`` on host:port (anything else: 404). HTTP/1.0-style, one request a connection."""
+
+    def __init__(self, metrics: Metrics, host: str, port: int) -> None:
+        self.metrics, self.host, self.port = metrics, host, port
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        log.info("metrics listening=http://%s:%d/metrics", self.host, self.port)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 1.0)
+            self._server = None
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
+            parts = head.split(b"\r\n", 1)[0].split()
+            method, path = (parts[0], parts[1]) if len(parts) >= 2 else (b"", b"")
+            if method in (b"GET", b"HEAD") and path.split(b"?")[0] in (b"/metrics", b"/"):
+                body = self.metrics.render().encode()
+                status, ctype = "200 OK", "text/plain; version=0.0.4; charset=utf-8"
+            else:
+                body, status, ctype = b"not found\n", "404 Not Found", "text/plain"
+            writer.write(f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}"
+                         "\r\nConnection: close\r\n\r\n".encode())
+            if method != b"HEAD":
+                writer.write(body)
+            await writer.drain()
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                ConnectionError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
