@@ -301,10 +301,38 @@ def _format_loc(loc: tuple[int | str, ...], data: Any) -> str:
     return out
 
 
+def _known_keys() -> set[str]:
+    """Every key the schema knows (all models reachable from GatewayConfig)."""
+    seen: set[type] = set()
+    keys: set[str] = set()
+
+    def walk(tp: Any) -> None:
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            if tp in seen:
+                return
+            seen.add(tp)
+            for name, f in tp.model_fields.items():
+                keys.add(name)
+                walk(f.annotation)
+        for arg in getattr(tp, "__args__", ()) or ():
+            walk(arg)
+        meta = getattr(tp, "__origin__", None)
+        if meta is not None:
+            walk(meta)
+
+    walk(GatewayConfig)
+    return keys
+
+
 def _describe(err: Any) -> str:
     typ = err["type"]
     if typ == "extra_forbidden":
-        return "unknown key (check the spelling; see configs/ for the schema)"
+        import difflib
+
+        key = str(err["loc"][-1]) if err.get("loc") else ""
+        close = difflib.get_close_matches(key, sorted(_known_keys()), n=1, cutoff=0.7)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        return f"unknown key {key!r} ({hint}check the spelling; see configs/ for the schema)"
     if typ == "missing":
         return "required key is missing"
     msg = str(err["msg"])

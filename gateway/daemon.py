@@ -23,14 +23,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import random
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gateway.config import BleTransport, DeviceConfig, GatewayConfig, SerialTransport, UdpTransport
+from gateway.config import (
+    BleTransport,
+    ConfigError,
+    DeviceConfig,
+    GatewayConfig,
+    SerialTransport,
+    UdpTransport,
+)
 from gateway.engine import Outcome, Slots, Status, Step, UpdateEngine
 from gateway.images import ImageRefused, ImageStore, VerifiedImage
 from gateway.journal import Journal
@@ -104,7 +113,14 @@ class Gateway:
                  on_progress: ProgressFn | None = None, notifier: Notifier | None = None) -> None:
         self.cfg = cfg
         cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        keys = [TrustedKey.load(p) for p in cfg.trusted_keys]
+        keys = []
+        for i, p in enumerate(cfg.trusted_keys):
+            try:
+                keys.append(TrustedKey.load(p))
+            except (ValueError, OSError) as exc:
+                raise ConfigError(cfg.config_path or "<config>", f"trusted_keys[{i}]",
+                                  f"{exc}; give a PEM public or private key (imgtool getpub / "
+                                  "imgtool keygen) that the gateway user can read") from exc
         self.store = ImageStore(cfg.state_dir / "images", keys)
         self.journal = Journal(cfg.state_dir / "journal.sqlite")
         self.source = source or build_source(cfg)
@@ -230,6 +246,10 @@ class Gateway:
             out = self._fail(dev, UpdateResult.CONNECTION_LOST, f"{type(exc).__name__}: {exc}")
         except (SMPError, UploadError) as exc:
             out = self._fail(dev, UpdateResult.UPDATE_FAILED, str(exc))
+        except (OSError, sqlite3.Error) as exc:  # the gateway's own disk (ENOSPC, EROFS, EACCES)
+            out = self._fail(dev, UpdateResult.UPDATE_FAILED,
+                             f"gateway state directory {self.cfg.state_dir}: {exc}; free space or "
+                             "fix permissions there (the update stopped before its next step)")
         return await self.final(offer, out) if offer else self._count(out)
 
     async def plan(self, dev: DeviceConfig, session: SMPSession) -> Plan | Outcome:
@@ -237,6 +257,7 @@ class Gateway:
 
         An Outcome when there is nothing to do (up to date, blocked) or it cannot be done.
         """
+        await self.flush_unreported(dev)
         engine = self.engine(dev, session)
         slots = await engine.read_slots()
         self.journal.put(engine.entry, "read")  # running version/hash for `status`
@@ -244,7 +265,9 @@ class Gateway:
             offer, resume_path = await self._target(dev, slots)
         except Exception as exc:
             self.metrics.inc("source_errors_total", source=self.source.name, op="check")
-            return self._fail(dev, UpdateResult.CONNECTION_LOST, f"source check: {exc}")
+            return self._fail(dev, UpdateResult.CONNECTION_LOST,
+                              f"source check ({self.source.name}): {exc}; check the source's url "
+                              "in the config and the network (the device was not touched)")
         if offer is None and slots.active is not None and not slots.active.confirmed:
             # e.g. someone else's test boot: it is not settled, and not ours to confirm
             return self._fail(dev, UpdateResult.UPDATE_FAILED,
@@ -333,8 +356,11 @@ class Gateway:
     # -- outcomes, reports, metrics ----------------------------------------------------------
     def _fail(self, dev: DeviceConfig, result: UpdateResult, detail: str) -> Outcome:
         log.error("device=%s failed result=%s detail=%r", dev.id, result.name, detail)
-        entry = self.journal.get(dev.id)
-        self.journal.put(entry.with_(last_error=detail), detail)
+        try:
+            entry = self.journal.get(dev.id)
+            self.journal.put(entry.with_(last_error=detail), detail)
+        except sqlite3.Error as exc:  # a full disk must not hide the outcome
+            log.error("device=%s journal not written: %s", dev.id, exc)
         return Outcome(dev.id, Status.FAILED, result, detail)
 
     def _count(self, out: Outcome) -> Outcome:
@@ -356,19 +382,44 @@ class Gateway:
                 self.on_progress(device_id, step.value, off, total)
         return cb
 
-    async def _report(self, offer: Offer, report: Report) -> None:
+    async def _report(self, offer: Offer, report: Report) -> bool:
         try:
             await self.source.report(offer, report)
+            return True
         except Exception as exc:  # a report that fails must not fail the update
             self.metrics.inc("source_errors_total", source=self.source.name, op="report")
             log.warning("device=%s report to %s failed: %s", offer.device_id, self.source.name, exc)
+            return False
 
     async def final(self, offer: Offer | None, out: Outcome) -> Outcome:
         self._count(out)
         if offer is not None and out.status != Status.HELD:
-            await self._report(offer, Report(UpdateState.IDLE, out.result, 1.0 if out.ok else None,
-                                             f"{out.status.value}: {out.detail}"))
+            sent = await self._report(offer, Report(UpdateState.IDLE, out.result,
+                                                    1.0 if out.ok else None,
+                                                    f"{out.status.value}: {out.detail}"))
+            entry = self.journal.get(out.device_id)
+            if sent and entry.unreported is not None:
+                self.journal.put(entry.with_(unreported=None), "final report delivered")
         return out
+
+    async def flush_unreported(self, dev: DeviceConfig) -> None:
+        """A final report journaled but never delivered (gateway killed, source down): send it."""
+        entry = self.journal.get(dev.id)
+        if entry.unreported is None:
+            return
+        try:
+            data = json.loads(entry.unreported)
+            result = UpdateResult(int(data["result"]))
+            detail = str(data["detail"])
+        except (ValueError, KeyError, TypeError):
+            self.journal.put(entry.with_(unreported=None), "unreadable pending report dropped")
+            return
+        offer = self.offer_from_journal(dev)
+        ok = result == UpdateResult.SUCCESS
+        log.info("device=%s sending the final report of the previous run: %s", dev.id, detail)
+        if await self._report(offer, Report(UpdateState.IDLE, result, 1.0 if ok else None, detail)):
+            self.journal.put(self.journal.get(dev.id).with_(unreported=None),
+                             "final report delivered after restart")
 
     def _describe_metrics(self) -> None:
         m = self.metrics

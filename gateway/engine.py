@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 from smp.image_management import ImageState
 
 from gateway.config import DeviceConfig
-from gateway.images import ImageRefused, VerifiedImage, preflight
+from gateway.images import ImageRefused, VerifiedImage, known_security_counter, preflight
 from gateway.journal import Entry, Journal
 from gateway.mcuboot import Version
 from gateway.smp.session import SMPError, SMPSession, SMPTimeout, UploadError
@@ -161,7 +162,9 @@ class UpdateEngine:
         step = {Status.UPDATED: Step.DONE, Status.UP_TO_DATE: Step.DONE, Status.REFUSED: Step.REFUSED,
                 Status.ROLLED_BACK: Step.ROLLED_BACK, Status.FAILED: Step.FAILED}[status]
         self._step(step, detail, outcome=status.value,
-                   last_error=None if status in (Status.UPDATED, Status.UP_TO_DATE) else detail)
+                   last_error=None if status in (Status.UPDATED, Status.UP_TO_DATE) else detail,
+                   unreported=json.dumps({"result": int(result),
+                                          "detail": f"{status.value}: {detail}"}))
         sent, secs, resumed = self.upload
         return _Finish(Outcome(self.dev.id, status, result, detail, old_version=old,
                                new_version=str(image.version) if image else None,
@@ -325,7 +328,9 @@ class UpdateEngine:
         try:
             preflight(image, device_id=self.dev.id, hardware=self.dev.hardware,
                       slot_size=self.dev.slot_size, running=slots.active_version,
-                      running_hash=slots.active_hash, allow_downgrade=self.dev.allow_downgrade)
+                      running_hash=slots.active_hash, allow_downgrade=self.dev.allow_downgrade,
+                      running_security_counter=known_security_counter(image.path.parent,
+                                                                      slots.active_hash))
         except ImageRefused as exc:
             raise self._finish(Status.REFUSED, exc.reason.lwm2m, str(exc), image, old_v) from None
 
@@ -524,5 +529,7 @@ class UpdateEngine:
         else:
             detail = (f"rollback: MCUboot refused {image.version} at boot (signature or validation "
                       f"failed on the device; its secondary slot was erased); still running "
-                      f"{slots.active.version if slots.active else '?'}")
+                      f"{slots.active.version if slots.active else '?'}. Check that the image is "
+                      "signed with the key the device's MCUboot was built with (the gateway's "
+                      "trusted_keys accept it, the bootloader does not)")
         raise self._finish(Status.ROLLED_BACK, UpdateResult.UPDATE_FAILED, detail, image, old_v)

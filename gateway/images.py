@@ -149,6 +149,23 @@ class ImageStore:
         return img
 
 
+def known_security_counter(store_dir: Path, image_hash: bytes | None) -> int | None:
+    """The security counter of an image the store holds (by its hash TLV), else None.
+
+    This is how the gateway learns the *running* image's counter: img_mgmt reports only the
+    version and hash, but an image this gateway installed (or was given) is in its store.
+    """
+    if not image_hash:
+        return None
+    try:
+        info = parse_image((store_dir / f"{image_hash.hex()}.bin").read_bytes())
+    except (OSError, ImageFormatError):
+        return None
+    if info.hash != image_hash or not info.hash_valid:
+        return None
+    return info.security_counter
+
+
 def preflight(
     image: VerifiedImage,
     *,
@@ -164,14 +181,17 @@ def preflight(
     if image.hardware is not None and image.hardware != hardware:
         raise ImageRefused(Refusal.WRONG_HARDWARE,
                            f"image is built for hardware {image.hardware!r}; "
-                           f"device {device_id} is {hardware!r}")
+                           f"device {device_id} is {hardware!r} (fix the image's hardware in the "
+                           "update source, or the device's hardware in the gateway config)")
     if image.info.is_encrypted:
         raise ImageRefused(Refusal.ENCRYPTED, "encrypted images are not supported yet")
     if slot_size is not None:
         # MCUboot swap needs the image plus its trailer to fit; the trailer is at the slot's end
         if image.size > slot_size:
             raise ImageRefused(Refusal.TOO_LARGE,
-                               f"image is {image.size} bytes, device {device_id}'s slot holds {slot_size}")
+                               f"image is {image.size} bytes, device {device_id}'s slot holds "
+                               f"{slot_size}: build a smaller image or check slot_size in the config "
+                               "against the device's partition table")
     if running is not None and running_hash != image.hash and not allow_downgrade:
         if image.version <= running:
             raise ImageRefused(Refusal.NOT_NEWER,

@@ -42,6 +42,9 @@ class Entry:
     # source offers a different artifact
     blocked_hash: str | None = None
     blocked_artifact: str | None = None
+    # the final report (JSON {"result", "detail"}) journaled with the outcome and cleared once
+    # the source has it: a gateway killed in between sends it after the restart (none lost)
+    unreported: str | None = None
     updated_at: float = 0.0
 
     def with_(self, **changes: object) -> Entry:

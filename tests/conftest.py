@@ -21,3 +21,77 @@ def bench_factory(tmp_path: Path) -> Callable[..., Bench]:
         return make_bench(tmp_path / f"bench{count[0]}", **kw)
 
     return make
+
+
+# --- reliability matrix: rows from tests/test_faults*.py -> docs/reliability.md ------------------
+_RELIABILITY_ROWS: list[dict[str, Any]] = []
+RELIABILITY_DOC = Path(__file__).resolve().parents[1] / "docs" / "reliability.md"
+
+
+@pytest.fixture(scope="session")
+def reliability() -> list[dict[str, Any]]:
+    """Fault tests append one row per case (see tests/test_faults.py ``Verdict``)."""
+    return _RELIABILITY_ROWS
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _RELIABILITY_ROWS:
+        write_reliability_doc(_RELIABILITY_ROWS, RELIABILITY_DOC)
+
+
+def write_reliability_doc(rows: list[dict[str, Any]], path: Path) -> None:
+    import time
+
+    rows = sorted(rows, key=lambda r: r["case"])
+    unbootable = sum(1 for r in rows if not r["bootable"])
+    unverified = sum(int(r["unverified_bytes"]) for r in rows)
+    bad_reports = sum(1 for r in rows if not r["report_ok"])
+    seconds = sum(float(r["seconds"]) for r in rows)
+    lines = [
+        "# Reliability matrix",
+        "",
+        "Written by the test run (`pytest tests/test_faults.py tests/test_faults_kill.py`, hook "
+        "`pytest_sessionfinish` in `tests/conftest.py`); do not edit by hand.",
+        f"Last run: {time.strftime('%Y-%m-%d %H:%M:%S')}, {len(rows)} cases, "
+        f"{seconds:.0f} s of fault tests.",
+        "",
+        "Every case runs the real gateway (`Gateway.run_once`, or `smp-gateway run --once` as a "
+        "subprocess for the SIGKILL cases) against the simulator (Zephyr smp_svr + MCUboot swap "
+        "model) with the fault injected, then checks, *after a final power cycle of the device*:",
+        "",
+        "- **bootable**: the device boots and serves SMP on a *confirmed* image "
+        "(the worst moment for a reset is any moment, so the check ends with one);",
+        "- **confirmed**: the version it then runs (the target if the gateway reported success, "
+        "the previous image otherwise);",
+        "- **report ok**: every outcome the source was told matches what the device ended up "
+        "running (no success for an image that is not confirmed on the device, no failure for one "
+        "that is), and every attempt that got an offer was reported (nothing lost);",
+        "- **unverified bytes**: bytes the device received for an upload whose SHA-256 is not "
+        "that of an image the gateway verified (structure, hash, signature) first.",
+        "",
+        "## Totals",
+        "",
+        f"- cases: {len(rows)}",
+        f"- devices left unbootable: **{unbootable}**",
+        f"- unverified bytes uploaded: **{unverified}**",
+        f"- lost or false reports: **{bad_reports}**",
+        "",
+        "## Cases",
+        "",
+        "| case | link | faults injected (as counted by the simulator) | gateway outcome(s) "
+        "| bootable | confirmed image | report ok | unverified bytes | s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['case']} | {r['link']} | {r['faults']} | {r['outcomes']} | "
+            f"{'yes' if r['bootable'] else '**NO**'} | {r['confirmed']} | "
+            f"{'yes' if r['report_ok'] else '**NO**'} | {r['unverified_bytes']} | "
+            f"{float(r['seconds']):.1f} |"
+        )
+    notes = [r for r in rows if r.get("note")]
+    if notes:
+        lines += ["", "## Notes", ""]
+        lines += [f"- **{r['case']}**: {r['note']}" for r in notes]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")

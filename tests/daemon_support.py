@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import sqlite3
 import sys
 from collections.abc import Callable
@@ -42,7 +43,7 @@ class SimProcess:
                                                 sort_keys=False))
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "gateway.sim", "--config", str(self.cfg_path), "--log-level", "INFO",
-            stdout=asyncio.subprocess.PIPE, stderr=open(self.log_path, "wb"))  # noqa: SIM115
+            stdout=asyncio.subprocess.PIPE, stderr=open(self.log_path, "wb"))
         assert self.proc.stdout is not None
         while True:  # the simulator announces its endpoints file once every device is up
             line = (await asyncio.wait_for(self.proc.stdout.readline(), 60)).decode()
@@ -92,10 +93,45 @@ def gateway_yaml(bench: Bench, endpoints: dict[str, dict[str, Any]], path: Path,
     return path
 
 
+class NotifySocket:
+    """A real ``$NOTIFY_SOCKET``: a unix datagram socket the test binds, as systemd does."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        if path.exists():
+            path.unlink()
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.setblocking(False)
+        self.messages: list[str] = []
+
+    async def recv(self, within: float) -> str:
+        loop = asyncio.get_running_loop()
+        data = await asyncio.wait_for(loop.sock_recv(self.sock, 65536), within)
+        msg = data.decode()
+        self.messages.append(msg)
+        return msg
+
+    async def wait_for(self, key: str, within: float) -> str:
+        """The next datagram containing the line ``key`` (e.g. ``READY=1``)."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + within
+        while True:
+            msg = await self.recv(max(0.01, end - loop.time()))
+            if key in msg.splitlines():
+                return msg
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 class GatewayProcess:
-    def __init__(self, cfg_path: Path, log_path: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, cfg_path: Path, log_path: Path, env: dict[str, str] | None = None,
+                 notify: NotifySocket | None = None) -> None:
         self.cfg_path, self.log_path = cfg_path, log_path
         self.env = {**os.environ, **(env or {})}
+        if notify is not None:
+            self.env["NOTIFY_SOCKET"] = str(notify.path)
         self.proc: asyncio.subprocess.Process | None = None
 
     async def start(self) -> None:
@@ -110,10 +146,10 @@ class GatewayProcess:
             self.proc.kill()
         await self.proc.wait()
 
-    async def terminate(self, timeout: float) -> int:
+    async def terminate(self, within: float) -> int:
         assert self.proc is not None
         self.proc.terminate()
-        return await asyncio.wait_for(self.proc.wait(), timeout)
+        return await asyncio.wait_for(self.proc.wait(), within)
 
 
 def journal_rows(state_dir: Path) -> list[dict[str, Any]]:
@@ -132,10 +168,10 @@ def journal_rows(state_dir: Path) -> list[dict[str, Any]]:
 
 
 async def watch_journal(state_dir: Path, pred: Callable[[list[dict[str, Any]]], bool],
-                        timeout: float, every: float = 0.02) -> list[dict[str, Any]] | None:
-    """Poll the journal until ``pred(rows)``; the rows, or None after ``timeout``."""
+                        within: float, every: float = 0.02) -> list[dict[str, Any]] | None:
+    """Poll the journal until ``pred(rows)``; the rows, or None after ``within`` seconds."""
     loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
+    end = loop.time() + within
     while loop.time() < end:
         rows = journal_rows(state_dir)
         if rows and pred(rows):

@@ -25,15 +25,26 @@ What it fakes (behaviour copied from the sources named in each module):
   (beyond that, UDP requests are dropped like an exhausted netbuf pool); requests larger
   than ``buf_size`` are dropped.
 * Application knobs: self-confirm after a delay, crash (watchdog) or hang on given
-  versions, one reboot when an upload passes an offset, boot time.
+  versions (``hang_watchdog_s``: the hung image's watchdog resets it, so MCUboot reverts),
+  one reboot when an upload passes an offset, boot time.
+* MCUboot swap progress: the swap runs sector by sector (``swap_sector_size``) with its
+  progress persisted in flash; a boot finds an interrupted swap and resumes it.
+* Faults (``faults``): power cut once mid-swap (``power_cut_during_swap``), a reset after
+  which the device stays off until power-cycled (``dead_after_reset``), the serial cable
+  pulled mid-upload and plugged back at the same path (``unplug_during_upload_at``),
+  broken responses (``response_faults``: malformed CBOR, truncated, wrong sequence number,
+  wrong group, oversized), firmware without image management (``img_mgmt_supported``).
 
 What it leaves out:
 
 * BLE transport; SMP groups other than OS and image (stats, settings, fs, shell, enum);
   OS taskstat, mpstat, datetime; reset ``force``/``boot_mode``; the MCUmgr callback hooks.
 * Multi-image (only image 0, slots 0 and 1), direct-XIP, overwrite-only, RAM-load and
-  the scratch area: a swap is an instant exchange of the two slots, so an interrupted
-  swap (power lost mid-swap) and MCUboot's swap-status resume are not modelled.
+  the scratch area: a swap exchanges the slots sector by sector (each sector step atomic),
+  so power can be cut *between* sectors (and the swap resumes), not in the middle of one
+  sector's erase/copy as on real flash; the status lives in trailer.json, not in the slots.
+* Power loss at any other moment than mid-swap (e.g. mid flash write during an upload);
+  a cable pull that also resets a USB-powered device (the device keeps running).
 * Encrypted images, downgrade prevention, hardware rollback counters, dependency TLVs.
 * Flash timing beyond two knobs: ``request_processing_s`` (device time per request) and
   ``flash_write_bps`` (upload chunk write speed); erases are instantaneous.

@@ -134,12 +134,13 @@ class BleEndpoint:
         """Reset: let answers already on their way leave, then the radio goes silent."""
         self._up = False
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + NOTIFY_DRAIN_S
-        while loop.time() < deadline and (
-            self.dev.rsp_pipe.busy_until > loop.time()
-            or any(c.alive and (not c.queue.empty()) for c in self._conns.values())
-        ):
-            await asyncio.sleep(0.01)
+        in_pipe = self.dev.rsp_pipe.busy_until - loop.time()
+        if in_pipe > 0:
+            await asyncio.sleep(min(in_pipe, NOTIFY_DRAIN_S))
+        queues = [c.queue.join() for c in self._conns.values() if c.alive]
+        if queues:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*queues), NOTIFY_DRAIN_S)
         self.dev.rsp_pipe.clear()
         if self.device is None:
             return
@@ -194,7 +195,7 @@ class BleEndpoint:
         if was_current:
             self.dev.log.info("ble disconnected (reason 0x%02X)", reason)
             self.dev.counters["ble_disconnections"] += 1
-        if self._up and self.dev.state == "running":  # smp_svr: recycled -> advertise again
+        if self._up:  # smp_svr: connection recycled -> advertise again
             task = asyncio.get_running_loop().create_task(self._advertise())
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
@@ -235,13 +236,17 @@ class BleEndpoint:
     async def _sender(self, c: _Conn) -> None:
         while True:
             rsp = await c.queue.get()
-            step = max(1, c.connection.att_mtu - ATT_WRITE_OVERHEAD)
-            for off in range(0, len(rsp), step):
-                if not c.alive or self.device is None:
-                    return
-                try:
-                    await self.device.notify_subscriber(c.connection, self._char, rsp[off : off + step])
-                except Exception as exc:
-                    self.dev.log.debug("ble notify failed: %s", exc)
-                    return
-                self.dev.counters["ble_notifications"] += 1
+            try:
+                step = max(1, c.connection.att_mtu - ATT_WRITE_OVERHEAD)
+                for off in range(0, len(rsp), step):
+                    if not c.alive or self.device is None:
+                        return
+                    try:
+                        await self.device.notify_subscriber(c.connection, self._char,
+                                                            rsp[off : off + step])
+                    except Exception as exc:
+                        self.dev.log.debug("ble notify failed: %s", exc)
+                        return
+                    self.dev.counters["ble_notifications"] += 1
+            finally:
+                c.queue.task_done()

@@ -37,6 +37,17 @@ class SerialTransportConfig(_Model):
     baud: int | None = Field(default=None, gt=0)  # paces both directions at baud/10 bytes/s
 
 
+class BleTransportConfig(_Model):
+    """SMP over BLE: a Bumble GATT peripheral (gateway/sim/ble.py)."""
+
+    name: str | None = None  # advertised name, CONFIG_BT_DEVICE_NAME (default: the device id)
+    address: str | None = None  # random static BD_ADDR (default: derived from the device id)
+    hci: str = "link:smp-sim"  # bumble HCI transport; link:NAME = in-process virtual link NAME
+    mtu: int = Field(default=498, ge=23, le=517)  # largest ATT MTU accepted (CONFIG_BT_L2CAP_TX_MTU)
+    reassembly: bool = True  # CONFIG_MCUMGR_TRANSPORT_BT_REASSEMBLY
+    advertising_interval_ms: float = Field(default=50.0, ge=20)
+
+
 class LinkConfig(_Model):
     """Link emulation. Every direction is a FIFO pipe: serialization delay accumulates."""
 
@@ -74,6 +85,7 @@ class SimDeviceConfig(_Model):
     id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
     udp: UdpTransportConfig | None = None
     serial: SerialTransportConfig | None = None
+    ble: BleTransportConfig | None = None
     slot_size: int = Field(default=0x40000, gt=0)
     key: Path | None = None  # PEM the device's MCUboot trusts; None = no signature check
     initial_image: Path | None = None  # signed image provisioned (confirmed) in an empty flash
@@ -113,8 +125,8 @@ class SimDeviceConfig(_Model):
 
     @model_validator(mode="after")
     def _one_transport(self) -> SimDeviceConfig:
-        if (self.udp is None) == (self.serial is None):
-            raise ValueError(f"device {self.id}: configure exactly one of 'udp' or 'serial'")
+        if sum(t is not None for t in (self.udp, self.serial, self.ble)) != 1:
+            raise ValueError(f"device {self.id}: configure exactly one of 'udp', 'serial' or 'ble'")
         return self
 
     @property

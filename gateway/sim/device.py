@@ -15,7 +15,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from smp import packet as smppacket
 from smp.exceptions import SMPBadContinueDelimiter, SMPBadCRC, SMPBadStartDelimiter
@@ -27,6 +27,9 @@ from gateway.sim.faults import Faults, PowerCut
 from gateway.sim.flash import Flash, Trailer
 from gateway.sim.link import Pipe
 from gateway.sim.smp_server import SmpServer
+
+if TYPE_CHECKING:
+    from gateway.sim.ble import BleEndpoint
 
 logger = logging.getLogger("gateway.sim")
 
@@ -90,9 +93,13 @@ class SimDevice:
         self._waiters: list[tuple[Callable[[SimDevice], bool], asyncio.Future[None]]] = []
         self._upload_reboot_done = False
         self._reboot_task: asyncio.Task[None] | None = None
-        self.transport: UdpEndpoint | PtyEndpoint
+        self.transport: UdpEndpoint | PtyEndpoint | BleEndpoint
         if cfg.udp is not None:
             self.transport = UdpEndpoint(self, cfg.udp.host, cfg.udp.port)
+        elif cfg.ble is not None:
+            from gateway.sim.ble import BleEndpoint  # imports bumble: only when used
+
+            self.transport = BleEndpoint(self, cfg.ble)
         else:
             self.transport = PtyEndpoint(self)
 

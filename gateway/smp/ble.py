@@ -36,6 +36,7 @@ import abc
 import asyncio
 import contextlib
 import logging
+import os
 import weakref
 import zlib
 from collections.abc import AsyncIterator, Callable
@@ -160,8 +161,9 @@ def _bluez_unavailable(exc: BaseException, adapter: str) -> BleUnavailable | Non
     text = str(exc) or type(exc).__name__
     name = type(exc).__name__
     if isinstance(exc, OSError) or "system_bus_socket" in text or name == "AuthError":
-        what = "the D-Bus system bus (unix:path=/run/dbus/system_bus_socket) is"
-    elif "ServiceUnknown" in text or "org.bluez" in text and "not provided" in text:
+        bus = os.environ.get("DBUS_SYSTEM_BUS_ADDRESS", "unix:path=/run/dbus/system_bus_socket")
+        what = f"the D-Bus system bus ({bus}) is"
+    elif "ServiceUnknown" in text or ("org.bluez" in text and "not provided" in text):
         what = "the BlueZ daemon (bluetoothd, D-Bus name org.bluez) is"
     elif "adapter" in text.lower() and ("not found" in text.lower() or "no bluetooth" in text.lower()):
         what = f"the Bluetooth adapter {adapter} is"
@@ -199,7 +201,7 @@ class BleakGattClient(GattClient):
 
         try:
             dev = await self._bleak.BleakScanner.find_device_by_filter(
-                match, timeout=timeout_s, service_uuids=None, bluez={"adapter": self.cfg.adapter}
+                match, timeout=timeout_s, bluez={"adapter": self.cfg.adapter}
             )
         except Exception as exc:
             raise self._wrap(exc, f"scan on {self.cfg.adapter}") from exc
@@ -301,7 +303,8 @@ async def open_bumble_hci(spec: str, label: str = "hci") -> BumbleHci:
     try:
         transport = await open_transport(spec)
     except Exception as exc:
-        raise BleUnavailable(f"cannot open the bumble HCI transport {spec!r}: {type(exc).__name__}: {exc}") from exc
+        raise BleUnavailable(
+            f"cannot open the bumble HCI transport {spec!r}: {type(exc).__name__}: {exc}") from exc
     return BumbleHci(transport.source, transport.sink, transport.close)
 
 

@@ -39,7 +39,8 @@ from smpclient.requests.os_management import (
 from gateway.smp.transport import Transport, TransportError
 from gateway.smp.upload import UploadError, UploadStats, WindowedUpload
 
-__all__ = ["McumgrParams", "SMPError", "SMPSession", "SMPTimeout", "UploadError", "UploadStats"]
+__all__ = ["McumgrParams", "SMPError", "SMPProtocolError", "SMPSession", "SMPTimeout", "UploadError",
+           "UploadStats"]
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,12 @@ class SMPError(Exception):
     @property
     def not_supported(self) -> bool:
         return self.group is None and self.rc == smperr.MGMT_ERR.ENOTSUP
+
+
+class SMPProtocolError(SMPError):
+    """The answer is not a well-formed SMP response to the request (bad header, length, CBOR,
+    group/command/op of another request, fields of the wrong type). Unlike an error the device
+    chose to return, it says nothing about the device's state: idempotent requests retry it."""
 
 
 class SMPTimeout(TimeoutError):
@@ -162,31 +169,61 @@ class SMPSession:
         return req, fut
 
     def _decode(self, req: Any, frame: bytes) -> Any:
+        """The response model for ``req`` from ``frame``; SMPError (device error) or
+        SMPProtocolError (not a valid answer to ``req``) - never another exception type."""
+        name = type(req).__name__
+
+        def bad(why: str) -> SMPProtocolError:
+            return SMPProtocolError(name, None, smperr.MGMT_ERR.EUNKNOWN, why)
+
         try:
             hdr = smphdr.Header.loads(frame[: smphdr.Header.SIZE])
-        except (ValueError, AssertionError) as exc:
-            raise SMPError(type(req).__name__, None, smperr.MGMT_ERR.EUNKNOWN, f"bad header: {exc}") from exc
+        except Exception as exc:  # ValueError/AssertionError/struct.error on short or odd headers
+            raise bad(f"bad header: {exc}") from exc
+        rh = req.header
+        if (int(hdr.group_id) != int(rh.group_id) or hdr.command_id != rh.command_id
+                or int(hdr.op) != int(rh.op) + 1):
+            raise bad(f"answer to another request (op {int(hdr.op)} group {int(hdr.group_id)} "
+                      f"command {hdr.command_id})")
+        if len(frame) - smphdr.Header.SIZE < hdr.length:
+            raise bad(f"truncated: header announces {hdr.length} bytes, "
+                      f"{len(frame) - smphdr.Header.SIZE} present")
         import cbor2
 
         try:
             body = cbor2.loads(frame[smphdr.Header.SIZE : smphdr.Header.SIZE + hdr.length])
         except Exception as exc:
-            raise SMPError(type(req).__name__, None, smperr.MGMT_ERR.EUNKNOWN, f"bad CBOR: {exc}") from exc
+            raise bad(f"bad CBOR: {exc}") from exc
         if not isinstance(body, dict):
-            raise SMPError(type(req).__name__, None, smperr.MGMT_ERR.EUNKNOWN, "response is not a map")
+            raise bad("response is not a map")
         err = body.get("err")
         if isinstance(err, dict) and "rc" in err:
-            if err["rc"] != 0:
-                raise SMPError(type(req).__name__, int(err.get("group", -1)), int(err["rc"]))
+            rc_e, grp = err["rc"], err.get("group", -1)
+            if not isinstance(rc_e, int) or not isinstance(grp, int):
+                raise bad(f"malformed err field: {err!r}")
+            if rc_e != 0:
+                raise SMPError(name, grp, rc_e)
         rc = body.get("rc")
         if isinstance(rc, int) and rc != 0 and set(body) <= {"rc", "rsn"}:
-            raise SMPError(type(req).__name__, None, rc, body.get("rsn"))
+            rsn = body.get("rsn")
+            raise SMPError(name, None, rc, rsn if isinstance(rsn, str) else None)
         try:
             return req._Response.load(hdr, {k: v for k, v in body.items() if k != "err"})
         except Exception as exc:
-            raise SMPError(
-                type(req).__name__, None, smperr.MGMT_ERR.EUNKNOWN, f"malformed response: {exc}"
-            ) from exc
+            raise bad(f"malformed response: {exc}") from exc
+
+    def _no_answer_hint(self) -> str:
+        """Where the request went and what an operator should check (for SMPTimeout)."""
+        t = self.transport
+        addr = getattr(t, "address", "?")
+        if t.name == "udp":
+            return (f" from {addr} (UDP): check that the device is powered and on the network, "
+                    "that host/port in the gateway config are its SMP UDP server (port 1337 by "
+                    "default) and that no firewall drops UDP")
+        if t.name == "serial":
+            return (f" on {addr}: check the baud rate and that the firmware enables the MCUmgr "
+                    "UART transport (CONFIG_MCUMGR_TRANSPORT_UART) on this port")
+        return f" via {t.name} {addr}"
 
     async def request(
         self, factory: Callable[[int], Any], *, timeout_s: float | None = None, retries: int = 0
@@ -214,8 +251,15 @@ class SMPSession:
                 raise
             rtt = time.monotonic() - t0
             self.srtt = rtt if self.srtt is None else 0.875 * self.srtt + 0.125 * rtt
-            return self._decode(req, frame)
-        raise SMPTimeout(f"{self.device_id}: no answer to {name} within {timeout:g}s x{retries + 1}")
+            try:
+                return self._decode(req, frame)
+            except SMPProtocolError as exc:
+                if attempt == retries:
+                    raise
+                log.warning("device=%s %s: unusable answer (%s); asking again", self.device_id,
+                            name, exc.rsn)
+        raise SMPTimeout(f"{self.device_id}: no answer to {name} within {timeout:g}s x{retries + 1}"
+                         f"{self._no_answer_hint()}")
 
     # -- typed helpers -------------------------------------------------------------------
     async def echo(self, text: str = "ping", timeout_s: float | None = None, retries: int = 0) -> str:
@@ -224,8 +268,16 @@ class SMPSession:
         return str(rsp.r)
 
     async def image_state(self, timeout_s: float | None = None, retries: int = 2) -> list[ImageState]:
-        rsp = await self.request(lambda s: ImageStatesRead(sequence=s), timeout_s=timeout_s,
-                                 retries=retries)
+        try:
+            rsp = await self.request(lambda s: ImageStatesRead(sequence=s), timeout_s=timeout_s,
+                                     retries=retries)
+        except SMPError as exc:
+            if exc.not_supported:
+                raise SMPError(exc.request, exc.group, exc.rc,
+                               f"{self.device_id} has no image management: its firmware must be "
+                               "built with CONFIG_MCUMGR_GRP_IMG=y (and CONFIG_IMG_MANAGER=y) to be "
+                               "updated over SMP") from exc
+            raise
         return list(rsp.images)
 
     async def image_test(self, hash_: bytes, retries: int = 2) -> list[ImageState]:
@@ -246,7 +298,7 @@ class SMPSession:
         try:
             await self.request(lambda s: ResetWrite(sequence=s), timeout_s=timeout_s)
             return True
-        except SMPTimeout:
+        except (SMPTimeout, SMPProtocolError):
             return False
 
     async def mcumgr_params(self, timeout_s: float | None = None) -> McumgrParams:

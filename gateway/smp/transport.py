@@ -365,5 +365,6 @@ def _explain_serial_error(port: str, exc: Exception) -> str:
         return (f"permission denied on {port}: add the gateway's user to the 'dialout' group "
                 "(the systemd unit does this with SupplementaryGroups=dialout)")
     if "exclusively lock" in text or err in (errno.EAGAIN, errno.EWOULDBLOCK):
-        return f"serial port {port} is in use by another process"
+        return (f"serial port {port} is in use by another process (minicom, screen, another "
+                f"smp-gateway...): close it; `fuser -v {port}` shows which")
     return f"cannot open serial port {port}: {text}"

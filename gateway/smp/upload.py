@@ -187,9 +187,14 @@ class WindowedUpload:
         self.rttvar = r0 / 2
         self.backoff = 1.0
         self._last_progress = (0, 0.0)
-        from gateway.smp.session import SMPError, SMPTimeout  # session imports this module
+        from gateway.smp.session import (  # session imports this module
+            SMPError,
+            SMPProtocolError,
+            SMPTimeout,
+        )
 
         self._SMPError = SMPError
+        self._SMPProtocolError = SMPProtocolError
         self._SMPTimeout = SMPTimeout
 
     # -- sizes -------------------------------------------------------------------------
@@ -307,7 +312,12 @@ class WindowedUpload:
                     exc = f.exception()
                     if exc is not None:
                         raise exc
-                    rsp = s._decode(futs[f][1], f.result())
+                    try:
+                        rsp = s._decode(futs[f][1], f.result())
+                    except self._SMPProtocolError as exc:  # garbled answer: as if lost
+                        log.warning("device=%s upload: unusable answer to the first chunk (%s)",
+                                    s.device_id, exc)
+                        continue
                     if rsp.off is None:
                         raise UploadError("device answered the first chunk without an offset")
                     return int(rsp.off), len(futs[f][1].data), rsp.match
@@ -458,17 +468,39 @@ class WindowedUpload:
                     exc = f.exception()
                     if exc is not None:
                         raise exc
-                    dev_off, match = self._parse(f.result())
+                    try:
+                        dev_off, match = self._parse(f.result())
+                    except self._SMPProtocolError as exc:
+                        # a garbled answer says nothing: treat it as lost, resend from acked
+                        log.warning("device=%s upload: unusable answer (%s); going back to %d",
+                                    s.device_id, exc, acked)
+                        stats.retransmits += 1
+                        stalls += 1
+                        if stalls > self.max_stalls:
+                            raise UploadError(f"{stalls} unusable answers in a row at offset "
+                                              f"{acked}/{total}: {exc}") from exc
+                        for c in inflight.values():
+                            c.stale = True
+                        next_off = acked
+                        continue
                     now = loop.time()
                     if dev_off > total:
                         raise UploadError(f"device reports offset {dev_off} beyond {total}")
                     if dev_off < acked:
-                        if ch.order > acked_order:
-                            # offsets only grow during an upload: the device rebooted (its RAM
-                            # state is gone) or another client started an upload
+                        if ch.order < acked_order:
+                            continue  # an older answer overtaken by a newer one: nothing new
+                        if dev_off == 0:
+                            # the device rebooted (its RAM upload state is gone) or another
+                            # client started an upload: only a first chunk can start again
                             raise _DeviceRestarted(
                                 f"device offset went back from {acked} to {dev_off}")
-                        continue  # an older answer overtaken by a newer one: nothing new
+                        # the device holds less than it acknowledged: go back to its offset
+                        acked, acked_order = dev_off, ch.order
+                        stats.rewinds += 1
+                        for c in inflight.values():
+                            c.stale = True
+                        next_off = dev_off
+                        continue
                     if match is not None:
                         last_match = match
                     if not ch.stale:
@@ -512,29 +544,34 @@ class WindowedUpload:
     def _parse(self, frame: bytes) -> tuple[int, bool | None]:
         """``off`` and ``match`` of an upload answer; SMPError for an error answer."""
         SMPError = self._SMPError
+        bad = functools.partial(self._SMPProtocolError, "ImageUploadWrite", None,
+                                smperr.MGMT_ERR.EUNKNOWN)
 
         if len(frame) < SMP_HEADER:
-            raise SMPError("ImageUploadWrite", None, smperr.MGMT_ERR.EUNKNOWN, "short answer")
+            raise bad("short answer")
         op, _flags, length, group, _seq, cmd = _HDR.unpack_from(frame)
         if (op & 7) != _OP_WRITE_RSP or group != _GROUP_IMAGE or cmd != _CMD_UPLOAD:
-            raise SMPError("ImageUploadWrite", None, smperr.MGMT_ERR.EUNKNOWN,
-                           f"answer is not an upload response (op {op & 7} group {group} cmd {cmd})")
+            raise bad(f"answer is not an upload response (op {op & 7} group {group} cmd {cmd})")
+        if len(frame) - SMP_HEADER < length:
+            raise bad(f"truncated: header announces {length} bytes, {len(frame) - SMP_HEADER} present")
         try:
             body: Any = cbor2.loads(frame[SMP_HEADER : SMP_HEADER + length])
         except Exception as exc:
-            raise SMPError("ImageUploadWrite", None, smperr.MGMT_ERR.EUNKNOWN,
-                           f"bad CBOR: {exc}") from exc
+            raise bad(f"bad CBOR: {exc}") from exc
         if not isinstance(body, dict):
-            raise SMPError("ImageUploadWrite", None, smperr.MGMT_ERR.EUNKNOWN, "answer is not a map")
+            raise bad("answer is not a map")
         err = body.get("err")
         if isinstance(err, dict) and err.get("rc", 0) != 0:
+            if not isinstance(err.get("rc"), int) or not isinstance(err.get("group", -1), int):
+                raise bad(f"malformed err field: {err!r}")
             raise SMPError("ImageUploadWrite", int(err.get("group", -1)), int(err["rc"]))
         rc = body.get("rc")
         if isinstance(rc, int) and rc != 0:
-            raise SMPError("ImageUploadWrite", None, rc, body.get("rsn"))
+            rsn = body.get("rsn")
+            raise SMPError("ImageUploadWrite", None, rc, rsn if isinstance(rsn, str) else None)
         off = body.get("off")
         if not isinstance(off, int) or isinstance(off, bool) or off < 0:
-            raise UploadError(f"device answered a chunk without a valid offset: {body!r}")
+            raise bad(f"answer without a valid offset: {body!r}")
         match = body.get("match")
         return off, match if isinstance(match, bool) else None
 
