@@ -118,6 +118,7 @@ def main() -> int:
               f"{r['maxrss_mb']:6.1f} MB  per device {r['per_device_ms']:7.1f} ms wall, "
               f"{r['cpu_per_device_ms']:6.1f} ms cpu  updated {r['updated']}/{n} exit {r['exit']}",
               flush=True)
+    image_bytes = v2.stat().st_size
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     rows = [[str(r["n"]), f"{r['wall_s']:.1f}", f"{r['cpu_s']:.1f}", f"{r['maxrss_mb']:.0f}",
@@ -130,7 +131,7 @@ def main() -> int:
     if args.profile is None and len(results) > 1:
         DOCS.mkdir(exist_ok=True)
         (DOCS / "fleet.json").write_text(json.dumps(results, indent=2))
-        meta = (f"\n\nImage {v2.stat().st_size} bytes, slot {SLOT // 1024} KiB, RTT "
+        meta = (f"\n\nImage {image_bytes} bytes, slot {SLOT // 1024} KiB, RTT "
                 f"{RTT_S * 1000:.0f} ms per device, boot 0.3 s, health check 1 s; "
                 f"{os.cpu_count()} CPUs; {time.strftime('%Y-%m-%d %H:%M')}.")
         update_doc("fleet", md + meta)

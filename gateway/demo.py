@@ -50,6 +50,9 @@ class Bench:
             ep = dev.endpoint()
             if ep["transport"] == "udp":
                 transport: dict[str, Any] = {"kind": "udp", "host": ep["host"], "port": ep["port"]}
+            elif ep["transport"] == "ble":
+                transport = {"kind": "ble", "name": ep["name"], "backend": "bumble",
+                             "hci": ep["hci"]}
             else:
                 transport = {"kind": "serial", "port": ep["address"]}
                 if ep.get("baud"):

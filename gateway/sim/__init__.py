@@ -37,7 +37,8 @@ What it fakes (behaviour copied from the sources named in each module):
 
 What it leaves out:
 
-* BLE transport; SMP groups other than OS and image (stats, settings, fs, shell, enum);
+* BLE pairing/bonding and scan responses (the BLE transport, ``sim/ble.py``, is a Bumble
+  GATT peripheral on a virtual controller); SMP groups other than OS and image (stats, settings, fs, shell, enum);
   OS taskstat, mpstat, datetime; reset ``force``/``boot_mode``; the MCUmgr callback hooks.
 * Multi-image (only image 0, slots 0 and 1), direct-XIP, overwrite-only, RAM-load and
   the scratch area: a swap exchanges the slots sector by sector (each sector step atomic),

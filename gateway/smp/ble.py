@@ -594,7 +594,7 @@ class BleLink(Transport):
     async def open(self) -> None:
         if self._client is not None:
             await self._drop_client()
-        self._rx = asyncio.Queue()  # forget the failure/close markers of the previous connection
+        self._fresh_rx()  # forget the failure/close markers of the previous connection
         self._reasm.reset()
         client = self._factory(self.cfg, self._lost_cb())
         self._client = client

@@ -72,6 +72,10 @@ class Transport(abc.ABC):
             raise item
         return item
 
+    def _fresh_rx(self) -> None:
+        """Start a connection with an empty queue: drop the close/failure marker of the last one."""
+        self._rx = asyncio.Queue()
+
     def _deliver(self, packet: bytes) -> None:
         self.bytes_received += len(packet)
         self._rx.put_nowait(packet)
@@ -135,6 +139,7 @@ class UdpTransport(Transport):
         return IPV6_UDP_OVERHEAD if self._ipv6 else IPV4_UDP_OVERHEAD
 
     async def open(self) -> None:
+        self._fresh_rx()
         loop = asyncio.get_running_loop()
         try:
             transport, _ = await loop.create_datagram_endpoint(
@@ -266,6 +271,8 @@ class SerialTransport(Transport):
     async def open(self) -> None:
         import serial
 
+        self._fresh_rx()
+        self._deframer = SerialDeframer()
         try:
             s = serial.Serial()
             s.port = self.port

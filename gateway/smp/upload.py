@@ -33,10 +33,13 @@ so a slow but moving link never times out. Sequence numbers make every RTT sampl
 unambiguous (Karn's problem does not arise: a retransmission is a new request).
 
 CPU: chunk requests are encoded by hand (below) instead of building a pydantic
-``ImageUploadWrite`` per chunk, and answers are read with one ``cbor2.loads``. Measured on
-this machine (2 KiB chunks): model construction + ``.BYTES`` ~45 us per chunk vs ~2 us by
-hand; the model is still used for the first chunk (with ``image``/``len``/``sha``) and the
-by-hand encoding is checked against the model in tests/test_upload_window.py.
+``ImageUploadWrite`` per chunk, and answers are read with one ``cbor2.loads`` instead of the
+response model. Measured on this machine (2 KB chunks, Python 3.11): model construction +
+``.BYTES`` 15.6 us vs 1.4 us by hand; response model 20.7 us vs 0.9 us for ``cbor2.loads``,
+i.e. ~34 us less per chunk, ~6 ms per 256 KiB image and per device. The model is still used
+for the first chunk (with ``image``/``len``/``sha``); tests/test_upload_window.py checks the
+hand encoding byte for byte against the model. The image is sliced through a memoryview (one
+copy per chunk, into the packet); nothing is re-encoded or re-hashed per chunk.
 """
 
 from __future__ import annotations
