@@ -46,7 +46,7 @@ def simulator(workdir: Path, devices: list[dict[str, Any]], timeout_s: float = 1
     cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     ep_file = state / "endpoints.json"
     ep_file.unlink(missing_ok=True)
-    log = open(workdir / "sim.log", "w")  # noqa: SIM115
+    log = open(workdir / "sim.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "gateway.sim", "--config", str(cfg_path)],
                             stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     try:

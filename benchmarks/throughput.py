@@ -28,7 +28,7 @@ from _common import DOCS, make_image, simulator, table, update_doc
 from gateway.mcuboot import parse_image
 from gateway.smp.session import SMPSession
 from gateway.smp.transport import SerialTransport, Transport, UdpTransport
-from gateway.smp.upload import SMP_HEADER, chunk_data_room
+from gateway.smp.upload import chunk_data_room
 
 IMAGE_SIZE = 256 * 1024
 BUF_SIZE = 2475  # smp_svr's Bluetooth overlay value; UDP packets are capped by the MTU anyway
@@ -147,9 +147,9 @@ async def run_smpclient(sc: Scenario, ep: dict[str, Any], image: bytes) -> Run:
         while True:
             try:
                 off = 0
-                async for off in client.upload(image, first_timeout_s=sub_timeout,
-                                               subsequent_timeout_s=sub_timeout):
-                    pass
+                async for off_ in client.upload(image, first_timeout_s=sub_timeout,
+                                                subsequent_timeout_s=sub_timeout):
+                    off = off_
                 if off == len(image):
                     break
             except Exception:  # a lost datagram: smpclient raises; start again (sha resume)
@@ -224,13 +224,14 @@ async def main_async(args: argparse.Namespace) -> int:
                 "retries": {k: [x.retries for x in v] for k, v in runs.items()},
             })
     rows = []
-    for r in results:
-        eff = (f"{r['gateway_kBps'] / r['bound_kBps'] * 100:.0f} % of {r['bound_kBps']:.1f} "
-               f"({r['bound']})" if r["bound_kBps"] else r["bound"])
-        rows.append([r["name"], f"{r['smpclient_kBps']:.1f}", f"{r['gateway_kBps']:.1f}",
-                     f"{r['ratio']:.2f}x", eff,
-                     f"{r['smpclient_cpu_s'] / (size / 1e6):.2f} / {r['gateway_cpu_s'] / (size / 1e6):.2f}",
-                     "yes" if r["ok"] else "NO"])
+    for res in results:
+        eff = (f"{res['gateway_kBps'] / res['bound_kBps'] * 100:.0f} % of {res['bound_kBps']:.1f} "
+               f"({res['bound']})" if res["bound_kBps"] else res["bound"])
+        mb = size / 1e6
+        rows.append([res["name"], f"{res['smpclient_kBps']:.1f}", f"{res['gateway_kBps']:.1f}",
+                     f"{res['ratio']:.2f}x", eff,
+                     f"{res['smpclient_cpu_s'] / mb:.2f} / {res['gateway_cpu_s'] / mb:.2f}",
+                     "yes" if res["ok"] else "NO"])
     header = ["link (one device)", "smpclient kB/s", "gateway kB/s", "gateway / smpclient",
               "gateway efficiency (bound kB/s)", "client CPU s/MB (smpclient / gateway)",
               "hash ok"]

@@ -349,7 +349,10 @@ def parse_config(data: Any, path: str | Path = "<config>") -> GatewayConfig:
     if not isinstance(data, dict):
         raise ConfigError(path, "", "the top level must be a mapping of keys to values")
     base = Path(path).parent if str(path) != "<config>" else Path.cwd()
-    data = _resolve_paths(data, base)
+    try:
+        data = _resolve_paths(data, base)
+    except ValueError as exc:  # e.g. a NUL byte in a path: os.path.realpath refuses it
+        raise ConfigError(path, "", f"invalid path in the configuration: {exc}") from None
     try:
         cfg = GatewayConfig.model_validate({**data, "config_path": str(path)})
     except ValidationError as exc:

@@ -110,6 +110,10 @@ async def verdict(
         problems.append(f"device not bootable on a confirmed image: state={dev.state} "
                         f"boots={dev.boot_outcomes[-3:]}")
     fired = dict(dev.faults.fired)
+    for e in dev.events:
+        if e.kind in ("crash", "hang"):
+            k = f"{e.kind}({e.detail.get('reason', e.detail.get('version', ''))})"
+            fired[k] = fired.get(k, 0) + 1
     c = dev.counters
     for k in ("lost_requests", "lost_responses", "dropped_oversize"):
         if c[k]:
@@ -245,8 +249,10 @@ async def test_device_and_link_faults(bench_factory: Any, reliability: list[dict
         if case == "new-image-hangs-no-watchdog":
             run.notes.append("without a watchdog the hung image cannot be reached; the gateway "
                              "reports the failure and the next power cycle (this check) reverts it")
+        knob_text = ", ".join(f"{k}={v}" for k, v in knobs.items() if k != "response_faults")
+        knob_text = knob_text.replace("'seed'", "'s'").replace("{", "").replace("}", "")
         await verdict(reliability, case, link, dev, bench.root / "gateway-state", run, target_hash(bench),
-                      t0, expect=expect)
+                      t0, faults=knob_text, expect=expect)
     if case.startswith("power-cut"):
         assert dev.faults.fired.get("power-cut-during-swap") == 1
         assert any(o.startswith("resumed") for o in dev.boot_outcomes), dev.boot_outcomes

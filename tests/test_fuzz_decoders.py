@@ -374,3 +374,9 @@ def test_regression_answer_to_another_request_is_a_protocol_error() -> None:
         s._decode(REQS[0], echo_rsp)
     with pytest.raises(SMPProtocolError, match="truncated"):
         s._decode(REQS[1], echo_rsp[:-1])
+
+
+def test_regression_nul_byte_in_a_path_is_a_config_error() -> None:
+    """``state_dir: "\\x00"`` escaped parse_config as ValueError (found by test_fuzz_parse_config)."""
+    with pytest.raises(ConfigError, match="invalid path"):
+        parse_config({"state_dir": "\x00"}, "/nonexistent/fuzz.yaml")

@@ -56,6 +56,7 @@ class Responder(asyncio.DatagramProtocol):
     delay_response: Callable[[Req], float] = lambda r: 0.0
     hold_request: Callable[[Req], float] = lambda r: 0.0  # process it later (request reorder)
     duplicate_response: Callable[[Req], bool] = lambda r: False
+    enomem: Callable[[Req], bool] = lambda r: False  # smp.c: no netbuf for the answer
     # the device's upload state (g_img_mgmt_state)
     size: int = 0
     off: int = 0
@@ -74,7 +75,7 @@ class Responder(asyncio.DatagramProtocol):
         return int(self.transport.get_extra_info("sockname")[1])
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
-        op, _f, length, group, seq, cmd = HDR.unpack_from(data)
+        _op, _f, length, group, seq, cmd = HDR.unpack_from(data)
         body = cbor2.loads(data[8 : 8 + length]) if length else {}
         if (group, cmd) == (0, 6):
             rsp = ({"buf_size": self.buf_size, "buf_count": self.buf_count}
@@ -87,6 +88,9 @@ class Responder(asyncio.DatagramProtocol):
         req = Req(len(self.log), seq, body["off"], len(body.get("data", b"")))
         self.log.append(req)
         if self.drop_request(req):
+            return
+        if self.enomem(req):  # the chunk is not processed; {"rc": ENOMEM} in its own buffer
+            self._send(data, {"rc": 2}, addr, 0.0)
             return
         hold = self.hold_request(req)
         if hold:
@@ -148,7 +152,7 @@ class Watch:
             self.max_pending = max(self.max_pending, len(s._pending))
             await orig(pkt)
 
-        s.transport.send = send  # type: ignore[method-assign]
+        s.transport.send = send  # type: ignore[method-assign,assignment]
 
 
 async def upload(r: Responder, image: bytes, **kw: Any) -> tuple[Any, Watch]:
@@ -321,6 +325,17 @@ async def test_device_restart_mid_upload_starts_again() -> None:
     stats, _ = await upload(r, IMAGE)
     assert done_ok(r, IMAGE)
     assert stats.restarts == 1
+
+
+async def test_enomem_answer_shrinks_the_window_and_resends() -> None:
+    """Zephyr answers {"rc": ENOMEM} when no netbuf is left for the response (more requests
+    held than buf_count - 1): the chunk was not written; the client sends it again."""
+    r = await start(Responder(enomem=lambda q: q.n in (5, 9)))
+    stats, _ = await upload(r, IMAGE, window=4)
+    assert done_ok(r, IMAGE)
+    assert [f for f in stats.fallbacks if "ENOMEM" in f] == [
+        f for f in stats.fallbacks if f.startswith("window")]
+    assert stats.window == 4 and any("window 4->3" in f for f in stats.fallbacks)
 
 
 # -- fallbacks ----------------------------------------------------------------------------

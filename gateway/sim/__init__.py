@@ -21,9 +21,12 @@ What it fakes (behaviour copied from the sources named in each module):
   (MCUmgr base64 line framing, input discarded while rebooting).
 * Link emulation (``link``): latency, bandwidth (FIFO serialization delay), loss,
   duplication, reordering, serial baud pacing; seeded RNG.
-* Requests are served one at a time in arrival order; up to ``buf_count`` may be queued
-  (beyond that, UDP requests are dropped like an exhausted netbuf pool); requests larger
-  than ``buf_size`` are dropped.
+* Requests are served one at a time in arrival order from one pool of ``buf_count``
+  netbufs shared with the responses (Zephyr smp.c): the request being handled holds two
+  (request + response); a request finding no free netbuf is dropped, and one handled while
+  the queue holds every other buffer is answered ``{"rc": ENOMEM}`` unhandled (so at most
+  ``buf_count - 1`` requests in flight are safe). Requests larger than ``buf_size`` (serial:
+  ``buf_size - 4``, the frame length and CRC share the netbuf) are dropped.
 * Application knobs: self-confirm after a delay, crash (watchdog) or hang on given
   versions (``hang_watchdog_s``: the hung image's watchdog resets it, so MCUboot reverts),
   one reboot when an upload passes an offset, boot time.
@@ -33,12 +36,14 @@ What it fakes (behaviour copied from the sources named in each module):
   which the device stays off until power-cycled (``dead_after_reset``), the serial cable
   pulled mid-upload and plugged back at the same path (``unplug_during_upload_at``),
   broken responses (``response_faults``: malformed CBOR, truncated, wrong sequence number,
-  wrong group, oversized), firmware without image management (``img_mgmt_supported``).
+  wrong group, oversized), firmware without image management
+  (``img_mgmt_supported``).
 
 What it leaves out:
 
 * BLE pairing/bonding and scan responses (the BLE transport, ``sim/ble.py``, is a Bumble
-  GATT peripheral on a virtual controller); SMP groups other than OS and image (stats, settings, fs, shell, enum);
+  GATT peripheral on a virtual controller); SMP groups other than OS and image (stats,
+  settings, fs, shell, enum);
   OS taskstat, mpstat, datetime; reset ``force``/``boot_mode``; the MCUmgr callback hooks.
 * Multi-image (only image 0, slots 0 and 1), direct-XIP, overwrite-only, RAM-load and
   the scratch area: a swap exchanges the slots sector by sector (each sector step atomic),

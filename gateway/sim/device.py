@@ -220,18 +220,27 @@ class SimDevice:
     def accepting(self) -> bool:
         return self.state == "running"
 
-    def frame_arrived(self, frame: bytes, reply: Reply, *, limit_in_flight: bool) -> None:
-        """A complete SMP packet reached the device's SMP transport."""
+    def frame_arrived(self, frame: bytes, reply: Reply, *, limit_in_flight: bool,
+                      netbuf_overhead: int = 0) -> None:
+        """A complete SMP packet reached the device's SMP transport.
+
+        Zephyr's transports put requests and responses in one pool of ``buf_count`` netbufs of
+        ``buf_size`` bytes (smp.c ``pkt_pool``); the request being handled also holds its
+        response buffer. A request that finds no free netbuf is dropped (smp_udp.c "Failed to
+        allocate mcumgr buffer"). ``netbuf_overhead``: transport framing decoded into the same
+        netbuf (serial: 2-byte length + CRC16, serial_util.c).
+        """
         if not self.accepting():
             self.counters["ignored_not_running"] += 1
             self._notify()
             return
-        if len(frame) > self.cfg.buf_size:
+        if len(frame) + netbuf_overhead > self.cfg.buf_size:
             self.counters["dropped_oversize"] += 1  # does not fit a netbuf
             self._notify()
             return
         in_flight = len(self._queue) + (1 if self._busy else 0)
-        if limit_in_flight and in_flight >= self.cfg.buf_count:
+        held = len(self._queue) + (2 if self._busy else 0)  # request + response while busy
+        if limit_in_flight and held >= self.cfg.buf_count:
             self.counters["dropped_netbuf"] += 1  # netbuf pool exhausted
             self._notify()
             return
@@ -270,6 +279,17 @@ class SimDevice:
             self.counters[f"requests.{group}.{cmd}"] += 1
             if group == 1 and cmd == 1:
                 self.counters["upload_bytes_received"] += max(0, len(frame) - 8)
+        if len(frame) >= 8 and len(self._queue) + 1 >= self.cfg.buf_count:
+            # smp_process_request_packet: smp_alloc_rsp finds no free netbuf (queued requests
+            # hold them all): smp_on_err answers {"rc": MGMT_ERR_ENOMEM} in the request's own
+            # buffer and the request is not handled.
+            self.counters["enomem"] += 1
+            op, _, _, group, seq, cmd = struct.unpack_from("!BBHHBB", frame)
+            if (op & 7) in (0, 2):
+                reply(self.faults.mutate(SmpServer._pack(
+                    (op & 7, (op >> 3) & 3, group, seq, cmd), {"rc": 2})))
+            self._notify()
+            return
         busy_s = self.cfg.request_processing_s
         is_upload = len(frame) >= 8 and frame[4:6] == b"\x00\x01" and frame[7] == 1
         if self.cfg.flash_write_bps and is_upload:
@@ -607,7 +627,8 @@ class PtyEndpoint:
         if dev.cfg.link.request_loss and dev.rng.random() < dev.cfg.link.request_loss:
             dev.counters["lost_requests"] += 1
             return
-        dev.frame_arrived(frame, self._reply, limit_in_flight=False)
+        # mcumgr_serial_process_frag decodes length + packet + CRC16 into one pool netbuf
+        dev.frame_arrived(frame, self._reply, limit_in_flight=True, netbuf_overhead=4)
 
     def _reply(self, rsp: bytes) -> None:
         dev = self.dev

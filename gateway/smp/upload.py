@@ -486,6 +486,21 @@ class WindowedUpload:
                             c.stale = True
                         next_off = acked
                         continue
+                    except self._SMPError as err:
+                        if err.group is not None or err.rc != smperr.MGMT_ERR.ENOMEM:
+                            raise
+                        # smp.c: no netbuf was left for the answer, so the request's own buffer
+                        # carried {"rc": ENOMEM} back and the chunk was not written: the device
+                        # holds too many requests. One chunk less in flight; resend from there.
+                        if w > 1:
+                            stats.fallbacks.append(f"window {w}->{w - 1} after ENOMEM at {ch.off}")
+                            w -= 1
+                        if not ch.stale:
+                            stats.rewinds += 1
+                            for c in inflight.values():
+                                c.stale = True
+                            next_off = min(next_off, ch.off)
+                        continue
                     now = loop.time()
                     if dev_off > total:
                         raise UploadError(f"device reports offset {dev_off} beyond {total}")
