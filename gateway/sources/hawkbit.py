@@ -37,11 +37,10 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from gateway.mcuboot import Version
-from gateway.sources._http import make_downloader, make_session
+from gateway.sources._http import HttpSource
 from gateway.sources.base import (
     DeviceView,
     FetchError,
-    FleetSource,
     Offer,
     Report,
     UpdateResult,
@@ -73,30 +72,18 @@ class _Action:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-class HawkbitSource(FleetSource):
+class HawkbitSource(HttpSource):
+    server_label = "hawkBit server"
     name = "hawkbit"
 
     def __init__(self, cfg: HawkbitSourceConfig, state_dir: Path, gateway_id: str = "smp-gateway") -> None:
+        super().__init__(cfg, cfg.url, state_dir)
         self.cfg = cfg
-        self.base = cfg.url.rstrip("/")
         self.gateway_id = gateway_id
-        self.state_dir = Path(state_dir)
-        self._downloader = make_downloader(cfg, self.state_dir)
-        self._session: aiohttp.ClientSession | None = None
         self._sleep: float = cfg.poll_interval_s
         self._attrs_sent: dict[str, dict[str, str]] = {}
         self._actions: dict[tuple[str, str], _Action] = {}
         self._canceled: set[tuple[str, str]] = set()
-
-    async def start(self) -> None:
-        if self._session is None:
-            self._session = make_session(self.cfg, f"hawkBit server {self.base}")
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-        await self._downloader.close()
 
     def poll_interval(self) -> float:
         return max(self.cfg.min_poll_interval_s, self._sleep)

@@ -27,35 +27,24 @@ import aiohttp
 
 from gateway.download import retry_after_seconds
 from gateway.mcuboot import Version
-from gateway.sources._http import make_downloader, make_session
-from gateway.sources.base import DeviceView, FetchError, FleetSource, Offer, Report, UpdateResult
+from gateway.sources._http import HttpSource
+from gateway.sources.base import DeviceView, FetchError, Offer, Report, UpdateResult
 from gateway.sources.settings import LatestReleaseSourceConfig
 
 log = logging.getLogger(__name__)
 
 
-class LatestReleaseSource(FleetSource):
+class LatestReleaseSource(HttpSource):
+    server_label = "release server"
     name = "latest_release"
 
     def __init__(
         self, cfg: LatestReleaseSourceConfig, state_dir: Path, gateway_id: str = "smp-gateway"
     ) -> None:
+        super().__init__(cfg, cfg.url, state_dir)
         self.cfg = cfg
-        self.base = cfg.url.rstrip("/")
         self.gateway_id = gateway_id
-        self._downloader = make_downloader(cfg, Path(state_dir))
-        self._session: aiohttp.ClientSession | None = None
         self._not_before = 0.0  # time.time() before which the server asked us not to come back
-
-    async def start(self) -> None:
-        if self._session is None:
-            self._session = make_session(self.cfg, f"release server {self.base}")
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-        await self._downloader.close()
 
     def poll_interval(self) -> float:
         wait = self._not_before - time.time()

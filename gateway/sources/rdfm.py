@@ -43,11 +43,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from gateway.artifacts.mender import ArtifactError, ArtifactIntegrityError, unpack_zephyr_artifact
-from gateway.sources._http import make_downloader, make_session
+from gateway.sources._http import HttpSource
 from gateway.sources.base import (
     DeviceView,
     FetchError,
-    FleetSource,
     Offer,
     Report,
     UpdateResult,
@@ -69,17 +68,15 @@ class _Token:
     valid_until: float  # time.monotonic()
 
 
-class RdfmSource(FleetSource):
+class RdfmSource(HttpSource):
+    server_label = "RDFM server"
     name = "rdfm"
 
     def __init__(self, cfg: RdfmSourceConfig, state_dir: Path) -> None:
+        super().__init__(cfg, cfg.url, state_dir)
         self.cfg = cfg
-        self.base = cfg.url.rstrip("/")
-        self.state_dir = Path(state_dir)
         self.key_dir = cfg.device_key_dir or self.state_dir / "rdfm" / "keys"
         self.image_dir = self.state_dir / "rdfm" / "images"
-        self._downloader = make_downloader(cfg, self.state_dir)
-        self._session: aiohttp.ClientSession | None = None
         self._keys: dict[str, rsa.RSAPrivateKey] = {}
         self._key_locks: dict[str, asyncio.Lock] = {}
         self._tokens: dict[str, _Token] = {}
@@ -90,16 +87,6 @@ class RdfmSource(FleetSource):
         self._last_reported: dict[tuple[str, str], tuple[int, int]] = {}
 
     # -- lifecycle -----------------------------------------------------------------------
-    async def start(self) -> None:
-        if self._session is None:
-            self._session = make_session(self.cfg, f"RDFM server {self.base}")
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-        await self._downloader.close()
-
     async def _http(self) -> aiohttp.ClientSession:
         await self.start()
         assert self._session is not None
