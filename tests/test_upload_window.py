@@ -412,3 +412,24 @@ async def test_simulator_serial_chunks_fill_buf_size_minus_4(bench_factory: Any)
         assert stats.chunk_size == chunk_data_room(1024 - 4, 1000)
         assert dev.counters["dropped_oversize"] == 0
         assert dev.image_info(1) is not None
+
+
+async def test_simulator_window_beyond_buf_count_recovers(bench_factory: Any) -> None:
+    """A window of buf_count (one too many for Zephyr's shared request/response pool): the
+    device drops or answers ENOMEM; the upload still completes, with a smaller window."""
+    from gateway.daemon import make_transport
+    from gateway.mcuboot import parse_image
+    from gateway.sim.simulator import Simulator
+
+    bench = bench_factory(udp=1, serial=0, device_kw={"buf_count": 3, "request_processing_s": 0.003,
+                                                      "link": {"latency_s": 0.002}})
+    v2 = Path(bench.images["2.0.0"]).read_bytes()
+    async with Simulator(bench.sim_cfg) as sim:
+        (dev,) = sim.devices.values()
+        cfg = bench.gateway_config(sim)
+        async with SMPSession(make_transport(cfg.devices[0]), device_id="t", timeout_s=2.0) as s:
+            stats = await s.upload(v2, window=3)
+        info = dev.image_info(1)
+        assert info is not None and info.hash == parse_image(v2).hash
+        assert dev.counters["enomem"] + dev.counters["dropped_netbuf"] > 0
+        assert stats.fallbacks
