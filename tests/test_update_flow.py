@@ -314,3 +314,26 @@ def test_local_source_manifest_picks_newest_for_hardware(bench_factory, tmp_path
     assert offer is not None and str(offer.version) == "1.5.0" and offer.hardware == "sim_board"
     offer2 = asyncio.run(src.check(DeviceView(id="d", hardware="nope")))
     assert offer2 is None
+
+
+def test_local_source_sees_manifest_and_image_changes(bench_factory, tmp_path: Path) -> None:
+    """The per-file cache must never serve a stale manifest or image."""
+    from gateway.config import LocalSourceConfig
+    from gateway.sources.local import LocalSource
+
+    bench = bench_factory(udp=0, serial=0, versions=("1.0.0", "2.0.0", "3.0.0"))
+    upd = tmp_path / "u"
+    upd.mkdir()
+    shutil.copy(bench.images["2.0.0"], upd / "app.bin")
+    (upd / "manifest.yaml").write_text("images:\n  - {file: app.bin, hardware: sim_board}\n")
+    src = LocalSource(LocalSourceConfig(path=upd))
+    view = DeviceView(id="d", hardware="sim_board")
+    first = asyncio.run(src.check(view))
+    assert first is not None and str(first.version) == "2.0.0"
+    # the same file name now holds 3.0.0 (a different size): picked up
+    shutil.copy(bench.images["3.0.0"], upd / "app.bin")
+    second = asyncio.run(src.check(view))
+    assert second is not None and str(second.version) == "3.0.0"
+    # the manifest now targets other hardware only: nothing for this device
+    (upd / "manifest.yaml").write_text("images:\n  - {file: app.bin, hardware: other_board}\n")
+    assert asyncio.run(src.check(view)) is None

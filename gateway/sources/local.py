@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from gateway.mcuboot import ImageFormatError, parse_image
+from gateway.mcuboot import ImageFormatError, ImageInfo, parse_image
 from gateway.sources.base import DeviceView, FetchError, FleetSource, Offer, Report, UpdateResult
 
 if TYPE_CHECKING:
@@ -76,12 +76,37 @@ class LocalSource(FleetSource):
         self.dir = cfg.path
         self.interval = cfg.poll_interval_s
         self.reports: list[tuple[str, Report]] = []
+        # every device asks at every poll: re-read a file only when its (mtime, size) changed
+        self._manifest: tuple[tuple[int, int], Manifest] | None = None
+        self._infos: dict[Path, tuple[tuple[int, int], ImageInfo]] = {}
+
+    def _stamp(self, path: Path) -> tuple[int, int]:
+        st = path.stat()
+        return (st.st_mtime_ns, st.st_size)
+
+    def _load_manifest(self) -> Manifest:
+        try:
+            stamp = self._stamp(self.dir / "manifest.yaml")
+        except OSError:
+            return load_manifest(self.dir)  # raises the clear error
+        if self._manifest is None or self._manifest[0] != stamp:
+            self._manifest = (stamp, load_manifest(self.dir))
+        return self._manifest[1]
+
+    def _image_info(self, path: Path) -> ImageInfo:
+        stamp = self._stamp(path)
+        hit = self._infos.get(path)
+        if hit is None or hit[0] != stamp:
+            with path.open("rb") as f:
+                hit = (stamp, parse_image(f.read()))
+            self._infos[path] = hit
+        return hit[1]
 
     def poll_interval(self) -> float:
         return self.interval
 
     async def check(self, device: DeviceView) -> Offer | None:
-        manifest = load_manifest(self.dir)
+        manifest = self._load_manifest()
         best: tuple[object, Offer] | None = None
         for e in manifest.images:
             if e.hardware != device.hardware:
@@ -95,8 +120,7 @@ class LocalSource(FleetSource):
                 log.warning("manifest entry %s points outside %s: ignored", e.file, self.dir)
                 continue
             try:
-                with path.open("rb") as f:
-                    info = parse_image(f.read())
+                info = self._image_info(path)
             except (OSError, ImageFormatError) as exc:
                 log.warning("local source: %s unusable: %s", path, exc)
                 continue
