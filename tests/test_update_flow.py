@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from gateway import devkit
-from gateway.daemon import Gateway, make_transport
+from gateway.config import GatewayConfig
+from gateway.daemon import Gateway, Pass, make_transport
 from gateway.engine import Status
 from gateway.images import Refusal
 from gateway.mcuboot import parse_image
@@ -26,6 +27,15 @@ def active(dev: object) -> tuple[str, bool]:
 
 def uploads(dev: object) -> int:
     return int(dev.counters["requests.1.1"])  # type: ignore[attr-defined]
+
+
+async def run_pass(cfg: GatewayConfig, source: FleetSource | None = None) -> Pass:
+    """One ``--once`` pass of a fresh Gateway (closing its journal afterwards)."""
+    gw = Gateway(cfg, source=source)
+    try:
+        return await gw.run_once()
+    finally:
+        gw.close()
 
 
 class StaticSource(FleetSource):
@@ -53,11 +63,7 @@ async def test_full_update_udp_and_serial(bench_factory) -> None:
     bench = bench_factory(udp=1, serial=1)
     bench.publish("2.0.0")
     async with Simulator(bench.sim_cfg) as sim:
-        gw = Gateway(bench.gateway_config(sim))
-        try:
-            res = await gw.run_once()
-        finally:
-            gw.close()
+        res = await run_pass(bench.gateway_config(sim))
         assert res.ok, res.outcomes
         for dev in sim.devices.values():
             assert active(dev) == ("2.0.0", True)
@@ -65,11 +71,7 @@ async def test_full_update_udp_and_serial(bench_factory) -> None:
         assert {o.status for o in res.outcomes.values()} == {Status.UPDATED}
         # a second pass finds everything up to date and sends no upload
         before = {i: uploads(d) for i, d in sim.devices.items()}
-        gw = Gateway(bench.gateway_config(sim))
-        try:
-            res2 = await gw.run_once()
-        finally:
-            gw.close()
+        res2 = await run_pass(bench.gateway_config(sim))
         assert {o.status for o in res2.outcomes.values()} == {Status.UP_TO_DATE}
         assert {i: uploads(d) for i, d in sim.devices.items()} == before
 
@@ -78,11 +80,7 @@ async def test_app_confirm_policy(bench_factory) -> None:
     bench = bench_factory(udp=1, serial=0, device_kw={"app_confirms_after_s": 0.3})
     bench.publish("2.0.0")
     async with Simulator(bench.sim_cfg) as sim:
-        gw = Gateway(bench.gateway_config(sim, confirm="app"))
-        try:
-            res = await gw.run_once()
-        finally:
-            gw.close()
+        res = await run_pass(bench.gateway_config(sim, confirm="app"))
         (dev,) = sim.devices.values()
         assert res.ok, res.outcomes
         assert "confirmed by the application" in res.outcomes[dev.id].detail
@@ -98,11 +96,7 @@ async def test_app_policy_without_app_confirm_reverts(bench_factory) -> None:
     async with Simulator(bench.sim_cfg) as sim:
         cfg = bench.gateway_config(sim, confirm="app", timeouts={"app_confirm_s": 1.5,
                                                                  "reset_s": 20, "request_s": 2})
-        gw = Gateway(cfg)
-        try:
-            res = await gw.run_once()
-        finally:
-            gw.close()
+        res = await run_pass(cfg)
         (dev,) = sim.devices.values()
         out = res.outcomes[dev.id]
         assert out.status == Status.ROLLED_BACK, out
@@ -115,11 +109,7 @@ async def test_rollback_when_new_image_crashes_on_boot(bench_factory) -> None:
                           device_kw={"crash_on_boot_versions": ["2.0.0"], "crash_after_s": 0.2})
     bench.publish("2.0.0")
     async with Simulator(bench.sim_cfg) as sim:
-        gw = Gateway(bench.gateway_config(sim, health_check_s=2.0))
-        try:
-            res = await gw.run_once()
-        finally:
-            gw.close()
+        res = await run_pass(bench.gateway_config(sim, health_check_s=2.0))
         (dev,) = sim.devices.values()
         out = res.outcomes[dev.id]
         assert out.status == Status.ROLLED_BACK, out
@@ -141,11 +131,7 @@ async def test_mcuboot_refuses_image_the_device_does_not_trust(bench_factory) ->
         cfg = bench.gateway_config(sim)
         # the gateway trusts both keys; the device's MCUboot only the original one
         cfg = cfg.model_copy(update={"trusted_keys": [bench.key, other_key]})
-        gw = Gateway(cfg, source=StaticSource(img))
-        try:
-            res = await gw.run_once()
-        finally:
-            gw.close()
+        res = await run_pass(cfg, source=StaticSource(img))
         (dev,) = sim.devices.values()
         out = res.outcomes[dev.id]
         assert out.status == Status.ROLLED_BACK, out
@@ -199,11 +185,7 @@ async def test_refusals_send_zero_bytes(bench_factory, case: str) -> None:
     async with Simulator(bench.sim_cfg) as sim:
         (dev,) = sim.devices.values()
         slot1_before = dev.slot_bytes(1)
-        gw = Gateway(bench.gateway_config(sim, **device_kw), source=src)
-        try:
-            res = await gw.run_once()
-        finally:
-            gw.close()
+        res = await run_pass(bench.gateway_config(sim, **device_kw), source=src)
         out = res.outcomes[dev.id]
         assert out.status == Status.REFUSED, out
         assert out.detail.startswith(want.value), out.detail
@@ -219,12 +201,8 @@ async def test_refusals_send_zero_bytes(bench_factory, case: str) -> None:
 async def test_downgrade_allowed_when_configured(bench_factory) -> None:
     bench = bench_factory(udp=1, serial=0, versions=("1.0.0", "0.9.0"))
     async with Simulator(bench.sim_cfg) as sim:
-        gw = Gateway(bench.gateway_config(sim, allow_downgrade=True),
+        res = await run_pass(bench.gateway_config(sim, allow_downgrade=True),
                      source=StaticSource(bench.images["0.9.0"]))
-        try:
-            res = await gw.run_once()
-        finally:
-            gw.close()
         (dev,) = sim.devices.values()
         assert res.outcomes[dev.id].status == Status.UPDATED
         assert active(dev) == ("0.9.0", True)
@@ -253,11 +231,7 @@ async def test_upload_resumes_after_connection_dropped(bench_factory) -> None:
                 await task
         received_first = dev.counters["upload_bytes_received"]
         # the gateway's pass picks up where the device stopped
-        gw = Gateway(cfg)
-        try:
-            res = await gw.run_once()
-        finally:
-            gw.close()
+        res = await run_pass(cfg)
         out = res.outcomes[dev.id]
         assert out.status == Status.UPDATED, out
         assert out.resumed_from > len(v2) // 3
@@ -282,11 +256,7 @@ async def test_gateway_does_not_confirm_an_image_it_did_not_test(bench_factory) 
             await s.reset()
         await dev.wait_booted(2)
         assert active(dev) == ("2.0.0", False)
-        gw = Gateway(cfg)
-        try:
-            res = await gw.run_once()
-        finally:
-            gw.close()
+        res = await run_pass(cfg)
         out = res.outcomes[dev.id]
         assert out.status == Status.FAILED
         assert "did not test" in out.detail
