@@ -88,6 +88,7 @@ def make_bench(
     slot_size: int = 0x40000,
     key_type: str = "ecdsa-p256",
     device_kw: dict[str, Any] | None = None,
+    realistic_links: bool = False,
 ) -> Bench:
     """Key + signed images (imgtool) + a simulator config of ``udp`` + ``serial`` devices on v1."""
     root.mkdir(parents=True, exist_ok=True)
@@ -108,6 +109,11 @@ def make_bench(
             "hardware": HARDWARE, "boot_time_s": 0.3,
         }
         d[kind] = {"host": "127.0.0.1", "port": 0} if kind == "udp" else {}
+        if realistic_links:  # what a person watching the demo would meet on real hardware
+            if kind == "udp":
+                d["link"] = {"latency_s": 0.01, "bandwidth_bps": 250_000}
+            else:
+                d["serial"] = {"baud": 115200}
         d.update(device_kw or {})
         devs.append(SimDeviceConfig.model_validate(d))
     sim_cfg = SimConfig(state_dir=root / "sim-state", devices=devs)
@@ -126,8 +132,9 @@ async def run_demo(workdir: Path | None = None, keep: bool = False) -> int:
     console = Console(stderr=True)
     console.print(f"[bold]smp-gateway demo[/bold] in {root}")
     console.print("making a signing key and signed images v1.0.0 / v2.0.0 with imgtool ...")
-    bench = make_bench(root)
+    bench = make_bench(root, realistic_links=True)
     bench.publish("2.0.0")
+    console.print("links: UDP with 10 ms latency each way at 250 kB/s; the serial device at 115200 baud")
     async with Simulator(bench.sim_cfg) as sim:
         for dev in sim.devices.values():
             console.print(f"  simulated device {dev.id:<9} {dev.endpoint()['transport']:<6} "
