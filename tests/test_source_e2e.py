@@ -157,3 +157,53 @@ async def test_mqtt_jobs(bench_factory, tmp_path: Path, crash: bool) -> None:  #
             assert job.status == "SUCCEEDED"
             assert active_version(dev) == "2.0.0"
         assert job.updates[0]["status"] == "IN_PROGRESS"
+
+
+CRASH = {"crash_on_boot_versions": ["2.0.0"], "crash_after_s": 0.2}
+
+
+async def test_rdfm_rollback_reported_as_failure(bench_factory) -> None:  # type: ignore[no-untyped-def]
+    """RDFM has no deployment-status API: the outcome goes to its device log, and the next
+    check tells the server the device still runs the old version."""
+    bench = bench_factory(udp=1, serial=0, device_kw=CRASH)
+    srv = RdfmServer()
+    async with serve(srv.app()) as base, Simulator(bench.sim_cfg) as sim:
+        (dev,) = sim.devices.values()
+        cfg = config(bench, sim, {"kind": "rdfm", "url": base, "key_bits": 2048})
+        await run(cfg)  # first contact registers the device; an operator accepts it
+        srv.accept(dev.id)
+        art = build_zephyr_artifact(
+            bench.images["2.0.0"].read_bytes(), device_types=["sim_board"], version="2.0.0"
+        )
+        srv.assign(dev.id, art, "2.0.0", "sim_board")
+        res = await run(cfg)
+        out = res.outcomes[dev.id]
+        assert out.status == Status.ROLLED_BACK, out
+        assert active_version(dev) == "1.0.0"
+        outcomes = [json.loads(e["entry"]) for e in srv.logs]
+        assert outcomes[-1]["result"] == int(UpdateResult.UPDATE_FAILED)
+        await run(cfg)
+        assert srv.checks[-1][1]["rdfm.software.version"] == "1.0.0"
+
+
+async def test_latest_release_rollback_is_not_retried(bench_factory) -> None:  # type: ignore[no-untyped-def]
+    """A release-API server has no report endpoint: the gateway reports the rollback in its
+    log and journal, the next query carries the old current_version, and the same release is
+    not pushed again (it is blocked until the server offers a different one)."""
+    bench = bench_factory(udp=1, serial=0, device_kw=CRASH)
+    rs = ReleaseServer()
+    async with serve(rs.app()) as base, Simulator(bench.sim_cfg) as sim:
+        (dev,) = sim.devices.values()
+        rs.publish("sim_board", "2.0.0", bench.images["2.0.0"].read_bytes())
+        cfg = config(bench, sim, {"kind": "latest_release", "url": base,
+                                  "project_key": rs.project_key})
+        res = await run(cfg)
+        out = res.outcomes[dev.id]
+        assert out.status == Status.ROLLED_BACK, out
+        assert out.result == UpdateResult.UPDATE_FAILED
+        uploads_before = dev.counters["requests.1.1"]
+        res2 = await run(cfg)
+        assert rs.queries[-1]["current_version"] == "1.0.0"
+        assert dev.counters["requests.1.1"] == uploads_before
+        assert active_version(dev) == "1.0.0"
+        assert res2.outcomes[dev.id].status != Status.UPDATED
