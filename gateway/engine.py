@@ -382,14 +382,30 @@ class UpdateEngine:
             if self.on_progress:
                 self.on_progress(self.dev.id, Step.UPLOAD, off, total)
 
-        try:
-            stats = await self.s.upload(
-                data, image_num=self.dev.image, window=self.dev.window, chunk_cap=self.dev.chunk_size,
-                first_timeout_s=self.dev.timeouts.upload_first_chunk_s, progress=progress,
-            )
-        except BaseException:  # cancelled (shutdown) or failed: checkpoint the acked offset
-            self.journal.put(self.entry, "upload-interrupted")
-            raise
+        # a link lost mid-upload (cable pulled, USB re-enumeration) is re-opened and the upload
+        # resumes from the device's offset, within the reset timeout and a few attempts
+        deadline = time.monotonic() + self.dev.timeouts.reset_s
+        sent = 0
+        for attempt in range(1, 6):
+            try:
+                stats = await self.s.upload(
+                    data, image_num=self.dev.image, window=self.dev.window,
+                    chunk_cap=self.dev.chunk_size,
+                    first_timeout_s=self.dev.timeouts.upload_first_chunk_s, progress=progress,
+                )
+                break
+            except TransportError as exc:
+                self.journal.put(self.entry, "upload-interrupted")
+                if attempt == 5 or time.monotonic() >= deadline:
+                    raise
+                log.warning("device=%s link lost during upload at %d/%d (%s); reconnecting",
+                            self.dev.id, self.entry.upload_offset, len(data), exc)
+                sent += self.entry.upload_offset
+                await self._reconnect(deadline)
+            except BaseException:  # cancelled (shutdown) or failed: checkpoint the acked offset
+                self.journal.put(self.entry, "upload-interrupted")
+                raise
+        stats.sent_bytes += sent
         log.info("device=%s upload done bytes=%d resumed_from=%d window=%d chunk=%d seconds=%.2f "
                  "retransmits=%d rewinds=%d", self.dev.id, stats.total, stats.start_offset,
                  stats.window, stats.chunk_size, stats.seconds, stats.retransmits, stats.rewinds)
@@ -434,6 +450,20 @@ class UpdateEngine:
                 await asyncio.sleep(self.poll)
         raise _Finish(Outcome(self.dev.id, Status.FAILED, UpdateResult.CONNECTION_LOST,
                               f"device did not come back within {t.reset_s:g}s after reset"))
+
+    async def _reconnect(self, deadline: float) -> None:
+        """Re-open the link until the device answers an echo, or raise TransportError."""
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            try:
+                await self.s.close()
+                await self.s.open()
+                await self.s.echo("link?", timeout_s=1.0)
+                return
+            except (TransportError, SMPTimeout) as exc:
+                last = exc
+                await asyncio.sleep(self.poll)
+        raise TransportError(f"link to {self.dev.id} did not come back: {last}")
 
     async def _reopen(self) -> None:
         """A serial device that re-enumerates (USB CDC) or a closed socket: open again."""

@@ -276,6 +276,9 @@ async def test_pty_closed_mid_transfer(bench_factory: Any, tmp_path: Path,
     async with Simulator(bench.sim_cfg) as sim:
         (dev,) = sim.devices.values()
         run = await run_passes(bench, sim, passes=3, between=wait_replug)
+        # the engine re-opens the port when it comes back and resumes within the same attempt
+        assert [o.status for o in run.outcomes] == [Status.UPDATED]
+        assert 0 < run.outcomes[0].resumed_from < len(bench.images["2.0.0"].read_bytes())
         await verdict(reliability, "pty-closed-mid-transfer", "serial", dev, bench.root / "gateway-state",
                       run, target_hash(bench), t0, expect={Status.UPDATED})
     assert dev.faults.fired.get("unplug") == 1

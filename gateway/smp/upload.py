@@ -335,6 +335,8 @@ class WindowedUpload:
                     del s._pending[q]
                 if not f.done():
                     f.cancel()
+                elif not f.cancelled():
+                    f.exception()  # retrieved: a link failure is raised once, not logged per chunk
 
     async def _attempt(self, w: int) -> bool | None:
         s = self.s
@@ -549,6 +551,8 @@ class WindowedUpload:
                     del pending[q]
                 if not ch.fut.done():
                     ch.fut.cancel()
+                elif not ch.fut.cancelled():
+                    ch.fut.exception()  # retrieved: the link failure is raised once
         return last_match
 
     def _forget(self, ch: _Chunk, inflight: dict[int, _Chunk]) -> None:
