@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ from typing import Any
 import pytest
 import yaml
 from daemon_support import GatewayProcess, NotifySocket, gateway_bin, journal_rows, watch_journal
+from fleet_servers.common import require_tool
 
 from gateway.sim.config import LinkConfig
 from gateway.sim.simulator import Simulator
@@ -22,9 +22,7 @@ UNIT = ROOT / "systemd" / "smp-gateway.service"
 
 
 def test_unit_file_passes_systemd_analyze_verify(tmp_path: Path) -> None:
-    analyze = shutil.which("systemd-analyze")
-    if analyze is None:
-        pytest.skip("systemd-analyze is not installed (Debian package: systemd)")
+    analyze = require_tool("systemd-analyze", "systemd")
     # verify checks that ExecStart's binary exists: point it at this environment's entry point
     exe = gateway_bin()[0]
     unit = tmp_path / "smp-gateway.service"

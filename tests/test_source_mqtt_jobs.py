@@ -6,23 +6,18 @@ import asyncio
 import hashlib
 import logging
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 from aiohttp import web
 from fleet_servers.common import FileStore, serve
 from fleet_servers.jobs_service import JobsService
-from fleet_servers.mosquitto import MOSQUITTO, mosquitto
+from fleet_servers.mosquitto import mosquitto
 
 from gateway.mcuboot import Version
 from gateway.sources.base import DeviceView, Report, UpdateResult, UpdateState
 from gateway.sources.mqtt_jobs import MqttJobsSource
 from gateway.sources.settings import MqttJobsSourceConfig
-
-pytestmark = pytest.mark.skipif(
-    shutil.which("mosquitto") is None and not os.path.exists(MOSQUITTO), reason="mosquitto not installed"
-)
 
 IMG = os.urandom(30_000)
 DEV = DeviceView("mcu-3", "nrf5340", Version(1, 0, 0))

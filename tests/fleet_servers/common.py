@@ -117,3 +117,23 @@ class FileStore:
         await resp.write(body)
         await resp.write_eof()
         return resp
+
+
+def require_tool(name: str, package: str) -> str:
+    """The path of a system tool the test needs (a Debian package).
+
+    On a developer's machine without it the test is skipped with the install command; in CI
+    (``CI`` set, where ``.ci/run`` installs it) its absence is a failure, never a silent skip.
+    """
+    import os
+    import shutil
+
+    import pytest
+
+    path = shutil.which(name) or (f"/usr/sbin/{name}" if os.path.exists(f"/usr/sbin/{name}") else None)
+    if path is None:
+        msg = f"{name} is not installed: apt-get install -y {package}"
+        if os.environ.get("CI"):
+            pytest.fail(msg + " (CI must install it: see .ci/run)")
+        pytest.skip(msg)
+    return path

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
 import socket
 import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+from fleet_servers.common import require_tool
 
 
 def free_port() -> int:
@@ -21,6 +20,7 @@ def free_port() -> int:
 
 @asynccontextmanager
 async def mosquitto(tmp: Path) -> AsyncIterator[int]:
+    exe = require_tool("mosquitto", "mosquitto")
     port = free_port()
     conf = tmp / "mosquitto.conf"
     conf.write_text(
@@ -28,7 +28,7 @@ async def mosquitto(tmp: Path) -> AsyncIterator[int]:
         "log_dest stderr\nlog_type error\nlog_type warning\n"
     )
     proc = await asyncio.create_subprocess_exec(
-        MOSQUITTO, "-c", str(conf), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        exe, "-c", str(conf), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
     try:
         for _ in range(200):  # wait until it accepts connections
