@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 
 from gateway import log as glog
-from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.config import ConfigError, DeviceConfig, GatewayConfig, load_config
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -139,19 +139,41 @@ async def _run(cfg: GatewayConfig, once: bool) -> int:
 
 
 async def _status(cfg: GatewayConfig, offline: bool) -> int:
-    """Every configured device: what runs on it, its target, the journal's step and progress."""
+    """Every configured device: both slots, its target, the journal's step and progress."""
     from rich.console import Console
     from rich.table import Table
+    from smp.image_management import ImageState
 
     from gateway.daemon import make_transport
     from gateway.journal import Journal
     from gateway.smp.session import SMPSession
 
+    def flags(st: ImageState) -> str:
+        return ",".join(f for f in ("active", "confirmed", "pending", "permanent") if getattr(st, f))
+
+    live: dict[str, list[ImageState] | Exception] = {}
+    sem = asyncio.Semaphore(32)
+
+    async def query(dev: DeviceConfig) -> None:
+        async with sem:
+            try:
+                async with SMPSession(make_transport(dev), device_id=dev.id,
+                                      timeout_s=dev.timeouts.request_s) as s:
+                    states = await s.image_state(retries=1)
+                live[dev.id] = [st for st in states if (st.image or 0) == dev.image]
+            except Exception as exc:
+                live[dev.id] = exc
+
+    if not offline:
+        async with asyncio.TaskGroup() as tg:
+            for dev in cfg.devices:
+                tg.create_task(query(dev))
+
     journal = Journal(cfg.state_dir / "journal.sqlite")
     title = f"{cfg.gateway_id}: devices" + (" (journal only)" if offline else "")
     table = Table(title=title)
-    for col in ("device", "group", "running", "hash", "flags", "target", "step", "progress",
-                "last error"):
+    for col in ("device", "group", "running", "hash", "flags", "slot 1", "target", "step",
+                "progress", "last error"):
         table.add_column(col, overflow="fold")
     rc = EXIT_OK
     for dev in cfg.devices:
@@ -161,24 +183,20 @@ async def _status(cfg: GatewayConfig, offline: bool) -> int:
         if e.blocked_hash:
             target += " (blocked)"
         step = e.step + (f" ({e.outcome})" if e.outcome and e.outcome != e.step else "")
-        running = [e.running_version or "-", (e.running_hash or "-")[:16], "(journal)"]
-        if not offline:
-            try:
-                async with SMPSession(make_transport(dev), device_id=dev.id,
-                                      timeout_s=dev.timeouts.request_s) as s:
-                    states = await s.image_state(retries=1)
-                act = next((st for st in states if st.active and (st.image or 0) == dev.image), None)
-                flags = sorted({f for st in states for f in ("confirmed", "pending")
-                                if getattr(st, f) and ((f == "confirmed") == bool(st.active))})
-                if act is not None:
-                    running = [act.version, bytes(act.hash).hex()[:16] if act.hash else "-",
-                               ",".join(flags)]
-            except Exception as exc:
-                running = [running[0], running[1], f"unreachable: {exc}"]
-                rc = EXIT_FAILED
-        table.add_row(dev.id, dev.group or "", *running, target, step, prog, e.last_error or "")
+        row = [e.running_version or "-", (e.running_hash or "-")[:16], "(journal)", "-"]
+        got = live.get(dev.id)
+        if isinstance(got, Exception):
+            row[2] = f"unreachable: {got}"
+            rc = EXIT_FAILED
+        elif got is not None:
+            act = next((st for st in got if st.active), None)
+            other = next((st for st in got if st is not act), None)
+            if act is not None:
+                row[:3] = [act.version, bytes(act.hash).hex()[:16] if act.hash else "-", flags(act)]
+            row[3] = f"{other.version} {flags(other)}".strip() if other is not None else "empty"
+        table.add_row(dev.id, dev.group or "", *row, target, step, prog, e.last_error or "")
     journal.close()
-    Console(width=200 if not sys.stdout.isatty() else None).print(table)
+    Console(width=220 if not sys.stdout.isatty() else None).print(table)
     return rc
 
 

@@ -307,3 +307,25 @@ def test_local_source_sees_manifest_and_image_changes(bench_factory, tmp_path: P
     # the manifest now targets other hardware only: nothing for this device
     (upd / "manifest.yaml").write_text("images:\n  - {file: app.bin, hardware: other_board}\n")
     assert asyncio.run(src.check(view)) is None
+
+
+async def test_status_shows_both_slots_live_and_the_journal(bench_factory) -> None:
+    import sys
+
+    bench = bench_factory(udp=1, serial=1)
+    bench.publish("2.0.0")
+    async with Simulator(bench.sim_cfg) as sim:
+        cfg = bench.gateway_config(sim)
+        assert (await run_pass(cfg)).ok
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway.cli", "status", "--config", str(cfg.config_path),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    rows = [ln for ln in out.decode().splitlines() if "udp-1" in ln or "serial-1" in ln]
+    assert len(rows) == 2
+    for row in rows:
+        cells = [c.strip() for c in row.split("│")]
+        # running 2.0.0 active+confirmed; slot 1 holds the previous 1.0.0; journal says done
+        assert "2.0.0" in cells and "active,confirmed" in cells and "1.0.0" in cells, cells
+        assert "done (updated)" in cells and "100%" in cells, cells
