@@ -75,7 +75,7 @@ def _sim(path: Path) -> int:
     from pydantic import ValidationError
 
     from gateway.sim.config import load_sim_config
-    from gateway.sim.simulator import run_simulator
+    from gateway.sim.simulator import run_until_signalled
 
     try:
         cfg = load_sim_config(path)
@@ -83,35 +83,16 @@ def _sim(path: Path) -> int:
         print(f"smp-gateway: simulator configuration error in {path}: {exc}", file=sys.stderr)
         return EXIT_USAGE
 
-    async def go() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await run_simulator(cfg, stop, announce=lambda s: print(s, flush=True))
-
-    asyncio.run(go())
+    asyncio.run(run_until_signalled(cfg))
     return EXIT_OK
 
 
 async def _run(cfg: GatewayConfig, once: bool) -> int:
     from gateway.daemon import Gateway
-    from gateway.ui import ProgressView, outcome_table, print_outcomes_plain
+    from gateway.ui import run_once_shown
 
-    tty = sys.stderr.isatty()
     if once:
-        view = ProgressView() if tty else None
-        gw = Gateway(cfg, on_progress=view.update if view else None)
-        try:
-            if view:
-                with view:
-                    result = await gw.run_once()
-                view.console.print(outcome_table(result.outcomes))
-            else:
-                result = await gw.run_once()
-                print_outcomes_plain(result.outcomes)
-        finally:
-            gw.close()
+        result = await run_once_shown(cfg)
         return EXIT_OK if result.ok else EXIT_FAILED
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

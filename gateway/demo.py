@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,10 +123,8 @@ def make_bench(
 async def run_demo(workdir: Path | None = None, keep: bool = False) -> int:
     from rich.console import Console
 
-    from gateway.daemon import Gateway
-    from gateway.ui import ProgressView, outcome_table, print_outcomes_plain
+    from gateway.ui import run_once_shown
 
-    tty = sys.stderr.isatty()
     root = workdir or Path(tempfile.mkdtemp(prefix="smp-gateway-demo-"))
     console = Console(stderr=True)
     console.print(f"[bold]smp-gateway demo[/bold] in {root}")
@@ -141,20 +138,7 @@ async def run_demo(workdir: Path | None = None, keep: bool = False) -> int:
                           f"{dev.address}  running 1.0.0")
         cfg = bench.gateway_config(sim)
         console.print(f"gateway config: {cfg.config_path}; update source: {bench.updates_dir}")
-        view = ProgressView(console) if tty else None
-        gw = Gateway(cfg, on_progress=view.update if view else None)
-        try:
-            if view:
-                with view:
-                    result = await gw.run_once()
-            else:
-                result = await gw.run_once()
-        finally:
-            gw.close()
-        if tty:
-            console.print(outcome_table(result.outcomes, f"demo: one pass in {result.seconds:.1f}s"))
-        else:
-            print_outcomes_plain(result.outcomes)
+        result = await run_once_shown(cfg, console, "demo: one pass in {seconds:.1f}s")
         # what the devices themselves say: every one must run 2.0.0, confirmed
         ok = result.ok
         for dev in sim.devices.values():

@@ -455,9 +455,8 @@ class UpdateEngine:
         """Re-open the link until the device answers an echo, or raise TransportError."""
         last: Exception | None = None
         while time.monotonic() < deadline:
+            await self._reopen()
             try:
-                await self.s.close()
-                await self.s.open()
                 await self.s.echo("link?", timeout_s=1.0)
                 return
             except (TransportError, SMPTimeout) as exc:

@@ -6,13 +6,17 @@ structured logs instead, and this module stays silent.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 from rich.table import Table
 
 from gateway.engine import Outcome
+
+if TYPE_CHECKING:
+    from gateway.config import GatewayConfig
+    from gateway.daemon import Pass
 
 
 class ProgressView:
@@ -68,3 +72,29 @@ def print_outcomes_plain(outcomes: dict[str, Outcome]) -> None:
     for dev_id, o in sorted(outcomes.items()):
         print(f"device={dev_id} result={o.status.value} lwm2m_result={int(o.result)} "
               f"from={o.old_version} to={o.new_version} bytes={o.bytes_uploaded} detail=\"{o.detail}\"")
+
+
+async def run_once_shown(cfg: GatewayConfig, console: Console | None = None,
+                         title: str = "smp-gateway") -> Pass:
+    """One ``--once`` pass: a progress bar per device and a table on a terminal, plain lines
+    otherwise. ``title`` may use ``{seconds}``."""
+    import sys
+
+    from gateway.daemon import Gateway
+
+    tty = sys.stderr.isatty()
+    view = ProgressView(console) if tty else None
+    gw = Gateway(cfg, on_progress=view.update if view else None)
+    try:
+        if view:
+            with view:
+                result = await gw.run_once()
+        else:
+            result = await gw.run_once()
+    finally:
+        gw.close()
+    if view:
+        view.console.print(outcome_table(result.outcomes, title.format(seconds=result.seconds)))
+    else:
+        print_outcomes_plain(result.outcomes)
+    return result

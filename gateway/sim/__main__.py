@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import sys
 
 from gateway.sim.config import load_sim_config
-from gateway.sim.simulator import run_simulator
+from gateway.sim.simulator import run_until_signalled
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,14 +20,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     cfg = load_sim_config(args.config)
 
-    async def run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await run_simulator(cfg, stop, announce=lambda s: print(s, flush=True))
-
-    asyncio.run(run())
+    asyncio.run(run_until_signalled(cfg))
     return 0
 
 

@@ -82,3 +82,14 @@ async def run_simulator(
                 announce(f"{dev.id} {dev.transport.kind} {dev.address}")
             announce(f"endpoints: {cfg.state_dir / ENDPOINTS_FILE}")
         await stop.wait()
+
+
+async def run_until_signalled(cfg: SimConfig) -> None:
+    """``run_simulator`` until SIGINT/SIGTERM, announcing addresses on stdout (the CLI entry)."""
+    import signal
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await run_simulator(cfg, stop, announce=lambda s: print(s, flush=True))
