@@ -36,11 +36,12 @@ from smpclient.requests.os_management import (
     ResetWrite,
 )
 
+from gateway.smp.codec import DecodeError, decode_body, load_response
 from gateway.smp.transport import Transport, TransportError
 from gateway.smp.upload import UploadError, UploadStats, WindowedUpload
 
-__all__ = ["McumgrParams", "SMPError", "SMPProtocolError", "SMPSession", "SMPTimeout", "UploadError",
-           "UploadStats"]
+__all__ = ["BootloaderInfo", "McumgrParams", "SMPError", "SMPProtocolError", "SMPSession", "SMPTimeout",
+           "UploadError", "UploadStats"]
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,13 @@ class SMPProtocolError(SMPError):
 
 class SMPTimeout(TimeoutError):
     """No answer within the request's timeout (after its retries)."""
+
+
+@dataclass
+class BootloaderInfo:
+    name: str | None  # "MCUboot" for MCUboot
+    mode: int | None  # MCUboot mode number (smp.os_management.MCUbootMode); None = not reported
+    no_downgrade: bool  # CONFIG_MCUBOOT_BOOTLOADER_NO_DOWNGRADE
 
 
 @dataclass
@@ -168,32 +176,24 @@ class SMPSession:
         self._pending[seq] = fut
         return req, fut
 
-    def _decode(self, req: Any, frame: bytes) -> Any:
-        """The response model for ``req`` from ``frame``; SMPError (device error) or
-        SMPProtocolError (not a valid answer to ``req``) - never another exception type."""
+    def _decode(self, req: Any, frame: bytes, *, raw: bool = False) -> Any:
+        """The response model for ``req`` from ``frame`` (``raw``: the decoded CBOR map);
+        SMPError (device error) or SMPProtocolError (not a valid answer to ``req``) - never
+        another exception type."""
         name = type(req).__name__
 
         def bad(why: str) -> SMPProtocolError:
             return SMPProtocolError(name, None, smperr.MGMT_ERR.EUNKNOWN, why)
 
         try:
-            hdr = smphdr.Header.loads(frame[: smphdr.Header.SIZE])
-        except Exception as exc:  # ValueError/AssertionError/struct.error on short or odd headers
-            raise bad(f"bad header: {exc}") from exc
+            hdr, body = decode_body(frame)
+        except DecodeError as exc:
+            raise bad(str(exc)) from exc
         rh = req.header
         if (int(hdr.group_id) != int(rh.group_id) or hdr.command_id != rh.command_id
                 or int(hdr.op) != int(rh.op) + 1):
             raise bad(f"answer to another request (op {int(hdr.op)} group {int(hdr.group_id)} "
                       f"command {hdr.command_id})")
-        if len(frame) - smphdr.Header.SIZE < hdr.length:
-            raise bad(f"truncated: header announces {hdr.length} bytes, "
-                      f"{len(frame) - smphdr.Header.SIZE} present")
-        import cbor2
-
-        try:
-            body = cbor2.loads(frame[smphdr.Header.SIZE : smphdr.Header.SIZE + hdr.length])
-        except Exception as exc:
-            raise bad(f"bad CBOR: {exc}") from exc
         if not isinstance(body, dict):
             raise bad("response is not a map")
         err = body.get("err")
@@ -207,8 +207,10 @@ class SMPSession:
         if isinstance(rc, int) and rc != 0 and set(body) <= {"rc", "rsn"}:
             rsn = body.get("rsn")
             raise SMPError(name, None, rc, rsn if isinstance(rsn, str) else None)
+        if raw:
+            return body
         try:
-            return req._Response.load(hdr, {k: v for k, v in body.items() if k != "err"})
+            return load_response(req._Response, hdr, body, frame)
         except Exception as exc:
             raise bad(f"malformed response: {exc}") from exc
 
@@ -226,7 +228,8 @@ class SMPSession:
         return f" via {t.name} {addr}"
 
     async def request(
-        self, factory: Callable[[int], Any], *, timeout_s: float | None = None, retries: int = 0
+        self, factory: Callable[[int], Any], *, timeout_s: float | None = None, retries: int = 0,
+        raw: bool = False,
     ) -> Any:
         """Send ``factory(seq)`` and return the decoded response; SMPError/SMPTimeout otherwise.
 
@@ -252,7 +255,7 @@ class SMPSession:
             rtt = time.monotonic() - t0
             self.srtt = rtt if self.srtt is None else 0.875 * self.srtt + 0.125 * rtt
             try:
-                return self._decode(req, frame)
+                return self._decode(req, frame, raw=raw)
             except SMPProtocolError as exc:
                 if attempt == retries:
                     raise
@@ -315,13 +318,31 @@ class SMPSession:
             self.params = McumgrParams(384, 1, False)
         return self.params
 
-    async def bootloader_mode(self) -> Any:
+    async def bootloader_info(self, timeout_s: float | None = None) -> BootloaderInfo | None:
+        """os_mgmt bootloader info (group 0 cmd 8): name, and for MCUboot the ``mode`` query.
+
+        Read as a raw map: Zephyr answers the mode query ``{"mode": N, "no-downgrade": true}``
+        (os_mgmt.c ``os_mgmt_bootloader_info``), which ``smp``'s response model does not
+        describe (it wants a ``bootloader`` key). None when the firmware has no such command.
+        """
         try:
-            rsp = await self.request(lambda s: BootloaderInformationRead(query="mode", sequence=s),
-                                     retries=1)
-            return rsp.response
+            name_rsp = await self.request(lambda s: BootloaderInformationRead(sequence=s),
+                                          timeout_s=timeout_s, retries=1, raw=True)
         except (SMPError, SMPTimeout):
             return None
+        name = name_rsp.get("bootloader")
+        info = BootloaderInfo(name if isinstance(name, str) else None, None, False)
+        if info.name != "MCUboot":
+            return info
+        try:
+            mode_rsp = await self.request(lambda s: BootloaderInformationRead(query="mode", sequence=s),
+                                          timeout_s=timeout_s, retries=1, raw=True)
+        except (SMPError, SMPTimeout):
+            return info
+        mode = mode_rsp.get("mode")
+        info.mode = mode if isinstance(mode, int) and not isinstance(mode, bool) else None
+        info.no_downgrade = mode_rsp.get("no-downgrade") is True
+        return info
 
     # -- upload --------------------------------------------------------------------------
     async def upload(
