@@ -548,8 +548,17 @@ class UpdateEngine:
         target = image.hash
         other = slots.other
         if slots.other_hash == target and other is not None and other.pending:
-            detail = ("device did not reboot into the image (reset "
-                      f"{'acknowledged' if reset_acked else 'unanswered'}); image still pending")
+            if reset_acked:
+                # The link worked and the device acknowledged the reset: the bootloader did not
+                # take the pending image (LwM2M 8, update failed), the link is not to blame.
+                detail = ("the device acknowledged the reset but its bootloader did not take the "
+                          f"image: {image.version} is still pending in the secondary slot and "
+                          f"{slots.active.version if slots.active else '?'} runs (the bootloader "
+                          "may not be in a swap mode, or the device did not actually reset)")
+                raise self._finish(Status.FAILED, UpdateResult.UPDATE_FAILED, detail, image, old_v)
+            detail = ("the reset request went unanswered and the device still runs "
+                      f"{slots.active.version if slots.active else '?'} with {image.version} "
+                      "pending: the reset probably never reached it")
             raise self._finish(Status.FAILED, UpdateResult.CONNECTION_LOST, detail, image, old_v)
         if slots.other_hash == target:
             now = slots.active.version if slots.active else "?"
