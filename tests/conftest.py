@@ -24,6 +24,36 @@ def bench_factory(tmp_path: Path) -> Callable[..., Bench]:
     return make
 
 
+# --- Renode: real firmware from the shared folder (gateway/renode.py) ----------------------------
+@pytest.fixture(scope="session")
+def renode_shared() -> Path:
+    """The shared folder with ``renode/`` and ``firmware/`` ($SMPGW_SHARED or ../shared).
+
+    Absent on a developer machine: skip, naming the path and the variable; in CI (``CI`` set)
+    a failure, never a silent skip."""
+    import os
+
+    from gateway.renode import SHARED_ENV, shared_candidate, shared_dir
+
+    path = shared_dir()
+    if path is None:
+        cand, why = shared_candidate()
+        msg = (f"Renode tests need the shared folder (renode/ + firmware/): {cand / 'renode' / 'renode'} "
+               f"not found ({why}); set {SHARED_ENV}=/path/to/shared")
+        if os.environ.get("CI"):
+            pytest.fail(msg + " (CI must provide it)")
+        pytest.skip(msg)
+    return path
+
+
+@pytest.fixture(scope="session")
+def stm32f4_disco(renode_shared: Path) -> Path:
+    """Real MCUboot (swap using scratch) + Zephyr smp_svr for Renode's STM32F4-Discovery."""
+    from gateway.renode import firmware_dir
+
+    return firmware_dir("stm32f4_disco")
+
+
 # --- reliability matrix: rows from tests/test_faults*.py -> docs/reliability.md ------------------
 _RELIABILITY_ROWS: list[dict[str, Any]] = []
 RELIABILITY_DOC = Path(__file__).resolve().parents[1] / "docs" / "reliability.md"
