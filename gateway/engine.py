@@ -28,7 +28,7 @@ from gateway.config import DeviceConfig
 from gateway.images import ImageRefused, VerifiedImage, known_security_counter, preflight
 from gateway.journal import Entry, Journal
 from gateway.mcuboot import Version
-from gateway.smp.session import SMPError, SMPSession, SMPTimeout, UploadError
+from gateway.smp.session import SMPError, SMPProtocolError, SMPSession, SMPTimeout, UploadError
 from gateway.smp.transport import TransportError
 from gateway.sources.base import UpdateResult
 
@@ -498,17 +498,67 @@ class UpdateEngine:
         return await self._confirm(image, old_v)
 
     async def _confirm(self, image: VerifiedImage, old_v: str | None) -> Outcome:
+        """Confirm the image the device runs - only if it is ``image`` and this gateway tested it.
+
+        Zephyr's img_mgmt (``img_mgmt_state_write`` -> ``img_mgmt_set_next_boot_slot``,
+        img_mgmt_state.c) confirms *by hash* whichever slot holds that hash: for the secondary
+        slot that is ``boot_set_next(active=false, confirm=true)``, i.e. "install this image
+        permanently at the next boot" (MCUboot's PERM swap). A confirm-by-hash that lands after
+        the image crashed and MCUboot reverted would make the crashed image permanent. So:
+
+        * image 0 is confirmed *without* a hash: img_mgmt then confirms the running slot
+          (``img_mgmt_active_slot(img_mgmt_active_image())``), which can never schedule a swap;
+        * the state is read immediately before (the target must be active) and after (active
+          and confirmed) the write;
+        * a confirm that goes unanswered is never re-sent blindly: the state is read again (the
+          device may have rebooted) and only a still-running, unconfirmed target gets another.
+
+        Another MCUboot image number (``image: N``, e.g. a network core) cannot be confirmed
+        without a hash (that would confirm image 0); it is confirmed by hash, still only after a
+        read showing the hash active, and an answer that shows it scheduled in the secondary
+        slot is reported as the failure it is.
+        """
         target = image.hash
         if self.entry.tested_hash != target.hex():  # the invariant, checked at the last moment
             raise self._finish(Status.FAILED, UpdateResult.UPDATE_FAILED,
                                "refusing to confirm an image this gateway did not test", image, old_v)
-        states = await self.s.image_confirm(target)
-        slots = Slots.parse(states, self.dev.image)
-        if slots.active_hash == target and slots.active and slots.active.confirmed:
-            raise self._finish(Status.UPDATED, UpdateResult.SUCCESS,
-                               f"{old_v} -> {image.version}, confirmed by the gateway", image, old_v)
-        raise self._finish(Status.FAILED, UpdateResult.UPDATE_FAILED,
-                           "device did not report the image confirmed", image, old_v)
+        by_hash = target if self.dev.image != 0 else None
+        attempts = 3
+        for attempt in range(1, attempts + 1):
+            before = await self._read_slots_through_reboot()
+            if before.active_hash != target:
+                return self._rolled_back(image, before, old_v, True)
+            if before.active is not None and before.active.confirmed:
+                # an earlier confirm landed (its answer was lost), or the application confirmed
+                raise self._finish(Status.UPDATED, UpdateResult.SUCCESS,
+                                   f"{old_v} -> {image.version}, confirmed", image, old_v)
+            try:
+                states = await self.s.image_confirm(by_hash, retries=0)
+            except (SMPTimeout, SMPProtocolError) as exc:
+                log.warning("device=%s confirm attempt=%d/%d unanswered (%s); reading the state "
+                            "instead of re-sending", self.dev.id, attempt, attempts, exc)
+                continue
+            post = Slots.parse(states, self.dev.image)
+            if by_hash is not None and post.other_hash == target and post.other is not None and (
+                    post.other.pending or post.other.permanent):
+                raise self._finish(Status.FAILED, UpdateResult.UPDATE_FAILED,
+                                   f"the device scheduled {image.version} in its secondary slot "
+                                   "instead of confirming the running image; it will be "
+                                   "installed at the next reset", image, old_v)
+            after = await self._read_slots_through_reboot()
+            if after.active_hash != target:
+                return self._rolled_back(image, after, old_v, True)
+            if after.active is not None and after.active.confirmed:
+                raise self._finish(Status.UPDATED, UpdateResult.SUCCESS,
+                                   f"{old_v} -> {image.version}, confirmed by the gateway",
+                                   image, old_v)
+            raise self._finish(Status.FAILED, UpdateResult.UPDATE_FAILED,
+                               "device accepted the confirm but does not report the image "
+                               "confirmed", image, old_v)
+        raise self._finish(Status.FAILED, UpdateResult.CONNECTION_LOST,
+                           f"the confirm went unanswered {attempts} times; {image.version} still "
+                           "runs unconfirmed (MCUboot reverts it at the next reset unless a later "
+                           "attempt confirms it)", image, old_v)
 
     async def _read_slots_through_reboot(self) -> Slots:
         """Read the state; if the device vanished (crash, watchdog), wait for it to come back."""
