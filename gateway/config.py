@@ -15,75 +15,22 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import (
     BaseModel,
-    BeforeValidator,
-    ConfigDict,
     Field,
-    SecretStr,
     ValidationError,
     field_validator,
     model_validator,
 )
 
+from gateway.schema import ConfigError, Model, Secret, SecretRef
+from gateway.sources.settings import (
+    HawkbitSourceConfig,
+    LatestReleaseSourceConfig,
+    MqttJobsSourceConfig,
+    RdfmSourceConfig,
+)
 
-class ConfigError(Exception):
-    """A configuration problem, with the file, the key path and what was expected."""
-
-    def __init__(self, path: str | Path, key: str, message: str) -> None:
-        self.path = str(path)
-        self.key = key
-        self.message = message
-        super().__init__(f"{self.path}: {key}: {message}" if key else f"{self.path}: {message}")
-
-
-class Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class SecretRef(Model):
-    """A secret given inline (``value``), read from a file (``file``) or the environment (``env``).
-
-    The value is never logged: ``repr`` shows only where it comes from.
-    """
-
-    value: SecretStr | None = None
-    file: Path | None = None
-    env: str | None = None
-
-    @model_validator(mode="after")
-    def _one_source(self) -> SecretRef:
-        given = [k for k in ("value", "file", "env") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError("give exactly one of value, file or env")
-        return self
-
-    def get(self) -> str:
-        if self.value is not None:
-            return self.value.get_secret_value()
-        if self.file is not None:
-            try:
-                return self.file.read_text().strip()
-            except OSError as exc:
-                raise ConfigError(self.file, "file", f"cannot read secret: {exc.strerror}") from exc
-        assert self.env is not None
-        val = os.environ.get(self.env)
-        if val is None:
-            raise ConfigError("<environment>", self.env, "environment variable is not set")
-        return val
-
-    def __repr__(self) -> str:
-        where = "value=***" if self.value is not None else (
-            f"file={self.file}" if self.file is not None else f"env={self.env}"
-        )
-        return f"SecretRef({where})"
-
-
-def _secret(v: Any) -> Any:
-    # a bare string is an inline secret
-    return {"value": v} if isinstance(v, str) else v
-
-
-Secret = Annotated[SecretRef, BeforeValidator(_secret)]
-"""A secret: a bare string (inline), or ``{file: PATH}`` / ``{env: NAME}``."""
+# re-exported: ``gateway.config.ConfigError`` / ``Model`` / ``Secret`` / ``SecretRef`` are public
+__all__ = ["ConfigError", "Model", "Secret", "SecretRef"]
 
 
 class UdpTransport(Model):
@@ -172,6 +119,12 @@ class DeviceConfig(Model):
     slot_size: int | None = Field(
         None, gt=0, description="secondary slot size in bytes; images larger are refused"
     )
+    flash_write_align: Literal[1, 2, 4, 8, 16, 32] = Field(
+        8, description="flash write block of the slots (imgtool sign --align): with "
+                       "max_img_sectors it sizes MCUboot's trailer at the end of the slot")
+    max_img_sectors: int = Field(
+        128, ge=1, le=65536, description="CONFIG_BOOT_MAX_IMG_SECTORS of the device's MCUboot "
+                                         "(imgtool --max-sectors): the swap status in the trailer")
     confirm: Literal["gateway", "app"] = "gateway"
     health_check_s: float = Field(
         3.0, ge=0, description="policy 'gateway': the new image must keep answering this long"
@@ -192,13 +145,6 @@ class LocalSourceConfig(Model):
     poll_interval_s: float = Field(10.0, gt=0)
 
 
-# fleet backends' models (gateway/sources/settings.py imports Model and Secret from above)
-from gateway.sources.settings import (  # noqa: E402
-    HawkbitSourceConfig,
-    LatestReleaseSourceConfig,
-    MqttJobsSourceConfig,
-    RdfmSourceConfig,
-)
 
 SourceConfig = Annotated[
     LocalSourceConfig

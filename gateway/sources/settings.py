@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from gateway.config import Model, Secret
+from gateway.schema import Model, Secret
 
 
 class HttpOptions(Model):
