@@ -137,6 +137,194 @@ class DeviceConfig(Model):
         None, ge=1, le=64, description="max upload chunks in flight (default: buf_count - 1)"
     )
     chunk_size: int | None = Field(None, ge=32, description="cap on data bytes per upload chunk")
+    maintenance: list[str] | None = Field(
+        None, description="names of the maintenance_windows in which this device may be reset "
+                          "(default: all of them; [] = any time)")
+
+
+# -- fleet operations: device templates, discovery, rollout, maintenance windows, control ----
+_TEMPLATE_TRANSPORT_KEYS = {
+    "serial": {"baud", "line_length", "mtu"},
+    "udp": {"port", "mtu"},
+    "ble": {"adapter", "backend", "hci", "scan_timeout_s", "connect_timeout_s", "mtu", "reassembly"},
+}
+
+
+class TemplateMatch(Model):
+    """What a discovered device must look like for a template to apply (all given rules must hold).
+
+    Globs are ``fnmatch`` patterns; ``usb_vid_pid`` entries are ``VVVV:PPPP`` in hex (``*`` for
+    any product). USB attributes are read from udev/sysfs where the port has them.
+    """
+
+    transport: Literal["serial", "udp", "ble"] | None = None
+    path: str | None = Field(None, description="glob on the serial port path (symlink or tty)")
+    by_id: str | None = Field(None, description="glob on the /dev/serial/by-id name")
+    usb_vid_pid: list[str] | None = Field(None, description='e.g. ["2fe3:0100", "1366:*"]')
+    usb_serial: str | None = Field(None, description="glob on the USB serial number")
+    host: str | None = Field(None, description="UDP: an address, a CIDR range or a glob")
+    ble_name: str | None = Field(None, description="glob on the advertised name")
+    board: str | None = Field(None, description="glob on the board the device reports (os info i)")
+    node: str | None = Field(None, description="glob on the node name the device reports (os info n)")
+    hwid: str | None = Field(None, description="glob on the hardware id the device reports")
+
+    @field_validator("usb_vid_pid")
+    @classmethod
+    def _vid_pid(cls, v: list[str] | None) -> list[str] | None:
+        import re
+
+        for item in v or []:
+            if not re.fullmatch(r"[0-9a-fA-F]{4}:([0-9a-fA-F]{4}|\*)", item):
+                raise ValueError(f"{item!r} is not VVVV:PPPP (hex vendor and product id, or VVVV:*)")
+        return [i.lower() for i in v] if v else v
+
+
+class DeviceTemplate(Model):
+    """Match rules -> the settings of every device they match (``device_templates:``).
+
+    Any key of a ``devices:`` entry but ``id``/``transport`` may be given (``hardware`` defaults
+    to the board the device reports); ``serial:``/``udp:``/``ble:`` hold transport options. They
+    are checked at load time against the ``devices:`` schema.
+    """
+
+    model_config = {**Model.model_config, "extra": "allow"}
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.:@-]+$")
+    match: TemplateMatch = TemplateMatch()
+    id: str | list[str] = Field(
+        "{node}", description="device id rule(s): the first that the device's facts fill wins. "
+        "Keys: node, board, hwid, usb_serial, usb_vid, usb_pid, by_id, port, host, udp_port, "
+        "ble_address, ble_name, template")
+    hardware: str | None = Field(None, min_length=1)
+    group: str | None = Field(None, description="group name rule (same keys as id)")
+    serial: dict[str, Any] = Field(default_factory=dict, description="baud, line_length, mtu")
+    udp: dict[str, Any] = Field(default_factory=dict, description="port, mtu")
+    ble: dict[str, Any] = Field(default_factory=dict, description="adapter, backend, hci, mtu...")
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The device settings the template sets (everything but match/id/name/transports)."""
+        return dict(self.model_extra or {})
+
+    @property
+    def id_rules(self) -> list[str]:
+        return [self.id] if isinstance(self.id, str) else list(self.id)
+
+
+class SerialDiscovery(Model):
+    paths: list[str] = Field(
+        default_factory=lambda: ["/dev/serial/by-id/*", "/dev/ttyACM*", "/dev/ttyUSB*"],
+        min_length=1, description="globs of serial ports to consider (symlinks are followed)")
+    hotplug: Literal["auto", "udev", "poll"] = Field(
+        "auto", description="udev (pyudev) events, polling, or udev where available")
+    poll_s: float = Field(2.0, gt=0, description="polling period (also a safety net with udev)")
+
+
+class UdpDiscovery(Model):
+    hosts: list[str] = Field(default_factory=list,
+                             description="addresses, host names or CIDR ranges to probe")
+    port: int = Field(1337, ge=1, le=65535)
+    mdns: bool = Field(False, description="also browse DNS-SD (mDNS) for mdns_service")
+    mdns_service: str = Field("_mcumgr._udp.local.", description="DNS-SD service type")
+    probe_timeout_s: float = Field(1.0, gt=0)
+    probe_rate: float = Field(500.0, gt=0, description="probe datagrams per second at most")
+    max_hosts: int = Field(4096, ge=1, description="refuse CIDR ranges larger than this")
+
+    @field_validator("hosts")
+    @classmethod
+    def _hosts(cls, v: list[str]) -> list[str]:
+        import ipaddress
+
+        for h in v:
+            if "/" in h:
+                try:
+                    ipaddress.ip_network(h, strict=False)
+                except ValueError as exc:
+                    raise ValueError(f"{h!r} is not a CIDR range: {exc}") from None
+        return v
+
+
+class BleDiscovery(Model):
+    adapter: str = Field("hci0", min_length=1)
+    backend: Literal["bleak", "bumble"] = "bleak"
+    hci: str | None = Field(None, description="bumble HCI transport (backend bumble)")
+    service_uuid: bool = Field(True, description="match advertisements of the SMP service UUID")
+    name: str | None = Field(None, description="glob on the advertised name (or-ed with the UUID)")
+    scan_s: float = Field(5.0, gt=0, description="length of one scan")
+    min_interval_s: float = Field(30.0, ge=0, description="at most one scan per adapter this often")
+
+    @model_validator(mode="after")
+    def _bumble(self) -> BleDiscovery:
+        if self.backend == "bumble" and not self.hci:
+            raise ValueError("backend bumble needs 'hci' (e.g. usb:0, hci-socket:0)")
+        if not self.service_uuid and not self.name:
+            raise ValueError("give service_uuid: true or a name pattern: what should a scan match?")
+        return self
+
+
+class IdentityConfig(Model):
+    os_info: bool = Field(True, description="read os info (n: node name, i: board)")
+    hwid_format: str | None = Field(
+        None, min_length=1, max_length=4,
+        description="os info format letter(s) a firmware hook answers with a hardware id "
+                    "(CONFIG_MCUMGR_GRP_OS_INFO_CUSTOM_HOOKS)")
+
+
+class DiscoveryConfig(Model):
+    serial: SerialDiscovery | None = None
+    udp: UdpDiscovery | None = None
+    ble: list[BleDiscovery] = Field(default_factory=list)
+    identity: IdentityConfig = IdentityConfig()
+    interval_s: float = Field(60.0, gt=0, description="UDP/BLE rescan period")
+    identify_timeout_s: float = Field(3.0, gt=0, description="per SMP request while identifying")
+    concurrency: int = Field(64, ge=1, description="devices identified at once")
+    forget_after_s: float = Field(24 * 3600.0, gt=0,
+                                  description="a device not seen this long leaves the inventory")
+
+
+class RolloutConfig(Model):
+    """Staged rollout of one artifact over the gateway's devices (groups count as one unit)."""
+
+    canary: int | str = Field(1, description="units updated first: a number or a percentage ('10%')")
+    wait_s: float = Field(600.0, ge=0, description="canaries must stay healthy this long")
+    max_failure_pct: float = Field(0.0, ge=0, le=100,
+                                   description="stop the rollout when failures pass this share")
+
+    @field_validator("canary")
+    @classmethod
+    def _canary(cls, v: int | str) -> int | str:
+        if isinstance(v, int):
+            if v < 1:
+                raise ValueError("canary must be at least 1")
+            return v
+        text = v.strip()
+        if not text.endswith("%"):
+            raise ValueError(f"canary must be a number or a percentage like '10%' (got {v!r})")
+        try:
+            pct = float(text[:-1])
+        except ValueError:
+            raise ValueError(f"canary percentage {v!r} is not a number") from None
+        if not 0 < pct <= 100:
+            raise ValueError(f"canary percentage must be in (0, 100] (got {v!r})")
+        return text
+
+
+class MaintenanceWindowConfig(Model):
+    cron: str = Field(description="when the window opens, cron syntax, e.g. '0 2 * * *'")
+    duration_s: float = Field(gt=0, description="how long it stays open")
+    timezone: str = Field("UTC", description="IANA time zone of the cron expression")
+
+    @model_validator(mode="after")
+    def _valid(self) -> MaintenanceWindowConfig:
+        from gateway.maintenance import check_window
+
+        check_window(self.cron, self.timezone)
+        return self
+
+
+class ControlConfig(Model):
+    enabled: bool = True
+    socket: Path | None = Field(None, description="UNIX socket path (default <state_dir>/control.sock)")
 
 
 class LocalSourceConfig(Model):
@@ -179,7 +367,12 @@ class GatewayConfig(Model):
     state_dir: Path
     trusted_keys: list[Path] = Field(min_length=1, description="PEM files of image signing keys")
     source: SourceConfig
-    devices: list[DeviceConfig] = Field(min_length=1)
+    devices: list[DeviceConfig] = Field(default_factory=list)
+    device_templates: list[DeviceTemplate] = Field(default_factory=list)
+    discovery: DiscoveryConfig | None = None
+    rollout: RolloutConfig | None = None
+    maintenance_windows: dict[str, MaintenanceWindowConfig] = Field(default_factory=dict)
+    control: ControlConfig = ControlConfig()
     max_concurrent: int = Field(32, ge=1, description="global cap on simultaneous device sessions")
     ble_per_adapter: int = Field(
         3, ge=1, description="cap on simultaneous sessions per BLE adapter (controller link limit)"
@@ -208,6 +401,27 @@ class GatewayConfig(Model):
                                  "confirm: gateway (an application that confirms itself would "
                                  "break the group's all-or-nothing switch)")
         return devices
+
+    @model_validator(mode="after")
+    def _fleet(self) -> GatewayConfig:
+        if not self.devices and not self.device_templates:
+            raise ValueError("give devices: (a static list) or device_templates: with discovery:")
+        if self.device_templates and self.discovery is None:
+            raise ValueError("device_templates need a discovery: section (serial/udp/ble) to find devices")
+        names = [t.name for t in self.device_templates]
+        if len(set(names)) != len(names):
+            raise ValueError(f"device template names must be unique (got {names})")
+        known = set(self.maintenance_windows)
+        for d in self.devices:
+            for w in d.maintenance or []:
+                if w not in known:
+                    raise ValueError(f"device {d.id!r}: maintenance window {w!r} is not defined in "
+                                     f"maintenance_windows (known: {sorted(known) or 'none'})")
+        return self
+
+    @property
+    def control_socket(self) -> Path:
+        return self.control.socket or self.state_dir / "control.sock"
 
     def device(self, device_id: str) -> DeviceConfig:
         for d in self.devices:
@@ -309,7 +523,56 @@ def parse_config(data: Any, path: str | Path = "<config>") -> GatewayConfig:
     for i, k in enumerate(cfg.trusted_keys):
         if not k.is_file():
             raise ConfigError(path, f"trusted_keys[{i}]", f"no such key file: {k}")
+    for i, t in enumerate(cfg.device_templates):
+        _check_template(t, f"device_templates[{i}]", path, set(cfg.maintenance_windows))
     return cfg
+
+
+def template_device_dict(t: DeviceTemplate, kind: str, transport: dict[str, Any],
+                         device_id: str, hardware: str | None, group: str | None) -> dict[str, Any]:
+    """The ``devices:`` entry a template makes for one discovered device (not yet validated)."""
+    opts = {"serial": t.serial, "udp": t.udp, "ble": t.ble}[kind]
+    d: dict[str, Any] = {"id": device_id, "transport": {**transport, **opts, "kind": kind},
+                         "hardware": t.hardware or hardware}
+    d.update(t.settings)
+    if group is not None:
+        d["group"] = group
+    return d
+
+
+def _check_template(t: DeviceTemplate, where: str, path: str | Path, windows: set[str]) -> None:
+    """Validate a template's settings against the ``devices:`` schema, naming the template key."""
+    for key in ("transport", "kind"):
+        if key in t.settings:
+            raise ConfigError(path, f"{where}.{key}", "a template sets transport options under "
+                              "serial:, udp: or ble: (the address comes from discovery)")
+    probes = {"serial": {"port": "/dev/null"}, "udp": {"host": "127.0.0.1"}, "ble": {"name": "probe"}}
+    kinds = [t.match.transport] if t.match.transport else ["serial", "udp", "ble"]
+    for kind, opts in (("serial", t.serial), ("udp", t.udp), ("ble", t.ble)):
+        bad = sorted(set(opts) - _TEMPLATE_TRANSPORT_KEYS[kind])
+        if bad:
+            raise ConfigError(path, f"{where}.{kind}.{bad[0]}", "unknown transport option (known: "
+                              + ", ".join(sorted(_TEMPLATE_TRANSPORT_KEYS[kind])) + ")")
+        if opts and kind not in kinds:
+            raise ConfigError(path, f"{where}.{kind}", f"options for {kind}, but the template "
+                              f"matches only {t.match.transport} devices")
+    for kind in kinds:
+        dev = template_device_dict(t, kind, {"kind": kind, **probes[kind]}, "template-check",
+                                   t.hardware or "probe", None)
+        try:
+            DeviceConfig.model_validate(dev)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            loc = tuple(err["loc"])
+            if loc and loc[0] == "transport":
+                key = f"{where}.{kind}" + (f".{_format_loc(loc[2:], dev)}" if len(loc) > 2 else "")
+            else:
+                key = f"{where}.{_format_loc(loc, dev)}"
+            raise ConfigError(path, key, _describe(err)) from None
+    for w in t.settings.get("maintenance") or []:
+        if w not in windows:
+            raise ConfigError(path, f"{where}.maintenance", f"maintenance window {w!r} is not "
+                              f"defined in maintenance_windows (known: {sorted(windows) or 'none'})")
 
 
 def load_config(path: str | Path) -> GatewayConfig:

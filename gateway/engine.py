@@ -27,7 +27,7 @@ from smp.image_management import ImageState
 from gateway.config import DeviceConfig
 from gateway.images import ImageRefused, VerifiedImage, known_security_counter, preflight
 from gateway.journal import Entry, Journal
-from gateway.mcuboot import Version
+from gateway.mcuboot import Version, trailer_size
 from gateway.smp.session import SMPError, SMPProtocolError, SMPSession, SMPTimeout, UploadError
 from gateway.smp.transport import TransportError
 from gateway.sources.base import UpdateResult
@@ -330,7 +330,8 @@ class UpdateEngine:
                       slot_size=self.dev.slot_size, running=slots.active_version,
                       running_hash=slots.active_hash, allow_downgrade=self.dev.allow_downgrade,
                       running_security_counter=known_security_counter(image.path.parent,
-                                                                      slots.active_hash))
+                                                                      slots.active_hash),
+                      trailer=trailer_size(self.dev.flash_write_align, self.dev.max_img_sectors))
         except ImageRefused as exc:
             raise self._finish(Status.REFUSED, exc.reason.lwm2m, str(exc), image, old_v) from None
 

@@ -3,8 +3,12 @@
 Owns the step between a fleet source and a device: a raw file from a source becomes a
 ``VerifiedImage`` only after its MCUboot structure, hash and signature (against the gateway's
 trusted keys, with imgtool) are checked; verified images are kept content-addressed under
-``<state_dir>/images/<hash>.bin``. ``preflight`` then decides, per device, whether the image may
-be sent: hardware type, slot size, downgrade and security counter. Every refusal is an
+``<state_dir>/images/<hash>.bin``. Only the image itself is kept and sent - header, body and
+TLVs, ``total_size`` bytes: hash and signature cover nothing after that, so a file whose tail is
+anything but erased flash (0xFF) - e.g. the MCUboot trailer of ``imgtool sign --pad --confirm``,
+which would make the device install the image permanently without a test - is refused.
+``preflight`` then decides, per device, whether the image may be sent: hardware type, slot size
+(image + MCUboot's trailer), downgrade and security counter. Every refusal is an
 ``ImageRefused`` with a reason code and a sentence an operator can act on.
 """
 
@@ -18,11 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.mcuboot import (
+    BOOT_MAGIC_SIZE,
     ImageFormatError,
     ImageInfo,
     SignatureError,
     TrustedKey,
     Version,
+    boot_magics,
     parse_image,
     verify_signature,
 )
@@ -39,6 +45,7 @@ class Refusal(enum.Enum):
     NOT_NEWER = "not-newer"
     SECURITY_COUNTER = "security-counter"
     ENCRYPTED = "encrypted"
+    TRAILING_DATA = "trailing-data"
 
     @property
     def lwm2m(self) -> UpdateResult:
@@ -48,6 +55,7 @@ class Refusal(enum.Enum):
             Refusal.NOT_NEWER: UpdateResult.UNSUPPORTED_PACKAGE,
             Refusal.ENCRYPTED: UpdateResult.UNSUPPORTED_PACKAGE,
             Refusal.BAD_FORMAT: UpdateResult.UNSUPPORTED_PACKAGE,
+            Refusal.TRAILING_DATA: UpdateResult.UNSUPPORTED_PACKAGE,
         }.get(self, UpdateResult.INTEGRITY_FAILURE)
 
 
@@ -69,8 +77,8 @@ class VerifiedImage:
     info: ImageInfo
     signed_by: str | None  # trusted key name; None = unsigned (allowed per device only)
     hardware: str | None  # target hardware type from the source's metadata
-    file_sha256: bytes  # sha256 of the whole file: the upload's `sha`
-    size: int
+    file_sha256: bytes  # sha256 of the stored bytes = the image (total_size): the upload's `sha`
+    size: int  # info.total_size: the bytes stored, uploaded and checked against the slot
 
     @property
     def version(self) -> Version:
@@ -81,11 +89,39 @@ class VerifiedImage:
         return self.info.hash
 
     def read(self) -> bytes:
+        """The verified image, exactly: what is uploaded (and what the upload's ``sha`` covers)."""
         data = self.path.read_bytes()
-        if hashlib.sha256(data).digest() != self.file_sha256:
+        if len(data) != self.size or hashlib.sha256(data).digest() != self.file_sha256:
             raise ImageRefused(Refusal.HASH_MISMATCH,
                                f"{self.path} changed on disk after verification")
         return data
+
+
+def _tail_problem(data: bytes, end: int) -> str | None:
+    """Why the bytes after the image (``data[end:]``) may not be dropped silently, or None.
+
+    Erased flash (0xFF) is slot padding and is dropped; anything else is refused, naming the
+    MCUboot trailer when the file ends with one (imgtool ``Image.pad_to``: magic at the very end,
+    image_ok ``BOOT_MAX_ALIGN`` bytes before the 16-byte aligned magic).
+    """
+    tail = data[end:]
+    stripped = tail.lstrip(b"\xff")
+    if not stripped:
+        return None
+    first = end + len(tail) - len(stripped)
+    if len(data) - end >= BOOT_MAGIC_SIZE + 8 and any(data.endswith(m) for m in boot_magics()):
+        image_ok = data[-(BOOT_MAGIC_SIZE + 8)] == 0x01
+        if image_ok:
+            return (f"the file carries an MCUboot trailer after the signed image (offset {first}) "
+                    "with image_ok set, as `imgtool sign --pad --confirm` writes it: uploaded, it "
+                    "would make MCUboot install the image permanently at the next reset, without "
+                    "a test. Sign update images without --pad/--confirm")
+        return (f"the file carries an MCUboot trailer after the signed image (offset {first}), as "
+                "`imgtool sign --pad` writes it (image_ok unset): uploaded, it would schedule the "
+                "image without the gateway. Sign update images without --pad")
+    return (f"{len(stripped)} bytes after the end of the signed image (offset {first}, image ends "
+            f"at {end}) are not erased flash (0xFF); no hash or signature covers them. Give the "
+            "gateway the image as imgtool signed it (nothing appended)")
 
 
 def check_image(
@@ -99,8 +135,11 @@ def check_image(
     if not info.hash_valid:
         raise ImageRefused(Refusal.HASH_MISMATCH,
                            "the image's SHA-256 TLV does not match its contents (corrupt image)")
-    if info.total_size != len(data.rstrip(b"\xff")) and len(data) < info.total_size:
+    if len(data) < info.total_size:
         raise ImageRefused(Refusal.BAD_FORMAT, "image is truncated")
+    tail = _tail_problem(data, info.total_size)
+    if tail is not None:
+        raise ImageRefused(Refusal.TRAILING_DATA, tail)
     if not info.is_signed:
         if allow_unsigned:
             return info, None
@@ -126,11 +165,12 @@ class ImageStore:
         return self.add_bytes(path.read_bytes(), hardware=hardware, allow_unsigned=allow_unsigned)
 
     def add_bytes(self, data: bytes, *, hardware: str | None, allow_unsigned: bool = False) -> VerifiedImage:
-        file_sha = hashlib.sha256(data).digest()
-        ck = (file_sha, hardware, allow_unsigned)
+        ck = (hashlib.sha256(data).digest(), hardware, allow_unsigned)
         if ck in self._cache:
             return self._cache[ck]
         info, signer = check_image(data, self.keys, allow_unsigned=allow_unsigned)
+        data = data[: info.total_size]  # only what hash and signature cover is kept and sent
+        file_sha = hashlib.sha256(data).digest()
         dest = self.root / f"{info.hash.hex()}.bin"
         if not dest.exists() or hashlib.sha256(dest.read_bytes()).digest() != file_sha:
             fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".in-")
@@ -176,8 +216,13 @@ def preflight(
     running_hash: bytes | None,
     allow_downgrade: bool,
     running_security_counter: int | None = None,
+    trailer: int = 0,
 ) -> None:
-    """Refuse an image this device must not receive; raises ImageRefused."""
+    """Refuse an image this device must not receive; raises ImageRefused.
+
+    ``trailer``: bytes MCUboot keeps at the end of the slot (``mcuboot.trailer_size`` for the
+    device's flash write alignment and CONFIG_BOOT_MAX_IMG_SECTORS).
+    """
     if image.hardware is not None and image.hardware != hardware:
         raise ImageRefused(Refusal.WRONG_HARDWARE,
                            f"image is built for hardware {image.hardware!r}; "
@@ -187,11 +232,13 @@ def preflight(
         raise ImageRefused(Refusal.ENCRYPTED, "encrypted images are not supported yet")
     if slot_size is not None:
         # MCUboot swap needs the image plus its trailer to fit; the trailer is at the slot's end
-        if image.size > slot_size:
+        if image.size + trailer > slot_size:
             raise ImageRefused(Refusal.TOO_LARGE,
-                               f"image is {image.size} bytes, device {device_id}'s slot holds "
-                               f"{slot_size}: build a smaller image or check slot_size in the config "
-                               "against the device's partition table")
+                               f"image is {image.size} bytes and MCUboot's trailer needs {trailer} "
+                               f"at the end of the slot; device {device_id}'s slot holds "
+                               f"{slot_size}: build a smaller image, or check slot_size, "
+                               "flash_write_align and max_img_sectors in the config against the "
+                               "device's partition table and MCUboot build")
     if running is not None and running_hash != image.hash and not allow_downgrade:
         if image.version <= running:
             raise ImageRefused(Refusal.NOT_NEWER,

@@ -250,6 +250,39 @@ def _read_tlvs(buf: memoryview, start: int, length: int, protected: bool) -> lis
     return out
 
 
+# MCUboot's image trailer (the end of each slot: swap status, swap_size/swap_info/copy_done/
+# image_ok, magic). Sizes as imgtool computes them for ``sign --pad`` / its slot check
+# (``imgtool.image.Image._trailer_size``), which mirrors MCUboot's ``boot_trailer_sz``
+# (boot/bootutil/src/bootutil_misc.c): BOOT_STATUS_MAX_ENTRIES (= CONFIG_BOOT_MAX_IMG_SECTORS,
+# default 128) * BOOT_STATUS_STATE_COUNT (3) * the flash write size, + BOOT_MAX_ALIGN * 4,
+# + the magic aligned to BOOT_MAX_ALIGN (at least 8).
+BOOT_MAGIC_SIZE = 16
+DEFAULT_WRITE_ALIGN = 8  # the flash write block most MCUs need at most (imgtool sign --align 8)
+DEFAULT_MAX_SECTORS = 128  # CONFIG_BOOT_MAX_IMG_SECTORS default; imgtool's DEFAULT_MAX_SECTORS
+WRITE_ALIGNS = (1, 2, 4, 8, 16, 32)  # what imgtool and MCUboot accept
+
+
+def trailer_size(write_align: int = DEFAULT_WRITE_ALIGN, max_sectors: int = DEFAULT_MAX_SECTORS) -> int:
+    """Bytes MCUboot reserves at the end of a slot in swap mode (no encryption).
+
+    Delegated to imgtool's own computation so that the gateway's limit is the one the signing
+    tool enforces with ``--slot-size`` (and MCUboot with ``boot_trailer_sz``).
+    """
+    import imgtool.image
+
+    if write_align not in WRITE_ALIGNS:
+        raise ValueError(f"flash write alignment {write_align} is not one of {WRITE_ALIGNS}")
+    img = imgtool.image.Image(align=write_align, max_sectors=max_sectors)
+    return int(img._trailer_size(write_align, max_sectors, False, None, False, 0))
+
+
+def boot_magics() -> tuple[bytes, ...]:
+    """The trailer magics imgtool writes (BOOT_MAX_ALIGN 8, and the variant for larger aligns)."""
+    import imgtool.image
+
+    return tuple(bytes(imgtool.image.Image(align=a).boot_magic[-14:]) for a in (8, 16))
+
+
 @dataclass(frozen=True)
 class TrustedKey:
     """A public key that may sign images, loaded with imgtool (PEM, private or public)."""
