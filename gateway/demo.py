@@ -106,6 +106,12 @@ def make_bench(
             "id": f"{kind}-{i + 1 if kind == 'udp' else i - udp + 1}",
             "key": str(key), "initial_image": str(images[versions[0]]), "slot_size": slot_size,
             "hardware": HARDWARE, "boot_time_s": 0.3,
+            # a fast, fully featured smp_svr build (the simulator's defaults model the stock
+            # sample and real flash timings; see gateway/sim/presets.py for those)
+            "mcumgr_params_supported": True, "bootloader_info_supported": True,
+            "os_info_supported": True, "image_check": True, "buf_size": 2475,
+            "request_processing_s": 0.0, "flash_write_bps": None, "flash_erase_sector_s": 0.0,
+            "flash_stalls_cpu": False, "swap_time_s": 0.0,
         }
         d[kind] = {"host": "127.0.0.1", "port": 0} if kind == "udp" else {}
         if realistic_links:  # what a person watching the demo would meet on real hardware

@@ -54,6 +54,12 @@ from gateway.sim.link import Pipe
 
 pytestmark = pytest.mark.timeout(60)
 SLOT = 0x20000
+# a fully featured build with instant flash (the defaults model the stock sample's timings)
+FAST: dict[str, Any] = dict(
+    mcumgr_params_supported=True, bootloader_info_supported=True, os_info_supported=True,
+    image_check=True, buf_size=2475, request_processing_s=0.0, flash_write_bps=None,
+    flash_erase_sector_s=0.0, flash_stalls_cpu=False, swap_time_s=0.0,
+)
 
 
 class Kit:
@@ -85,7 +91,7 @@ def loopback_ip() -> str:
 def dev_cfg(kit: Kit, dev_id: str = "d1", transport: str = "udp", **kw: Any) -> SimDeviceConfig:
     base: dict[str, Any] = dict(
         id=dev_id, slot_size=SLOT, key=kit.key, initial_image=kit.v1, boot_time_s=0.05,
-        reset_delay_s=0.05,
+        reset_delay_s=0.05, **FAST,
     )
     if transport == "udp":
         base["udp"] = UdpTransportConfig(host=loopback_ip(), port=1337)

@@ -49,7 +49,7 @@ from gateway.smp.ble import (
 
 if TYPE_CHECKING:
     from gateway.sim.config import BleTransportConfig
-    from gateway.sim.device import SimDevice
+    from gateway.sim.endpoint import DeviceSide
 
 logger = logging.getLogger("gateway.sim.ble")
 
@@ -71,7 +71,7 @@ class BleEndpoint:
 
     kind = "ble"
 
-    def __init__(self, dev: SimDevice, cfg: BleTransportConfig) -> None:
+    def __init__(self, dev: DeviceSide, cfg: BleTransportConfig) -> None:
         self.dev = dev
         self.cfg = cfg
         self.name = cfg.name or dev.id
@@ -124,6 +124,9 @@ class BleEndpoint:
                 if asyncio.iscoroutine(res):
                     await res
             self._hci = None
+
+    def smp_idle(self) -> None:
+        """The SMP work queue has nothing left to handle (nothing waits for it on BLE)."""
 
     async def link_up(self) -> None:
         """Booted: advertise (Zephyr's smp_svr starts advertising once bt_enable is done)."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -33,8 +33,47 @@ class UdpTransportConfig(_Model):
 
 
 class SerialTransportConfig(_Model):
+    """SMP over a serial line (a PTY), received as Zephyr's transports receive it.
+
+    ``transport: uart`` = SMP on its own UART (``overlay-serial.conf``: drivers/console/
+    uart_mcumgr.c + smp_uart.c): the UART ISR puts each line in one of ``rx_buf_count`` RX
+    buffers of ``rx_buf_size`` bytes (CONFIG_UART_MCUMGR_RX_BUF_COUNT = 2 /
+    CONFIG_UART_MCUMGR_RX_BUF_SIZE = 128, the Kconfig defaults, also read from the Renode
+    build's ``_k_mem_slab_buf_uart_mcumgr_slab``: 272 B = 2 x (128 + 8)); a line that finds
+    no free buffer, or is longer than a buffer, is dropped. The buffers are freed by
+    smp_uart.c's work item on the *system* work queue (priority -1, cooperative), which
+    preempts the SMP work queue (priority 3), so they free up while a request is handled,
+    ``rx_work_latency_s`` after the line ends, unless flash operations stall the CPU.
+
+    ``transport: shell`` = SMP on the shell UART (``overlay-shell.conf``: smp_shell.c): the
+    shell's UART ISR collects each line in one of ``rx_buf_count`` net_bufs of
+    SMP_SHELL_RX_BUF_SIZE = 127 bytes (CONFIG_MCUMGR_TRANSPORT_SHELL_RX_BUF_COUNT = 2),
+    longer lines are truncated; the lines are decoded by the shell thread
+    (K_LOWEST_APPLICATION_THREAD_PRIO = 14), which cannot run while the SMP work queue
+    (priority 3) handles a request: lines arriving then wait, and beyond ``rx_buf_count``
+    they are lost. A frame larger than ``shell_mtu`` (CONFIG_MCUMGR_TRANSPORT_SHELL_MTU =
+    256) gets no answer.
+    """
+
     link: Path | None = None  # optional stable symlink to the PTY slave
     baud: int | None = Field(default=None, gt=0)  # paces both directions at baud/10 bytes/s
+    transport: Literal["uart", "shell"] = "uart"
+    rx_buf_count: int = Field(default=2, ge=1)
+    rx_buf_size: int | None = Field(default=None, ge=8)  # None: 128 (uart) / 127 (shell)
+    # rate at which bytes reach the device's UART ISR (None: baud/10, or all at once without
+    # baud); with ``rx_work_latency_s`` it decides whether a line finds a free RX buffer
+    # (see presets.py, renode-stm32f4-disco)
+    rx_bytes_per_s: float | None = Field(default=None, gt=0)
+    # rate at which the device's answers leave (None: baud/10, or unpaced)
+    tx_bytes_per_s: float | None = Field(default=None, gt=0)
+    rx_work_latency_s: float = Field(default=0.0, ge=0)
+    shell_mtu: int = Field(default=256, ge=16)
+
+    @property
+    def line_buf_size(self) -> int:
+        if self.rx_buf_size is not None:
+            return self.rx_buf_size
+        return 128 if self.transport == "uart" else 127
 
 
 class BleTransportConfig(_Model):
@@ -82,7 +121,12 @@ class ResponseFaultConfig(_Model):
 
 
 class SimDeviceConfig(_Model):
+    """One simulated device. ``preset: NAME`` (gateway/sim/presets.py) fills every field the
+    device does not set itself; the plain defaults below are a stock ``smp_svr`` (Zephyr 3.4
+    Kconfig defaults) on a generic Cortex-M4 with 4 KiB flash pages (nRF52840 timings)."""
+
     id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
+    preset: str | None = None
     udp: UdpTransportConfig | None = None
     serial: SerialTransportConfig | None = None
     ble: BleTransportConfig | None = None
@@ -102,16 +146,39 @@ class SimDeviceConfig(_Model):
     hang_watchdog_s: float | None = Field(default=None, ge=0)
     reboot_during_upload_at: int | None = Field(default=None, ge=0)
     hardware: str = "sim_board"
-    mcumgr_params_supported: bool = True
-    bootloader_info_supported: bool = True
-    os_info_supported: bool = True
-    image_check: bool = True  # CONFIG_IMG_ENABLE_IMAGE_CHECK: "match" in the last response
-    # Zephyr's Kconfig default for CONFIG_MCUMGR_TRANSPORT_NETBUF_SIZE is 384; 2475 is what
-    # the smp_svr sample's Bluetooth overlay uses and what throughput-minded builds pick.
-    buf_size: int = Field(default=2475, ge=64, le=65535)
+    # What the stock smp_svr (prj.conf + a transport overlay) answers: MCUmgr parameters,
+    # OS info and bootloader info are off (CONFIG_MCUMGR_GRP_OS_MCUMGR_PARAMS / _INFO /
+    # _BOOTLOADER_INFO default n) and answer ENOTSUP; no "match" in the last upload answer
+    # (CONFIG_IMG_ENABLE_IMAGE_CHECK default n). Checked on the Renode build (see presets).
+    mcumgr_params_supported: bool = False
+    bootloader_info_supported: bool = False
+    os_info_supported: bool = False
+    image_check: bool = False  # CONFIG_IMG_ENABLE_IMAGE_CHECK: "match" in the last response
+    # zcbor (Zephyr's encoder) writes indefinite-length maps/arrays unless CONFIG_ZCBOR_CANONICAL
+    cbor: Literal["zcbor", "canonical"] = "zcbor"
+    # CONFIG_MCUMGR_TRANSPORT_NETBUF_SIZE / _COUNT Kconfig defaults (the smp_svr Bluetooth
+    # overlay uses 2475; throughput-minded builds pick large buffers)
+    buf_size: int = Field(default=384, ge=64, le=65535)
     buf_count: int = Field(default=4, ge=1)
-    request_processing_s: float = Field(default=0.0, ge=0)  # device time per request
-    flash_write_bps: float | None = Field(default=None, gt=0)  # upload chunk write speed
+    # --- device time (see presets.py for where each number comes from) ---
+    request_processing_s: float = Field(default=0.001, ge=0)  # CPU time per request
+    # flash programming speed of upload data; img_mgmt writes through stream_flash, which
+    # buffers CONFIG_IMG_BLOCK_BUF_SIZE (512) bytes and programs a full block at a time.
+    # Default: nRF52840 NVMC, 41 us per 32-bit word (product spec) = ~97 kB/s.
+    flash_write_bps: float | None = Field(default=97_000, gt=0)
+    flash_write_block: int = Field(default=512, ge=1)  # CONFIG_IMG_BLOCK_BUF_SIZE
+    flash_sector_size: int = Field(default=4096, ge=256)  # erase unit of the slot's flash
+    flash_erase_sector_s: float = Field(default=0.085, ge=0)  # nRF52840 t_ERASEPAGE (max)
+    # CONFIG_IMG_ERASE_PROGRESSIVELY (default n): erase sector by sector while writing
+    # instead of erasing the image area (and the trailer sector) at the first chunk
+    erase_progressively: bool = False
+    # the CPU executes from the flash it programs: during an erase/write it is halted (no
+    # ISR, no thread), so UART bytes arriving then overrun the 1-byte receive register
+    flash_stalls_cpu: bool = True
+    # wall time MCUboot adds to a boot that swaps or reverts
+    swap_time_s: float | None = Field(default=None, ge=0)  # None: from the flash timings
+    # factor applied to boot_time_s and swap_time_s (e.g. 0.01 to run a Renode preset fast)
+    time_scale: float = Field(default=1.0, gt=0)
     serial_line_length: int = Field(default=127, ge=8)  # MCUMGR_SERIAL_MAX_FRAME
     link: LinkConfig = Field(default_factory=LinkConfig)
     # --- fault injection (gateway/sim/faults.py) ---
@@ -122,6 +189,15 @@ class SimDeviceConfig(_Model):
     unplug_for_s: float = Field(default=1.0, ge=0)  # ...and comes back (same link path) later
     response_faults: list[ResponseFaultConfig] = Field(default_factory=list)
     img_mgmt_supported: bool = True  # False: image group answers ENOTSUP (no CONFIG_MCUMGR_GRP_IMG)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset") is not None:
+            from gateway.sim.presets import apply_preset
+
+            return apply_preset(str(data["preset"]), data)
+        return data
 
     @model_validator(mode="after")
     def _one_transport(self) -> SimDeviceConfig:

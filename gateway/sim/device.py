@@ -15,21 +15,20 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from smp import packet as smppacket
 from smp.exceptions import SMPBadContinueDelimiter, SMPBadCRC, SMPBadStartDelimiter
 
 from gateway.mcuboot import ImageInfo, TrustedKey, Version
-from gateway.sim.boot import BootResult, Validator, run_bootloader, write_img_confirmed
-from gateway.sim.config import SimDeviceConfig
+from gateway.sim.boot import BootResult, SwapType, Validator, run_bootloader, write_img_confirmed
+from gateway.sim.config import SerialTransportConfig, SimDeviceConfig
+from gateway.sim.endpoint import Endpoint
 from gateway.sim.faults import Faults, PowerCut
 from gateway.sim.flash import Flash, Trailer
 from gateway.sim.link import Pipe
+from gateway.sim.serial_rx import LineRx
 from gateway.sim.smp_server import SmpServer
-
-if TYPE_CHECKING:
-    from gateway.sim.ble import BleEndpoint
 
 logger = logging.getLogger("gateway.sim")
 
@@ -74,17 +73,25 @@ class SimDevice:
         seed = cfg.link.seed if cfg.link.seed is not None else zlib.crc32(cfg.id.encode())
         self.rng = random.Random(seed)
         bw = cfg.link.bandwidth_bps
-        if cfg.serial is not None and cfg.serial.baud:
-            bw = min(bw or float("inf"), cfg.serial.baud / 10)
+        req_bw = rsp_bw = bw
+        if cfg.serial is not None:
+            if cfg.serial.baud:
+                req_bw = rsp_bw = min(bw or float("inf"), cfg.serial.baud / 10)
+            if cfg.serial.rx_bytes_per_s:
+                req_bw = min(req_bw or float("inf"), cfg.serial.rx_bytes_per_s)
+            if cfg.serial.tx_bytes_per_s:
+                rsp_bw = min(rsp_bw or float("inf"), cfg.serial.tx_bytes_per_s)
         lk = cfg.link
-        self.req_pipe = Pipe(latency=lk.req_latency, bandwidth=bw, loss=lk.request_loss,
+        self.req_pipe = Pipe(latency=lk.req_latency, bandwidth=req_bw, loss=lk.request_loss,
                              duplicate=lk.duplicate, reorder=lk.reorder,
                              reorder_delay=lk.reorder_delay_s, rng=self.rng)
-        self.rsp_pipe = Pipe(latency=lk.rsp_latency, bandwidth=bw, loss=lk.response_loss,
+        self.rsp_pipe = Pipe(latency=lk.rsp_latency, bandwidth=rsp_bw, loss=lk.response_loss,
                              duplicate=lk.duplicate, reorder=lk.reorder,
                              reorder_delay=lk.reorder_delay_s, rng=self.rng)
         self._queue: deque[tuple[bytes, Reply]] = deque()
         self._busy = False
+        # windows in which the CPU is halted by flash erase/programming (flash_stalls_cpu)
+        self.stalls: list[tuple[float, float]] = []
         self._generation = 0  # bumped at every reset: work of the previous life is void
         self._wake: asyncio.Event | None = None
         self._worker_task: asyncio.Task[None] | None = None
@@ -93,7 +100,7 @@ class SimDevice:
         self._waiters: list[tuple[Callable[[SimDevice], bool], asyncio.Future[None]]] = []
         self._upload_reboot_done = False
         self._reboot_task: asyncio.Task[None] | None = None
-        self.transport: UdpEndpoint | PtyEndpoint | BleEndpoint
+        self.transport: Endpoint
         if cfg.udp is not None:
             self.transport = UdpEndpoint(self, cfg.udp.host, cfg.udp.port)
         elif cfg.ble is not None:
@@ -265,12 +272,19 @@ class SimDevice:
             frame, reply = self._queue.popleft()
             gen = self._generation
             self._busy = True
+            self._notify()
             try:
                 await self._process(frame, reply, gen)
             except Exception:
                 self.log.exception("request handling failed")
             finally:
                 self._busy = False
+            if not self._queue:
+                self.transport.smp_idle()
+
+    def smp_busy(self) -> bool:
+        """True while the SMP work queue has a request to handle."""
+        return self._busy or bool(self._queue)
 
     async def _process(self, frame: bytes, reply: Reply, gen: int) -> None:
         if len(frame) >= 8:
@@ -286,20 +300,25 @@ class SimDevice:
             self.counters["enomem"] += 1
             op, _, _, group, seq, cmd = struct.unpack_from("!BBHHBB", frame)
             if (op & 7) in (0, 2):
-                reply(self.faults.mutate(SmpServer._pack(
+                reply(self.faults.mutate(self.server._pack(
                     (op & 7, (op >> 3) & 3, group, seq, cmd), {"rc": 2})))
             self._notify()
             return
-        busy_s = self.cfg.request_processing_s
-        is_upload = len(frame) >= 8 and frame[4:6] == b"\x00\x01" and frame[7] == 1
-        if self.cfg.flash_write_bps and is_upload:
-            busy_s += (len(frame) - 8) / self.cfg.flash_write_bps
-        if busy_s:
-            await asyncio.sleep(busy_s)  # device time (a timer: other devices keep running)
-            if gen != self._generation:
-                return
         res = self.server.handle(frame)
-        await asyncio.sleep(0)  # one request at a time, but let the loop breathe
+        # Device time: the handler's CPU time, then the flash erase/programming it did
+        # (SmpServer accounts them per img_mgmt's erase and stream_flash's block writes).
+        # The flash state changes at once; the answer leaves when the time is up.
+        loop = asyncio.get_running_loop()
+        cpu_s = self.cfg.request_processing_s
+        if res.flash_s and self.cfg.flash_stalls_cpu:
+            start = loop.time() + cpu_s
+            self.stalls.append((start, start + res.flash_s))
+            self.stalls = [w for w in self.stalls if w[1] > loop.time() - 5.0]
+        busy_s = cpu_s + res.flash_s
+        if busy_s:
+            await asyncio.sleep(busy_s)  # a timer: other devices keep running
+        else:
+            await asyncio.sleep(0)  # one request at a time, but let the loop breathe
         if gen != self._generation:
             return
         if res.crash:
@@ -352,7 +371,7 @@ class SimDevice:
             self.state = "off"  # never comes back on its own (power_cycle() revives it)
             self._event("dead", {"reset": self.counters["resets"]})
             return
-        await asyncio.sleep(self.cfg.boot_time_s)
+        await asyncio.sleep(self.cfg.boot_time_s * self.cfg.time_scale)
         await self._boot()
 
     async def _boot(self) -> None:
@@ -364,9 +383,12 @@ class SimDevice:
             self.state = "off"
             await self.transport.link_down()
             self._event("power-cut", {"during": "swap", "detail": str(cut)})
-            await asyncio.sleep(self.cfg.boot_time_s)
+            await asyncio.sleep(self.cfg.boot_time_s * self.cfg.time_scale)
             await self._boot()  # power is back: MCUboot resumes the swap
             return
+        if result.swap_type != SwapType.NONE:
+            # MCUboot's swap takes real time before the image starts (see swap_seconds)
+            await asyncio.sleep(self.swap_seconds() * self.cfg.time_scale)
         self.counters["boots"] += 1
         info = self.flash.image_info(0) if result.booted else None
         detail: dict[str, Any] = {"outcome": result.outcome, "n": self.counters["boots"]}
@@ -400,6 +422,26 @@ class SimDevice:
             if t.magic == "good" and not t.image_ok:
                 self._app_timers.append(loop.call_later(
                     self.cfg.app_confirms_after_s, self._app_confirm))
+
+    def swap_seconds(self) -> float:
+        """Wall time of a swap: ``swap_time_s``, or derived from the flash timings.
+
+        Derived: MCUboot swap using scratch erases and programs every byte it moves three
+        times (slot -> scratch -> slot, loader.c/swap_scratch.c ``boot_swap_sectors``), swap
+        using move twice; it moves the larger image (rounded up to whole sectors) plus the
+        trailer sector.
+        """
+        c = self.cfg
+        if c.swap_time_s is not None:
+            return c.swap_time_s
+        sizes = [i.total_size for s in (0, 1) if (i := self.flash.image_info(s)) is not None]
+        if not sizes:
+            return 0.0
+        sec = c.flash_sector_size
+        moved = (-(-max(sizes) // sec) + 1) * sec
+        per_byte = c.flash_erase_sector_s / sec + (1 / c.flash_write_bps if c.flash_write_bps else 0)
+        passes = 3 if c.mcuboot_mode == "swap-using-scratch" else 2
+        return passes * moved * per_byte
 
     def _watchdog(self, version: str) -> None:
         self._event("crash", {"reason": "watchdog", "version": version})
@@ -484,6 +526,9 @@ class UdpEndpoint:
             self._tr.close()
             self._tr = None
 
+    def smp_idle(self) -> None:
+        """The SMP work queue has nothing left to handle (nothing waits for it on UDP)."""
+
     def received(self, data: bytes, addr: tuple[str, int]) -> None:
         dev = self.dev
         dev.counters["rx_datagrams"] += 1
@@ -513,7 +558,13 @@ class UdpEndpoint:
 
 
 class PtyEndpoint:
-    """SMP over a pseudo-terminal with the MCUmgr serial framing (smp.packet)."""
+    """SMP over a pseudo-terminal with the MCUmgr serial framing (smp.packet).
+
+    Which lines the device keeps is decided by ``serial_rx.LineRx`` (the ``uart`` or
+    ``shell`` transport's RX buffers); kept lines are decoded as ``serial_util.c``
+    ``mcumgr_serial_process_frag`` does (a start line begins a frame, continuation lines
+    extend it, a bad length/CRC drops it).
+    """
 
     kind = "serial"
 
@@ -522,8 +573,11 @@ class PtyEndpoint:
         self.master = -1
         self.slave = -1
         self.pty_path = ""
-        self.link: Path | None = dev.cfg.serial.link if dev.cfg.serial else None
-        self._rx = bytearray()
+        scfg = dev.cfg.serial or SerialTransportConfig()
+        self.scfg = scfg
+        self.link: Path | None = scfg.link
+        self.rx = LineRx(scfg.transport, scfg.rx_buf_count, scfg.line_buf_size,
+                         scfg.rx_work_latency_s)
         self._decoder: Any = None
         self._out = bytearray()
         self._writer_on = False
@@ -549,19 +603,24 @@ class PtyEndpoint:
         asyncio.get_running_loop().add_reader(self.master, self._readable)
 
     async def link_up(self) -> None:
-        self._rx.clear()
+        self.rx.reset()
         self._decoder = None
 
     async def link_down(self) -> None:
-        self._rx.clear()
+        self.rx.reset()
         self._decoder = None
+
+    def smp_idle(self) -> None:
+        """Shell transport: the shell thread gets the CPU and decodes the waiting lines."""
+        if self.rx.waiting:
+            self.rx.drain(self._line)
 
     async def unplug(self, for_s: float) -> None:
         """The cable is pulled: the PTY goes away, and a new one appears at ``link`` later."""
         await self.close()
         self._out.clear()
         self._writer_on = False
-        self._rx.clear()
+        self.rx.reset()
         self._decoder = None
         await asyncio.sleep(for_s)
         await self.open()
@@ -590,22 +649,36 @@ class PtyEndpoint:
         if not dev.accepting():
             dev.counters["discarded_serial_bytes"] += len(data)
             return
-        # the device takes input in at the line rate too (FIFO with the link)
-        dev.req_pipe.send(len(data), lambda: self._feed(data), lossy=False)
+        # the device takes input in at the line rate too (FIFO with the link); each line is
+        # its own delivery, so a line arrives when its last byte does, not with the rest of
+        # the host's write
+        pos = 0
+        while pos < len(data):
+            nl = data.find(b"\n", pos)
+            end = len(data) if nl < 0 else nl + 1
+            piece = data[pos:end]
+            dev.req_pipe.send(len(piece), functools.partial(self._feed, piece), lossy=False)
+            pos = end
 
     def _feed(self, data: bytes) -> None:
         dev = self.dev
         if not dev.accepting():
             dev.counters["discarded_serial_bytes"] += len(data)
             return
-        self._rx += data
-        while True:
-            i = self._rx.find(b"\n")
-            if i < 0:
-                break
-            line = bytes(self._rx[: i + 1])
-            del self._rx[: i + 1]
-            self._line(line)
+        # the pipe delivers a chunk when its last byte is in; its first byte came
+        # len/bandwidth earlier (the UART ISR saw the bytes one by one in between)
+        now = asyncio.get_running_loop().time()
+        bw = dev.req_pipe.bandwidth
+        first = now - (len(data) - 1) / bw if bw else now
+        self.rx.stalls = dev.stalls
+        before = dict(self.rx.counters)
+        self.rx.feed(data, first, now, smp_busy=dev.smp_busy(), emit=self._line)
+        for k, v in self.rx.counters.items():
+            if v != before.get(k, 0):
+                dev.counters[k] = v
+        if any(k != "rx_lines" and self.rx.counters.get(k) != before.get(k)
+               for k in self.rx.counters):
+            dev._notify()
 
     def _line(self, line: bytes) -> None:
         if line.startswith(smppacket.START_DELIMITER):
@@ -626,6 +699,11 @@ class PtyEndpoint:
         dev = self.dev
         if dev.cfg.link.request_loss and dev.rng.random() < dev.cfg.link.request_loss:
             dev.counters["lost_requests"] += 1
+            return
+        if self.scfg.transport == "shell" and len(frame) > self.scfg.shell_mtu:
+            # larger than CONFIG_MCUMGR_TRANSPORT_SHELL_MTU: no answer, as on the device
+            dev.counters["dropped_shell_mtu"] += 1
+            dev._notify()
             return
         # mcumgr_serial_process_frag decodes length + packet + CRC16 into one pool netbuf
         dev.frame_arrived(frame, self._reply, limit_in_flight=True, netbuf_overhead=4)

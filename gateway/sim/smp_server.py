@@ -14,9 +14,24 @@ Request handling follows Zephyr ``subsys/mgmt/mcumgr/smp/src/smp.c``:
 * a body that does not decode as the handler expects gets MGMT_ERR_EINVAL
   (``zcbor_map_decode_bulk`` failure); unknown keys are ignored.
 
-Response bodies are built with the ``smp`` package's response models so they decode
-exactly as smpclient expects; request bodies are decoded with cbor2 and checked field by
+Response bodies are built with the ``smp`` package's response models (so they decode exactly
+as smpclient expects), put in the key order Zephyr's handlers write them and encoded as zcbor
+does (``gateway/sim/zcbor.py``: indefinite-length maps and arrays unless the device is
+configured ``cbor: canonical``). Request bodies are decoded with cbor2 and checked field by
 field, because Zephyr's decoder (not pydantic's) decides which requests are errors.
+
+Key order of each answer (Zephyr 3.4.99 as built for the Renode firmware, checked byte for
+byte against it by ``tests/test_differential_renode.py``):
+
+* echo ``{"r"}``; reset ``{}``; MCUmgr parameters ``{"buf_size", "buf_count"}``
+  (os_mgmt.c); bootloader info ``{"bootloader"}`` / ``{"mode"}``; OS info ``{"output"}``;
+* image state (img_mgmt_state.c ``img_mgmt_state_read`` / ``img_mgmt_state_encode_slot``):
+  ``{"images": [{"slot", "version", "hash", "bootable", "pending", "confirmed", "active",
+  "permanent"}...], "splitStatus": 0}`` (``"image"`` first only in multi-image builds);
+* upload (img_mgmt.c ``img_mgmt_upload_good_rsp``): ``{"off"}`` plus ``"match"`` on the last
+  chunk when built with ``CONFIG_IMG_ENABLE_IMAGE_CHECK``; erase ``{}``;
+* errors: ``{"rc": N}`` (smp.c ``smp_build_err_rsp``), ``{"err": {"group", "rc"}}``
+  (``smp_add_cmd_err``).
 """
 
 from __future__ import annotations
@@ -36,6 +51,7 @@ from smp.image_management import IMG_MGMT_ERR
 from smp.os_management import OS_MGMT_RET_RC
 
 from gateway.mcuboot import IMAGE_MAGIC, TLV, ImageFormatError, Version, parse_image
+from gateway.sim import zcbor
 from gateway.sim.boot import BootError, SwapType, set_next, swap_type
 
 if TYPE_CHECKING:
@@ -121,6 +137,8 @@ class UploadState:
     off: int = 0
     size: int = 0
     sha: bytes = b""
+    buffered: int = 0  # bytes in stream_flash's write buffer, not yet programmed
+    erased_to: int = 0  # progressive erase: the slot is erased up to here
 
 
 @dataclass
@@ -128,6 +146,7 @@ class HandleResult:
     responses: list[bytes] = field(default_factory=list)
     reset: bool = False  # os reset was requested (after the response is sent)
     crash: bool = False  # the device died while handling (no response)
+    flash_s: float = 0.0  # time the handler spent erasing/programming flash
 
 
 class SmpServer:
@@ -187,10 +206,9 @@ class SmpServer:
                 )
         return res
 
-    @staticmethod
-    def _pack(hdr: tuple[int, int, int, int, int], body: dict[str, Any]) -> bytes:
+    def _pack(self, hdr: tuple[int, int, int, int, int], body: dict[str, Any]) -> bytes:
         op, version, group, seq, cmd = hdr
-        data = cbor2.dumps(body)
+        data = zcbor.dumps(body, canonical=self.cfg.cbor == "canonical")
         rop = OP_READ_RSP if op == OP_READ else OP_WRITE_RSP
         return HDR.pack(rop | (min(version, 1) << 3), 0, len(data), group, seq, cmd) + data
 
@@ -360,7 +378,15 @@ class SmpServer:
         return out
 
     def _state_body(self) -> dict[str, Any]:
-        return _body(smpimg.ImageStatesReadResponse(images=self.state_images(), splitStatus=0))
+        """``img_mgmt_state_read``: the slots in img_mgmt_state_encode_slot's key order."""
+        images = []
+        for st in self.state_images():
+            images.append({
+                "slot": st.slot, "version": st.version, "hash": st.hash,
+                "bootable": st.bootable, "pending": st.pending, "confirmed": st.confirmed,
+                "active": st.active, "permanent": st.permanent,
+            })
+        return {"images": images, "splitStatus": 0}
 
     # --- image group: commands ------------------------------------------------------
     def img_state_read(self, body: dict[str, Any], res: HandleResult) -> dict[str, Any]:
@@ -425,9 +451,41 @@ class SmpServer:
             raise GroupError(GROUP_IMG, IMG_MGMT_ERR.INVALID_SLOT)
         if not self.flash.is_erased(slot):
             self.flash.erase(slot)
+        # img_mgmt_erase -> img_mgmt_erase_image_data(0, whole area)
+        res.flash_s += self._erase_s(self.flash.slot_size)
         self.reset_ram()
         self.on_event("erase", {"slot": slot})
         return _body(smpimg.ImageEraseResponse())
+
+    def _erase_s(self, nbytes: int) -> float:
+        sec = self.cfg.flash_sector_size
+        return -(-nbytes // sec) * self.cfg.flash_erase_sector_s
+
+    def _program_s(self, nbytes: int) -> float:
+        return nbytes / self.cfg.flash_write_bps if self.cfg.flash_write_bps else 0.0
+
+    def _write_time(self, st: UploadState, nbytes: int, last: bool) -> float:
+        """stream_flash (CONFIG_IMG_BLOCK_BUF_SIZE buffer): program whole blocks, the rest at
+        the end; with CONFIG_IMG_ERASE_PROGRESSIVELY each sector is erased when reached."""
+        block = self.cfg.flash_write_block
+        t = 0.0
+        st.buffered += nbytes
+        written = 0
+        while st.buffered >= block:
+            st.buffered -= block
+            written += block
+        if last and st.buffered:
+            written += st.buffered
+            st.buffered = 0
+        t += self._program_s(written)
+        if self.cfg.erase_progressively and written:
+            end = st.off + nbytes - st.buffered
+            sec = self.cfg.flash_sector_size
+            need = -(-end // sec) * sec
+            if need > st.erased_to:
+                t += self._erase_s(need - st.erased_to)
+                st.erased_to = need
+        return t
 
     def _upload_slot(self) -> int | None:
         """``img_mgmt_get_unused_slot_area_id`` (single image): first slot not in use."""
@@ -492,6 +550,17 @@ class SmpServer:
         if off == 0:
             st.off = 0
             st.sha = bytes(sha)
+            st.buffered = 0
+            st.erased_to = 0
+            if not self.cfg.erase_progressively:
+                # img_mgmt_erase_image_data(0, len): the image area, then the sector that
+                # holds the trailer ("Erased 0x20000 bytes of image slot" / "... trailer"
+                # on the Renode device's console)
+                sec = self.cfg.flash_sector_size
+                area = -(-size // sec) * sec
+                trailer_sector = (self.flash.slot_size - 1) // sec * sec
+                res.flash_s += self._erase_s(area) + (
+                    self._erase_s(sec) if trailer_sector >= area else 0.0)
             self.on_event("upload-start", {"slot": slot, "len": size, "sha": sha.hex()})
             if (
                 self.cfg.image_check
@@ -511,6 +580,7 @@ class SmpServer:
             if st.off + len(data) == st.size:
                 last = True
             old = st.off
+            res.flash_s += self._write_time(st, len(data), last)
             self.flash.write(slot, off, data)
             st.off += len(data)
             if self.on_upload is not None and self.on_upload(old, st.off):

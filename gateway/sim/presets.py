@@ -1,0 +1,150 @@
+"""Named device presets for the simulator: ``preset: NAME`` in a device's sim YAML.
+
+Owns the mapping from a real firmware build to simulator knobs. A preset fills every field a
+device does not set itself (explicit fields win; nested ``serial``/``udp`` sections are merged
+key by key; a device that names another transport than the preset's drops the preset's one).
+
+Presets and where each number comes from:
+
+``zephyr-uart``
+    Stock Zephyr 3.4 ``samples/subsys/mgmt/mcumgr/smp_svr`` (prj.conf + overlay-serial.conf)
+    on an nRF52840 DK, SMP on its own UART at 115200 baud. Kconfig defaults:
+    CONFIG_MCUMGR_TRANSPORT_NETBUF_SIZE 384 / _COUNT 4, CONFIG_UART_MCUMGR_RX_BUF_COUNT 2 /
+    _RX_BUF_SIZE 128, MCUmgr parameters / OS info / bootloader info not built (ENOTSUP),
+    no CONFIG_IMG_ENABLE_IMAGE_CHECK (no ``match``), no CONFIG_IMG_ERASE_PROGRESSIVELY
+    (the first chunk erases the image area and the trailer sector: zephyr_img_mgmt.c
+    ``img_mgmt_erase_image_data``). Flash: nRF52840 product specification v1.7 NVMC
+    timings, t_ERASEPAGE 85 ms per 4 KiB page, t_WRITE 41 us per 32-bit word (~97 kB/s);
+    the CPU is halted while the NVMC writes or erases (code runs from flash), so UART bytes
+    arriving then are lost. Slots: Zephyr 3.4 ``nrf52840dk_nrf52840.dts`` partitions
+    (slot0/slot1 0x76000, scratch 0x1e000), MCUboot swap using scratch. Swap time derived
+    from the flash timings (3 erases + 3 writes per swapped byte).
+``zephyr-shell``
+    The same board with ``overlay-shell.conf`` (SMP over the shell UART, smp_shell.c):
+    2 line buffers of 127 bytes (CONFIG_MCUMGR_TRANSPORT_SHELL_RX_BUF_COUNT, SMP_SHELL_RX_BUF_SIZE)
+    drained by the low-priority shell thread, CONFIG_MCUMGR_TRANSPORT_SHELL_MTU 256;
+    MCUmgr parameters would still report the netbuf pool (384/4) if they were built in.
+``zephyr-udp``
+    Stock smp_svr + overlay-udp.conf: UDP port 1337 (CONFIG_MCUMGR_TRANSPORT_UDP_PORT),
+    netbuf pool 384 x 4 (a datagram larger than a netbuf is lost), parameters ENOTSUP;
+    same flash timings as above.
+``renode-stm32f4-disco``
+    Exactly ``shared/firmware/stm32f4_disco`` (Zephyr 3.4.99 smp_svr + MCUboot 2023-08-25,
+    swap using scratch, Renode 1.15.3): prj.conf + overlay-serial.conf +
+    ``CONFIG_MCUMGR_GRP_OS_MCUMGR_PARAMS=y`` (answers buf_size 384, buf_count 4); OS info and
+    bootloader info answer ENOTSUP (checked on the machine); slots 256 KiB in 128 KiB sectors
+    (sectors 6-9 of the STM32F4), scratch 128 KiB; UART RX buffers 2 x 128 (read from the
+    ELF: ``_k_mem_slab_buf_uart_mcumgr_slab`` 272 bytes). Timings measured on that Renode
+    machine (2 shared cores, host PTY, this file's author, see the report of the
+    simulator work): echo round trip 5 ms median, an upload chunk 20 ms median (64-byte
+    chunks; a 512-byte stream_flash block flush adds ~40 ms), first chunk (erases 2 x 128 KiB)
+    15-50 ms: Renode's flash controller erases instantly and never stalls the CPU. A reset
+    without swap ~1 s, with a swap or revert 32-43 s (README), so ``swap_time_s`` 35 with
+    ``time_scale`` 1.0 (real); set ``time_scale`` lower to run it fast. Renode moves host PTY
+    bytes into the emulated USART in bursts at its synchronisation points, and the UART ISR
+    drains a burst before the system work queue frees an RX buffer: measured, one frame of 4-5
+    lines passes (5 of 6), two frames of 2 lines written back to back lose the second (about
+    half the time), three such frames lose one or two. Modelled deterministically as bytes
+    arriving at 1 MB/s with 30 us between a line's end and its buffer's release: a line is
+    lost when the line before it is shorter than ~30 bytes and both buffers are still held.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+_TRANSPORTS = ("udp", "serial", "ble")
+
+# nRF52840 NVMC (product specification v1.7, "Electrical specification" of the NVMC)
+_NRF52840_FLASH: dict[str, Any] = {
+    "flash_write_bps": 97_000,
+    "flash_write_block": 512,
+    "flash_sector_size": 4096,
+    "flash_erase_sector_s": 0.085,
+    "flash_stalls_cpu": True,
+    "erase_progressively": False,
+}
+
+_STOCK_SMP_SVR: dict[str, Any] = {
+    "mcumgr_params_supported": False,
+    "bootloader_info_supported": False,
+    "os_info_supported": False,
+    "image_check": False,
+    "cbor": "zcbor",
+    "buf_size": 384,
+    "buf_count": 4,
+    "mcuboot_mode": "swap-using-scratch",
+    "slot_size": 0x76000,
+    "request_processing_s": 0.001,
+    "boot_time_s": 0.3,
+    "reset_delay_s": 0.25,
+    "swap_time_s": None,
+    "hardware": "nrf52840dk_nrf52840",
+    **_NRF52840_FLASH,
+}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "zephyr-uart": {
+        **_STOCK_SMP_SVR,
+        "serial": {"baud": 115200, "transport": "uart", "rx_buf_count": 2, "rx_buf_size": 128,
+                   "rx_work_latency_s": 20e-6},
+    },
+    "zephyr-shell": {
+        **_STOCK_SMP_SVR,
+        "serial": {"baud": 115200, "transport": "shell", "rx_buf_count": 2, "rx_buf_size": 127,
+                   "rx_work_latency_s": 20e-6, "shell_mtu": 256},
+    },
+    "zephyr-udp": {
+        **_STOCK_SMP_SVR,
+        "udp": {"port": 1337},
+    },
+    "renode-stm32f4-disco": {
+        **_STOCK_SMP_SVR,
+        "mcumgr_params_supported": True,
+        "hardware": "stm32f4_disco",
+        "slot_size": 0x40000,
+        "request_processing_s": 0.005,
+        # Renode: flash programming is a tag write per byte in STM32F4_FlashController; a
+        # 512-byte block flush measured ~40 ms extra -> ~13 kB/s; erases are instantaneous
+        "flash_write_bps": 13_000,
+        "flash_write_block": 512,
+        "flash_sector_size": 0x20000,
+        "flash_erase_sector_s": 0.0,
+        "flash_stalls_cpu": False,
+        "boot_time_s": 1.0,
+        "swap_time_s": 35.0,
+        "time_scale": 1.0,
+        "serial": {"transport": "uart", "rx_buf_count": 2, "rx_buf_size": 128,
+                   "rx_bytes_per_s": 1_000_000, "rx_work_latency_s": 30e-6},
+    },
+}
+
+
+def preset_names() -> list[str]:
+    return sorted(PRESETS)
+
+
+def apply_preset(name: str, data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` (a device's raw config) laid over preset ``name``; explicit fields win."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(preset_names())}")
+    base = copy.deepcopy(PRESETS[name])
+    explicit_transport = [t for t in _TRANSPORTS if data.get(t) is not None]
+    if explicit_transport:
+        for t in _TRANSPORTS:
+            if t not in explicit_transport:
+                base.pop(t, None)
+    out = dict(base)
+    for key, value in data.items():
+        if key in _TRANSPORTS and value is None:
+            continue  # an unset transport (e.g. model_dump's None) does not clear the preset's
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = {**out[key], **value}
+        elif hasattr(value, "model_dump") and isinstance(out.get(key), dict):
+            out[key] = {**out[key], **value.model_dump(exclude_unset=True)}
+        else:
+            out[key] = value
+    for t in _TRANSPORTS:
+        out.setdefault(t, None)
+    return out
