@@ -44,8 +44,7 @@ async def test_serial_and_udp_devices_found_from_templates(bench_factory) -> Non
     linkdir = bench.root / "ports"
     serial_links(bench, linkdir)
     async with Simulator(bench.sim_cfg) as sim:
-        hosts = sorted({ep["host"] for ep in sim.endpoints().values() if ep["transport"] == "udp"})
-        ports = sorted({ep["port"] for ep in sim.endpoints().values() if ep["transport"] == "udp"})
+        udp1 = sim.endpoints()["udp-1"]
         # the simulator's UDP devices share 127.0.0.1 on ephemeral ports: one template per port
         templates = [{**SIM_TEMPLATE, "name": "serial", "match": {"transport": "serial",
                                                                    "board": "sim_board"}}]
@@ -66,9 +65,9 @@ async def test_serial_and_udp_devices_found_from_templates(bench_factory) -> Non
         from gateway.discovery.udp import probe
 
         cfg_u = fleet_cfg(bench, device_templates=[{**SIM_TEMPLATE, "name": "udp"}],
-                          discovery={"udp": {"hosts": hosts, "port": ports[0]}})
+                          discovery={"udp": {"hosts": [udp1["host"]], "port": udp1["port"]}})
         found = await probe(cfg_u.discovery.udp)
-        assert [c.transport for c in found] == [{"kind": "udp", "host": "127.0.0.1", "port": ports[0]}]
+        assert [c.transport for c in found] == [{"kind": "udp", "host": "127.0.0.1", "port": udp1["port"]}]
         d2 = Discovery(cfg_u)
         ch2 = await d2.scan_once()
         assert [d.id for d in ch2.added] == ["udp-1"]
