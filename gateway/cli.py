@@ -1,7 +1,8 @@
 """Command line: ``smp-gateway run|status|sim|demo``.
 
-Owns argument parsing, exit codes (0 every device on its target, 1 something failed,
-2 configuration or usage error) and choosing between terminal UI and plain logs.
+Owns argument parsing, exit codes (0 every device on its target - or, for the daemon, a clean
+stop; 1 something failed, or a device's supervisor died so the daemon stopped; 2 configuration
+or usage error) and choosing between terminal UI and plain logs.
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def _sim(path: Path) -> int:
 
 
 async def _run(cfg: GatewayConfig, once: bool) -> int:
-    from gateway.daemon import Gateway
+    from gateway.daemon import Gateway, SupervisorDied
     from gateway.ui import run_once_shown
 
     if once:
@@ -114,6 +115,9 @@ async def _run(cfg: GatewayConfig, once: bool) -> int:
     gw = Gateway(cfg)
     try:
         await gw.run_forever(stop)
+    except SupervisorDied as exc:  # logged with its traceback by run_forever
+        print(f"smp-gateway: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     finally:
         gw.close()
     return EXIT_OK

@@ -79,6 +79,11 @@ def make_transport(dev: DeviceConfig) -> Transport:
     raise ValueError(f"unsupported transport {t!r}")
 
 
+class SupervisorDied(RuntimeError):
+    """A device's supervisor ended while the daemon was running (a bug): the process must exit
+    non-zero so that its service manager restarts it (systemd ``Restart=on-failure``)."""
+
+
 class Stopping(Exception):
     """The gateway is shutting down: no new session starts."""
 
@@ -163,10 +168,19 @@ class Gateway:
         return out
 
     async def attempt(self, key: str, devs: list[DeviceConfig]) -> list[Outcome]:
-        if key.startswith("group:"):
-            outs = await self.groups.run(key[len("group:"):], devs)
-        else:
-            outs = [await self.update_device(devs[0])]
+        """One attempt of a unit; never raises (but for cancellation): an unexpected exception
+        is a FAILED outcome of every device of the unit (logged with its traceback)."""
+        try:
+            if key.startswith("group:"):
+                outs = await self.groups.run(key[len("group:"):], devs)
+            else:
+                outs = [await self.update_device(devs[0])]
+        except Exception as exc:
+            log.error("unit=%s attempt failed with an unexpected error: %s: %s", key,
+                      type(exc).__name__, exc, exc_info=exc)
+            outs = [self._count(self._fail(d, UpdateResult.UPDATE_FAILED,
+                                           f"internal error {type(exc).__name__}: {exc}"))
+                    for d in devs]
         for o in outs:
             self.last[o.device_id] = o
         return outs
@@ -250,6 +264,11 @@ class Gateway:
             out = self._fail(dev, UpdateResult.UPDATE_FAILED,
                              f"gateway state directory {self.cfg.state_dir}: {exc}; free space or "
                              "fix permissions there (the update stopped before its next step)")
+        except Exception as exc:  # a bug costs this device this attempt, never the daemon
+            log.error("device=%s attempt failed with an unexpected error: %s: %s", dev.id,
+                      type(exc).__name__, exc, exc_info=exc)
+            out = self._fail(dev, UpdateResult.UPDATE_FAILED,
+                             f"internal error {type(exc).__name__}: {exc}")
         return await self.final(offer, out) if offer else self._count(out)
 
     async def plan(self, dev: DeviceConfig, session: SMPSession) -> Plan | Outcome:
@@ -524,11 +543,21 @@ class Gateway:
             stopper = asyncio.create_task(stop.wait())
             await asyncio.wait([stopper, *sups.values()], return_when=asyncio.FIRST_COMPLETED)
             stopper.cancel()
+            dead = {k: t for k, t in sups.items() if t.done()} if not stop.is_set() else {}
+            for key, t in dead.items():
+                exc = None if t.cancelled() else t.exception()
+                log.critical("unit=%s supervisor ended while the gateway runs: %s; stopping the "
+                             "gateway with a failure", key, repr(exc) if exc else "returned",
+                             exc_info=exc)
             t0 = loop.time()
             self.stop.set()
             self.notifier.stopping(f"stopping: {self.status_line()}")
             log.info("gateway stopping in_session=%d budget=%.0fs", len(self.in_session), t_stop_budget)
             await self._shutdown(sups, t0 + max(1.0, t_stop_budget - 3.0))
+            if dead:
+                raise SupervisorDied(f"supervisor of {', '.join(dead)} died: "
+                                     + "; ".join(repr(t.exception()) for t in dead.values()
+                                                 if not t.cancelled() and t.exception()))
         finally:
             for t in aux:
                 t.cancel()

@@ -18,6 +18,7 @@ import asyncio
 import enum
 import json
 import logging
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -203,6 +204,8 @@ class UpdateEngine:
             result = (UpdateResult.CONNECTION_LOST if isinstance(exc, SMPTimeout | TransportError)
                       else UpdateResult.UPDATE_FAILED)
             return self._finish(Status.FAILED, result, f"{type(exc).__name__}: {exc}", image).outcome
+        except Exception as exc:
+            return self._crashed("update", exc, image, None)
 
     async def confirm(self, image: VerifiedImage) -> Outcome:
         """Group phase: confirm the image the device test-runs - only if this gateway tested it."""
@@ -222,6 +225,8 @@ class UpdateEngine:
         except (SMPTimeout, TransportError, SMPError) as exc:
             return self._finish(Status.FAILED, UpdateResult.CONNECTION_LOST,
                                 f"confirm: {type(exc).__name__}: {exc}", image, old_v).outcome
+        except Exception as exc:
+            return self._crashed("confirm", exc, image, old_v)
 
     async def revert(self, image: VerifiedImage, reason: str) -> Outcome:
         """Group phase: take the device back to its previous image.
@@ -266,6 +271,24 @@ class UpdateEngine:
         except (SMPTimeout, TransportError, SMPError) as exc:
             return self._finish(Status.FAILED, UpdateResult.CONNECTION_LOST,
                                 f"revert: {type(exc).__name__}: {exc}", image, old_v).outcome
+        except Exception as exc:
+            return self._crashed("revert", exc, image, old_v)
+
+    def _crashed(self, what: str, exc: Exception, image: VerifiedImage,
+                 old_v: str | None) -> Outcome:
+        """An unexpected exception (a bug, a store problem): this device's attempt fails -
+        journaled with the outcome, logged with the traceback - and nothing else is affected.
+        The journal keeps what was done (tested_hash...), so the next attempt resumes as after
+        any other failure. The gateway's own disk failing (OSError, SQLite) goes up to the
+        daemon, which names the state directory to fix."""
+        if isinstance(exc, OSError | sqlite3.Error):
+            raise exc
+        log.error("device=%s %s failed with an unexpected error: %s: %s", self.dev.id, what,
+                  type(exc).__name__, exc, exc_info=exc)
+        result = exc.reason.lwm2m if isinstance(exc, ImageRefused) else UpdateResult.UPDATE_FAILED
+        return self._finish(Status.FAILED, result,
+                            f"{what}: internal error {type(exc).__name__}: {exc}", image,
+                            old_v).outcome
 
     async def _run(self, image: VerifiedImage, slots: Slots | None, artifact_id: str | None,
                    source: str | None) -> Outcome:

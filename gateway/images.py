@@ -3,10 +3,12 @@
 Owns the step between a fleet source and a device: a raw file from a source becomes a
 ``VerifiedImage`` only after its MCUboot structure, hash and signature (against the gateway's
 trusted keys, with imgtool) are checked; verified images are kept content-addressed under
-``<state_dir>/images/<hash>.bin``. Only the image itself is kept and sent - header, body and
-TLVs, ``total_size`` bytes: hash and signature cover nothing after that, so a file whose tail is
-anything but erased flash (0xFF) - e.g. the MCUboot trailer of ``imgtool sign --pad --confirm``,
-which would make the device install the image permanently without a test - is refused.
+``<state_dir>/images/<sha256>.bin``, named by the SHA-256 of exactly the bytes stored (not by
+the image's hash TLV: two files of one image - e.g. two ECDSA signatures - differ). Only the
+image itself is kept and sent - header, body and TLVs, ``total_size`` bytes: hash and signature
+cover nothing after that, so a file whose tail is anything but erased flash (0xFF) - e.g. the
+MCUboot trailer of ``imgtool sign --pad --confirm``, which would make the device install the
+image permanently without a test - is refused.
 ``preflight`` then decides, per device, whether the image may be sent: hardware type, slot size
 (image + MCUboot's trailer), downgrade and security counter. Every refusal is an
 ``ImageRefused`` with a reason code and a sentence an operator can act on.
@@ -153,7 +155,10 @@ def check_image(
 
 
 class ImageStore:
-    """Content-addressed store of verified images in ``<state_dir>/images``."""
+    """Content-addressed store of verified images in ``<state_dir>/images``.
+
+    A file is named by the SHA-256 of its own bytes, so it can never be replaced by other bytes
+    (a stored file is only ever rewritten with identical content)."""
 
     def __init__(self, root: Path, keys: list[TrustedKey]) -> None:
         self.root = root
@@ -171,7 +176,7 @@ class ImageStore:
         info, signer = check_image(data, self.keys, allow_unsigned=allow_unsigned)
         data = data[: info.total_size]  # only what hash and signature cover is kept and sent
         file_sha = hashlib.sha256(data).digest()
-        dest = self.root / f"{info.hash.hex()}.bin"
+        dest = self.root / f"{file_sha.hex()}.bin"
         if not dest.exists() or hashlib.sha256(dest.read_bytes()).digest() != file_sha:
             fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".in-")
             try:
@@ -189,21 +194,38 @@ class ImageStore:
         return img
 
 
+_COUNTERS: dict[Path, tuple[int, int, bytes, int | None]] = {}  # path -> (mtime, size, hash, counter)
+
+
 def known_security_counter(store_dir: Path, image_hash: bytes | None) -> int | None:
     """The security counter of an image the store holds (by its hash TLV), else None.
 
     This is how the gateway learns the *running* image's counter: img_mgmt reports only the
-    version and hash, but an image this gateway installed (or was given) is in its store.
+    version and hash, but an image this gateway installed (or was given) is in its store. Files
+    are named by their own SHA-256, so the store is scanned (headers parsed once per file).
+    Every file with that hash TLV has the same protected (signed) counter.
     """
     if not image_hash:
         return None
     try:
-        info = parse_image((store_dir / f"{image_hash.hex()}.bin").read_bytes())
-    except (OSError, ImageFormatError):
+        paths = sorted(store_dir.glob("*.bin"))
+    except OSError:
         return None
-    if info.hash != image_hash or not info.hash_valid:
-        return None
-    return info.security_counter
+    for p in paths:
+        try:
+            st = p.stat()
+            got = _COUNTERS.get(p)
+            if got is None or got[:2] != (st.st_mtime_ns, st.st_size):
+                info = parse_image(p.read_bytes())
+                if not info.hash_valid:
+                    continue
+                got = (st.st_mtime_ns, st.st_size, info.hash, info.security_counter)
+                _COUNTERS[p] = got
+        except (OSError, ImageFormatError):
+            continue
+        if got[2] == image_hash:
+            return got[3]
+    return None
 
 
 def preflight(
