@@ -1,0 +1,148 @@
+"""Cancellation: take back an update the fleet server (or the operator) called off.
+
+Owns what a cancel does to the device, by how far the update got (the journal's step and the
+device's image state decide, read fresh):
+
+* before the upload: nothing was sent - nothing to do;
+* during (or after) the upload, not marked: the upload is stopped and the secondary slot is
+  erased (img_mgmt erase, group 1 cmd 5), so no half image stays behind;
+* marked for test (pending), not reset: img_mgmt cannot take a test mark back (a ``test``
+  slot refuses any other state change: ``IMAGE_ALREADY_PENDING``, ``img_mgmt_state.c``
+  ``img_mgmt_set_next_boot_slot``), so MCUboot is left to revert it: a reset test-boots the
+  image, a second reset (no confirmation in between) makes MCUboot swap back; then slot 1 is
+  erased;
+* booted, unconfirmed (test-running): one reset, MCUboot reverts; slot 1 erased;
+* confirmed: too late - the cancel is refused (hawkBit: ``rejected``).
+
+Resets happen only where the caller says they may (maintenance windows): otherwise the undo
+is *deferred* (journal step ``cancel-pending``) and done at the device's next session inside a
+window; meanwhile the gateway never confirms the image (its journal row is closed as
+``canceled``, so ``tested_hash`` no longer matches an open update).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from gateway.config import DeviceConfig
+from gateway.engine import Slots, Step
+from gateway.journal import Journal
+from gateway.smp.session import SMPError, SMPSession, SMPTimeout
+from gateway.smp.transport import TransportError
+
+log = logging.getLogger("gateway.cancel")
+
+CANCEL_PENDING = "cancel-pending"  # journal step: a revert that waits for a maintenance window
+CANCELED = "canceled"  # journal step and outcome of a canceled update
+
+_MARKED_STEPS = {Step.MARK_TEST.value, Step.RESET.value, Step.WAIT_BOOT.value, Step.VERIFY.value,
+                 Step.CONFIRM.value, Step.WAIT_APP.value, CANCEL_PENDING}
+
+
+@dataclass
+class CancelResult:
+    phase: str  # before-upload | upload | marked | booted | confirmed | nothing
+    done: bool  # the device is back on its previous image with nothing of the update left
+    detail: str
+    deferred: bool = False  # needs a reset outside the allowed time: done later
+    running: str | None = None  # version running after the undo
+
+
+async def wait_back(session: SMPSession, timeout_s: float) -> None:
+    """After a reset: wait until the device stops answering (bounded), then until it answers."""
+    gone_deadline = time.monotonic() + 5.0
+    while time.monotonic() < gone_deadline:
+        try:
+            await session.echo("cancel?", timeout_s=0.3)
+        except (SMPTimeout, TransportError):
+            break
+        await asyncio.sleep(0.1)
+    deadline = time.monotonic() + timeout_s
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            await session.echo("cancel?", timeout_s=1.0)
+            return
+        except SMPTimeout as exc:
+            last = exc
+        except TransportError as exc:
+            last = exc
+            try:
+                await session.close()
+                await session.open()
+            except TransportError:
+                await asyncio.sleep(0.2)
+    raise SMPTimeout(f"{session.device_id} did not come back within {timeout_s:g}s after a reset "
+                     f"({last})")
+
+
+async def _reset(session: SMPSession, dev: DeviceConfig, why: str) -> None:
+    log.info("device=%s cancel: reset (%s)", dev.id, why)
+    await session.reset()
+    await wait_back(session, dev.timeouts.reset_s)
+
+
+async def _erase_secondary(session: SMPSession, dev: DeviceConfig) -> str:
+    try:
+        await session.image_erase(slot=1)
+    except SMPError as exc:
+        return f"secondary slot not erased: {exc}"
+    return "secondary slot erased"
+
+
+async def undo(session: SMPSession, dev: DeviceConfig, journal: Journal, target_hash: bytes,
+               reason: str, *, reset_allowed: bool) -> CancelResult:
+    """Take the update of ``target_hash`` back on an open session; journal the result."""
+    entry = journal.get(dev.id)
+    slots = Slots.parse(await session.image_state(), dev.image)
+    running = slots.active.version if slots.active else None
+    th = target_hash.hex()
+    res: CancelResult
+    if slots.active_hash == target_hash and slots.active and slots.active.confirmed:
+        res = CancelResult("confirmed", False, f"{reason}: too late, {running} is installed and "
+                           "confirmed", running=running)
+        log.warning("device=%s cancel refused: %s", dev.id, res.detail)
+        return res
+    needs_reset = slots.active_hash == target_hash or (
+        slots.other_hash == target_hash and slots.other is not None and slots.other.pending)
+    if needs_reset and not reset_allowed:
+        journal.put(entry.with_(step=CANCEL_PENDING, outcome=CANCELED, last_error=reason),
+                    f"cancel: revert waits for a maintenance window ({reason})")
+        return CancelResult("booted" if slots.active_hash == target_hash else "marked", False,
+                            f"{reason}: the revert needs a reset, which waits for a maintenance "
+                            "window (the image is never confirmed meanwhile)", deferred=True,
+                            running=running)
+    if slots.active_hash == target_hash:
+        phase = "booted"
+        await _reset(session, dev, "revert the unconfirmed image")
+    elif slots.other_hash == target_hash and slots.other is not None and slots.other.pending:
+        phase = "marked"
+        await _reset(session, dev, "test-boot the pending image (img_mgmt cannot un-mark it)")
+        after = Slots.parse(await session.image_state(), dev.image)
+        if after.active_hash == target_hash and after.active and not after.active.confirmed:
+            await _reset(session, dev, "revert the unconfirmed image")
+    elif entry.step in (Step.UPLOAD.value, *_MARKED_STEPS) or slots.other_hash == target_hash:
+        phase = "upload"
+    else:
+        phase = "before-upload"
+    slots = Slots.parse(await session.image_state(), dev.image)
+    running = slots.active.version if slots.active else None
+    if slots.active_hash == target_hash:
+        detail = f"{reason}: the device still runs the canceled image after the reset"
+        journal.put(entry.with_(step=Step.FAILED.value, outcome="failed", last_error=detail), detail)
+        return CancelResult(phase, False, detail, running=running)
+    erased = ""
+    if phase != "before-upload" and slots.other is not None and not slots.other.pending:
+        erased = await _erase_secondary(session, dev)
+    elif phase == "upload":
+        erased = await _erase_secondary(session, dev)  # a partial upload lists no image
+    detail = f"{reason}: canceled in phase {phase}; running {running}" + (f"; {erased}" if erased else "")
+    journal.put(entry.with_(step=CANCELED, outcome=CANCELED, last_error=reason,
+                            tested_hash=None if entry.tested_hash == th else entry.tested_hash,
+                            upload_offset=0),
+                detail)
+    log.info("device=%s %s", dev.id, detail)
+    return CancelResult(phase, True, detail, running=running)

@@ -1,0 +1,457 @@
+"""Fleet operations: the one object the scheduler asks before and after each device's update.
+
+Owns the operations layer around the update flow, behind a few calls the daemon makes (it
+stays a scheduler; the jobs live here and in the modules named):
+
+* ``devices()`` - the static ``devices:`` plus what discovery found (``gateway.discovery``);
+  ``transport(dev)`` - the link to use (a discovered serial device's link follows it to a new
+  tty name); ``discover_once()`` for ``run --once``; ``start(add_unit)`` runs discovery and
+  reports new units to the scheduler;
+* ``admit(key, dev, offer)`` - may this unit install this artifact now, and how far: operator
+  pause, staged rollout (``gateway.rollout``), download-only offers and maintenance windows
+  (``gateway.maintenance``: outside a window the image is staged in slot 1, nothing is marked
+  or reset); ``finished(key, outcomes)`` feeds the rollout;
+* ``run_engine(...)`` - runs the engine while watching for a cancel (fleet server or
+  operator) and takes the update back as far as it got (``gateway.cancel``);
+* ``sleep(key, delay)`` - the supervisor's wait, cut short by ``ctl update``, a device that
+  came back, a rollout that moved on or a window that opened;
+* ``handle(request)`` - the ``smp-gateway ctl`` commands on the control socket
+  (``gateway.control``), each journaled (device events + ``fleet.sqlite`` audit) and logged;
+* ``view_inventory(...)`` - the inventory record the sources report upstream
+  (``gateway.inventory``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from gateway import cancel as cancel_mod
+from gateway import inventory
+from gateway.config import DeviceConfig, GatewayConfig, SerialTransport
+from gateway.control import ControlError, ControlServer
+from gateway.engine import Outcome, Slots, Stage, Status
+from gateway.journal import Journal
+from gateway.maintenance import MaintenancePolicy
+from gateway.opstate import OpState
+from gateway.rollout import RolloutManager
+from gateway.smp.session import SMPSession
+from gateway.smp.transport import Transport
+from gateway.sources.base import FleetSource, Offer, UpdateResult
+
+log = logging.getLogger("gateway.fleetops")
+
+
+class GatewayLike(Protocol):
+    cfg: GatewayConfig
+    journal: Journal
+    source: FleetSource
+    stop: asyncio.Event
+    in_session: set[str]
+
+    def units(self) -> list[tuple[str, list[DeviceConfig]]]: ...
+
+    def session(self, dev: DeviceConfig) -> contextlib.AbstractAsyncContextManager[SMPSession]: ...
+
+
+@dataclass
+class Admission:
+    go: bool
+    until: Stage = Stage.CONFIRMED
+    reason: str = ""
+
+    def held(self, dev: DeviceConfig) -> Outcome:
+        return Outcome(dev.id, Status.HELD, UpdateResult.INITIAL, self.reason)
+
+
+def install_mode(offer: Offer) -> str:
+    """forced | soft | download-only (backends set ``Offer.install`` where the server says)."""
+    return str(getattr(offer, "install", None) or "forced")
+
+
+class FleetOps:
+    def __init__(self, gw: GatewayLike) -> None:
+        self.gw = gw
+        cfg = gw.cfg
+        self.cfg = cfg
+        self.ops = OpState(cfg.state_dir / "fleet.sqlite")
+        self.maint = MaintenancePolicy.from_config(cfg.maintenance_windows)
+        self.discovery = None
+        if cfg.discovery is not None and cfg.device_templates:
+            from gateway.discovery import Discovery
+
+            self.discovery = Discovery(cfg, self.ops, busy=lambda dev_id: dev_id in gw.in_session)
+        self.rollout = RolloutManager(cfg.rollout, self.ops, lambda: max(1, len(gw.units())),
+                                      verify=self._verify)
+        self._wake: dict[str, asyncio.Event] = {}
+        self._now: dict[str, bool] = {}  # device id -> ctl update: ignore the window?
+        self._cancel: dict[str, asyncio.Event] = {}
+        self._cancel_why: dict[str, str] = {}
+        self._admitted: dict[str, str] = {}  # unit key -> artifact id
+        self._facts: dict[str, dict[str, Any]] = {}  # device id -> bootloader mode, params...
+        self._control: ControlServer | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._add_unit: Callable[[str, list[DeviceConfig]], None] | None = None
+
+    def close(self) -> None:
+        self.ops.close()
+
+    # -- devices -----------------------------------------------------------------------------
+    def devices(self) -> list[DeviceConfig]:
+        out = list(self.cfg.devices)
+        if self.discovery is not None:
+            out += sorted(self.discovery.present(), key=lambda d: d.id)
+        return out
+
+    def transport(self, dev: DeviceConfig) -> Transport | None:
+        """The link for a discovered serial device (follows its tty); None: the usual one."""
+        if self.discovery is None or dev.id not in self.discovery.devices:
+            return None
+        t = dev.transport
+        if not isinstance(t, SerialTransport):
+            return None
+        from gateway.discovery.links import FollowingSerialLink
+
+        disc = self.discovery
+        return FollowingSerialLink(lambda: disc.port_of(dev.id), t.port, t.baud, t.line_length, t.mtu)
+
+    async def discover_once(self) -> None:
+        if self.discovery is not None:
+            await self.discovery.start()
+            try:
+                await self.discovery.scan_once()
+            finally:
+                await self.discovery.close()
+            for f in self.discovery.devices.values():
+                self._facts[f.config.id] = f.facts.to_dict()
+
+    # -- life cycle --------------------------------------------------------------------------
+    async def start(self, add_unit: Callable[[str, list[DeviceConfig]], None] | None = None) -> None:
+        self._add_unit = add_unit
+        if self.cfg.control.enabled:
+            self._control = ControlServer(self.cfg.control_socket, self.handle)
+            try:
+                await self._control.start()
+            except OSError as exc:
+                log.error("control socket unavailable: %s", exc)
+                self._control = None
+        if self.discovery is not None:
+            self._tasks.append(asyncio.create_task(self.discovery.run(self._on_discovery, self.gw.stop),
+                                                   name="discovery"))
+        self._tasks.append(asyncio.create_task(self._relay_rollout(), name="rollout-wake"))
+
+    async def close_async(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        self._tasks.clear()
+        if self._control is not None:
+            await self._control.close()
+            self._control = None
+
+    def _on_discovery(self, ch: Any) -> None:
+        assert self.discovery is not None
+        for f in self.discovery.devices.values():
+            self._facts[f.config.id] = f.facts.to_dict()
+        known = {k for k, _ in self.gw.units()}
+        for dev in [*ch.added, *ch.moved]:
+            self.wake(dev.id)
+        if self._add_unit is None:
+            return
+        for key, devs in self.gw.units():
+            if key not in known or any(d.id in {a.id for a in ch.added} for d in devs):
+                self._add_unit(key, devs)
+
+    async def _relay_rollout(self) -> None:
+        while True:
+            await self.rollout.changed.wait()
+            self.rollout.changed.clear()
+            for ev in self._wake.values():
+                ev.set()
+
+    # -- scheduling --------------------------------------------------------------------------
+    def _event(self, key: str) -> asyncio.Event:
+        return self._wake.setdefault(key, asyncio.Event())
+
+    def wake(self, device_or_key: str) -> None:
+        for key, devs in self.gw.units():
+            if key == device_or_key or any(d.id == device_or_key for d in devs):
+                self._event(key).set()
+
+    async def sleep(self, key: str, delay: float) -> None:
+        """The supervisor's wait: ``delay``, the stop, or a wake-up, whichever comes first."""
+        ev = self._event(key)
+        if ev.is_set():
+            ev.clear()
+            return
+        stop = self.gw.stop
+        waits = [asyncio.create_task(ev.wait()), asyncio.create_task(stop.wait())]
+        try:
+            await asyncio.wait(waits, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+            ev.clear()
+
+    def next_wake_s(self, devs: list[DeviceConfig], default: float) -> float:
+        """A unit held for a window wakes when it opens (if that is sooner than ``default``)."""
+        waits = [self.maint.seconds_until_allowed(d) for d in devs]
+        return min(default, max(waits)) if waits and max(waits) > 0 else default
+
+    def paused(self, dev: DeviceConfig) -> str | None:
+        why = self.ops.is_paused(dev.id)
+        return f"paused by the operator ({why})" if why is not None else None
+
+    async def admit(self, key: str, dev: DeviceConfig, offer: Offer) -> Admission:
+        """Before anything is sent for ``offer``: go, go up to a stage, or hold (with why)."""
+        why = self.paused(dev)
+        if why is not None:
+            return Admission(False, reason=why)
+        now = self._now.pop(dev.id, None)
+        if self.rollout.enabled and now is None:
+            d = await self.rollout.admit(key, offer.artifact_id)
+            if not d.go:
+                log.info("device=%s held by the rollout: %s", dev.id, d.reason)
+                return Admission(False, reason=f"rollout: {d.reason}")
+        self._admitted[key] = offer.artifact_id
+        if install_mode(offer) == "download-only":
+            return Admission(True, Stage.UPLOADED, "download-only: staged in the secondary slot; "
+                                                   "waits for the server's install")
+        if not now and not self.maint.reset_allowed(dev):
+            return Admission(True, Stage.UPLOADED, f"staged in the secondary slot; "
+                                                   f"{self.maint.describe(dev)}")
+        return Admission(True)
+
+    def finished(self, key: str, outs: list[Outcome]) -> None:
+        art = self._admitted.get(key)
+        if art is None:
+            return
+        final = [o for o in outs if o.status not in (Status.HELD,)]
+        if not final:
+            return
+        self._admitted.pop(key, None)
+        ok = all(o.ok for o in final)
+        bad = next((o for o in final if not o.ok), None)
+        self.rollout.finished(key, art, ok, f"{bad.status.value}: {bad.detail}" if bad else "")
+
+    async def _verify(self, unit: str, artifact: str) -> str | None:
+        devs = dict(self.gw.units()).get(unit, [])
+        for dev in devs:
+            e = self.gw.journal.get(dev.id)
+            async with self.gw.session(dev) as s:
+                slots = Slots.parse(await s.image_state(), dev.image)
+            if slots.active_hash is None or slots.active_hash.hex() != e.target_hash:
+                now = slots.active.version if slots.active else "?"
+                return f"{dev.id} runs {now}, not {e.target_version}"
+            if not (slots.active and slots.active.confirmed):
+                return f"{dev.id}: {e.target_version} is not confirmed"
+        return None
+
+    # -- cancellation ------------------------------------------------------------------------
+    def request_cancel(self, device_id: str, reason: str) -> bool:
+        ev = self._cancel.get(device_id)
+        if ev is None:
+            return False
+        self._cancel_why[device_id] = reason
+        ev.set()
+        return True
+
+    async def _watch_cancel(self, dev: DeviceConfig, offer: Offer, ev: asyncio.Event) -> str:
+        src = self.gw.source
+        probe: Callable[[Offer], Awaitable[str | None]] | None = getattr(src, "canceled", None)
+        period = min(30.0, max(0.5, src.poll_interval()))
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ev.wait(), period)
+            if ev.is_set():
+                return self._cancel_why.get(dev.id, "canceled by the operator")
+            if probe is not None:
+                try:
+                    why = await probe(offer)
+                except Exception as exc:  # a server hiccup is not a cancel
+                    log.debug("device=%s cancel check failed: %s", dev.id, exc)
+                    continue
+                if why:
+                    return why
+
+    async def run_engine(self, dev: DeviceConfig, offer: Offer, image_hash: bytes, session: SMPSession,
+                         run: Callable[[], Awaitable[Outcome]]) -> Outcome:
+        """``run()`` (the engine), unless a cancel arrives first: then undo as far as it got."""
+        ev = self._cancel.setdefault(dev.id, asyncio.Event())
+        ev.clear()
+        task = asyncio.ensure_future(run())
+        watch = asyncio.ensure_future(self._watch_cancel(dev, offer, ev))
+        try:
+            await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            task.cancel()
+            watch.cancel()
+            raise
+        finally:
+            self._cancel.pop(dev.id, None)
+        if task.done():
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch
+            return task.result()
+        reason = watch.result()
+        log.warning("device=%s update canceled: %s", dev.id, reason)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        res = await cancel_mod.undo(session, dev, self.gw.journal, image_hash, reason,
+                                    reset_allowed=self.maint.reset_allowed(dev))
+        ack: Callable[[Offer, bool, str], Awaitable[None]] | None = getattr(
+            self.gw.source, "acknowledge_cancel", None)
+        if ack is not None:
+            try:
+                await ack(offer, res.done or res.deferred, res.detail)
+            except Exception as exc:
+                log.warning("device=%s cancel acknowledgement failed: %s", dev.id, exc)
+        self.ops.audit("fleet", "cancel", dev.id, res.detail)
+        status = Status.FAILED if not (res.done or res.deferred) else Status.HELD
+        return Outcome(dev.id, status, UpdateResult.INITIAL, f"canceled: {res.detail}",
+                       old_version=res.running)
+
+    async def finish_deferred_cancel(self, dev: DeviceConfig, session: SMPSession) -> bool:
+        """A cancel whose revert waited for a window: do it now if allowed (True = it was due)."""
+        e = self.gw.journal.get(dev.id)
+        if e.step != cancel_mod.CANCEL_PENDING or not e.target_hash:
+            return False
+        if not self.maint.reset_allowed(dev):
+            return True
+        await cancel_mod.undo(session, dev, self.gw.journal, bytes.fromhex(e.target_hash),
+                              e.last_error or "canceled", reset_allowed=True)
+        return True
+
+    # -- inventory ---------------------------------------------------------------------------
+    async def view_inventory(self, dev: DeviceConfig, session: SMPSession,
+                             states: list[Any] | None = None) -> dict[str, Any]:
+        facts = self._facts.get(dev.id)
+        if facts is None:
+            bl = await session.bootloader_info(timeout_s=min(2.0, dev.timeouts.request_s))
+            facts = {"bootloader": {"mode": bl.mode, "name": bl.name} if bl else None}
+            self._facts[dev.id] = facts
+        p = session.params
+        mode = (facts.get("bootloader") or {}).get("mode") if facts.get("bootloader") else None
+        if states is None:
+            states = await session.image_state()
+        rec = inventory.record(
+            dev, slots=inventory.slots_of(states, dev.image),
+            params={"buf_size": p.buf_size, "buf_count": p.buf_count, "reported": p.reported} if p else None,
+            bootloader_mode=mode if mode is not None else facts.get("mcuboot_mode"),
+            facts=facts, entry=self.gw.journal.get(dev.id))
+        self.ops.put_inventory(dev.id, rec)
+        return rec
+
+    # -- operator control --------------------------------------------------------------------
+    def _dev(self, device_id: Any) -> DeviceConfig:
+        for d in self.devices():
+            if d.id == device_id:
+                return d
+        raise ControlError(f"no device {device_id!r} (ctl list shows the devices)")
+
+    def _journal_event(self, device_id: str, detail: str) -> None:
+        self.gw.journal.put(self.gw.journal.get(device_id), detail)
+
+    async def handle(self, req: dict[str, Any], actor: str) -> Any:
+        cmd = req["cmd"]
+        target = str(req.get("device") or "")
+        log.info("control %s %s by %s", cmd, target or "-", actor)
+        if cmd == "list":
+            return self.list_devices()
+        if cmd == "rollout":
+            return self.rollout.status()
+        if cmd == "audit":
+            return self.ops.audit_log(int(req.get("limit", 50)))
+        if cmd == "rescan":
+            if self.discovery is None:
+                raise ControlError("discovery is not configured (no device_templates)")
+            self.discovery.rescan(f"ctl by {actor}")
+            self.ops.audit(actor, cmd, "*")
+            return "rescan started"
+        if cmd == "rollout-resume":
+            art = str(req.get("artifact") or "")
+            if not self.rollout.resume(art):
+                raise ControlError(f"no rollout of artifact {art!r}")
+            self.ops.audit(actor, cmd, art)
+            return f"rollout of {art} resumed"
+        if cmd in ("pause", "resume") and (req.get("all") or target == "*"):
+            devs = self.devices()
+            if cmd == "pause":
+                self.ops.pause("*", f"{req.get('reason') or 'no reason given'} ({actor})")
+            else:
+                self.ops.resume("*")
+                for d in devs:
+                    self.ops.resume(d.id)
+            for d in devs:
+                self._journal_event(d.id, f"operator {cmd} (all) by {actor}")
+                self.wake(d.id)
+            self.ops.audit(actor, cmd, "*", str(req.get("reason") or ""))
+            return f"{cmd}d {len(devs)} device(s)"
+        dev = self._dev(target)
+        if cmd == "pause":
+            reason = f"{req.get('reason') or 'no reason given'} ({actor})"
+            self.ops.pause(dev.id, reason)
+            result = f"{dev.id} paused: no new update starts (one in progress finishes its step)"
+        elif cmd == "resume":
+            if not self.ops.resume(dev.id) and self.ops.is_paused(dev.id):
+                raise ControlError(f"{dev.id} is paused by 'pause --all': resume --all")
+            self.wake(dev.id)
+            result = f"{dev.id} resumed"
+        elif cmd == "update":
+            self._now[dev.id] = bool(req.get("ignore_window"))
+            self.wake(dev.id)
+            result = (f"{dev.id}: update check now" + (" (maintenance window ignored)"
+                                                       if req.get("ignore_window") else ""))
+        elif cmd == "cancel":
+            if self.request_cancel(dev.id, f"canceled by the operator ({actor})"):
+                result = f"{dev.id}: cancel requested; the update is being taken back"
+            else:
+                raise ControlError(f"{dev.id} is not installing anything now")
+        elif cmd == "unblock":
+            e = self.gw.journal.get(dev.id)
+            if not e.blocked_hash and not e.blocked_artifact:
+                raise ControlError(f"{dev.id} has no blocked image")
+            label = inventory.blocked_label(e)
+            self.gw.journal.put(e.with_(blocked_hash=None, blocked_artifact=None),
+                                f"operator unblock by {actor}: {label}")
+            self.wake(dev.id)
+            result = f"{dev.id}: {label} unblocked; it may be attempted again"
+        else:
+            raise ControlError(f"unknown command {cmd!r} (list, update, pause, resume, cancel, "
+                               "unblock, rescan, rollout, rollout-resume, audit)")
+        if cmd != "unblock":
+            self._journal_event(dev.id, f"operator {cmd} by {actor}")
+        self.ops.audit(actor, cmd, dev.id, result)
+        log.info("control %s device=%s by %s: %s", cmd, dev.id, actor, result)
+        return result
+
+    def list_devices(self) -> list[dict[str, Any]]:
+        out = []
+        found = self.discovery.devices if self.discovery is not None else {}
+        inv = self.ops.inventory()
+        for d in self.devices():
+            e = self.gw.journal.get(d.id)
+            f = found.get(d.id)
+            out.append({
+                "device": d.id, "group": d.group, "hardware": d.hardware,
+                "transport": d.transport.kind,
+                "address": inventory.record(d)["address"],
+                "source": f"template {f.template}" if f else "static",
+                "present": f.present if f else True,
+                "paused": self.ops.is_paused(d.id),
+                "in_session": d.id in self.gw.in_session,
+                "step": e.step, "outcome": e.outcome, "running": e.running_version,
+                "target": e.target_version, "blocked": inventory.blocked_label(e) or None,
+                "window": self.maint.describe(d),
+                "inventory_at": (inv.get(d.id) or {}).get("inventory_at"),
+            })
+        return out
+
