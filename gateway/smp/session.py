@@ -254,6 +254,11 @@ class SMPSession:
                 raise
             rtt = time.monotonic() - t0
             self.srtt = rtt if self.srtt is None else 0.875 * self.srtt + 0.125 * rtt
+            if log.isEnabledFor(logging.DEBUG):  # `smp-gateway -v probe`: every exchange
+                h = req.header
+                log.debug("device=%s smp %s op=%d group=%d cmd=%d seq=%d req=%dB rsp=%dB rtt=%.1fms",
+                          self.device_id, name, int(h.op), int(h.group_id), h.command_id, h.sequence,
+                          len(req.BYTES), len(frame), rtt * 1000)
             try:
                 return self._decode(req, frame, raw=raw)
             except SMPProtocolError as exc:
