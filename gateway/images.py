@@ -266,8 +266,15 @@ def preflight(
             raise ImageRefused(Refusal.NOT_NEWER,
                                f"image version {image.version} is not newer than the running "
                                f"{running} (set allow_downgrade to permit)")
-    if (running_security_counter is not None and image.info.security_counter is not None
-            and image.info.security_counter < running_security_counter):
-        raise ImageRefused(Refusal.SECURITY_COUNTER,
-                           f"image security counter {image.info.security_counter} is below the "
-                           f"device's {running_security_counter}; MCUboot would refuse it")
+    if running_security_counter is not None:
+        # both counters come from the protected (signed) TLV area only (parse_image)
+        if image.info.security_counter is None:
+            raise ImageRefused(Refusal.SECURITY_COUNTER,
+                               f"the running image has security counter {running_security_counter} "
+                               "but this image has none in its protected TLVs (a counter outside "
+                               "them is not signed and does not count); MCUboot's rollback "
+                               "protection would refuse it: sign it with --security-counter")
+        if image.info.security_counter < running_security_counter:
+            raise ImageRefused(Refusal.SECURITY_COUNTER,
+                               f"image security counter {image.info.security_counter} is below the "
+                               f"device's {running_security_counter}; MCUboot would refuse it")

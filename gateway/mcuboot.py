@@ -135,7 +135,7 @@ class ImageInfo:
     hash_valid: bool  # does the hash TLV match the computed digest?
     tlvs: list[tuple[int, bytes]] = field(repr=False)  # (type, value), protected then unprotected
     total_size: int  # header + body + all TLVs: the bytes that must be uploaded
-    security_counter: int | None = None
+    security_counter: int | None = None  # SEC_CNT of the protected TLV area only
 
     @property
     def signature_types(self) -> list[int]:
@@ -183,6 +183,7 @@ def parse_image(data: bytes | bytearray | memoryview) -> ImageInfo:
             f"image truncated: header+body is {off} bytes, file has {len(buf)} and no TLV area"
         )
     tlvs: list[tuple[int, bytes]] = []
+    protected: list[tuple[int, bytes]] = []
     protected_end = off
     info_magic, info_len = TLV_INFO_STRUCT.unpack_from(buf, off)
     if info_magic == TLV_PROT_INFO_MAGIC:
@@ -190,7 +191,8 @@ def parse_image(data: bytes | bytearray | memoryview) -> ImageInfo:
             raise ImageFormatError(
                 f"protected TLV area is {info_len} bytes but the header says {prot_size}"
             )
-        tlvs += _read_tlvs(buf, off, info_len, protected=True)
+        protected = _read_tlvs(buf, off, info_len, protected=True)
+        tlvs += protected
         off += info_len
         protected_end = off
         if off + TLV_INFO_STRUCT.size > len(buf):
@@ -210,7 +212,11 @@ def parse_image(data: bytes | bytearray | memoryview) -> ImageInfo:
         raise ImageFormatError("more than one hash TLV")
     htype, hvalue = hashes[0]
     digest = hashlib.new(HASH_TLVS[TLV(htype)], buf[:protected_end]).digest()
-    sec_cnt_raw = next((v for t, v in tlvs if t == TLV.SEC_CNT), None)
+    # only the protected (hashed and signed) area counts: a SEC_CNT TLV in the unprotected
+    # area can be added by anyone without breaking the signature, and MCUboot ignores it
+    # (bootutil_get_img_security_cnt, boot/bootutil/src/image_validate.c, reads the protected
+    # TLVs only)
+    sec_cnt_raw = next((v for t, v in protected if t == TLV.SEC_CNT), None)
     sec_cnt = None
     if sec_cnt_raw is not None:
         if len(sec_cnt_raw) != 4:

@@ -15,6 +15,7 @@ from typing import Any
 
 import cbor2
 
+from gateway.mcuboot import parse_image
 from gateway.sim.device import SimDevice
 
 HDR = struct.Struct("!BBHHBB")
@@ -114,3 +115,30 @@ def slot1_flags(dev: SimDevice) -> dict[str, bool]:
 def active_state(dev: SimDevice) -> tuple[str | None, bool]:
     a = next((s for s in dev.server.state_images() if s.active), None)
     return (a.version if a else None, bool(a and a.confirmed))
+
+
+# --- MCUboot TLV surgery: what a third party can do to a signed image without the key --------
+def with_unprotected_tlv(data: bytes, tlv: int, value: bytes) -> bytes:
+    """Append a TLV to the unprotected area (the signature does not cover it)."""
+    info = parse_image(data)
+    off = info.hdr_size + info.img_size + info.protect_tlv_size
+    magic, length = struct.unpack_from("<HH", data, off)
+    assert magic == 0x6907
+    end = off + length
+    new = struct.pack("<BBH", tlv, 0, len(value)) + value
+    out = bytearray(data[:end] + new + data[end:])
+    struct.pack_into("<HH", out, off, magic, length + len(new))
+    return bytes(out)
+
+
+def replace_tlv(data: bytes, tlv: int, value: bytes) -> bytes:
+    """Overwrite the value of an unprotected TLV (same length)."""
+    info = parse_image(data)
+    off = info.hdr_size + info.img_size + info.protect_tlv_size + 4
+    while off < info.total_size:
+        t, _, ln = struct.unpack_from("<BBH", data, off)
+        if t == tlv:
+            assert ln == len(value)
+            return data[:off + 4] + value + data[off + 4 + ln:]
+        off += 4 + ln
+    raise AssertionError(f"no TLV 0x{tlv:02x}")
