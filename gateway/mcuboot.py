@@ -320,12 +320,25 @@ class TrustedKey:
         )
 
 
+def key_hash(key: TrustedKey, size: int = 32) -> bytes:
+    """The KEYHASH an image signed by ``key`` carries, as MCUboot compares it.
+
+    imgtool (image.py ``Image.create``) hashes ``key.get_public_bytes()`` - the bytes ``imgtool
+    getpub`` embeds in MCUboot - with the image's hash algorithm (SHA-256, or SHA-384 for P-384
+    keys); MCUboot's ``bootutil_find_key`` hashes its built-in key bytes the same way.
+    """
+    pub = bytes(key.key.get_public_bytes())
+    return (hashlib.sha384 if size == 48 else hashlib.sha256)(pub).digest()
+
+
 def verify_signature(data: bytes, keys: list[TrustedKey]) -> TrustedKey:
     """Return the trusted key whose signature the image carries, or raise SignatureError.
 
     The check is imgtool's ``Image.verify`` (hash over header+body+protected TLVs, then the
     signature TLV against the key), which takes a file path, so the bytes go to a temporary
-    file first.
+    file first. When the image has a KEYHASH TLV, only the key it names is tried, as MCUboot
+    does (``bootutil_find_key`` picks the key by hash and checks the signature against it
+    alone): an image that names one key and is signed by another is refused by the device.
     """
     import imgtool.image
 
@@ -334,20 +347,43 @@ def verify_signature(data: bytes, keys: list[TrustedKey]) -> TrustedKey:
         raise SignatureError("image hash mismatch: the image is corrupt")
     if not info.is_signed:
         raise SignatureError("image carries no signature TLV")
+    keyhash = info.tlv(TLV.KEYHASH)
+    candidates = keys
+    if keyhash is not None:
+        candidates = [k for k in keys if key_hash(k, len(keyhash)) == keyhash]
     fd, tmp = tempfile.mkstemp(suffix=".bin", prefix="smpgw-verify-")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data[: info.total_size])
-        reasons = []
-        for k in keys:
+
+        def verifies(k: TrustedKey, reasons: list[str]) -> bool:
             try:
                 result = imgtool.image.Image.verify(tmp, k.key)[0]
             except Exception as exc:  # imgtool may raise on key/TLV type combinations
                 reasons.append(f"{k.name}: {exc}")
-                continue
+                return False
             if result == imgtool.image.VerifyResult.OK:
-                return k
+                return True
             reasons.append(f"{k.name}: {result.name}")
+            return False
+
+        reasons: list[str] = []
+        for k in candidates:
+            if verifies(k, reasons):
+                return k
+        if keyhash is not None:
+            signer = next((k for k in keys if k not in candidates and verifies(k, [])), None)
+            named = ", ".join(repr(k.name) for k in candidates)
+            if signer is not None:
+                raise SignatureError(
+                    f"the image's KEYHASH names {named or 'no trusted key'} but it is signed with "
+                    f"trusted key {signer.name!r}: MCUboot picks the key by KEYHASH and would "
+                    "refuse it (re-sign it with one key: imgtool sign --key)")
+            if not candidates:
+                raise SignatureError(
+                    f"the image's KEYHASH ({keyhash.hex()[:16]}...) names no trusted key: MCUboot "
+                    "picks the key by KEYHASH and would refuse it (signed with a key the gateway "
+                    "does not trust)")
     finally:
         os.unlink(tmp)
     detail = "; ".join(reasons) if reasons else "no trusted keys configured"
