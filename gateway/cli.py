@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 from gateway import log as glog
 from gateway.config import ConfigError, DeviceConfig, GatewayConfig, load_config
@@ -35,6 +36,30 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="show each device's slots and the journal")
     s.add_argument("--config", "-c", required=True, type=Path)
     s.add_argument("--offline", action="store_true", help="journal only; do not contact devices")
+    s.add_argument("--json", action="store_true", help="the inventory of every device, as JSON")
+    pr = sub.add_parser("probe", help="read one device (never writes) and print its config stanza")
+    where = pr.add_mutually_exclusive_group(required=True)
+    where.add_argument("--serial", metavar="PATH", help="serial port, e.g. /dev/ttyACM0")
+    where.add_argument("--udp", metavar="HOST[:PORT]", help="SMP UDP server (port 1337 by default)")
+    where.add_argument("--ble", metavar="NAME|ADDR", help="advertised name or BD_ADDR")
+    pr.add_argument("--baud", type=int, default=115200)
+    pr.add_argument("--adapter", default="hci0", help="BLE adapter")
+    pr.add_argument("--backend", choices=["bleak", "bumble"], default="bleak")
+    pr.add_argument("--hci", help="bumble HCI transport")
+    pr.add_argument("--timeout", type=float, default=3.0, help="per SMP request, seconds")
+    pr.add_argument("--hwid-format", help="os info format letter(s) answering a hardware id")
+    pr.add_argument("--json", action="store_true")
+    c = sub.add_parser("ctl", help="operator control of a running daemon (local socket)")
+    c.add_argument("--config", "-c", required=True, type=Path)
+    c.add_argument("action", choices=["list", "update", "pause", "resume", "cancel", "unblock",
+                                      "rescan", "rollout", "rollout-resume", "audit"])
+    c.add_argument("target", nargs="?", help="device id (pause/resume: or --all); rollout-resume: "
+                   "the artifact")
+    c.add_argument("--all", action="store_true", help="pause/resume: every device")
+    c.add_argument("--reason", help="pause: why (journaled)")
+    c.add_argument("--ignore-window", action="store_true",
+                   help="update: also outside the maintenance window")
+    c.add_argument("--json", action="store_true")
     m = sub.add_parser("sim", help="run simulated devices (Zephyr smp_svr + MCUboot)")
     m.add_argument("--config", "-c", required=True, type=Path)
     d = sub.add_parser("demo", help="simulated devices + signed images + one --once pass")
@@ -55,6 +80,14 @@ def main(argv: list[str] | None = None) -> int:
             from gateway.demo import main_demo
 
             return main_demo(args.workdir, args.keep)
+        if args.cmd == "probe":
+            glog.setup(args.log_format or "text", level)
+            from gateway.probe import main_probe, target
+
+            return main_probe(target(args.serial, args.udp, args.ble, baud=args.baud,
+                                     adapter=args.adapter, backend=args.backend, hci=args.hci),
+                              timeout_s=args.timeout, hwid_format=args.hwid_format,
+                              as_json=args.json)
         if args.cmd == "sim":
             glog.setup(args.log_format or "text", level)
             return _sim(args.config)
@@ -63,7 +96,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "run":
             return asyncio.run(_run(cfg, args.once))
         if args.cmd == "status":
-            return asyncio.run(_status(cfg, args.offline))
+            return asyncio.run(_status(cfg, args.offline, args.json))
+        if args.cmd == "ctl":
+            from gateway.ctl import main_ctl
+
+            return main_ctl(cfg, args)
     except ConfigError as exc:
         print(f"smp-gateway: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -123,12 +160,14 @@ async def _run(cfg: GatewayConfig, once: bool) -> int:
     return EXIT_OK
 
 
-async def _status(cfg: GatewayConfig, offline: bool) -> int:
-    """Every configured device: both slots, its target, the journal's step and progress."""
+async def _status(cfg: GatewayConfig, offline: bool, as_json: bool = False) -> int:
+    """Every device: both slots, its target, the journal's step and progress (``--json``: the
+    inventory records the fleet servers get, ``gateway.inventory``)."""
     from rich.console import Console
     from rich.table import Table
     from smp.image_management import ImageState
 
+    from gateway import inventory
     from gateway.daemon import make_transport
     from gateway.journal import Journal
     from gateway.smp.session import SMPSession
@@ -149,24 +188,29 @@ async def _status(cfg: GatewayConfig, offline: bool) -> int:
             except Exception as exc:
                 live[dev.id] = exc
 
+    devices = inventory.all_devices(cfg)
     if not offline:
         async with asyncio.TaskGroup() as tg:
-            for dev in cfg.devices:
+            for dev in devices:
                 tg.create_task(query(dev))
 
     journal = Journal(cfg.state_dir / "journal.sqlite")
+    versions = inventory.image_versions(cfg.state_dir)
+    if as_json:
+        return _status_json(cfg, devices, live, journal, versions)
     title = f"{cfg.gateway_id}: devices" + (" (journal only)" if offline else "")
     table = Table(title=title)
     for col in ("device", "group", "running", "hash", "flags", "slot 1", "target", "step",
                 "progress", "last error"):
         table.add_column(col, overflow="fold")
     rc = EXIT_OK
-    for dev in cfg.devices:
+    for dev in devices:
         e = journal.get(dev.id)
         prog = f"{100 * e.upload_offset // e.upload_total}%" if e.upload_total else "-"
         target = f"{e.target_version} {e.target_hash[:12]}" if e.target_hash else "-"
-        if e.blocked_hash:
-            target += " (blocked)"
+        blocked = inventory.blocked_label(e, versions)
+        if blocked:  # name the blocked image: it need not be the current target
+            target = f"{target} ({blocked})" if target != "-" else blocked
         step = e.step + (f" ({e.outcome})" if e.outcome and e.outcome != e.step else "")
         row = [e.running_version or "-", (e.running_hash or "-")[:16], "(journal)", "-"]
         got = live.get(dev.id)
@@ -182,6 +226,37 @@ async def _status(cfg: GatewayConfig, offline: bool) -> int:
         table.add_row(dev.id, dev.group or "", *row, target, step, prog, e.last_error or "")
     journal.close()
     Console(width=220 if not sys.stdout.isatty() else None).print(table)
+    return rc
+
+
+def _status_json(cfg: GatewayConfig, devices: list[DeviceConfig], live: dict[str, Any],
+                 journal: Any, versions: dict[str, str]) -> int:
+    import json
+
+    from gateway import inventory
+    from gateway.opstate import OpState
+
+    last: dict[str, dict[str, Any]] = {}
+    if (cfg.state_dir / "fleet.sqlite").exists():
+        ops = OpState(cfg.state_dir / "fleet.sqlite")
+        last = ops.inventory()
+        ops.close()
+    rc = EXIT_OK
+    out = []
+    for dev in devices:
+        got = live.get(dev.id)
+        prev = last.get(dev.id) or {}
+        reachable: bool | str = "not asked (--offline)" if got is None else True
+        slots = prev.get("slots")
+        if isinstance(got, Exception):
+            reachable, rc = f"unreachable: {got}", EXIT_FAILED
+        elif got is not None:
+            slots = inventory.slots_of(got)
+        out.append(inventory.record(
+            dev, slots=slots, params=prev.get("mcumgr_params"), bootloader_mode=prev.get("mcuboot_mode"),
+            facts=prev, entry=journal.get(dev.id), versions=versions, reachable=reachable))
+    journal.close()
+    print(json.dumps({"gateway": cfg.gateway_id, "devices": out}, indent=2, default=str))
     return rc
 
 

@@ -174,3 +174,45 @@ def release_query(inv: dict[str, Any]) -> dict[str, str]:
     if last.get("lwm2m_result") is not None:
         out["last_update_result"] = str(last["lwm2m_result"])
     return out
+
+
+def all_devices(cfg: Any) -> list[DeviceConfig]:
+    """``devices:`` plus the devices discovery has found (from ``fleet.sqlite``), for ``status``."""
+    from gateway.config import DeviceConfig
+    from gateway.opstate import OpState
+
+    out = list(cfg.devices)
+    path = cfg.state_dir / "fleet.sqlite"
+    if cfg.device_templates and path.exists():
+        ops = OpState(path)
+        try:
+            ids = {d.id for d in out}
+            for k in ops.known().values():
+                if k.device_id not in ids:
+                    try:
+                        out.append(DeviceConfig.model_validate(k.config))
+                    except ValueError:
+                        continue
+        finally:
+            ops.close()
+    return out
+
+
+def image_versions(state_dir: Any) -> dict[str, str]:
+    """image hash (hex) -> version, for the verified images the gateway stored."""
+    from pathlib import Path
+
+    from gateway.mcuboot import ImageFormatError, parse_image
+
+    out: dict[str, str] = {}
+    root = Path(state_dir) / "images"
+    if not root.is_dir():
+        return out
+    for p in root.glob("*.bin"):
+        try:
+            with p.open("rb") as f:
+                info = parse_image(f.read())
+        except (OSError, ImageFormatError, ValueError):
+            continue
+        out[info.hash.hex()] = str(info.version)
+    return out
