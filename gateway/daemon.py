@@ -6,8 +6,9 @@ polling interval after a finished update, exponential backoff with jitter after 
 (``retry``), ``retry.park_s`` after ``retry.max_attempts`` failures in a row. An image that
 rolled back or was refused is journaled as *blocked* for that device and not attempted again
 until the source offers a different artifact. Sessions run under limits, acquired in this
-order so a waiting device never holds a global slot: one session at a time per serial port
-(an asyncio.Lock here, plus pyserial's exclusive flock across processes), ``ble_per_adapter``
+order so a waiting device never holds a global slot: one session at a time per device address
+(``device_address``: UDP host:port, serial port, BLE address - an asyncio.Lock here, plus
+pyserial's exclusive flock on serial ports across processes), ``ble_per_adapter``
 per BLE adapter, then the global ``max_concurrent``. One device's failure never stalls another.
 
 Stopping (``stop`` set by SIGTERM/SIGINT): nothing new starts; uploads in flight are cancelled
@@ -25,6 +26,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import random
 import sqlite3
 import time
@@ -77,6 +79,24 @@ def make_transport(dev: DeviceConfig) -> Transport:
 
         return BleLink(t)  # type: ignore[no-any-return,unused-ignore]
     raise ValueError(f"unsupported transport {t!r}")
+
+
+def device_address(dev: DeviceConfig) -> str:
+    """What identifies the physical device behind a config entry: UDP ``host:port``, the serial
+    port (symlinks such as /dev/serial/by-id/... resolved), the BLE address (else its name).
+
+    Entries that share it (``image: 0`` and ``image: 1`` of one MCU, a device listed twice) are
+    one device: their sessions must never overlap, since one entry's reset reboots the device
+    under the other's upload or test boot.
+    """
+    t = dev.transport
+    if isinstance(t, UdpTransport):
+        return f"udp:{t.host.lower()}:{t.port}"
+    if isinstance(t, SerialTransport):
+        return f"serial:{os.path.realpath(t.port)}"
+    if isinstance(t, BleTransport):
+        return f"ble:{t.address.upper()}" if t.address else f"ble-name:{t.name}"
+    return f"{type(t).__name__}:{t!r}"
 
 
 class SupervisorDied(RuntimeError):
@@ -186,10 +206,9 @@ class Gateway:
         return outs
 
     # -- limits ------------------------------------------------------------------------------
-    def _port_lock(self, dev: DeviceConfig) -> asyncio.Lock | None:
-        if isinstance(dev.transport, SerialTransport):
-            return self._port_locks.setdefault(dev.transport.port, asyncio.Lock())
-        return None
+    def _port_lock(self, dev: DeviceConfig) -> asyncio.Lock:
+        """One session at a time per physical device (``device_address``), any transport."""
+        return self._port_locks.setdefault(device_address(dev), asyncio.Lock())
 
     def _ble_sem(self, dev: DeviceConfig) -> asyncio.Semaphore | None:
         if isinstance(dev.transport, BleTransport):
@@ -204,9 +223,7 @@ class Gateway:
         async with contextlib.AsyncExitStack() as st:
             if self.stop.is_set():
                 raise Stopping()
-            lock = self._port_lock(dev)
-            if lock is not None:
-                await st.enter_async_context(lock)
+            await st.enter_async_context(self._port_lock(dev))
             ble = self._ble_sem(dev)
             if ble is not None:
                 await st.enter_async_context(ble)

@@ -8,6 +8,7 @@ arrives" - instead of hoping a timer lands there.
 
 from __future__ import annotations
 
+import asyncio
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -142,3 +143,34 @@ def replace_tlv(data: bytes, tlv: int, value: bytes) -> bytes:
             return data[:off + 4] + value + data[off + 4 + ln:]
         off += 4 + ln
     raise AssertionError(f"no TLV 0x{tlv:02x}")
+
+
+# --- sessions as the devices see them ----------------------------------------------------------
+def track_sessions(sim: Any) -> dict[tuple[str, Any], list[float]]:
+    """(device, gateway UDP source address) -> [first, last] time a request of it was served.
+
+    Every gateway session opens its own UDP socket, so a source address is a session as the
+    device sees it (recorded through the simulator's waiter hook, run at every served request).
+    """
+    spans: dict[tuple[str, Any], list[float]] = {}
+
+    def observer(dev: Any) -> bool:
+        src = dev._last_source
+        if src is not None and dev.counters["requests"]:
+            now = asyncio.get_running_loop().time()
+            span = spans.setdefault((dev.id, src), [now, now])
+            span[1] = now
+        return False
+
+    for dev in sim.devices.values():
+        asyncio.get_running_loop().create_task(dev.wait_for(observer, timeout_s=3600))
+    return spans
+
+
+def max_overlap(spans: list[list[float]]) -> int:
+    edges = sorted([(a, 1) for a, _ in spans] + [(b, -1) for _, b in spans])
+    cur = best = 0
+    for _, d in edges:
+        cur += d
+        best = max(best, cur)
+    return best
