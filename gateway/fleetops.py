@@ -95,7 +95,7 @@ class FleetOps:
         self._facts: dict[str, dict[str, Any]] = {}  # device id -> bootloader mode, params...
         self._control: ControlServer | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._add_unit: Callable[[str, list[DeviceConfig]], None] | None = None
+        self._add_unit: Callable[[str, list[DeviceConfig]], object] | None = None
 
     def close(self) -> None:
         self.ops.close()
@@ -103,8 +103,8 @@ class FleetOps:
     # -- devices -----------------------------------------------------------------------------
     def devices(self) -> list[DeviceConfig]:
         out = list(self.cfg.devices)
-        if self.discovery is not None:
-            out += sorted(self.discovery.present(), key=lambda d: d.id)
+        if self.discovery is not None:  # gone ones too: their supervisor waits for them
+            out += sorted((f.config for f in self.discovery.devices.values()), key=lambda d: d.id)
         return out
 
     def transport(self, dev: DeviceConfig) -> Transport | None:
@@ -130,7 +130,7 @@ class FleetOps:
                 self._facts[f.config.id] = f.facts.to_dict()
 
     # -- life cycle --------------------------------------------------------------------------
-    async def start(self, add_unit: Callable[[str, list[DeviceConfig]], None] | None = None) -> None:
+    async def start(self, add_unit: Callable[[str, list[DeviceConfig]], object] | None = None) -> None:
         self._add_unit = add_unit
         if self.cfg.control.enabled:
             self._control = ControlServer(self.cfg.control_socket, self.handle)
@@ -319,16 +319,19 @@ class FleetOps:
         return Outcome(dev.id, status, UpdateResult.INITIAL, f"canceled: {res.detail}",
                        old_version=res.running)
 
-    async def finish_deferred_cancel(self, dev: DeviceConfig, session: SMPSession) -> bool:
-        """A cancel whose revert waited for a window: do it now if allowed (True = it was due)."""
+    async def finish_deferred_cancel(self, dev: DeviceConfig, session: SMPSession) -> Outcome | None:
+        """A cancel whose revert waited for a window: do it now if allowed. An Outcome (held)
+        while it still waits; None when there is none or it is done now."""
         e = self.gw.journal.get(dev.id)
         if e.step != cancel_mod.CANCEL_PENDING or not e.target_hash:
-            return False
+            return None
         if not self.maint.reset_allowed(dev):
-            return True
+            return Outcome(dev.id, Status.HELD, UpdateResult.INITIAL,
+                           f"canceled update waits for a maintenance window to be reverted "
+                           f"({self.maint.describe(dev)})")
         await cancel_mod.undo(session, dev, self.gw.journal, bytes.fromhex(e.target_hash),
                               e.last_error or "canceled", reset_allowed=True)
-        return True
+        return None
 
     # -- inventory ---------------------------------------------------------------------------
     async def view_inventory(self, dev: DeviceConfig, session: SMPSession,
