@@ -15,11 +15,12 @@ Rules and where they come from (mcu-tools/mcuboot):
 * ``boot_perform_update`` (loader.c): after the swap, REVERT and PERM set image_ok in the
   primary trailer (``swap_set_image_ok``) and every upgrade sets copy_done; the secondary
   trailer is left erased, which is what makes the next unconfirmed reset a REVERT.
-* Swap progress (``boot_status``, kept in the trailer / scratch area by MCUboot): the swap
-  runs sector by sector and the progress is written to flash after each sector; a boot that
-  finds a swap in progress resumes it from there (``boot_status_source`` says where the
-  status is, ``boot_swap_image`` continues with ``bs->idx``) before anything else, without
-  validating again. ``on_swap_step`` lets the fault model cut the power between two sectors.
+* Swap progress (``boot_status``): the swap runs sector by sector and a status entry is
+  written into the primary slot's trailer after each sector (``gateway/sim/flash.py`` has the
+  layout); a boot that finds primary magic good, copy_done unset and status entries written
+  resumes the swap from there (``boot_status_source`` / ``boot_read_status``,
+  ``boot_swap_image`` continues with ``bs->idx``) before anything else, without validating
+  again. ``on_swap_step`` lets the fault model cut the power between two sectors.
 * MCUBOOT_VALIDATE_PRIMARY_SLOT (Zephyr's default): the primary image is validated before
   it is jumped to; if it is not valid the boot stops ("Unable to find bootable image").
 """
@@ -39,7 +40,7 @@ from gateway.mcuboot import (
     verify_signature,
 )
 from gateway.sim.faults import PowerCut
-from gateway.sim.flash import Flash, Trailer
+from gateway.sim.flash import Flash
 
 
 class SwapType(enum.IntEnum):
@@ -54,13 +55,15 @@ class SwapType(enum.IntEnum):
 
 
 def swap_type(flash: Flash) -> SwapType:
-    """``boot_swap_type_multi``: the table lookup over the two trailers."""
+    """``boot_swap_type_multi``: the ``boot_swap_tables`` lookup over the two trailers
+    (a bad image_ok/copy_done byte matches neither SET nor UNSET)."""
     p, s = flash.trailers
-    if s.magic == "good" and not s.image_ok:
+    if s.magic == "good" and s.image_ok_flag == "unset":
         return SwapType.TEST
-    if s.magic == "good" and s.image_ok:
+    if s.magic == "good" and s.image_ok_flag == "set":
         return SwapType.PERM
-    if p.magic == "good" and s.magic == "unset" and not p.image_ok and p.copy_done:
+    if (p.magic == "good" and s.magic == "unset" and p.image_ok_flag == "unset"
+            and p.copy_done_flag == "set"):
         return SwapType.REVERT
     return SwapType.NONE
 
@@ -77,19 +80,17 @@ def set_next(flash: Flash, slot: int, active: bool, confirm: bool) -> None:
     """``boot_set_next`` (bootutil_public.c, swap build)."""
     if active:
         confirm = True
-    t = flash.trailers[slot]
+    t = flash.trailer(slot)
     if t.magic == "good":
         # "If non-active then swap already scheduled, else confirm needed."
-        if active and not t.image_ok:
-            t.image_ok = True
-            flash.save_trailers()
+        if active and t.image_ok_flag == "unset":
+            flash.write_image_ok(slot)
     elif t.magic == "unset":
         if not active:
-            flash.trailers[slot] = Trailer(
-                magic="good", image_ok=confirm, copy_done=False,
-                swap_type="perm" if confirm else "test",
-            )
-            flash.save_trailers()
+            flash.write_magic(slot)
+            if confirm:
+                flash.write_image_ok(slot)
+            flash.write_swap_info(slot, SwapType.PERM if confirm else SwapType.TEST)
     else:  # bad magic
         if active:
             raise BootError("EBADVECT")
@@ -144,26 +145,34 @@ class Validator:
 
 def _swap(flash: Flash, st: SwapType, start: int, sector_size: int,
           on_swap_step: Callable[[int, int], bool] | None) -> None:
-    """Exchange the slots sector by sector, persisting the progress (resumable)."""
-    sectors = -(-flash.slot_size // sector_size)
-    flash.swap_status = {"type": int(st), "sector": start, "sectors": sectors,
-                         "sector_size": sector_size}
-    flash.save_trailers()
+    """Exchange the slots sector by sector, recording progress in the primary trailer.
+
+    As MCUboot's swap (loader.c ``boot_swap_image``, swap_scratch.c): the primary trailer
+    gets magic, swap_info and swap_size before the first sector moves, a status entry after
+    each sector, and at the end copy_done (plus image_ok for PERM/REVERT,
+    ``swap_set_image_ok``); the secondary trailer ends erased. The image bytes in front of
+    the trailers are exchanged; the trailers themselves are written, not exchanged.
+    """
+    data_end = flash.status_off
+    sectors = -(-data_end // sector_size)
+    if start == 0:
+        flash.erase_trailer(0)
+        flash.write_swap_info(0, int(st))
+        flash.write_swap_size(0, data_end)
+        flash.write_magic(0)
     for i in range(start, sectors):
         if on_swap_step is not None and on_swap_step(i, sectors):
             raise PowerCut(f"power lost before sector {i}/{sectors} of a {st.name} swap")
-        flash.swap_sector(i, sector_size)
-        flash.swap_status = {**flash.swap_status, "sector": i + 1}
-        flash.save_trailers()
-    flash.trailers[0] = Trailer(
-        magic="good",
-        image_ok=st in (SwapType.REVERT, SwapType.PERM),
-        copy_done=True,
-        swap_type=None,
-    )
-    flash.trailers[1] = Trailer.erased()
-    flash.swap_status = None
-    flash.save_trailers()
+        off = i * sector_size
+        n = min(sector_size, data_end - off)
+        a, b = flash.read(0, off, n), flash.read(1, off, n)
+        flash.write(0, off, b, sync=True)
+        flash.write(1, off, a, sync=True)
+        flash.write_status(i)
+    flash.erase_trailer(1)
+    if st in (SwapType.REVERT, SwapType.PERM):
+        flash.write_image_ok(0)
+    flash.write_copy_done(0)
 
 
 def run_bootloader(flash: Flash, validator: Validator,
@@ -176,10 +185,10 @@ def run_bootloader(flash: Flash, validator: Validator,
     """
     outcome = "normal"
     performed = SwapType.NONE
-    resume = flash.swap_status
+    resume = flash.swap_progress()
     if resume is not None:
-        st = SwapType(resume["type"])
-        _swap(flash, st, resume["sector"], resume.get("sector_size", sector_size), on_swap_step)
+        st = SwapType(resume[0])
+        _swap(flash, st, resume[1], sector_size, on_swap_step)
         performed = st
         outcome = "resumed revert" if st == SwapType.REVERT else "resumed swap"
         st = SwapType.NONE

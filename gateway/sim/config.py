@@ -23,6 +23,9 @@ MCUBOOT_MODES: dict[str, int] = {
 }
 
 
+BOOT_MAX_ALIGN_LIMIT = 8  # MCUboot's BOOT_MAX_ALIGN: larger write blocks are not modelled
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -131,6 +134,10 @@ class SimDeviceConfig(_Model):
     serial: SerialTransportConfig | None = None
     ble: BleTransportConfig | None = None
     slot_size: int = Field(default=0x40000, gt=0)
+    # MCUboot trailer geometry (gateway/sim/flash.py): the flash write block
+    # (BOOT_WRITE_SZ) and CONFIG_BOOT_MAX_IMG_SECTORS; defaults = imgtool's (8, 128)
+    boot_write_align: int = Field(default=8, ge=1, le=BOOT_MAX_ALIGN_LIMIT)
+    boot_max_img_sectors: int = Field(default=128, ge=1)
     key: Path | None = None  # PEM the device's MCUboot trusts; None = no signature check
     initial_image: Path | None = None  # signed image provisioned (confirmed) in an empty flash
     mcuboot_mode: Literal[
@@ -203,6 +210,16 @@ class SimDeviceConfig(_Model):
     def _one_transport(self) -> SimDeviceConfig:
         if sum(t is not None for t in (self.udp, self.serial, self.ble)) != 1:
             raise ValueError(f"device {self.id}: configure exactly one of 'udp', 'serial' or 'ble'")
+        return self
+
+    @model_validator(mode="after")
+    def _swap_fits_status(self) -> SimDeviceConfig:
+        sectors = -(-self.slot_size // self.swap_sector_size)
+        if sectors > self.boot_max_img_sectors:
+            raise ValueError(
+                f"device {self.id}: slot_size / swap_sector_size = {sectors} sectors, more than "
+                f"boot_max_img_sectors ({self.boot_max_img_sectors}) MCUboot can track: raise "
+                "swap_sector_size or boot_max_img_sectors")
         return self
 
     @property

@@ -60,7 +60,9 @@ class SimDevice:
         self.cfg = cfg
         self.id = cfg.id
         self.log = _DeviceLog(logger, {"device": cfg.id})
-        self.flash = Flash(state_dir / cfg.id / "flash", cfg.slot_size)
+        self.flash = Flash(state_dir / cfg.id / "flash", cfg.slot_size,
+                           write_align=cfg.boot_write_align,
+                           max_img_sectors=cfg.boot_max_img_sectors)
         keys = [TrustedKey.load(cfg.key)] if cfg.key is not None else None
         self.validator = Validator(keys)
         self.faults = Faults(cfg)
@@ -136,7 +138,8 @@ class SimDevice:
         return self.flash.image_info(slot)
 
     def trailer(self, slot: int) -> Trailer:
-        return self.flash.trailers[slot]
+        """MCUboot's trailer fields of ``slot``, read from the slot's last bytes."""
+        return self.flash.trailer(slot)
 
     def image_states(self) -> list[dict[str, Any]]:
         """What an image state read would answer now (as dicts)."""
@@ -174,10 +177,9 @@ class SimDevice:
         self._wake = asyncio.Event()
         self._worker_task = asyncio.create_task(self._worker(), name=f"sim-{self.id}-worker")
         if self.flash.is_blank() and self.cfg.initial_image is not None:
+            # a padded image keeps its own trailer; a plain one gets magic + image_ok as
+            # `imgtool sign --pad --confirm` would write them
             self.flash.provision(self.cfg.initial_image.read_bytes())
-            # provisioned as `imgtool sign --confirm` would: magic + image_ok in the trailer
-            self.flash.trailers[0] = Trailer(magic="good", image_ok=True)
-            self.flash.save_trailers()
             self._event("provisioned", {"image": str(self.cfg.initial_image)})
         await self.transport.open()
         await self._boot()
@@ -418,7 +420,7 @@ class SimDevice:
             self._app_timers.append(loop.call_later(
                 self.cfg.crash_after_s, self._watchdog, version.smp_str()))
         elif self.cfg.app_confirms_after_s is not None:
-            t = self.flash.trailers[0]
+            t = self.flash.trailer(0)
             if t.magic == "good" and not t.image_ok:
                 self._app_timers.append(loop.call_later(
                     self.cfg.app_confirms_after_s, self._app_confirm))

@@ -4,9 +4,9 @@ Owns the decisions behind the simulator's fault knobs (``SimDeviceConfig``), so 
 device model (``device.py``, ``boot.py``) only asks "does a fault fire here?":
 
 * ``power_cut_during_swap`` - power is lost once, half-way through MCUboot's swap. The swap
-  progress is persisted in flash (``Flash.swap_status``, as MCUboot's swap-status area in the
-  image trailer / scratch), so the next boot *resumes* the interrupted swap instead of jumping
-  into a half-copied primary slot (``boot_status_source`` / ``boot_swap_image`` resume in
+  progress is persisted in flash (status entries in the primary slot's trailer, as MCUboot's
+  swap-status area; ``Flash.swap_progress``), so the next boot *resumes* the interrupted swap
+  instead of jumping into a half-copied primary slot (``boot_status_source`` / ``boot_swap_image`` resume in
   mcuboot ``loader.c``). Power comes back after ``boot_time_s``.
 * ``dead_after_reset: N`` - the Nth reset (reset command, watchdog, crash) leaves the device
   off: no link, no answers, until :meth:`SimDevice.power_cycle`.

@@ -1,66 +1,123 @@
-"""Persistent flash of a simulated device: two MCUboot slots plus their trailer state.
+"""Persistent flash of a simulated device: two MCUboot slots, each ending in its image trailer.
 
-Layout of a device's flash directory::
+Owns the bytes of a device's flash. ``state_dir/<id>/flash`` holds ``slot0.bin`` (primary)
+and ``slot1.bin`` (secondary), ``slot_size`` bytes each, erased = 0xFF; a simulator restart is
+a power cycle (what was written stays). MCUboot's image trailer lives in the last bytes of each
+slot, exactly where MCUboot (mcu-tools/mcuboot at 11ecbf6, 2023-08-25, the Renode firmware's
+pin) and img_mgmt (which links MCUboot's ``bootutil_public.c``) read and write it, so bytes an
+upload puts there count: an ``imgtool sign --pad --confirm`` image uploaded whole arrives
+with magic + image_ok set, i.e. as a *permanent* request.
 
-    slot0.bin     primary slot, raw, slot_size bytes, erased = 0xFF
-    slot1.bin     secondary slot, same
-    trailer.json  the MCUboot image-trailer fields of both slots (magic, image_ok,
-                  copy_done, swap_type), written atomically (tmp + fsync + rename)
+Layout, from the end of the slot (``boot/bootutil/src/bootutil_priv.h``: ``boot_magic_off``,
+``boot_image_ok_off``, ``boot_copy_done_off``, ``boot_swap_info_off``, ``boot_swap_size_off``,
+``boot_status_off``; BOOT_MAX_ALIGN = 8, BOOT_MAGIC_SZ = 16, no encryption)::
 
-The trailer is kept beside the slot files rather than in their last bytes so the slot
-files hold exactly what an upload wrote; the fields and their three-valued magic
-(good / unset / bad) follow mcuboot ``boot/bootutil/src/bootutil_public.c``
-(``struct boot_swap_state``).
+    size - 16   magic      77 c2 95 f3 60 d2 ef 7f 35 52 50 0f 2c b6 79 80 (boot_img_magic)
+    size - 24   image_ok   0x01 = BOOT_FLAG_SET, 0xFF = unset, anything else = bad
+    size - 32   copy_done  same encoding
+    size - 40   swap_info  (image_num << 4) | swap_type (BOOT_SWAP_TYPE_TEST 2 / PERM 3 / REVERT 4)
+    size - 48   swap_size  uint32 LE: bytes the swap moves
+    size - 48 - max_img_sectors * 3 * write_align
+                swap status: BOOT_STATUS_STATE_COUNT (3) entries per sector, write_align
+                bytes each (``boot_status_sz``), 0x01 = done
+
+``boot_trailer_sz`` = the whole block above (96 bytes on the Renode STM32F4: write block 1,
+CONFIG_BOOT_MAX_IMG_SECTORS 16, read from mcuboot.elf ``boot_status_off`` and
+``flash_stm32_parameters``; 3120 bytes with imgtool's defaults, align 8 and 128 sectors).
+Field decoding follows ``bootutil_public.c`` ``boot_read_swap_state`` (erased magic = unset,
+other than boot_img_magic = bad; ``boot_flag_decode``; swap_type > REVERT or erased = none).
+
+Older state directories kept the trailer in a ``trailer.json`` beside the slots; opening one
+writes those fields into the slots' trailers and renames the file ``trailer.json.migrated``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from gateway.mcuboot import IMAGE_MAGIC, ImageFormatError, ImageInfo, parse_image
 
 ERASED = 0xFF
+BOOT_MAGIC = bytes.fromhex("77c295f360d2ef7f3552500f2cb67980")
+BOOT_MAGIC_SZ = 16
+BOOT_MAX_ALIGN = 8
+BOOT_FLAG_SET = 0x01
+BOOT_STATUS_STATE_COUNT = 3
+TRAILER_INFO_SZ = 4 * BOOT_MAX_ALIGN + BOOT_MAGIC_SZ  # swap_size, swap_info, copy_done, image_ok
+SWAP_TYPE_NAMES = {2: "test", 3: "perm", 4: "revert"}
 Magic = Literal["good", "unset", "bad"]
+Flag = Literal["set", "unset", "bad"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Trailer:
-    """``struct boot_swap_state`` of one slot (flags: True = BOOT_FLAG_SET)."""
+    """``struct boot_swap_state`` of one slot as read from its trailer bytes."""
 
     magic: Magic = "unset"
     image_ok: bool = False
     copy_done: bool = False
-    swap_type: str | None = None  # "test" / "perm" as written by boot_write_swap_info
+    swap_type: str | None = None  # "test" / "perm" / "revert" from swap_info; None = none
+    image_ok_flag: Flag = "unset"
+    copy_done_flag: Flag = "unset"
 
-    @classmethod
-    def erased(cls) -> Trailer:
-        return cls()
+
+def _flag(b: int) -> Flag:
+    if b == ERASED:
+        return "unset"
+    return "set" if b == BOOT_FLAG_SET else "bad"
 
 
 class Flash:
     """The two slots of one image pair, backed by files (a restart is a power cycle)."""
 
-    def __init__(self, directory: Path, slot_size: int) -> None:
+    def __init__(self, directory: Path, slot_size: int, *, write_align: int = 8,
+                 max_img_sectors: int = 128) -> None:
         self.dir = directory
         self.slot_size = slot_size
+        self.write_align = write_align
+        self.max_img_sectors = max_img_sectors
+        self.trailer_size = TRAILER_INFO_SZ + max_img_sectors * BOOT_STATUS_STATE_COUNT * write_align
+        if self.trailer_size >= slot_size:
+            raise ValueError(f"MCUboot trailer of {self.trailer_size} bytes does not fit a "
+                             f"{slot_size}-byte slot")
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.trailers: list[Trailer] = [Trailer(), Trailer()]
-        # MCUboot's swap status (progress of a swap in flight); None = no swap in progress
-        self.swap_status: dict[str, int] | None = None
         for slot in (0, 1):
             p = self._slot_path(slot)
             if not p.exists() or p.stat().st_size != slot_size:
                 with open(p, "wb") as f:
                     f.write(bytes([ERASED]) * slot_size)
-        tp = self.dir / "trailer.json"
-        if tp.exists():
-            raw = json.loads(tp.read_text())
-            self.trailers = [Trailer(**raw["slot0"]), Trailer(**raw["slot1"])]
-            self.swap_status = raw.get("swap_status")
+        legacy = self.dir / "trailer.json"
+        if legacy.exists():
+            self._migrate(legacy)
+
+    # --- offsets (bootutil_priv.h) ---------------------------------------------------
+    @property
+    def magic_off(self) -> int:
+        return self.slot_size - BOOT_MAGIC_SZ
+
+    @property
+    def image_ok_off(self) -> int:
+        return (self.magic_off - BOOT_MAX_ALIGN) // BOOT_MAX_ALIGN * BOOT_MAX_ALIGN
+
+    @property
+    def copy_done_off(self) -> int:
+        return self.image_ok_off - BOOT_MAX_ALIGN
+
+    @property
+    def swap_info_off(self) -> int:
+        return self.copy_done_off - BOOT_MAX_ALIGN
+
+    @property
+    def swap_size_off(self) -> int:
+        return self.swap_info_off - BOOT_MAX_ALIGN
+
+    @property
+    def status_off(self) -> int:
+        return self.slot_size - self.trailer_size
 
     def _slot_path(self, slot: int) -> Path:
         if slot not in (0, 1):
@@ -78,21 +135,22 @@ class Flash:
             f.seek(off)
             return f.read(n)
 
-    def write(self, slot: int, off: int, data: bytes) -> None:
+    def write(self, slot: int, off: int, data: bytes, *, sync: bool = False) -> None:
         if off < 0 or off + len(data) > self.slot_size:
             raise ValueError(f"write of {len(data)} bytes at {off} overruns slot {slot}")
         with open(self._slot_path(slot), "r+b") as f:
             f.seek(off)
             f.write(data)
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
+
+    def erase_range(self, slot: int, off: int, length: int) -> None:
+        self.write(slot, off, bytes([ERASED]) * length, sync=True)
 
     def erase(self, slot: int) -> None:
         """Erase the whole slot, trailer included (flash_area_erase of the area)."""
-        with open(self._slot_path(slot), "r+b") as f:
-            f.write(bytes([ERASED]) * self.slot_size)
-            f.flush()
-            os.fsync(f.fileno())
-        self.trailers[slot] = Trailer.erased()
-        self.save_trailers()
+        self.erase_range(slot, 0, self.slot_size)
 
     def is_erased(self, slot: int) -> bool:
         chunk = 1 << 16
@@ -100,44 +158,81 @@ class Flash:
             while block := f.read(chunk):
                 if block.count(ERASED) != len(block):
                     return False
-        return self.trailers[slot].magic == "unset"
+        return True
 
-    def swap(self) -> None:
-        """Exchange the contents of the two slots (the end result of a swap/revert)."""
-        a, b = self.read(0), self.read(1)
-        self.write(0, 0, b)
-        self.write(1, 0, a)
-        for slot in (0, 1):
-            with open(self._slot_path(slot), "r+b") as f:
-                os.fsync(f.fileno())
+    # --- trailer (bootutil_public.c) ----------------------------------------------------
+    def trailer(self, slot: int) -> Trailer:
+        """``boot_read_swap_state`` of ``slot``."""
+        raw = self.read(slot, self.swap_info_off, self.slot_size - self.swap_info_off)
+        base = self.swap_info_off
+        magic_b = raw[self.magic_off - base:]
+        if magic_b == bytes([ERASED]) * BOOT_MAGIC_SZ:
+            magic: Magic = "unset"
+        else:
+            magic = "good" if magic_b == BOOT_MAGIC else "bad"
+        info = raw[0]
+        st = info & 0x0F
+        swap_type = None if info == ERASED or st > 4 else SWAP_TYPE_NAMES.get(st)
+        ok = _flag(raw[self.image_ok_off - base])
+        done = _flag(raw[self.copy_done_off - base])
+        return Trailer(magic=magic, image_ok=ok == "set", copy_done=done == "set",
+                       swap_type=swap_type, image_ok_flag=ok, copy_done_flag=done)
 
-    def swap_sector(self, index: int, sector_size: int) -> None:
-        """Exchange one sector of the two slots (one step of a swap)."""
-        off = index * sector_size
-        n = min(sector_size, self.slot_size - off)
-        a, b = self.read(0, off, n), self.read(1, off, n)
-        self.write(0, off, b)
-        self.write(1, off, a)
-        for slot in (0, 1):
-            with open(self._slot_path(slot), "r+b") as f:
-                os.fsync(f.fileno())
+    @property
+    def trailers(self) -> list[Trailer]:
+        return [self.trailer(0), self.trailer(1)]
 
-    def save_trailers(self) -> None:
-        tp = self.dir / "trailer.json"
-        tmp = tp.with_suffix(".json.tmp")
-        data: dict[str, object] = {"slot0": asdict(self.trailers[0]), "slot1": asdict(self.trailers[1])}
-        if self.swap_status is not None:
-            data["swap_status"] = self.swap_status
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, tp)
-        dfd = os.open(self.dir, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+    def _write_flag(self, slot: int, off: int) -> None:
+        # boot_write_trailer_flag: one byte BOOT_FLAG_SET padded with erased bytes to the
+        # write alignment
+        buf = bytes([BOOT_FLAG_SET]) + bytes([ERASED]) * (max(1, self.write_align) - 1)
+        self.write(slot, off, buf[: BOOT_MAX_ALIGN], sync=True)
+
+    def write_magic(self, slot: int) -> None:
+        self.write(slot, self.magic_off, BOOT_MAGIC, sync=True)
+
+    def write_image_ok(self, slot: int) -> None:
+        self._write_flag(slot, self.image_ok_off)
+
+    def write_copy_done(self, slot: int) -> None:
+        self._write_flag(slot, self.copy_done_off)
+
+    def write_swap_info(self, slot: int, swap_type: int, image_num: int = 0) -> None:
+        self.write(slot, self.swap_info_off, bytes([(image_num << 4) | swap_type]), sync=True)
+
+    def write_swap_size(self, slot: int, size: int) -> None:
+        self.write(slot, self.swap_size_off, size.to_bytes(4, "little"), sync=True)
+
+    def erase_trailer(self, slot: int) -> None:
+        self.erase_range(slot, self.status_off, self.trailer_size)
+
+    # --- swap status (boot_write_status / boot_read_status_bytes) ---------------------
+    def _status_entry_off(self, index: int, state: int) -> int:
+        if index >= self.max_img_sectors:
+            raise ValueError(f"swap status has room for {self.max_img_sectors} sectors")
+        return self.status_off + (index * BOOT_STATUS_STATE_COUNT + state - 1) * self.write_align
+
+    def write_status(self, index: int) -> None:
+        """Sector ``index`` of the swap is done (its last state entry, in the primary)."""
+        self._write_flag(0, self._status_entry_off(index, BOOT_STATUS_STATE_COUNT))
+
+    def swap_progress(self) -> tuple[int, int] | None:
+        """(swap type, sectors done) of a swap in progress, else None.
+
+        ``boot_status_source``: primary magic good and copy_done unset with a status
+        entry written = a swap was interrupted; its type is in the primary's swap_info.
+        """
+        t = self.trailer(0)
+        if t.magic != "good" or t.copy_done_flag != "unset":
+            return None
+        done = 0
+        while done < self.max_img_sectors and self.read(
+                0, self._status_entry_off(done, BOOT_STATUS_STATE_COUNT), 1)[0] == BOOT_FLAG_SET:
+            done += 1
+        if done == 0:
+            return None
+        info = self.read(0, self.swap_info_off, 1)[0] & 0x0F
+        return info, done
 
     # --- image view -----------------------------------------------------------------
     def header_magic(self, slot: int) -> int:
@@ -157,8 +252,46 @@ class Flash:
         return None if info is None else self.read(slot, 0, info.total_size)
 
     def provision(self, image: bytes) -> None:
-        """Program ``image`` into the primary slot as a programmer would (no trailer)."""
+        """Program ``image`` into the primary slot as a programmer would.
+
+        A file of the slot's size is written as it is (``imgtool --pad [--confirm]`` put its
+        trailer there); a shorter one gets magic + image_ok, as ``--pad --confirm`` would.
+        """
         if len(image) > self.slot_size:
             raise ValueError(f"initial image of {len(image)} bytes exceeds the slot")
         self.erase(0)
-        self.write(0, 0, image)
+        self.write(0, 0, image, sync=True)
+        if len(image) <= self.status_off:
+            self.write_magic(0)
+            self.write_image_ok(0)
+
+    # --- migration ----------------------------------------------------------------------
+    def _migrate(self, legacy: Path) -> None:
+        try:
+            raw = json.loads(legacy.read_text())
+            slots = [raw["slot0"], raw["slot1"]]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{legacy}: unreadable trailer.json of an older simulator "
+                             f"({exc}); delete {self.dir} to start with a blank flash") from exc
+        codes = {"test": 2, "perm": 3, "revert": 4}
+        for slot, t in enumerate(slots):
+            self.erase_trailer(slot)
+            if t.get("magic") == "good":
+                self.write_magic(slot)
+            elif t.get("magic") == "bad":
+                self.write(slot, self.magic_off, bytes(BOOT_MAGIC_SZ), sync=True)
+            if t.get("image_ok"):
+                self.write_image_ok(slot)
+            if t.get("copy_done"):
+                self.write_copy_done(slot)
+            if t.get("swap_type") in codes:
+                self.write_swap_info(slot, codes[t["swap_type"]])
+        status = raw.get("swap_status")
+        if status and int(status.get("sector", 0)) > 0:
+            # a swap was under way: the primary trailer is the swap's (boot_status_source)
+            self.erase_trailer(0)
+            self.write_magic(0)
+            self.write_swap_info(0, int(status["type"]))
+            for i in range(int(status["sector"])):
+                self.write_status(i)
+        legacy.rename(legacy.with_name("trailer.json.migrated"))

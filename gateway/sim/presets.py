@@ -35,18 +35,20 @@ Presets and where each number comes from:
     bootloader info answer ENOTSUP (checked on the machine); slots 256 KiB in 128 KiB sectors
     (sectors 6-9 of the STM32F4), scratch 128 KiB; UART RX buffers 2 x 128 (read from the
     ELF: ``_k_mem_slab_buf_uart_mcumgr_slab`` 272 bytes). Timings measured on that Renode
-    machine (2 shared cores, host PTY, this file's author, see the report of the
-    simulator work): echo round trip 5 ms median, an upload chunk 20 ms median (64-byte
-    chunks; a 512-byte stream_flash block flush adds ~40 ms), first chunk (erases 2 x 128 KiB)
-    15-50 ms: Renode's flash controller erases instantly and never stalls the CPU. A reset
-    without swap ~1 s, with a swap or revert 32-43 s (README), so ``swap_time_s`` 35 with
-    ``time_scale`` 1.0 (real); set ``time_scale`` lower to run it fast. Renode moves host PTY
-    bytes into the emulated USART in bursts at its synchronisation points, and the UART ISR
-    drains a burst before the system work queue frees an RX buffer: measured, one frame of 4-5
-    lines passes (5 of 6), two frames of 2 lines written back to back lose the second (about
-    half the time), three such frames lose one or two. Modelled deterministically as bytes
-    arriving at 1 MB/s with 30 us between a line's end and its buffer's release: a line is
-    lost when the line before it is shorter than ~30 bytes and both buffers are still held.
+    machine (2 shared cores, raw SMP over the host PTY, medians): echo round trip 5.2 ms,
+    echo of 60/150/250 characters 16/34-42/70 ms, image state read 8-11 ms, an upload chunk
+    of 64/128 bytes 20.6/29.7 ms (a 512-byte stream_flash block flush adds ~45 ms: the p90),
+    the first chunk (erases 2 x 128 KiB) 15-50 ms. Fitted: the emulated UART ISR takes
+    request bytes at ~7 kB/s and the answers leave at ~40 kB/s (``rx_bytes_per_s`` /
+    ``tx_bytes_per_s``, no baud pacing: Renode's USART has none), 0.5 ms per request,
+    flash programming ~11.4 kB/s, 10 ms per 128 KiB sector erase; Renode's flash controller
+    never stalls the CPU. A reset without swap ~1 s, with a swap or revert 32-43 s (README),
+    so ``swap_time_s`` 35 with ``time_scale`` 1.0 (real); set ``time_scale`` lower to run it
+    fast. Line drops: one frame of 4-5 lines passes (5 of 6 tries), two frames of 2 lines
+    (127 + ~11 bytes) written back to back lose the second about half the time, three such
+    frames lose one (4 of 5), 1-line frames of 39 bytes are rarely lost. Modelled
+    deterministically: an RX buffer is freed 4 ms (``rx_work_latency_s``, ~28 byte-times)
+    after its line ended, so the line after a short line finds both buffers held.
 """
 
 from __future__ import annotations
@@ -81,6 +83,11 @@ _STOCK_SMP_SVR: dict[str, Any] = {
     "reset_delay_s": 0.25,
     "swap_time_s": None,
     "hardware": "nrf52840dk_nrf52840",
+    # MCUboot for the nRF52840 DK: write block 4 (BOOT_WRITE_SZ), CONFIG_BOOT_MAX_IMG_SECTORS
+    # 128 (boot/zephyr Kconfig default); the swap moves 4 KiB pages
+    "boot_write_align": 4,
+    "boot_max_img_sectors": 128,
+    "swap_sector_size": 4096,
     **_NRF52840_FLASH,
 }
 
@@ -104,19 +111,25 @@ PRESETS: dict[str, dict[str, Any]] = {
         "mcumgr_params_supported": True,
         "hardware": "stm32f4_disco",
         "slot_size": 0x40000,
-        "request_processing_s": 0.005,
+        "request_processing_s": 0.0005,
         # Renode: flash programming is a tag write per byte in STM32F4_FlashController; a
-        # 512-byte block flush measured ~40 ms extra -> ~13 kB/s; erases are instantaneous
-        "flash_write_bps": 13_000,
+        # 512-byte block flush measured ~45 ms extra -> ~11.4 kB/s
+        "flash_write_bps": 11_400,
         "flash_write_block": 512,
         "flash_sector_size": 0x20000,
-        "flash_erase_sector_s": 0.0,
+        "flash_erase_sector_s": 0.010,
+        # mcuboot.elf: flash_stm32_parameters.write_block_size 1, boot_status_off computes
+        # 16 sectors x 3 states (CONFIG_BOOT_MAX_IMG_SECTORS=16); sectors 6-9 are 128 KiB
+        "boot_write_align": 1,
+        "boot_max_img_sectors": 16,
+        "swap_sector_size": 0x20000,
         "flash_stalls_cpu": False,
         "boot_time_s": 1.0,
         "swap_time_s": 35.0,
         "time_scale": 1.0,
         "serial": {"transport": "uart", "rx_buf_count": 2, "rx_buf_size": 128,
-                   "rx_bytes_per_s": 1_000_000, "rx_work_latency_s": 30e-6},
+                   "rx_bytes_per_s": 7_000, "tx_bytes_per_s": 40_000,
+                   "rx_work_latency_s": 0.004},
     },
 }
 
