@@ -201,12 +201,14 @@ class RolloutManager:
         pct = 100.0 * len(w.failed) / max(1, len(w.started))
         log.warning("rollout artifact=%s unit=%s failed (%d of %d started, %.0f%%): %s", artifact, unit,
                     len(w.failed), len(w.started), pct, detail)
-        if pct > self.cfg.max_failure_pct and w.state != "halted":
+        if pct > self.cfg.max_failure_pct and (w.state != "halted" or "unit(s) failed" in w.reason):
+            if w.state != "halted":
+                log.error("rollout artifact=%s halted: %d of %d unit(s) failed", artifact,
+                          len(w.failed), len(w.started))
             w.state = "halted"
             w.reason = (f"{len(w.failed)} of {len(w.started)} unit(s) failed ({pct:.0f}% > "
                         f"max_failure_pct {self.cfg.max_failure_pct:g}%); first: "
                         + "; ".join(f"{u}: {d}" for u, d in list(w.failed.items())[:1]))
-            log.error("rollout artifact=%s halted: %s", artifact, w.reason)
         self._save(w)
 
     def resume(self, artifact: str) -> bool:
