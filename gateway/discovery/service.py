@@ -20,7 +20,8 @@ Identity rules:
 * ids of ``devices:`` (static) win: a discovered device with such an id is ignored (warned);
 * an attachment that is unchanged since it was identified (same tty node, same UDP address
   still answering) is not asked again, so running sessions are not disturbed; a port held by
-  a session (``busy``) is never opened.
+  a session is never opened twice (the serial link holds an exclusive lock; an unchanged
+  attachment is not opened at all), and a device in a session is never declared gone.
 
 Known devices and their fingerprints persist in ``fleet.sqlite`` (``gateway.opstate``).
 """
@@ -193,9 +194,6 @@ class Discovery:
             seen_keys.add(c.key)
             prior = self._at.get(c.key)
             stamp = self._stamp(c)
-            if prior is not None and prior[0] in self.devices and self.busy(prior[0]):
-                self._touch(prior[0])  # in a session right now: it is there
-                continue
             if prior is not None and prior[1] == stamp and not full and prior[0] in self.devices:
                 f = self.devices[prior[0]]
                 if not f.present:
