@@ -416,6 +416,7 @@ class UpdateEngine:
                     data, image_num=self.dev.image, window=self.dev.window,
                     chunk_cap=self.dev.chunk_size,
                     first_timeout_s=self.dev.timeouts.upload_first_chunk_s, progress=progress,
+                    store=self.journal,  # packet size / window learned for this device
                 )
                 break
             except TransportError as exc:

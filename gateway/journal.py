@@ -122,6 +122,31 @@ class Journal:
             return list(self._db.execute("SELECT * FROM events WHERE device_id=? ORDER BY rowid",
                                          (device_id,)))
 
+    # -- link tuning: what uploads learned about a device's link (gateway/smp/tuning.py) -----
+    # a TuningStore: opaque JSON per device, in its own table (created on first use)
+    def _link_table(self) -> None:
+        if not getattr(self, "_link_ready", False):
+            self._db.execute("CREATE TABLE IF NOT EXISTS link_tuning (device_id TEXT PRIMARY KEY, "
+                             "data TEXT, updated_at REAL)")
+            self._link_ready = True
+
+    def link_tuning(self, device_id: str) -> dict[str, object] | None:
+        with self._lock:
+            self._link_table()
+            row = self._db.execute("SELECT data FROM link_tuning WHERE device_id=?",
+                                   (device_id,)).fetchone()
+        try:
+            data = json.loads(row[0]) if row else None
+        except (TypeError, ValueError):
+            return None  # unreadable: the upload probes again
+        return data if isinstance(data, dict) else None
+
+    def put_link_tuning(self, device_id: str, data: dict[str, object]) -> None:
+        with self._lock:
+            self._link_table()
+            self._db.execute("INSERT OR REPLACE INTO link_tuning VALUES (?, ?, ?)",
+                             (device_id, json.dumps(data, sort_keys=True), time.time()))
+
     # -- groups: the group's phase is the decision every member follows after a restart ----
     def group(self, name: str) -> GroupRecord | None:
         with self._lock:

@@ -57,6 +57,16 @@ class Responder(asyncio.DatagramProtocol):
     hold_request: Callable[[Req], float] = lambda r: 0.0  # process it later (request reorder)
     duplicate_response: Callable[[Req], bool] = lambda r: False
     enomem: Callable[[Req], bool] = lambda r: False  # smp.c: no netbuf for the answer
+    # smp_udp.c copies a datagram into one netbuf: larger than buf_size -> lost
+    enforce_buf_size: bool = False
+    # a device that holds at most `capacity` upload requests, each handled `processing_s`
+    # after the previous one: a request arriving with `capacity` held is dropped
+    capacity: int | None = None
+    processing_s: float = 0.0
+    dropped_oversize: int = 0
+    dropped_busy: int = 0
+    _held: int = 0
+    _busy_until: float = 0.0
     # the device's upload state (g_img_mgmt_state)
     size: int = 0
     off: int = 0
@@ -85,9 +95,21 @@ class Responder(asyncio.DatagramProtocol):
         if (group, cmd) != (1, 1):
             self._send(data, {"rc": 8}, addr, 0.0)
             return
+        if self.enforce_buf_size and len(data) > self.buf_size:
+            self.dropped_oversize += 1
+            return
         req = Req(len(self.log), seq, body["off"], len(body.get("data", b"")))
         self.log.append(req)
         if self.drop_request(req):
+            return
+        if self.capacity is not None:
+            if self._held >= self.capacity:
+                self.dropped_busy += 1
+                return
+            loop = asyncio.get_running_loop()
+            self._held += 1
+            self._busy_until = max(self._busy_until, loop.time()) + self.processing_s
+            loop.call_at(self._busy_until, self._release, data, body, req, addr)
             return
         if self.enomem(req):  # the chunk is not processed; {"rc": ENOMEM} in its own buffer
             self._send(data, {"rc": 2}, addr, 0.0)
@@ -97,6 +119,10 @@ class Responder(asyncio.DatagramProtocol):
             asyncio.get_running_loop().call_later(hold, self._upload, data, body, req, addr)
         else:
             self._upload(data, body, req, addr)
+
+    def _release(self, data: bytes, body: dict[str, Any], req: Req, addr: Any) -> None:
+        self._held -= 1
+        self._upload(data, body, req, addr)
 
     def _upload(self, data: bytes, body: dict[str, Any], req: Req, addr: Any) -> None:
         off, chunk = body["off"], body.get("data", b"")
@@ -339,13 +365,17 @@ async def test_enomem_answer_shrinks_the_window_and_resends() -> None:
 
 
 # -- fallbacks ----------------------------------------------------------------------------
-async def test_window_1_when_mcumgr_params_are_unsupported() -> None:
+async def test_without_mcumgr_params_starts_at_window_1_and_the_link_mtu() -> None:
+    """No parameters (stock smp_svr): the window starts at 1 and only grows while the device
+    keeps up, never above the Kconfig default capacity (3); packets fill the UDP MTU, as
+    smpclient's do (Zephyr's UDP transport defaults to 2048-byte netbufs)."""
     r = await start(Responder(params_supported=False))
     stats, w = await upload(r, IMAGE)
     assert done_ok(r, IMAGE)
-    assert stats.window == 1 and w.max_pending == 1
-    # and the default netbuf (Kconfig default 384) bounds every packet
-    assert all(len(encode_chunk(0, q.off, b"\0" * q.data_len)) <= 384 for q in r.log[1:])
+    assert stats.window == 1 and stats.retransmits == 0 and stats.rewinds == 0
+    assert 1 < stats.window_max <= 3 and w.max_pending <= 3
+    assert any("window 1->2 (device kept up)" in f for f in stats.fallbacks)
+    assert all(len(encode_chunk(0, q.off, b"\0" * q.data_len)) == 1472 for q in r.log[1:-1])
 
 
 async def test_falls_back_to_window_1_when_the_device_misbehaves() -> None:

@@ -22,8 +22,7 @@ from typing import Any, TypeVar
 
 from smp import error as smperr
 from smp import header as smphdr
-from smp.image_management import IMG_MGMT_ERR, ImageState
-from smp.os_management import OS_MGMT_RET_RC
+from smp.image_management import ImageState
 from smpclient.requests.image_management import (
     ImageErase,
     ImageStatesRead,
@@ -37,50 +36,19 @@ from smpclient.requests.os_management import (
 )
 
 from gateway.smp.codec import DecodeError, decode_body, load_response
+from gateway.smp.errors import SMPError, SMPProtocolError, SMPTimeout, UploadError
 from gateway.smp.transport import Transport, TransportError
-from gateway.smp.upload import UploadError, UploadStats, WindowedUpload
+from gateway.smp.tuning import Plan, TuningStore
+from gateway.smp.upload import UploadStats, WindowedUpload, upload_plan
 
-__all__ = ["BootloaderInfo", "McumgrParams", "SMPError", "SMPProtocolError", "SMPSession", "SMPTimeout",
-           "UploadError", "UploadStats"]
+# SMPError & co. live in gateway.smp.errors (so that upload.py needs nothing from here);
+# they stay importable from this module, where the rest of the gateway imports them.
+__all__ = ["BootloaderInfo", "McumgrParams", "Plan", "SMPError", "SMPProtocolError", "SMPSession",
+           "SMPTimeout", "UploadError", "UploadStats"]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-class SMPError(Exception):
-    """The device answered with an SMP error."""
-
-    def __init__(self, request: str, group: int | None, rc: int, rsn: str | None = None) -> None:
-        self.request, self.group, self.rc, self.rsn = request, group, rc, rsn
-        super().__init__(f"{request}: {self.rc_name}" + (f" ({rsn})" if rsn else ""))
-
-    @property
-    def rc_name(self) -> str:
-        try:
-            if self.group == smphdr.GroupId.IMAGE_MANAGEMENT:
-                return f"img_mgmt {IMG_MGMT_ERR(self.rc).name} ({self.rc})"
-            if self.group == smphdr.GroupId.OS_MANAGEMENT:
-                return f"os_mgmt {OS_MGMT_RET_RC(self.rc).name} ({self.rc})"
-            if self.group is None:
-                return f"MGMT_ERR {smperr.MGMT_ERR(self.rc).name} ({self.rc})"
-        except ValueError:
-            pass
-        return f"group {self.group} rc {self.rc}"
-
-    @property
-    def not_supported(self) -> bool:
-        return self.group is None and self.rc == smperr.MGMT_ERR.ENOTSUP
-
-
-class SMPProtocolError(SMPError):
-    """The answer is not a well-formed SMP response to the request (bad header, length, CBOR,
-    group/command/op of another request, fields of the wrong type). Unlike an error the device
-    chose to return, it says nothing about the device's state: idempotent requests retry it."""
-
-
-class SMPTimeout(TimeoutError):
-    """No answer within the request's timeout (after its retries)."""
 
 
 @dataclass
@@ -360,17 +328,30 @@ class SMPSession:
         first_timeout_s: float = 30.0,
         progress: Callable[[int, int], None] | None = None,
         max_stalls: int = 8,
+        store: TuningStore | None = None,
     ) -> UploadStats:
-        """Upload ``image`` to the secondary slot, up to W chunks in flight.
+        """Upload ``image`` to the secondary slot, tuned to the device and its link.
 
-        W is ``buf_count - 1`` from the MCUmgr parameters (capped by ``window``; 1 when the
-        device does not report them), chunks fill the device's buffer and the link's MTU.
-        The first chunk (``off=0`` with ``len``/``sha``) goes alone: the device may erase the
-        slot first, and its answer says where an interrupted upload of the same ``sha`` left
-        off, so a resumed upload starts there. See ``gateway/smp/upload.py`` for the protocol
-        (go-back-N on the device's ``off``, adaptive RTO, fallback to W = 1).
+        Starts from what is known (MCUmgr parameters, the link's MTU, serial framing) and
+        what ``store`` remembers of this device (``gateway.journal.Journal`` keeps it across
+        restarts); discovers the packet size (a first chunk that gets no answer is re-sent
+        smaller) and the window (grows while the device keeps up, drops back on the first
+        loss); ``window``/``chunk_cap`` are the device config's overrides. The first chunk
+        (``off=0`` with ``len``/``sha``) goes alone: the device may erase the slot first, and
+        its answer says where an interrupted upload of the same ``sha`` left off. Policy in
+        ``gateway/smp/tuning.py``, protocol in ``gateway/smp/upload.py`` (go-back-N on the
+        device's ``off``, adaptive RTO).
         """
         return await WindowedUpload(
             self, image, image_num=image_num, window=window, chunk_cap=chunk_cap,
             first_timeout_s=first_timeout_s, progress=progress, max_stalls=max_stalls,
+            store=store,
         ).run()
+
+    async def upload_plan(self, *, image_size: int = 1 << 20, image_num: int = 0,
+                          window: int | None = None, chunk_cap: int | None = None,
+                          store: TuningStore | None = None) -> Plan:
+        """The packet size and window an upload would start with now, and why
+        (``plan.describe()``: ``chunk=… packet=… window=… reason="…"``)."""
+        return await upload_plan(self, image_size=image_size, image_num=image_num, window=window,
+                                 chunk_cap=chunk_cap, store=store)

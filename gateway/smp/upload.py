@@ -1,35 +1,60 @@
-"""Windowed image upload (img_mgmt upload, group 1 command 1) with up to W chunks in flight.
+"""Image upload (img_mgmt upload, group 1 command 1): windowed, self-tuning, go-back-N.
 
-Entry point: :meth:`gateway.smp.session.SMPSession.upload` (which builds a :class:`WindowedUpload`).
+Entry points: :meth:`gateway.smp.session.SMPSession.upload` (builds a :class:`WindowedUpload`)
+and :func:`upload_plan` (what an upload would start with, and why: ``smp-gateway probe``).
+The *decisions* (start packet size and window, when they step down or grow, what is
+remembered per device) are in ``tuning.py``; this module carries them out.
 
-What Zephyr does with pipelined upload requests (read in the sources, not guessed):
+What Zephyr does with upload requests (read in the sources, not guessed):
 
 * ``smp.c``: requests and responses share one pool of ``CONFIG_MCUMGR_TRANSPORT_NETBUF_COUNT``
   (``buf_count``) netbufs of ``buf_size`` bytes; requests are queued in a FIFO and handled one
   at a time by the SMP work queue, and handling one allocates its response buffer. So at most
-  ``buf_count - 1`` requests can be held by the device: that is the window W.
+  ``buf_count - 1`` requests can be held by the device; when no buffer is left for an answer
+  the request's own buffer carries ``{"rc": ENOMEM}`` back.
 * ``smp_udp.c``: a datagram that arrives when the pool is empty is dropped ("Failed to allocate
   mcumgr buffer"): a window larger than ``buf_count - 1`` turns into losses.
-* ``serial_util.c`` (``mcumgr_serial_process_frag``): base64 lines are decoded into one netbuf
-  that holds the 2-byte frame length, the packet and the CRC16: a serial SMP packet must be at
-  most ``buf_size - 4`` bytes. ``uart_mcumgr.c`` drops a line longer than its line buffer
-  (``CONFIG_UART_MCUMGR_RX_BUF_SIZE``, 128 with the newline): lines are <= 127 bytes here.
+* ``serial_util.c`` (``mcumgr_serial_process_frag``): each base64 line is decoded as it comes
+  into one netbuf that holds the 2-byte frame length, the packet and the CRC16 (a start line
+  resets it): a serial SMP packet is at most ``buf_size - 4`` bytes.
+* ``uart_mcumgr.c`` (``uart_mcumgr_rx_byte``): the UART ISR stores each line in one of
+  ``CONFIG_UART_MCUMGR_RX_BUF_COUNT`` (2) buffers of ``CONFIG_UART_MCUMGR_RX_BUF_SIZE`` (128,
+  the ``\\n`` included) from a k_mem_slab; a line longer than that, or one that starts while
+  both buffers are held, is ignored up to its ``\\n``. ``smp_uart.c`` frees a buffer from a
+  work item once it decoded the line. ``smp.packet.encode(line_length=127)`` makes lines of
+  at most 123 bytes. A frame of more lines than free buffers, arriving faster than the device
+  decodes them (a USB CDC ACM port, a PTY into an emulator, a CPU stalled by a flash write),
+  loses a line and gets no answer.
+* ``smp_shell.c`` (``smp_shell_rx_bytes``): the shell transport collects each line in one of
+  ``CONFIG_MCUMGR_TRANSPORT_SHELL_RX_BUF_COUNT`` (2) net_bufs and decodes them in the shell
+  thread; ``CONFIG_MCUMGR_TRANSPORT_SHELL_MTU`` defaults to 256, below the netbuf size the
+  MCUmgr parameters report.
 * ``img_mgmt.c`` (``img_mgmt_upload_inspect``): a chunk whose ``off`` is not the offset the
   device expects is dropped and answered *successfully* with the offset it expects; the first
-  chunk with the ``sha`` of an upload in progress is answered with its offset (resume).
+  chunk with the ``sha`` of an upload in progress is answered with its offset (resume); the
+  first chunk must hold the 32-byte image header.
 
-So the protocol here is go-back-N driven by the device's ``off``: an answer whose ``off`` is
-not the end of its chunk means "I expect this offset" (a lost or reordered request ahead of
-it): rewind there at once (a fast retransmit, no timeout needed). A lost *answer* costs
-nothing when a later answer arrives (offsets are cumulative). Only when nothing comes back
-does the retransmission timer fire.
+So the protocol is go-back-N driven by the device's ``off``: an answer whose ``off`` is not
+the end of its chunk means "I expect this offset" (a lost or reordered request ahead of it):
+rewind there at once (a fast retransmit, no timeout needed). A lost *answer* costs nothing
+when a later answer arrives (offsets are cumulative). Only when nothing comes back does the
+retransmission timer fire. A chunk that timed out stays answerable: if its answer comes after
+all, the timeout was spurious (a slow device, a busy emulator): its round trip feeds the
+estimator and the loss is not held against the packet size or the window.
+
+Packet size and window follow ``tuning.py``: the first chunk is sent alone (the device may
+erase the slot first) at the planned size and, while unanswered, re-sent at growing intervals
+one rung smaller each time; the attempt that is answered (sequence numbers tell which) sets
+the size. Afterwards the window grows while the device keeps up and drops back on the first
+loss above what is known to fit; on serial links a size that keeps losing frames steps down.
+What worked is written to the device's ``TuningStore`` (the journal) at the end.
 
 Retransmission timeout: the time a chunk takes to leave the gateway (everything queued ahead
 of it on a link whose rate is known, e.g. 115200-baud UART: ~0.3 s per 2.4 KiB chunk, W of
-them queued) is modelled explicitly; what remains (latency both ways, device processing,
-answer) is estimated with Jacobson/Karels (RFC 6298: srtt + 4 rttvar, minimum 0.2 s,
-doubled on every timeout). The timer is also restarted by every answer that makes progress,
-so a slow but moving link never times out. Sequence numbers make every RTT sample
+them queued) is modelled explicitly; what remains (latency both ways, device processing and
+flash writes, answer) is estimated with Jacobson/Karels (RFC 6298: srtt + 4 rttvar, minimum
+0.2 s, doubled on every timeout). The timer is also restarted by every answer that makes
+progress, so a slow but moving link never times out. Sequence numbers make every RTT sample
 unambiguous (Karn's problem does not arise: a retransmission is a new request).
 
 CPU: chunk requests are encoded by hand (below) instead of building a pydantic
@@ -53,16 +78,34 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import cbor2
 from smp import error as smperr
 from smpclient.requests.image_management import ImageUploadWrite
 
-from gateway.smp.transport import TransportError
+from gateway.smp.errors import SMPError, SMPProtocolError, SMPTimeout, UploadError
+from gateway.smp.transport import Transport, TransportError
+from gateway.smp.tuning import (
+    MAX_WINDOW,
+    SMP_HEADER,
+    ChunkControl,
+    LinkFacts,
+    LinkMemory,
+    ParamsLike,
+    Plan,
+    TuningStore,
+    WindowControl,
+    _cbor_extra,
+    chunk_data_room,
+    first_chunk_floor_for,
+    learn,
+    plan_upload,
+    same_knowledge,
+)
 
-if TYPE_CHECKING:
-    from gateway.smp.session import SMPSession
+__all__ = ["MAX_WINDOW", "UploadError", "UploadStats", "WindowedUpload", "chunk_data_room",
+           "encode_chunk", "upload_plan"]
 
 log = logging.getLogger(__name__)
 
@@ -71,14 +114,31 @@ _OP_WRITE_V2 = 2 | (1 << 3)  # SMP v2 write (what smpclient sends)
 _OP_WRITE_RSP = 3
 _GROUP_IMAGE = 1
 _CMD_UPLOAD = 1
-SMP_HEADER = 8
 
 MIN_RTO_S = 0.2
-MAX_WINDOW = 32
+MAX_GHOSTS = 16  # timed-out chunks kept answerable (spurious-timeout detection)
 
 
-class UploadError(Exception):
-    """The upload could not complete (the device refused, or the link gave up)."""
+class SessionLike(Protocol):
+    """What the upload uses of ``gateway.smp.session.SMPSession`` (no import: no cycle)."""
+
+    transport: Transport
+    device_id: str
+    timeout_s: float
+    srtt: float | None
+    _pending: dict[int, asyncio.Future[bytes]]
+    _dead: BaseException | None
+
+    @property
+    def params(self) -> Any: ...
+
+    async def mcumgr_params(self, timeout_s: float | None = None) -> Any: ...
+
+    def _next_seq(self) -> int: ...
+
+    def _submit(self, factory: Callable[[int], Any]) -> tuple[Any, asyncio.Future[bytes]]: ...
+
+    def _decode(self, req: Any, frame: bytes, *, raw: bool = False) -> Any: ...
 
 
 @dataclass
@@ -89,13 +149,28 @@ class UploadStats:
     chunks: int = 0
     retransmits: int = 0  # retransmission timer expiries
     rewinds: int = 0  # answers "I expect another offset" (fast retransmits)
-    window: int = 1
-    chunk_size: int = 0
+    window: int = 1  # window at the start
+    chunk_size: int = 0  # largest data bytes in one chunk
     seconds: float = 0.0
     fallbacks: list[str] = field(default_factory=list)
     restarts: int = 0  # the device lost the upload state (rebooted): started again at 0
     link_bytes: int = 0  # bytes put on the link (framing included), all requests of the upload
     rto_s: float = 0.0  # final residual RTO (diagnostics)
+    packet: int = 0  # SMP packet limit at the end
+    window_final: int = 1
+    window_max: int = 1
+    spurious: int = 0  # timeouts whose answer came after all
+    probes: list[int] = field(default_factory=list)  # first-chunk sizes that got no answer
+    plan: str = ""  # Plan.describe() of the start
+
+    @property
+    def retransmitted_bytes(self) -> int:
+        return max(0, self.sent_bytes - (self.total - self.start_offset))
+
+    @property
+    def retransmitted_ratio(self) -> float:
+        need = self.total - self.start_offset
+        return self.retransmitted_bytes / need if need > 0 else 0.0
 
 
 # -- CBOR by hand --------------------------------------------------------------------------
@@ -111,24 +186,8 @@ def _cbor_head(major: int, n: int) -> bytes:
     return bytes((major << 5 | 27,)) + n.to_bytes(8, "big")
 
 
-def _cbor_extra(n: int) -> int:
-    """Bytes of a CBOR head beyond the first for argument ``n``."""
-    return 0 if n < 24 else 1 if n < 0x100 else 2 if n < 0x10000 else 4 if n < 0x100000000 else 8
-
-
 _KEY_OFF = b"\x63off"
 _KEY_DATA = b"\x64data"
-# map(2) + "off" + uint head + "data" + bstr head, without the argument bytes of the heads
-_CHUNK_FIXED = 1 + len(_KEY_OFF) + 1 + len(_KEY_DATA) + 1
-
-
-def chunk_data_room(limit: int, off: int) -> int:
-    """Most data bytes an ``{"off": off, "data": ...}`` request of ``limit`` bytes carries."""
-    room = limit - SMP_HEADER - _CHUNK_FIXED - _cbor_extra(off)
-    n = room - _cbor_extra(room)
-    while n > 0 and n + _cbor_extra(n) > room:
-        n -= 1
-    return max(n, 0)
 
 
 def encode_chunk(seq: int, off: int, data: bytes | memoryview) -> bytes:
@@ -137,6 +196,28 @@ def encode_chunk(seq: int, off: int, data: bytes | memoryview) -> bytes:
     body = b"".join((b"\xa2", _KEY_OFF, _cbor_head(0, off), _KEY_DATA, _cbor_head(2, len(data))))
     hdr = _HDR.pack(_OP_WRITE_V2, 0, len(body) + len(data), _GROUP_IMAGE, seq, _CMD_UPLOAD)
     return b"".join((hdr, body, data))
+
+
+def first_chunk_overhead(total: int, image_num: int) -> int:
+    """Bytes of the first chunk's request (``image``/``len``/``off``/``sha``) with empty data."""
+    return len(ImageUploadWrite(off=0, data=b"", image=image_num, len=total, sha=b"\0" * 32,
+                                sequence=0).BYTES)
+
+
+async def upload_plan(session: SessionLike, *, image_size: int = 1 << 20, image_num: int = 0,
+                      window: int | None = None, chunk_cap: int | None = None,
+                      store: TuningStore | None = None) -> Plan:
+    """The packet size and window an upload on ``session`` would start with, and why.
+
+    Reads the MCUmgr parameters (once per session) and the device's remembered tuning."""
+    params: ParamsLike = await session.mcumgr_params()
+    memory = LinkMemory.from_dict(store.link_tuning(session.device_id)) if store else None
+    floor = first_chunk_floor_for(first_chunk_overhead(image_size, image_num))
+    return plan_upload(LinkFacts.of(session.transport), params, memory, floor=floor,
+                       now=time.time(), window_override=window, chunk_cap=chunk_cap)
+
+
+_logged: dict[str, str] = {}  # device id -> the last plan logged (log once per device)
 
 
 @dataclass(eq=False)
@@ -156,7 +237,7 @@ class WindowedUpload:
 
     def __init__(
         self,
-        session: SMPSession,
+        session: SessionLike,
         image: bytes,
         *,
         image_num: int = 0,
@@ -166,6 +247,7 @@ class WindowedUpload:
         progress: Callable[[int, int], None] | None = None,
         max_stalls: int = 8,
         max_restarts: int = 2,
+        store: TuningStore | None = None,
     ) -> None:
         self.s = session
         self.image = image
@@ -177,6 +259,7 @@ class WindowedUpload:
         self.progress = progress
         self.max_stalls = max_stalls
         self.max_restarts = max_restarts
+        self.store = store
         self.total = len(image)
         self.sha = hashlib.sha256(image).digest()
         self.stats = UploadStats(total=self.total)
@@ -190,25 +273,25 @@ class WindowedUpload:
         self.rttvar = r0 / 2
         self.backoff = 1.0
         self._last_progress = (0, 0.0)
-        from gateway.smp.session import (  # session imports this module
-            SMPError,
-            SMPProtocolError,
-            SMPTimeout,
-        )
-
-        self._SMPError = SMPError
-        self._SMPProtocolError = SMPProtocolError
-        self._SMPTimeout = SMPTimeout
+        self.plan: Plan | None = None
+        self.memory: LinkMemory | None = None
+        self.chunks: ChunkControl | None = None
+        self.win: WindowControl | None = None
 
     # -- sizes -------------------------------------------------------------------------
     def packet_limit(self) -> int:
-        """Largest SMP packet for a chunk: the device's netbuf and the link, whichever less."""
-        tr = self.s.transport
-        limit = tr.max_packet
-        params = self.s.params
-        if params is not None:
-            limit = min(limit, params.buf_size - int(getattr(tr, "netbuf_overhead", 0)))
-        return limit
+        """The packet size an upload would start with from the session's parameters alone
+        (no remembered tuning; kept for callers of the old API: ``upload_plan`` says more)."""
+        floor = first_chunk_floor_for(first_chunk_overhead(self.total, self.image_num))
+        return plan_upload(LinkFacts.of(self.s.transport), self.s.params, None, floor=floor,
+                           now=time.time(), window_override=self.window_cfg,
+                           chunk_cap=self.chunk_cap).packet
+
+    @property
+    def limit(self) -> int:
+        """The SMP packet limit in use (tuning's current size)."""
+        assert self.chunks is not None
+        return self.chunks.packet
 
     def _data_len(self, off: int, limit: int) -> int:
         n = min(chunk_data_room(limit, off), self.total - off)
@@ -217,9 +300,7 @@ class WindowedUpload:
         return n
 
     def _first_request(self, limit: int, seq: int) -> ImageUploadWrite:
-        empty = ImageUploadWrite(off=0, data=b"", image=self.image_num, len=self.total,
-                                 sha=self.sha, sequence=seq)
-        base = len(empty.BYTES)  # includes the 1-byte head of the empty bstr
+        base = first_chunk_overhead(self.total, self.image_num)  # incl. the empty bstr head
         n = limit - base
         while n > 0 and base + _cbor_extra(n) + n > limit:
             n -= 1
@@ -254,83 +335,140 @@ class WindowedUpload:
             self._last_progress = (acked, now)
             self.progress(acked, self.total)
 
+    def _note(self, change: str | None, where: int) -> None:
+        if change:
+            self.stats.fallbacks.append(f"{change} at {where}")
+            log.info("device=%s upload: %s at %d/%d", self.s.device_id, change, where, self.total)
+
     # -- the upload --------------------------------------------------------------------
     async def run(self) -> UploadStats:
-        params = await self.s.mcumgr_params()
-        w = self.window_cfg if self.window_cfg is not None else max(1, params.buf_count - 1)
-        w = max(1, min(w, MAX_WINDOW))
+        s = self.s
+        params: ParamsLike = await s.mcumgr_params()
+        stored = self.store.link_tuning(s.device_id) if self.store is not None else None
+        self.memory = LinkMemory.from_dict(stored)
+        floor = first_chunk_floor_for(first_chunk_overhead(self.total, self.image_num))
+        plan = self.plan = plan_upload(
+            LinkFacts.of(s.transport), params, self.memory, floor=floor, now=time.time(),
+            window_override=self.window_cfg, chunk_cap=self.chunk_cap)
+        desc = plan.describe()
+        if _logged.get(s.device_id) != desc:
+            _logged[s.device_id] = desc
+            log.info("device=%s upload tuning %s", s.device_id, desc)
+        self.stats.plan = desc
+        self.chunks = ChunkControl(plan.ladder, step_on_loss=plan.facts.serial)
+        self.win = WindowControl(plan.window, cap=plan.window_cap, trusted=plan.trusted_window,
+                                 grow_limit=plan.grow_limit)
+        self.stats.window = plan.window
         if not params.reported and self.window_cfg is None:
-            w = 1
-            self.stats.fallbacks.append("no MCUmgr parameters: window 1")
-        self.stats.window = w
+            self.stats.fallbacks.append(f"no MCUmgr parameters: window {plan.window}")
         t0 = time.monotonic()
-        bytes0 = self.s.transport.bytes_sent
+        bytes0 = s.transport.bytes_sent
         restarts = 0
         while True:
             try:
-                last_match = await self._attempt(w)
+                last_match = await self._attempt()
                 break
             except _DeviceRestarted as exc:
                 restarts += 1
                 self.stats.restarts = restarts
                 if restarts > self.max_restarts:
                     raise UploadError(f"device lost the upload state {restarts} times ({exc})") from None
-                log.warning("device=%s upload: %s; starting again", self.s.device_id, exc)
+                log.warning("device=%s upload: %s; starting again", s.device_id, exc)
         self.stats.seconds = time.monotonic() - t0
-        self.stats.link_bytes = self.s.transport.bytes_sent - bytes0
+        self.stats.link_bytes = s.transport.bytes_sent - bytes0
         self.stats.rto_s = self.rto()
+        self.stats.packet = self.chunks.packet
+        self.stats.window_final = self.win.window
+        self.stats.window_max = self.win.max_window
         if last_match is False:
             raise UploadError("device reports that the uploaded image does not match its sha256")
+        self._remember()
         return self.stats
 
-    async def _first_chunk(self, limit: int) -> tuple[int, int, bool | None]:
+    def _remember(self) -> None:
+        assert self.plan is not None and self.chunks is not None and self.win is not None
+        new = learn(self.plan, self.chunks, self.win, self.memory, now=time.time())
+        if not same_knowledge(self.memory, new):
+            log.info("device=%s upload tuning learned packet=%d window=%d%s%s",
+                     self.s.device_id, new.packet, new.window,
+                     f" packet_failed={new.packet_failed}" if new.packet_failed else "",
+                     f" window_failed={new.window_failed}" if new.window_failed else "")
+        if self.store is not None:
+            try:
+                self.store.put_link_tuning(self.s.device_id, new.to_dict())
+            except Exception as exc:  # the upload succeeded; tuning is an optimisation
+                log.warning("device=%s could not store link tuning: %s", self.s.device_id, exc)
+        self.memory = new
+
+    async def _first_chunk(self) -> tuple[int, int, bool | None]:
         """Send chunk 0 (``image``/``len``/``sha``) alone: (device offset, data bytes, match).
 
         The device may erase the slot before it answers (seconds on real flash), so the
-        budget is ``first_timeout_s``; but a lost datagram must not cost all of it: the
-        request is re-sent at growing intervals (1 s, 2 s, 4 s ... plus the time to send it),
-        every attempt stays answerable, and the first answer wins. Re-sending is harmless:
-        the same ``sha`` makes the device answer the offset it holds (resume), never re-erase.
+        budget is ``first_timeout_s``; but a lost request must not cost all of it: the request
+        is re-sent at growing intervals (1 s, 2 s, 4 s ... plus the time to send it), one rung
+        down the size ladder each time, every attempt stays answerable, and the first answer
+        wins. Re-sending is harmless: the same ``sha`` makes the device answer the offset it
+        holds (resume), never re-erase. The answered attempt's size is the size that works.
         """
         s = self.s
+        chunks = self.chunks
+        assert chunks is not None
         loop = asyncio.get_running_loop()
         t_end = loop.time() + self.first_timeout_s
-        futs: dict[asyncio.Future[bytes], tuple[int, ImageUploadWrite]] = {}
+        futs: dict[asyncio.Future[bytes], tuple[int, ImageUploadWrite, int]] = {}
+        waiting: set[asyncio.Future[bytes]] = set()
+        sizes: list[int] = []  # attempt sizes in send order
         interval = max(1.0, 4 * self.srtt)
         try:
             while True:
-                req, fut = s._submit(lambda q: self._first_request(limit, q))
-                futs[fut] = (req.header.sequence, req)
+                limit = chunks.packet
+                req, fut = s._submit(functools.partial(self._first_request, limit))
+                futs[fut] = (req.header.sequence, req, limit)
+                waiting.add(fut)
+                sizes.append(limit)
                 before = s.transport.bytes_sent
                 await s.transport.send(req.BYTES)
                 wait = interval
                 if self.rate:
                     wait += (s.transport.bytes_sent - before) / self.rate
                 wait = min(wait, max(0.0, t_end - loop.time()))
-                done, _ = await asyncio.wait(list(futs), timeout=wait,
+                done, _ = await asyncio.wait(waiting, timeout=wait,
                                              return_when=asyncio.FIRST_COMPLETED)
-                for f in done:
+                # the device answers in order: take the earliest attempt that was answered
+                for f in sorted(done, key=lambda x: list(futs).index(x)):
+                    waiting.discard(f)
                     if f.cancelled():
                         continue
                     exc = f.exception()
                     if exc is not None:
                         raise exc
+                    q, sent_req, size = futs[f]
                     try:
-                        rsp = s._decode(futs[f][1], f.result())
-                    except self._SMPProtocolError as exc:  # garbled answer: as if lost
+                        rsp = s._decode(sent_req, f.result())
+                    except SMPProtocolError as exc:  # garbled answer: as if lost
                         log.warning("device=%s upload: unusable answer to the first chunk (%s)",
                                     s.device_id, exc)
                         continue
                     if rsp.off is None:
                         raise UploadError("device answered the first chunk without an offset")
-                    return int(rsp.off), len(futs[f][1].data), rsp.match
+                    earlier = list(futs).index(f)
+                    unanswered = [futs[g][2] for g in list(futs)[:earlier]
+                                  if not g.done() or g.cancelled()]
+                    self.stats.probes = sorted({x for x in unanswered if x > size}, reverse=True)
+                    chunks.settle(size, unanswered)
+                    return int(rsp.off), len(sent_req.data), rsp.match
                 if loop.time() >= t_end:
-                    raise self._SMPTimeout(f"{s.device_id}: no answer to the first upload chunk "
-                                           f"within {self.first_timeout_s:g}s")
+                    tried = ", ".join(str(x) for x in sorted(set(sizes), reverse=True))
+                    raise SMPTimeout(f"{s.device_id}: no answer to the first upload chunk "
+                                     f"within {self.first_timeout_s:g}s (packets of {tried} bytes)")
                 self.stats.retransmits += 1
+                smaller = chunks.step_down()
+                if smaller is not None:
+                    log.info("device=%s upload: no answer to a %d-byte first chunk; trying %d",
+                             s.device_id, limit, smaller)
                 interval *= 2
         finally:
-            for f, (q, _) in futs.items():
+            for f, (q, _, _) in futs.items():
                 if s._pending.get(q) is f:
                     del s._pending[q]
                 if not f.done():
@@ -338,13 +476,14 @@ class WindowedUpload:
                 elif not f.cancelled():
                     f.exception()  # retrieved: a link failure is raised once, not logged per chunk
 
-    async def _attempt(self, w: int) -> bool | None:
+    async def _attempt(self) -> bool | None:
         s = self.s
         stats = self.stats
         total = self.total
-        limit = self.packet_limit()
+        chunks, win = self.chunks, self.win
+        assert chunks is not None and win is not None
 
-        acked, first_len, last_match = await self._first_chunk(limit)
+        acked, first_len, last_match = await self._first_chunk()
         if acked > total:
             raise UploadError(f"device reports offset {acked} beyond the image size {total}")
         # the device answers the offset it already holds for this sha (resume) without writing
@@ -360,6 +499,7 @@ class WindowedUpload:
         transport = s.transport
         pending = s._pending
         inflight: dict[int, _Chunk] = {}  # seq -> chunk, in send order
+        ghosts: dict[int, _Chunk] = {}  # timed out, still answerable (spurious timeouts)
         arrived: deque[tuple[int, asyncio.Future[bytes]]] = deque()
         wake = asyncio.Event()
         timer: asyncio.TimerHandle | None = None
@@ -381,10 +521,31 @@ class WindowedUpload:
             fired = True
             wake.set()
 
+        def ghost(ch: _Chunk) -> None:
+            """Stop waiting for ``ch`` but keep its answer welcome (spurious-timeout check)."""
+            if inflight.get(ch.seq) is ch:
+                del inflight[ch.seq]
+            if ch.stale or ch.fut.done():
+                self._forget(ch, inflight)
+                return
+            ghosts[ch.seq] = ch
+            while len(ghosts) > MAX_GHOSTS:
+                old = ghosts.pop(next(iter(ghosts)))
+                self._forget(old, inflight)
+
+        def lost(kind: str, where: int) -> None:
+            """A loss: the window takes the blame when it is probing, else the packet size."""
+            blame_window = win.probing
+            self._note(win.on_loss(kind), where)
+            if not blame_window and kind != "enomem":
+                self._note(chunks.on_chunk(False), where)
+
         try:
             while acked < total:
                 # 1. fill the window (stale chunks still hold device buffers: they count)
                 next_off = max(next_off, acked)
+                w = win.window
+                limit = chunks.packet
                 while len(inflight) < w and next_off < total:
                     if s._dead is not None:
                         raise TransportError(f"link to {s.device_id} is down: {s._dead}")
@@ -434,7 +595,7 @@ class WindowedUpload:
                     if not fired:
                         continue
                     timer = None
-                    self._forget(oldest, inflight)
+                    ghost(oldest)
                     if oldest.stale:
                         continue  # sent before a rewind and unanswered: just free its slot
                     stalls += 1
@@ -444,19 +605,13 @@ class WindowedUpload:
                         raise UploadError(
                             f"no progress after {self.max_stalls} retransmissions at offset "
                             f"{acked}/{total}")
-                    if stalls >= 2 and w > 1:
-                        stats.fallbacks.append(f"window {w}->1 after {stalls} timeouts at {acked}")
-                        log.info("device=%s upload: falling back to window 1", s.device_id)
-                        w = 1
-                    if stalls >= 4 and not (s.params and s.params.reported) and limit > 128:
-                        limit = max(128, limit // 2)
-                        stats.fallbacks.append(f"packet limit -> {limit} after {stalls} timeouts")
+                    lost("timeout", acked)
                     log.debug("device=%s upload: timeout at %d/%d (rto %.3fs), going back",
                               s.device_id, acked, total, self.rto())
                     now = loop.time()
                     for ch in list(inflight.values()):
                         if ch.due <= now:
-                            self._forget(ch, inflight)
+                            ghost(ch)
                         else:
                             ch.stale = True
                     next_off = acked
@@ -466,16 +621,26 @@ class WindowedUpload:
                 while arrived:
                     seq, f = arrived.popleft()
                     got = inflight.get(seq)
-                    if got is None or got.fut is not f or f.cancelled():
+                    late = False
+                    if got is None or got.fut is not f:
+                        g = ghosts.get(seq)
+                        if g is None or g.fut is not f:
+                            continue
+                        # an answer to a chunk we had given up on: the timeout was spurious
+                        del ghosts[seq]
+                        got, late = g, True
+                    if f.cancelled():
                         continue
                     ch = got
-                    del inflight[seq]
+                    inflight.pop(seq, None)
                     exc = f.exception()
                     if exc is not None:
                         raise exc
                     try:
                         dev_off, match = self._parse(f.result())
-                    except self._SMPProtocolError as exc:
+                    except SMPProtocolError as exc:
+                        if late:
+                            continue
                         # a garbled answer says nothing: treat it as lost, resend from acked
                         log.warning("device=%s upload: unusable answer (%s); going back to %d",
                                     s.device_id, exc, acked)
@@ -488,15 +653,15 @@ class WindowedUpload:
                             c.stale = True
                         next_off = acked
                         continue
-                    except self._SMPError as err:
+                    except SMPError as err:
                         if err.group is not None or err.rc != smperr.MGMT_ERR.ENOMEM:
                             raise
                         # smp.c: no netbuf was left for the answer, so the request's own buffer
                         # carried {"rc": ENOMEM} back and the chunk was not written: the device
                         # holds too many requests. One chunk less in flight; resend from there.
-                        if w > 1:
-                            stats.fallbacks.append(f"window {w}->{w - 1} after ENOMEM at {ch.off}")
-                            w -= 1
+                        if late:
+                            continue
+                        lost("enomem", ch.off)
                         if not ch.stale:
                             stats.rewinds += 1
                             for c in inflight.values():
@@ -504,6 +669,12 @@ class WindowedUpload:
                             next_off = min(next_off, ch.off)
                         continue
                     now = loop.time()
+                    if late:
+                        stats.spurious += 1
+                        self._sample(now - ch.at_device)  # the slow round trip that fooled us
+                        win.on_spurious()
+                        chunks.on_spurious()
+                        ch.stale = True  # its offset counts, nothing else
                     if dev_off > total:
                         raise UploadError(f"device reports offset {dev_off} beyond {total}")
                     if dev_off < acked:
@@ -536,17 +707,22 @@ class WindowedUpload:
                         # may have been lost: offsets are cumulative)
                         for old in [c for c in inflight.values() if c.end <= acked]:
                             self._forget(old, inflight)
-                    if not ch.stale and dev_off != ch.end:
-                        # "I expect dev_off": a request ahead of this one was lost or
-                        # overtaken; everything in flight is now moot
-                        stats.rewinds += 1
-                        for c in inflight.values():
-                            c.stale = True
-                        next_off = dev_off
+                    if not ch.stale:
+                        if dev_off != ch.end:
+                            # "I expect dev_off": a request ahead of this one was lost or
+                            # overtaken; everything in flight is now moot
+                            stats.rewinds += 1
+                            lost("rewind", dev_off)
+                            for c in inflight.values():
+                                c.stale = True
+                            next_off = dev_off
+                        else:
+                            self._note(win.on_answer(), dev_off)
+                            chunks.on_chunk(True)
         finally:
             if timer is not None:
                 timer.cancel()
-            for q, ch in inflight.items():
+            for q, ch in [*inflight.items(), *ghosts.items()]:
                 if pending.get(q) is ch.fut:
                     del pending[q]
                 if not ch.fut.done():
@@ -565,8 +741,7 @@ class WindowedUpload:
 
     def _parse(self, frame: bytes) -> tuple[int, bool | None]:
         """``off`` and ``match`` of an upload answer; SMPError for an error answer."""
-        SMPError = self._SMPError
-        bad = functools.partial(self._SMPProtocolError, "ImageUploadWrite", None,
+        bad = functools.partial(SMPProtocolError, "ImageUploadWrite", None,
                                 smperr.MGMT_ERR.EUNKNOWN)
 
         if len(frame) < SMP_HEADER:

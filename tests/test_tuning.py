@@ -1,0 +1,243 @@
+"""Upload tuning (gateway/smp/tuning.py policy, gateway/smp/upload.py mechanics).
+
+The policy is tested as pure functions/state machines; the mechanics against the scripted
+img_mgmt responder of test_upload_window.py on a real UDP socket (a device with a netbuf
+smaller than the link MTU, a device that holds one request at a time) and the journal on a
+real SQLite file (a restart = a new Journal on the same state dir). No timing assertions.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from smp import packet as smppacket
+from test_upload_window import IMAGE, Responder, done_ok, start
+
+from gateway.journal import Journal
+from gateway.smp.session import McumgrParams, SMPSession
+from gateway.smp.transport import UdpTransport
+from gateway.smp.tuning import (
+    REPROBE_AFTER_S,
+    ChunkControl,
+    LinkFacts,
+    LinkMemory,
+    MemoryStore,
+    WindowControl,
+    ladder,
+    learn,
+    plan_upload,
+    serial_lines,
+    serial_packet_for_lines,
+)
+
+SERIAL = LinkFacts("serial", 0xFFFF - 4, 4, 127)
+UDP = LinkFacts("udp", 1472)
+P384 = McumgrParams(384, 4, True)
+NONE = McumgrParams(384, 1, False)
+FLOOR = 107
+NOW = 1_000_000.0
+
+
+# -- sizes --------------------------------------------------------------------------------
+@pytest.mark.parametrize("line_length", [127, 128, 64])
+def test_serial_line_count_is_smp_packet_encodes(line_length: int) -> None:
+    for n in range(1, 2600, 7):
+        assert serial_lines(n, line_length) == len(list(smppacket.encode(b"\0" * n, line_length)))
+    for k in range(1, 8):
+        n = serial_packet_for_lines(k, line_length)
+        assert serial_lines(n, line_length) <= k < serial_lines(n + 1, line_length)
+
+
+def test_ladders() -> None:
+    # serial: halve the lines down to the 2-line default of the RX buffers (176 at 127)
+    assert ladder(SERIAL, 380, FLOOR) == (380, 176)
+    assert ladder(SERIAL, 2471, FLOOR) == (2471, 1256, 626, 266, 176)
+    # datagrams: halve, snapping to the Kconfig netbuf default 384, down to the floor
+    assert ladder(UDP, 1472, FLOOR) == (1472, 736, 384, 192, FLOOR)
+    assert ladder(UDP, 100, FLOOR) == (100,)
+
+
+# -- the plan -----------------------------------------------------------------------------
+def test_plan_serial_with_params_starts_at_the_netbuf_and_window_1() -> None:
+    p = plan_upload(SERIAL, P384, None, floor=FLOOR, now=NOW)
+    assert (p.packet, p.window, p.grow_limit, p.window_cap) == (380, 1, 3, 3)
+    assert p.ladder == (380, 176) and p.reprobe and p.source == "params"
+    assert "-4 frame length+CRC" in p.reason and "serial" in p.reason
+    assert p.describe().startswith(f"chunk={p.chunk} packet=380 window=1 grows_to=3 reason=")
+
+
+def test_plan_udp_with_params_trusts_buf_count() -> None:
+    p = plan_upload(UDP, P384, None, floor=FLOOR, now=NOW)
+    assert (p.packet, p.window, p.trusted_window, p.window_cap) == (384, 3, 3, 3)
+
+
+def test_plan_without_params_uses_the_kconfig_defaults() -> None:
+    udp = plan_upload(UDP, NONE, None, floor=FLOOR, now=NOW)
+    assert (udp.packet, udp.window, udp.grow_limit) == (1472, 1, 3)  # UDP netbufs: 2048
+    ser = plan_upload(SERIAL, NONE, None, floor=FLOOR, now=NOW)
+    assert (ser.packet, ser.window) == (380, 1)  # 384 - 4
+    assert "no MCUmgr params" in ser.reason
+
+
+def test_plan_overrides() -> None:
+    p = plan_upload(SERIAL, P384, None, floor=FLOOR, now=NOW, window_override=2, chunk_cap=100)
+    assert (p.window, p.window_cap, p.trusted_window, p.grow_limit) == (2, 2, 2, 2)
+    assert p.chunk == 100 and "chunk_size 100" in p.reason and p.source == "override"
+
+
+def test_plan_from_memory_and_when_it_is_probed_again() -> None:
+    mem = LinkMemory(packet=176, window=1, packet_failed=380, window_failed=2, params="384x4",
+                     link=SERIAL.signature, probed_at=NOW - 3600, uploads=3)
+    p = plan_upload(SERIAL, P384, mem, floor=FLOOR, now=NOW)
+    assert (p.packet, p.window, p.grow_limit, p.source, p.reprobe) == (176, 1, 1, "memory", False)
+    assert "remembered" in p.reason and "window 2 lost" in p.reason
+    # another firmware build (other parameters), other port settings, or a week later: re-probe
+    for params, facts, now in ((McumgrParams(1024, 4, True), SERIAL, NOW), (P384, LinkFacts(
+            "serial", 0xFFFF - 4, 4, 64), NOW), (P384, SERIAL, NOW + REPROBE_AFTER_S)):
+        again = plan_upload(facts, params, mem, floor=FLOOR, now=now)
+        assert again.reprobe and again.packet > 176 and "re-probing" in again.reason
+
+
+def test_memory_record_is_validated() -> None:
+    for junk in (None, [], {"packet": "x", "window": 1}, {"window": 1}, {"packet": 0, "window": 1}):
+        assert LinkMemory.from_dict(junk) is None
+    m = LinkMemory.from_dict({"packet": 176, "window": 2, "window_failed": "?", "extra": 1})
+    assert m is not None and (m.packet, m.window, m.window_failed) == (176, 2, None)
+
+
+# -- while uploading ----------------------------------------------------------------------
+def test_window_grows_while_the_device_keeps_up_and_drops_back_on_the_first_loss() -> None:
+    w = WindowControl(1, cap=3, trusted=1, grow_limit=3, grow_after=4)
+    changes = [w.on_answer() for _ in range(4)]
+    assert changes[-1] == "window 1->2 (device kept up)" and w.window == 2
+    assert [w.on_answer() for _ in range(7)] == [None] * 7 and w.window == 2
+    assert w.on_answer() == "window 2->3 (device kept up)" and w.window == 3
+    for _ in range(50):
+        w.on_answer()
+    assert w.window == 3  # never above the device's capacity
+    assert w.on_loss("rewind") is not None and w.window == 2 and w.failed == 3
+    for _ in range(50):
+        w.on_answer()
+    assert w.window == 2 and w.kept_up == 2  # the probe stopped: no second loss at 3
+
+
+def test_window_within_the_reported_capacity_treats_losses_as_link_losses() -> None:
+    w = WindowControl(3, cap=3, trusted=3, grow_limit=3)
+    assert w.on_loss("rewind") is None and w.window == 3  # a lost datagram: go-back-N only
+    assert w.on_loss("timeout") is None and w.window == 3
+    assert w.on_loss("timeout") == "window 3->1 after 2 timeouts"
+    w = WindowControl(3, cap=3, trusted=3, grow_limit=3)
+    assert w.on_loss("enomem") == "window 3->2 after ENOMEM" and w.failed == 3
+    for _ in range(100):
+        w.on_answer()
+    assert w.window == 2  # the device said it cannot hold 3
+
+
+def test_packet_size_steps_down_on_losses_on_serial_only() -> None:
+    c = ChunkControl((380, 176), step_on_loss=True)
+    assert c.on_chunk(True) is None and c.on_chunk(False) is None
+    assert c.on_chunk(False) == "packet 380->176 after 2 losses in 16 chunks" and c.packet == 176
+    assert c.failed == 380
+    for _ in range(5):
+        c.on_chunk(False)
+    assert c.packet == 176  # the floor of the ladder
+    # a timeout whose answer came late is not held against the size
+    c = ChunkControl((380, 176), step_on_loss=True)
+    c.on_chunk(False)
+    c.on_spurious()
+    assert c.on_chunk(False) is None and c.packet == 380
+    # datagram links: the first chunk settles the size
+    d = ChunkControl((1472, 736), step_on_loss=False)
+    for _ in range(5):
+        d.on_chunk(False)
+    assert d.packet == 1472
+
+
+def test_first_chunk_answer_settles_the_size() -> None:
+    c = ChunkControl((1472, 736, 384, 192, FLOOR), step_on_loss=False)
+    c.step_down()
+    c.step_down()
+    c.settle(736, unanswered=[1472])  # the 736 attempt was answered (the 384 one later)
+    assert c.packet == 736 and c.failed == 1472
+
+
+def test_learn_keeps_what_worked() -> None:
+    p = plan_upload(SERIAL, P384, None, floor=FLOOR, now=NOW)
+    c = ChunkControl(p.ladder, step_on_loss=True)
+    c.step_down()
+    c.settle(176, unanswered=[380])  # the 380-byte first chunk got no answer, the 176 one did
+    w = WindowControl(1, cap=3, trusted=1, grow_limit=3, grow_after=1)
+    w.on_answer()
+    w.on_loss("rewind")
+    m = learn(p, c, w, None, now=NOW)
+    assert (m.packet, m.window, m.packet_failed, m.window_failed) == (176, 1, 380, 2)
+    assert (m.params, m.link, m.uploads, m.probed_at) == ("384x4", SERIAL.signature, 1, NOW)
+    assert LinkMemory.from_dict(m.to_dict()) == m
+
+
+# -- mechanics: a real socket, a scripted device, the journal --------------------------------
+async def _upload(r: Responder, store: Any, **kw: Any) -> Any:
+    async with SMPSession(UdpTransport("127.0.0.1", r.port), device_id="dev-1", timeout_s=1.0) as s:
+        return await s.upload(IMAGE, store=store, **kw)
+
+
+async def test_unanswered_first_chunk_is_retried_smaller_and_remembered_after_a_restart(
+        tmp_path: Path) -> None:
+    # stock-like device without parameters whose netbuf (1024) is below the UDP MTU
+    r = await start(Responder(params_supported=False, buf_size=1024, enforce_buf_size=True))
+    journal = Journal(tmp_path / "state" / "journal.sqlite")
+    stats = await _upload(r, journal)
+    assert done_ok(r, IMAGE)
+    assert stats.probes == [1472] and r.dropped_oversize >= 1
+    assert stats.packet == 736 and "no answer" not in stats.plan
+    journal.close()
+
+    # the gateway restarts: a new Journal on the same state dir, a new session
+    journal = Journal(tmp_path / "state" / "journal.sqlite")
+    mem = LinkMemory.from_dict(journal.link_tuning("dev-1"))
+    assert mem is not None and mem.packet == 736 and mem.packet_failed == 1472
+    dropped, seen = r.dropped_oversize, len(r.log)
+    stats = await _upload(r, journal)
+    assert done_ok(r, IMAGE)
+    assert r.dropped_oversize == dropped and stats.probes == []  # no failed probe this time
+    assert stats.retransmits == 0 and 'reason="remembered' in stats.plan
+    assert all(q.data_len <= 736 for q in r.log[seen:])
+    assert LinkMemory.from_dict(journal.link_tuning("dev-1")).uploads == 2  # type: ignore[union-attr]
+    journal.close()
+
+
+async def test_window_probe_stops_at_the_first_loss_and_is_not_repeated() -> None:
+    # a device without parameters that holds one request at a time: a second one is dropped
+    r = await start(Responder(params_supported=False, capacity=1, processing_s=0.002))
+    store = MemoryStore()
+    stats = await _upload(r, store)
+    assert done_ok(r, IMAGE)
+    assert r.dropped_busy >= 1
+    grew = [f for f in stats.fallbacks if "1->2" in f]
+    back = [f for f in stats.fallbacks if "2->1" in f]
+    assert len(grew) == 1 and len(back) == 1  # one probe, dropped back once, never again
+    mem = LinkMemory.from_dict(store.link_tuning("dev-1"))
+    assert mem is not None and (mem.window, mem.window_failed) == (1, 2)
+
+    busy = r.dropped_busy
+    stats = await _upload(r, store)
+    assert done_ok(r, IMAGE)
+    assert r.dropped_busy == busy and stats.window_max == 1 and stats.rewinds == 0
+
+
+async def test_a_late_answer_is_a_spurious_timeout_not_a_loss() -> None:
+    slow = {"n": -1}
+
+    def delay(q: Any) -> float:  # one answer, late: beyond the RTO (>= 0.2 s), before the end
+        if q.n == 3 and slow["n"] < 0:
+            slow["n"] = q.n
+            return 0.35
+        return 0.0
+
+    # 20 ms per chunk: the upload is still running when the late answer comes
+    r = await start(Responder(buf_count=2, delay_response=delay, capacity=1, processing_s=0.02))
+    stats = await _upload(r, None)
+    assert done_ok(r, IMAGE)
+    assert stats.retransmits == 1 and stats.spurious == 1
