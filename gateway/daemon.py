@@ -43,10 +43,12 @@ from gateway.config import (
     UdpTransport,
 )
 from gateway.engine import Outcome, Slots, Status, Step, UpdateEngine
-from gateway.images import ImageRefused, ImageStore, VerifiedImage
-from gateway.journal import Journal
+from gateway.groups import GroupRunner
+from gateway.images import ImageRefused, ImageStore
+from gateway.journal import FinalReport, Journal
 from gateway.mcuboot import TrustedKey, Version
 from gateway.metrics import Metrics, MetricsServer
+from gateway.plan import Plan, Stopping
 from gateway.smp.session import SMPError, SMPSession, SMPTimeout, UploadError
 from gateway.smp.transport import SerialTransport as SerialLink
 from gateway.smp.transport import Transport, TransportError
@@ -58,6 +60,8 @@ from gateway.sources.base import (
     FleetSource,
     Offer,
     Report,
+    ReportNotDelivered,
+    ReportRefused,
     UpdateResult,
     UpdateState,
 )
@@ -104,10 +108,6 @@ class SupervisorDied(RuntimeError):
     non-zero so that its service manager restarts it (systemd ``Restart=on-failure``)."""
 
 
-class Stopping(Exception):
-    """The gateway is shutting down: no new session starts."""
-
-
 @dataclass
 class Pass:
     outcomes: dict[str, Outcome] = field(default_factory=dict)
@@ -116,16 +116,6 @@ class Pass:
     @property
     def ok(self) -> bool:
         return all(o.ok for o in self.outcomes.values())
-
-
-@dataclass
-class Plan:
-    """A device, the offer the gateway follows for it and the verified image."""
-
-    dev: DeviceConfig
-    offer: Offer
-    image: VerifiedImage
-    resumed: bool = False
 
 
 def backoff_delay(failures: int, base_s: float, max_s: float, rng: random.Random) -> float:
@@ -164,8 +154,12 @@ class Gateway:
         self.metrics = Metrics()
         self._describe_metrics()
         self.metrics_server: MetricsServer | None = None
-        from gateway.groups import GroupRunner
-
+        # final reports: per-device delivery lock, in-process retry schedule (a restart retries
+        # at once), and the clock it runs on
+        self._report_locks: dict[str, asyncio.Lock] = {}
+        self._report_due: dict[int, float] = {}
+        self._report_rng = random.Random()
+        self.clock: Callable[[], float] = time.monotonic
         self.groups = GroupRunner(self)
 
     def close(self) -> None:
@@ -257,6 +251,7 @@ class Gateway:
     async def update_device(self, dev: DeviceConfig) -> Outcome:
         """One device, one attempt. Never raises (but for cancellation): problems are Outcomes."""
         offer: Offer | None = None
+        await self.flush_unreported(dev)
         try:
             async with self.session(dev) as session:
                 plan = await self.plan(dev, session)
@@ -291,9 +286,11 @@ class Gateway:
     async def plan(self, dev: DeviceConfig, session: SMPSession) -> Plan | Outcome:
         """Read the device, find its target (journal first), fetch and verify the image.
 
-        An Outcome when there is nothing to do (up to date, blocked) or it cannot be done.
+        An Outcome when there is nothing to do (up to date, blocked) or it cannot be done; an
+        outcome about an offer (refused, blocked, download failed) is a final report like any
+        other (journaled, then delivered). The offer's report handle is journaled before the
+        update starts, so its reports can be sent by a restarted gateway.
         """
-        await self.flush_unreported(dev)
         engine = self.engine(dev, session)
         slots = await engine.read_slots()
         self.journal.put(engine.entry, "read")  # running version/hash for `status`
@@ -321,7 +318,7 @@ class Gateway:
                                        f"running {v}", old_version=v, new_version=v))
         entry = self.journal.get(dev.id)
         if resume_path is None and entry.blocked_artifact == offer.artifact_id:
-            return self._blocked(dev, entry.blocked_artifact)
+            return await self._refusal(offer, self._blocked(dev, entry.blocked_artifact))
         path = resume_path
         if path is None:
             await self._report(offer, Report(UpdateState.DOWNLOADING))
@@ -345,7 +342,9 @@ class Gateway:
             self.steps[dev.id] = Step.REFUSED.value
             return await self.final(offer, out)
         if resume_path is None and entry.blocked_hash == image.hash.hex():
-            return self._blocked(dev, offer.artifact_id)
+            return await self._refusal(offer, self._blocked(dev, offer.artifact_id))
+        if resume_path is None:
+            self.journal.set_report_handle(dev.id, offer.report_handle())
         return Plan(dev, offer, image, resumed=resume_path is not None)
 
     async def _target(self, dev: DeviceConfig, slots: Slots) -> tuple[Offer | None, Path | None]:
@@ -360,11 +359,20 @@ class Gateway:
         return await self.source.check(view), None
 
     def offer_from_journal(self, dev: DeviceConfig) -> Offer:
+        """The offer of the device's journaled update, with its journaled report handle."""
         entry = self.journal.get(dev.id)
-        return Offer(device_id=dev.id, source=entry.source or self.source.name,
-                     artifact_id=entry.artifact_id or entry.target_hash or "?",
+        source = entry.source or self.source.name
+        artifact = entry.artifact_id or entry.target_hash or "?"
+        handle = self.journal.report_handle(dev.id) or {}
+        report_to: dict[str, object] = {}
+        if handle.get("artifact_id") == artifact and handle.get("source") == source:
+            report_to = dict(handle.get("report_to") or {})
+        else:
+            log.warning("device=%s no report handle journaled for artifact=%s: %s may not accept "
+                        "the reports of this update", dev.id, artifact, source)
+        return Offer(device_id=dev.id, source=source, artifact_id=artifact,
                      version=Version.parse(entry.target_version) if entry.target_version else None,
-                     hardware=None)
+                     hardware=None, report_to=report_to)
 
     # -- blocking: never retry a rolled-back or refused image endlessly ----------------------
     def block(self, device_id: str, image_hash: str | None, artifact_id: str | None) -> None:
@@ -389,8 +397,17 @@ class Gateway:
                        old_version=entry.running_version, new_version=entry.target_version,
                        group=dev.group)
 
+    async def _refusal(self, offer: Offer, out: Outcome) -> Outcome:
+        """A refusal decided before the device is touched (blocked artifact): reported once.
+
+        The same offer (same report handle) refused again at every poll is not re-reported."""
+        if self.journal.has_report(out.device_id, offer.report_handle()):
+            return out
+        return await self.final(offer, out)
+
     # -- outcomes, reports, metrics ----------------------------------------------------------
-    def _fail(self, dev: DeviceConfig, result: UpdateResult, detail: str) -> Outcome:
+    def fail(self, dev: DeviceConfig, result: UpdateResult, detail: str) -> Outcome:
+        """A FAILED outcome, logged and written to the journal's ``last_error``."""
         log.error("device=%s failed result=%s detail=%r", dev.id, result.name, detail)
         try:
             entry = self.journal.get(dev.id)
@@ -398,6 +415,8 @@ class Gateway:
         except sqlite3.Error as exc:  # a full disk must not hide the outcome
             log.error("device=%s journal not written: %s", dev.id, exc)
         return Outcome(dev.id, Status.FAILED, result, detail)
+
+    _fail = fail
 
     def _count(self, out: Outcome) -> Outcome:
         if out.status not in (Status.UP_TO_DATE, Status.HELD):
@@ -419,43 +438,123 @@ class Gateway:
         return cb
 
     async def _report(self, offer: Offer, report: Report) -> bool:
+        """A progress report: best effort (a report that fails must not fail the update)."""
         try:
             await self.source.report(offer, report)
             return True
-        except Exception as exc:  # a report that fails must not fail the update
+        except Exception as exc:
             self.metrics.inc("source_errors_total", source=self.source.name, op="report")
-            log.warning("device=%s report to %s failed: %s", offer.device_id, self.source.name, exc)
+            log.warning("device=%s progress report to %s not delivered: %s", offer.device_id,
+                        self.source.name, exc)
             return False
 
     async def final(self, offer: Offer | None, out: Outcome) -> Outcome:
+        """Count the outcome; about an offer, journal its final report, then deliver it.
+
+        The report stays pending in the journal until the source took it (``flush_unreported``
+        retries it with backoff, also after a restart)."""
         self._count(out)
-        if offer is not None and out.status != Status.HELD:
-            sent = await self._report(offer, Report(UpdateState.IDLE, out.result,
-                                                    1.0 if out.ok else None,
-                                                    f"{out.status.value}: {out.detail}"))
-            entry = self.journal.get(out.device_id)
-            if sent and entry.unreported is not None:
-                self.journal.put(entry.with_(unreported=None), "final report delivered")
+        if offer is None or out.status == Status.HELD:
+            return out
+        detail = f"{out.status.value}: {out.detail}"
+        try:
+            rep = self.journal.queue_report(out.device_id, offer.report_handle(), int(out.result),
+                                            detail)
+        except sqlite3.Error as exc:  # a full disk: send it once anyway, it cannot be kept
+            log.error("device=%s final report not journaled (%s): sending it once, unjournaled",
+                      out.device_id, exc)
+            await self._report(offer, Report(UpdateState.IDLE, out.result,
+                                             1.0 if out.result == UpdateResult.SUCCESS else None,
+                                             detail))
+            return out
+        try:
+            await self._deliver(rep)
+        except sqlite3.Error as exc:  # the report stays pending; flush_unreported retries it
+            log.error("device=%s final report=%d: journal not writable: %s", out.device_id, rep.id,
+                      exc)
         return out
 
     async def flush_unreported(self, dev: DeviceConfig) -> None:
-        """A final report journaled but never delivered (gateway killed, source down): send it."""
+        """Deliver the device's pending final reports (oldest first) whose retry time has come.
+
+        First queues an outcome the engine journaled that was never turned into a report (the
+        gateway was killed in between). Needs the fleet server only, not the device. A report
+        that does not get through waits ``backoff_delay`` (``retry``) before the next try in
+        this process; a restarted gateway tries at once.
+        """
+        try:
+            self._adopt_unreported(dev)
+            now = self.clock()
+            for rep in self.journal.unreported(dev.id):
+                if self._report_due.get(rep.id, 0.0) > now:
+                    break  # in order: a later report never overtakes an earlier one
+                if await self._deliver(rep) == "failed":
+                    break
+        except sqlite3.Error as exc:  # the gateway's own disk: the reports stay where they are
+            log.error("device=%s pending final reports: journal error: %s", dev.id, exc)
+
+    def _adopt_unreported(self, dev: DeviceConfig) -> None:
         entry = self.journal.get(dev.id)
-        if entry.unreported is None:
+        if entry.unreported is None or entry.outcome is None:
             return
+        if dev.group is not None:
+            rec = self.journal.group(dev.group)
+            if rec is not None and dev.id in rec.members and rec.phase not in ("done", "failed"):
+                return  # the group's decision is still open: its run reports every member
         try:
             data = json.loads(entry.unreported)
-            result = UpdateResult(int(data["result"]))
-            detail = str(data["detail"])
-        except (ValueError, KeyError, TypeError):
-            self.journal.put(entry.with_(unreported=None), "unreadable pending report dropped")
+            result, detail = int(data["result"]), str(data["detail"])
+        except (ValueError, KeyError, TypeError) as exc:
+            log.error("device=%s journaled outcome unreadable (%s): %r dropped", dev.id, exc,
+                      entry.unreported)
+            self.journal.put(entry.with_(unreported=None), f"unreadable outcome dropped: {exc}")
             return
-        offer = self.offer_from_journal(dev)
-        ok = result == UpdateResult.SUCCESS
-        log.info("device=%s sending the final report of the previous run: %s", dev.id, detail)
-        if await self._report(offer, Report(UpdateState.IDLE, result, 1.0 if ok else None, detail)):
-            self.journal.put(self.journal.get(dev.id).with_(unreported=None),
-                             "final report delivered after restart")
+        handle = self.journal.report_handle(dev.id)
+        if handle is None or handle.get("artifact_id") != entry.artifact_id:
+            handle = self.offer_from_journal(dev).report_handle()
+        log.info("device=%s queueing the final report of an earlier run: %s", dev.id, detail)
+        self.journal.queue_report(dev.id, handle, result, detail)
+
+    async def _deliver(self, rep: FinalReport) -> str:
+        """One try at one journaled final report: ``delivered``, ``refused`` or ``failed``."""
+        lock = self._report_locks.setdefault(rep.device_id, asyncio.Lock())
+        async with lock:
+            cur = self.journal.report(rep.id)
+            if cur is None or cur.state != "pending":  # delivered meanwhile
+                return cur.state if cur is not None else "refused"
+            try:
+                offer = Offer.from_handle(cur.handle)
+                result = UpdateResult(cur.result)
+                if offer.source != self.source.name:
+                    raise ReportRefused(f"journaled for source {offer.source!r}; the gateway now "
+                                        f"reports to {self.source.name!r}")
+                await self.source.report(offer, Report(
+                    UpdateState.IDLE, result, 1.0 if result == UpdateResult.SUCCESS else None,
+                    cur.detail, report_id=f"{self.cfg.gateway_id}:{cur.id}"))
+            except (ReportRefused, ValueError) as exc:
+                self.journal.report_refused(cur.id, str(exc))
+                self._report_due.pop(cur.id, None)
+                self.metrics.inc("source_errors_total", source=self.source.name, op="final-report")
+                log.warning("device=%s final report=%d refused for good: %s (kept in the journal, "
+                            "not retried)", cur.device_id, cur.id, exc)
+                return "refused"
+            except Exception as exc:  # ReportNotDelivered, or a backend bug: keep it, retry later
+                after = self.journal.report_failed(cur.id, f"{type(exc).__name__}: {exc}")
+                n = after.attempts if after is not None else cur.attempts + 1
+                delay = backoff_delay(n, self.cfg.retry.base_s, self.cfg.retry.max_s,
+                                      self._report_rng)
+                self._report_due[cur.id] = self.clock() + delay
+                self.metrics.inc("source_errors_total", source=self.source.name, op="final-report")
+                log.log(logging.WARNING if isinstance(exc, ReportNotDelivered) else logging.ERROR,
+                        "device=%s final report=%d result=%s not delivered (try %d): %s; retrying "
+                        "in %.0fs", cur.device_id, cur.id, cur.result, n, exc, delay,
+                        exc_info=not isinstance(exc, ReportNotDelivered))
+                return "failed"
+            self.journal.report_delivered(cur.id)
+            self._report_due.pop(cur.id, None)
+            log.info("device=%s final report=%d delivered to %s result=%s", cur.device_id, cur.id,
+                     self.source.name, result.name)
+            return "delivered"
 
     def _describe_metrics(self) -> None:
         m = self.metrics

@@ -5,6 +5,17 @@ target for this device*, *fetch that artifact*, and *report progress and outcome
 expressed in the LwM2M Firmware Update object (/5) vocabulary; each backend maps them onto its
 server's own statuses. Sources hand over raw MCUboot image files; checking the signature and
 the device policy is the image store's and the engine's job, never a source's.
+
+Reports must survive a restart: each Offer carries ``report_to``, a small JSON-serializable
+*report handle* with everything the backend needs to deliver a report later without the
+in-memory state of the process that got the offer (hawkBit: controller, action id, feedback
+link; MQTT jobs: thing, job id, execution number; RDFM: the device identity its log API
+authenticates; latest-release/local: the release they log). The gateway journals it with the
+update (``Journal.set_report_handle``) and rebuilds the Offer from it after a restart
+(``Offer.from_handle``). ``report()`` must work from ``offer.report_to`` alone, and must raise
+``ReportNotDelivered`` when a report did not reach the server (``ReportRefused`` when the
+server says it never will): the gateway keeps every final report journaled until one
+``report()`` call returned normally.
 """
 
 from __future__ import annotations
@@ -64,7 +75,31 @@ class Offer:
     sha256: str | None = None  # hex digest of the downloadable file, when the server gives it
     size: int | None = None
     hardware: str | None = None  # hardware type the artifact targets, when the source knows
-    handle: Any = field(default=None, compare=False, repr=False)  # backend-private
+    handle: Any = field(default=None, compare=False, repr=False)  # backend-private, in memory
+    # JSON-serializable: what report() needs, also in another process after a restart
+    report_to: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def report_handle(self) -> dict[str, Any]:
+        """The serializable report handle: this offer's identity plus ``report_to``."""
+        return {"device_id": self.device_id, "source": self.source, "artifact_id": self.artifact_id,
+                "version": str(self.version) if self.version is not None else None,
+                "report_to": dict(self.report_to)}
+
+    @classmethod
+    def from_handle(cls, handle: dict[str, Any]) -> Offer:
+        """The Offer ``report()`` needs, rebuilt from ``report_handle()`` (no backend state).
+
+        Raises ValueError when the handle is not one (unreadable journal row)."""
+        try:
+            version = Version.parse(handle["version"]) if handle.get("version") else None
+            report_to = handle.get("report_to") or {}
+            if not isinstance(report_to, dict):
+                raise TypeError("report_to is not an object")
+            return cls(device_id=str(handle["device_id"]), source=str(handle["source"]),
+                       artifact_id=str(handle["artifact_id"]), version=version,
+                       report_to=dict(report_to))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"not a report handle: {exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -75,6 +110,7 @@ class Report:
     result: UpdateResult = UpdateResult.INITIAL
     progress: float | None = None  # 0..1 of the upload, when uploading
     detail: str = ""
+    report_id: str | None = None  # a final report's journal id: lets a reader drop a duplicate
 
     @property
     def finished(self) -> bool:
@@ -106,7 +142,12 @@ class FleetSource(abc.ABC):
 
     @abc.abstractmethod
     async def report(self, offer: Offer, report: Report) -> None:
-        """Tell the server how the update of ``offer.device_id`` is going / went."""
+        """Tell the server how the update of ``offer.device_id`` is going / went.
+
+        Works from ``offer.report_to`` alone (the offer may be rebuilt from the journal in
+        another process). Returns only once the server has the report; raises
+        ``ReportNotDelivered`` otherwise (``ReportRefused`` when it can never be delivered).
+        """
 
     def poll_interval(self) -> float:
         """Seconds until the next check, as the server asks (hawkBit polling.sleep...)."""
@@ -119,3 +160,14 @@ class FetchError(Exception):
     def __init__(self, message: str, result: UpdateResult = UpdateResult.CONNECTION_LOST) -> None:
         super().__init__(message)
         self.result = result
+
+
+class ReportNotDelivered(Exception):
+    """A report did not reach the server (down, timeout, rejected for now): try again later."""
+
+
+class ReportRefused(ReportNotDelivered):
+    """The server will never take this report (action/job closed or gone, unusable handle).
+
+    A final report refused this way is not retried; the gateway keeps it in the journal with
+    the reason (``Journal.reports(state="refused")``) and logs it as an error."""

@@ -22,6 +22,12 @@ Owns the DDI conversation for each device, as hawkBit's ``DdiRootController`` /
   started pushing the image to the device, and rejects otherwise.
 - ``PUT configData`` ``{"mode": "merge", "data": {..}}`` with hardware type, running version
   and image hash: sent when the server asks (``configData`` link) or the values changed.
+
+Report handle (``Offer.report_to``): ``{"controller", "action_id", "feedback_url"}`` - enough to
+post the action's feedback from another process after a restart. A feedback that does not get
+a 200 raises ``ReportNotDelivered``; 410 Gone (the action is no longer active: an earlier
+delivery of this final report whose answer was lost, or a cancel) and 404 raise
+``ReportRefused`` - retrying cannot deliver it.
 """
 
 from __future__ import annotations
@@ -43,6 +49,8 @@ from gateway.sources.base import (
     FetchError,
     Offer,
     Report,
+    ReportNotDelivered,
+    ReportRefused,
     UpdateResult,
     UpdateState,
 )
@@ -187,16 +195,19 @@ class HawkbitSource(HttpSource):
             return None
         picked = self._pick(body.get("chunks") or [])
         if picked is None:
-            await self._feedback(
-                _Action(controller, action_id, self._feedback_url(controller, action_id)),
-                "closed",
-                "failure",
-                [
-                    f"LwM2M result {int(UpdateResult.UNSUPPORTED_PACKAGE)} (UNSUPPORTED_PACKAGE): "
-                    "no artifact matches " + (self.cfg.artifact_pattern or "(any)")
-                ],
-                code=int(UpdateResult.UNSUPPORTED_PACKAGE),
-            )
+            try:  # the next poll offers the action again if this does not get through
+                await self._feedback(
+                    _Action(controller, action_id, self._feedback_url(controller, action_id)),
+                    "closed",
+                    "failure",
+                    [
+                        f"LwM2M result {int(UpdateResult.UNSUPPORTED_PACKAGE)} (UNSUPPORTED_PACKAGE): "
+                        "no artifact matches " + (self.cfg.artifact_pattern or "(any)")
+                    ],
+                    code=int(UpdateResult.UNSUPPORTED_PACKAGE),
+                )
+            except ReportNotDelivered as exc:
+                log.warning("hawkBit action %s of %s: %s", action_id, controller, exc)
             return None
         chunk, art = picked
         links_a = art.get("_links") or {}
@@ -224,6 +235,8 @@ class HawkbitSource(HttpSource):
             sha256=sha.lower() if isinstance(sha, str) else None,
             size=art.get("size") if isinstance(art.get("size"), int) else None,
             handle=act,
+            report_to={"controller": controller, "action_id": action_id,
+                       "feedback_url": act.feedback_url},
         )
 
     def _pick(self, chunks: list[Any]) -> tuple[dict[str, Any], dict[str, Any]] | None:
@@ -289,9 +302,25 @@ class HawkbitSource(HttpSource):
             url, sha256=offer.sha256, max_size=max_size, size=offer.size, headers=headers
         )
 
+    def _action_for(self, offer: Offer) -> _Action:
+        """The action of ``offer`` from its report handle (also after a restart)."""
+        rt = offer.report_to
+        try:
+            controller, action_id = str(rt["controller"]), str(rt["action_id"])
+            url = str(rt.get("feedback_url") or self._feedback_url(controller, action_id))
+        except KeyError as exc:
+            raise ReportRefused(f"hawkBit report handle of {offer.device_id} lacks {exc}") from None
+        act = self._actions.get((controller, action_id))
+        if act is None:
+            act = self._actions[(controller, action_id)] = _Action(controller, action_id, url)
+        return act
+
     async def report(self, offer: Offer, report: Report) -> None:
-        act: _Action = offer.handle
+        act = self._action_for(offer)
         if act.closed:
+            if report.finished:
+                raise ReportRefused(f"hawkBit action {act.action_id} of {act.controller} is already "
+                                    "closed (canceled, or its final feedback was sent)")
             return
         if report.state == UpdateState.UPDATING or (report.progress is not None and report.progress > 0):
             act.started_upload = True
@@ -333,6 +362,7 @@ class HawkbitSource(HttpSource):
         progress: dict[str, int] | None = None,
         code: int | None = None,
     ) -> None:
+        """POST the action's feedback; returns only on 200, else raises ReportNotDelivered."""
         result: dict[str, Any] = {"finished": finished}
         if progress is not None:
             result["progress"] = progress
@@ -343,15 +373,17 @@ class HawkbitSource(HttpSource):
         try:
             st, _ = await self._request("POST", act.feedback_url, body)
         except FetchError as exc:
-            log.warning("hawkBit feedback for action %s not delivered: %s", act.action_id, exc)
+            raise ReportNotDelivered(f"hawkBit feedback ({execution}) for action {act.action_id} "
+                                     f"not delivered: {exc}") from None
+        if st == 200:
             return
-        if st == 410:
-            log.warning(
-                "hawkBit action %s of %s is no longer active (410 Gone)", act.action_id, act.controller
-            )
+        if st in (404, 410):
             act.closed = True
-        elif st != 200:
-            log.warning("hawkBit feedback for action %s answered HTTP %d", act.action_id, st)
+            raise ReportRefused(
+                f"hawkBit action {act.action_id} of {act.controller} is no longer active (HTTP {st}): "
+                "closed by an earlier delivery of this feedback whose answer was lost, or canceled")
+        raise ReportNotDelivered(f"hawkBit feedback ({execution}) for action {act.action_id} "
+                                 f"answered HTTP {st}")
 
 
 def _href(link: Any) -> str | None:

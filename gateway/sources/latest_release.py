@@ -13,7 +13,8 @@ with the project key in a header (Memfault: ``Memfault-Project-Key``).
 
 Reporting: this API has no deployment-status endpoint (Memfault learns the running version
 from the device's own heartbeats and from ``current_version`` on the next query), so
-``report()`` only logs, and the next check carries the version actually running.
+``report()`` only logs, and the next check carries the version actually running. Its report
+handle (``Offer.report_to``) is ``{"version"}``: the release named in that log line.
 """
 
 from __future__ import annotations
@@ -126,6 +127,7 @@ class LatestReleaseSource(HttpSource):
             sha256=sha_s,
             size=size if isinstance(size, int) else None,
             handle={"url": url, "version": vtext},
+            report_to={"version": vtext},
         )
 
     async def fetch(self, offer: Offer, max_size: int | None) -> Path:
@@ -137,7 +139,7 @@ class LatestReleaseSource(HttpSource):
         if report.finished:
             log.info(
                 "release %s on %s: %s (%d) %s",
-                offer.handle.get("version"),
+                offer.report_to.get("version"),
                 offer.device_id,
                 report.result.name,
                 int(report.result),

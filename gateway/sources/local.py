@@ -12,7 +12,9 @@ For each device the newest image (by the MCUboot version in the image header) wh
 ``hardware`` matches the device, and whose ``devices``/``group`` filters admit it, is the
 target. The manifest is re-read at every check, so dropping in a new image and editing the
 manifest is picked up by a running daemon. Reports are logged and kept in
-``<dir>/reports.jsonl`` when the directory is writable.
+``<dir>/reports.jsonl`` when the directory is writable (a read-only image directory is not an
+error: the log line is the report). The report handle (``Offer.report_to``) is
+``{"file"}``, the image the report is about.
 """
 
 from __future__ import annotations
@@ -125,7 +127,8 @@ class LocalSource(FleetSource):
                 log.warning("local source: %s unusable: %s", path, exc)
                 continue
             offer = Offer(device_id=device.id, source=self.name, artifact_id=info.hash.hex(),
-                          version=info.version, hardware=e.hardware, handle=path)
+                          version=info.version, hardware=e.hardware, handle=path,
+                          report_to={"file": e.file})
             if best is None or info.version.key() > best[0]:  # type: ignore[operator]
                 best = (info.version.key(), offer)
         if best is None:
@@ -150,12 +153,16 @@ class LocalSource(FleetSource):
         self.reports.append((offer.device_id, report))
         if not report.finished:
             return
+        log.info("device=%s outcome of %s: %s (%d) %s", offer.device_id, offer.report_to.get("file"),
+                 report.result.name, int(report.result), report.detail)
         line = {"time": time.time(), "device": offer.device_id, "artifact": offer.artifact_id,
-                "version": str(offer.version), "state": int(report.state),
-                "result": int(report.result), "result_name": report.result.name,
-                "detail": report.detail}
+                "file": offer.report_to.get("file"), "version": str(offer.version),
+                "state": int(report.state), "result": int(report.result),
+                "result_name": report.result.name, "detail": report.detail,
+                "report_id": report.report_id}
         try:
             with (self.dir / "reports.jsonl").open("a") as f:
                 f.write(json.dumps(line) + "\n")
-        except OSError:
-            pass  # read-only image directory: the log line is enough
+        except OSError as exc:  # read-only image directory: the log line is the report
+            log.info("report of %s not added to %s: %s", offer.device_id, self.dir / "reports.jsonl",
+                     exc.strerror)

@@ -22,6 +22,15 @@ or a flat ``{"url", "sha256", "size", "version"}``; FreeRTOS-OTA style
 ``statusDetails`` carries ``lwm2m_state``, ``lwm2m_result`` (numbers as strings, AWS requires
 string values), their names, ``detail`` and ``progress`` (percent). Progress updates are
 rate-limited to one per ``progress_interval_s``.
+
+Report handle (``Offer.report_to``): ``{"thing", "job_id", "execution_number"}``; every update
+names its ``executionNumber``, so a final status sent after a restart lands on the execution
+the gateway worked on. An update that gets no ``/accepted`` raises ``ReportNotDelivered``. A
+final update rejected with ``InvalidStateTransition`` carries the execution's state (AWS puts
+``executionState`` in that error): if it already holds this very status and LwM2M result, an
+earlier delivery whose answer was lost got through (delivered); otherwise the execution was
+closed by someone else and ``ReportRefused`` is raised, as for ``ResourceNotFound`` and
+malformed requests. ``InternalError``/``RequestThrottled``/``VersionMismatch`` are retried.
 """
 
 from __future__ import annotations
@@ -41,16 +50,30 @@ import aiomqtt
 
 from gateway.download import Downloader, DownloadTimeouts
 from gateway.mcuboot import Version
-from gateway.sources.base import DeviceView, FetchError, FleetSource, Offer, Report, UpdateResult
+from gateway.sources.base import (
+    DeviceView,
+    FetchError,
+    FleetSource,
+    Offer,
+    Report,
+    ReportNotDelivered,
+    ReportRefused,
+    UpdateResult,
+)
 from gateway.sources.settings import MqttJobsSourceConfig
 
 log = logging.getLogger(__name__)
+
+
+# AWS IoT Jobs MQTT error codes worth another try (jobs-api.html, "ErrorResponse")
+_TRANSIENT = {"InternalError", "RequestThrottled", "VersionMismatch"}
 
 
 @dataclass
 class _Job:
     thing: str
     job_id: str
+    execution_number: int | None = None
     last_sig: tuple[int, int] | None = None
     last_progress_at: float = 0.0
     closed: bool = False
@@ -75,6 +98,7 @@ class MqttJobsSource(FleetSource):
         self._things: set[str] = set()
         self._pending: dict[str, asyncio.Future[tuple[str, dict[str, Any]]]] = {}
         self._notified: set[str] = set()
+        self._jobs: dict[tuple[str, str], _Job] = {}
         self.notified = asyncio.Event()  # set when notify-next announces a pending job
         self._stopping = False
 
@@ -243,11 +267,15 @@ class MqttJobsSource(FleetSource):
             return None
         job_id = str(execution.get("jobId"))
         doc = execution.get("jobDocument")
-        job = _Job(thing, job_id)
+        number = execution.get("executionNumber")
+        number = number if isinstance(number, int) else None
+        job = self._jobs.get((thing, job_id))
+        if job is None or job.closed or job.execution_number != number:  # a new execution
+            job = self._jobs[(thing, job_id)] = _Job(thing, job_id, number)
         try:
             files = _files(doc)
         except ValueError as exc:
-            await self._update(
+            await self._update_quietly(
                 job,
                 "FAILED",
                 {
@@ -259,11 +287,12 @@ class MqttJobsSource(FleetSource):
             return None
         devices = doc.get("devices") if isinstance(doc, dict) else None
         if isinstance(devices, list) and device.id not in devices:
-            await self._update(job, "REJECTED", {"detail": f"device {device.id} is not named by the job"})
+            await self._update_quietly(
+                job, "REJECTED", {"detail": f"device {device.id} is not named by the job"})
             return None
         mine = [f for f in files if f.get("device") in (None, device.id)]
         if not mine:
-            await self._update(job, "REJECTED", {"detail": f"no file for device {device.id}"})
+            await self._update_quietly(job, "REJECTED", {"detail": f"no file for device {device.id}"})
             return None
         f = mine[0]
         version = None
@@ -281,6 +310,7 @@ class MqttJobsSource(FleetSource):
             sha256=sha.lower() if isinstance(sha, str) else None,
             size=f.get("size") if isinstance(f.get("size"), int) else None,
             handle={"job": job, "url": f["url"]},
+            report_to={"thing": thing, "job_id": job_id, "execution_number": job.execution_number},
         )
 
     async def fetch(self, offer: Offer, max_size: int | None) -> Path:
@@ -288,9 +318,26 @@ class MqttJobsSource(FleetSource):
             offer.handle["url"], sha256=offer.sha256, max_size=max_size, size=offer.size
         )
 
+    def _job_for(self, offer: Offer) -> _Job:
+        """The job execution of ``offer`` from its report handle (also after a restart)."""
+        rt = offer.report_to
+        try:
+            thing, job_id = str(rt["thing"]), str(rt["job_id"])
+        except KeyError as exc:
+            raise ReportRefused(f"MQTT jobs report handle of {offer.device_id} lacks {exc}") from None
+        job = self._jobs.get((thing, job_id))
+        if job is None:
+            job = self._jobs[(thing, job_id)] = _Job(thing, job_id)
+        number = rt.get("execution_number")
+        if job.execution_number is None and isinstance(number, int):
+            job.execution_number = number
+        return job
+
     async def report(self, offer: Offer, report: Report) -> None:
-        job: _Job = offer.handle["job"]
+        job = self._job_for(offer)
         if job.closed:
+            if report.finished:
+                raise ReportRefused(f"job {job.job_id} of {job.thing} is already closed")
             return
         sig = (int(report.state), int(report.result))
         now = time.monotonic()
@@ -313,32 +360,47 @@ class MqttJobsSource(FleetSource):
         if report.progress is not None:
             details["progress"] = str(round(report.progress * 100))
         if not report.finished:
-            status = "IN_PROGRESS"
-        else:
-            status = "SUCCEEDED" if report.result == UpdateResult.SUCCESS else "FAILED"
-            job.closed = True
+            await self._update(job, "IN_PROGRESS", details)
+            return
+        status = "SUCCEEDED" if report.result == UpdateResult.SUCCESS else "FAILED"
         await self._update(job, status, details)
+        job.closed = True
+
+    async def _update_quietly(self, job: _Job, status: str, details: dict[str, str]) -> None:
+        """An update the gateway may lose (the job is offered again at the next poll)."""
+        try:
+            await self._update(job, status, details)
+        except ReportNotDelivered as exc:
+            log.warning("%s", exc)
 
     async def _update(self, job: _Job, status: str, details: dict[str, str]) -> None:
+        """UpdateJobExecution; returns once accepted, else raises ReportNotDelivered."""
+        body: dict[str, Any] = {"status": status, "statusDetails": details}
+        if job.execution_number is not None:
+            body["executionNumber"] = job.execution_number
         try:
             verdict, data = await self._request(
-                job.thing,
-                f"$aws/things/{job.thing}/jobs/{job.job_id}/update",
-                {"status": status, "statusDetails": details},
-            )
+                job.thing, f"$aws/things/{job.thing}/jobs/{job.job_id}/update", body)
         except FetchError as exc:
-            log.warning("job %s update (%s) not delivered: %s", job.job_id, status, exc)
+            raise ReportNotDelivered(f"job {job.job_id} update ({status}) not delivered: {exc}") from None
+        if verdict == "accepted":
             return
-        if verdict == "rejected":
-            log.warning(
-                "job %s update to %s rejected: %s %s",
-                job.job_id,
-                status,
-                data.get("code"),
-                data.get("message"),
-            )
-            if data.get("code") in ("InvalidStateTransition", "ResourceNotFound"):
+        code, message = data.get("code"), data.get("message")
+        if code == "InvalidStateTransition" and status != "IN_PROGRESS":
+            state = data.get("executionState") or {}
+            have = state.get("statusDetails") or {}
+            if state.get("status") == status and have.get("lwm2m_result") == details.get("lwm2m_result"):
+                log.info("job %s of %s already holds %s (an earlier delivery got through)",
+                         job.job_id, job.thing, status)
                 job.closed = True
+                return
+        if code in _TRANSIENT:
+            raise ReportNotDelivered(f"job {job.job_id} update to {status} rejected for now: "
+                                     f"{code} {message}")
+        if code in ("InvalidStateTransition", "ResourceNotFound"):
+            job.closed = True
+        raise ReportRefused(f"job {job.job_id} of {job.thing}: update to {status} rejected: "
+                            f"{code} {message}")
 
 
 def _files(doc: Any) -> list[dict[str, Any]]:

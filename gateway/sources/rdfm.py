@@ -23,6 +23,13 @@ from device logs: ``POST /api/v1/logs`` (device token) with ``{"batch": [{"devic
 "name", "entry"}]}``. ``report()`` sends state changes and outcomes there (name
 ``smp-gateway.update``, entry = JSON with the LwM2M state/result); a 404/405 (older server)
 turns that off with one log line.
+
+Report handle (``Offer.report_to``): ``{"ident", "metadata", "package_id"}`` - the RDFM device
+identity and the metadata it authenticates with (its key is on disk under ``device_key_dir``),
+so a final outcome can be logged after a restart. A log upload that does not get a 200 (server
+down, 5xx, the device no longer accepted) raises ``ReportNotDelivered`` and is retried. The log
+API appends: each entry carries ``report_id`` (the gateway's journal id of the report) so that
+a reader can drop the duplicate a retry makes when an answer was lost.
 """
 
 from __future__ import annotations
@@ -49,6 +56,8 @@ from gateway.sources.base import (
     FetchError,
     Offer,
     Report,
+    ReportNotDelivered,
+    ReportRefused,
     UpdateResult,
 )
 from gateway.sources.settings import RdfmSourceConfig
@@ -157,21 +166,22 @@ class RdfmSource(HttpSource):
         )
 
     # -- authentication ------------------------------------------------------------------
-    async def _token(self, device: DeviceView, force: bool = False) -> str | None:
-        ident = self.identity(device)
+    async def _token(self, meta: dict[str, str], force: bool = False) -> str | None:
+        """A device token for the identity ``meta[rdfm.hardware.macaddr]`` (None: not accepted)."""
+        ident = meta[META_MAC]
         lock = self._auth_locks.setdefault(ident, asyncio.Lock())
         async with lock:
             tok = self._tokens.get(ident)
             if tok is not None and not force and self.clock() < tok.valid_until:
                 return tok.value
             self._tokens.pop(ident, None)
-            return await self._authenticate(device, ident)
+            return await self._authenticate(meta, ident)
 
-    async def _authenticate(self, device: DeviceView, ident: str) -> str | None:
+    async def _authenticate(self, meta: dict[str, str], ident: str) -> str | None:
         key = await self.device_key(ident)
         body = json.dumps(
             {
-                "metadata": self.metadata(device),
+                "metadata": meta,
                 "public_key": self.public_pem(key),
                 "timestamp": int(time.time()),
             }
@@ -222,7 +232,7 @@ class RdfmSource(HttpSource):
     async def check(self, device: DeviceView) -> Offer | None:
         meta = self.metadata(device)
         for attempt in range(2):
-            token = await self._token(device, force=attempt > 0)
+            token = await self._token(meta, force=attempt > 0)
             if token is None:
                 return None
             status, data = await self._post_json("/api/v1/update/check", meta, token)
@@ -249,6 +259,7 @@ class RdfmSource(HttpSource):
                     "device_type": meta[META_DEVTYPE],
                     "device": device,
                 },
+                report_to={"ident": meta[META_MAC], "metadata": meta, "package_id": data.get("id")},
             )
         raise FetchError("RDFM rejected a freshly issued token", UpdateResult.CONNECTION_LOST)
 
@@ -291,11 +302,8 @@ class RdfmSource(HttpSource):
     async def report(self, offer: Offer, report: Report) -> None:
         key = (offer.device_id, offer.artifact_id)
         sig = (int(report.state), int(report.result))
-        if self._last_reported.get(key) == sig:
+        if not report.finished and self._last_reported.get(key) == sig:
             return  # progress ticks: RDFM logs are for state changes and outcomes only
-        self._last_reported[key] = sig
-        if report.finished:
-            self._last_reported.pop(key, None)
         log.info(
             "RDFM update of %s (%s): state %s result %s %s",
             offer.device_id,
@@ -305,46 +313,51 @@ class RdfmSource(HttpSource):
             report.detail,
         )
         if not self._logs_supported:
-            return
-        device = offer.handle.get("device") if isinstance(offer.handle, dict) else None
-        if not isinstance(device, DeviceView):
-            return
-        entry = json.dumps(
-            {
-                "device": offer.device_id,
-                "artifact": offer.artifact_id,
-                "state": int(report.state),
-                "state_name": report.state.name,
-                "result": int(report.result),
-                "result_name": report.result.name,
-                "detail": report.detail,
-            }
-        )
+            return  # no report channel: the next update check carries the running version
+        meta = offer.report_to.get("metadata")
+        if not isinstance(meta, dict) or not all(
+                isinstance(meta.get(k), str) for k in (META_DEVTYPE, META_SOFTVER, META_MAC)):
+            raise ReportRefused(f"RDFM report handle of {offer.device_id} lacks the device metadata")
+        entry: dict[str, Any] = {
+            "device": offer.device_id,
+            "artifact": offer.artifact_id,
+            "state": int(report.state),
+            "state_name": report.state.name,
+            "result": int(report.result),
+            "result_name": report.result.name,
+            "detail": report.detail,
+        }
+        if report.report_id is not None:
+            entry["report_id"] = report.report_id
         batch = {
             "batch": [
                 {
                     "device_timestamp": email.utils.formatdate(usegmt=True),
                     "name": "smp-gateway.update",
-                    "entry": entry,
+                    "entry": json.dumps(entry),
                 }
             ]
         }
         try:
+            status = 401
             for attempt in range(2):
-                token = await self._token(device, force=attempt > 0)
+                token = await self._token(dict(meta), force=attempt > 0)
                 if token is None:
-                    return
+                    raise ReportNotDelivered(
+                        f"RDFM device {meta[META_MAC]} is not accepted by the server: outcome not logged")
                 status, _ = await self._post_json("/api/v1/logs", batch, token)
-                if status == 401:
-                    continue
-                if status in (404, 405):
-                    log.info(
-                        "RDFM server has no device log API (HTTP %d); outcomes are logged locally only",
-                        status,
-                    )
-                    self._logs_supported = False
-                elif status != 200:
-                    log.warning("RDFM log upload answered HTTP %d", status)
-                return
+                if status != 401:
+                    break
         except FetchError as exc:
-            log.warning("could not send the outcome to RDFM: %s", exc)
+            raise ReportNotDelivered(f"could not send the outcome to RDFM: {exc}") from None
+        if status in (404, 405):
+            log.info("RDFM server has no device log API (HTTP %d); outcomes are logged locally only",
+                     status)
+            self._logs_supported = False
+            return
+        if status != 200:
+            raise ReportNotDelivered(f"RDFM log upload answered HTTP {status}")
+        if report.finished:
+            self._last_reported.pop(key, None)
+        else:
+            self._last_reported[key] = sig

@@ -6,10 +6,18 @@ requested); deploymentBase (404 once canceling); feedback (410 once the action i
 cancelAction + its feedback (closed/success → canceled, rejected → cancel rejected);
 ``PUT configData``; artifacts with Range support under ``/{tenant}/controller/v1/{id}/
 softwaremodules/{sm}/artifacts/{file}``.
+
+Every feedback the server accepted is in ``Action.feedback`` (``finals()``: the closing ones).
+Fault knobs for the final (``execution: closed``) feedback: ``final_faults`` - an HTTP status
+answers that instead of accepting it, ``"drop"`` accepts it and then drops the connection
+without an answer; ``hold_final`` - a closing feedback arriving while it is set is held until
+the Event is set and then lost (answered 503, not applied: a gateway killed while its feedback
+was in flight); ``final_seen`` is set when a closing feedback arrives.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import itertools
 from dataclasses import dataclass, field
@@ -33,6 +41,10 @@ class Action:
     cancel_feedback: list[dict[str, Any]] = field(default_factory=list)
     update: str = "forced"
 
+    def finals(self) -> list[dict[str, Any]]:
+        """The closing feedbacks this server accepted (the outcome; exactly one is expected)."""
+        return [f for f in self.feedback if f["status"]["execution"] == "closed"]
+
 
 @dataclass
 class HawkbitServer:
@@ -45,6 +57,10 @@ class HawkbitServer:
     config_puts: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     unauthorized: int = 0
     files: FileStore = field(default_factory=lambda: FileStore(prefix="/artifacts"))
+    final_faults: list[int | str] = field(default_factory=list)  # next closing feedbacks
+    hold_final: asyncio.Event | None = None
+    final_seen: asyncio.Event = field(default_factory=asyncio.Event)
+    feedback_posts: int = 0  # every feedback POST that reached the server
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._auth])
@@ -135,8 +151,18 @@ class HawkbitServer:
     async def feedback(self, request: web.Request) -> web.Response:
         act = self.actions[int(request.match_info["aid"])]
         body = await request.json()
+        self.feedback_posts += 1
+        closing = body.get("status", {}).get("execution") == "closed"
+        if closing:
+            self.final_seen.set()
+        if closing and self.hold_final is not None:
+            await self.hold_final.wait()
+            return web.Response(status=503)
         if act.status not in ("running", "canceling"):
             return web.Response(status=410)
+        fault = self.final_faults.pop(0) if closing and self.final_faults else None
+        if isinstance(fault, int):
+            return web.Response(status=fault)
         status = body["status"]
         assert status["execution"] in (
             "closed",
@@ -152,6 +178,9 @@ class HawkbitServer:
         act.feedback.append(body)
         if status["execution"] == "closed":
             act.status = "finished" if status["result"]["finished"] == "success" else "error"
+        if fault == "drop":  # accepted, but the answer never leaves
+            assert request.transport is not None
+            request.transport.close()
         return web.Response(status=200)
 
     async def cancel_action(self, request: web.Request) -> web.Response:

@@ -3,8 +3,13 @@
 Per thing: a queue of jobs; answers ``$aws/things/{thing}/jobs/start-next`` on ``/accepted``
 (with ``execution`` when a job is QUEUED or IN_PROGRESS, moving it to IN_PROGRESS) and
 ``.../jobs/{jobId}/update`` on ``/accepted`` or ``/rejected`` (InvalidStateTransition once the
-job is terminal, ResourceNotFound for unknown jobs); publishes ``notify-next`` when a job is
-added. Records every update.
+job is terminal - with the execution's ``executionState``, as AWS sends it - ResourceNotFound
+for unknown jobs or another ``executionNumber``); publishes ``notify-next`` when a job is added.
+Records every update it accepted (``Job.updates``; ``Job.finals()`` the terminal ones).
+
+Fault knob ``final_faults`` for the next terminal updates (SUCCEEDED/FAILED/REJECTED): an error
+code (e.g. ``"InternalError"``) rejects it with that code without applying it; ``"drop"``
+applies it and never answers.
 """
 
 from __future__ import annotations
@@ -30,6 +35,11 @@ class Job:
     version: int = 1
     status_details: dict[str, str] = field(default_factory=dict)
     updates: list[dict[str, Any]] = field(default_factory=list)
+    execution_number: int = 1
+
+    def finals(self) -> list[dict[str, Any]]:
+        """The terminal updates this service accepted (the outcome; exactly one is expected)."""
+        return [u for u in self.updates if u["status"] in TERMINAL]
 
 
 @dataclass
@@ -37,6 +47,7 @@ class JobsService:
     port: int
     jobs: dict[str, list[Job]] = field(default_factory=dict)
     start_next_requests: list[dict[str, Any]] = field(default_factory=list)
+    final_faults: list[str] = field(default_factory=list)
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
     _client: aiomqtt.Client | None = None
     _task: asyncio.Task[None] | None = None
@@ -88,7 +99,7 @@ class JobsService:
             "queuedAt": 0,
             "lastUpdatedAt": int(time.time()),
             "versionNumber": job.version,
-            "executionNumber": 1,
+            "executionNumber": job.execution_number,
         }
 
     async def _handle(self, topic: str, body: dict[str, Any]) -> None:
@@ -110,10 +121,17 @@ class JobsService:
         elif parts[-1] == "update":
             job_id = parts[4]
             job = next((j for j in self.jobs.get(thing, []) if j.job_id == job_id), None)
-            if job is None:
-                await self._reject(topic, token, "ResourceNotFound", "no such job")
+            number = body.get("executionNumber")
+            fault = (self.final_faults.pop(0) if body.get("status") in TERMINAL and self.final_faults
+                     else None)
+            if job is None or (number is not None and number != job.execution_number):
+                await self._reject(topic, token, "ResourceNotFound", "no such job execution")
             elif job.status in TERMINAL:
-                await self._reject(topic, token, "InvalidStateTransition", f"job is {job.status}")
+                await self._reject(topic, token, "InvalidStateTransition", f"job is {job.status}",
+                                   {"status": job.status, "statusDetails": job.status_details,
+                                    "versionNumber": job.version})
+            elif fault is not None and fault != "drop":
+                await self._reject(topic, token, fault, "injected fault")
             elif body.get("status") not in ("IN_PROGRESS", "SUCCEEDED", "FAILED", "REJECTED") or not all(
                 isinstance(v, str) for v in (body.get("statusDetails") or {}).values()
             ):
@@ -123,6 +141,10 @@ class JobsService:
                 job.version += 1
                 job.status_details.update(body.get("statusDetails") or {})
                 job.updates.append(body)
+                if fault == "drop":
+                    async with self.changed:
+                        self.changed.notify_all()
+                    return
                 await self._client.publish(
                     topic + "/accepted",
                     json.dumps(
@@ -141,12 +163,11 @@ class JobsService:
         async with self.changed:
             self.changed.notify_all()
 
-    async def _reject(self, topic: str, token: Any, code: str, message: str) -> None:
+    async def _reject(self, topic: str, token: Any, code: str, message: str,
+                      state: dict[str, Any] | None = None) -> None:
         assert self._client is not None
-        await self._client.publish(
-            topic + "/rejected",
-            json.dumps(
-                {"code": code, "message": message, "clientToken": token, "timestamp": int(time.time())}
-            ),
-            qos=1,
-        )
+        body: dict[str, Any] = {"code": code, "message": message, "clientToken": token,
+                                "timestamp": int(time.time())}
+        if state is not None:
+            body["executionState"] = state
+        await self._client.publish(topic + "/rejected", json.dumps(body), qos=1)

@@ -4,6 +4,11 @@ Mirrors ``server/src/api/v1/auth.py`` (signed registration, 401 until an adminis
 accepts the device, HS256 JWT ``{device_id, created_at, expires}``), ``middleware.device_api``
 (``Authorization: Bearer token=<jwt>``), ``update.py`` (metadata body, 200/204/400/401) and
 ``logs.py`` (``POST /api/v1/logs``), with packages served from ``/local_storage/<uuid>``.
+
+``logs`` holds every log entry the server accepted. Fault knob ``outcome_faults`` for the next
+log uploads that carry an outcome (an ``smp-gateway.update`` entry with a result): an HTTP status
+answers that instead of storing the batch; ``"drop"`` stores it and drops the connection
+without an answer.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ class RdfmServer:
     files: FileStore = field(default_factory=lambda: FileStore(prefix="/local_storage"))
     issued: list[str] = field(default_factory=list)
     revoked: set[str] = field(default_factory=set)  # tokens treated as expired
+    outcome_faults: list[int | str] = field(default_factory=list)
     _next_id: int = 1
 
     def app(self) -> web.Application:
@@ -176,6 +182,27 @@ class RdfmServer:
         if token is None:
             return web.json_response({"error": "invalid token"}, status=401)
         batch = await request.json()
+        outcome = any(_is_outcome(e) for e in batch["batch"])
+        fault = self.outcome_faults.pop(0) if outcome and self.outcome_faults else None
+        if isinstance(fault, int):
+            return web.json_response({"error": "injected fault"}, status=fault)
         for entry in batch["batch"]:
             self.logs.append({"device_id": token["device_id"], **entry})
+        if fault == "drop":
+            assert request.transport is not None
+            request.transport.close()
         return web.json_response({})
+
+    def outcomes(self, device_id: str) -> list[dict[str, Any]]:
+        """The final outcomes (LwM2M result set) the device's log holds, decoded."""
+        return [json.loads(e["entry"]) for e in self.logs
+                if e["device_id"] == device_id and _is_outcome(e)]
+
+
+def _is_outcome(entry: dict[str, Any]) -> bool:
+    if entry.get("name") != "smp-gateway.update":
+        return False
+    try:
+        return bool(json.loads(entry["entry"]).get("result"))
+    except (ValueError, KeyError, AttributeError):
+        return False
