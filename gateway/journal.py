@@ -6,6 +6,16 @@ attempts, last error — and, crucially, ``tested_hash``: the image this gateway
 The engine writes a row *before* each irreversible step, so after SIGKILL or power loss the
 next start knows where each device was. It never confirms an image whose hash is not the
 row's ``tested_hash``.
+
+Final reports (what the fleet server must learn of each update) have their own table: a report
+is *queued* (``queue_report``) when an outcome is decided, in the same transaction that clears
+the engine's hand-off (``Entry.unreported``), and leaves the ``pending`` state only when the
+source took it (``report_delivered``) or said it never will (``report_refused``, kept with the
+reason). ``unreported()`` lists what the server has not got yet. Each report keeps the
+serializable *report handle* of its offer (``Offer.report_handle()``), journaled per device
+with ``set_report_handle`` when the gateway adopts an offer, so a restarted gateway can deliver
+it. One pending final report per (device, handle): a later outcome of the same action replaces
+an undelivered earlier one (the server only ever needs the action's last word).
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -42,8 +53,9 @@ class Entry:
     # source offers a different artifact
     blocked_hash: str | None = None
     blocked_artifact: str | None = None
-    # the final report (JSON {"result", "detail"}) journaled with the outcome and cleared once
-    # the source has it: a gateway killed in between sends it after the restart (none lost)
+    # the engine's outcome (JSON {"result", "detail"}), journaled with it, until the daemon turns
+    # it into a queued final report (``Journal.queue_report`` clears it in the same transaction);
+    # a gateway killed in between queues it at the next start (``adopt_unreported``)
     unreported: str | None = None
     updated_at: float = 0.0
 
@@ -81,6 +93,15 @@ class Journal:
         )
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS events (t REAL, device_id TEXT, step TEXT, detail TEXT)"
+        )
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS report_handles (device_id TEXT PRIMARY KEY, handle TEXT, "
+            "updated_at REAL)"
+        )
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS reports (id INTEGER PRIMARY KEY AUTOINCREMENT, "
+            "device_id TEXT, handle TEXT, result INTEGER, detail TEXT, state TEXT, "
+            "attempts INTEGER DEFAULT 0, last_error TEXT, created_at REAL, done_at REAL)"
         )
 
     def close(self) -> None:
@@ -165,6 +186,137 @@ class Journal:
             self._db.execute("INSERT INTO events VALUES (?, ?, ?, ?)",
                              (time.time(), f"group:{rec.name}", rec.phase, rec.detail))
             self._db.execute("COMMIT")
+
+
+    # -- final reports: queued with the outcome, pending until the server has them -----------
+    def set_report_handle(self, device_id: str, handle: dict[str, Any]) -> None:
+        """The report handle of the offer the device's update now follows."""
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO report_handles VALUES (?, ?, ?)",
+                             (device_id, _dumps(handle), time.time()))
+
+    def report_handle(self, device_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._db.execute("SELECT handle FROM report_handles WHERE device_id=?",
+                                   (device_id,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def queue_report(self, device_id: str, handle: dict[str, Any], result: int,
+                     detail: str) -> FinalReport:
+        """Journal a final report as pending (and clear the engine's ``unreported`` hand-off).
+
+        A pending report of the same device and handle is replaced (same action, later word)."""
+        h = _dumps(handle)
+        now = time.time()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            row = self._db.execute(
+                "SELECT id FROM reports WHERE device_id=? AND handle=? AND state='pending' "
+                "ORDER BY id DESC", (device_id, h)).fetchone()
+            if row is not None:
+                rid = int(row[0])
+                self._db.execute("UPDATE reports SET result=?, detail=?, created_at=? WHERE id=?",
+                                 (int(result), detail, now, rid))
+            else:
+                cur = self._db.execute(
+                    "INSERT INTO reports (device_id, handle, result, detail, state, attempts, "
+                    "created_at) VALUES (?, ?, ?, ?, 'pending', 0, ?)",
+                    (device_id, h, int(result), detail, now))
+                rid = int(cur.lastrowid or 0)
+            self._db.execute("UPDATE devices SET unreported=NULL WHERE device_id=?", (device_id,))
+            self._db.execute("INSERT INTO events VALUES (?, ?, ?, ?)",
+                             (now, device_id, "report-queued", f"report={rid} result={int(result)}"))
+            self._db.execute("COMMIT")
+        rep = self.report(rid)
+        assert rep is not None
+        return rep
+
+    def report(self, report_id: int) -> FinalReport | None:
+        with self._lock:
+            row = self._db.execute(f"SELECT {_REPORT_COLS} FROM reports WHERE id=?",
+                                   (report_id,)).fetchone()
+        return FinalReport.from_row(row) if row else None
+
+    def reports(self, device_id: str | None = None, state: str | None = None) -> list[FinalReport]:
+        """Final reports, oldest first; ``state``: pending / delivered / refused."""
+        q, args = f"SELECT {_REPORT_COLS} FROM reports WHERE 1=1", list[str]()
+        if device_id is not None:
+            q, args = q + " AND device_id=?", [*args, device_id]
+        if state is not None:
+            q, args = q + " AND state=?", [*args, state]
+        with self._lock:
+            rows = self._db.execute(q + " ORDER BY id", args).fetchall()
+        return [FinalReport.from_row(r) for r in rows]
+
+    def unreported(self, device_id: str | None = None) -> list[FinalReport]:
+        """Final reports the fleet server has not got yet (pending), oldest first."""
+        return self.reports(device_id, "pending")
+
+    def has_report(self, device_id: str, handle: dict[str, Any]) -> bool:
+        """Whether a final report for this device and handle was queued (in any state)."""
+        with self._lock:
+            row = self._db.execute("SELECT 1 FROM reports WHERE device_id=? AND handle=?",
+                                   (device_id, _dumps(handle))).fetchone()
+        return row is not None
+
+    def report_delivered(self, report_id: int) -> None:
+        self._report_done(report_id, "delivered", None)
+
+    def report_refused(self, report_id: int, reason: str) -> None:
+        self._report_done(report_id, "refused", reason)
+
+    def report_failed(self, report_id: int, reason: str) -> FinalReport | None:
+        """One delivery attempt failed: count it, keep the report pending."""
+        with self._lock:
+            self._db.execute("UPDATE reports SET attempts=attempts+1, last_error=? WHERE id=? "
+                             "AND state='pending'", (reason, report_id))
+        return self.report(report_id)
+
+    def _report_done(self, report_id: int, state: str, reason: str | None) -> None:
+        now = time.time()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            row = self._db.execute("SELECT device_id FROM reports WHERE id=?", (report_id,)).fetchone()
+            self._db.execute("UPDATE reports SET state=?, done_at=?, attempts=attempts+1, "
+                             "last_error=COALESCE(?, last_error) WHERE id=? AND state='pending'",
+                             (state, now, reason, report_id))
+            if row is not None:
+                self._db.execute("INSERT INTO events VALUES (?, ?, ?, ?)",
+                                 (now, row[0], f"report-{state}",
+                                  f"report={report_id}" + (f": {reason}" if reason else "")))
+            self._db.execute("COMMIT")
+
+
+def _dumps(handle: dict[str, Any]) -> str:
+    return json.dumps(handle, sort_keys=True, separators=(",", ":"))
+
+
+_REPORT_COLS = "id, device_id, handle, result, detail, state, attempts, last_error, created_at, done_at"
+
+
+@dataclass(frozen=True)
+class FinalReport:
+    """One final report: an outcome the fleet server must learn (LwM2M result + detail)."""
+
+    id: int
+    device_id: str
+    handle: dict[str, Any]  # Offer.report_handle(): device, source, artifact, version, report_to
+    result: int  # LwM2M /5 Update Result
+    detail: str
+    state: str  # pending / delivered / refused
+    attempts: int = 0
+    last_error: str | None = None
+    created_at: float = 0.0
+    done_at: float | None = None
+
+    @classmethod
+    def from_row(cls, row: Any) -> FinalReport:
+        try:
+            handle = json.loads(row[2]) if row[2] else {}
+        except ValueError:
+            handle = {}
+        return cls(int(row[0]), row[1], handle if isinstance(handle, dict) else {}, int(row[3]),
+                   row[4] or "", row[5], int(row[6] or 0), row[7], float(row[8] or 0.0), row[9])
 
 
 @dataclass(frozen=True)
