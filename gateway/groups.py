@@ -1,70 +1,259 @@
 """Group updates: MCUs that must change version together (``DeviceConfig.group``).
 
-Owns the all-or-nothing switch of a group. The phases, each journaled (``groups`` table) before
-it starts, so that after a restart every member follows the same decision::
+Owns the all-or-nothing switch of a group: it ends with **every member on the new image,
+confirmed, or every member back on its previous image, confirmed**. The phases, each journaled
+(``groups`` table) before it starts, so that after a restart every member follows the same
+decision::
 
     upload  every member: image complete in its secondary slot (not marked)
     mark    every member: marked for test (pending)           - only once ALL are uploaded
     boot    every member: reset, booted, health-checked, still unconfirmed
-    confirm every member confirmed                              - only once ALL booted fine
-    revert  (any member failed in mark/boot) every member back to its previous image
+    confirm first every member is read again (running its target, unconfirmed, its previous
+            image in the secondary slot); then one member at a time: read again, confirm,
+            read back confirmed                                - only once ALL booted fine
+    revert  (a member failed after the first mark, before every member was confirmed)
+            every member taken back to its previous image, confirmed
     done / failed
 
-Why this order: img_mgmt cannot take back a pending image (a pending slot cannot be erased or
-overwritten; only a reset clears it, by test-booting it). So nobody is marked until every
-member holds its image, and nobody is reset until every member is marked. A failure in the
-upload phase therefore leaves every member untouched (the image just sits, unmarked, in
-slot 1). In ``revert``, members test-running the new image are reset (MCUboot reverts an
-unconfirmed image at the next boot); members never reset are left on their old image - a
-member whose mark succeeded while another's failed keeps its image pending (it test-boots at
-its next reset and MCUboot reverts it at the one after; the journal keeps it out of any
-confirmation). Group members must use ``confirm: gateway``.
+Why this order: img_mgmt cannot take back a pending image (``img_mgmt_set_next_boot_slot`` in
+Zephyr's img_mgmt_state.c refuses any change while a test is pending, and a pending slot is
+"in use", so it cannot be erased or overwritten); only a reset clears it, by test-booting it.
+So nobody is marked until every member holds its image, and nobody is reset until every member
+is marked. A failure in the upload phase leaves every member untouched (the image just sits,
+unmarked, in slot 1) and is retried later like a single device's.
 
-A group failure caused by a rollback or refusal blocks the group's images on every member
-(not re-attempted until the source offers a different artifact); a failure caused by the
-link (timeouts) is retried with backoff like a single device. Every member's Outcome of a
-failed group carries ``group`` and says which member failed and why.
+Taking a member back (``MemberEngine.take_back``) is driven by what the device reports, so it
+is idempotent and resumes after a restart; MCUboot's swap rules make every step safe:
+
+- new image test-running (unconfirmed): reset - MCUboot's REVERT swap restores the previous
+  image, confirmed (``boot_swap_type``: primary unconfirmed + copy_done -> REVERT);
+- new image pending, never booted: reset (it test-boots), then reset again (MCUboot reverts);
+- new image already confirmed (another member failed after this one was confirmed): after a
+  swap the previous image sits in the secondary slot, so it is marked *for test* by its hash
+  (``boot_set_next(secondary, active=false, confirm=false)``, which img_mgmt allows on a
+  confirmed device) and the device is reset. MCUboot validates it and swaps it in to run
+  unconfirmed; if it did not come up, MCUboot's next boot would revert to the (confirmed, good)
+  new image - the device is never left without a bootable, confirmed image. After a health
+  window the previous image is confirmed (the running slot, no hash). A permanent mark
+  (``confirm=true``) would skip that safety net and is never used. If the secondary slot no
+  longer holds the previous image, the member cannot be taken back: that is reported.
+
+A group that had to be taken back blocks the group's images on every member: they are not
+pushed again until the source offers a different artifact. Every member's Outcome of a failed
+group carries ``group`` and says which member failed and why.
+
+The group runner does not import the daemon: it gets what it needs through ``GroupHost``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from gateway.config import DeviceConfig
-from gateway.engine import Outcome, Stage, Status
-from gateway.images import ImageRefused
-from gateway.journal import GroupRecord
-from gateway.smp.session import SMPError, SMPTimeout, UploadError
+from gateway.engine import Outcome, Slots, Stage, Status, Step, UpdateEngine, _Finish
+from gateway.images import ImageRefused, ImageStore, VerifiedImage
+from gateway.journal import GroupRecord, Journal
+from gateway.metrics import Metrics
+from gateway.plan import Plan, Stopping
+from gateway.smp.session import SMPError, SMPSession, SMPTimeout, UploadError
 from gateway.smp.transport import TransportError
-from gateway.sources.base import UpdateResult
-
-if TYPE_CHECKING:
-    from gateway.daemon import Gateway, Plan
+from gateway.sources.base import Offer, UpdateResult
 
 log = logging.getLogger("gateway.groups")
 
 _PHASE_STAGE = {"upload": Stage.UPLOADED, "mark": Stage.MARKED, "boot": Stage.BOOTED}
+_OPEN_PHASES = ("mark", "boot", "confirm", "revert")  # past the point of no return
+
+
+class GroupHost(Protocol):
+    """What a group run needs from the gateway (``gateway.daemon.Gateway`` implements it)."""
+
+    journal: Journal
+    store: ImageStore
+    stop: asyncio.Event
+    metrics: Metrics
+    steps: dict[str, str]
+
+    def session(self, dev: DeviceConfig) -> AbstractAsyncContextManager[SMPSession]: ...
+
+    def engine(self, dev: DeviceConfig, session: SMPSession) -> UpdateEngine: ...
+
+    async def plan(self, dev: DeviceConfig, session: SMPSession) -> Plan | Outcome: ...
+
+    async def final(self, offer: Offer | None, out: Outcome) -> Outcome: ...
+
+    async def flush_unreported(self, dev: DeviceConfig) -> None: ...
+
+    def block(self, device_id: str, image_hash: str | None, artifact_id: str | None) -> None: ...
+
+    def fail(self, dev: DeviceConfig, result: UpdateResult, detail: str) -> Outcome: ...
+
+    def offer_from_journal(self, dev: DeviceConfig) -> Offer: ...
+
+
+class MemberEngine(UpdateEngine):
+    """The engine of one group member, with the steps only a group needs."""
+
+    @classmethod
+    def of(cls, eng: UpdateEngine) -> MemberEngine:
+        return cls(eng.dev, eng.s, eng.journal, on_progress=eng.on_progress,
+                   poll_interval_s=eng.poll)
+
+    async def recheck(self, image: VerifiedImage) -> Outcome | None:
+        """Read the member again just before a confirm: None if it may be confirmed.
+
+        It must answer, run ``image`` unconfirmed (a crash or reset since its health check
+        would have made MCUboot revert it), have nothing else pending, and hold its previous
+        image in the secondary slot (so that it can still be taken back after the confirm)."""
+        old_v = self.entry.old_version
+        try:
+            slots = await self.read_slots()
+        except (SMPTimeout, TransportError, SMPError) as exc:
+            return Outcome(self.dev.id, Status.FAILED, UpdateResult.CONNECTION_LOST,
+                           f"re-check before confirm: {type(exc).__name__}: {exc}",
+                           old_version=old_v, new_version=str(image.version))
+        now = slots.active.version if slots.active else "?"
+        problem: str | None = None
+        status = Status.FAILED
+        if slots.active_hash != image.hash:
+            status = Status.ROLLED_BACK
+            problem = (f"no longer runs {image.version} (runs {now}): it reset after its health "
+                       "check and MCUboot reverted it")
+        elif slots.active is not None and slots.active.confirmed:
+            problem = f"{image.version} is already confirmed, but not by this group's decision"
+        elif slots.other is not None and slots.other.pending:
+            problem = "another image is pending in its secondary slot"
+        elif not self.entry.old_hash or slots.other_hash != bytes.fromhex(self.entry.old_hash):
+            problem = ("its previous image is not in the secondary slot: once confirmed it could "
+                       "not be taken back")
+        if problem is None:
+            return None
+        log.warning("device=%s re-check before confirm failed: %s", self.dev.id, problem)
+        return Outcome(self.dev.id, status, UpdateResult.UPDATE_FAILED,
+                       f"re-check before confirm: {problem}", old_version=old_v,
+                       new_version=str(image.version))
+
+    async def confirm_checked(self, image: VerifiedImage) -> Outcome:
+        """Re-check, then confirm (``UpdateEngine.confirm``: state read before and after)."""
+        bad = await self.recheck(image)
+        return bad if bad is not None else await self.confirm(image)
+
+    async def take_back(self, image: VerifiedImage, reason: str) -> Outcome:
+        """Bring the member back to its previous image, confirmed (see the module docstring).
+
+        Decided from the device's state at each step, at most a few resets; ROLLED_BACK when
+        the previous image runs confirmed with nothing pending, FAILED otherwise."""
+        self.until = Stage.CONFIRMED
+        old_v = self.entry.old_version
+        old = bytes.fromhex(self.entry.old_hash) if self.entry.old_hash else None
+        target = image.hash
+        did: list[str] = []
+        try:
+            for _ in range(6):
+                slots = await self._read_slots_through_reboot()
+                active, other = slots.active, slots.other
+                if slots.active_hash == target and active is not None and not active.confirmed:
+                    did.append(f"reset the test-running {image.version} (MCUboot reverted it)")
+                    await self._reset_step(f"group take-back: {reason}")
+                    continue
+                if slots.active_hash == target:  # confirmed: re-install the previous image
+                    if old is None or slots.other_hash != old or other is None:
+                        raise self._finish(
+                            Status.FAILED, UpdateResult.UPDATE_FAILED,
+                            f"{reason}; {image.version} is confirmed here and its previous image is "
+                            "no longer in the secondary slot: it cannot be taken back", image, old_v)
+                    if not other.pending:
+                        self._step(Step.MARK_TEST, f"group take-back: test-boot the previous image "
+                                   f"{other.version}", tested_hash=old.hex())
+                        post = Slots.parse(await self.s.image_test(old), self.dev.image)
+                        if not (post.other_hash == old and post.other and post.other.pending):
+                            raise self._finish(
+                                Status.FAILED, UpdateResult.UPDATE_FAILED,
+                                f"{reason}; the device did not mark the previous image "
+                                f"{other.version} for test", image, old_v)
+                    did.append(f"re-installed {other.version} from the secondary slot (test swap)")
+                    await self._reset_step(f"group take-back: boot the previous image {other.version}")
+                    continue
+                if old is not None and slots.active_hash == old:
+                    if slots.other_hash == target and other is not None and other.pending:
+                        # marked, never booted: only a reset clears it (it test-boots, then reverts)
+                        did.append(f"test-booted the pending {image.version} to clear it")
+                        await self._reset_step(f"group take-back: clear the pending {image.version}")
+                        continue
+                    if active is not None and not active.confirmed:
+                        await self._confirm_previous(old)
+                        continue
+                    now = active.version if active else "?"
+                    raise self._finish(
+                        Status.ROLLED_BACK, UpdateResult.UPDATE_FAILED,
+                        f"{reason}; {'; '.join(did) or 'nothing to undo'}; back on {now}, confirmed",
+                        image, old_v)
+                now = active.version if active else "?"
+                raise self._finish(Status.FAILED, UpdateResult.UPDATE_FAILED,
+                                   f"{reason}; the device runs {now}, neither {image.version} nor "
+                                   "its previous image: not touched", image, old_v)
+            raise self._finish(Status.FAILED, UpdateResult.UPDATE_FAILED,
+                               f"{reason}; taking it back did not settle ({'; '.join(did)})",
+                               image, old_v)
+        except _Finish as f:
+            return f.outcome
+        except (SMPTimeout, TransportError, SMPError) as exc:
+            return self._finish(Status.FAILED, UpdateResult.CONNECTION_LOST,
+                                f"{reason}; take-back: {type(exc).__name__}: {exc}", image,
+                                old_v).outcome
+
+    async def _reset_step(self, detail: str) -> None:
+        self._step(Step.RESET, detail)
+        acked = await self.s.reset()
+        self._step(Step.WAIT_BOOT, f"reset acknowledged={acked}")
+        await self._wait_reboot()
+
+    async def _confirm_previous(self, old: bytes) -> None:
+        """The previous image test-runs after a re-install: health window, then confirm it."""
+        if self.entry.tested_hash != old.hex():
+            raise self._finish(Status.FAILED, UpdateResult.UPDATE_FAILED,
+                               "the previous image runs unconfirmed, but this gateway did not "
+                               "test it: refusing to confirm", None, self.entry.old_version)
+        self._step(Step.CONFIRM, f"group take-back: health check {self.dev.health_check_s:g}s "
+                   "of the previous image")
+        end = time.monotonic() + self.dev.health_check_s
+        while time.monotonic() < end:
+            slots = await self._read_slots_through_reboot()
+            if slots.active_hash != old:
+                return  # it went away (MCUboot reverted it): the caller reads and decides again
+            await asyncio.sleep(min(self.poll, max(0.0, end - time.monotonic())))
+        slots = await self.read_slots()
+        if slots.active_hash != old or slots.active is None or slots.active.confirmed:
+            return
+        try:  # image 0: no hash = the running slot (never schedules a swap)
+            await self.s.image_confirm(old if self.dev.image != 0 else None, retries=0)
+        except (SMPTimeout, SMPError) as exc:
+            log.warning("device=%s confirm of the previous image unanswered (%s); reading again",
+                        self.dev.id, exc)
 
 
 class GroupRunner:
-    def __init__(self, gw: Gateway) -> None:
-        self.gw = gw
+    def __init__(self, host: GroupHost) -> None:
+        self.host = host
 
     # -- one member, one phase, one session --------------------------------------------------
     async def _member(self, plan: Plan, phase: str, reason: str = "") -> Outcome:
-        from gateway.daemon import Stopping
-
-        dev = plan.dev
+        h, dev = self.host, plan.dev
         try:
-            async with self.gw.session(dev) as s:
-                eng = self.gw.engine(dev, s)
+            async with h.session(dev) as s:
+                eng = MemberEngine.of(h.engine(dev, s))
                 if phase == "confirm":
-                    return await eng.confirm(plan.image)
+                    return await eng.confirm_checked(plan.image)
+                if phase == "recheck":
+                    return await eng.recheck(plan.image) or Outcome(
+                        dev.id, Status.HELD, UpdateResult.INITIAL, "re-checked")
                 if phase == "revert":
-                    return await eng.revert(plan.image, reason)
+                    return await eng.take_back(plan.image, reason)
                 return await eng.run(plan.image, None, artifact_id=plan.offer.artifact_id,
                                      source=plan.offer.source, until=_PHASE_STAGE[phase])
         except Stopping:
@@ -76,146 +265,185 @@ class GroupRunner:
             return Outcome(dev.id, Status.FAILED, UpdateResult.UPDATE_FAILED, f"{phase}: {exc}")
 
     async def _plan(self, dev: DeviceConfig) -> Plan | Outcome:
-        from gateway.daemon import Stopping
-
+        h = self.host
         try:
-            async with self.gw.session(dev) as s:
-                return await self.gw.plan(dev, s)
+            async with h.session(dev) as s:
+                return await h.plan(dev, s)
         except Stopping:
             return Outcome(dev.id, Status.FAILED, UpdateResult.INITIAL, "gateway stopping")
         except (SMPTimeout, TransportError) as exc:
-            return self.gw._fail(dev, UpdateResult.CONNECTION_LOST, f"{type(exc).__name__}: {exc}")
+            return h.fail(dev, UpdateResult.CONNECTION_LOST, f"{type(exc).__name__}: {exc}")
         except (SMPError, UploadError) as exc:
-            return self.gw._fail(dev, UpdateResult.UPDATE_FAILED, str(exc))
+            return h.fail(dev, UpdateResult.UPDATE_FAILED, str(exc))
 
-    def _resume_plan(self, dev: DeviceConfig, target_hash: str) -> Plan | Outcome | None:
-        """A member of a group interrupted in mark/boot/confirm/revert, from the journal.
+    def _resume_plan(self, dev: DeviceConfig, target_hash: str) -> tuple[Plan, Outcome | None] | None:
+        """A member of a group interrupted past the upload phase, from the journal.
 
         None: the member's journal row is not about this group update (nothing to do for it).
-        An Outcome: the member already finished this update (its journaled outcome).
+        Else its plan and, when the member already has one, its journaled outcome.
         """
-        from gateway.daemon import Plan
-
-        e = self.gw.journal.get(dev.id)
+        h = self.host
+        e = h.journal.get(dev.id)
         if e.target_hash != target_hash or not e.image_path or not Path(e.image_path).is_file():
             return None
         try:
-            image = self.gw.store.add_file(Path(e.image_path), hardware=None,
-                                           allow_unsigned=dev.allow_unsigned)
+            image = h.store.add_file(Path(e.image_path), hardware=None,
+                                     allow_unsigned=dev.allow_unsigned)
         except ImageRefused as exc:
-            return Outcome(dev.id, Status.FAILED, UpdateResult.UPDATE_FAILED, f"journal image: {exc}")
-        plan = Plan(dev, self.gw.offer_from_journal(dev), image, resumed=True)
-        if e.outcome is not None:
-            try:
-                st = Status(e.outcome)
-            except ValueError:
-                st = Status.FAILED
-            res = UpdateResult.SUCCESS if st == Status.UPDATED else UpdateResult.UPDATE_FAILED
-            return Outcome(dev.id, st, res, e.last_error or e.step, old_version=e.old_version,
-                           new_version=e.target_version)
-        return plan
+            log.error("device=%s group member's journaled image unusable: %s", dev.id, exc)
+            return None
+        plan = Plan(dev, h.offer_from_journal(dev), image, resumed=True)
+        if e.outcome is None:
+            return plan, None
+        try:
+            st = Status(e.outcome)
+        except ValueError:
+            st = Status.FAILED
+        res = UpdateResult.SUCCESS if st == Status.UPDATED else UpdateResult.UPDATE_FAILED
+        return plan, Outcome(dev.id, st, res, e.last_error or e.step, old_version=e.old_version,
+                             new_version=e.target_version)
 
     # -- the group ---------------------------------------------------------------------------
     async def run(self, name: str, members: list[DeviceConfig]) -> list[Outcome]:
-        gw, j = self.gw, self.gw.journal
+        h, j = self.host, self.host.journal
+        for dev in members:  # reports of earlier runs need the server, not the devices
+            await h.flush_unreported(dev)
         rec = j.group(name)
         plans: dict[str, Plan] = {}
-        done: dict[str, Outcome] = {}  # members that need nothing more in this update
+        outs: dict[str, Outcome] = {}  # the latest outcome of each member
+        confirmed: set[str] = set()
+        failure: tuple[str, Outcome] | None = None
         phase = "upload"
-        if rec is not None and rec.phase in ("mark", "boot", "confirm", "revert"):
+        if rec is not None and rec.phase in _OPEN_PHASES:
             # interrupted after the point of no return for some member: follow the journal
             phase = rec.phase
             log.info("group=%s resuming phase=%s members=%s", name, phase, ",".join(rec.members))
             for dev in members:
                 if dev.id not in rec.members:
                     continue
-                r = self._resume_plan(dev, rec.members[dev.id])
-                if r is None:
+                resumed = self._resume_plan(dev, rec.members[dev.id])
+                if resumed is None:
                     continue
-                if isinstance(r, Outcome):
-                    done[dev.id] = r
-                else:
-                    plans[dev.id] = r
+                plans[dev.id], journaled = resumed
+                if journaled is None:
+                    continue
+                outs[dev.id] = journaled
+                if journaled.status == Status.UPDATED:
+                    confirmed.add(dev.id)
+                elif failure is None:
+                    failure = (dev.id, journaled)
+            members_map = dict(rec.members)
         else:
             planned = await asyncio.gather(*(self._plan(d) for d in members))
-            for dev, r in zip(members, planned, strict=True):
-                if isinstance(r, Outcome):
-                    done[dev.id] = r
+            done: dict[str, Outcome] = {}
+            for dev, pl in zip(members, planned, strict=True):
+                if isinstance(pl, Outcome):
+                    done[dev.id] = pl
                 else:
-                    plans[dev.id] = r
+                    plans[dev.id] = pl
             bad = {i: o for i, o in done.items() if o.status != Status.UP_TO_DATE}
             if bad:
-                # a member cannot take part (unreachable, refused, blocked): nobody starts
-                blocked = any(o.status in (Status.ROLLED_BACK, Status.REFUSED) for o in bad.values())
-                first_id, first = next(iter(bad.items()))
-                why = f"group {name} not started: member {first_id} {first.status.value}: {first.detail}"
-                result = [self._tag(name, o, why) for o in done.values()]
-                for p in plans.values():
-                    if blocked:
-                        gw.block(p.dev.id, p.image.hash.hex(), p.offer.artifact_id)
-                    o = Outcome(p.dev.id, Status.ROLLED_BACK if blocked else Status.FAILED,
-                                UpdateResult.UPDATE_FAILED, why)
-                    result.append(self._tag(name, o, why))
-                return result
+                return await self._not_started(name, plans, done, bad)
             if not plans:
                 return list(done.values())
-            j.put_group(GroupRecord(name, "upload", {i: p.image.hash.hex() for i, p in plans.items()},
-                                    "members: " + ",".join(plans)))
-            gw.metrics.inc("updates_started_total", len(plans))
+            outs.update(done)
+            members_map = {i: p.image.hash.hex() for i, p in plans.items()}
+            j.put_group(GroupRecord(name, "upload", members_map, "members: " + ",".join(plans)))
+            h.metrics.inc("updates_started_total", len(plans))
 
-        members_map = {i: p.image.hash.hex() for i, p in plans.items()}
-        if rec is not None and phase != "upload":
-            members_map = {**rec.members}
-        failure: tuple[str, Outcome] | None = None
-        for i, o in done.items():
-            if o.status not in (Status.UP_TO_DATE, Status.UPDATED) and phase in ("mark", "boot"):
-                failure = (i, o)
-        outs: dict[str, Outcome] = dict(done)
-
-        for ph in ("upload", "mark", "boot"):
+        # -- upload, mark, boot: every member together ---------------------------------------
+        order = list(_PHASE_STAGE)
+        for ph in order:
             if failure is not None or phase in ("confirm", "revert"):
                 break
-            if list(_PHASE_STAGE).index(ph) < list(_PHASE_STAGE).index(phase):
+            if order.index(ph) < order.index(phase):
                 continue
             j.put_group(GroupRecord(name, ph, members_map))
             results = await asyncio.gather(*(self._member(p, ph) for p in plans.values()))
-            if self.gw.stop.is_set():
-                # shutting down: no decision now; the journaled phase resumes at the next start
-                return [outs.get(i) or Outcome(i, Status.FAILED, UpdateResult.INITIAL,
-                                               "gateway stopping") for i in plans]
+            if h.stop.is_set():
+                return self._stopping(plans, outs)  # the journaled phase resumes at the next start
             for p, o in zip(plans.values(), results, strict=True):
                 if o.status != Status.HELD:
                     outs[p.dev.id] = o
                     if failure is None or o.status in (Status.ROLLED_BACK, Status.REFUSED):
                         failure = (p.dev.id, o)
             if failure is not None and ph == "upload":
-                # nobody is marked: nothing to revert; the images just sit in slot 1
+                # nobody is marked: nothing to take back; the images just sit in slot 1
                 j.put_group(GroupRecord(name, "failed", members_map, f"upload: {failure[0]}"))
                 return await self._close(name, plans, outs, failure, revert=False)
             phase = ph
 
+        # -- confirm: re-check everybody, then one at a time ---------------------------------
         if failure is None and phase != "revert":
-            j.put_group(GroupRecord(name, "confirm", members_map, "every member booted its image"))
-            log.info("group=%s decision=confirm members=%s", name, ",".join(plans))
-            results = await asyncio.gather(*(self._member(p, "confirm") for p in plans.values()))
-            for p, o in zip(plans.values(), results, strict=True):
-                outs[p.dev.id] = o
-            ok = all(o.status == Status.UPDATED for o in results)
-            j.put_group(GroupRecord(name, "done" if ok else "failed", members_map))
-            return [await gw.final(plans[i].offer if i in plans else None, o)
-                    for i, o in outs.items()]
+            if phase != "confirm":
+                j.put_group(GroupRecord(name, "confirm", members_map, "every member booted its image"))
+            failure = await self._confirm_all(name, plans, outs, confirmed)
+            if failure is None and not h.stop.is_set():
+                j.put_group(GroupRecord(name, "done", members_map))
+                return [await h.final(plans[i].offer if i in plans else None, o)
+                        for i, o in outs.items()]
+            if failure is None:
+                return self._stopping(plans, outs)
         if failure is None:  # resumed in "revert": the recorded reason stands
             failure = ("?", Outcome("?", Status.FAILED, UpdateResult.UPDATE_FAILED,
                                     rec.detail if rec else "group reverted"))
         return await self._close(name, plans, outs, failure, revert=True)
 
+    async def _confirm_all(self, name: str, plans: dict[str, Plan], outs: dict[str, Outcome],
+                           confirmed: set[str]) -> tuple[str, Outcome] | None:
+        """Re-check every unconfirmed member, then confirm them one by one (re-checked again).
+
+        Returns the first failure, None when every member is confirmed (or the gateway stops)."""
+        h = self.host
+        todo = [p for i, p in plans.items() if i not in confirmed]
+        checks = await asyncio.gather(*(self._member(p, "recheck") for p in todo))
+        for p, o in zip(todo, checks, strict=True):
+            if o.status != Status.HELD:
+                outs[p.dev.id] = o
+                return (p.dev.id, o)
+        log.info("group=%s decision=confirm members=%s", name, ",".join(plans))
+        for p in todo:
+            if h.stop.is_set():
+                return None
+            o = await self._member(p, "confirm")
+            outs[p.dev.id] = o
+            if o.status != Status.UPDATED:
+                return (p.dev.id, o)
+            confirmed.add(p.dev.id)
+        return None
+
+    @staticmethod
+    def _stopping(plans: dict[str, Plan], outs: dict[str, Outcome]) -> list[Outcome]:
+        """Shutting down mid-group: no decision now, no report (the journal resumes it)."""
+        return [Outcome(i, Status.FAILED, UpdateResult.INITIAL, "gateway stopping") for i in plans] + [
+            o for i, o in outs.items() if i not in plans]
+
+    async def _not_started(self, name: str, plans: dict[str, Plan], done: dict[str, Outcome],
+                           bad: dict[str, Outcome]) -> list[Outcome]:
+        """A member cannot take part (unreachable, refused, blocked): nobody starts.
+
+        A refused or rolled-back member blocks the group's images on every member and each
+        member's offer gets its final report; otherwise the others are simply retried later
+        (their offers stay open: nothing happened to them)."""
+        h = self.host
+        blocked = any(o.status in (Status.ROLLED_BACK, Status.REFUSED) for o in bad.values())
+        first_id, first = next(iter(bad.items()))
+        why = f"group {name} not started: member {first_id} {first.status.value}: {first.detail}"
+        result = [self._tag(name, o, why) for o in done.values()]
+        for p in plans.values():
+            o = self._tag(name, Outcome(p.dev.id, Status.ROLLED_BACK if blocked else Status.FAILED,
+                                        UpdateResult.UPDATE_FAILED, why), why)
+            if blocked:
+                h.block(p.dev.id, p.image.hash.hex(), p.offer.artifact_id)
+                o = await h.final(p.offer, o)
+            result.append(o)
+        return result
+
     async def _close(self, name: str, plans: dict[str, Plan], outs: dict[str, Outcome],
                      failure: tuple[str, Outcome], revert: bool) -> list[Outcome]:
-        gw, j = self.gw, self.gw.journal
+        h, j = self.host, self.host.journal
         fid, fout = failure
         why = f"group {name} failed: member {fid} {fout.status.value}: {fout.detail}"
-        # a rollback or refusal blocks the images; a link failure is retried later
-        blocking = fout.status in (Status.ROLLED_BACK, Status.REFUSED)
         rec = j.group(name)
         members_map = rec.members if rec else {i: p.image.hash.hex() for i, p in plans.items()}
         if revert:
@@ -223,13 +451,22 @@ class GroupRunner:
                 j.put_group(GroupRecord(name, "revert", members_map, why))
             else:  # resumed: the reason journaled with the decision stands
                 why = rec.detail or why
-                blocking = any(f" {s.value}: " in why for s in (Status.ROLLED_BACK, Status.REFUSED))
             log.warning("group=%s decision=revert %s", name, why)
-            todo = [p for i, p in plans.items()
-                    if i not in outs or outs[i].status in (Status.FAILED, Status.HELD)]
+            todo = list(plans.values())
             results = await asyncio.gather(*(self._member(p, "revert", why) for p in todo))
+            if h.stop.is_set():
+                return self._stopping(plans, outs)  # the take-back resumes at the next start
             for p, o in zip(todo, results, strict=True):
                 outs[p.dev.id] = o
+            not_back = [p.dev.id for p, o in zip(todo, results, strict=True)
+                        if o.status != Status.ROLLED_BACK]
+            if not_back:
+                log.error("group=%s members not back on their previous image: %s", name,
+                          ", ".join(f"{i} ({outs[i].detail})" for i in not_back))
+            # taken back: the group's images are not pushed again until the source offers others
+            for p in plans.values():
+                h.block(p.dev.id, p.image.hash.hex(), p.offer.artifact_id)
+            j.put_group(GroupRecord(name, "failed", members_map, why))
         else:
             # upload phase: nobody is marked; close the held members' journal rows so that the
             # next attempt plans the whole group afresh (never a mix of old and new targets)
@@ -238,17 +475,15 @@ class GroupRunner:
                     e = j.get(i)
                     if e.outcome is None:
                         j.put(e.with_(step="failed", outcome=Status.FAILED.value, last_error=why), why)
-                        gw.steps[i] = "failed"
-        gw.metrics.inc("group_failures_total", group=name)
-        if blocking:
-            for p in plans.values():
-                gw.block(p.dev.id, p.image.hash.hex(), p.offer.artifact_id)
-        if revert:
-            j.put_group(GroupRecord(name, "failed", members_map, why))
+                        h.steps[i] = "failed"
+        h.metrics.inc("group_failures_total", group=name)
         result = []
         for i, p in plans.items():
             o = outs.get(i) or Outcome(i, Status.FAILED, UpdateResult.UPDATE_FAILED, why)
-            result.append(await gw.final(p.offer, self._tag(name, o, why)))
+            if o.status == Status.HELD:
+                o = Outcome(i, Status.FAILED, UpdateResult.UPDATE_FAILED, why,
+                            old_version=o.old_version, new_version=o.new_version)
+            result.append(await h.final(p.offer, self._tag(name, o, why)))
         result += [self._tag(name, o, why) for i, o in outs.items() if i not in plans]
         return result
 

@@ -1,0 +1,82 @@
+"""The Robot suite ``renode/smp_gateway.robot`` for real: ``renode-test`` on the shared Renode
+with the real MCUboot + Zephyr smp_svr firmware (``../shared`` or ``$SMPGW_SHARED``).
+
+Runs as part of README's test command so CI covers it. Results (Robot log/report, and per test
+the gateway's output, the console UART and the gateway state) stay in
+``build/renode-results/``; a failure here names each failed case with Robot's message.
+Environment: ``SMPGW_RENODE_INCLUDE=tag`` runs only the cases with that tag,
+``SMPGW_RENODE_VARIABLES="UPLOAD_EVERY_CASE:True"`` passes Robot variables (space-separated).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from gateway.renode import renode_test_binary
+
+pytestmark = pytest.mark.renode
+
+REPO = Path(__file__).resolve().parent.parent
+SUITE = REPO / "renode" / "smp_gateway.robot"
+RESULTS = REPO / "build" / "renode-results"
+SUITE_TIMEOUT_S = 30 * 60  # the suite takes 5-15 min on 2 cores; CI's budget is 45 min in all
+
+
+def _cases(output: Path) -> list[tuple[str, str, float, str]]:
+    """(name, status, seconds, message) of every test in renode-test's robot_output.xml."""
+    root = ET.parse(output).getroot()
+    out = []
+    for t in root.iter("test"):
+        st = t.find("status")
+        assert st is not None
+        secs = float(st.get("elapsed") or 0.0)
+        out.append((t.get("name", "?"), st.get("status", "?"), secs, (st.text or "").strip()))
+    return out
+
+
+@pytest.mark.timeout(SUITE_TIMEOUT_S + 120)
+def test_robot_suite_on_real_firmware(renode_shared: Path) -> None:
+    if shutil.which("mono") is None:
+        msg = "mono is not installed (Renode needs it): see ../shared/renode/README.md or .ci/run"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    if RESULTS.exists():
+        shutil.rmtree(RESULTS)
+    tmp = REPO / "build" / "renode-tmp"  # private TMPDIR: never the shared $TMPDIR/renode-*
+    tmp.mkdir(parents=True, exist_ok=True)
+    RESULTS.mkdir(parents=True)
+    env = dict(os.environ, TMPDIR=str(tmp), RENODE_PYTHON=sys.executable,
+               SMPGW_SHARED=str(renode_shared))
+    cmd = [str(renode_test_binary()), "-r", str(RESULTS)]
+    if os.environ.get("SMPGW_RENODE_INCLUDE"):
+        cmd += ["--include", os.environ["SMPGW_RENODE_INCLUDE"]]
+    for var in os.environ.get("SMPGW_RENODE_VARIABLES", "").split():
+        cmd += ["--variable", var]
+    cmd.append(str(SUITE))
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, cwd=RESULTS, env=env, capture_output=True, text=True,
+                          timeout=SUITE_TIMEOUT_S, check=False)
+    wall = time.monotonic() - t0
+    (RESULTS / "renode-test.txt").write_text(proc.stdout + proc.stderr)
+    output = RESULTS / "robot_output.xml"
+    assert output.exists(), f"renode-test wrote no results (exit {proc.returncode}):\n" \
+                            f"{(proc.stdout + proc.stderr)[-4000:]}"
+    cases = _cases(output)
+    summary = "\n".join(f"  {st:4} {secs:6.1f}s  {name}" for name, st, secs, _ in cases)
+    print(f"\nrenode/smp_gateway.robot: {len(cases)} cases in {wall:.0f}s wall\n{summary}")
+    failed = [(n, m) for n, st, _, m in cases if st != "PASS"]
+    assert not failed and proc.returncode == 0, (
+        f"renode-test exit {proc.returncode}; failed cases (logs in {RESULTS}/log.html and "
+        f"{RESULTS}/work/<case>/gateway-N.log, console.log):\n"
+        + "\n".join(f"- {n}: {m}" for n, m in failed) + f"\n{summary}")
+    if not os.environ.get("SMPGW_RENODE_INCLUDE"):
+        assert len(cases) == 6, summary
