@@ -55,8 +55,9 @@ def _candidate(cfg: BleDiscovery, address: str, name: str | None, addr_type: str
 
 
 def _wanted(cfg: BleDiscovery, uuids: list[str], name: str | None) -> bool:
-    if cfg.service_uuid and SMP_SERVICE_UUID in [u.lower() for u in uuids]:
-        return True
+    want = SMP_SERVICE_UUID.replace("-", "")
+    if cfg.service_uuid and want in [u.replace("-", "").lower() for u in uuids]:
+        return True  # bumble prints UUIDs without dashes, bleak with
     return bool(cfg.name and name and fnmatch.fnmatchcase(name, cfg.name))
 
 
