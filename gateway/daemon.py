@@ -42,7 +42,7 @@ from gateway.config import (
     SerialTransport,
     UdpTransport,
 )
-from gateway.engine import Outcome, Slots, Status, Step, UpdateEngine
+from gateway.engine import Outcome, Slots, Stage, Status, Step, UpdateEngine
 from gateway.groups import GroupRunner
 from gateway.images import ImageRefused, ImageStore
 from gateway.journal import FinalReport, Journal
@@ -161,8 +161,12 @@ class Gateway:
         self._report_rng = random.Random()
         self.clock: Callable[[], float] = time.monotonic
         self.groups = GroupRunner(self)
+        from gateway.fleetops import FleetOps  # discovery, rollout, windows, cancel, ctl
+
+        self.fleet = FleetOps(self)
 
     def close(self) -> None:
+        self.fleet.close()
         self.journal.close()
         self.notifier.close()
 
@@ -171,7 +175,7 @@ class Gateway:
         """(key, devices): ``device:<id>`` for a lone device, ``group:<name>`` for a group."""
         out: list[tuple[str, list[DeviceConfig]]] = []
         groups: dict[str, list[DeviceConfig]] = {}
-        for d in self.cfg.devices:
+        for d in self.fleet.devices():  # devices: + what discovery found
             if d.group is None:
                 out.append((f"device:{d.id}", [d]))
             else:
@@ -197,6 +201,7 @@ class Gateway:
                     for d in devs]
         for o in outs:
             self.last[o.device_id] = o
+        self.fleet.finished(key, outs)  # staged rollout accounting
         return outs
 
     # -- limits ------------------------------------------------------------------------------
@@ -233,7 +238,7 @@ class Gateway:
                 self.in_session.discard(dev.id)
 
             st.callback(done)
-            session = SMPSession(make_transport(dev), device_id=dev.id,
+            session = SMPSession(self.fleet.transport(dev) or make_transport(dev), device_id=dev.id,
                                  timeout_s=dev.timeouts.request_s)
             try:
                 await asyncio.wait_for(session.open(), dev.timeouts.connect_s)
@@ -254,15 +259,26 @@ class Gateway:
         await self.flush_unreported(dev)
         try:
             async with self.session(dev) as session:
+                deferred = await self.fleet.finish_deferred_cancel(dev, session)
+                if deferred is not None:
+                    return deferred
                 plan = await self.plan(dev, session)
                 if isinstance(plan, Outcome):
                     return plan
                 offer = plan.offer
+                adm = await self.fleet.admit(f"device:{dev.id}", dev, offer)  # pause/rollout/window
+                if not adm.go:
+                    return adm.held(dev)
                 await self._report(offer, Report(UpdateState.UPDATING, progress=0.0))
                 self.metrics.inc("updates_started_total")
-                out = await self.engine(dev, session).run(plan.image, None,
-                                                          artifact_id=offer.artifact_id,
-                                                          source=offer.source)
+                eng = self.engine(dev, session)
+                out = await self.fleet.run_engine(  # watches for a cancel; undoes as far as it got
+                    dev, offer, plan.image.hash, session,
+                    lambda: eng.run(plan.image, None, artifact_id=offer.artifact_id,
+                                    source=offer.source, until=adm.until))
+                if out.status == Status.HELD and adm.until != Stage.CONFIRMED:
+                    out.detail = adm.reason
+                    await self._report(offer, Report(UpdateState.DOWNLOADED, detail=adm.reason))
                 if out.status in (Status.ROLLED_BACK, Status.REFUSED):
                     self.block(dev.id, plan.image.hash.hex(), offer.artifact_id)
                 return await self.final(offer, out)
@@ -603,6 +619,7 @@ class Gateway:
         result = Pass()
         await self.source.start()
         try:
+            await self.fleet.discover_once()  # device_templates: find the devices first
             outs = await asyncio.gather(*(self.attempt(k, d) for k, d in self.units()))
         finally:
             await self.source.close()
@@ -617,6 +634,7 @@ class Gateway:
         rng = random.Random()
         failures = 0
         while not self.stop.is_set():
+            devs = dict(self.units()).get(key, devs)  # a discovered device may have moved
             outs = await self.attempt(key, devs)
             if self.stop.is_set():
                 break
@@ -633,8 +651,9 @@ class Gateway:
             else:
                 failures = 0
                 delay = self.source.poll_interval()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stop.wait(), delay)
+                if any(o.status == Status.HELD for o in outs):  # waits for a window to open
+                    delay = self.fleet.next_wake_s(devs, delay)
+            await self.fleet.sleep(key, delay)  # or sooner: ctl, discovery, rollout, stop
 
     async def run_forever(self, stop: asyncio.Event) -> None:
         """The daemon: supervisors for every unit until ``stop``; then a bounded shutdown."""
@@ -649,6 +668,8 @@ class Gateway:
                 await self.metrics_server.start()
             sups = {key: asyncio.create_task(self._supervise(key, devs), name=f"unit-{key}")
                     for key, devs in self.units()}
+            await self.fleet.start(lambda key, devs: None if key in sups else sups.setdefault(
+                key, asyncio.create_task(self._supervise(key, devs), name=f"unit-{key}")))
             log.info("gateway=%s started devices=%d units=%d max_concurrent=%d", self.cfg.gateway_id,
                      len(self.cfg.devices), len(sups), self.cfg.max_concurrent)
             self.notifier.ready(self.status_line())
@@ -675,6 +696,7 @@ class Gateway:
                                      + "; ".join(repr(t.exception()) for t in dead.values()
                                                  if not t.cancelled() and t.exception()))
         finally:
+            await self.fleet.close_async()
             for t in aux:
                 t.cancel()
             for t in aux:
