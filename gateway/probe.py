@@ -23,7 +23,6 @@ from gateway.config import BleTransport
 from gateway.discovery.identify import DeviceFacts, identify
 from gateway.smp.session import SMPSession
 from gateway.smp.transport import SerialTransport, Transport, UdpTransport
-from gateway.smp.upload import WindowedUpload, chunk_data_room
 
 _BD_ADDR = re.compile(r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$")
 
@@ -68,24 +67,16 @@ def make_link(tg: Target) -> Transport:
     return BleLink(BleTransport.model_validate(t))
 
 
-def upload_start(session: SMPSession) -> dict[str, Any]:
-    """The chunk size and window an upload would start with, and why."""
-    probe = WindowedUpload(session, b"\0" * 0x20000)
-    limit = probe.packet_limit()
-    p = session.params
-    tr = session.transport
-    chunk = chunk_data_room(limit, 0x10000)
-    why = [f"packet limit {limit} B = min(link {tr.max_packet} B"
-           + (f", buf_size {p.buf_size} B - {getattr(tr, 'netbuf_overhead', 0)} B framing)" if p else ")")]
-    if p is not None and p.reported:
-        window = max(1, p.buf_count - 1)
-        why.append(f"window {window} = buf_count {p.buf_count} - 1 (Zephyr's netbuf pool holds "
-                   "the request being handled and its response)")
-    else:
-        window = 1
-        why.append("window 1: the device does not report MCUmgr parameters "
-                   "(CONFIG_MCUMGR_GRP_OS_MCUMGR_PARAMS); stop-and-wait")
-    return {"packet_limit": limit, "chunk_data": chunk, "window": window, "why": why}
+async def upload_start(session: SMPSession) -> dict[str, Any]:
+    """The chunk size and window an upload would start with, and why (the upload's own
+    policy, ``gateway.smp.upload.upload_plan`` / ``gateway.smp.tuning.plan_upload``; no
+    remembered tuning: what a first upload to this device would do)."""
+    from gateway.smp.upload import upload_plan
+
+    plan = await upload_plan(session)
+    return {"packet_limit": plan.packet, "chunk_data": plan.chunk, "window": plan.window,
+            "window_may_grow_to": plan.grow_limit, "ladder": list(plan.ladder),
+            "source": plan.source, "why": plan.reason.split("; ")}
 
 
 def stanzas(tg: Target, facts: DeviceFacts, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -119,7 +110,7 @@ async def run_probe(tg: Target, *, timeout_s: float = 3.0, hwid_format: str | No
     async with SMPSession(link, device_id=f"probe:{link.address if hasattr(link, 'address') else '?'}",
                           timeout_s=timeout_s) as session:
         facts = await identify(session, timeout_s=timeout_s, hwid_format=hwid_format)
-        start = upload_start(session)
+        start = await upload_start(session)
     device, template = stanzas(tg, facts, "device-1")
     out = {"transport": tg.transport, "identity": facts.keys(), "facts": facts.to_dict(),
            "upload_start": start, "devices_entry": device, "template_entry": template}

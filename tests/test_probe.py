@@ -32,7 +32,10 @@ async def test_probe_udp_prints_identity_slots_upload_and_stanzas(bench_factory)
         assert active["version"] == "1.0.0" and "confirmed" in active["flags"]
         assert data["facts"]["mcuboot_mode"] == "swap-using-scratch"
         params = data["facts"]["params"]
-        assert data["upload_start"]["window"] == params["buf_count"] - 1
+        start = data["upload_start"]
+        assert start["window"] == params["buf_count"] - 1 and start["source"] == "params"
+        assert start["packet_limit"] <= params["buf_size"]
+        assert any("buf_count-1" in w for w in start["why"])
         assert data["devices_entry"]["transport"] == {"kind": "udp", "host": ep["host"],
                                                        "port": ep["port"]}
         assert data["template_entry"]["match"] == {"transport": "udp", "board": "sim_board"}
