@@ -299,6 +299,8 @@ class UpdateEngine:
         old_v = slots.active.version if slots.active else None
         prev = self.entry
         resuming = prev.target_hash == th and prev.outcome is None
+        if resuming and prev.old_version:
+            old_v = prev.old_version  # the image this update replaces, not the one now running
         # where the previous run stopped: a reset may have been sent from RESET on
         was_reset = resuming and prev.step in (Step.RESET, Step.WAIT_BOOT, Step.VERIFY, Step.CONFIRM,
                                                Step.WAIT_APP)

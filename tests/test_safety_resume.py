@@ -1,0 +1,56 @@
+"""Found by the fault schedules (seed 122): an attempt that fails while the device test-runs the
+new image must not leave it there.
+
+The link dropped the state reads right after the test boot, so the attempt failed (connection
+lost). The next attempt found the device running the target unconfirmed; the source offered
+nothing (the device already runs the newest version), and the gateway refused to touch "an
+unconfirmed image this gateway did not test" - though its journal said it did. It is resumed
+now: health-checked and confirmed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from safety_support import Request, Tap, active_state
+
+from gateway.daemon import Gateway
+from gateway.engine import Status
+from gateway.sim.simulator import Simulator
+
+pytestmark = pytest.mark.timeout(90)
+
+
+async def test_failed_attempt_during_the_test_boot_is_resumed(bench_factory: Any) -> None:
+    bench = bench_factory(udp=1, serial=0, image_size=8 * 1024)
+    bench.publish("2.0.0")
+    async with Simulator(bench.sim_cfg) as sim:
+        (dev,) = sim.devices.values()
+        tap = Tap(dev).install()
+        blackout = [False]
+
+        def hook(req: Request, frame: bytes, reply: Any) -> bool:
+            if req.is_reset:  # the reset goes through; after it, no state read is answered
+                blackout[0] = True
+                return True
+            return not (blackout[0] and req.op == 0 and req.group == 1 and req.cmd == 0)
+
+        tap.hook = hook
+        cfg = bench.gateway_config(sim, health_check_s=0.3,
+                                   timeouts={"reset_s": 3, "request_s": 0.5})
+        outs = []
+        for _ in range(2):
+            gw = Gateway(cfg)
+            try:
+                outs.append((await gw.run_once()).outcomes[dev.id])
+            finally:
+                gw.close()
+            blackout[0] = False
+            tap.hook = None
+        assert outs[0].status == Status.FAILED, outs[0]
+        assert outs[1].status == Status.UPDATED, outs[1]
+        assert outs[1].old_version == "1.0.0", outs[1]
+        assert active_state(dev) == ("2.0.0", True)
+        await dev.power_cycle(wait=True)
+        assert active_state(dev) == ("2.0.0", True)
