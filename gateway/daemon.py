@@ -278,6 +278,7 @@ class Gateway:
                                     source=offer.source, until=adm.until))
                 if out.status == Status.HELD and adm.until != Stage.CONFIRMED:
                     out.detail = adm.reason
+                    self.fleet.after_hold(dev, offer)
                     await self._report(offer, Report(UpdateState.DOWNLOADED, detail=adm.reason))
                 if out.status in (Status.ROLLED_BACK, Status.REFUSED):
                     self.block(dev.id, plan.image.hash.hex(), offer.artifact_id)
@@ -310,6 +311,7 @@ class Gateway:
         engine = self.engine(dev, session)
         slots = await engine.read_slots()
         self.journal.put(engine.entry, "read")  # running version/hash for `status`
+        await self.fleet.note_session(dev, session)  # for the inventory the source gets
         try:
             offer, resume_path = await self._target(dev, slots)
         except Exception as exc:
@@ -380,7 +382,8 @@ class Gateway:
             log.info("device=%s resuming step=%s target=%s", dev.id, entry.step, entry.target_version)
             return self.offer_from_journal(dev), Path(entry.image_path)
         view = DeviceView(id=dev.id, hardware=dev.hardware, running_version=slots.active_version,
-                          running_hash=slots.active_hash, group=dev.group)
+                          running_hash=slots.active_hash, group=dev.group,
+                          inventory=self.fleet.inventory_for(dev, slots))
         return await self.source.check(view), None
 
     def offer_from_journal(self, dev: DeviceConfig) -> Offer:

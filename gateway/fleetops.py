@@ -17,8 +17,8 @@ stays a scheduler; the jobs live here and in the modules named):
   came back, a rollout that moved on or a window that opened;
 * ``handle(request)`` - the ``smp-gateway ctl`` commands on the control socket
   (``gateway.control``), each journaled (device events + ``fleet.sqlite`` audit) and logged;
-* ``view_inventory(...)`` - the inventory record the sources report upstream
-  (``gateway.inventory``).
+* ``note_session`` / ``inventory_for`` - the inventory record the sources report upstream
+  (``DeviceView.inventory``, ``gateway.inventory``).
 """
 
 from __future__ import annotations
@@ -228,6 +228,17 @@ class FleetOps:
                                                    f"{self.maint.describe(dev)}")
         return Admission(True)
 
+    def after_hold(self, dev: DeviceConfig, offer: Offer) -> None:
+        """The engine stopped at the stage ``admit`` allowed. A download-only offer is done
+        with: close the journal row (``staged``), so the next attempt follows the server (its
+        install action), not the journal; a window hold stays open and resumes at the window."""
+        if install_mode(offer) != "download-only":
+            return
+        e = self.gw.journal.get(dev.id)
+        if e.outcome is None:
+            self.gw.journal.put(e.with_(step="staged", outcome="staged"),
+                                "download-only: staged in the secondary slot; waits for the install")
+
     def finished(self, key: str, outs: list[Outcome]) -> None:
         art = self._admitted.get(key)
         if art is None:
@@ -334,22 +345,26 @@ class FleetOps:
         return None
 
     # -- inventory ---------------------------------------------------------------------------
-    async def view_inventory(self, dev: DeviceConfig, session: SMPSession,
-                             states: list[Any] | None = None) -> dict[str, Any]:
-        facts = self._facts.get(dev.id)
-        if facts is None:
-            bl = await session.bootloader_info(timeout_s=min(2.0, dev.timeouts.request_s))
-            facts = {"bootloader": {"mode": bl.mode, "name": bl.name} if bl else None}
-            self._facts[dev.id] = facts
+    async def note_session(self, dev: DeviceConfig, session: SMPSession) -> None:
+        """Remember what a session knows of the device for its inventory (bootloader info is
+        read once per device and process; MCUmgr parameters come with every session)."""
+        facts = self._facts.setdefault(dev.id, {})
         p = session.params
-        mode = (facts.get("bootloader") or {}).get("mode") if facts.get("bootloader") else None
-        if states is None:
-            states = await session.image_state()
-        rec = inventory.record(
-            dev, slots=inventory.slots_of(states, dev.image),
-            params={"buf_size": p.buf_size, "buf_count": p.buf_count, "reported": p.reported} if p else None,
-            bootloader_mode=mode if mode is not None else facts.get("mcuboot_mode"),
-            facts=facts, entry=self.gw.journal.get(dev.id))
+        if p is not None:
+            facts["params"] = {"buf_size": p.buf_size, "buf_count": p.buf_count,
+                               "reported": p.reported}
+        if "bootloader" not in facts:
+            bl = await session.bootloader_info(timeout_s=min(2.0, dev.timeouts.request_s))
+            facts["bootloader"] = {"mode": bl.mode, "name": bl.name} if bl else None
+
+    def inventory_for(self, dev: DeviceConfig, slots: Slots) -> dict[str, Any]:
+        """The inventory record the source gets with its check (``DeviceView.inventory``)."""
+        facts = self._facts.get(dev.id, {})
+        states = [s for s in (slots.active, slots.other) if s is not None]
+        mode = (facts.get("bootloader") or {}).get("mode")
+        rec = inventory.record(dev, slots=inventory.slots_of(states), params=facts.get("params"),
+                               bootloader_mode=mode if mode is not None else facts.get("mcuboot_mode"),
+                               facts=facts, entry=self.gw.journal.get(dev.id))
         self.ops.put_inventory(dev.id, rec)
         return rec
 

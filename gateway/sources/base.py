@@ -62,6 +62,9 @@ class DeviceView:
     running_version: Version | None = None
     running_hash: bytes | None = None
     group: str | None = None
+    # the gateway.inventory record (slots, bootloader mode, params, last outcome...): each
+    # backend reports what it can of it upstream
+    inventory: dict[str, Any] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,9 @@ class Offer:
     handle: Any = field(default=None, compare=False, repr=False)  # backend-private, in memory
     # JSON-serializable: what report() needs, also in another process after a restart
     report_to: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    # how far the server wants it taken: forced | soft | download-only (stage it in the
+    # secondary slot, report DOWNLOADED and wait for an install) - see gateway.fleetops
+    install: str = field(default="forced", compare=False)
 
     def report_handle(self) -> dict[str, Any]:
         """The serializable report handle: this offer's identity plus ``report_to``."""
@@ -152,6 +158,15 @@ class FleetSource(abc.ABC):
     def poll_interval(self) -> float:
         """Seconds until the next check, as the server asks (hawkBit polling.sleep...)."""
         return 10.0
+
+    async def canceled(self, offer: Offer) -> str | None:
+        """Polled while ``offer`` is being installed: the reason when the server called it off
+        (hawkBit cancelAction, a canceled/removed job, an RDFM target that changed), else None."""
+        return None
+
+    async def acknowledge_cancel(self, offer: Offer, done: bool, detail: str) -> None:  # noqa: B027
+        """Answer a cancel the way the server expects; ``done``: the update was taken back (or
+        its revert is scheduled), False: too late (installed and confirmed)."""
 
 
 class FetchError(Exception):

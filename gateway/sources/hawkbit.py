@@ -135,6 +135,10 @@ class HawkbitSource(HttpSource):
             "gateway": self.gateway_id,
             "device_id": device.id,
         }
+        if device.inventory:  # slots, bootloader mode, params, last outcome (gateway.inventory)
+            from gateway.inventory import hawkbit_attributes
+
+            attrs.update(hawkbit_attributes(device.inventory))
         attrs.update(self.cfg.attributes)
         return attrs
 
@@ -185,14 +189,16 @@ class HawkbitSource(HttpSource):
         if act is not None and act.closed:
             return None
         body = dep.get("deployment") or {}
-        if body.get("update") == "skip":
-            log.info(
-                "hawkBit action %s for %s: update=skip (download-only or outside the maintenance "
-                "window); not installing",
-                action_id,
-                controller,
-            )
+        # action types: forced (download/update forced), soft (attempt), download-only and an
+        # action outside hawkBit's maintenance window (update skip): staged only, installed
+        # when the server switches update to attempt/forced
+        install = {"skip": "download-only", "attempt": "soft"}.get(str(body.get("update")), "forced")
+        if install == "download-only" and body.get("download") == "skip":
             return None
+        if install == "download-only":
+            log.info("hawkBit action %s for %s: update=skip (%s): download and stage only",
+                     action_id, controller, "outside hawkBit's maintenance window"
+                     if body.get("maintenanceWindow") == "unavailable" else "download-only")
         picked = self._pick(body.get("chunks") or [])
         if picked is None:
             try:  # the next poll offers the action again if this does not get through
@@ -237,6 +243,7 @@ class HawkbitSource(HttpSource):
             handle=act,
             report_to={"controller": controller, "action_id": action_id,
                        "feedback_url": act.feedback_url},
+            install=install,
         )
 
     def _pick(self, chunks: list[Any]) -> tuple[dict[str, Any], dict[str, Any]] | None:
@@ -291,6 +298,41 @@ class HawkbitSource(HttpSource):
         if st != 200:
             log.warning("hawkBit cancel feedback for %s answered HTTP %d", action_id, st)
 
+    async def canceled(self, offer: Offer) -> str | None:
+        """The controller base shows ``cancelAction`` for this action: hawkBit canceled it."""
+        act = self._action_for(offer)
+        st, base = await self._request("GET", self.controller_url(act.controller))
+        if st != 200 or not isinstance(base, dict):
+            return None
+        href = _href((base.get("_links") or {}).get("cancelAction"))
+        if not href:
+            return None
+        st, data = await self._request("GET", href)
+        if st != 200 or not isinstance(data, dict):
+            return None
+        stop = str((data.get("cancelAction") or {}).get("stopId") or data.get("id"))
+        if stop != act.action_id:
+            return None
+        act.extra["cancel_feedback"] = (f"{self.controller_url(act.controller)}/cancelAction/"
+                                        f"{data.get('id')}/feedback")
+        return f"hawkBit canceled action {act.action_id}"
+
+    async def acknowledge_cancel(self, offer: Offer, done: bool, detail: str) -> None:
+        """closed + success confirms (hawkBit: CANCELED); rejected refuses (too late)."""
+        act = self._action_for(offer)
+        url = act.extra.get("cancel_feedback")
+        if not url:
+            return
+        if done:
+            status = {"execution": "closed", "result": {"finished": "success"}, "details": [detail]}
+            self._canceled.add((act.controller, act.action_id))
+            act.closed = True
+        else:
+            status = {"execution": "rejected", "result": {"finished": "none"}, "details": [detail]}
+        st, _ = await self._request("POST", url, {"status": status})
+        if st != 200:
+            log.warning("hawkBit cancel feedback for action %s answered HTTP %d", act.action_id, st)
+
     async def fetch(self, offer: Offer, max_size: int | None) -> Path:
         act: _Action = offer.handle
         if (act.controller, act.action_id) in self._canceled:
@@ -326,6 +368,12 @@ class HawkbitSource(HttpSource):
             act.started_upload = True
         sig = (int(report.state), int(report.result))
         now = time.monotonic()
+        if report.state == UpdateState.DOWNLOADED and offer.install == "download-only":
+            # DDI execution DOWNLOADED: a download-only action ends here (hawkBit DOWNLOADED)
+            await self._feedback(act, "downloaded", "success",
+                                 ["image staged in the device's secondary slot: " + report.detail])
+            act.closed = True
+            return
         if not report.finished:
             if sig == act.last_sig and now - act.last_progress_at < self.cfg.progress_interval_s:
                 return

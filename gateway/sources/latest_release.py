@@ -67,6 +67,10 @@ class LatestReleaseSource(HttpSource):
             "software_type": self.cfg.software_type,
             "current_version": device.running_version.semver() if device.running_version else "",
         }
+        if device.inventory:  # a few inventory facts beside the API's own four parameters
+            from gateway.inventory import release_query
+
+            params = {**release_query(device.inventory), **params}
         headers = {self.cfg.key_header: self.cfg.project_key.get(), "Accept": "application/json"}
         try:
             async with self._session.get(

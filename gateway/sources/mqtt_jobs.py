@@ -101,6 +101,7 @@ class MqttJobsSource(FleetSource):
         self._jobs: dict[tuple[str, str], _Job] = {}
         self.notified = asyncio.Event()  # set when notify-next announces a pending job
         self._stopping = False
+        self._inventory_sent: dict[str, str] = {}  # topic -> last reported state
 
     # -- connection ----------------------------------------------------------------------
     def _tls_context(self) -> ssl.SSLContext | None:
@@ -187,6 +188,8 @@ class MqttJobsSource(FleetSource):
                 (f"{base}/start-next/rejected", 1),
                 (f"{base}/+/update/accepted", 1),
                 (f"{base}/+/update/rejected", 1),
+                (f"{base}/+/get/accepted", 1),
+                (f"{base}/+/get/rejected", 1),
             ]
         )
 
@@ -251,6 +254,7 @@ class MqttJobsSource(FleetSource):
     # -- FleetSource ---------------------------------------------------------------------
     async def check(self, device: DeviceView) -> Offer | None:
         thing = self.thing_name(device)
+        await self.publish_inventory(thing, device)
         self._notified.discard(thing)
         if not self._notified:
             self.notified.clear()
@@ -312,6 +316,47 @@ class MqttJobsSource(FleetSource):
             handle={"job": job, "url": f["url"]},
             report_to={"thing": thing, "job_id": job_id, "execution_number": job.execution_number},
         )
+
+    async def publish_inventory(self, thing: str, device: DeviceView) -> None:
+        """The device's inventory, retained, in the AWS Device Shadow layout
+        (``{"state": {"reported": ...}}``) on ``inventory_topic`` - sent when it changed."""
+        topic_t = self.cfg.inventory_topic
+        if not topic_t or not device.inventory:
+            return
+        from gateway.inventory import shadow_document
+
+        doc = shadow_document(device.inventory)
+        sig = json.dumps(doc["state"], sort_keys=True, default=str)
+        topic = topic_t.format(thing=thing, device=device.id, gateway=self.gateway_id)
+        if self._inventory_sent.get(topic) == sig:
+            return
+        client = await self._client_for(thing)
+        try:
+            await client.publish(topic, json.dumps(doc, default=str), qos=1, retain=True)
+            self._inventory_sent[topic] = sig
+        except aiomqtt.MqttError as exc:
+            log.warning("inventory of %s not published on %s: %s", device.id, topic, exc)
+
+    async def canceled(self, offer: Offer) -> str | None:
+        """DescribeJobExecution (``jobs/{jobId}/get``): CANCELED/REMOVED, or the execution gone."""
+        job = self._job_for(offer)
+        verdict, data = await self._request(job.thing, f"$aws/things/{job.thing}/jobs/{job.job_id}/get",
+                                            {"includeJobDocument": False})
+        if verdict == "rejected":
+            if data.get("code") == "ResourceNotFound":
+                job.closed = True
+                return f"job {job.job_id} no longer exists for {job.thing} (removed)"
+            return None
+        status = (data.get("execution") or {}).get("status")
+        if status in ("CANCELED", "REMOVED"):
+            job.closed = True  # a canceled execution takes no more updates
+            return f"job {job.job_id} {status.lower()}"
+        return None
+
+    async def acknowledge_cancel(self, offer: Offer, done: bool, detail: str) -> None:
+        # AWS IoT Jobs: a canceled or removed execution accepts no status update; the cancel is
+        # acknowledged by not reporting it any more (and logged here)
+        log.info("job of %s canceled on the server: %s", offer.device_id, detail)
 
     async def fetch(self, offer: Offer, max_size: int | None) -> Path:
         return await self._downloader.fetch(

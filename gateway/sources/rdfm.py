@@ -116,7 +116,16 @@ class RdfmSource(HttpSource):
             META_DEVTYPE: self.cfg.device_type or device.hardware,
             META_SOFTVER: version,
             META_MAC: self.identity(device),
-        }
+        } | self._inventory_metadata(device)
+
+    def _inventory_metadata(self, device: DeviceView) -> dict[str, str]:
+        """``smp-gateway.*`` keys from the inventory (one RDFM device per MCU only): string
+        values, as the real server requires; the three keys above stay as they are."""
+        if not device.inventory or self.cfg.identity != "device":
+            return {}
+        from gateway.inventory import rdfm_metadata
+
+        return rdfm_metadata(device.inventory)
 
     def key_path(self, ident: str) -> Path:
         safe = "".join(c if c.isalnum() or c in "._-@" else "_" for c in ident)
@@ -272,6 +281,23 @@ class RdfmSource(HttpSource):
                 return r.status, data
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             raise FetchError(f"RDFM request {path} failed: {exc}", UpdateResult.CONNECTION_LOST) from None
+
+    async def canceled(self, offer: Offer) -> str | None:
+        """RDFM has no cancel: the package assigned to the device changed (another one, or none)
+        while this one is being installed. Asked with the offer's own metadata."""
+        h = offer.handle if isinstance(offer.handle, dict) else {}
+        device = h.get("device")
+        if not isinstance(device, DeviceView):
+            return None
+        try:
+            now = await self.check(device)
+        except FetchError:
+            return None  # server unreachable: not a cancel
+        if now is None:
+            return f"RDFM no longer assigns {offer.artifact_id} to {self.identity(device)}"
+        if now.sha256 != offer.sha256:
+            return f"RDFM target of {self.identity(device)} changed to {now.artifact_id}"
+        return None
 
     async def fetch(self, offer: Offer, max_size: int | None) -> Path:
         h = offer.handle

@@ -88,6 +88,10 @@ class MqttJobsSourceConfig(Model):
     key_file: Path | None = None
     insecure: bool = Field(False, description="skip broker/download certificate checks (warning)")
     thing: str = Field("{device}", description="thing name template: {device}, {gateway}, {group}")
+    inventory_topic: str | None = Field(
+        "smp-gateway/{gateway}/things/{thing}/shadow",
+        description="retained per-device inventory in the AWS shadow layout ({thing}, {device}, "
+                    "{gateway}); null: not published")
     keepalive_s: int = Field(60, ge=5)
     request_timeout_s: float = Field(10.0, gt=0, description="wait for /accepted or /rejected")
     progress_interval_s: float = Field(5.0, ge=0)

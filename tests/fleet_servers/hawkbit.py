@@ -36,7 +36,7 @@ class Action:
     controller: str
     filename: str
     version: str
-    status: str = "running"  # running | canceling | canceled | finished | error
+    status: str = "running"  # running | canceling | canceled | finished | error | downloaded
     feedback: list[dict[str, Any]] = field(default_factory=list)
     cancel_feedback: list[dict[str, Any]] = field(default_factory=list)
     update: str = "forced"
@@ -83,8 +83,10 @@ class HawkbitServer:
         return resp
 
     # -- management side -----------------------------------------------------------------
-    def deploy(self, controller: str, image: bytes, version: str, filename: str = "app.signed.bin") -> Action:
-        act = Action(next(_ids), controller, filename, version)
+    def deploy(self, controller: str, image: bytes, version: str, filename: str = "app.signed.bin",
+               update: str = "forced") -> Action:
+        """``update``: forced | attempt (soft) | skip (download-only / outside a window)."""
+        act = Action(next(_ids), controller, filename, version, update=update)
         self.files.add(f"{act.id}-{filename}", image)
         self.actions[act.id] = act
         self.request_attributes.add(controller)
@@ -178,6 +180,8 @@ class HawkbitServer:
         act.feedback.append(body)
         if status["execution"] == "closed":
             act.status = "finished" if status["result"]["finished"] == "success" else "error"
+        elif status["execution"] == "downloaded" and act.update == "skip":
+            act.status = "downloaded"  # a download-only action ends at DOWNLOADED
         if fault == "drop":  # accepted, but the answer never leaves
             assert request.transport is not None
             request.transport.close()
