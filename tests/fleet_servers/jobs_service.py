@@ -69,6 +69,7 @@ class JobsService:
             self._client = client
             await client.subscribe("$aws/things/+/jobs/start-next", qos=1)
             await client.subscribe("$aws/things/+/jobs/+/update", qos=1)
+            await client.subscribe("$aws/things/+/jobs/+/get", qos=1)
             self._ready.set()
             async for msg in client.messages:
                 await self._handle(msg.topic.value, json.loads(msg.payload))  # type: ignore[arg-type]
@@ -118,6 +119,14 @@ class JobsService:
                 job.status_details.update(body.get("statusDetails") or {})
                 answer["execution"] = self._execution(job)
             await self._client.publish(topic + "/accepted", json.dumps(answer), qos=1)
+        elif parts[-1] == "get":  # DescribeJobExecution
+            job = next((j for j in self.jobs.get(thing, []) if j.job_id == parts[4]), None)
+            if job is None or job.status == "REMOVED":
+                await self._reject(topic, token, "ResourceNotFound", "no such job execution")
+            else:
+                await self._client.publish(topic + "/accepted", json.dumps(
+                    {"timestamp": int(time.time()), "clientToken": token,
+                     "execution": self._execution(job)}), qos=1)
         elif parts[-1] == "update":
             job_id = parts[4]
             job = next((j for j in self.jobs.get(thing, []) if j.job_id == job_id), None)
