@@ -190,7 +190,8 @@ class Gateway:
         is a FAILED outcome of every device of the unit (logged with its traceback)."""
         try:
             if key.startswith("group:"):
-                outs = await self.groups.run(key[len("group:"):], devs)
+                outs = (self.fleet.gate_group(key, devs)  # paused / outside a window: untouched
+                        or await self.groups.run(key[len("group:"):], devs))
             else:
                 outs = [await self.update_device(devs[0])]
         except Exception as exc:

@@ -228,6 +228,18 @@ class FleetOps:
                                                    f"{self.maint.describe(dev)}")
         return Admission(True)
 
+    def gate_group(self, key: str, devs: list[DeviceConfig]) -> list[Outcome] | None:
+        """A group starts only when no member is paused and every member may be reset now
+        (its phases mark and reset all members together); else every member is held,
+        untouched. The staged rollout does not gate groups yet (groups.py plans them itself)."""
+        why = next((w for w in (self.paused(d) for d in devs) if w), None)
+        if why is None and not all(self.maint.reset_allowed(d) for d in devs):
+            d = next(d for d in devs if not self.maint.reset_allowed(d))
+            why = f"group waits for a maintenance window ({d.id}: {self.maint.describe(d)})"
+        if why is None:
+            return None
+        return [Outcome(d.id, Status.HELD, UpdateResult.INITIAL, why, group=d.group) for d in devs]
+
     def after_hold(self, dev: DeviceConfig, offer: Offer) -> None:
         """The engine stopped at the stage ``admit`` allowed. A download-only offer is done
         with: close the journal row (``staged``), so the next attempt follows the server (its

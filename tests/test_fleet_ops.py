@@ -159,3 +159,20 @@ async def test_ctl_socket_pause_resume_unblock_list(bench_factory) -> None:
             await asyncio.wait_for(task, 30)
             gw.close()
         assert not cfg.control_socket.exists()
+
+
+async def test_group_waits_for_the_window_untouched(bench_factory) -> None:
+    bench = bench_factory(udp=2, serial=0, image_size=16 * 1024)
+    bench.publish("2.0.0")
+    async with Simulator(bench.sim_cfg) as sim:
+        data = bench.gateway_dict(sim, group="pair")
+        data["maintenance_windows"] = {"nightly": NEVER}
+        gw = Gateway(parse_config(data, bench.root / "gateway.yaml"))
+        try:
+            res = await gw.run_once()
+        finally:
+            gw.close()
+        for dev_id, dev in sim.devices.items():
+            out = res.outcomes[dev_id]
+            assert out.status == Status.HELD and "maintenance window" in out.detail, out
+            assert untouched(dev)
