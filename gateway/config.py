@@ -226,6 +226,8 @@ class UdpDiscovery(Model):
     port: int = Field(1337, ge=1, le=65535)
     mdns: bool = Field(False, description="also browse DNS-SD (mDNS) for mdns_service")
     mdns_service: str = Field("_mcumgr._udp.local.", description="DNS-SD service type")
+    mdns_interfaces: list[str] = Field(default_factory=list,
+                                       description="addresses of the interfaces to browse on (default: all)")
     probe_timeout_s: float = Field(1.0, gt=0)
     probe_rate: float = Field(500.0, gt=0, description="probe datagrams per second at most")
     max_hosts: int = Field(4096, ge=1, description="refuse CIDR ranges larger than this")

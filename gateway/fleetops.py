@@ -123,6 +123,9 @@ class FleetOps:
         if self.discovery is not None:
             await self.discovery.start()
             try:
+                udp = self.cfg.discovery.udp if self.cfg.discovery else None
+                if udp is not None and udp.mdns:  # a browse is a listening window
+                    await self.discovery.collect_mdns(udp.probe_timeout_s)
                 await self.discovery.scan_once()
             finally:
                 await self.discovery.close()

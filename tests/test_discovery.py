@@ -155,3 +155,40 @@ def test_templates_need_discovery_and_devices_may_be_empty(tmp_path: Path) -> No
                         "discovery": {"serial": {"paths": ["/dev/ttyACM*"]}}}, tmp_path / "gw.yaml")
     assert cfg.devices == [] and cfg.device_templates[0].settings == {}
     assert os.fspath(cfg.control_socket).endswith("control.sock")
+
+
+async def test_dns_sd_announced_device_found(bench_factory) -> None:
+    """A device announcing ``_mcumgr._udp`` over mDNS (here: zeroconf on the loopback
+    interface, for the simulated device's port) is found without any host list."""
+    import socket
+
+    from zeroconf import ServiceInfo
+    from zeroconf.asyncio import AsyncZeroconf
+
+    bench = bench_factory(udp=1, serial=0)
+    async with Simulator(bench.sim_cfg) as sim:
+        ep = sim.endpoints()["udp-1"]
+        pub = AsyncZeroconf(interfaces=["127.0.0.1"])
+        info = ServiceInfo("_mcumgr._udp.local.", "udp-1._mcumgr._udp.local.",
+                           addresses=[socket.inet_aton(ep["host"])], port=ep["port"],
+                           properties={"hw": "sim_board"}, server="udp-1.local.")
+        await pub.async_register_service(info)
+        try:
+            cfg = fleet_cfg(bench, device_templates=[{**SIM_TEMPLATE, "name": "mdns",
+                                                      "match": {"transport": "udp"}}],
+                            discovery={"udp": {"mdns": True, "mdns_interfaces": ["127.0.0.1"],
+                                               "probe_timeout_s": 2}})
+            disc = Discovery(cfg)
+            await disc.start()
+            try:
+                await disc.collect_mdns(2.0)
+                ch = await disc.scan_once()
+            finally:
+                await disc.close()
+        finally:
+            await pub.async_unregister_service(info)
+            await pub.async_close()
+        assert [d.id for d in ch.added] == ["udp-1"]
+        f = disc.devices["udp-1"]
+        assert f.candidate.attrs["txt_hw"] == "sim_board" and f.candidate.attrs["mdns_name"] == "udp-1"
+        assert f.config.transport.port == ep["port"]

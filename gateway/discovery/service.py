@@ -131,12 +131,23 @@ class Discovery:
     async def start(self) -> None:
         u = self.dcfg.udp
         if u is not None and u.mdns and self._mdns is None:
-            self._mdns = MdnsBrowser(u.mdns_service)
+            self._mdns = MdnsBrowser(u.mdns_service, u.mdns_interfaces or None)
             try:
                 await self._mdns.start()
             except Exception as exc:  # no multicast here: UDP host probing still works
                 log.warning("discovery: DNS-SD browsing unavailable: %s", exc)
                 self._mdns = None
+
+    async def collect_mdns(self, quiet_s: float) -> None:
+        """For a one-shot scan: let DNS-SD answers arrive until none came for ``quiet_s``."""
+        if self._mdns is None:
+            return
+        while True:
+            self._mdns.changed.clear()
+            try:
+                await asyncio.wait_for(self._mdns.changed.wait(), quiet_s)
+            except TimeoutError:
+                return
 
     async def close(self) -> None:
         if self._mdns is not None:
