@@ -82,8 +82,12 @@ def record(dev: DeviceConfig, *, slots: list[dict[str, Any]] | None = None,
            reachable: bool | str = True) -> dict[str, Any]:
     """The inventory record of one device (any part may be unknown: None)."""
     t = dev.transport
-    address = getattr(t, "port", None) or (f"{t.host}:{t.port}" if t.kind == "udp" else None) or \
-        getattr(t, "address", None) or getattr(t, "name", None)
+    if t.kind == "udp":
+        address: str | None = f"{t.host}:{t.port}"
+    elif t.kind == "serial":
+        address = t.port
+    else:
+        address = t.address or (f"name={t.name}" if t.name else None)
     mode = bootloader_mode
     if isinstance(mode, int):
         mode = MCUBOOT_MODE_NAMES.get(mode, f"mode {mode}")
