@@ -370,15 +370,15 @@ class Gateway:
         """The journal's unfinished update wins over the source (resume after a crash).
 
         Unfinished also means: an attempt failed (e.g. the link dropped during the health
-        check) while the device test-runs the image this gateway marked (``tested_hash``): the
-        next attempt health-checks and confirms it, rather than leaving it unconfirmed (the
-        source may not offer the version the device already runs)."""
+        check, or the confirm's answer was lost) while the device runs the image this gateway
+        marked (``tested_hash``): the next attempt health-checks and confirms it - or finds it
+        confirmed and reports the update done - rather than leaving it unconfirmed, or the
+        server believing the failure (the source may not offer the version the device runs)."""
         entry = self.journal.get(dev.id)
-        test_running = (entry.outcome == Status.FAILED.value and entry.tested_hash is not None
-                        and slots.active is not None and not slots.active.confirmed
-                        and slots.active_hash is not None
-                        and entry.tested_hash == slots.active_hash.hex())
-        if ((entry.outcome is None or test_running) and entry.target_hash and entry.image_path
+        tested_running = (entry.outcome == Status.FAILED.value and entry.tested_hash is not None
+                          and slots.active_hash is not None
+                          and entry.tested_hash == slots.active_hash.hex())
+        if ((entry.outcome is None or tested_running) and entry.target_hash and entry.image_path
                 and Path(entry.image_path).is_file()):
             log.info("device=%s resuming step=%s target=%s", dev.id, entry.step, entry.target_version)
             return self.offer_from_journal(dev), Path(entry.image_path)

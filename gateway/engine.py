@@ -328,7 +328,10 @@ class UpdateEngine:
         # 1. is the target already running?
         if slots.active_hash == target:
             if slots.active and slots.active.confirmed:
-                st = Status.UPDATED if resuming else Status.UP_TO_DATE
+                # this gateway's own update (its confirm landed, though the attempt failed or
+                # was cut short), or someone else's
+                mine = resuming or self.entry.tested_hash == th
+                st = Status.UPDATED if mine else Status.UP_TO_DATE
                 raise self._finish(st, UpdateResult.SUCCESS, f"running {image.version}, confirmed",
                                    image, old_v)
             if self.entry.tested_hash == th:

@@ -54,3 +54,43 @@ async def test_failed_attempt_during_the_test_boot_is_resumed(bench_factory: Any
         assert active_state(dev) == ("2.0.0", True)
         await dev.power_cycle(wait=True)
         assert active_state(dev) == ("2.0.0", True)
+
+
+async def test_confirm_that_landed_in_a_failed_attempt_is_reported_as_done(bench_factory: Any) -> None:
+    """Found by the fault schedules (seed 456): the confirm lands, its answer and every state
+    read after it are lost, so the attempt fails (connection lost) and the server is told so.
+    The next attempt finds the target running confirmed - this gateway's own update - and the
+    server's last word becomes "updated", not silence after a failure."""
+    import json
+
+    bench = bench_factory(udp=1, serial=0, image_size=8 * 1024)
+    bench.publish("2.0.0")
+    async with Simulator(bench.sim_cfg) as sim:
+        (dev,) = sim.devices.values()
+        tap = Tap(dev).install()
+        blackout = [False]
+
+        def hook(req: Request, frame: bytes, reply: Any) -> bool:
+            if req.is_confirm and not blackout[0]:
+                blackout[0] = True
+                tap.deliver(frame, lambda _rsp: None)  # it lands; the answer is lost
+                return False
+            return not (blackout[0] and req.op == 0 and req.group == 1 and req.cmd == 0)
+
+        tap.hook = hook
+        cfg = bench.gateway_config(sim, health_check_s=0.3,
+                                   timeouts={"reset_s": 3, "request_s": 0.5})
+        outs = []
+        for _ in range(2):
+            gw = Gateway(cfg)
+            try:
+                outs.append((await gw.run_once()).outcomes[dev.id])
+            finally:
+                gw.close()
+            tap.hook = None
+        assert outs[0].status == Status.FAILED, outs[0]
+        assert outs[1].status == Status.UPDATED, outs[1]
+        assert active_state(dev) == ("2.0.0", True)
+        lines = [json.loads(x) for x in
+                 (bench.updates_dir / "reports.jsonl").read_text().splitlines() if x.strip()]
+        assert [x["result_name"] for x in lines] == ["CONNECTION_LOST", "SUCCESS"], lines
