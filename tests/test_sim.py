@@ -240,7 +240,8 @@ async def test_untrusted_image_refused_and_erased(kit: Kit, sim_factory: Any) ->
     assert success(await c.request(ImageStatesWrite(hash=parse_image(evil).hash)))
     await c.request(ResetWrite())
     await dev.wait_booted(2)
-    assert dev.boot_outcomes[-1].startswith("refused: signature")
+    # MCUboot finds no trusted key for the image (the reason text is gateway.mcuboot's)
+    assert dev.boot_outcomes[-1].startswith("refused: ") and "key" in dev.boot_outcomes[-1]
     assert dev.slot_bytes(1) == b"\xff" * SLOT
     assert states(dev)[0]["version"] == "1.0.0" and 1 not in states(dev)
     await c.disconnect()

@@ -1,4 +1,12 @@
-"""One simulated device: transports, link emulation, request queue, MCUboot, app knobs."""
+"""One simulated device: transports, link emulation, request queue, MCUboot, app knobs.
+
+Owns a device's life cycle (boot through ``boot.run_bootloader``, reset, crash, power cycle),
+its SMP request queue (Zephyr 3.4 ``subsys/mgmt/mcumgr/transport/src/smp.c``: one SMP work
+queue, one shared netbuf pool) with the device time each request takes, and the UDP and PTY
+endpoints (``smp_udp.c``; ``uart_mcumgr.c``/``smp_uart.c`` or ``smp_shell.c`` through
+``serial_rx.LineRx`` and ``serial_util.c``'s frame decoding). The BLE endpoint is in
+``ble.py``; endpoints and device meet through ``endpoint.py``'s protocols.
+"""
 
 from __future__ import annotations
 
@@ -90,7 +98,8 @@ class SimDevice:
         self.rsp_pipe = Pipe(latency=lk.rsp_latency, bandwidth=rsp_bw, loss=lk.response_loss,
                              duplicate=lk.duplicate, reorder=lk.reorder,
                              reorder_delay=lk.reorder_delay_s, rng=self.rng)
-        self._queue: deque[tuple[bytes, Reply]] = deque()
+        self._queue: deque[tuple[bytes, Reply, float]] = deque()
+        self._vfree = 0.0  # device time at which the SMP handler is free again
         self._busy = False
         # windows in which the CPU is halted by flash erase/programming (flash_stalls_cpu)
         self.stalls: list[tuple[float, float]] = []
@@ -230,7 +239,7 @@ class SimDevice:
         return self.state == "running"
 
     def frame_arrived(self, frame: bytes, reply: Reply, *, limit_in_flight: bool,
-                      netbuf_overhead: int = 0) -> None:
+                      netbuf_overhead: int = 0, at: float | None = None) -> None:
         """A complete SMP packet reached the device's SMP transport.
 
         Zephyr's transports put requests and responses in one pool of ``buf_count`` netbufs of
@@ -253,7 +262,8 @@ class SimDevice:
             self.counters["dropped_netbuf"] += 1  # netbuf pool exhausted
             self._notify()
             return
-        self._queue.append((frame, reply))
+        self._queue.append((frame, reply,
+                            asyncio.get_running_loop().time() if at is None else at))
         self.counters["max_in_flight"] = max(self.counters["max_in_flight"], in_flight + 1)
         assert self._wake is not None
         self._wake.set()
@@ -271,12 +281,12 @@ class SimDevice:
             while not self._queue:
                 self._wake.clear()
                 await self._wake.wait()
-            frame, reply = self._queue.popleft()
+            frame, reply, at = self._queue.popleft()
             gen = self._generation
             self._busy = True
             self._notify()
             try:
-                await self._process(frame, reply, gen)
+                await self._process(frame, reply, gen, at)
             except Exception:
                 self.log.exception("request handling failed")
             finally:
@@ -288,7 +298,7 @@ class SimDevice:
         """True while the SMP work queue has a request to handle."""
         return self._busy or bool(self._queue)
 
-    async def _process(self, frame: bytes, reply: Reply, gen: int) -> None:
+    async def _process(self, frame: bytes, reply: Reply, gen: int, at: float) -> None:
         if len(frame) >= 8:
             _, _, _, group, _, cmd = struct.unpack_from("!BBHHBB", frame)
             self.counters["requests"] += 1
@@ -310,15 +320,19 @@ class SimDevice:
         # Device time: the handler's CPU time, then the flash erase/programming it did
         # (SmpServer accounts them per img_mgmt's erase and stream_flash's block writes).
         # The flash state changes at once; the answer leaves when the time is up.
+        # Device time is counted from when the request arrived (or the handler became free),
+        # not from when this task got the CPU, so a loaded host does not shift it.
         loop = asyncio.get_running_loop()
         cpu_s = self.cfg.request_processing_s
+        vstart = max(at, self._vfree)
+        vend = vstart + cpu_s + res.flash_s
+        self._vfree = vend
         if res.flash_s and self.cfg.flash_stalls_cpu:
-            start = loop.time() + cpu_s
-            self.stalls.append((start, start + res.flash_s))
+            self.stalls.append((vstart + cpu_s, vend))
             self.stalls = [w for w in self.stalls if w[1] > loop.time() - 5.0]
-        busy_s = cpu_s + res.flash_s
-        if busy_s:
-            await asyncio.sleep(busy_s)  # a timer: other devices keep running
+        wait = vend - loop.time()
+        if wait > 0:
+            await asyncio.sleep(wait)  # a timer: other devices keep running
         else:
             await asyncio.sleep(0)  # one request at a time, but let the loop breathe
         if gen != self._generation:
@@ -580,6 +594,7 @@ class PtyEndpoint:
         self.link: Path | None = scfg.link
         self.rx = LineRx(scfg.transport, scfg.rx_buf_count, scfg.line_buf_size,
                          scfg.rx_work_latency_s)
+        self._arrive = 0.0  # scheduled arrival of the line being decoded
         self._decoder: Any = None
         self._out = bytearray()
         self._writer_on = False
@@ -590,7 +605,7 @@ class PtyEndpoint:
 
     def describe(self) -> dict[str, Any]:
         return {"pty": self.pty_path, "link": str(self.link) if self.link else None,
-                "baud": self.dev.cfg.serial.baud if self.dev.cfg.serial else None}
+                "baud": self.scfg.baud, "serial_transport": self.scfg.transport}
 
     async def open(self) -> None:
         self.master, self.slave = os.openpty()
@@ -659,17 +674,21 @@ class PtyEndpoint:
             nl = data.find(b"\n", pos)
             end = len(data) if nl < 0 else nl + 1
             piece = data[pos:end]
-            dev.req_pipe.send(len(piece), functools.partial(self._feed, piece), lossy=False)
+            arrive = dev.req_pipe.next_arrival(len(piece))
+            dev.req_pipe.send(len(piece), functools.partial(self._feed, piece, arrive),
+                              lossy=False)
             pos = end
 
-    def _feed(self, data: bytes) -> None:
+    def _feed(self, data: bytes, arrive: float) -> None:
         dev = self.dev
         if not dev.accepting():
             dev.counters["discarded_serial_bytes"] += len(data)
             return
-        # the pipe delivers a chunk when its last byte is in; its first byte came
-        # len/bandwidth earlier (the UART ISR saw the bytes one by one in between)
-        now = asyncio.get_running_loop().time()
+        # the pipe delivers a piece when its last byte is in (``arrive``, the scheduled
+        # time, so a late event loop does not move it); its first byte came len/bandwidth
+        # earlier (the UART ISR saw the bytes one by one in between)
+        now = arrive
+        self._arrive = arrive
         bw = dev.req_pipe.bandwidth
         first = now - (len(data) - 1) / bw if bw else now
         self.rx.stalls = dev.stalls
@@ -708,7 +727,8 @@ class PtyEndpoint:
             dev._notify()
             return
         # mcumgr_serial_process_frag decodes length + packet + CRC16 into one pool netbuf
-        dev.frame_arrived(frame, self._reply, limit_in_flight=True, netbuf_overhead=4)
+        dev.frame_arrived(frame, self._reply, limit_in_flight=True, netbuf_overhead=4,
+                          at=self._arrive)
 
     def _reply(self, rsp: bytes) -> None:
         dev = self.dev

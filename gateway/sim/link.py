@@ -45,6 +45,12 @@ class Pipe:
         """Loop time at which everything sent so far has left (serialized + latency)."""
         return self._busy_until + self.latency
 
+    def next_arrival(self, size: int) -> float:
+        """When a frame of ``size`` bytes sent now would arrive (without reordering)."""
+        now = asyncio.get_running_loop().time()
+        start = max(now, self._busy_until)
+        return start + (size / self.bandwidth if self.bandwidth else 0.0) + self.latency
+
     def send(self, size: int, deliver: Callable[[], None], *, lossy: bool = True) -> bool:
         """Queue a frame of ``size`` bytes; ``deliver`` runs when it arrives. False = lost."""
         loop = asyncio.get_running_loop()
