@@ -27,6 +27,9 @@ Test Timeout        15 minutes
 
 *** Variables ***
 ${FIRMWARE}             ${EMPTY}
+# Renode 1.15.3 cannot snapshot a machine with a PTY terminal ("Pointer or ThreadLocal ...
+# encountered during serialization"): on failure keep the logs, skip renode-test's snapshot
+${CREATE_SNAPSHOT_ON_FAIL}    False
 ${UPLOAD_EVERY_CASE}    False
 ${SLOT0}                0x08040000
 ${SLOT1}                0x08080000
@@ -177,7 +180,7 @@ Image The Gateway Does Not Trust Is Refused With Zero Bytes Sent
     Should Be Equal    ${out}[result]    refused
     Should Be Equal    ${out}[lwm2m_result]    5
     Should Be Equal    ${out}[bytes]    0
-    Report Should Be    ${work}    5    not made by a trusted key
+    Report Should Be    ${work}    5    untrusted-signature
     Slot Should Hold    ${work}/uart.pty    1    3.0.0    ${V3_HASH}    pending=False    confirmed=False
     FOR    ${offset}    IN    0    0x200    0x4000    0xB000
         ${dev}=    Execute Command    sysbus ReadDoubleWord ${{ hex(${SLOT1} + ${offset}) }}
