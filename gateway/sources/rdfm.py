@@ -25,7 +25,8 @@ from device logs: ``POST /api/v1/logs`` (device token) with ``{"batch": [{"devic
 turns that off with one log line.
 
 Report handle (``Offer.report_to``): ``{"ident", "metadata", "package_id"}`` - the RDFM device
-identity and the metadata it authenticates with (its key is on disk under ``device_key_dir``),
+identity and the three metadata keys it authenticates with (its key is on disk under
+``device_key_dir``; the ``smp-gateway.*`` inventory keys are left out: they change between checks),
 so a final outcome can be logged after a restart. A log upload that does not get a 200 (server
 down, 5xx, the device no longer accepted) raises ``ReportNotDelivered`` and is retried. The log
 API appends: each entry carries ``report_id`` (the gateway's journal id of the report) so that
@@ -268,7 +269,10 @@ class RdfmSource(HttpSource):
                     "device_type": meta[META_DEVTYPE],
                     "device": device,
                 },
-                report_to={"ident": meta[META_MAC], "metadata": meta, "package_id": data.get("id")},
+                # the three keys the device API requires: stable for one offer (the inventory
+                # keys change at every check and would make each check a different handle)
+                report_to={"ident": meta[META_MAC], "package_id": data.get("id"),
+                           "metadata": {k: meta[k] for k in (META_DEVTYPE, META_SOFTVER, META_MAC)}},
             )
         raise FetchError("RDFM rejected a freshly issued token", UpdateResult.CONNECTION_LOST)
 
