@@ -38,8 +38,12 @@ async def _slot1_hash(pty: Path) -> bytes | None:
 
 
 async def _erase(pty: Path) -> None:
+    if await _slot1_hash(pty) is None:
+        return  # img_mgmt answers an erase of an empty slot with an error (rc 1)
     async with SMPSession(SerialTransport(str(pty)), timeout_s=30) as s:
         await s.image_erase(1)
+    if await _slot1_hash(pty) is not None:
+        raise SystemExit("slot1 still holds an image after the erase")
 
 
 async def gateway_upload(pty: Path, data: bytes) -> tuple[float, str]:
