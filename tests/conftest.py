@@ -86,11 +86,100 @@ def pytest_runtest_protocol(item: pytest.Item) -> None:
         _MATRIX["ran"] += 1
 
 
+# --- randomized fault schedules (tests/test_fault_schedule.py) -> docs/reliability.md ----------
+_FAULT_SCHEDULES: dict[str, Any] = {}
+
+
+@pytest.fixture(scope="session")
+def fault_schedule_stats() -> dict[str, Any]:
+    """tests/test_fault_schedule.py puts its figures here (count, faults fired, outcomes...)."""
+    return _FAULT_SCHEDULES
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     # the published matrix is the whole matrix: a partial run (-k, one file) leaves it alone
     whole = _MATRIX["ran"] == _MATRIX["collected"] and _MATRIX_FILES <= _matrix_files_seen
     if _RELIABILITY_ROWS and whole and exitstatus == 0:
         write_reliability_doc(_RELIABILITY_ROWS, RELIABILITY_DOC)
+    # the schedules' section: only for the default set of seeds, and only when all passed
+    fs = _FAULT_SCHEDULES
+    if fs.get("default") and fs.get("failed") == 0 and fs.get("count"):
+        write_fault_schedule_doc(fs, RELIABILITY_DOC)
+
+
+# docs/reliability.md is made of sections, each rewritten by its own writer, the others kept
+_SECTIONS = ("schedules", "matrix")
+
+
+def _doc_sections(path: Path) -> dict[str, str]:
+    import re
+
+    try:
+        text = path.read_text()
+    except OSError:
+        return {}
+    found = {m.group(1): m.group(2).strip("\n") for m in re.finditer(
+        r"<!-- section:(\w+) -->\n(.*?)\n<!-- /section:\1 -->", text, re.S)}
+    if not found and text.startswith("# Reliability matrix"):  # the single-section layout
+        body = text.split("\n", 1)[1] if "\n" in text else ""
+        found["matrix"] = "## Fault-injection matrix\n" + body.replace("\n## ", "\n### ")
+    return found
+
+
+def _write_doc(path: Path, **sections: str) -> None:
+    have = {**_doc_sections(path), **sections}
+    out = ["# Reliability", "",
+           "Two kinds of evidence, both written by the test run (hook `pytest_sessionfinish` in "
+           "`tests/conftest.py`, each section only after a complete, passing run of its tests); "
+           "do not edit by hand.", ""]
+    for name in _SECTIONS:
+        if name in have:
+            out += [f"<!-- section:{name} -->", have[name], f"<!-- /section:{name} -->", ""]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(out))
+
+
+def write_fault_schedule_doc(stats: dict[str, Any], path: Path) -> None:
+    import sys
+    import time
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import fault_schedules
+
+    fired = stats.get("fired", {})
+    finals = stats.get("finals", {})
+    lines = [
+        "## Randomized fault schedules",
+        "",
+        f"Last run: {time.strftime('%Y-%m-%d %H:%M:%S')}: **{stats['count']} schedules** (seeds "
+        f"{stats['first']}..{stats['first'] + stats['count'] - 1}), **{stats['failed']} broke an "
+        f"invariant**, {stats['wall']:.0f} s wall with {stats['jobs']} schedules at a time "
+        f"(`pytest tests/test_fault_schedule.py`; more: `python benchmarks/fault_schedules.py "
+        "--count N`, one seed: `--seed S --count 1`).",
+        "",
+        "Each schedule is drawn from its seed: one device or a group of two (simulated Zephyr "
+        "smp_svr + MCUboot over UDP, imgtool-signed images), faults at random requests (lost, "
+        "answer lost, answer late or duplicated, device reset or power cut before or after the "
+        "request is handled), at random moments (reset, power cut), in MCUboot's swap (power "
+        "cut at a random sector), in the new image (its watchdog fires at a random time after "
+        "each boot: before, during or after the health window and the confirm), in the gateway "
+        "(a subprocess `smp-gateway run --once` SIGKILLed at a random request) and at the fleet "
+        "server (final reports refused or taken without an answer, checks failing). The gateway "
+        "then runs fault-free passes until every device settles, and the checker reads the "
+        "devices and the server:",
+        "",
+    ]
+    for name, text in fault_schedules.INVARIANTS:
+        lines.append(f"- **{name}**: {text}.")
+    lines += ["", f"Schedules with a group: {stats.get('groups', 0)}; with the gateway as a "
+              f"SIGKILLed subprocess: {stats.get('subprocess', 0)}.", "",
+              "| fault injected | times |", "|---|---|"]
+    for k, n in sorted(fired.items(), key=lambda kv: (-kv[1], kv[0])):
+        lines.append(f"| {k} | {n} |")
+    lines += ["", "| devices' final outcome(s) | schedules |", "|---|---|"]
+    for k, n in sorted(finals.items(), key=lambda kv: (-kv[1], kv[0])):
+        lines.append(f"| {k} | {n} |")
+    _write_doc(path, schedules="\n".join(lines))
 
 
 def write_reliability_doc(rows: list[dict[str, Any]], path: Path) -> None:
@@ -102,10 +191,9 @@ def write_reliability_doc(rows: list[dict[str, Any]], path: Path) -> None:
     bad_reports = sum(1 for r in rows if not r["report_ok"])
     seconds = sum(float(r["seconds"]) for r in rows)
     lines = [
-        "# Reliability matrix",
+        "## Fault-injection matrix",
         "",
-        "Written by the test run (`pytest tests/test_faults.py tests/test_faults_kill.py`, hook "
-        "`pytest_sessionfinish` in `tests/conftest.py`); do not edit by hand.",
+        "Written by the test run (`pytest tests/test_faults.py tests/test_faults_kill.py`).",
         f"Last run: {time.strftime('%Y-%m-%d %H:%M:%S')}, {len(rows)} cases, "
         f"{seconds:.0f} s of fault tests.",
         "",
@@ -123,14 +211,14 @@ def write_reliability_doc(rows: list[dict[str, Any]], path: Path) -> None:
         "- **unverified bytes**: bytes the device received for an upload whose SHA-256 is not "
         "that of an image the gateway verified (structure, hash, signature) first.",
         "",
-        "## Totals",
+        "### Totals",
         "",
         f"- cases: {len(rows)}",
         f"- devices left unbootable: **{unbootable}**",
         f"- unverified bytes uploaded: **{unverified}**",
         f"- lost or false reports: **{bad_reports}**",
         "",
-        "## Cases",
+        "### Cases",
         "",
         "| case | link | faults injected (as counted by the simulator) | gateway outcome(s) "
         "| bootable | confirmed image | report ok | unverified bytes | s |",
@@ -145,7 +233,6 @@ def write_reliability_doc(rows: list[dict[str, Any]], path: Path) -> None:
         )
     notes = [r for r in rows if r.get("note")]
     if notes:
-        lines += ["", "## Notes", ""]
+        lines += ["", "### Notes", ""]
         lines += [f"- **{r['case']}**: {r['note']}" for r in notes]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
+    _write_doc(path, matrix="\n".join(lines))

@@ -1,0 +1,66 @@
+"""The update-safety promise, checked: randomized fault schedules against simulated devices.
+
+``benchmarks/fault_schedules.py`` draws each schedule from a seed (faults at random requests
+and moments, in the swap, in the gateway process and at the fleet server), runs the gateway
+(in-process, or ``smp-gateway run --once`` SIGKILLed for a share of the schedules), lets it
+settle without faults and checks, from the devices' and the server's side, the invariants
+listed in that module's docstring and in docs/reliability.md.
+
+``SMPGW_FAULT_SCHEDULES`` (default 300) sets how many schedules run, ``SMPGW_FAULT_SEED`` the
+first seed (default 1); a failing seed is printed with its schedule and the command that
+replays it. The results go into docs/reliability.md (tests/conftest.py) when the default set
+ran.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import fault_schedules as fs  # noqa: E402
+
+DEFAULT_COUNT = 300
+DEFAULT_SEED = 1
+JOBS = 32  # schedules at once: they mostly wait on timers (boots, timeouts, health windows)
+
+pytestmark = pytest.mark.timeout(1500)
+
+
+async def test_fault_schedules(tmp_path: Path, fault_schedule_stats: dict[str, Any]) -> None:
+    count = int(os.environ.get("SMPGW_FAULT_SCHEDULES", DEFAULT_COUNT))
+    first = int(os.environ.get("SMPGW_FAULT_SEED", DEFAULT_SEED))
+    seeds = list(range(first, first + count))
+    t0 = time.monotonic()
+    verdicts = await fs.run_many(seeds, tmp_path, jobs=JOBS)
+    wall = time.monotonic() - t0
+    bad = [v for v in verdicts if not v.ok]
+    fired: Counter[str] = Counter()
+    for v in verdicts:
+        for f in v.fired:
+            fired[fs.fault_kind(f)] += 1
+    finals: Counter[str] = Counter(fs.final_status(v) for v in verdicts)
+    fault_schedule_stats.update(
+        count=len(verdicts), first=first, failed=len(bad), wall=wall, jobs=JOBS,
+        fired=dict(fired), finals=dict(finals),
+        subprocess=sum(1 for v in verdicts if '"subprocess":true' in v.schedule),
+        groups=sum(1 for v in verdicts if '"group":true' in v.schedule),
+        default=(count == DEFAULT_COUNT and first == DEFAULT_SEED))
+    report = []
+    for v in bad:
+        report.append(f"seed {v.seed}: " + "; ".join(v.problems[:6]))
+        report.append(f"  schedule: {v.schedule}")
+        report.append(f"  replay: SMPGW_FAULT_SEED={v.seed} SMPGW_FAULT_SCHEDULES=1 pytest "
+                      f"tests/test_fault_schedule.py  (or: python benchmarks/fault_schedules.py "
+                      f"--seed {v.seed} --count 1 --workdir DIR)")
+    assert not bad, f"{len(bad)} of {len(verdicts)} fault schedules broke an invariant:\n" + \
+        "\n".join(report)
+    assert sum(fired.values()) > len(verdicts), fired  # the schedules did inject faults
