@@ -1,12 +1,25 @@
-"""Upload throughput: the gateway's windowed upload vs smpclient's ``SMPClient.upload``.
+"""Upload throughput: the gateway's tuned upload vs smpclient's ``SMPClient.upload``.
 
-One simulator process (``python -m gateway.sim``) hosts one device per link scenario; both
-clients upload the same 256 KiB image to the same device, one after the other, in this
-process (slot 1 is erased before every run, every run ends with a hash check). Prints a table
-of throughput, the ratio between the clients and the efficiency against the link's bound;
-writes docs/throughput_vs_rtt.png, docs/throughput.json and the table into docs/benchmarks.md.
+One simulator process (``python -m gateway.sim``) hosts one device per scenario; both clients
+upload the same image to the same device, one after the other, in this process (slot 1 is
+erased before every run, every run ends with a hash check).
 
-    python benchmarks/throughput.py [--quick] [--reps N]
+Two groups of scenarios:
+
+* **Link study** (RTT, buf_count, bandwidth, loss, 115200-baud serial): a device that answers
+  at once (no flash time, MCUmgr parameters reported), so the figures show the protocol
+  against the link; 256 KiB image.
+* **Presets** (``gateway/sim/presets.py``: ``zephyr-uart``, ``zephyr-shell``, ``zephyr-udp``,
+  ``renode-stm32f4-disco``): the simulator configured like each real transport of the stock
+  sample, flash timings and receive paths included; 96 KiB image. The gateway runs twice with
+  one ``MemoryStore`` (what the journal keeps): *cold* discovers packet size and window, *warm*
+  starts from what cold learned.
+
+Prints a table of throughput, the ratio between the clients and the efficiency against the
+link's bound; writes docs/throughput_vs_rtt.png, docs/throughput.json and the tables into
+docs/benchmarks.md.
+
+    python benchmarks/throughput.py [--quick] [--reps N] [--only TEXT] [--presets-only]
 """
 
 from __future__ import annotations
@@ -28,9 +41,15 @@ from _common import DOCS, make_image, simulator, table, update_doc
 from gateway.mcuboot import parse_image
 from gateway.smp.session import SMPSession
 from gateway.smp.transport import SerialTransport, Transport, UdpTransport
+from gateway.smp.tuning import MemoryStore
 from gateway.smp.upload import chunk_data_room
 
 IMAGE_SIZE = 256 * 1024
+PRESET_IMAGE_SIZE = 96 * 1024
+# the link study's device: answers at once (the presets model real flash and CPU)
+IDEAL_DEVICE: dict[str, Any] = {"mcumgr_params_supported": True, "request_processing_s": 0.0,
+                                "flash_write_bps": None, "flash_erase_sector_s": 0.0,
+                                "flash_stalls_cpu": False}
 BUF_SIZE = 2475  # smp_svr's Bluetooth overlay value; UDP packets are capped by the MTU anyway
 BAUD = 115200
 
@@ -44,8 +63,16 @@ class Scenario:
     loss: float = 0.0  # per direction
     bandwidth: float | None = None  # bytes/s per direction (UDP)
     group: str = "rtt"
+    preset: str | None = None  # group "preset": gateway/sim/presets.py NAME
+    overrides: dict[str, Any] | None = None  # preset fields changed (with the reason in name)
 
     def device(self, v1: Path) -> dict[str, Any]:
+        if self.preset is not None:
+            d = {"id": self.dev_id, "preset": self.preset, "initial_image": str(v1),
+                 **(self.overrides or {})}
+            if self.kind == "udp":
+                d["udp"] = {"host": "127.0.0.1", "port": 0}  # not 1337: other sims may run
+            return d
         link: dict[str, Any] = {"latency_s": self.rtt_ms / 2000, "seed": 1}
         if self.loss:
             link.update(request_loss=self.loss, response_loss=self.loss)
@@ -53,7 +80,7 @@ class Scenario:
             link["bandwidth_bps"] = self.bandwidth
         d: dict[str, Any] = {"id": self.dev_id, "slot_size": 0x60000, "initial_image": str(v1),
                              "buf_size": BUF_SIZE, "buf_count": self.buf_count, "link": link,
-                             "boot_time_s": 0.1}
+                             "boot_time_s": 0.1, **IDEAL_DEVICE}
         if self.kind == "udp":
             d["udp"] = {"host": "127.0.0.1", "port": 0}
         else:
@@ -76,6 +103,15 @@ SCENARIOS = [
     Scenario("UDP RTT 20 ms, 1 % loss", "udp", 20, loss=0.01, group="loss"),
     Scenario("UDP RTT 20 ms, 5 % loss", "udp", 20, loss=0.05, group="loss"),
     Scenario("serial 115200 baud (PTY)", "serial", 0, group="serial"),
+    Scenario("preset zephyr-uart", "serial", group="preset", preset="zephyr-uart"),
+    Scenario("preset zephyr-shell", "serial", group="preset", preset="zephyr-shell"),
+    Scenario("preset zephyr-udp", "udp", group="preset", preset="zephyr-udp"),
+    # Zephyr 3.4 subsys/mgmt/mcumgr/transport/Kconfig: "default 2048 if MCUMGR_TRANSPORT_UDP",
+    # "default 2 if MCUMGR_TRANSPORT_UDP" (the preset keeps the generic 384 x 4)
+    Scenario("preset zephyr-udp, Kconfig UDP netbufs 2048x2", "udp", group="preset",
+             preset="zephyr-udp", overrides={"buf_size": 2048, "buf_count": 2}),
+    Scenario("preset renode-stm32f4-disco", "serial", group="preset",
+             preset="renode-stm32f4-disco"),
 ]
 
 
@@ -100,7 +136,8 @@ def transport_for(sc: Scenario, ep: dict[str, Any]) -> Transport:
 
 async def erase_and_check(sc: Scenario, ep: dict[str, Any], image: bytes | None) -> bool:
     """Erase slot 1 (image=None) or check that it holds ``image``."""
-    async with SMPSession(transport_for(sc, ep), device_id=sc.dev_id, timeout_s=3.0) as s:
+    # a real slot erase takes seconds (nRF52840: 118 pages x 85 ms)
+    async with SMPSession(transport_for(sc, ep), device_id=sc.dev_id, timeout_s=30.0) as s:
         if image is None:
             await s.image_erase(1)
             return True
@@ -109,16 +146,20 @@ async def erase_and_check(sc: Scenario, ep: dict[str, Any], image: bytes | None)
         return any(st.slot == 1 and st.hash == want for st in states)
 
 
-async def run_gateway(sc: Scenario, ep: dict[str, Any], image: bytes) -> Run:
+async def run_gateway(sc: Scenario, ep: dict[str, Any], image: bytes,
+                      store: MemoryStore | None = None, client: str = "gateway") -> Run:
     async with SMPSession(transport_for(sc, ep), device_id=sc.dev_id, timeout_s=2.0) as s:
         await s.mcumgr_params()
         await s.image_state()  # as the engine does before an upload (seeds the RTT estimate)
         t0, c0 = time.perf_counter(), time.process_time()
-        st = await s.upload(image)
+        st = await s.upload(image, store=store)
         secs, cpu = time.perf_counter() - t0, time.process_time() - c0
     ok = await erase_and_check(sc, ep, image)
-    return Run("gateway", secs, cpu, ok, st.retransmits + st.rewinds,
-               f"W={st.window} chunk={st.chunk_size} rto={st.rto_s * 1000:.0f}ms")
+    w = f"{st.window}" if st.window_max == st.window else f"{st.window}->{st.window_final}"
+    return Run(client, secs, cpu, ok, st.retransmits + st.rewinds,
+               f"W={w} chunk={st.chunk_size} rto={st.rto_s * 1000:.0f}ms"
+               + (f" retx {st.retransmitted_ratio * 100:.1f}%" if st.retransmitted_bytes else "")
+               + (f" probes={st.probes}" if st.probes else ""))
 
 
 async def run_smpclient(sc: Scenario, ep: dict[str, Any], image: bytes) -> Run:
@@ -140,6 +181,9 @@ async def run_smpclient(sc: Scenario, ep: dict[str, Any], image: bytes) -> Run:
     else:
         client = SMPClient(SMPSerialTransport(baudrate=BAUD), ep["address"], timeout_s=2.5)
         sub_timeout = 2.5
+    # presets: smpclient's own first-chunk timeout (40 s: the device erases first)
+    first_timeout = 40.0 if sc.preset else sub_timeout
+    max_retries = 5 if sc.preset else 200
     await client.connect()
     retries = 0
     t0, c0 = time.perf_counter(), time.process_time()
@@ -147,14 +191,17 @@ async def run_smpclient(sc: Scenario, ep: dict[str, Any], image: bytes) -> Run:
         while True:
             try:
                 off = 0
-                async for off_ in client.upload(image, first_timeout_s=sub_timeout,
+                async for off_ in client.upload(image, first_timeout_s=first_timeout,
                                                 subsequent_timeout_s=sub_timeout):
                     off = off_
                 if off == len(image):
                     break
-            except Exception:  # a lost datagram: smpclient raises; start again (sha resume)
+            except Exception as exc:  # a lost datagram: smpclient raises; start again (sha resume)
                 retries += 1
-                if retries > 200:
+                if retries > max_retries:
+                    if sc.preset:
+                        return Run("smpclient", time.perf_counter() - t0, 0.0, False, retries,
+                                   f"failed: {type(exc).__name__} {str(exc)[:60]}")
                     raise
         secs, cpu = time.perf_counter() - t0, time.process_time() - c0
     finally:
@@ -188,14 +235,21 @@ async def main_async(args: argparse.Namespace) -> int:
     v1 = work / "app-1.0.0.bin"
     make_image(v1, 16 * 1024, version="1.0.0")
     image = make_image(work / "app-2.0.0.bin", IMAGE_SIZE)
+    small = make_image(work / "app-2.0.0-96k.bin", PRESET_IMAGE_SIZE)
     size = len(image)
     scenarios = SCENARIOS if not args.quick else [s for s in SCENARIOS if s.group in ("rtt",)]
+    if args.presets_only:
+        scenarios = [s for s in scenarios if s.group == "preset"]
     if args.only:
         scenarios = [s for s in scenarios if args.only.lower() in s.name.lower()]
     results: list[dict[str, Any]] = []
+    presets: list[dict[str, Any]] = []
     with simulator(work, [sc.device(v1) for sc in scenarios]) as eps:
         for sc in scenarios:
             ep = eps[sc.dev_id]
+            if sc.group == "preset":
+                presets.append(await run_preset(sc, ep, small, args.reps))
+                continue
             runs: dict[str, list[Run]] = {"smpclient": [], "gateway": []}
             for _ in range(args.reps):
                 for name, fn in (("smpclient", run_smpclient), ("gateway", run_gateway)):
@@ -223,31 +277,96 @@ async def main_async(args: argparse.Namespace) -> int:
                 "gateway_note": runs["gateway"][-1].note,
                 "retries": {k: [x.retries for x in v] for k, v in runs.items()},
             })
+    stamp = time.strftime("%Y-%m-%d %H:%M")
+    if results:
+        rows = []
+        for res in results:
+            eff = (f"{res['gateway_kBps'] / res['bound_kBps'] * 100:.0f} % of "
+                   f"{res['bound_kBps']:.1f} ({res['bound']})" if res["bound_kBps"] else res["bound"])
+            mb = size / 1e6
+            rows.append([res["name"], f"{res['smpclient_kBps']:.1f}", f"{res['gateway_kBps']:.1f}",
+                         f"{res['ratio']:.2f}x", eff,
+                         f"{res['smpclient_cpu_s'] / mb:.2f} / {res['gateway_cpu_s'] / mb:.2f}",
+                         "yes" if res["ok"] else "NO"])
+        header = ["link (one device)", "smpclient kB/s", "gateway kB/s", "gateway / smpclient",
+                  "gateway efficiency (bound kB/s)", "client CPU s/MB (smpclient / gateway)",
+                  "hash ok"]
+        md = table(rows, header)
+        print()
+        print(md)
+        meta = (f"\n\nImage {size} bytes (imgtool, 256 KiB payload class), device buf_size "
+                f"{BUF_SIZE} (parameters reported, no flash time), UDP MTU 1500 (1472-byte SMP "
+                f"packets: {chunk_data_room(1472, 100_000)} data bytes per chunk), serial "
+                f"buf_size-4 = {BUF_SIZE - 4}-byte packets in 127-byte lines; median of "
+                f"{args.reps} run(s) per client; {stamp}.")
+        if not args.only and not args.quick and not args.presets_only:
+            DOCS.mkdir(exist_ok=True)
+            (DOCS / "throughput.json").write_text(json.dumps(results, indent=2))
+            update_doc("throughput", md + meta)
+            plot(results)
+    if presets:
+        md = preset_table(presets)
+        print()
+        print(md)
+        meta = (f"\n\nImage {len(small)} bytes; smpclient: median of {args.reps} run(s) "
+                f"(``SMPSerialTransport()`` / ``SMPUDPTransport()`` defaults, first-chunk timeout "
+                f"40 s, re-started after a timeout); gateway: one cold run, then the median of "
+                f"{args.reps} warm run(s) with what the cold one learned; {stamp}.")
+        if not args.only and not args.quick:
+            (DOCS / "throughput_presets.json").write_text(json.dumps(presets, indent=2))
+            update_doc("presets", md + meta)
+    ok = all(r["ok"] for r in results) and all(p["gateway_ok"] for p in presets)
+    return 0 if ok else 1
+
+
+async def run_preset(sc: Scenario, ep: dict[str, Any], image: bytes, reps: int) -> dict[str, Any]:
+    """smpclient x reps, the gateway once cold and reps times warm (one MemoryStore)."""
+    size = len(image)
+    store = MemoryStore()
+    runs: dict[str, list[Run]] = {"smpclient": [], "cold": [], "warm": []}
+    order = ["smpclient", "cold"] + [x for _ in range(reps) for x in ("warm", "smpclient")]
+    order = order[: 2 + 2 * reps - 1]  # smpclient reps times, warm reps times
+    for name in order:
+        await erase_and_check(sc, ep, None)
+        if name == "smpclient":
+            r = await run_smpclient(sc, ep, image)
+        else:
+            r = await run_gateway(sc, ep, image, store=store, client=f"gateway {name}")
+        runs[name].append(r)
+        print(f"  {sc.name:<30} {r.client:<14} {r.seconds:7.2f}s {r.kbps(size):7.2f} kB/s "
+              f"ok={r.ok} retries={r.retries} {r.note}", flush=True)
+
+    def med(rs: list[Run]) -> float:
+        ok = [r.kbps(size) for r in rs if r.ok]
+        return statistics.median(ok) if ok else 0.0
+
+    learned = store.link_tuning(sc.dev_id) or {}
+    return {"name": sc.name, "scenario": asdict(sc), "image_bytes": size,
+            "smpclient_kBps": med(runs["smpclient"]), "cold_kBps": med(runs["cold"]),
+            "warm_kBps": med(runs["warm"]),
+            "smpclient_ok": all(r.ok for r in runs["smpclient"]),
+            "smpclient_note": runs["smpclient"][-1].note,
+            "gateway_ok": all(r.ok for r in runs["cold"] + runs["warm"]),
+            "cold_note": runs["cold"][-1].note, "warm_note": runs["warm"][-1].note,
+            "learned": {k: learned.get(k) for k in ("packet", "window", "packet_failed",
+                                                     "window_failed")}}
+
+
+def preset_table(presets: list[dict[str, Any]]) -> str:
     rows = []
-    for res in results:
-        eff = (f"{res['gateway_kBps'] / res['bound_kBps'] * 100:.0f} % of {res['bound_kBps']:.1f} "
-               f"({res['bound']})" if res["bound_kBps"] else res["bound"])
-        mb = size / 1e6
-        rows.append([res["name"], f"{res['smpclient_kBps']:.1f}", f"{res['gateway_kBps']:.1f}",
-                     f"{res['ratio']:.2f}x", eff,
-                     f"{res['smpclient_cpu_s'] / mb:.2f} / {res['gateway_cpu_s'] / mb:.2f}",
-                     "yes" if res["ok"] else "NO"])
-    header = ["link (one device)", "smpclient kB/s", "gateway kB/s", "gateway / smpclient",
-              "gateway efficiency (bound kB/s)", "client CPU s/MB (smpclient / gateway)",
-              "hash ok"]
-    md = table(rows, header)
-    print()
-    print(md)
-    meta = (f"\n\nImage {size} bytes (imgtool, 256 KiB payload class), device buf_size {BUF_SIZE}, "
-            f"UDP MTU 1500 (1472-byte SMP packets: {chunk_data_room(1472, 100_000)} data bytes per "
-            f"chunk), serial buf_size-4 = {BUF_SIZE - 4}-byte packets in 127-byte lines; "
-            f"median of {args.reps} run(s) per client; {time.strftime('%Y-%m-%d %H:%M')}.")
-    if not args.only and not args.quick:
-        DOCS.mkdir(exist_ok=True)
-        (DOCS / "throughput.json").write_text(json.dumps(results, indent=2))
-        update_doc("throughput", md + meta)
-        plot(results)
-    return 0 if all(r["ok"] for r in results) else 1
+    for p in presets:
+        sc = f"{p['smpclient_kBps']:.2f}" if p["smpclient_ok"] else f"fails ({p['smpclient_note']})"
+        ratio = (f"{p['warm_kBps'] / p['smpclient_kBps']:.2f}x" if p["smpclient_ok"]
+                 and p["smpclient_kBps"] else "-")
+        ln = p["learned"]
+        learned = (f"packet {ln['packet']}, window {ln['window']}"
+                   + (f" ({ln['packet_failed']} B lost)" if ln.get("packet_failed") else "")
+                   + (f" (window {ln['window_failed']} lost)" if ln.get("window_failed") else ""))
+        rows.append([p["name"], sc, f"{p['cold_kBps']:.2f}", f"{p['warm_kBps']:.2f}", ratio,
+                     learned, p["cold_note"], "yes" if p["gateway_ok"] else "NO"])
+    return table(rows, ["simulated device", "smpclient kB/s", "gateway cold kB/s",
+                        "gateway warm kB/s", "warm / smpclient", "learned", "cold run",
+                        "hash ok"])
 
 
 def plot(results: list[dict[str, Any]]) -> None:
@@ -298,6 +417,8 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="RTT scenarios only, no files written")
     ap.add_argument("--only", help="scenarios whose name contains this (no files written)")
+    ap.add_argument("--presets-only", action="store_true",
+                    help="only the preset scenarios (writes only their table)")
     return asyncio.run(main_async(ap.parse_args()))
 
 

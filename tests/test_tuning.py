@@ -137,14 +137,15 @@ def test_window_within_the_reported_capacity_treats_losses_as_link_losses() -> N
 
 def test_packet_size_steps_down_on_losses_on_serial_only() -> None:
     c = ChunkControl((380, 176), step_on_loss=True)
-    assert c.on_chunk(True) is None and c.on_chunk(False) is None
-    assert c.on_chunk(False) == "packet 380->176 after 2 losses in 16 chunks" and c.packet == 176
+    assert c.on_chunk(True) is None and c.on_chunk(False) is None and c.on_chunk(False) is None
+    assert c.on_chunk(False) == "packet 380->176 after 3 losses in 16 chunks" and c.packet == 176
     assert c.failed == 380
     for _ in range(5):
         c.on_chunk(False)
     assert c.packet == 176  # the floor of the ladder
     # a timeout whose answer came late is not held against the size
     c = ChunkControl((380, 176), step_on_loss=True)
+    c.on_chunk(False)
     c.on_chunk(False)
     c.on_spurious()
     assert c.on_chunk(False) is None and c.packet == 380
@@ -241,3 +242,96 @@ async def test_a_late_answer_is_a_spurious_timeout_not_a_loss() -> None:
     stats = await _upload(r, None)
     assert done_ok(r, IMAGE)
     assert stats.retransmits == 1 and stats.spurious == 1
+
+
+# -- the simulator configured like each real transport (gateway/sim/presets.py) -------------
+DROPS = ("rx_lines_no_buffer", "rx_lines_overrun", "rx_lines_too_long", "bad_serial_frames",
+         "dropped_shell_mtu", "dropped_oversize", "dropped_netbuf", "enomem", "lost_requests")
+
+
+@pytest.fixture(scope="module")
+def preset_images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    from gateway.devkit import make_key, sign_image
+
+    root = tmp_path_factory.mktemp("preset-images")
+    key = make_key(root / "k.pem")
+    v1 = sign_image(root / "v1.bin", version="1.0.0", key=key, size=8000, slot_size=0x40000)
+    v2 = sign_image(root / "v2.bin", version="2.0.0", key=key, size=12000, slot_size=0x40000)
+    return {"v1": Path(v1), "v2": Path(v2).read_bytes()}
+
+
+async def _converge(tmp_path: Path, preset: str, images: dict[str, Any],
+                    ) -> tuple[list[Any], list[dict[str, int]], Any]:
+    """Upload until what the gateway learned stops changing (at most 4 uploads): the stats and
+    the device's drop counters of each upload, and the final memory."""
+    from gateway.mcuboot import parse_image
+    from gateway.sim import SimConfig, SimDeviceConfig, Simulator
+    from gateway.smp.transport import SerialTransport
+    from gateway.smp.tuning import same_knowledge
+
+    want = parse_image(images["v2"]).hash
+    dev_cfg: dict[str, Any] = {"id": "d", "preset": preset, "initial_image": str(images["v1"]),
+                               "boot_time_s": 0.05}
+    if preset == "zephyr-udp":
+        dev_cfg["udp"] = {"host": "127.0.0.1", "port": 0}
+    sim = Simulator(SimConfig(state_dir=tmp_path / "sim",
+                              devices=[SimDeviceConfig.model_validate(dev_cfg)]))
+    store = MemoryStore()
+    all_stats: list[Any] = []
+    drops: list[dict[str, int]] = []
+    async with sim:
+        dev = sim.devices["d"]
+        ep = sim.endpoints()["d"]
+        last: LinkMemory | None = None
+        for _ in range(4):
+            before = {k: dev.counters[k] for k in DROPS}
+            tr = (UdpTransport(ep["host"], ep["port"]) if ep["transport"] == "udp"
+                  else SerialTransport(ep["address"]))
+            async with SMPSession(tr, device_id="d", timeout_s=3.0) as s:
+                st = await s.upload(images["v2"], store=store)
+                states = await s.image_state()
+            assert any(x.slot == 1 and x.hash == want for x in states)
+            all_stats.append(st)
+            drops.append({k: dev.counters[k] - v for k, v in before.items() if dev.counters[k] != v})
+            mem = LinkMemory.from_dict(store.link_tuning("d"))
+            assert mem is not None
+            if last is not None and mem.packet == last.packet and mem.window == last.window:
+                break
+            last = mem
+        assert same_knowledge(last, mem)  # converged
+    return all_stats, drops, mem
+
+
+@pytest.mark.timeout(120)
+async def test_uart_preset_converges_to_settings_without_drops(
+        tmp_path: Path, preset_images: dict[str, Any]) -> None:
+    """Stock smp_svr on a UART (2 RX line buffers, the CPU halted while flash is written):
+    once tuned, an upload loses no line and re-sends (almost) nothing."""
+    stats, drops, mem = await _converge(tmp_path, "zephyr-uart", preset_images)
+    assert stats[0].plan.startswith("chunk=354 packet=380 window=1")  # no params: Kconfig 384
+    assert drops[-1] == {}, (drops, stats[-1])
+    # at most one chunk sent twice (a timeout on a loaded machine, the answer only late)
+    assert stats[-1].retransmitted_bytes <= 356 and stats[-1].probes == []
+    assert stats[-1].window_max == mem.window  # no probing once converged
+
+
+@pytest.mark.timeout(120)
+async def test_shell_preset_first_chunk_above_the_shell_mtu_is_retried_smaller(
+        tmp_path: Path, preset_images: dict[str, Any]) -> None:
+    """overlay-shell.conf: the shell's MTU (256) is below the netbuf: a 380-byte first chunk
+    gets no answer; the upload goes on with 2-line packets and remembers them."""
+    stats, drops, mem = await _converge(tmp_path, "zephyr-shell", preset_images)
+    assert stats[0].probes == [380] and drops[0].get("dropped_shell_mtu", 0) >= 1
+    assert mem.packet == 176 and mem.packet_failed == 380
+    assert drops[-1] == {} and stats[-1].probes == [] and stats[-1].retransmitted_bytes <= 154
+
+
+@pytest.mark.timeout(120)
+async def test_udp_preset_finds_the_netbuf_and_the_window(
+        tmp_path: Path, preset_images: dict[str, Any]) -> None:
+    """overlay-udp.conf without parameters: datagrams above the netbuf are lost, so the size
+    comes down the ladder; the window grows to the pool's capacity while the device keeps up."""
+    stats, drops, mem = await _converge(tmp_path, "zephyr-udp", preset_images)
+    assert stats[0].probes == [1472, 736] and drops[0].get("dropped_oversize", 0) >= 2
+    assert mem.packet == 384
+    assert drops[-1] == {} and stats[-1].probes == [] and stats[-1].retransmitted_bytes <= 360

@@ -68,7 +68,8 @@ from typing import Any, Protocol
 
 __all__ = [
     "ChunkControl", "LinkFacts", "LinkMemory", "MemoryStore", "Plan", "TuningStore",
-    "WindowControl", "chunk_data_room", "first_chunk_floor_for", "ladder", "learn", "plan_upload",
+    "WindowControl", "chunk_data_room", "first_chunk_floor_for", "first_resend_s", "ladder", "learn",
+    "plan_upload",
     "serial_lines", "serial_packet_for_lines",
 ]
 
@@ -85,7 +86,7 @@ SERIAL_FRAME_OVERHEAD = 4  # 2-byte frame length + CRC16 (smp.packet, serial_uti
 REPROBE_AFTER_S = 7 * 86400.0
 GROW_AFTER = 8  # answers per unit of window that kept up before the window grows by one
 LOSS_SPAN = 16  # serial: the last chunks of a size that count ...
-LOSS_LIMIT = 2  # ... and how many of them lost make the size step down
+LOSS_LIMIT = 3  # ... and how many of them lost make the size step down
 
 
 class ParamsLike(Protocol):
@@ -199,6 +200,7 @@ class LinkMemory:
     window_failed: int | None = None  # smallest window that lost while probing
     params: str = ""  # params_signature() when learned
     link: str = ""  # LinkFacts.signature when learned
+    first_s_per_kb: float = 0.0  # first chunk's answer time (the slot erase) per KiB of image
     probed_at: float = 0.0  # when the size was last probed from the top
     updated_at: float = 0.0
     uploads: int = 0
@@ -223,6 +225,8 @@ class LinkMemory:
                 v = v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
             elif f.name in ("params", "link"):
                 v = v if isinstance(v, str) else ""
+            elif f.name == "first_s_per_kb":
+                v = float(v) if isinstance(v, int | float) and not isinstance(v, bool) and v > 0 else 0.0
             elif f.name == "uploads":
                 v = v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else 0
             else:
@@ -306,8 +310,12 @@ def plan_upload(
     now: float,
     window_override: int | None = None,
     chunk_cap: int | None = None,
+    fixed: bool = False,
 ) -> Plan:
-    """The starting point of an upload (see the module docstring for the rules)."""
+    """The starting point of an upload (see the module docstring for the rules).
+
+    ``fixed``: no discovery at all (benchmark sweeps): the packet is the largest the facts
+    allow, the window ``window_override`` (or the start window), and neither ever changes."""
     reported = params is not None and params.reported
     why: list[str] = []
     # 1. the largest packet the known facts allow
@@ -376,8 +384,14 @@ def plan_upload(
     if chunk_cap is not None:
         why.append(f"chunk_size {chunk_cap} from the device config")
     grow_limit = max(start_w, min(grow_limit, cap))
+    if fixed:
+        packet = top
+        cap = trusted = grow_limit = start_w
+        why = [f"fixed: packet {packet}, window {start_w}"]
+        source = "override"
     return Plan(packet=packet, window=start_w, window_cap=cap, trusted_window=trusted,
-                grow_limit=grow_limit, ladder=ladder(facts, packet, floor), floor=floor,
+                grow_limit=grow_limit,
+                ladder=(packet,) if fixed else ladder(facts, packet, floor), floor=floor,
                 chunk_cap=chunk_cap, reason="; ".join(why), source=source, reprobe=reprobe,
                 facts=facts, params=psig)
 
@@ -392,7 +406,8 @@ class WindowControl:
     """
 
     def __init__(self, start: int, *, cap: int, trusted: int, grow_limit: int,
-                 grow_after: int = GROW_AFTER) -> None:
+                 grow_after: int = GROW_AFTER, static: bool = False) -> None:
+        self.static = static  # never changes (benchmark sweeps)
         self.window = max(1, min(start, cap))
         self.cap = cap
         self.trusted = max(1, min(trusted, cap))
@@ -410,6 +425,8 @@ class WindowControl:
         return self.window > self.trusted
 
     def on_answer(self) -> str | None:
+        if self.static:
+            return None
         self.timeouts = 0
         self.clean += 1
         if self.clean < self.grow_after * self.window:
@@ -423,6 +440,8 @@ class WindowControl:
         return f"window {self.window - 1}->{self.window} (device kept up)"
 
     def on_loss(self, kind: str) -> str | None:
+        if self.static:
+            return None
         self.clean = 0
         w = self.window
         if self.probing:
@@ -515,10 +534,29 @@ class ChunkControl:
                 return
 
 
+FIRST_RESEND_MIN_S = 1.0
+FIRST_RESEND_MAX_S = 20.0
+
+
+def first_resend_s(memory: LinkMemory | None, image_size: int) -> float:
+    """How long an unanswered first chunk waits before it is sent again (one rung smaller).
+
+    The device erases the image area before it answers (``img_mgmt_erase_image_data``; seconds
+    on real flash, and an nRF52840 or STM32 CPU halts meanwhile, so nothing it receives then
+    survives): 1 s, or 1.5x the erase time this device showed for an image of this size."""
+    if memory is None or memory.first_s_per_kb <= 0:
+        return FIRST_RESEND_MIN_S
+    guess = 1.5 * memory.first_s_per_kb * image_size / 1024
+    return max(FIRST_RESEND_MIN_S, min(FIRST_RESEND_MAX_S, guess))
+
+
 def learn(plan: Plan, chunks: ChunkControl, window: WindowControl, previous: LinkMemory | None,
-          *, now: float) -> LinkMemory:
-    """What to remember after a completed upload."""
+          *, now: float, first_s_per_kb: float | None = None) -> LinkMemory:
+    """What to remember after a completed upload (``first_s_per_kb``: the first chunk's answer
+    time per KiB of image when it started a fresh upload, i.e. erased)."""
     keep = previous if previous is not None and not plan.reprobe else None
+    if first_s_per_kb is None:
+        first_s_per_kb = previous.first_s_per_kb if previous is not None else 0.0
     packet_failed = chunks.failed
     if keep is not None and keep.packet_failed is not None:
         packet_failed = keep.packet_failed if packet_failed is None else min(packet_failed,
@@ -531,6 +569,7 @@ def learn(plan: Plan, chunks: ChunkControl, window: WindowControl, previous: Lin
     return LinkMemory(
         packet=chunks.packet, window=max(1, kept), packet_failed=packet_failed,
         window_failed=window_failed, params=plan.params, link=plan.facts.signature,
+        first_s_per_kb=first_s_per_kb,
         probed_at=now if keep is None else keep.probed_at, updated_at=now,
         uploads=(keep.uploads if keep is not None else 0) + 1)
 
@@ -540,6 +579,6 @@ def same_knowledge(a: LinkMemory | None, b: LinkMemory) -> bool:
     if a is None:
         return False
     def key(m: LinkMemory) -> LinkMemory:
-        return replace(m, probed_at=0.0, updated_at=0.0, uploads=0)
+        return replace(m, probed_at=0.0, updated_at=0.0, uploads=0, first_s_per_kb=0.0)
 
     return key(a) == key(b)

@@ -53,8 +53,10 @@ Retransmission timeout: the time a chunk takes to leave the gateway (everything 
 of it on a link whose rate is known, e.g. 115200-baud UART: ~0.3 s per 2.4 KiB chunk, W of
 them queued) is modelled explicitly; what remains (latency both ways, device processing and
 flash writes, answer) is estimated with Jacobson/Karels (RFC 6298: srtt + 4 rttvar, minimum
-0.2 s, doubled on every timeout). The timer is also restarted by every answer that makes
-progress, so a slow but moving link never times out. Sequence numbers make every RTT sample
+0.2 s, doubled on every timeout); a spurious timeout (the answer came after all) raises that
+minimum to 1.5x the round trip that fooled it, for the rest of the upload. The timer is
+also restarted by every answer that makes progress, so a slow but moving link never times
+out. Sequence numbers make every RTT sample
 unambiguous (Karn's problem does not arise: a retransmission is a new request).
 
 CPU: chunk requests are encoded by hand (below) instead of building a pydantic
@@ -99,6 +101,7 @@ from gateway.smp.tuning import (
     _cbor_extra,
     chunk_data_room,
     first_chunk_floor_for,
+    first_resend_s,
     learn,
     plan_upload,
     same_knowledge,
@@ -248,8 +251,10 @@ class WindowedUpload:
         max_stalls: int = 8,
         max_restarts: int = 2,
         store: TuningStore | None = None,
+        fixed: bool = False,
     ) -> None:
         self.s = session
+        self.fixed = fixed  # no discovery, nothing learned: benchmark sweeps
         self.image = image
         self.view = memoryview(image)
         self.image_num = image_num
@@ -272,11 +277,17 @@ class WindowedUpload:
         self.srtt = r0
         self.rttvar = r0 / 2
         self.backoff = 1.0
+        # raised by spurious timeouts: a device (or emulator) whose answers sometimes take
+        # much longer than usual would otherwise be timed out again and again, each time
+        # costing a chunk on the link; the estimator alone forgets a rare long delay in a few
+        # samples (Eifel/F-RTO keep a similar memory of spurious timeouts)
+        self.rto_floor = MIN_RTO_S
         self._last_progress = (0, 0.0)
         self.plan: Plan | None = None
         self.memory: LinkMemory | None = None
         self.chunks: ChunkControl | None = None
         self.win: WindowControl | None = None
+        self._first_s: float | None = None  # answer time of a first chunk that started afresh
 
     # -- sizes -------------------------------------------------------------------------
     def packet_limit(self) -> int:
@@ -315,7 +326,7 @@ class WindowedUpload:
 
     # -- RTO ---------------------------------------------------------------------------
     def rto(self) -> float:
-        base = max(MIN_RTO_S, self.srtt + 4 * self.rttvar)
+        base = max(self.rto_floor, self.srtt + 4 * self.rttvar)
         return min(base * self.backoff, max(self.timeout_cap, MIN_RTO_S))
 
     def _sample(self, residual: float) -> None:
@@ -349,15 +360,15 @@ class WindowedUpload:
         floor = first_chunk_floor_for(first_chunk_overhead(self.total, self.image_num))
         plan = self.plan = plan_upload(
             LinkFacts.of(s.transport), params, self.memory, floor=floor, now=time.time(),
-            window_override=self.window_cfg, chunk_cap=self.chunk_cap)
+            window_override=self.window_cfg, chunk_cap=self.chunk_cap, fixed=self.fixed)
         desc = plan.describe()
         if _logged.get(s.device_id) != desc:
             _logged[s.device_id] = desc
             log.info("device=%s upload tuning %s", s.device_id, desc)
         self.stats.plan = desc
-        self.chunks = ChunkControl(plan.ladder, step_on_loss=plan.facts.serial)
+        self.chunks = ChunkControl(plan.ladder, step_on_loss=plan.facts.serial and not self.fixed)
         self.win = WindowControl(plan.window, cap=plan.window_cap, trusted=plan.trusted_window,
-                                 grow_limit=plan.grow_limit)
+                                 grow_limit=plan.grow_limit, static=self.fixed)
         self.stats.window = plan.window
         if not params.reported and self.window_cfg is None:
             self.stats.fallbacks.append(f"no MCUmgr parameters: window {plan.window}")
@@ -382,12 +393,15 @@ class WindowedUpload:
         self.stats.window_max = self.win.max_window
         if last_match is False:
             raise UploadError("device reports that the uploaded image does not match its sha256")
-        self._remember()
+        if not self.fixed:
+            self._remember()
         return self.stats
 
     def _remember(self) -> None:
         assert self.plan is not None and self.chunks is not None and self.win is not None
-        new = learn(self.plan, self.chunks, self.win, self.memory, now=time.time())
+        per_kb = self._first_s / (self.total / 1024) if self._first_s and self.total else None
+        new = learn(self.plan, self.chunks, self.win, self.memory, now=time.time(),
+                    first_s_per_kb=per_kb)
         if not same_knowledge(self.memory, new):
             log.info("device=%s upload tuning learned packet=%d window=%d%s%s",
                      self.s.device_id, new.packet, new.window,
@@ -400,30 +414,34 @@ class WindowedUpload:
                 log.warning("device=%s could not store link tuning: %s", self.s.device_id, exc)
         self.memory = new
 
-    async def _first_chunk(self) -> tuple[int, int, bool | None]:
-        """Send chunk 0 (``image``/``len``/``sha``) alone: (device offset, data bytes, match).
+    async def _first_chunk(self) -> tuple[int, int, bool | None, list[tuple[int, asyncio.Future[bytes]]]]:
+        """Send chunk 0 (``image``/``len``/``sha``) alone: (device offset, data bytes, match,
+        attempts sent after the answered one that are still unanswered).
 
         The device may erase the slot before it answers (seconds on real flash), so the
         budget is ``first_timeout_s``; but a lost request must not cost all of it: the request
-        is re-sent at growing intervals (1 s, 2 s, 4 s ... plus the time to send it), one rung
-        down the size ladder each time, every attempt stays answerable, and the first answer
-        wins. Re-sending is harmless: the same ``sha`` makes the device answer the offset it
-        holds (resume), never re-erase. The answered attempt's size is the size that works.
+        is re-sent at growing intervals (1 s, or 1.5x the erase time remembered for this
+        device, then doubling, plus the time to send it), one rung down the size ladder each
+        time, every attempt stays answerable, and the first answer wins. Re-sending is
+        harmless: the same ``sha`` makes the device answer the offset it holds (resume), never
+        re-erase. The answered attempt's size is the size that works; attempts sent after it
+        may still be queued in the device (holding a buffer): the caller counts them in flight.
         """
         s = self.s
         chunks = self.chunks
         assert chunks is not None
         loop = asyncio.get_running_loop()
         t_end = loop.time() + self.first_timeout_s
-        futs: dict[asyncio.Future[bytes], tuple[int, ImageUploadWrite, int]] = {}
+        futs: dict[asyncio.Future[bytes], tuple[int, ImageUploadWrite, int, float]] = {}
         waiting: set[asyncio.Future[bytes]] = set()
         sizes: list[int] = []  # attempt sizes in send order
-        interval = max(1.0, 4 * self.srtt)
+        keep: list[tuple[int, asyncio.Future[bytes]]] = []
+        interval = max(first_resend_s(self.memory, self.total), 4 * self.srtt)
         try:
             while True:
                 limit = chunks.packet
                 req, fut = s._submit(functools.partial(self._first_request, limit))
-                futs[fut] = (req.header.sequence, req, limit)
+                futs[fut] = (req.header.sequence, req, limit, loop.time())
                 waiting.add(fut)
                 sizes.append(limit)
                 before = s.transport.bytes_sent
@@ -442,7 +460,7 @@ class WindowedUpload:
                     exc = f.exception()
                     if exc is not None:
                         raise exc
-                    q, sent_req, size = futs[f]
+                    q, sent_req, size, t_sent = futs[f]
                     try:
                         rsp = s._decode(sent_req, f.result())
                     except SMPProtocolError as exc:  # garbled answer: as if lost
@@ -451,12 +469,16 @@ class WindowedUpload:
                         continue
                     if rsp.off is None:
                         raise UploadError("device answered the first chunk without an offset")
-                    earlier = list(futs).index(f)
-                    unanswered = [futs[g][2] for g in list(futs)[:earlier]
+                    order = list(futs)
+                    earlier = order.index(f)
+                    unanswered = [futs[g][2] for g in order[:earlier]
                                   if not g.done() or g.cancelled()]
                     self.stats.probes = sorted({x for x in unanswered if x > size}, reverse=True)
                     chunks.settle(size, unanswered)
-                    return int(rsp.off), len(sent_req.data), rsp.match
+                    if rsp.off == len(sent_req.data):  # a fresh upload: the device erased first
+                        self._first_s = loop.time() - t_sent
+                    keep = [(futs[g][0], g) for g in order[earlier + 1:] if not g.done()]
+                    return int(rsp.off), len(sent_req.data), rsp.match, keep
                 if loop.time() >= t_end:
                     tried = ", ".join(str(x) for x in sorted(set(sizes), reverse=True))
                     raise SMPTimeout(f"{s.device_id}: no answer to the first upload chunk "
@@ -464,11 +486,14 @@ class WindowedUpload:
                 self.stats.retransmits += 1
                 smaller = chunks.step_down()
                 if smaller is not None:
-                    log.info("device=%s upload: no answer to a %d-byte first chunk; trying %d",
-                             s.device_id, limit, smaller)
+                    log.info("device=%s upload: no answer yet to a %d-byte first chunk "
+                             "(erasing, or lost); trying %d", s.device_id, limit, smaller)
                 interval *= 2
         finally:
-            for f, (q, _, _) in futs.items():
+            kept = {g for _, g in keep}
+            for f, (q, _, _, _) in futs.items():
+                if f in kept:
+                    continue
                 if s._pending.get(q) is f:
                     del s._pending[q]
                 if not f.done():
@@ -483,7 +508,7 @@ class WindowedUpload:
         chunks, win = self.chunks, self.win
         assert chunks is not None and win is not None
 
-        acked, first_len, last_match = await self._first_chunk()
+        acked, first_len, last_match, leftovers = await self._first_chunk()
         if acked > total:
             raise UploadError(f"device reports offset {acked} beyond the image size {total}")
         # the device answers the offset it already holds for this sha (resume) without writing
@@ -515,6 +540,13 @@ class WindowedUpload:
         def on_done(seq: int, fut: asyncio.Future[bytes]) -> None:
             arrived.append((seq, fut))
             wake.set()
+
+        # first-chunk attempts the device may still hold: in flight (stale) until answered
+        now0 = loop.time()
+        for i, (q, f) in enumerate(leftovers):
+            inflight[q] = _Chunk(q, 0, first_len, i - len(leftovers), f, now0, now0 + self.rto(),
+                                 stale=True)
+            f.add_done_callback(functools.partial(on_done, q))
 
         def fire() -> None:
             nonlocal fired
@@ -633,6 +665,11 @@ class WindowedUpload:
                         continue
                     ch = got
                     inflight.pop(seq, None)
+                    # the device handles requests in order: whatever was sent before this
+                    # chunk and is still unanswered was lost (or its answer was): no longer
+                    # held by the device, so it leaves the window now, not at its timeout
+                    for old in [c for c in inflight.values() if c.order < ch.order]:
+                        self._forget(old, inflight)
                     exc = f.exception()
                     if exc is not None:
                         raise exc
@@ -671,7 +708,10 @@ class WindowedUpload:
                     now = loop.time()
                     if late:
                         stats.spurious += 1
-                        self._sample(now - ch.at_device)  # the slow round trip that fooled us
+                        residual = now - ch.at_device
+                        self._sample(residual)  # the slow round trip that fooled us
+                        self.rto_floor = min(max(self.rto_floor, 1.5 * residual),
+                                             max(self.timeout_cap, MIN_RTO_S))
                         win.on_spurious()
                         chunks.on_spurious()
                         ch.stale = True  # its offset counts, nothing else
