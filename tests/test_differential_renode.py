@@ -222,6 +222,9 @@ async def run_sequence(port_path: Path, images: dict[str, bytes], *,
         await ask("state-read-after-swap", 0, 1, 0, {})
         await ask("confirm", 2, 1, 0, {"confirm": True})
         await ask("erase", 2, 1, 5, {})
+        await ask("erase-empty", 2, 1, 5, {})
+        await ask("erase-active", 2, 1, 5, {"slot": 0})
+        await ask("erase-invalid-slot", 2, 1, 5, {"slot": 5})
         await ask("state-read-final", 0, 1, 0, {})
     finally:
         port.close()

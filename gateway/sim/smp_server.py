@@ -448,9 +448,13 @@ class SmpServer:
         if self._info_or_none(slot) is not None and self.slot_in_use(slot):
             raise GroupError(GROUP_IMG, IMG_MGMT_ERR.NO_FREE_SLOT)
         if slot not in (0, 1):
-            raise GroupError(GROUP_IMG, IMG_MGMT_ERR.INVALID_SLOT)
-        if not self.flash.is_erased(slot):
-            self.flash.erase(slot)
+            # no flash area for that slot: flash_area_open fails (seen on the Renode firmware)
+            raise GroupError(GROUP_IMG, IMG_MGMT_ERR.FLASH_OPEN_FAILED)
+        if self.flash.is_erased(slot):
+            # zephyr_img_mgmt.c img_mgmt_erase_slot checks the area first: an already empty
+            # slot is refused, seen on the Renode firmware as {"err": {"group": 1, "rc": 1}}
+            raise GroupError(GROUP_IMG, IMG_MGMT_ERR.UNKNOWN)
+        self.flash.erase(slot)
         # img_mgmt_erase -> img_mgmt_erase_image_data(0, whole area)
         res.flash_s += self._erase_s(self.flash.slot_size)
         self.reset_ram()
