@@ -20,7 +20,18 @@ MCUBOOT_MODES: dict[str, int] = {
     "direct-xip": 4,
     "direct-xip-with-revert": 5,
     "ram-load": 6,
+    "firmware-loader": 7,
 }
+# Modes the Zephyr 3.4-era os_mgmt.c maps to a number (its #if chain stops at
+# DIRECT_XIP_WITH_REVERT; anything else answers -1); later trees add RAM_LOAD (6) and
+# FIRMWARE_UPDATER (7).
+MCUBOOT_MODES_ZEPHYR_3_4 = frozenset({"single-app", "swap-using-scratch", "overwrite-only",
+                                      "swap-using-move", "direct-xip", "direct-xip-with-revert"})
+McubootMode = Literal["swap-using-scratch", "swap-using-move", "overwrite-only", "direct-xip",
+                      "direct-xip-with-revert", "ram-load", "single-app", "firmware-loader"]
+SWAP_MODES = frozenset({"swap-using-scratch", "swap-using-move"})
+# modes in which MCUboot picks the slot to run by version (no copy): img_mgmt's direct-XIP paths
+XIP_MODES = frozenset({"direct-xip", "direct-xip-with-revert", "ram-load"})
 
 
 BOOT_MAX_ALIGN_LIMIT = 8  # MCUboot's BOOT_MAX_ALIGN: larger write blocks are not modelled
@@ -123,6 +134,56 @@ class ResponseFaultConfig(_Model):
     size: int = Field(default=4096, ge=1)  # oversized: bytes of padding added
 
 
+class ExtraImageConfig(_Model):
+    """Image N >= 1 of a multi-image device (CONFIG_UPDATEABLE_IMAGE_NUMBER > 1).
+
+    Its slots are flash slots 2N (primary) and 2N+1 (secondary), as MCUboot's
+    ``flash_area_id_from_multi_image_slot`` and Zephyr's ``slot2_partition``/``slot3_partition``
+    number them. ``update`` is how MCUboot installs it:
+
+    * ``swap``: like image 0 in the device's swap / overwrite mode (test, permanent, revert).
+    * ``netcore``: an nRF5340 network core behind MCUboot's image access hooks
+      (``boot_read_swap_state_primary_slot_hook``: the primary always reads as an empty
+      trailer, so there is never a revert; ``boot_perform_update_hook``: the secondary is
+      handed to the network core through PCD and the secondary's last sector - its trailer -
+      is erased, the image bytes stay). The primary is the network core's own flash: the
+      application cannot read it, so image state never lists it.
+    """
+
+    slot_size: int = Field(gt=0)  # the secondary slot (and the primary unless set)
+    primary_slot_size: int | None = Field(default=None, gt=0)
+    initial_image: Path | None = None  # provisioned into the primary of an empty flash
+    update: Literal["swap", "netcore"] = "swap"
+
+
+class SerialRecoveryConfig(_Model):
+    """MCUboot serial recovery (``boot/boot_serial/src/boot_serial.c``): MCUboot's own SMP server.
+
+    Served on the device's serial port while the bootloader runs (UART only, like
+    CONFIG_MCUBOOT_SERIAL with ``zephyr,uart-mcumgr``). SMP version 1 behaviour: every error is
+    ``{"rc": N}``, image group state read (list), upload (always into image N's *primary*
+    slot: recovery has no test/confirm), OS reset; echo only with ``echo``. Entered:
+
+    * at power-on while the recovery pin is held (``recovery_pin`` of the device /
+      :meth:`SimDevice.set_recovery_pin`; CONFIG_BOOT_SERIAL_DETECT_PIN);
+    * after an application ``os reset`` with ``{"boot_mode": 1}`` (``boot_mode``: MCUboot's
+      CONFIG_BOOT_SERIAL_BOOT_MODE reading the retention boot mode that Zephyr's
+      CONFIG_MCUMGR_GRP_OS_RESET_BOOT_MODE wrote);
+    * when an SMP frame arrives within ``wait_for_dfu_ms`` after any reset
+      (CONFIG_BOOT_SERIAL_WAIT_FOR_DFU / _TIMEOUT);
+    * when no bootable image is left (``no_application``: CONFIG_BOOT_SERIAL_NO_APPLICATION).
+    It stays until an ``os reset`` (or a power cycle).
+    """
+
+    boot_mode: bool = True
+    wait_for_dfu_ms: int | None = Field(default=None, ge=1)
+    no_application: bool = True
+    echo: bool = False  # CONFIG_BOOT_MGMT_ECHO
+    img_grp_hash: bool = True  # CONFIG_BOOT_SERIAL_IMG_GRP_HASH (default y): "hash" in the list
+    mcumgr_params: bool = False  # CONFIG_BOOT_SERIAL_MCUMGR_PARAMS (newer MCUboot only)
+    max_receive_size: int = Field(default=1024, ge=128)  # CONFIG_BOOT_SERIAL_MAX_RECEIVE_SIZE
+
+
 class SimDeviceConfig(_Model):
     """One simulated device. ``preset: NAME`` (gateway/sim/presets.py) fills every field the
     device does not set itself; the plain defaults below are a stock ``smp_svr`` (Zephyr 3.4
@@ -140,9 +201,42 @@ class SimDeviceConfig(_Model):
     boot_max_img_sectors: int = Field(default=128, ge=1)
     key: Path | None = None  # PEM the device's MCUboot trusts; None = no signature check
     initial_image: Path | None = None  # signed image provisioned (confirmed) in an empty flash
-    mcuboot_mode: Literal[
-        "swap-using-scratch", "swap-using-move"
-    ] = "swap-using-scratch"  # swap modes only: that is what is modelled
+    # --- MCUboot mode and flash layout (gateway/sim/boot.py, gateway/sim/img_state.py) ---
+    mcuboot_mode: McubootMode = "swap-using-scratch"
+    # image 0's primary slot when it differs from ``slot_size`` (the secondary): swap using
+    # move needs one sector more; firmware-loader's slot 1 is the loader's own slot
+    primary_slot_size: int | None = Field(default=None, gt=0)
+    # flash offset of every slot (slot0, slot1, slot2, ...): what MCUboot compares with a
+    # ROM_FIXED image's load address in direct-XIP and what REJECT_DIRECT_XIP_MISMATCHED_SLOT
+    # checks; None: packed from 0x10000 on in slot order
+    flash_offsets: list[int] | None = None
+    extra_images: list[ExtraImageConfig] = Field(default_factory=list)  # images 1..N-1
+    # firmware-loader mode: the loader application provisioned into slot 1 (it runs Zephyr's
+    # img_mgmt itself and writes the new application into slot 0)
+    loader_image: Path | None = None
+    # MCUboot build options
+    hash_algorithm: Literal["sha256", "sha384", "sha512"] = "sha256"  # the hash TLV both use
+    downgrade_prevention: bool = False  # CONFIG_BOOT_DOWNGRADE_PREVENTION (overwrite-only)
+    encryption_key: Path | None = None  # MCUboot's private key for encrypted images
+    # RAM-load: the executable RAM region an image's load address must fall in
+    # (IMAGE_EXECUTABLE_RAM_START / _SIZE)
+    ram_load_region: tuple[int, int] = (0x20000000, 0x40000)
+    serial_recovery: SerialRecoveryConfig | None = None
+    recovery_pin: bool = False  # the serial-recovery / firmware-loader entry pin is held
+    # application (Zephyr img_mgmt / os_mgmt) build options
+    allow_confirm_non_active_image_secondary: bool = True  # ..._IMG_ALLOW_CONFIRM_NON_ACTIVE_IMAGE_SECONDARY
+    allow_confirm_non_active_image_any: bool = False  # ..._IMG_ALLOW_CONFIRM_NON_ACTIVE_IMAGE_ANY
+    allow_erase_pending: bool = False  # CONFIG_MCUMGR_GRP_IMG_ALLOW_ERASE_PENDING
+    reject_direct_xip_mismatched_slot: bool = False  # ..._IMG_REJECT_DIRECT_XIP_MISMATCHED_SLOT
+    os_reset_boot_mode: bool = False  # CONFIG_MCUMGR_GRP_OS_RESET_BOOT_MODE ("boot_mode" key)
+    # CONFIG_MCUBOOT_BOOTLOADER_NO_DOWNGRADE; None: what the mode selects in Zephyr's
+    # Kconfig.mcuboot (direct-XIP, direct-XIP with revert, RAM load)
+    bootloader_no_downgrade: bool | None = None
+    # which os_mgmt.c answers bootloader info: "zephyr-3.4" (mode -1 for RAM load / firmware
+    # loader; never "no-downgrade": that tree tests IS_ENABLED(MCUBOOT_BOOTLOADER_NO_DOWNGRADE)
+    # without the CONFIG_ prefix) or "current" (every mode, "no-downgrade": true when set)
+    bootloader_info_era: Literal["zephyr-3.4", "current"] = "current"
+    app_smp_dead: bool = False  # the application boots but never answers SMP (any version)
     boot_time_s: float = Field(default=0.5, ge=0)
     reset_delay_s: float = Field(default=0.25, ge=0)  # CONFIG_MCUMGR_GRP_OS_RESET_MS = 250
     app_confirms_after_s: float | None = Field(default=None, ge=0)
@@ -189,7 +283,9 @@ class SimDeviceConfig(_Model):
     serial_line_length: int = Field(default=127, ge=8)  # MCUMGR_SERIAL_MAX_FRAME
     link: LinkConfig = Field(default_factory=LinkConfig)
     # --- fault injection (gateway/sim/faults.py) ---
-    power_cut_during_swap: bool = False  # cut power once, mid-swap; MCUboot resumes at next boot
+    power_cut_during_swap: bool = False  # cut power once, mid-swap / mid-copy; MCUboot resumes
+    # cut power once while img_mgmt writes a trailer (state write): see faults.py
+    power_cut_during_trailer_write: Literal["torn-magic", "after-magic"] | None = None
     swap_sector_size: int = Field(default=0x4000, ge=512)  # granularity of the modelled swap
     dead_after_reset: int | None = Field(default=None, ge=1)  # the Nth reset leaves it off
     unplug_during_upload_at: int | None = Field(default=None, ge=0)  # serial: PTY vanishes
@@ -222,9 +318,63 @@ class SimDeviceConfig(_Model):
                 "swap_sector_size or boot_max_img_sectors")
         return self
 
+    @model_validator(mode="after")
+    def _layout_fits_mode(self) -> SimDeviceConfig:
+        n = len(self.slot_sizes)
+        if self.flash_offsets is not None and len(self.flash_offsets) != n:
+            raise ValueError(f"device {self.id}: flash_offsets has {len(self.flash_offsets)} "
+                             f"entries, the layout has {n} slots (2 per image)")
+        if self.extra_images and self.mcuboot_mode not in (*SWAP_MODES, "overwrite-only"):
+            raise ValueError(f"device {self.id}: extra_images (multi-image) need a swap or "
+                             f"overwrite-only mcuboot_mode, not {self.mcuboot_mode!r} (Zephyr's "
+                             "img_mgmt: 'Multi image does not support DirectXIP currently')")
+        if self.mcuboot_mode in ("single-app", "firmware-loader") and self.extra_images:
+            raise ValueError(f"device {self.id}: {self.mcuboot_mode} has one image")
+        if self.mcuboot_mode == "single-app" and self.serial_recovery is None:
+            raise ValueError(f"device {self.id}: single-app can only be updated through MCUboot "
+                             "serial recovery: add a serial_recovery section")
+        if self.serial_recovery is not None and self.serial is None:
+            raise ValueError(f"device {self.id}: serial_recovery needs a serial transport "
+                             "(MCUboot's boot_serial speaks SMP on a UART)")
+        return self
+
     @property
     def mcuboot_mode_number(self) -> int:
         return MCUBOOT_MODES[self.mcuboot_mode]
+
+    @property
+    def image_count(self) -> int:
+        """CONFIG_UPDATEABLE_IMAGE_NUMBER (= CONFIG_MCUMGR_GRP_IMG_UPDATABLE_IMAGE_NUMBER)."""
+        return 1 + len(self.extra_images)
+
+    @property
+    def slot_sizes(self) -> list[int]:
+        """Size of every flash slot in MCUboot's order (image 0 primary, secondary, image 1...).
+
+        single-app has no secondary slot at all (MCUBOOT_SINGLE_APPLICATION_SLOT)."""
+        first = self.primary_slot_size or self.slot_size
+        if self.mcuboot_mode == "single-app":
+            return [first]
+        sizes = [first, self.slot_size]
+        for img in self.extra_images:
+            sizes += [img.primary_slot_size or img.slot_size, img.slot_size]
+        return sizes
+
+    @property
+    def slot_offsets(self) -> list[int]:
+        if self.flash_offsets is not None:
+            return list(self.flash_offsets)
+        out, off = [], 0x10000
+        for size in self.slot_sizes:
+            out.append(off)
+            off += size
+        return out
+
+    @property
+    def no_downgrade(self) -> bool:
+        if self.bootloader_no_downgrade is not None:
+            return self.bootloader_no_downgrade
+        return self.mcuboot_mode in XIP_MODES
 
 
 class SimConfig(_Model):
@@ -254,6 +404,10 @@ def load_sim_config(path: str | Path) -> SimConfig:
     for d in cfg.devices:
         d.key = fix(d.key) or d.key
         d.initial_image = fix(d.initial_image) or d.initial_image
+        d.loader_image = fix(d.loader_image) or d.loader_image
+        d.encryption_key = fix(d.encryption_key) or d.encryption_key
+        for img in d.extra_images:
+            img.initial_image = fix(img.initial_image) or img.initial_image
         if d.serial is not None and d.serial.link is not None:
             d.serial.link = fix(d.serial.link) or d.serial.link
     return cfg

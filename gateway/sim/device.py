@@ -29,18 +29,30 @@ from smp import packet as smppacket
 from smp.exceptions import SMPBadContinueDelimiter, SMPBadCRC, SMPBadStartDelimiter
 
 from gateway.mcuboot import ImageInfo, TrustedKey, Version
-from gateway.sim.boot import BootResult, SwapType, Validator, run_bootloader, write_img_confirmed
+from gateway.sim.boot import (
+    BootEnv,
+    BootResult,
+    SwapType,
+    Validator,
+    run_bootloader,
+    write_img_confirmed,
+)
 from gateway.sim.config import SerialTransportConfig, SimDeviceConfig
 from gateway.sim.endpoint import Endpoint
 from gateway.sim.faults import Faults, PowerCut
 from gateway.sim.flash import Flash, Trailer
+from gateway.sim.image_format import EncryptionKey
+from gateway.sim.img_state import ImgMgmt
 from gateway.sim.link import Pipe
+from gateway.sim.recovery import RecoveryServer
 from gateway.sim.serial_rx import LineRx
-from gateway.sim.smp_server import SmpServer
+from gateway.sim.smp_server import HandleResult, SmpServer
 
 logger = logging.getLogger("gateway.sim")
 
-DeviceState = Literal["off", "rebooting", "running", "hung", "halted"]
+# "recovery": MCUboot's serial recovery holds the UART; "dfu-window": MCUboot listens for a
+# recovery frame before booting (CONFIG_BOOT_SERIAL_WAIT_FOR_DFU)
+DeviceState = Literal["off", "rebooting", "running", "hung", "halted", "recovery", "dfu-window"]
 Reply = Callable[[bytes], None]
 
 
@@ -68,13 +80,24 @@ class SimDevice:
         self.cfg = cfg
         self.id = cfg.id
         self.log = _DeviceLog(logger, {"device": cfg.id})
-        self.flash = Flash(state_dir / cfg.id / "flash", cfg.slot_size,
+        self.flash = Flash(state_dir / cfg.id / "flash", cfg.slot_sizes,
                            write_align=cfg.boot_write_align,
                            max_img_sectors=cfg.boot_max_img_sectors)
         keys = [TrustedKey.load(cfg.key)] if cfg.key is not None else None
-        self.validator = Validator(keys)
+        enc = EncryptionKey.load(cfg.encryption_key) if cfg.encryption_key is not None else None
+        self.validator = Validator(keys, hash_algorithm=cfg.hash_algorithm, enc=enc)
         self.faults = Faults(cfg)
-        self.server = SmpServer(cfg, self.flash, on_upload=self._on_upload, on_event=self._event)
+        self.running_slot = 0  # the slot MCUboot booted image 0 from (direct-XIP: 0 or 1)
+        self.last_boot: BootResult | None = None
+        self.recovery_pin = cfg.recovery_pin
+        self.boot_mode_request: int | None = None  # retention boot mode (survives a warm reset)
+        self.img = ImgMgmt(cfg, self.flash, lambda: self.running_slot)
+        self.server = SmpServer(cfg, self.flash, img=self.img, on_upload=self._on_upload,
+                                on_event=self._event)
+        self.server.on_trailer_write = functools.partial(self.faults.trailer_write, self.flash)
+        self.recovery = RecoveryServer(cfg, self.flash, self.validator, self.img,
+                                       on_event=self._event)
+        self._dfu_frame: asyncio.Event | None = None
         self.events: list[SimEvent] = []
         self.counters: Counter[str] = Counter()
         self.state: DeviceState = "off"
@@ -172,24 +195,48 @@ class SimDevice:
     async def wait_booted(self, n: int, timeout_s: float = 10.0) -> None:
         """Wait until the device has booted ``n`` times in total and is up (or stuck)."""
         await self.wait_for(
-            lambda d: d.boots >= n and d.state in ("running", "hung", "halted"), timeout_s
-        )
+            lambda d: d.boots >= n and d.state in ("running", "hung", "halted", "recovery"),
+            timeout_s)
 
-    async def power_cycle(self, wait: bool = True) -> None:
-        """Cut power and restore it: works in any state, boots after ``boot_time_s``."""
+    async def power_cycle(self, wait: bool = True, *, recovery_pin: bool | None = None) -> None:
+        """Cut power and restore it: works in any state, boots after ``boot_time_s``.
+
+        ``recovery_pin``: hold (True) or release (False) the recovery button across the power
+        cycle (as a gateway GPIO wired to it would); None leaves it as it is.
+        """
+        if recovery_pin is not None:
+            self.recovery_pin = recovery_pin
         target = self.boots + 1
+        self.boot_mode_request = None  # retention RAM does not survive a power cut
         self._start_reboot("power-cycle", force=True)
         if wait:
             await self.wait_booted(target, timeout_s=self.cfg.boot_time_s + 30)
 
+    def set_recovery_pin(self, held: bool) -> None:
+        """Press or release the serial-recovery / firmware-loader button (read at reset)."""
+        self.recovery_pin = held
+
+    @property
+    def in_recovery(self) -> bool:
+        """MCUboot's serial recovery holds the UART."""
+        return self.state == "recovery"
+
     async def start(self) -> None:
         self._wake = asyncio.Event()
         self._worker_task = asyncio.create_task(self._worker(), name=f"sim-{self.id}-worker")
-        if self.flash.is_blank() and self.cfg.initial_image is not None:
+        if self.flash.is_blank():
             # a padded image keeps its own trailer; a plain one gets magic + image_ok as
             # `imgtool sign --pad --confirm` would write them
-            self.flash.provision(self.cfg.initial_image.read_bytes())
-            self._event("provisioned", {"image": str(self.cfg.initial_image)})
+            if self.cfg.initial_image is not None:
+                self.flash.provision(self.cfg.initial_image.read_bytes())
+                self._event("provisioned", {"image": str(self.cfg.initial_image)})
+            for n, extra in enumerate(self.cfg.extra_images, start=1):
+                if extra.initial_image is not None:
+                    self.flash.provision(extra.initial_image.read_bytes(), 2 * n)
+                    self._event("provisioned", {"image": str(extra.initial_image), "index": n})
+            if self.cfg.loader_image is not None and self.flash.has_slot(1):
+                self.flash.provision(self.cfg.loader_image.read_bytes(), 1, confirm=False)
+                self._event("provisioned", {"image": str(self.cfg.loader_image), "loader": True})
         await self.transport.open()
         await self._boot()
 
@@ -236,7 +283,7 @@ class SimDevice:
 
     # --- request path ---------------------------------------------------------------
     def accepting(self) -> bool:
-        return self.state == "running"
+        return self.state in ("running", "recovery", "dfu-window")
 
     def frame_arrived(self, frame: bytes, reply: Reply, *, limit_in_flight: bool,
                       netbuf_overhead: int = 0, at: float | None = None) -> None:
@@ -251,6 +298,23 @@ class SimDevice:
         if not self.accepting():
             self.counters["ignored_not_running"] += 1
             self._notify()
+            return
+        if self.state in ("recovery", "dfu-window"):
+            # MCUboot's boot_serial: one request at a time from its own line buffers, no
+            # netbuf pool; a frame above CONFIG_BOOT_SERIAL_MAX_RECEIVE_SIZE is dropped
+            if len(frame) + netbuf_overhead > self.recovery.max_receive:
+                self.counters["dropped_oversize"] += 1
+                self._notify()
+                return
+            if self.state == "dfu-window":
+                self.state = "recovery"  # a frame in the window: MCUboot stays in recovery
+                self._event("recovery", {"entered_by": "wait-for-dfu"})
+                if self._dfu_frame is not None:
+                    self._dfu_frame.set()
+            self._queue.append((frame, reply,
+                                asyncio.get_running_loop().time() if at is None else at))
+            assert self._wake is not None
+            self._wake.set()
             return
         if len(frame) + netbuf_overhead > self.cfg.buf_size:
             self.counters["dropped_oversize"] += 1  # does not fit a netbuf
@@ -305,6 +369,9 @@ class SimDevice:
             self.counters[f"requests.{group}.{cmd}"] += 1
             if group == 1 and cmd == 1:
                 self.counters["upload_bytes_received"] += max(0, len(frame) - 8)
+        if self.state == "recovery":
+            await self._process_recovery(frame, reply, gen, at)
+            return
         if len(frame) >= 8 and len(self._queue) + 1 >= self.cfg.buf_count:
             # smp_process_request_packet: smp_alloc_rsp finds no free netbuf (queued requests
             # hold them all): smp_on_err answers {"rc": MGMT_ERR_ENOMEM} in the request's own
@@ -338,16 +405,41 @@ class SimDevice:
         if gen != self._generation:
             return
         if res.crash:
-            self._start_reboot("crash during upload")
+            if res.power_cut:
+                self.boot_mode_request = None
+                self._start_reboot("power cut", force=True)
+            else:
+                self._start_reboot("crash during upload")
             return
         for r in res.responses:
             reply(self.faults.mutate(r))
         self._notify()
         if res.reset:
+            if res.boot_mode is not None:
+                self.boot_mode_request = res.boot_mode
             loop = asyncio.get_running_loop()
             # CONFIG_MCUMGR_GRP_OS_RESET_MS later, but not before the answer has left
             down_at = max(loop.time() + self.cfg.reset_delay_s, self.rsp_pipe.busy_until)
             loop.call_at(down_at, self._start_reboot, "reset command")
+
+    async def _process_recovery(self, frame: bytes, reply: Reply, gen: int, at: float) -> None:
+        """A request to MCUboot's serial recovery (``recovery.RecoveryServer``)."""
+        self.counters["recovery_requests"] += 1
+        res: HandleResult = self.recovery.handle(frame)
+        loop = asyncio.get_running_loop()
+        vend = max(at, self._vfree) + self.cfg.request_processing_s + res.flash_s
+        self._vfree = vend
+        wait = vend - loop.time()
+        await asyncio.sleep(max(0.0, wait))
+        if gen != self._generation:
+            return
+        for r in res.responses:
+            reply(r)
+        self._notify()
+        if res.reset:
+            # bs_reset: answer, 250 ms, sys_reboot
+            down_at = max(loop.time() + 0.25, self.rsp_pipe.busy_until)
+            loop.call_at(down_at, self._start_reboot, "recovery reset")
 
     def _on_upload(self, old: int, new: int) -> bool:
         at = self.cfg.reboot_during_upload_at
@@ -378,6 +470,7 @@ class SimDevice:
         self.state = "rebooting"
         self._cancel_app_timers()
         self.server.reset_ram()  # g_img_mgmt_state lives in RAM
+        self.recovery.reset_ram()
         self._queue.clear()
         self.req_pipe.clear()
         self.counters["resets"] += 1
@@ -390,39 +483,90 @@ class SimDevice:
         await asyncio.sleep(self.cfg.boot_time_s * self.cfg.time_scale)
         await self._boot()
 
+    def boot_env(self, enter_loader: bool = False) -> BootEnv:
+        """The MCUboot build facts of this device, for ``boot.run_bootloader``."""
+        c = self.cfg
+        return BootEnv(
+            mode=c.mcuboot_mode, images=c.image_count,
+            netcore=frozenset(i + 1 for i, x in enumerate(c.extra_images) if x.update == "netcore"),
+            offsets=c.slot_offsets, swap_sector=c.swap_sector_size,
+            erase_sector=c.flash_sector_size, write_align=max(1, c.boot_write_align),
+            downgrade_prevention=c.downgrade_prevention, ram_load_region=c.ram_load_region,
+            enter_loader=enter_loader, on_step=self.faults.swap_step)
+
     async def _boot(self) -> None:
+        """MCUboot's ``main``: serial recovery entry checks, the wait-for-DFU window,
+        ``boot_go`` (``boot.run_bootloader``), then the application or no-application
+        recovery."""
+        sr = self.cfg.serial_recovery
+        boot_mode = self.boot_mode_request
+        self.boot_mode_request = None  # MCUboot clears the retention boot mode it read
+        entry = "pin" if self.recovery_pin else (
+            "boot_mode" if boot_mode == 1 else None)
+        if self.cfg.mcuboot_mode != "firmware-loader" and sr is not None and entry is not None \
+                and (entry == "pin" or sr.boot_mode):
+            await self._enter_recovery(entry)
+            return
+        if sr is not None and sr.wait_for_dfu_ms is not None:
+            # boot_serial_check_start: listen on the UART for the window before boot_go
+            self._dfu_frame = asyncio.Event()
+            self.state = "dfu-window"
+            await self.transport.link_up()
+            try:
+                await asyncio.wait_for(self._dfu_frame.wait(),
+                                       sr.wait_for_dfu_ms / 1000 * self.cfg.time_scale)
+            except TimeoutError:
+                pass
+            self._dfu_frame = None
+            if self.state == "recovery":
+                self.counters["boots"] += 1
+                self._event("boot", {"outcome": "serial recovery", "n": self.counters["boots"],
+                                     "entered_by": "wait-for-dfu"})
+                return
+            self.state = "rebooting"
+        env = self.boot_env(enter_loader=self.cfg.mcuboot_mode == "firmware-loader"
+                            and entry is not None)
         try:
             result: BootResult = await asyncio.to_thread(
-                run_bootloader, self.flash, self.validator, self.faults.swap_step,
-                self.cfg.swap_sector_size)
+                run_bootloader, self.flash, self.validator, env)
         except PowerCut as cut:
             self.state = "off"
             await self.transport.link_down()
             self._event("power-cut", {"during": "swap", "detail": str(cut)})
             await asyncio.sleep(self.cfg.boot_time_s * self.cfg.time_scale)
-            await self._boot()  # power is back: MCUboot resumes the swap
+            await self._boot()  # power is back: MCUboot resumes the swap / copy
             return
-        if result.swap_type != SwapType.NONE:
-            # MCUboot's swap takes real time before the image starts (see swap_seconds)
+        if any(t != SwapType.NONE for t in result.performed):
+            # MCUboot's swap / copy takes real time before the image starts (swap_seconds)
             await asyncio.sleep(self.swap_seconds() * self.cfg.time_scale)
+        self.running_slot = result.active_slots[0] if result.active_slots else 0
+        self.last_boot = result
+        if not result.booted and sr is not None and sr.no_application:
+            self._event("mcuboot", {"log": list(result.log)})
+            await self._enter_recovery("no-application", outcome=result.outcome)
+            return
         self.counters["boots"] += 1
-        info = self.flash.image_info(0) if result.booted else None
-        detail: dict[str, Any] = {"outcome": result.outcome, "n": self.counters["boots"]}
+        info = self.flash.image_info(self.running_slot) if result.booted else None
+        detail: dict[str, Any] = {"outcome": result.outcome, "n": self.counters["boots"],
+                                  "slot": self.running_slot, "log": list(result.log)}
         if info is not None:
             detail.update(version=info.version.smp_str(), hash=info.hash.hex(),
                           permanent=result.permanent)
+        if len(result.performed) > 1:
+            detail["performed"] = [t.name.lower() for t in result.performed]
         if not result.booted or info is None:
             self.state = "halted"
             await self.transport.link_down()
             self._event("boot", detail)
             return
         version = info.version
-        if any(_same_version(v, version) for v in self.cfg.hang_on_boot_versions):
+        dead = self.cfg.app_smp_dead and not result.loader
+        if dead or any(_same_version(v, version) for v in self.cfg.hang_on_boot_versions):
             self.state = "hung"
             await self.transport.link_up()
             self._event("boot", detail)
-            self._event("hang", {"version": version.smp_str()})
-            if self.cfg.hang_watchdog_s is not None:
+            self._event("hang", {"version": version.smp_str(), "smp_dead": dead})
+            if self.cfg.hang_watchdog_s is not None and not dead:
                 self._app_timers.append(asyncio.get_running_loop().call_later(
                     self.cfg.hang_watchdog_s, self._watchdog, version.smp_str()))
             return
@@ -434,29 +578,42 @@ class SimDevice:
             self._app_timers.append(loop.call_later(
                 self.cfg.crash_after_s, self._watchdog, version.smp_str()))
         elif self.cfg.app_confirms_after_s is not None:
-            t = self.flash.trailer(0)
+            t = self.flash.trailer(self.running_slot)
             if t.magic == "good" and not t.image_ok:
                 self._app_timers.append(loop.call_later(
                     self.cfg.app_confirms_after_s, self._app_confirm))
+
+    async def _enter_recovery(self, entered_by: str, outcome: str | None = None) -> None:
+        """``boot_serial_enter``: MCUboot serves SMP on the UART until reset."""
+        self.counters["boots"] += 1
+        self.state = "recovery"
+        await self.transport.link_up()
+        detail: dict[str, Any] = {"outcome": "serial recovery", "n": self.counters["boots"],
+                                  "entered_by": entered_by}
+        if outcome is not None:
+            detail["boot_outcome"] = outcome
+        self._event("recovery", {"entered_by": entered_by})
+        self._event("boot", detail)
 
     def swap_seconds(self) -> float:
         """Wall time of a swap: ``swap_time_s``, or derived from the flash timings.
 
         Derived: MCUboot swap using scratch erases and programs every byte it moves three
         times (slot -> scratch -> slot, loader.c/swap_scratch.c ``boot_swap_sectors``), swap
-        using move twice; it moves the larger image (rounded up to whole sectors) plus the
-        trailer sector.
+        using move twice, overwrite-only once; it moves the larger image (rounded up to whole
+        sectors) plus the trailer sector.
         """
         c = self.cfg
         if c.swap_time_s is not None:
             return c.swap_time_s
-        sizes = [i.total_size for s in (0, 1) if (i := self.flash.image_info(s)) is not None]
+        sizes = [i.total_size for s in range(self.flash.slots)
+                 if (i := self.flash.image_info(s)) is not None]
         if not sizes:
             return 0.0
         sec = c.flash_sector_size
         moved = (-(-max(sizes) // sec) + 1) * sec
         per_byte = c.flash_erase_sector_s / sec + (1 / c.flash_write_bps if c.flash_write_bps else 0)
-        passes = 3 if c.mcuboot_mode == "swap-using-scratch" else 2
+        passes = {"swap-using-scratch": 3, "swap-using-move": 2}.get(c.mcuboot_mode, 1)
         return passes * moved * per_byte
 
     def _watchdog(self, version: str) -> None:
@@ -466,7 +623,7 @@ class SimDevice:
     def _app_confirm(self) -> None:
         if self.state != "running":
             return
-        write_img_confirmed(self.flash)
+        write_img_confirmed(self.flash, self.running_slot)
         self._event("app-confirm", {})
 
 

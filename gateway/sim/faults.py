@@ -23,6 +23,12 @@ device model (``device.py``, ``boot.py``) only asks "does a fault fire here?":
   number of another request), ``wrong-group`` (group id of another group), ``oversized``
   (a padded body larger than the device's own buffer).
 * ``img_mgmt_supported: false`` - the image group is not compiled in (ENOTSUP).
+* ``power_cut_during_trailer_write`` - the power goes once while img_mgmt writes a slot's
+  trailer for a state write (``boot_set_next``): ``torn-magic`` leaves half of the 16 magic
+  bytes written (MCUboot reads a *bad* magic), ``after-magic`` lets the magic through and cuts
+  before the next field (swap_info / image_ok). No answer is sent; the device boots again.
+  The cut covers both ``power_cut_during_swap``-style MCUboot steps (overwrite copy, network
+  core update) and this application-side write.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import cbor2
 
 if TYPE_CHECKING:
     from gateway.sim.config import ResponseFaultConfig, SimDeviceConfig
+    from gateway.sim.flash import Flash
 
 HDR = struct.Struct("!BBHHBB")
 
@@ -48,6 +55,7 @@ class Faults:
     def __init__(self, cfg: SimDeviceConfig) -> None:
         self.cfg = cfg
         self.power_cut_done = False
+        self.trailer_cut_done = False
         self.dead_done = False
         self.unplug_done = False
         self._rsp_seen: list[int] = [0] * len(cfg.response_faults)
@@ -65,6 +73,22 @@ class Faults:
             self._fire("power-cut-during-swap")
             return True
         return False
+
+    def trailer_write(self, flash: Flash, slot: int, what: str) -> None:
+        """Called before img_mgmt writes trailer field ``what`` of ``slot``; raises PowerCut
+        when ``power_cut_during_trailer_write`` fires."""
+        mode = self.cfg.power_cut_during_trailer_write
+        if mode is None or self.trailer_cut_done:
+            return
+        if mode == "torn-magic" and what == "magic":
+            from gateway.sim.flash import BOOT_MAGIC
+
+            flash.write(slot, flash.magic_off_of(slot), BOOT_MAGIC[:8], sync=True)
+        elif not (mode == "after-magic" and what in ("swap_info", "image_ok")):
+            return
+        self.trailer_cut_done = True
+        self._fire("power-cut-during-trailer-write")
+        raise PowerCut(f"power lost writing the {what} of slot {slot}'s trailer ({mode})")
 
     def dead_after(self, resets: int) -> bool:
         """True if this reset (the ``resets``-th) leaves the device off."""

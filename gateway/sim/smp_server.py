@@ -50,9 +50,13 @@ from smp.error import MGMT_ERR
 from smp.image_management import IMG_MGMT_ERR
 from smp.os_management import OS_MGMT_RET_RC
 
-from gateway.mcuboot import IMAGE_MAGIC, TLV, ImageFormatError, Version, parse_image
+from gateway.mcuboot import IMAGE_MAGIC, Version
 from gateway.sim import zcbor
-from gateway.sim.boot import BootError, SwapType, set_next, swap_type
+from gateway.sim.boot import BootError, set_next
+from gateway.sim.config import MCUBOOT_MODES_ZEPHYR_3_4
+from gateway.sim.faults import PowerCut
+from gateway.sim.image_format import IMAGE_F_NON_BOOTABLE, IMAGE_F_ROM_FIXED
+from gateway.sim.img_state import ImgError, ImgMgmt
 
 if TYPE_CHECKING:
     from gateway.sim.config import SimDeviceConfig
@@ -145,7 +149,9 @@ class UploadState:
 class HandleResult:
     responses: list[bytes] = field(default_factory=list)
     reset: bool = False  # os reset was requested (after the response is sent)
+    boot_mode: int | None = None  # os reset with "boot_mode" (retention boot mode for MCUboot)
     crash: bool = False  # the device died while handling (no response)
+    power_cut: bool = False  # ...because the power went (fault model)
     flash_s: float = 0.0  # time the handler spent erasing/programming flash
 
 
@@ -155,11 +161,15 @@ class SmpServer:
         cfg: SimDeviceConfig,
         flash: Flash,
         *,
+        img: ImgMgmt | None = None,
         on_upload: Callable[[int, int], bool] | None = None,
         on_event: Callable[[str, dict[str, Any]], None] | None = None,
     ) -> None:
         self.cfg = cfg
         self.flash = flash
+        self.img = img or ImgMgmt(cfg, flash, lambda: 0)
+        # fault hook for the trailer writes of a state write (Faults.trailer_write)
+        self.on_trailer_write: Callable[[int, str], None] | None = None
         self.upload = UploadState()
         self.on_upload = on_upload  # (old_off, new_off) -> True if the device crashes now
         self.on_event = on_event or (lambda kind, detail: None)
@@ -189,10 +199,20 @@ class SmpServer:
                     raise MgmtError(MGMT_ERR.ENOTSUP)
                 if version > 1:
                     raise MgmtError(MGMT_ERR.UNSUPPORTED_TOO_NEW)
-                rsp = self._dispatch(op, group, cmd, payload, res)
+                try:
+                    rsp = self._dispatch(op, group, cmd, payload, res)
+                except PowerCut as cut:
+                    res.crash = res.power_cut = True
+                    self.on_event("power-cut", {"during": "request", "detail": str(cut)})
+                    return res
                 if res.crash:
                     return res
-                res.responses.append(self._rsp(hdr, rsp))
+                packed = self._rsp(hdr, rsp)
+                if len(packed) > self.cfg.buf_size:
+                    # the handler's zcbor encoder ran out of netbuf: MGMT_ERR_EMSGSIZE
+                    # (e.g. 4 image state entries need CONFIG_MCUMGR_TRANSPORT_NETBUF_SIZE 512)
+                    raise MgmtError(MGMT_ERR.EMSGSIZE)
+                res.responses.append(packed)
             except MgmtError as e:
                 res.responses.append(self._rc_rsp(hdr, e.rc))
                 break
@@ -257,6 +277,14 @@ class SmpServer:
 
     def os_reset(self, body: dict[str, Any], res: HandleResult) -> dict[str, Any]:
         # Answer now, reboot CONFIG_MCUMGR_GRP_OS_RESET_MS later (the device schedules it).
+        _get(body, "force", bool)
+        if self.cfg.os_reset_boot_mode:
+            # CONFIG_MCUMGR_GRP_OS_RESET_BOOT_MODE: bootmode_set() in the retention area that
+            # MCUboot reads (BOOT_MODE_TYPE_BOOTLOADER = 1 enters serial recovery)
+            mode = _get(body, "boot_mode", int)
+            if mode is not None and mode > 0xFF:
+                raise MgmtError(MGMT_ERR.EINVAL)
+            res.boot_mode = mode
         res.reset = True
         return _body(smpos.ResetWriteResponse())
 
@@ -269,7 +297,16 @@ class SmpServer:
         if query is None:
             return _body(smpos.BootloaderInformationReadResponse(bootloader="MCUboot"))
         if query == "mode":
-            return {"mode": self.cfg.mcuboot_mode_number}
+            c = self.cfg
+            if c.bootloader_info_era == "zephyr-3.4":
+                # os_mgmt.c of that era: the #if chain knows six modes (else -1) and tests
+                # IS_ENABLED(MCUBOOT_BOOTLOADER_NO_DOWNGRADE), never true (no CONFIG_ prefix)
+                known = c.mcuboot_mode in MCUBOOT_MODES_ZEPHYR_3_4
+                return {"mode": c.mcuboot_mode_number if known else -1}
+            out: dict[str, Any] = {"mode": c.mcuboot_mode_number}
+            if c.no_downgrade:
+                out["no-downgrade"] = True
+            return out
         # os_mgmt_bootloader_info *returns* OS_MGMT_ERR_QUERY_YIELDS_NO_ANSWER as the
         # handler rc, so it goes out as {"rc": 3} (not as a group error).
         raise MgmtError(OS_MGMT_RET_RC.QUERY_YIELDS_NO_ANSWER)
@@ -303,24 +340,14 @@ class SmpServer:
         out = " ".join(values[c] for c in order if c in wanted)
         return _body(smpos.OSApplicationInfoReadResponse(output=out))
 
-    # --- image group: helpers (img_mgmt.c, img_mgmt_state.c) ------------------------
+    # --- image group: helpers (img_mgmt.c, img_mgmt_state.c via ImgMgmt) ----------------
     def read_info(self, slot: int) -> tuple[Version, bytes, int]:
-        """``img_mgmt_read_info``: (version, sha256 TLV, flags) or GroupError code."""
-        if slot not in (0, 1):
-            raise GroupError(GROUP_IMG, IMG_MGMT_ERR.INVALID_SLOT)
-        magic = self.flash.header_magic(slot)
-        if magic == 0xFFFFFFFF:
-            raise GroupError(GROUP_IMG, IMG_MGMT_ERR.NO_IMAGE)
-        if magic != IMAGE_MAGIC:
-            raise GroupError(GROUP_IMG, IMG_MGMT_ERR.INVALID_IMAGE_HEADER_MAGIC)
+        """``img_mgmt_read_info``: (version, hash TLV, flags) or GroupError code."""
         try:
-            info = parse_image(self.flash.read(slot))
-        except ImageFormatError as exc:
-            raise GroupError(GROUP_IMG, IMG_MGMT_ERR.NO_TLVS) from exc
-        sha = info.tlv(TLV.SHA256)
-        if sha is None or len(sha) != 32:
-            raise GroupError(GROUP_IMG, IMG_MGMT_ERR.HASH_NOT_FOUND)
-        return info.version, sha, info.flags
+            i = self.img.read_info(slot)
+        except ImgError as e:
+            raise GroupError(GROUP_IMG, e.rc) from e
+        return i.version, i.hash, i.flags
 
     def _info_or_none(self, slot: int) -> tuple[Version, bytes, int] | None:
         try:
@@ -328,64 +355,31 @@ class SmpServer:
         except GroupError:
             return None
 
-    def next_boot(self) -> tuple[int, str]:
-        """``img_mgmt_get_next_boot_slot`` (swap modes): (slot, NORMAL/TEST/REVERT)."""
-        st = swap_type(self.flash)
-        if st == SwapType.NONE:
-            return 0, "normal"
-        if st == SwapType.PERM:
-            return 1, "normal"
-        if st == SwapType.REVERT:
-            return 1, "revert"
-        return 1, "test"
-
     def slot_in_use(self, slot: int) -> bool:
-        """``img_mgmt_slot_in_use`` (without CONFIG_MCUMGR_GRP_IMG_ALLOW_ERASE_PENDING)."""
-        active = 0
-        nbs, kind = self.next_boot()
-        if slot == nbs and kind == "revert":
-            return True
-        if (slot == nbs and kind == "test") or (active != nbs and kind == "normal"):
-            return True
-        return active == slot
+        return self.img.slot_in_use(slot)
 
     def state_images(self) -> list[smpimg.ImageState]:
         """``img_mgmt_state_read``: flags per slot; non-frugal list (all flags present)."""
-        nbs, kind = self.next_boot()
-        flags: dict[int, set[str]] = {0: {"active"}, 1: set()}
-        if kind != "revert":
-            flags[0].add("confirmed")
-        if nbs != 0:
-            if kind == "normal":
-                flags[1] = {"pending", "permanent"}
-            elif kind == "revert":
-                flags[1] = {"confirmed"}
-            else:
-                flags[1] = {"pending"}
-        out = []
-        for slot in (0, 1):
-            info = self._info_or_none(slot)
-            if info is None:
-                continue  # img_mgmt_state_encode_slot skips unreadable slots
-            ver, sha, iflags = info
-            f = flags[slot]
-            out.append(smpimg.ImageState(
-                slot=slot, version=ver.smp_str(), hash=sha,
-                bootable=not (iflags & 0x10),  # IMAGE_F_NON_BOOTABLE
-                pending="pending" in f, confirmed="confirmed" in f,
-                active="active" in f, permanent="permanent" in f,
-            ))
-        return out
+        multi = self.img.images > 1
+        return [smpimg.ImageState(
+            image=st.image if multi else None, slot=st.slot % 2,
+            version=st.info.version.smp_str(), hash=st.info.hash,
+            bootable=not (st.info.flags & IMAGE_F_NON_BOOTABLE),
+            pending=st.pending, confirmed=st.confirmed, active=st.active,
+            permanent=st.permanent,
+        ) for st in self.img.states()]
 
     def _state_body(self) -> dict[str, Any]:
         """``img_mgmt_state_read``: the slots in img_mgmt_state_encode_slot's key order."""
         images = []
         for st in self.state_images():
-            images.append({
+            entry: dict[str, Any] = {} if st.image is None else {"image": st.image}
+            entry.update({
                 "slot": st.slot, "version": st.version, "hash": st.hash,
                 "bootable": st.bootable, "pending": st.pending, "confirmed": st.confirmed,
                 "active": st.active, "permanent": st.permanent,
             })
+            images.append(entry)
         return {"images": images, "splitStatus": 0}
 
     # --- image group: commands ------------------------------------------------------
@@ -395,59 +389,49 @@ class SmpServer:
     def img_state_write(self, body: dict[str, Any], res: HandleResult) -> dict[str, Any]:
         h = _get(body, "hash", bytes)
         confirm = _get(body, "confirm", bool) or False
-        active = 0
         if not h:
             if not confirm:
                 raise GroupError(GROUP_IMG, IMG_MGMT_ERR.INVALID_HASH)  # test without hash
-            slot = active
-        elif len(h) != 32:
+            slot = self.img.active_slot(self.img.active_image())
+        elif len(h) != self.img.hash_len:
             raise GroupError(GROUP_IMG, IMG_MGMT_ERR.INVALID_HASH)
         else:
-            found = [s for s in (0, 1) if (i := self._info_or_none(s)) and i[1] == h]
-            if not found:
+            found = self.img.find_by_hash(h)
+            if found is None:
                 raise GroupError(GROUP_IMG, IMG_MGMT_ERR.HASH_NOT_FOUND)
-            slot = found[0]
+            slot = found
         self._set_next_boot_slot(slot, confirm)
         self.on_event("state-write", {"slot": slot, "confirm": confirm})
         return self._state_body()
 
     def _set_next_boot_slot(self, slot: int, confirm: bool) -> None:
-        """``img_mgmt_set_next_boot_slot`` (img_mgmt_state.c, non-direct-XIP)."""
-        active = 0
-        nbs, kind = self.next_boot()
-        if not confirm and slot == active:
-            raise GroupError(GROUP_IMG, IMG_MGMT_ERR.IMAGE_SETTING_TEST_TO_ACTIVE_DENIED)
-        if kind == "test":
-            if not confirm and slot == nbs:
-                return
-            raise GroupError(GROUP_IMG, IMG_MGMT_ERR.IMAGE_ALREADY_PENDING)
-        if kind == "normal":
-            if confirm and slot == nbs:
-                return
-            if (slot == active and active != nbs) or (
-                not confirm and slot != active and slot == nbs
-            ):
-                raise GroupError(GROUP_IMG, IMG_MGMT_ERR.IMAGE_ALREADY_PENDING)
-        if kind == "revert":
-            if confirm and slot == nbs:
-                return
-            if not confirm:
-                raise GroupError(GROUP_IMG, IMG_MGMT_ERR.IMAGE_ALREADY_PENDING)
+        """``img_mgmt_set_next_boot_slot`` + ``img_mgmt_set_next_boot_slot_common``."""
         try:
-            set_next(self.flash, slot, active=slot == active, confirm=confirm)
+            target, active = self.img.set_next_boot_slot(slot, confirm)
+        except ImgError as e:
+            raise GroupError(GROUP_IMG, e.rc) from e
+        if target < 0:
+            return  # nothing to write
+        if not self.img.has_area(target):
+            raise GroupError(GROUP_IMG, IMG_MGMT_ERR.FLASH_OPEN_FAILED)
+        self.flash.on_trailer_write = self.on_trailer_write
+        try:
+            set_next(self.flash, target, active=active, confirm=confirm)
         except BootError as e:  # img_mgmt_set_next_boot_slot_common translation
             code = {
                 "EBADVECT": IMG_MGMT_ERR.INVALID_IMAGE_VECTOR_TABLE,
                 "EBADIMAGE": IMG_MGMT_ERR.INVALID_IMAGE_HEADER_MAGIC,
             }.get(e.code, IMG_MGMT_ERR.UNKNOWN)
             raise GroupError(GROUP_IMG, code) from e
+        finally:
+            self.flash.on_trailer_write = None
 
     def img_erase(self, body: dict[str, Any], res: HandleResult) -> dict[str, Any]:
         slot = _get(body, "slot", int)
-        slot = 1 if slot is None else slot  # img_mgmt_get_other_slot
+        slot = self.img.other_slot() if slot is None else slot  # img_mgmt_get_other_slot
         if self._info_or_none(slot) is not None and self.slot_in_use(slot):
             raise GroupError(GROUP_IMG, IMG_MGMT_ERR.NO_FREE_SLOT)
-        if slot not in (0, 1):
+        if not self.img.has_area(slot):
             # no flash area for that slot: flash_area_open fails (seen on the Renode firmware)
             raise GroupError(GROUP_IMG, IMG_MGMT_ERR.FLASH_OPEN_FAILED)
         if self.flash.is_erased(slot):
@@ -456,7 +440,7 @@ class SmpServer:
             raise GroupError(GROUP_IMG, IMG_MGMT_ERR.UNKNOWN)
         self.flash.erase(slot)
         # img_mgmt_erase -> img_mgmt_erase_image_data(0, whole area)
-        res.flash_s += self._erase_s(self.flash.slot_size)
+        res.flash_s += self._erase_s(self.flash.size(slot))
         self.reset_ram()
         self.on_event("erase", {"slot": slot})
         return _body(smpimg.ImageEraseResponse())
@@ -491,16 +475,13 @@ class SmpServer:
                 st.erased_to = need
         return t
 
-    def _upload_slot(self) -> int | None:
-        """``img_mgmt_get_unused_slot_area_id`` (single image): first slot not in use."""
-        for slot in (0, 1):
-            if not self.slot_in_use(slot):
-                return slot
-        return None
+    def _upload_slot(self, image: int) -> int | None:
+        """``img_mgmt_get_unused_slot_area_id``."""
+        return self.img.upload_slot(image)
 
     def img_upload(self, body: dict[str, Any], res: HandleResult) -> dict[str, Any]:
         """``img_mgmt_upload`` + ``img_mgmt_upload_inspect`` (zephyr_img_mgmt.c)."""
-        _get(body, "image", int)  # single-image build: decoded, slot auto-selected
+        image = _get(body, "image", int) or 0  # single-image builds ignore it
         data = _get(body, "data", bytes) or b""
         size = _get(body, "len", int)
         off = _get(body, "off", int)
@@ -523,13 +504,19 @@ class SmpServer:
                 # Resume: same data sha as the upload in progress -> answer its offset.
                 self.on_event("upload-resume", {"off": st.off})
                 return _body(smpimg.ImageUploadWriteResponse(off=st.off))
-            slot = self._upload_slot()
+            slot = self._upload_slot(image)
             if slot is None:
+                self.on_event("upload-refused", {"rc": int(IMG_MGMT_ERR.NO_FREE_SLOT)})
                 raise GroupError(GROUP_IMG, IMG_MGMT_ERR.NO_FREE_SLOT)
-            if size > self.flash.slot_size:
+            if size > self.flash.size(slot):
                 raise GroupError(GROUP_IMG, IMG_MGMT_ERR.INVALID_IMAGE_TOO_LARGE)
+            if self.cfg.reject_direct_xip_mismatched_slot:
+                load_addr, flags = struct.unpack_from("<I", data, 4)[0], struct.unpack_from(
+                    "<I", data, 16)[0]
+                if flags & IMAGE_F_ROM_FIXED and load_addr != self.cfg.slot_offsets[slot]:
+                    raise GroupError(GROUP_IMG, IMG_MGMT_ERR.INVALID_FLASH_ADDRESS)
             if upgrade:
-                cur = self._info_or_none(0)
+                cur = self._info_or_none(self.img.active_slot(self.img.active_image()))
                 if cur is None:
                     raise GroupError(GROUP_IMG, IMG_MGMT_ERR.VERSION_GET_FAILED)
                 new = Version(*struct.unpack_from("<BBHI", data, 20))
@@ -562,7 +549,7 @@ class SmpServer:
                 # on the Renode device's console)
                 sec = self.cfg.flash_sector_size
                 area = -(-size // sec) * sec
-                trailer_sector = (self.flash.slot_size - 1) // sec * sec
+                trailer_sector = (self.flash.size(slot) - 1) // sec * sec
                 res.flash_s += self._erase_s(area) + (
                     self._erase_s(sec) if trailer_sector >= area else 0.0)
             self.on_event("upload-start", {"slot": slot, "len": size, "sha": sha.hex()})
