@@ -20,8 +20,8 @@ with an image-state read: slot 1 must hold the uploaded image's hash. Renode sha
 machine's 2 cores with everything else: figures vary between runs by tens of percent, so
 compare within a run (the ratios), and use ``--reps``.
 
-    python benchmarks/renode_upload.py [--reps 3] [--no-sweep] [--packets 176,266,356,380]
-                                       [--windows 1,2,3] [--cli] [--write]
+    python benchmarks/renode_upload.py [--reps 3] [--no-sweep] [--packets 176,266,380]
+                                       [--windows 1,2,3] [--cli] [--before-tree DIR] [--write]
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import statistics
 import subprocess
 import sys
@@ -50,6 +51,7 @@ from gateway.smp.tuning import MemoryStore, serial_lines
 from gateway.smp.upload import WindowedUpload
 
 RUN_TIMEOUT_S = 150.0
+SWEEP_TIMEOUT_S = 90.0  # a fixed setting slower than ~0.5 kB/s is stopped and reported as such
 
 
 @dataclass
@@ -68,6 +70,30 @@ class Result:
     @property
     def kbps(self) -> float:
         return self.size / self.seconds / 1000 if self.seconds and self.ok else 0.0
+
+
+WEDGED: list[str] = []  # runs after which the device no longer answered (and was reset)
+
+
+async def ensure_alive(machine: RenodeMachine, after: str) -> None:
+    """The device answers an echo, or is reset (flash kept) until it does.
+
+    Once, after the sweep's fixed 380-byte x window 3 run (40 retransmissions, no progress),
+    this firmware answered nothing more, and printed nothing, until it was reset: every later
+    run of that session failed. Why is not known (that run's upload code did not yet count
+    timed-out requests against the device's buffers); resetting keeps one bad run from
+    spoiling the rest, and the rows say which run preceded a reset."""
+    try:
+        async with SMPSession(SerialTransport(str(machine.pty)), device_id="bench",
+                              timeout_s=2.0) as s:
+            await s.echo("alive?", retries=2)
+            return
+    except Exception:
+        pass
+    WEDGED.append(after)
+    print(f"  (device deaf after {after}: resetting it)", flush=True)
+    await machine.reset_keep_flash()
+    await machine.wait_smp(timeout_s=60.0)
 
 
 async def erase(pty: Path) -> None:
@@ -153,6 +179,57 @@ async def run_gateway(pty: Path, image: bytes, name: str, *, store: MemoryStore 
                   extra={"plan": st.plan})
 
 
+BEFORE_SCRIPT = """
+import asyncio, json, sys, time
+from gateway.smp.session import SMPSession
+from gateway.smp.transport import SerialTransport
+
+async def main(pty, path):
+    image = open(path, "rb").read()
+    async with SMPSession(SerialTransport(pty), device_id="before", timeout_s=2.0) as s:
+        await s.mcumgr_params()
+        await s.image_state()
+        t0 = time.perf_counter()
+        try:
+            st = await s.upload(image)
+        except Exception as exc:
+            print(json.dumps({"error": str(exc)[:160], "seconds": time.perf_counter() - t0}))
+            return
+        print(json.dumps({"seconds": time.perf_counter() - t0, "sent": st.sent_bytes,
+                          "retx": st.retransmits, "rewinds": st.rewinds, "window": st.window,
+                          "chunk": st.chunk_size, "total": st.total}))
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
+async def run_before(pty: Path, path: Path, name: str, tree: Path) -> Result:
+    """The gateway of another checkout (e.g. the commit before the tuning) in a subprocess."""
+    size = path.stat().st_size
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", BEFORE_SCRIPT, str(pty), str(path), cwd=tree,
+        env={**os.environ, "PYTHONPATH": str(tree)},
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), RUN_TIMEOUT_S)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        return Result(f"gateway before ({tree.name})", name, None, size,
+                      note=f"no result within {RUN_TIMEOUT_S:g}s")
+    lines = out.decode().strip().splitlines()
+    if not lines:
+        return Result(f"gateway before ({tree.name})", name, None, size, note="no output")
+    res = json.loads(lines[-1])
+    if "error" in res:
+        return Result(f"gateway before ({tree.name})", name, None, size,
+                      note=f"failed after {res['seconds']:.0f}s: {res['error']}")
+    ok = await slot1_holds(pty, path.read_bytes())
+    return Result(f"gateway before ({tree.name})", name, res["seconds"], size,
+                  retx_ratio=max(0, res["sent"] - size) / size, window=str(res["window"]), ok=ok,
+                  note=f"retx={res['retx']} rewinds={res['rewinds']} chunk={res['chunk']}")
+
+
 async def bounded(coro: Any, label: str, name: str, size: int) -> Result:
     try:
         return await asyncio.wait_for(coro, RUN_TIMEOUT_S)
@@ -179,37 +256,79 @@ async def main_async(args: argparse.Namespace) -> int:
     results: dict[str, list[Result]] = {"compare": [], "sweep": []}
     store = MemoryStore()
     n = 0
+
+    def image() -> str:
+        nonlocal n
+        n += 1
+        return "2.0.0" if n % 2 else "3.0.0"
+
+    last = ["start"]
+
+    async def prepare() -> None:
+        await ensure_alive(machine, last[0])
+        await erase(pty)
+
+    async def fixed(p: int, w: int, label: str, limit_s: float = RUN_TIMEOUT_S) -> Result:
+        v = image()
+        await prepare()
+        last[0] = label
+        try:
+            return await asyncio.wait_for(run_gateway(pty, data[v], v, store=None, packet=p,
+                                                      window=w, label=label), limit_s)
+        except TimeoutError:
+            return Result(label, v, None, len(data[v]), packet=p, window=str(w),
+                          note=f"slower than {len(data[v]) / limit_s / 1000:.2f} kB/s "
+                               f"(stopped after {limit_s:g}s)")
+
+    best: tuple[int, int] | None = None
     try:
-        for rep in range(args.reps):
-            for i, client in enumerate(("smpmgr", "gateway")):
-                v = "2.0.0" if (rep + i) % 2 == 0 else "3.0.0"  # each client gets both images
-                n += 1
-                await erase(pty)
-                if client == "smpmgr":
-                    r = await bounded(run_smpmgr(pty, data[v], v), "smpmgr", v, len(data[v]))
-                else:
-                    label = "gateway (tuned, cold)" if rep == 0 else "gateway (tuned, warm)"
-                    r = await bounded(run_gateway(pty, data[v], v, store=store, label=label),
-                                      label, v, len(data[v]))
-                results["compare"].append(r)
-                show(r)
-            if args.cli and rep == 0:
-                await erase(pty)
-                r = await run_cli(pty, images["2.0.0"], "2.0.0", len(data["2.0.0"]))
-                results["compare"].append(r)
-                show(r)
         if not args.no_sweep:
+            # 1. the device's own limit: every fixed packet x window, no discovery
             print("sweep (fixed packet x window, no discovery):", flush=True)
             for w in args.windows:
                 for p in args.packets:
-                    v = "2.0.0" if n % 2 == 0 else "3.0.0"
-                    n += 1
-                    await erase(pty)
-                    label = f"fixed {p} B ({serial_lines(p, 127)} lines) x W{w}"
-                    r = await bounded(run_gateway(pty, data[v], v, store=None, packet=p, window=w,
-                                                  label=label), label, v, len(data[v]))
+                    r = await fixed(p, w, f"fixed {p} B ({serial_lines(p, 127)} lines) x W{w}",
+                                    limit_s=SWEEP_TIMEOUT_S)
+                    r.extra["setting"] = (p, w)
                     results["sweep"].append(r)
                     show(r)
+            ok = [r for r in results["sweep"] if r.ok]
+            if ok:
+                best = max(ok, key=lambda r: r.kbps).extra["setting"]
+        # 2. smpmgr, the tuned gateway (cold, then warm) and the sweep's best, interleaved
+        for rep in range(args.reps):
+            clients = ["smpmgr", "gateway"] + (["best"] if best else [])
+            for client in clients[rep % len(clients):] + clients[: rep % len(clients)]:
+                if client == "smpmgr":
+                    v = image()
+                    await prepare()
+                    last[0] = "smpmgr"
+                    r = await bounded(run_smpmgr(pty, data[v], v), "smpmgr", v, len(data[v]))
+                elif client == "gateway":
+                    v = image()
+                    await prepare()
+                    label = "gateway (tuned, cold)" if rep == 0 else "gateway (tuned, warm)"
+                    last[0] = label
+                    r = await bounded(run_gateway(pty, data[v], v, store=store, label=label),
+                                      label, v, len(data[v]))
+                else:
+                    assert best is not None
+                    r = await fixed(best[0], best[1], f"sweep best: fixed {best[0]} B x W{best[1]}")
+                r.extra["rep"] = rep
+                results["compare"].append(r)
+                show(r)
+            if args.cli and rep == 0:
+                await prepare()
+                last[0] = "smpmgr CLI"
+                r = await run_cli(pty, images["2.0.0"], "2.0.0", len(data["2.0.0"]))
+                results["compare"].append(r)
+                show(r)
+        if args.before_tree:  # last: its window of 3 may leave the device deaf
+            await prepare()
+            r = await run_before(pty, images["2.0.0"], "2.0.0", args.before_tree)
+            results["compare"].append(r)
+            show(r)
+            await ensure_alive(machine, r.client)
     finally:
         await machine.stop()
     return report(results, store, args)
@@ -220,51 +339,68 @@ def report(results: dict[str, list[Result]], store: MemoryStore, args: argparse.
     sm = [r for r in cmp if r.client == "smpmgr"]
     cold = [r for r in cmp if "cold" in r.client]
     warm = [r for r in cmp if "warm" in r.client]
-    ratios = []
-    for a, b in zip(sm, [r for r in cmp if r.client.startswith("gateway")], strict=False):
-        if a.ok and b.ok:
-            ratios.append(b.kbps / a.kbps)
+    best = [r for r in cmp if r.client.startswith("sweep best")]
+
+    def same_rep(a: str, b: str) -> list[float]:
+        out = []
+        for rep in sorted({int(r.extra["rep"]) for r in cmp if "rep" in r.extra}):
+            x = [r for r in cmp if r.extra.get("rep") == rep and r.client.startswith(a) and r.ok]
+            y = [r for r in cmp if r.extra.get("rep") == rep and r.client.startswith(b) and r.ok]
+            if x and y:
+                out.append(x[0].kbps / y[0].kbps)
+        return out
 
     def med(rs: list[Result]) -> float:
         ok = [r.kbps for r in rs if r.ok]
         return statistics.median(ok) if ok else 0.0
 
-    sweep_ok = [r for r in results["sweep"] if r.ok]
-    best = max(sweep_ok, key=lambda r: r.kbps) if sweep_ok else None
+    def retx(rs: list[Result]) -> str:
+        xs = [r.retx_ratio for r in rs if r.ok and r.retx_ratio is not None]
+        return f"{statistics.median(xs) * 100:.1f} %" if xs else "-"
+
     rows = [[r.client, r.image, f"{r.kbps:.2f}" if r.ok else "failed",
              f"{r.retx_ratio * 100:.1f} %" if r.retx_ratio is not None else "-",
-             str(r.packet or "-"), r.window or "-", r.note.replace("|", "/")] for r in cmp]
+             str(r.packet or "-"), r.window or "-", r.note.replace("|", "/")[:160]] for r in cmp]
     md = table(rows, ["client", "image", "kB/s", "retransmitted bytes", "packet B", "window",
                       "notes"])
-    summary = [f"smpmgr median {med(sm):.2f} kB/s; gateway cold {med(cold):.2f}, "
-               f"warm median {med(warm):.2f} kB/s; gateway / smpmgr in the same rep: "
-               + ", ".join(f"{x:.2f}x" for x in ratios)]
-    if best is not None:
-        tuned = med(warm) or med(cold)
-        summary.append(f"sweep best: {best.client} = {best.kbps:.2f} kB/s; tuned (warm median) is "
-                       f"{tuned / best.kbps * 100:.0f} % of it")
+    vs_smpmgr = same_rep("gateway (tuned", "smpmgr")
+    vs_best = same_rep("gateway (tuned, warm", "sweep best")
+    summary = [
+        f"Medians: smpmgr {med(sm):.2f} kB/s; gateway cold {med(cold):.2f} kB/s "
+        f"(retransmitted {retx(cold)}), warm {med(warm):.2f} kB/s (retransmitted {retx(warm)})"
+        + (f"; sweep best {med(best):.2f} kB/s" if best else "") + ".",
+        "Gateway / smpmgr, same rep: " + ", ".join(f"{x:.2f}x" for x in vs_smpmgr) + ".",
+    ]
+    if vs_best:
+        summary.append("Gateway warm / sweep best, same rep: "
+                       + ", ".join(f"{x * 100:.0f} %" for x in vs_best) + ".")
     print()
     print(md)
     print("\n".join(summary))
     sweep_md = ""
     if results["sweep"]:
-        srows = [[r.client, f"{r.kbps:.2f}" if r.ok else "failed",
+        srows = [[r.client, f"{r.kbps:.2f}" if r.ok else "-",
                   f"{r.retx_ratio * 100:.1f} %" if r.retx_ratio is not None else "-",
                   r.note.replace("|", "/")[:90]] for r in results["sweep"]]
-        sweep_md = table(srows, ["fixed setting", "kB/s", "retransmitted bytes", "notes"])
+        sweep_md = table(srows, ["fixed setting (sweep)", "kB/s", "retransmitted bytes", "notes"])
         print()
         print(sweep_md)
     learned = store.link_tuning("renode-stm32f4")
     print(f"\nlearned: {learned}")
     if args.write:
         stamp = time.strftime("%Y-%m-%d %H:%M")
-        text = (md + "\n\n" + "\n\n".join(summary) + "\n\n" + (sweep_md + "\n\n" if sweep_md else "")
-                + f"Learned and remembered: `{json.dumps(learned, sort_keys=True)}`; "
-                f"{args.reps} rep(s); {stamp}.")
+        keep = {k: learned[k] for k in ("packet", "window", "packet_failed", "window_failed")
+                if learned and k in learned}
+        text = ((sweep_md + "\n\n" if sweep_md else "") + md + "\n\n" + " ".join(summary)
+                + (f"\n\nThe device stopped answering after: {', '.join(WEDGED)} (reset, flash "
+                   "kept, before the next run)." if WEDGED else "")
+                + f"\n\nLearned and remembered: `{json.dumps(keep, sort_keys=True)}`; "
+                f"{args.reps} rep(s); machine load (1 min) at the end "
+                f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; {stamp}.")
         update_doc("renode", text)
         (DOCS / "renode_upload.json").write_text(json.dumps(
             {k: [asdict(r) | {"kbps": r.kbps} for r in v] for k, v in results.items()}, indent=2))
-    return 0 if all(r.ok for r in cmp) else 1
+    return 0 if all(r.ok for r in cmp if not r.client.startswith("gateway before")) else 1
 
 
 def main() -> int:
@@ -274,10 +410,13 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--packets", type=lambda s: [int(x) for x in s.split(",")],
-                    default=[176, 266, 356, 380])
+                    default=[176, 266, 380])
     ap.add_argument("--windows", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 3])
     ap.add_argument("--cli", action="store_true", help="also time the real smpmgr CLI once")
     ap.add_argument("--write", action="store_true", help="write docs/benchmarks.md and the JSON")
+    ap.add_argument("--before-tree", type=Path,
+                    help="also run the gateway of this checkout once (git worktree of an older "
+                         "commit), for before/after figures")
     return asyncio.run(main_async(ap.parse_args()))
 
 

@@ -229,16 +229,12 @@ async def test_window_probe_stops_at_the_first_loss_and_is_not_repeated() -> Non
 
 
 async def test_a_late_answer_is_a_spurious_timeout_not_a_loss() -> None:
-    slow = {"n": -1}
+    def slow(q: Any) -> float:  # one chunk takes the device beyond the RTO (>= 0.2 s)
+        return 0.35 if q.n == 3 else 0.02
 
-    def delay(q: Any) -> float:  # one answer, late: beyond the RTO (>= 0.2 s), before the end
-        if q.n == 3 and slow["n"] < 0:
-            slow["n"] = q.n
-            return 0.35
-        return 0.0
-
-    # 20 ms per chunk: the upload is still running when the late answer comes
-    r = await start(Responder(buf_count=2, delay_response=delay, capacity=1, processing_s=0.02))
+    # requests handled in order, 20 ms each: the re-sent chunk waits behind the slow one,
+    # whose answer therefore comes first, late; the upload is still running then
+    r = await start(Responder(buf_count=2, capacity=2, processing=slow))
     stats = await _upload(r, None)
     assert done_ok(r, IMAGE)
     assert stats.retransmits == 1 and stats.spurious == 1
@@ -335,3 +331,17 @@ async def test_udp_preset_finds_the_netbuf_and_the_window(
     assert stats[0].probes == [1472, 736] and drops[0].get("dropped_oversize", 0) >= 2
     assert mem.packet == 384
     assert drops[-1] == {} and stats[-1].probes == [] and stats[-1].retransmitted_bytes <= 360
+
+
+async def test_timed_out_requests_still_count_against_the_device_buffers() -> None:
+    """A device that holds 3 requests (buf_count 4) and takes 0.5 s over one of them: the
+    window's requests all time out, but the device still queues them; re-sending them all
+    would overflow it. Only one goes out until an answer settles the others."""
+    def slow(q: Any) -> float:
+        return 0.5 if q.n == 4 else 0.002
+
+    r = await start(Responder(buf_count=4, capacity=3, processing=slow))
+    stats = await _upload(r, None)
+    assert done_ok(r, IMAGE)
+    assert stats.retransmits >= 1 and stats.spurious >= 1
+    assert r.dropped_busy <= 1  # without the rule: every re-sent request of the window

@@ -63,6 +63,7 @@ class Responder(asyncio.DatagramProtocol):
     # after the previous one: a request arriving with `capacity` held is dropped
     capacity: int | None = None
     processing_s: float = 0.0
+    processing: Callable[[Req], float] | None = None  # per request (overrides processing_s)
     dropped_oversize: int = 0
     dropped_busy: int = 0
     _held: int = 0
@@ -108,7 +109,8 @@ class Responder(asyncio.DatagramProtocol):
                 return
             loop = asyncio.get_running_loop()
             self._held += 1
-            self._busy_until = max(self._busy_until, loop.time()) + self.processing_s
+            t = self.processing(req) if self.processing is not None else self.processing_s
+            self._busy_until = max(self._busy_until, loop.time()) + t
             loop.call_at(self._busy_until, self._release, data, body, req, addr)
             return
         if self.enomem(req):  # the chunk is not processed; {"rc": ENOMEM} in its own buffer
@@ -414,6 +416,7 @@ async def test_simulator_lossy_link_completes_with_hash_match(bench_factory: Any
     from gateway.sim.simulator import Simulator
 
     bench = bench_factory(udp=1, serial=0, device_kw={
+        "mcumgr_params_supported": True,
         "link": {"latency_s": 0.002, "request_loss": loss, "response_loss": loss,
                  "reorder": 0.02, "duplicate": 0.02, "seed": 7}})
     v2 = Path(bench.images["2.0.0"]).read_bytes()
@@ -432,7 +435,10 @@ async def test_simulator_serial_chunks_fill_buf_size_minus_4(bench_factory: Any)
     from gateway.daemon import make_transport
     from gateway.sim.simulator import Simulator
 
-    bench = bench_factory(udp=0, serial=1, device_kw={"buf_size": 1024})
+    # parameters reported (1024): serial packets fill buf_size - 4 (the device's RX line
+    # buffers keep up here: the simulator frees them at once)
+    bench = bench_factory(udp=0, serial=1, device_kw={"buf_size": 1024,
+                                                      "mcumgr_params_supported": True})
     v2 = Path(bench.images["2.0.0"]).read_bytes()
     async with Simulator(bench.sim_cfg) as sim:
         (dev,) = sim.devices.values()

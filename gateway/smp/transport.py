@@ -233,6 +233,14 @@ class SerialTransport(Transport):
     pyserial configures the port (baud, raw mode, exclusive lock so two processes can never
     talk to one device at once); reads and writes then run on the event loop with
     ``add_reader``/``add_writer`` on the file descriptor.
+
+    Framing facts the upload tuning relies on (``tuning.serial_lines``): ``smp.packet.encode``
+    puts ``((line_length - 4) // 4) * 4`` base64 characters on a line between a 2-byte
+    delimiter and ``\\n``, so ``line_length`` 127 makes lines of at most 123 bytes. That fits
+    Zephyr's receive buffers: ``uart_mcumgr.c`` stores a line of up to
+    ``CONFIG_UART_MCUMGR_RX_BUF_SIZE`` (128) bytes with its ``\\n`` and drops a longer one,
+    ``smp_shell.c`` keeps 127 bytes per line buffer. The frame itself (2-byte length, packet,
+    CRC16) is decoded into one netbuf (``serial_util.c``): ``netbuf_overhead`` below.
     """
 
     name = "serial"

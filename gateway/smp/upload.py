@@ -233,6 +233,8 @@ class _Chunk:
     at_device: float  # estimated time its last byte left the gateway's link
     due: float  # retransmission deadline
     stale: bool = False  # sent before a rewind: its answer updates the offset, nothing else
+    live_timeout: bool = False  # timed out while it counted (a late answer = spurious timeout)
+    ghosted_at: float = 0.0  # when it timed out
 
 
 class WindowedUpload:
@@ -536,6 +538,8 @@ class WindowedUpload:
         stalls = 0
         tx_free = 0.0  # modelled time at which our side of the link is idle
         last_ack = loop.time()
+        # the last timeout's go-back (send order then, chunks it marked stale, next_off then)
+        undo: tuple[int, set[int], int] | None = None
 
         def on_done(seq: int, fut: asyncio.Future[bytes]) -> None:
             arrived.append((seq, fut))
@@ -554,12 +558,15 @@ class WindowedUpload:
             wake.set()
 
         def ghost(ch: _Chunk) -> None:
-            """Stop waiting for ``ch`` but keep its answer welcome (spurious-timeout check)."""
+            """Stop waiting for ``ch`` but keep its answer welcome (spurious-timeout check) and
+            count it against the device's buffers until a later chunk's answer settles it."""
             if inflight.get(ch.seq) is ch:
                 del inflight[ch.seq]
-            if ch.stale or ch.fut.done():
+            if ch.fut.done():
                 self._forget(ch, inflight)
                 return
+            ch.live_timeout = not ch.stale
+            ch.ghosted_at = loop.time()
             ghosts[ch.seq] = ch
             while len(ghosts) > MAX_GHOSTS:
                 old = ghosts.pop(next(iter(ghosts)))
@@ -574,9 +581,20 @@ class WindowedUpload:
 
         try:
             while acked < total:
-                # 1. fill the window (stale chunks still hold device buffers: they count)
+                # 1. fill the window (stale chunks still hold device buffers: they count, and
+                # so do timed-out ones the device may still queue, until an answer to a later
+                # chunk settles them: never more requests at the device than its capacity, or
+                # Zephyr's netbuf pool runs dry; on Renode a device driven past that by a fixed
+                # window of 3 once stopped answering until it was reset)
                 next_off = max(next_off, acked)
-                w = win.window
+                room = win.cap - len(ghosts)
+                hold_until = 0.0
+                if room <= 0:
+                    # as many timed-out requests as the device holds: wait (one backed-off
+                    # RTO) for an answer before sending another (they may all be lost)
+                    hold_until = max(g.ghosted_at for g in ghosts.values()) + self.rto()
+                    room = 1 if loop.time() >= hold_until else 0
+                w = min(win.window, room)
                 limit = chunks.packet
                 while len(inflight) < w and next_off < total:
                     if s._dead is not None:
@@ -604,13 +622,17 @@ class WindowedUpload:
                     stats.sent_bytes += n
                     stats.chunks += 1
                     next_off += n
-                if not inflight:
+                if not inflight and not ghosts:
                     raise UploadError(f"nothing in flight at offset {acked}/{total}")
 
                 # 2. wait for an answer or the retransmission deadline of the oldest chunk
-                oldest = next(iter(inflight.values()))
+                # (or, with only timed-out requests out, the end of the hold above)
+                oldest = next(iter(inflight.values()), None)
                 if not arrived:
-                    deadline = max(oldest.due, last_ack + self.rto())
+                    if oldest is None:
+                        deadline = hold_until
+                    else:
+                        deadline = max(oldest.due, last_ack + self.rto())
                     if timer is None or fired or timer_at != deadline:
                         if timer is not None:
                             timer.cancel()
@@ -627,9 +649,12 @@ class WindowedUpload:
                     if not fired:
                         continue
                     timer = None
+                    if oldest is None:
+                        continue  # the hold is over: one request may go
+                    was_stale = oldest.stale
                     ghost(oldest)
-                    if oldest.stale:
-                        continue  # sent before a rewind and unanswered: just free its slot
+                    if was_stale:
+                        continue  # sent before a rewind and unanswered: no resend for it
                     stalls += 1
                     stats.retransmits += 1
                     self.backoff = min(self.backoff * 2, 64.0)
@@ -641,11 +666,15 @@ class WindowedUpload:
                     log.debug("device=%s upload: timeout at %d/%d (rto %.3fs), going back",
                               s.device_id, acked, total, self.rto())
                     now = loop.time()
+                    marked = set()
                     for ch in list(inflight.values()):
                         if ch.due <= now:
                             ghost(ch)
-                        else:
+                        elif not ch.stale:
                             ch.stale = True
+                            marked.add(ch.seq)
+                    # if this timeout turns out spurious, going back is undone (Eifel-like)
+                    undo = (order, marked, next_off)
                     next_off = acked
                     continue
 
@@ -670,6 +699,10 @@ class WindowedUpload:
                     # held by the device, so it leaves the window now, not at its timeout
                     for old in [c for c in inflight.values() if c.order < ch.order]:
                         self._forget(old, inflight)
+                    if not late:  # timed-out chunks sent before it are settled too
+                        for g in [g for g in ghosts.values() if g.order < ch.order]:
+                            del ghosts[g.seq]
+                            self._forget(g, inflight)
                     exc = f.exception()
                     if exc is not None:
                         raise exc
@@ -707,13 +740,25 @@ class WindowedUpload:
                         continue
                     now = loop.time()
                     if late:
-                        stats.spurious += 1
-                        residual = now - ch.at_device
-                        self._sample(residual)  # the slow round trip that fooled us
-                        self.rto_floor = min(max(self.rto_floor, 1.5 * residual),
-                                             max(self.timeout_cap, MIN_RTO_S))
-                        win.on_spurious()
-                        chunks.on_spurious()
+                        if ch.live_timeout:
+                            stats.spurious += 1
+                            residual = now - ch.at_device
+                            self._sample(residual)  # the slow round trip that fooled us
+                            self.rto_floor = min(max(self.rto_floor, 1.5 * residual),
+                                                 max(self.timeout_cap, MIN_RTO_S))
+                            win.on_spurious()
+                            chunks.on_spurious()
+                            if undo is not None:
+                                # the chunks the timeout gave up on are still on their way:
+                                # count on their answers again; re-sends since are duplicates
+                                since, marked, resume = undo
+                                for c in inflight.values():
+                                    if c.seq in marked:
+                                        c.stale = False
+                                    elif c.order >= since:
+                                        c.stale = True
+                                next_off = max(next_off, resume)
+                                undo = None
                         ch.stale = True  # its offset counts, nothing else
                     if dev_off > total:
                         raise UploadError(f"device reports offset {dev_off} beyond {total}")
@@ -756,6 +801,7 @@ class WindowedUpload:
                             for c in inflight.values():
                                 c.stale = True
                             next_off = dev_off
+                            undo = None
                         else:
                             self._note(win.on_answer(), dev_off)
                             chunks.on_chunk(True)
