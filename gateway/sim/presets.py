@@ -54,6 +54,42 @@ Presets and where each number comes from:
     57 ms (asyncio's millisecond timer granularity adds a few ms per exchange); bursts of
     2-line frames answered K=2: 1-2, K=3: 1-2, K=4: 2-3, K=8: 4 (Renode: 1-2, 1-2, 1-3, 1-8).
     ``tests/test_differential_renode.py`` checks the answers byte for byte.
+``renode-stm32f4-swap-move``, ``-overwrite-only``, ``-direct-xip-revert``, ``-multi-image``
+    The sibling folders ``shared/firmware/stm32f4_disco-<mode>``: the same board, build tree,
+    UART model and timings as ``renode-stm32f4-disco``, each configured as its README says.
+    Swap using move: slot0 0x08040000 384 KiB (one 128 KiB sector more), slot1 0x080A0000
+    256 KiB, resets that swap 34-38 s. Overwrite-only: slots 256 KiB at 0x08040000 /
+    0x08080000, a reset that copies 3-9 s (``swap_time_s`` 3.5 + the 1 s boot; MCUboot copies
+    0xbc24 bytes, not the slot), no downgrade prevention. Direct-XIP with revert: slots 256 KiB
+    at 0x08040000 / 0x08080000 (images ``--rom-fixed`` to 0x40000 / 0x80000), resets 3-4 s
+    (``boot_time_s`` 2.5: MCUboot validates the chosen image at every boot), img_mgmt built
+    without REJECT_DIRECT_XIP_MISMATCHED_SLOT / ALLOW_ERASE_PENDING (the trap of its
+    ``check-output-wrongslot-test-marked.txt``), CONFIG_MCUBOOT_BOOTLOADER_NO_DOWNGRADE=y.
+    Multi-image: two images of 128 KiB slots (0x08040000, 0x08060000, 0x08080000,
+    0x080A0000), scratch, CONFIG_MCUMGR_TRANSPORT_NETBUF_SIZE 512 (4 state entries do not fit
+    384), a reset that swaps image 1 34 s; image 1's first image goes in
+    ``extra_images: [{initial_image: ...}]``. All answer bootloader info ENOTSUP; when it is
+    enabled they answer as Zephyr 3.4's os_mgmt.c (``bootloader_info_era: zephyr-3.4``).
+``zephyr-nrf5340``
+    nRF5340 DK application core (NCS-style): MCUboot swap using move for image 0 (4 KiB pages,
+    primary one page larger), image 1 = the network core (``update: netcore``: installed at
+    the reset that finds it marked, test or permanent alike, never reverted; its primary is
+    not readable by the application), buffers 2475 (the Bluetooth overlay's; two images need
+    more than 384), serial transport at 115200 as ``zephyr-uart``. Flash timings: the
+    nRF52840's (the nRF5340 NVMC has the same page size; its datasheet figures are not
+    modelled separately).
+``zephyr-nrf52840-direct-xip``, ``zephyr-nrf52840-overwrite-only``
+    ``zephyr-uart`` with MCUboot in direct-XIP with revert (slots at 0xC000 / 0x82000, images
+    ``--rom-fixed``) or overwrite-only mode.
+``zephyr-single-app-recovery``
+    ``zephyr-uart`` with one application slot (MCUBOOT_SINGLE_APPLICATION_SLOT): updates only
+    through MCUboot serial recovery, entered by ``os reset {"boot_mode": 1}``
+    (CONFIG_MCUMGR_GRP_OS_RESET_BOOT_MODE + CONFIG_BOOT_SERIAL_BOOT_MODE), the recovery pin,
+    or when no valid application is left.
+``zephyr-firmware-loader``
+    ``zephyr-uart`` with MCUboot's firmware loader mode: slot 0 the application, slot 1 (64
+    KiB) a loader application (``loader_image``) running Zephyr's img_mgmt, booted by the
+    recovery pin, ``os reset {"boot_mode": 1}`` or an invalid application.
 """
 
 from __future__ import annotations
@@ -135,8 +171,49 @@ PRESETS: dict[str, dict[str, Any]] = {
         "serial": {"transport": "uart", "rx_buf_count": 2, "rx_buf_size": 128,
                    "rx_bytes_per_s": 7_000, "tx_bytes_per_s": 40_000,
                    "rx_work_latency_s": 0.004},
+        "flash_offsets": [0x40000, 0x80000],
+        "bootloader_info_era": "zephyr-3.4",
     },
 }
+
+_RENODE = PRESETS["renode-stm32f4-disco"]
+_UART = PRESETS["zephyr-uart"]
+PRESETS.update({
+    "renode-stm32f4-swap-move": {
+        **_RENODE, "mcuboot_mode": "swap-using-move", "slot_size": 0x40000,
+        "primary_slot_size": 0x60000, "flash_offsets": [0x40000, 0xA0000], "swap_time_s": 35.0,
+    },
+    "renode-stm32f4-overwrite-only": {
+        **_RENODE, "mcuboot_mode": "overwrite-only", "flash_offsets": [0x40000, 0x80000],
+        "swap_time_s": 3.5,
+    },
+    "renode-stm32f4-direct-xip-revert": {
+        **_RENODE, "mcuboot_mode": "direct-xip-with-revert", "flash_offsets": [0x40000, 0x80000],
+        "boot_time_s": 2.5, "swap_time_s": None,
+    },
+    "renode-stm32f4-multi-image": {
+        **_RENODE, "slot_size": 0x20000, "extra_images": [{"slot_size": 0x20000}],
+        "flash_offsets": [0x40000, 0x60000, 0x80000, 0xA0000], "buf_size": 512,
+        "swap_time_s": 33.0,
+    },
+    "zephyr-nrf5340": {
+        **_UART, "hardware": "nrf5340dk_nrf5340_cpuapp", "mcuboot_mode": "swap-using-move",
+        "slot_size": 0x76000, "primary_slot_size": 0x77000, "buf_size": 2475,
+        "extra_images": [{"slot_size": 0x40000, "update": "netcore"}],
+    },
+    "zephyr-nrf52840-direct-xip": {
+        **_UART, "mcuboot_mode": "direct-xip-with-revert", "flash_offsets": [0xC000, 0x82000],
+    },
+    "zephyr-nrf52840-overwrite-only": {**_UART, "mcuboot_mode": "overwrite-only"},
+    "zephyr-single-app-recovery": {
+        **_UART, "mcuboot_mode": "single-app", "os_reset_boot_mode": True,
+        "serial_recovery": {"boot_mode": True, "no_application": True},
+    },
+    "zephyr-firmware-loader": {
+        **_UART, "mcuboot_mode": "firmware-loader", "primary_slot_size": 0xE0000,
+        "slot_size": 0x10000, "os_reset_boot_mode": True,
+    },
+})
 
 
 def preset_names() -> list[str]:
@@ -157,6 +234,15 @@ def apply_preset(name: str, data: dict[str, Any]) -> dict[str, Any]:
     for key, value in data.items():
         if key in _TRANSPORTS and value is None:
             continue  # an unset transport (e.g. model_dump's None) does not clear the preset's
+        if key == "extra_images" and isinstance(value, list) and isinstance(out.get(key), list):
+            # image by image: the device names its files, the preset keeps the layout
+            merged = []
+            for i, item in enumerate(value):
+                item = item.model_dump(exclude_unset=True) if hasattr(item, "model_dump") else item
+                have = out[key][i] if i < len(out[key]) else {}
+                merged.append({**have, **item} if isinstance(item, dict) else item)
+            out[key] = merged
+            continue
         if isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = {**out[key], **value}
         elif hasattr(value, "model_dump") and isinstance(out.get(key), dict):
