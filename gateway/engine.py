@@ -447,10 +447,23 @@ class UpdateEngine:
         return stats.sent_bytes, stats.seconds, stats.start_offset
 
     async def _reset_and_verify(self, image: VerifiedImage, old_v: str | None) -> Outcome:
-        self._step(Step.RESET)
-        acked = await self.s.reset()
-        self._step(Step.WAIT_BOOT, f"reset acknowledged={acked}")
-        await self._wait_reboot()
+        """Reset into the test boot. A reset whose answer never came may never have reached the
+        device: if it still runs the old image with ``image`` pending (so nothing booted), it is
+        sent again - safe, as the state was read just before: a pending image test-boots at a
+        reset, nothing can be reverted. An acknowledged reset is never repeated."""
+        for attempt in range(1, 4):
+            self._step(Step.RESET, f"attempt {attempt}" if attempt > 1 else "")
+            acked = await self.s.reset()
+            self._step(Step.WAIT_BOOT, f"reset acknowledged={acked}")
+            await self._wait_reboot()
+            if acked or attempt == 3:
+                break
+            slots = await self.read_slots()
+            if not (slots.active_hash != image.hash and slots.other_hash == image.hash
+                    and slots.other is not None and slots.other.pending):
+                break
+            log.warning("device=%s reset unanswered and %s still pending: the reset did not reach "
+                        "the device; resetting again", self.dev.id, image.version)
         return await self._after_boot(image, old_v, reset_acked=acked)
 
     async def _wait_reboot(self) -> None:

@@ -94,3 +94,32 @@ async def test_confirm_that_landed_in_a_failed_attempt_is_reported_as_done(bench
         lines = [json.loads(x) for x in
                  (bench.updates_dir / "reports.jsonl").read_text().splitlines() if x.strip()]
         assert [x["result_name"] for x in lines] == ["CONNECTION_LOST", "SUCCESS"], lines
+
+
+async def test_reset_that_never_arrived_is_sent_again(bench_factory: Any) -> None:
+    """The reset request is lost (and so is its answer): the device still runs the old image
+    with the new one pending. Read just before, that state makes another reset safe (nothing
+    test-runs, nothing can be reverted); giving up instead left the image pending."""
+    bench = bench_factory(udp=1, serial=0, image_size=8 * 1024)
+    bench.publish("2.0.0")
+    async with Simulator(bench.sim_cfg) as sim:
+        (dev,) = sim.devices.values()
+        tap = Tap(dev).install()
+        lost = [0]
+
+        def hook(req: Request, frame: bytes, reply: Any) -> bool:
+            if req.is_reset and lost[0] == 0:
+                lost[0] += 1
+                return False
+            return True
+
+        tap.hook = hook
+        gw = Gateway(bench.gateway_config(sim, health_check_s=0.3,
+                                          timeouts={"reset_s": 3, "request_s": 0.5}))
+        try:
+            out = (await gw.run_once()).outcomes[dev.id]
+        finally:
+            gw.close()
+        assert out.status == Status.UPDATED, out
+        assert len(tap.requests(lambda r: r.is_reset)) == 2
+        assert active_state(dev) == ("2.0.0", True)
