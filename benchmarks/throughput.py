@@ -68,11 +68,11 @@ class Scenario:
 
     def device(self, v1: Path) -> dict[str, Any]:
         if self.preset is not None:
-            d = {"id": self.dev_id, "preset": self.preset, "initial_image": str(v1),
-                 **(self.overrides or {})}
+            p: dict[str, Any] = {"id": self.dev_id, "preset": self.preset,
+                                 "initial_image": str(v1), **(self.overrides or {})}
             if self.kind == "udp":
-                d["udp"] = {"host": "127.0.0.1", "port": 0}  # not 1337: other sims may run
-            return d
+                p["udp"] = {"host": "127.0.0.1", "port": 0}  # not 1337: other sims may run
+            return p
         link: dict[str, Any] = {"latency_s": self.rtt_ms / 2000, "seed": 1}
         if self.loss:
             link.update(request_loss=self.loss, response_loss=self.loss)
@@ -248,7 +248,7 @@ async def main_async(args: argparse.Namespace) -> int:
         for sc in scenarios:
             ep = eps[sc.dev_id]
             if sc.group == "preset":
-                presets.append(await run_preset(sc, ep, small, args.reps))
+                presets.append(await run_preset(sc, ep, small, args.reps, args.before_tree))
                 continue
             runs: dict[str, list[Run]] = {"smpclient": [], "gateway": []}
             for _ in range(args.reps):
@@ -319,17 +319,71 @@ async def main_async(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-async def run_preset(sc: Scenario, ep: dict[str, Any], image: bytes, reps: int) -> dict[str, Any]:
-    """smpclient x reps, the gateway once cold and reps times warm (one MemoryStore)."""
+BEFORE_SCRIPT = """
+import asyncio, json, sys, time
+from gateway.smp.session import SMPSession
+from gateway.smp.transport import SerialTransport, UdpTransport
+
+async def main(kind, addr, port, path):
+    image = open(path, "rb").read()
+    tr = UdpTransport(addr, int(port)) if kind == "udp" else SerialTransport(addr, 115200)
+    async with SMPSession(tr, device_id="before", timeout_s=2.0) as s:
+        await s.mcumgr_params()
+        await s.image_state()
+        t0 = time.perf_counter()
+        try:
+            st = await s.upload(image)
+        except Exception as exc:
+            print(json.dumps({"error": str(exc)[:100], "seconds": time.perf_counter() - t0}))
+            return
+        print(json.dumps({"seconds": time.perf_counter() - t0, "window": st.window,
+                          "chunk": st.chunk_size, "retx": st.retransmits}))
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+async def run_before(sc: Scenario, ep: dict[str, Any], image: bytes, tree: Path) -> Run:
+    """The gateway of another checkout (the commit before the upload tuning) in a subprocess."""
+    import os
+
+    path = Path(tempfile.mkdtemp(prefix="smp-before-")) / "image.bin"
+    path.write_bytes(image)
+    addr = ep["host"] if sc.kind == "udp" else ep["address"]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", BEFORE_SCRIPT, sc.kind, addr, str(ep.get("port", 0)), str(path),
+        cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)}, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL)
+    out, _ = await proc.communicate()
+    lines = out.decode().strip().splitlines()
+    res: dict[str, Any] = json.loads(lines[-1]) if lines else {"error": "no output",
+                                                                "seconds": 0.0}
+    if "error" in res:
+        return Run("before", res["seconds"], 0.0, False, 0, f"failed: {res['error']}")
+    ok = await erase_and_check(sc, ep, image)
+    return Run("before", res["seconds"], 0.0, ok, res["retx"],
+               f"W={res['window']} chunk={res['chunk']}")
+
+
+async def run_preset(sc: Scenario, ep: dict[str, Any], image: bytes, reps: int,
+                     before_tree: Path | None = None) -> dict[str, Any]:
+    """smpclient x reps, the gateway once cold and reps times warm (one MemoryStore), and the
+    gateway before the tuning once (``--before-tree``)."""
     size = len(image)
     store = MemoryStore()
     runs: dict[str, list[Run]] = {"smpclient": [], "cold": [], "warm": []}
     order = ["smpclient", "cold"] + [x for _ in range(reps) for x in ("warm", "smpclient")]
     order = order[: 2 + 2 * reps - 1]  # smpclient reps times, warm reps times
+    runs["before"] = []
+    if before_tree is not None:
+        order.append("before")
     for name in order:
         await erase_and_check(sc, ep, None)
         if name == "smpclient":
             r = await run_smpclient(sc, ep, image)
+        elif name == "before":
+            assert before_tree is not None
+            r = await run_before(sc, ep, image, before_tree)
         else:
             r = await run_gateway(sc, ep, image, store=store, client=f"gateway {name}")
         runs[name].append(r)
@@ -348,6 +402,8 @@ async def run_preset(sc: Scenario, ep: dict[str, Any], image: bytes, reps: int) 
             "smpclient_note": runs["smpclient"][-1].note,
             "gateway_ok": all(r.ok for r in runs["cold"] + runs["warm"]),
             "cold_note": runs["cold"][-1].note, "warm_note": runs["warm"][-1].note,
+            "before_kBps": med(runs["before"]) if runs["before"] else None,
+            "before_note": runs["before"][-1].note if runs["before"] else "",
             "learned": {k: learned.get(k) for k in ("packet", "window", "packet_failed",
                                                      "window_failed")}}
 
@@ -362,11 +418,15 @@ def preset_table(presets: list[dict[str, Any]]) -> str:
         learned = (f"packet {ln['packet']}, window {ln['window']}"
                    + (f" ({ln['packet_failed']} B lost)" if ln.get("packet_failed") else "")
                    + (f" (window {ln['window_failed']} lost)" if ln.get("window_failed") else ""))
-        rows.append([p["name"], sc, f"{p['cold_kBps']:.2f}", f"{p['warm_kBps']:.2f}", ratio,
-                     learned, p["cold_note"], "yes" if p["gateway_ok"] else "NO"])
-    return table(rows, ["simulated device", "smpclient kB/s", "gateway cold kB/s",
-                        "gateway warm kB/s", "warm / smpclient", "learned", "cold run",
-                        "hash ok"])
+        before = "-"
+        if p.get("before_kBps") is not None:
+            before = (f"{p['before_kBps']:.2f}" if p["before_kBps"] else "fails") + \
+                f" ({p['before_note']})"
+        rows.append([p["name"], sc, before, f"{p['cold_kBps']:.2f}", f"{p['warm_kBps']:.2f}",
+                     ratio, learned, p["cold_note"], "yes" if p["gateway_ok"] else "NO"])
+    return table(rows, ["simulated device", "smpclient kB/s", "gateway before tuning kB/s",
+                        "gateway cold kB/s", "gateway warm kB/s", "warm / smpclient", "learned",
+                        "cold run", "hash ok"])
 
 
 def plot(results: list[dict[str, Any]]) -> None:
@@ -419,6 +479,9 @@ def main() -> int:
     ap.add_argument("--only", help="scenarios whose name contains this (no files written)")
     ap.add_argument("--presets-only", action="store_true",
                     help="only the preset scenarios (writes only their table)")
+    ap.add_argument("--before-tree", type=Path,
+                    help="presets: also run the gateway of this checkout once (a git worktree "
+                         "of the commit before the upload tuning)")
     return asyncio.run(main_async(ap.parse_args()))
 
 

@@ -137,15 +137,17 @@ def test_window_within_the_reported_capacity_treats_losses_as_link_losses() -> N
 
 def test_packet_size_steps_down_on_losses_on_serial_only() -> None:
     c = ChunkControl((380, 176), step_on_loss=True)
-    assert c.on_chunk(True) is None and c.on_chunk(False) is None and c.on_chunk(False) is None
-    assert c.on_chunk(False) == "packet 380->176 after 3 losses in 16 chunks" and c.packet == 176
+    assert c.on_chunk(False) is None
+    for _ in range(8):  # a loss that fell out of the last 8 chunks no longer counts
+        assert c.on_chunk(True) is None
+    assert c.on_chunk(False) is None
+    assert c.on_chunk(False) == "packet 380->176 after 2 losses in 8 chunks" and c.packet == 176
     assert c.failed == 380
     for _ in range(5):
         c.on_chunk(False)
     assert c.packet == 176  # the floor of the ladder
     # a timeout whose answer came late is not held against the size
     c = ChunkControl((380, 176), step_on_loss=True)
-    c.on_chunk(False)
     c.on_chunk(False)
     c.on_spurious()
     assert c.on_chunk(False) is None and c.packet == 380
@@ -345,3 +347,23 @@ async def test_timed_out_requests_still_count_against_the_device_buffers() -> No
     assert done_ok(r, IMAGE)
     assert stats.retransmits >= 1 and stats.spurious >= 1
     assert r.dropped_busy <= 1  # without the rule: every re-sent request of the window
+
+
+async def test_a_failed_upload_keeps_what_its_first_chunk_taught() -> None:
+    """The link dies after the size was found: the next attempt (the engine re-opens the link
+    and resumes) starts at that size, without the failed probe; nothing else is learned."""
+    from gateway.smp.errors import UploadError
+
+    r = await start(Responder(params_supported=False, buf_size=1024, enforce_buf_size=True,
+                              drop_request=lambda q: q.n >= 6))
+    store = MemoryStore()
+    with pytest.raises(UploadError, match="no progress"):
+        await _upload(r, store, max_stalls=2)
+    mem = LinkMemory.from_dict(store.link_tuning("dev-1"))
+    assert mem is not None and (mem.packet, mem.packet_failed, mem.window) == (736, 1472, 1)
+
+    r.drop_request = lambda q: False
+    dropped = r.dropped_oversize
+    stats = await _upload(r, store)
+    assert done_ok(r, IMAGE) and stats.probes == [] and r.dropped_oversize == dropped
+    assert stats.start_offset > 0  # resumed where the failed attempt left off

@@ -85,8 +85,8 @@ KCONFIG_SERIAL_RX_LINES = 2
 SERIAL_FRAME_OVERHEAD = 4  # 2-byte frame length + CRC16 (smp.packet, serial_util.c)
 REPROBE_AFTER_S = 7 * 86400.0
 GROW_AFTER = 8  # answers per unit of window that kept up before the window grows by one
-LOSS_SPAN = 16  # serial: the last chunks of a size that count ...
-LOSS_LIMIT = 3  # ... and how many of them lost make the size step down
+LOSS_SPAN = 8  # serial: the last chunks of a size that count ...
+LOSS_LIMIT = 2  # ... and how many of them lost make the size step down
 
 
 class ParamsLike(Protocol):

@@ -290,6 +290,7 @@ class WindowedUpload:
         self.chunks: ChunkControl | None = None
         self.win: WindowControl | None = None
         self._first_s: float | None = None  # answer time of a first chunk that started afresh
+        self._settled: int | None = None  # packet size the first chunk's answer settled
 
     # -- sizes -------------------------------------------------------------------------
     def packet_limit(self) -> int:
@@ -387,6 +388,12 @@ class WindowedUpload:
                 if restarts > self.max_restarts:
                     raise UploadError(f"device lost the upload state {restarts} times ({exc})") from None
                 log.warning("device=%s upload: %s; starting again", s.device_id, exc)
+            except Exception:
+                # the link failed or the device refused: keep what the first chunk taught (the
+                # engine re-opens the link and resumes without probing again), nothing else
+                # (losses from an outage say nothing about the device)
+                self._remember_first_chunk()
+                raise
         self.stats.seconds = time.monotonic() - t0
         self.stats.link_bytes = s.transport.bytes_sent - bytes0
         self.stats.rto_s = self.rto()
@@ -398,6 +405,19 @@ class WindowedUpload:
         if not self.fixed:
             self._remember()
         return self.stats
+
+    def _remember_first_chunk(self) -> None:
+        plan, chunks = self.plan, self.chunks
+        if (self.store is None or self.fixed or plan is None or chunks is None
+                or not plan.reprobe or self._settled is None):
+            return
+        mem = LinkMemory(packet=self._settled, window=min(plan.window, plan.trusted_window),
+                         packet_failed=chunks.failed, params=plan.params,
+                         link=plan.facts.signature, probed_at=time.time(), updated_at=time.time())
+        try:
+            self.store.put_link_tuning(self.s.device_id, mem.to_dict())
+        except Exception as exc:
+            log.warning("device=%s could not store link tuning: %s", self.s.device_id, exc)
 
     def _remember(self) -> None:
         assert self.plan is not None and self.chunks is not None and self.win is not None
@@ -477,6 +497,7 @@ class WindowedUpload:
                                   if not g.done() or g.cancelled()]
                     self.stats.probes = sorted({x for x in unanswered if x > size}, reverse=True)
                     chunks.settle(size, unanswered)
+                    self._settled = chunks.packet
                     if rsp.off == len(sent_req.data):  # a fresh upload: the device erased first
                         self._first_s = loop.time() - t_sent
                     keep = [(futs[g][0], g) for g in order[earlier + 1:] if not g.done()]
