@@ -497,7 +497,12 @@ class Gateway:
                                              detail))
             return out
         try:
-            await self._deliver(rep)
+            # oldest first (an earlier report of the device still pending - e.g. taken by the
+            # server without an answer - goes before this one, so the server's last word is
+            # this outcome); tried now, whatever its backoff: a new outcome is to be sent now
+            for r in self.journal.unreported(out.device_id):
+                if r.id > rep.id or await self._deliver(r) == "failed":
+                    break
         except sqlite3.Error as exc:  # the report stays pending; flush_unreported retries it
             log.error("device=%s final report=%d: journal not writable: %s", out.device_id, rep.id,
                       exc)
@@ -557,6 +562,7 @@ class Gateway:
                 if offer.source != self.source.name:
                     raise ReportRefused(f"journaled for source {offer.source!r}; the gateway now "
                                         f"reports to {self.source.name!r}")
+                self.journal.report_offered(cur.id)  # the server may hold it from here on
                 await self.source.report(offer, Report(
                     UpdateState.IDLE, result, 1.0 if result == UpdateResult.SUCCESS else None,
                     cur.detail, report_id=f"{self.cfg.gateway_id}:{cur.id}"))

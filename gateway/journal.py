@@ -14,8 +14,17 @@ source took it (``report_delivered``) or said it never will (``report_refused``,
 reason). ``unreported()`` lists what the server has not got yet. Each report keeps the
 serializable *report handle* of its offer (``Offer.report_handle()``), journaled per device
 with ``set_report_handle`` when the gateway adopts an offer, so a restarted gateway can deliver
-it. One pending final report per (device, handle): a later outcome of the same action replaces
-an undelivered earlier one (the server only ever needs the action's last word).
+it.
+
+A report is *offered* (``report_offered``, committed before the request leaves) from its first
+delivery try on: from then on the server may hold it even if no answer came back (answer lost,
+gateway killed mid-request), so its row is never rewritten - it is sent again as it is, under
+its id, until the server answers. A later outcome of the same action replaces only a pending
+report that was never offered (the server never saw it; it only needs the action's last word);
+otherwise it is queued under a new id, behind the earlier one (reports of a device are delivered
+oldest first, so the server's last word is the latest outcome). Every final outcome thus
+reaches the server once per report id - or is still pending here, or was refused for good with
+the server's reason.
 """
 
 from __future__ import annotations
@@ -101,8 +110,13 @@ class Journal:
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS reports (id INTEGER PRIMARY KEY AUTOINCREMENT, "
             "device_id TEXT, handle TEXT, result INTEGER, detail TEXT, state TEXT, "
-            "attempts INTEGER DEFAULT 0, last_error TEXT, created_at REAL, done_at REAL)"
+            "attempts INTEGER DEFAULT 0, last_error TEXT, created_at REAL, done_at REAL, "
+            "offered INTEGER DEFAULT 0)"
         )
+        if "offered" not in {r[1] for r in self._db.execute("PRAGMA table_info(reports)")}:
+            # a journal of an older gateway: a report it tried to send counts as offered
+            self._db.execute("ALTER TABLE reports ADD COLUMN offered INTEGER DEFAULT 0")
+            self._db.execute("UPDATE reports SET offered=1 WHERE attempts>0")
 
     def close(self) -> None:
         self._db.close()
@@ -205,15 +219,16 @@ class Journal:
                      detail: str) -> FinalReport:
         """Journal a final report as pending (and clear the engine's ``unreported`` hand-off).
 
-        A pending report of the same device and handle is replaced (same action, later word)."""
+        The latest pending report of the same device and handle is replaced (same action, later
+        word) only if it was never offered to the server; else this one gets a new id."""
         h = _dumps(handle)
         now = time.time()
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             row = self._db.execute(
-                "SELECT id FROM reports WHERE device_id=? AND handle=? AND state='pending' "
-                "ORDER BY id DESC", (device_id, h)).fetchone()
-            if row is not None:
+                "SELECT id, offered, attempts FROM reports WHERE device_id=? AND handle=? AND "
+                "state='pending' ORDER BY id DESC", (device_id, h)).fetchone()
+            if row is not None and not row[1] and not row[2]:
                 rid = int(row[0])
                 self._db.execute("UPDATE reports SET result=?, detail=?, created_at=? WHERE id=?",
                                  (int(result), detail, now, rid))
@@ -259,6 +274,11 @@ class Journal:
                                    (device_id, _dumps(handle))).fetchone()
         return row is not None
 
+    def report_offered(self, report_id: int) -> None:
+        """The report is about to be sent: from now on the server may hold it (never rewritten)."""
+        with self._lock:
+            self._db.execute("UPDATE reports SET offered=1 WHERE id=? AND offered=0", (report_id,))
+
     def report_delivered(self, report_id: int) -> None:
         self._report_done(report_id, "delivered", None)
 
@@ -291,7 +311,8 @@ def _dumps(handle: dict[str, Any]) -> str:
     return json.dumps(handle, sort_keys=True, separators=(",", ":"))
 
 
-_REPORT_COLS = "id, device_id, handle, result, detail, state, attempts, last_error, created_at, done_at"
+_REPORT_COLS = ("id, device_id, handle, result, detail, state, attempts, last_error, created_at, "
+                "done_at, offered")
 
 
 @dataclass(frozen=True)
@@ -308,6 +329,7 @@ class FinalReport:
     last_error: str | None = None
     created_at: float = 0.0
     done_at: float | None = None
+    offered: bool = False  # sent at least once: the server may hold it, never rewritten
 
     @classmethod
     def from_row(cls, row: Any) -> FinalReport:
@@ -316,7 +338,8 @@ class FinalReport:
         except ValueError:
             handle = {}
         return cls(int(row[0]), row[1], handle if isinstance(handle, dict) else {}, int(row[3]),
-                   row[4] or "", row[5], int(row[6] or 0), row[7], float(row[8] or 0.0), row[9])
+                   row[4] or "", row[5], int(row[6] or 0), row[7], float(row[8] or 0.0), row[9],
+                   bool(row[10]))
 
 
 @dataclass(frozen=True)
