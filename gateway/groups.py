@@ -12,8 +12,11 @@ decision::
             image in the secondary slot); then one member at a time: read again, confirm,
             read back confirmed                                - only once ALL booted fine
     revert  (a member failed after the first mark, before every member was confirmed)
-            every member taken back to its previous image, confirmed
-    done / failed
+            every member taken back to its previous image, confirmed; a take-back cut short
+            by a link error or a reset that waits for a maintenance window leaves the group in
+            this phase, and the next attempt resumes it (nothing is reported or blocked yet)
+    done / failed                                            - failed: every member is back, or
+            cannot be taken back at all (reported)
 
 Why this order: img_mgmt cannot take back a pending image (``img_mgmt_set_next_boot_slot`` in
 Zephyr's img_mgmt_state.c refuses any change while a test is pending, and a pending slot is
@@ -235,6 +238,12 @@ class MemberEngine(UpdateEngine):
         except (SMPTimeout, SMPError) as exc:
             log.warning("device=%s confirm of the previous image unanswered (%s); reading again",
                         self.dev.id, exc)
+
+
+def _resumable(o: Outcome) -> bool:
+    """A take-back that may finish later: a link error, or a reset waiting for a window."""
+    return o.status == Status.HELD or (o.status == Status.FAILED
+                                       and o.result == UpdateResult.CONNECTION_LOST)
 
 
 class GroupRunner:
@@ -460,6 +469,13 @@ class GroupRunner:
                 outs[p.dev.id] = o
             not_back = [p.dev.id for p, o in zip(todo, results, strict=True)
                         if o.status != Status.ROLLED_BACK]
+            unfinished = [i for i in not_back if _resumable(outs[i])]
+            if unfinished:
+                # the link failed (or a reset waits for a window) half-way: the group stays in
+                # "revert" and the next attempt resumes taking every member back; closing now
+                # would leave a member test-running its old image, unconfirmed, and the next
+                # reset would bring the new one back (a mixed group)
+                return self._revert_open(name, plans, outs, unfinished, why)
             if not_back:
                 log.error("group=%s members not back on their previous image: %s", name,
                           ", ".join(f"{i} ({outs[i].detail})" for i in not_back))
@@ -486,6 +502,24 @@ class GroupRunner:
             result.append(await h.final(p.offer, self._tag(name, o, why)))
         result += [self._tag(name, o, why) for i, o in outs.items() if i not in plans]
         return result
+
+    def _revert_open(self, name: str, plans: dict[str, Plan], outs: dict[str, Outcome],
+                     unfinished: list[str], why: str) -> list[Outcome]:
+        """The take-back did not finish: no decision is reported yet (the journaled phase stays
+        "revert", each member's outcome stays with its journal row until the group closes).
+
+        Every member is HELD when the take-back waits for a maintenance window (the scheduler
+        wakes the group when it opens), else FAILED (retried with the usual backoff)."""
+        held = any(outs[i].status == Status.HELD for i in unfinished)
+        now = "; ".join(f"{i}: {outs[i].detail}" for i in unfinished)
+        log.warning("group=%s take-back unfinished (%s); the group stays in revert and the next "
+                    "attempt resumes it", name, now)
+        detail = (f"{why} | taking the group back is unfinished ({now}); it resumes at the next "
+                  "attempt")
+        status = Status.HELD if held else Status.FAILED
+        result = UpdateResult.INITIAL if held else UpdateResult.CONNECTION_LOST
+        return [Outcome(i, status, result, detail, group=name) for i in plans] + [
+            o for i, o in outs.items() if i not in plans]
 
     @staticmethod
     def _tag(name: str, o: Outcome, why: str) -> Outcome:
