@@ -234,7 +234,7 @@ class FleetOps:
     def gate_group(self, key: str, devs: list[DeviceConfig]) -> list[Outcome] | None:
         """A group starts only when no member is paused and every member may be reset now
         (its phases mark and reset all members together); else every member is held,
-        untouched. The staged rollout does not gate groups yet (groups.py plans them itself)."""
+        untouched. The staged rollout gates it once its members are planned (``admit_group``)."""
         why = next((w for w in (self.paused(d) for d in devs) if w), None)
         if why is None and not all(self.maint.reset_allowed(d) for d in devs):
             d = next(d for d in devs if not self.maint.reset_allowed(d))
@@ -242,6 +242,26 @@ class FleetOps:
         if why is None:
             return None
         return [Outcome(d.id, Status.HELD, UpdateResult.INITIAL, why, group=d.group) for d in devs]
+
+    async def admit_group(self, key: str, members: list[tuple[DeviceConfig, Offer]],
+                          resumed: bool = False) -> str | None:
+        """The staged rollout's word on a planned group (one unit): None = go, else why it
+        waits (nothing has been sent to any member). Its wave is the members' artifact (several
+        different artifacts: their ids joined by '+'). A group resumed past its upload phase
+        is never held back, only accounted (its outcome feeds the rollout)."""
+        art = "+".join(sorted({o.artifact_id for _, o in members}))
+        if not resumed:
+            why = next((w for w in (self.paused(d) for d, _ in members) if w), None)
+            if why is not None:
+                return why
+            now = [self._now.pop(d.id, None) for d, _ in members]  # ctl update: not gated
+            if self.rollout.enabled and all(n is None for n in now):
+                d = await self.rollout.admit(key, art)
+                if not d.go:
+                    log.info("unit=%s held by the rollout: %s", key, d.reason)
+                    return f"rollout: {d.reason}"
+        self._admitted[key] = art
+        return None
 
     def after_hold(self, dev: DeviceConfig, offer: Offer) -> None:
         """The engine stopped at the stage ``admit`` allowed. A download-only offer is done

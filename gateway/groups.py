@@ -73,9 +73,17 @@ _PHASE_STAGE = {"upload": Stage.UPLOADED, "mark": Stage.MARKED, "boot": Stage.BO
 _OPEN_PHASES = ("mark", "boot", "confirm", "revert")  # past the point of no return
 
 
+class GroupAdmission(Protocol):
+    """The staged rollout's gate for a planned group (``gateway.fleetops.FleetOps``)."""
+
+    async def admit_group(self, key: str, members: list[tuple[DeviceConfig, Offer]],
+                          resumed: bool = False) -> str | None: ...
+
+
 class GroupHost(Protocol):
     """What a group run needs from the gateway (``gateway.daemon.Gateway`` implements it)."""
 
+    fleet: GroupAdmission
     journal: Journal
     store: ImageStore
     stop: asyncio.Event
@@ -342,6 +350,8 @@ class GroupRunner:
                 elif failure is None:
                     failure = (dev.id, journaled)
             members_map = dict(rec.members)
+            await h.fleet.admit_group(f"group:{name}", [(p.dev, p.offer) for p in plans.values()],
+                                      resumed=True)  # past the point of no return: accounted only
         else:
             planned = await asyncio.gather(*(self._plan(d) for d in members))
             done: dict[str, Outcome] = {}
@@ -355,6 +365,13 @@ class GroupRunner:
                 return await self._not_started(name, plans, done, bad)
             if not plans:
                 return list(done.values())
+            # the staged rollout counts the group as one unit: admitted here, or every member
+            # waits untouched (its image fetched and verified on the gateway only)
+            why = await h.fleet.admit_group(f"group:{name}",
+                                            [(p.dev, p.offer) for p in plans.values()])
+            if why is not None:
+                return [Outcome(i, Status.HELD, UpdateResult.INITIAL, why, group=name)
+                        for i in plans] + list(done.values())
             outs.update(done)
             members_map = {i: p.image.hash.hex() for i, p in plans.items()}
             j.put_group(GroupRecord(name, "upload", members_map, "members: " + ",".join(plans)))
