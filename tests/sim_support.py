@@ -60,11 +60,16 @@ async def sim_factory(tmp_path: Path) -> AsyncIterator[Any]:
         await s.stop()
 
 
-async def client_for(dev: SimDevice) -> SMPClient:
+async def client_for(dev: SimDevice, *, serial_buf_size: int | None = None) -> SMPClient:
+    """smpclient on the device's transport; ``serial_buf_size`` caps the serial frames (MCUboot
+    serial recovery drops frames above CONFIG_BOOT_SERIAL_MAX_RECEIVE_SIZE, 1024)."""
     if dev.transport.kind == "udp":
         c = SMPClient(SMPUDPTransport(), dev.address.rsplit(":", 1)[0], 3.0)
     else:
-        c = SMPClient(SMPSerialTransport(), dev.address, 3.0)
+        from smpclient.transport.serial.encoded import BufferSize
+
+        strategy = None if serial_buf_size is None else BufferSize(serial_buf_size)
+        c = SMPClient(SMPSerialTransport(fragmentation_strategy=strategy), dev.address, 3.0)
     await c.connect()
     return c
 

@@ -512,6 +512,7 @@ class SimDevice:
             self._dfu_frame = asyncio.Event()
             self.state = "dfu-window"
             await self.transport.link_up()
+            self._event("dfu-window", {"ms": sr.wait_for_dfu_ms})
             try:
                 await asyncio.wait_for(self._dfu_frame.wait(),
                                        sr.wait_for_dfu_ms / 1000 * self.cfg.time_scale)
