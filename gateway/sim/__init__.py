@@ -1,10 +1,17 @@
-"""Device simulator: Zephyr ``smp_svr`` + MCUboot (swap mode), many devices per process.
+"""Device simulator: Zephyr ``smp_svr`` + MCUboot in every upgrade mode, 1..N images, many
+devices per process.
 
 For trying the gateway before hardware arrives, and for its tests and benchmarks.
 ``python -m gateway.sim --config sim.yaml`` (or :func:`run_simulator` / :class:`Simulator`).
 ``preset: NAME`` in a device's YAML (``gateway/sim/presets.py``: ``zephyr-uart``,
-``zephyr-shell``, ``zephyr-udp``, ``renode-stm32f4-disco``) configures it as a given real build;
-without a preset the defaults are the stock sample's (Zephyr 3.4 Kconfig defaults).
+``zephyr-shell``, ``zephyr-udp``, ``renode-stm32f4-disco`` and its ``-swap-move``,
+``-overwrite-only``, ``-direct-xip-revert``, ``-multi-image`` siblings, ``zephyr-nrf5340``,
+``zephyr-nrf52840-direct-xip``, ``zephyr-nrf52840-overwrite-only``,
+``zephyr-single-app-recovery``, ``zephyr-firmware-loader``) configures it as a given real
+build; without a preset the defaults are the stock sample's (Zephyr 3.4 Kconfig defaults).
+The mode and layout fields are documented in ``config.py`` (``mcuboot_mode``,
+``primary_slot_size``, ``flash_offsets``, ``extra_images``, ``serial_recovery``, the
+img_mgmt Kconfig knobs).
 
 Sources: Zephyr 3.4.99 as built for ``shared/firmware/stm32f4_disco`` (the tree of
 lgalstyan/nrf_connect's first commit; module pins zcbor 67fd8bb, MCUboot 11ecbf6 of
@@ -15,7 +22,24 @@ has; smp.c, smp_uart.c, serial_util.c at later commits whose receive logic match
 firmware's disassembly; uart_mcumgr.c and smp_shell.c in their 3.2-3.4 forms), and checked
 against the firmware itself: the build's ELF (Kconfig values, work queue priorities, slab
 sizes) and ``tests/test_differential_renode.py``, which sends the same requests to Renode and
-to the ``renode-stm32f4-disco`` preset and compares every answer byte for byte.
+to the ``renode-stm32f4-disco`` preset and compares every answer byte for byte - and does the
+same for the four other firmware folders (``stm32f4_disco-swap-move``, ``-overwrite-only``,
+``-direct-xip-revert``, ``-multi-image``) against their presets, each with a sequence that
+exercises its mode: all answers identical.
+
+Sources of the mode models (each module names the functions it copies): mcu-tools/mcuboot
+``boot/bootutil/src/loader.c`` (a 2023 revision with ``slot_usage[]`` passed around, close to
+the firmware's 11ecbf6, and a 2024 one: swap / overwrite / direct-XIP / RAM-load branches,
+``boot_verify_dependencies``, ``boot_select_or_erase``, ``boot_rom_address_check``,
+``boot_copy_image``), ``bootutil_public.c`` (swap tables, ``boot_set_next``),
+``boot/boot_serial/src/boot_serial.c`` (serial recovery), the nRF5340 image access hooks
+(sdk-mcuboot ``boot/zephyr/nrf53_hooks.c``, sdk-nrf's ``boot_perform_update_hook`` variant,
+Zephyr ``subsys/mgmt/mcumgr/bootutil_hooks/nrf53_hooks.c``), imgtool 2.5's ``image.py``
+(flags, ENC TLVs); Zephyr img_mgmt ``img_mgmt_state.c`` (0014f3dc: next boot slot per mode,
+direct-XIP states, slot in use, set next boot slot), ``img_mgmt.c`` (active slot, read info,
+erase), ``zephyr_img_mgmt.c`` (upload slot choice, REJECT_DIRECT_XIP_MISMATCHED_SLOT,
+``img_mgmt_write_pending``), ``os_mgmt.c`` (the 3.4-era bootloader-info table), the newer
+``dfu_boot_get_active_slot`` (RAM load: BLINFO_RUNNING_SLOT).
 
 What it fakes (behaviour copied from the sources named in each module):
 
@@ -28,12 +52,26 @@ What it fakes (behaviour copied from the sources named in each module):
   rules, upload (1) with img_mgmt.c / zephyr_img_mgmt.c's checks, sha resume, wrong-offset
   answers, ``match`` (only with ``image_check``), and erase (5). Unknown group/command ->
   ENOTSUP.
-* MCUboot swap mode (``boot``): the trailer in each slot's last bytes (``flash``: magic,
-  image_ok, copy_done, swap_info, swap_size, swap status at bootutil_priv.h's offsets), the
-  swap-type table, test / permanent / revert, validation of the secondary (hash + signature
-  against the device's own key) with erase on refusal, primary-slot validation. Bytes an
-  upload writes into the trailer area count, as on flash (a ``--pad --confirm`` image is a
-  permanent request).
+* MCUboot (``boot``): the trailer in each slot's last bytes (``flash``: magic, image_ok,
+  copy_done, swap_info, swap_size, swap status at bootutil_priv.h's offsets) and, per
+  ``mcuboot_mode``: swap using scratch / move (test, permanent, revert, resumable swap),
+  overwrite-only (copy, secondary's header and trailer sectors erased, no revert, optional
+  downgrade prevention), direct-XIP with and without revert (newest bootable slot runs in
+  place, ROM_FIXED images in the wrong slot skipped, unconfirmed or unmarked images erased),
+  RAM load, single application slot, firmware loader; N images with dependency TLVs and an
+  nRF5340 network-core image (installed at reset, never reverted); validation of hash type,
+  signature (imgtool through ``gateway.mcuboot``) and encrypted images (decrypted with the
+  device's key while swapped in). Bytes an upload writes into the trailer area count, as on
+  flash (a ``--pad --confirm`` image is a permanent request).
+* img_mgmt's slot logic per mode (``img_state``): active slot, next boot slot, state flags,
+  slot in use, state-write rules (rc 28 / 32 / 33), upload slot (direct-XIP: the inactive
+  one; multi-image: the requested image's secondary) - including the direct-XIP "trap" of a
+  test-marked image MCUboot keeps skipping (uploads and erases refused, rc 9) and the Kconfig
+  options that avoid it.
+* MCUboot serial recovery (``recovery``): MCUboot's own SMP server (SMP v1 answers, list,
+  upload into the primary, reset), entered by the recovery pin, ``os reset {"boot_mode": 1}``
+  (CONFIG_MCUMGR_GRP_OS_RESET_BOOT_MODE), a frame in the wait-for-DFU window or when nothing
+  is bootable - also for an application that no longer answers SMP (``app_smp_dead``).
 * Flash (``flash``): slot0.bin/slot1.bin of ``slot_size`` bytes (0xFF erased) in
   ``state_dir/<id>/flash``; a simulator restart is a power cycle. Erase and programming
   take time (``flash_erase_sector_s`` per ``flash_sector_size``, ``flash_write_bps`` per
@@ -55,11 +93,14 @@ What it fakes (behaviour copied from the sources named in each module):
   ``buf_size - 4``, the frame length and CRC share the netbuf) are dropped.
 * Application knobs: self-confirm after a delay, crash (watchdog) or hang on given
   versions (``hang_watchdog_s``: the hung image's watchdog resets it, so MCUboot reverts),
-  one reboot when an upload passes an offset, boot time, swap time (``swap_time_s`` or
-  derived from the flash timings), ``time_scale`` for both.
+  never answering SMP at all (``app_smp_dead``), one reboot when an upload passes an
+  offset, boot time, swap time (``swap_time_s`` or derived from the flash timings),
+  ``time_scale`` for both.
 * MCUboot swap progress: the swap runs sector by sector (``swap_sector_size``) with a status
   entry per sector in the primary trailer; a boot finds an interrupted swap and resumes it.
-* Faults (``faults``): power cut once mid-swap (``power_cut_during_swap``), a reset after
+* Faults (``faults``): power cut once mid-swap / mid-copy / mid network-core update
+  (``power_cut_during_swap``), once while img_mgmt writes a trailer
+  (``power_cut_during_trailer_write``: torn magic or after the magic), a reset after
   which the device stays off until power-cycled (``dead_after_reset``), the serial cable
   pulled mid-upload and plugged back at the same path (``unplug_during_upload_at``),
   broken responses (``response_faults``: malformed CBOR, truncated, wrong sequence number,
@@ -91,20 +132,43 @@ Known differences from the real firmware, and why:
   can only fall between two ``swap_sector_size`` steps (``power_cut_during_swap``), not in
   the middle of a sector's erase/copy. No scratch area: the status lives in the primary
   trailer only, the trailers are written rather than exchanged, and at the end the
-  secondary's trailer bytes (not its whole last sector) are erased.
+  secondary's trailer bytes (not its whole last sector) are erased. Swap using move is the
+  same exchange (its move-up phase is not modelled, only its timing: two passes, not three).
+* Encrypted images: the AES keys of a swap in progress are kept beside the slot files, not in
+  the trailer's key fields (the trailer keeps its unencrypted size); ENC_KW (AES key wrap)
+  images are not decrypted.
+* Multi-image: a reboot between two images' swaps is resumed per image, but MCUboot's review
+  of the other images' swap types (``boot_review_image_swap_types``) is not modelled. An
+  nRF5340 network core's primary is modelled as unreadable by the application (the
+  application's flash map cannot open ``mcuboot_primary_1``; unchecked on hardware) and the
+  PCD copy takes no extra time.
+* RAM load: img_mgmt behaves as in direct-XIP without revert (next boot = the newer slot), as
+  the newer trees do with BLINFO_RUNNING_SLOT; the 3.4 tree the Renode firmware uses has no
+  RAM-load support in img_mgmt.
+* Serial recovery: MCUboot's UART line buffers are not modelled separately (the
+  application's ``serial_rx`` model applies; frames above ``max_receive_size`` are dropped);
+  no image state write (CONFIG_BOOT_SERIAL_IMG_GRP_IMAGE_STATE), slot info, direct image
+  upload or encrypted uploads; only over the serial transport. The firmware loader is
+  entered by the pin / boot mode / an invalid application only.
+* MCUboot's console is not produced; boot events carry MCUboot-like log lines
+  (``SimDevice.last_boot.log``) that are close to, not identical with, the real ones.
 * Groups and commands not modelled: OS taskstat (the stock sample answers it; the simulator
   answers ENOTSUP), mpstat, datetime, reset ``force``/``boot_mode``; stat, settings, fs,
   shell and enum groups; the MCUmgr callback hooks. OS info values (kernel version, board)
   are invented when enabled.
-* Multi-image (only image 0, slots 0 and 1), direct-XIP, overwrite-only, RAM-load; encrypted
-  images, downgrade prevention, hardware rollback counters, dependency TLVs.
+* Not modelled: swap using offset (Zephyr 4.x; the secondary's image starts one sector in),
+  RAM load with revert and single-slot RAM load, multi-image direct-XIP (Zephyr's img_mgmt
+  refuses it too), hardware rollback counters / security counters, MCUboot's boot records and
+  measured boot.
 * Power loss at any other moment than mid-swap (e.g. mid flash write during an upload);
   a cable pull that also resets a USB-powered device (the device keeps running).
-* The console (MCUboot and Zephyr log lines on a second UART) is not produced.
 * UDP: a datagram larger than a netbuf is dropped (Zephyr's ``recvfrom`` into the netbuf
   truncates it); IPv4 only. BLE: see ``ble.py`` (scan response, supervision timeout,
   no pairing).
-* Bootloader info, when enabled, always reports the configured mode, never ``no-downgrade``.
+* Bootloader info, when enabled, answers as ``bootloader_info_era`` says: the Zephyr 3.4
+  table (RAM load / firmware loader -> -1, never ``no-downgrade``: that os_mgmt.c tests
+  ``IS_ENABLED(MCUBOOT_BOOTLOADER_NO_DOWNGRADE)`` without the CONFIG_ prefix) or the current
+  one; the Renode presets use the former (unchecked: their builds answer ENOTSUP).
 """
 
 from gateway.sim.config import (
