@@ -187,14 +187,35 @@ class SerialRecoveryConfig(_Model):
 class SimDeviceConfig(_Model):
     """One simulated device. ``preset: NAME`` (gateway/sim/presets.py) fills every field the
     device does not set itself; the plain defaults below are a stock ``smp_svr`` (Zephyr 3.4
-    Kconfig defaults) on a generic Cortex-M4 with 4 KiB flash pages (nRF52840 timings)."""
+    Kconfig defaults) on a generic Cortex-M4 with 4 KiB flash pages (nRF52840 timings).
+
+    Bootloader mode and layout (MCUboot and the application are built for the same mode):
+
+    * ``mcuboot_mode``: ``swap-using-scratch`` | ``swap-using-move`` | ``overwrite-only`` |
+      ``direct-xip`` | ``direct-xip-with-revert`` | ``ram-load`` | ``single-app`` |
+      ``firmware-loader`` (CONFIG_BOOT_* on the MCUboot side and
+      CONFIG_MCUBOOT_BOOTLOADER_MODE_* on the application side).
+    * ``slot_size`` is image 0's secondary slot (what imgtool's ``--slot-size`` is given),
+      ``primary_slot_size`` its primary when larger (swap using move: one sector more;
+      firmware loader: slot 1 is the loader's), ``flash_offsets`` every slot's flash offset
+      (direct-XIP's ROM_FIXED check), ``extra_images`` images 1..N-1 (slots 2N / 2N+1, each
+      ``update: swap | netcore``, ``initial_image`` provisioned into its primary),
+      ``loader_image`` the firmware loader provisioned into slot 1.
+    * MCUboot build: ``key`` (signature), ``hash_algorithm``, ``encryption_key``,
+      ``downgrade_prevention`` (overwrite-only), ``ram_load_region``, ``serial_recovery``
+      (``SerialRecoveryConfig``) with ``recovery_pin`` held at power-on.
+    * Application build (Zephyr img_mgmt / os_mgmt Kconfig): ``allow_confirm_non_active_image_*``,
+      ``allow_erase_pending``, ``reject_direct_xip_mismatched_slot``, ``os_reset_boot_mode``,
+      ``bootloader_no_downgrade``, ``bootloader_info_era``; ``app_smp_dead``: the application
+      never answers SMP.
+    """
 
     id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
     preset: str | None = None
     udp: UdpTransportConfig | None = None
     serial: SerialTransportConfig | None = None
     ble: BleTransportConfig | None = None
-    slot_size: int = Field(default=0x40000, gt=0)
+    slot_size: int = Field(default=0x40000, gt=0)  # image 0's secondary (and primary unless set)
     # MCUboot trailer geometry (gateway/sim/flash.py): the flash write block
     # (BOOT_WRITE_SZ) and CONFIG_BOOT_MAX_IMG_SECTORS; defaults = imgtool's (8, 128)
     boot_write_align: int = Field(default=8, ge=1, le=BOOT_MAX_ALIGN_LIMIT)
