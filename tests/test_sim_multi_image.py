@@ -190,3 +190,23 @@ async def test_nrf5340_dependency_on_the_network_core_needs_both_updated(
         assert (await read_state(c))[(0, 0)].version == "2.0.0"
     finally:
         await c.disconnect()
+
+
+async def test_nrf5340_power_cut_during_the_network_core_copy_redoes_it(
+        kit: dict[str, Path], sim_factory: Any) -> None:
+    """The power goes while MCUboot hands the image to the network core: the secondary still
+    carries its mark, so the next boot copies it again; it is then installed."""
+    sim = await sim_factory(nrf5340(kit, power_cut_during_swap=True))
+    dev = sim.devices["d1"]
+    c = await client_for(dev)
+    try:
+        await upload(c, kit["b2"], image_no=1)
+        assert success(await mark(c, kit["b2"], confirm=True))
+        await reset(c, dev)
+        cut = [e for e in dev.events if e.kind == "power-cut"]
+        assert cut and "network core update of image 1" in cut[0].detail["detail"]
+        assert dev.last_boot.performed[1].name == "PERM"
+        assert dev.image_info(2).version.major == 2  # type: ignore[union-attr]
+        assert dev.trailer(3).magic == "unset"
+    finally:
+        await c.disconnect()
