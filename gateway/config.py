@@ -111,6 +111,38 @@ class Timeouts(Model):
     connect_s: float = Field(10.0, gt=0)
 
 
+McubootModeName = Literal["swap-using-scratch", "swap-using-move", "swap-using-offset",
+                          "overwrite-only", "direct-xip", "direct-xip-with-revert", "ram-load",
+                          "single-app", "single-slot-ram-load", "firmware-loader"]
+
+
+class ImageRule(Model):
+    """How one MCUboot image of a multi-image device is installed (gateway/bootmodes/imageset.py)."""
+
+    mark: Literal["test", "permanent"] | None = Field(
+        None, description="test: test-boot then confirm by hash (needs the device's "
+                          "CONFIG_MCUMGR_GRP_IMG_ALLOW_CONFIRM_NON_ACTIVE_IMAGE_ANY); permanent: "
+                          "installed for good at the reset. Default: test for image 0, permanent "
+                          "for the others (img_mgmt confirms only the running image)")
+    netcore: bool = Field(False, description="an nRF5340 network core: no revert, never test-"
+                                             "marked, its primary cannot be read back")
+    slot_size: int | None = Field(None, gt=0, description="this image's secondary slot size")
+
+
+class RecoveryConfig(Model):
+    """Updating through MCUboot itself: serial recovery (single-slot devices; the last resort for
+    a device whose application no longer answers) or a firmware-loader application."""
+
+    enabled: bool = Field(False, description="allow the gateway to use it for this device")
+    entry: Literal["boot_mode", "present"] = Field(
+        "boot_mode", description="boot_mode: the application's os reset with boot_mode=1 "
+        "(CONFIG_MCUMGR_GRP_OS_RESET_BOOT_MODE) starts MCUboot's recovery / the loader; present: "
+        "only when the device already answers from recovery (recovery pin held, no application)")
+    last_resort: bool = Field(False, description="re-flash the last image this gateway confirmed "
+                                                 "when the application no longer answers SMP but "
+                                                 "MCUboot's serial recovery does")
+
+
 class DeviceConfig(Model):
     id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.:@-]+$")
     transport: TransportConfig
@@ -140,6 +172,15 @@ class DeviceConfig(Model):
     maintenance: list[str] | None = Field(
         None, description="names of the maintenance_windows in which this device may be reset "
                           "(default: all of them; [] = any time)")
+    mcuboot_mode: McubootModeName | None = Field(
+        None, description="the device's MCUboot mode when it does not report it (bootloader info "
+                          "ENOTSUP, as the stock smp_svr); a reported mode that differs is refused")
+    slot_offsets: list[int] | None = Field(
+        None, min_length=2, max_length=2,
+        description="direct-XIP: flash offsets of slot 0 and slot 1 (imgtool --rom-fixed values)")
+    images: dict[int, ImageRule] = Field(
+        default_factory=dict, description="multi-image devices: rules per MCUboot image number")
+    recovery: RecoveryConfig | None = None
 
 
 # -- fleet operations: device templates, discovery, rollout, maintenance windows, control ----

@@ -25,10 +25,21 @@ from dataclasses import dataclass
 
 from smp.image_management import ImageState
 
+from gateway.bootmodes import imageset
+from gateway.bootmodes.flows import Mark, ModeFlow, flow_for
+from gateway.bootmodes.modes import DeviceMode, ModeConflict, detect
 from gateway.config import DeviceConfig
-from gateway.images import ImageRefused, VerifiedImage, known_security_counter, preflight
+from gateway.images import (
+    ImageRefused,
+    Refusal,
+    SetMember,
+    VerifiedImage,
+    VerifiedImageSet,
+    known_security_counter,
+    preflight,
+)
 from gateway.journal import Entry, Journal
-from gateway.mcuboot import Version, trailer_size
+from gateway.mcuboot import Version
 from gateway.smp.session import SMPError, SMPProtocolError, SMPSession, SMPTimeout, UploadError
 from gateway.smp.transport import TransportError
 from gateway.sources.base import UpdateResult
@@ -132,6 +143,10 @@ ProgressFn = Callable[[str, Step, int, int], None]
 class UpdateEngine:
     """Drives one device through one update. Create one per (device, image) attempt."""
 
+    # the daemon's check before every mark-and-reset and reset (maintenance windows,
+    # ``FleetOps.reset_gate``): None = allowed now, else why not; no gate = always allowed
+    reset_gate: Callable[[], str | None] | None = None
+
     def __init__(
         self,
         device: DeviceConfig,
@@ -149,6 +164,8 @@ class UpdateEngine:
         self.entry = journal.get(device.id)
         self.upload: tuple[int, float, int] = (0, 0.0, 0)  # bytes sent, seconds, resumed from
         self.until = Stage.CONFIRMED
+        self.flow: ModeFlow | None = None  # the device's MCUboot mode flow (set by run)
+        self.seen_running = False  # the target was seen test-running in this attempt
 
     # -- bookkeeping -------------------------------------------------------------------------
     def _step(self, step: Step, detail: str = "", **changes: object) -> None:
@@ -170,6 +187,18 @@ class UpdateEngine:
         return _Finish(Outcome(self.dev.id, status, result, detail, old_version=old,
                                new_version=str(image.version) if image else None,
                                bytes_uploaded=sent, upload_seconds=secs, resumed_from=resumed))
+
+    def _gate(self, what: str, image: VerifiedImage, old: str | None) -> None:
+        """Stop HELD before ``what`` (a mark-and-reset or a reset) if ``reset_gate`` says no
+        (the window closed during the upload or a wait). No outcome is journaled: the row
+        stays open at its step, so the next attempt - or a restarted gateway - resumes from
+        the device's state once a window is open."""
+        why = self.reset_gate() if self.reset_gate is not None else None
+        if why is not None:
+            log.warning("device=%s %s waits for a maintenance window: %s", self.dev.id, what, why)
+            raise _Finish(Outcome(self.dev.id, Status.HELD, UpdateResult.INITIAL,
+                                  f"{what} waits for a maintenance window ({why})",
+                                  old_version=old, new_version=str(image.version)))
 
     def _hold(self, stage: Stage, image: VerifiedImage, old: str | None) -> None:
         """Stop here if the caller asked to go only this far (no outcome is journaled)."""
@@ -245,6 +274,7 @@ class UpdateEngine:
                     raise self._finish(Status.FAILED, UpdateResult.UPDATE_FAILED,
                                        f"{reason}; {image.version} is already confirmed here and "
                                        "cannot be reverted", image, old_v)
+                self._gate("the reset that reverts it", image, old_v)
                 self._step(Step.RESET, f"group revert: {reason}")
                 acked = await self.s.reset()
                 self._step(Step.WAIT_BOOT, f"revert reset acknowledged={acked}")
@@ -290,12 +320,49 @@ class UpdateEngine:
                             f"{what}: internal error {type(exc).__name__}: {exc}", image,
                             old_v).outcome
 
+    async def _mode(self) -> ModeFlow:
+        """The device's MCUboot mode (config override, else bootloader info) and its flow."""
+        dm: DeviceMode = await detect(self.s, self.dev.mcuboot_mode,
+                                      timeout_s=min(2.0, self.dev.timeouts.request_s))
+        flow = flow_for(dm, self.dev)
+        self.flow = flow
+        return flow
+
+    def _refuse_early(self, image: VerifiedImage, exc: ImageRefused, slots: Slots,
+                      artifact_id: str | None, source: str | None) -> _Finish:
+        """A refusal decided before the journal row of this attempt exists (mode, build)."""
+        prev = self.entry
+        old_v = slots.active.version if slots.active else None
+        self.entry = Entry(device_id=self.dev.id, target_hash=image.hash.hex(),
+                           target_version=str(image.version), artifact_id=artifact_id,
+                           source=source, image_path=str(image.path),
+                           old_hash=slots.active_hash.hex() if slots.active_hash else None,
+                           old_version=old_v, attempts=prev.attempts + 1,
+                           running_version=prev.running_version, running_hash=prev.running_hash,
+                           blocked_hash=prev.blocked_hash, blocked_artifact=prev.blocked_artifact)
+        return self._finish(Status.REFUSED, exc.reason.lwm2m, str(exc), image, old_v)
+
     async def _run(self, image: VerifiedImage, slots: Slots | None, artifact_id: str | None,
                    source: str | None) -> Outcome:
-        target = image.hash
-        th = target.hex()
         if slots is None:
             slots = await self.read_slots()
+        try:
+            flow = await self._mode()
+        except ModeConflict as exc:
+            raise self._refuse_early(image, ImageRefused(Refusal.MODE, str(exc)), slots,
+                                     artifact_id, source) from None
+        if isinstance(image, VerifiedImageSet) and not image.slot_builds:
+            return await self._run_set(image, artifact_id, source)
+        stored = image  # what the journal names: the artifact (a set of slot builds) as stored
+        try:
+            image = flow.choose(image, slots)
+        except ImageRefused as exc:
+            raise self._refuse_early(image, exc, slots, artifact_id, source) from None
+        if image is not stored:
+            log.info("device=%s build for the upload: %s (hash %s) of %s", self.dev.id,
+                     image.version, image.hash.hex()[:16], stored.path.name)
+        target = image.hash
+        th = target.hex()
         old_v = slots.active.version if slots.active else None
         prev = self.entry
         resuming = prev.target_hash == th and prev.outcome is None
@@ -311,7 +378,7 @@ class UpdateEngine:
             same = prev.target_hash == th and prev.outcome == Status.FAILED.value
             self.entry = Entry(device_id=self.dev.id, target_hash=th,
                                target_version=str(image.version), artifact_id=artifact_id,
-                               source=source, image_path=str(image.path),
+                               source=source, image_path=str(stored.path),
                                old_hash=prev.old_hash if same else (
                                    slots.active_hash.hex() if slots.active_hash else None),
                                old_version=prev.old_version if same else old_v,
@@ -323,7 +390,8 @@ class UpdateEngine:
                                blocked_artifact=prev.blocked_artifact)
             if same and prev.old_version:
                 old_v = prev.old_version
-        self._step(Step.READ_STATE, f"running={old_v} target={image.version} resume={resuming}")
+        self._step(Step.READ_STATE, f"running={old_v} target={image.version} resume={resuming} "
+                   f"mode={flow.mode.value} ({flow.dm.source.value})")
 
         # 1. is the target already running?
         if slots.active_hash == target:
@@ -340,6 +408,8 @@ class UpdateEngine:
             raise self._finish(Status.FAILED, UpdateResult.UPDATE_FAILED,
                                "device runs the target image unconfirmed, but this gateway did not "
                                "test it: refusing to confirm", image, old_v)
+        staged_by_mode = (flow.mark == Mark.NONE and slots.other_hash == target
+                          and slots.other is not None)
         if was_reset and self.entry.tested_hash == th and not (
                 slots.other_hash == target and slots.other and slots.other.pending):
             # The journal says this gateway marked the image and reset the device; it does not
@@ -359,9 +429,15 @@ class UpdateEngine:
                       running_hash=slots.active_hash, allow_downgrade=self.dev.allow_downgrade,
                       running_security_counter=known_security_counter(image.path.parent,
                                                                       slots.active_hash),
-                      trailer=trailer_size(self.dev.flash_write_align, self.dev.max_img_sectors))
+                      trailer=flow.trailer(image))
+            refusal = flow.refuse(image, slots.active_version)
+            if refusal is not None:
+                raise refusal
         except ImageRefused as exc:
             raise self._finish(Status.REFUSED, exc.reason.lwm2m, str(exc), image, old_v) from None
+        if image.unverified:
+            log.warning("device=%s image %s partly verified: %s", self.dev.id, image.version,
+                        image.unverified)
 
         # 3. what does slot 1 hold?
         other = slots.other
@@ -369,7 +445,18 @@ class UpdateEngine:
             raise self._finish(Status.FAILED, UpdateResult.UPDATE_FAILED,
                                f"another image ({other.version}) is already pending in the secondary "
                                "slot; clear it before updating", image, old_v)
-        if other is not None and slots.other_hash == target and other.pending:
+        if not flow.can_stage and self.until < Stage.CONFIRMED:
+            # e.g. direct-XIP without revert: an uploaded newer image runs at the device's next
+            # reset, whatever causes it - so nothing is uploaded until it may be installed
+            log.info("device=%s held before the upload: %s cannot stage an image", self.dev.id,
+                     flow.mode.value)
+            raise _Finish(Outcome(self.dev.id, Status.HELD, UpdateResult.INITIAL,
+                                  f"{flow.mode.value}: an uploaded image would be installed by any "
+                                  "reset; not uploaded until it may be installed",
+                                  old_version=old_v, new_version=str(image.version)))
+        if staged_by_mode:
+            pass  # no mark in this mode: a newer image in the other slot is "pending" by itself
+        elif other is not None and slots.other_hash == target and other.pending:
             if self.entry.tested_hash != th:
                 # Pending, but not marked by this gateway (the journal is written before every
                 # mark): someone else owns this test. Never boot-and-confirm it.
@@ -386,20 +473,45 @@ class UpdateEngine:
         else:
             self.upload = await self._upload(image)
         self._hold(Stage.UPLOADED, image, old_v)
+        self._gate("the mark and the reset into the test boot", image, old_v)
 
-        # 4. mark for test (journal first: from here on this gateway owns the test)
-        self._step(Step.MARK_TEST, f"hash={th[:16]}", tested_hash=th)
-        states = await self.s.image_test(target)
-        post = Slots.parse(states, self.dev.image)
-        if not (post.other_hash == target and post.other and post.other.pending):
-            raise self._finish(Status.FAILED, UpdateResult.UPDATE_FAILED,
-                               "device did not mark the image pending", image, old_v)
+        # 4. mark (journal first: from here on this gateway owns the test / the install)
+        if flow.mark == Mark.NONE:
+            # nothing to write: the reset installs it (the newest valid image runs)
+            self._step(Step.MARK_TEST, f"hash={th[:16]} {flow.mode.value}: no mark, the reset "
+                       "installs it", tested_hash=th)
+            post = await self.read_slots()
+            if not (post.other_hash == target and post.other is not None):
+                raise self._finish(Status.FAILED, UpdateResult.UPDATE_FAILED,
+                                   "before the reset the device no longer reports the uploaded "
+                                   "image: not reset", image, old_v)
+        else:
+            self._step(Step.MARK_TEST, f"hash={th[:16]}", tested_hash=th)
+            states = await self.s.image_test(target)
+            post = Slots.parse(states, self.dev.image)
+            if not (post.other_hash == target and post.other and post.other.pending):
+                raise self._finish(Status.FAILED, UpdateResult.UPDATE_FAILED,
+                                   "device did not mark the image pending", image, old_v)
         self._hold(Stage.MARKED, image, old_v)
         return await self._reset_and_verify(image, old_v)
 
     async def _upload(self, image: VerifiedImage) -> tuple[int, float, int]:
+        sent, secs, start = await self._send(image, self.dev.image)
+        # the device must now hold exactly our image in the secondary slot
+        slots = await self.read_slots()
+        if slots.other_hash != image.hash:
+            raise UploadError("after the upload the secondary slot does not hold the image "
+                              f"(slot hash {slots.other_hash.hex()[:16] if slots.other_hash else None})")
+        problem = self.flow.uploaded_problem(slots, image) if self.flow is not None else None
+        if problem is not None:
+            raise UploadError(f"after the upload: {problem}; nothing marked")
+        return sent, secs, start
+
+    async def _send(self, image: VerifiedImage, image_num: int,
+                    label: str = "") -> tuple[int, float, int]:
+        """Upload ``image`` as MCUboot image ``image_num``; (bytes sent, seconds, resumed from)."""
         data = image.read()
-        self._step(Step.UPLOAD, f"{len(data)} bytes", upload_total=len(data))
+        self._step(Step.UPLOAD, f"{label}{len(data)} bytes", upload_total=len(data))
         last_saved = [time.monotonic()]
 
         def progress(off: int, total: int) -> None:
@@ -418,7 +530,7 @@ class UpdateEngine:
         for attempt in range(1, 6):
             try:
                 stats = await self.s.upload(
-                    data, image_num=self.dev.image, window=self.dev.window,
+                    data, image_num=image_num, window=self.dev.window,
                     chunk_cap=self.dev.chunk_size,
                     first_timeout_s=self.dev.timeouts.upload_first_chunk_s, progress=progress,
                     store=self.journal,  # packet size / window learned for this device
@@ -439,11 +551,6 @@ class UpdateEngine:
         log.info("device=%s upload done bytes=%d resumed_from=%d window=%d chunk=%d seconds=%.2f "
                  "retransmits=%d rewinds=%d", self.dev.id, stats.total, stats.start_offset,
                  stats.window, stats.chunk_size, stats.seconds, stats.retransmits, stats.rewinds)
-        # the device must now hold exactly our image in the secondary slot
-        slots = await self.read_slots()
-        if slots.other_hash != image.hash:
-            raise UploadError("after the upload the secondary slot does not hold the image "
-                              f"(slot hash {slots.other_hash.hex()[:16] if slots.other_hash else None})")
         return stats.sent_bytes, stats.seconds, stats.start_offset
 
     async def _reset_and_verify(self, image: VerifiedImage, old_v: str | None) -> Outcome:
@@ -451,6 +558,7 @@ class UpdateEngine:
         device: if it still runs the old image with ``image`` pending (so nothing booted), it is
         sent again - safe, as the state was read just before: a pending image test-boots at a
         reset, nothing can be reverted. An acknowledged reset is never repeated."""
+        self._gate("the reset into the test boot", image, old_v)
         for attempt in range(1, 4):
             self._step(Step.RESET, f"attempt {attempt}" if attempt > 1 else "")
             acked = await self.s.reset()
@@ -522,6 +630,11 @@ class UpdateEngine:
         slots = await self.read_slots()
         if slots.active_hash != target:
             return self._rolled_back(image, slots, old_v, reset_acked)
+        self.seen_running = True
+        flow = self.flow
+        if flow is not None and not flow.test_boot and slots.active is not None \
+                and slots.active.confirmed:
+            return await self._after_install(image, old_v)
         if self.dev.confirm == "app":
             return await self._wait_app_confirm(image, old_v)
         if slots.active and slots.active.confirmed:
@@ -539,6 +652,39 @@ class UpdateEngine:
             await asyncio.sleep(min(self.poll, max(0.0, end - time.monotonic())))
         self._hold(Stage.BOOTED, image, old_v)
         return await self._confirm(image, old_v)
+
+    async def _after_install(self, image: VerifiedImage, old_v: str | None) -> Outcome:
+        """A mode without a test boot (overwrite-only, direct-XIP without revert, RAM load):
+        the image runs and is confirmed by MCUboot's own rules; nothing can take it back. The
+        health window still runs - its failure is reported, never hidden - but no confirm is
+        sent and no rollback is promised."""
+        assert self.flow is not None
+        target = image.hash
+        self._step(Step.CONFIRM, f"installed ({self.flow.mode.value}); health check "
+                   f"{self.dev.health_check_s:g}s")
+        end = time.monotonic() + self.dev.health_check_s
+        while True:
+            try:
+                slots = await self._read_slots_through_reboot()
+            except _Finish as f:
+                f.outcome.detail = (f"{image.version} is installed for good ({self.flow.mode.value}, "
+                                    f"no revert possible) but the device stopped answering: "
+                                    f"{f.outcome.detail}")
+                raise self._finish(Status.FAILED, UpdateResult.UPDATE_FAILED, f.outcome.detail,
+                                   image, old_v) from None
+            if slots.active_hash != target:
+                now = slots.active.version if slots.active else "?"
+                raise self._finish(Status.FAILED, UpdateResult.UPDATE_FAILED,
+                                   f"{image.version} was installed ({self.flow.mode.value}, no "
+                                   f"revert) but the device now runs {now}", image, old_v)
+            if time.monotonic() >= end:
+                break
+            await asyncio.sleep(min(self.poll, max(0.0, end - time.monotonic())))
+        how = "confirmed by the bootloader"
+        detail = self.flow.installed(old_v, image, how)
+        if image.unverified:
+            detail += f"; {image.unverified}"
+        raise self._finish(Status.UPDATED, UpdateResult.SUCCESS, detail, image, old_v)
 
     async def _confirm(self, image: VerifiedImage, old_v: str | None) -> Outcome:
         """Confirm the image the device runs - only if it is ``image`` and this gateway tested it.
@@ -592,9 +738,12 @@ class UpdateEngine:
             if after.active_hash != target:
                 return self._rolled_back(image, after, old_v, True)
             if after.active is not None and after.active.confirmed:
-                raise self._finish(Status.UPDATED, UpdateResult.SUCCESS,
-                                   f"{old_v} -> {image.version}, confirmed by the gateway",
-                                   image, old_v)
+                detail = (self.flow.installed(old_v, image, "confirmed by the gateway")
+                          if self.flow is not None else
+                          f"{old_v} -> {image.version}, confirmed by the gateway")
+                if image.unverified:
+                    detail += f"; {image.unverified}"
+                raise self._finish(Status.UPDATED, UpdateResult.SUCCESS, detail, image, old_v)
             raise self._finish(Status.FAILED, UpdateResult.UPDATE_FAILED,
                                "device accepted the confirm but does not report the image "
                                "confirmed", image, old_v)
@@ -625,6 +774,8 @@ class UpdateEngine:
                                    image, old_v)
             await asyncio.sleep(self.poll)
         # the application never confirmed: reset so MCUboot reverts, and report it
+        self._gate(f"application did not confirm {image.version} within "
+                   f"{self.dev.timeouts.app_confirm_s:g}s; the reset that reverts it", image, old_v)
         await self.s.reset()
         await self._wait_reboot()
         slots = await self.read_slots()
@@ -653,14 +804,329 @@ class UpdateEngine:
                       f"{slots.active.version if slots.active else '?'} with {image.version} "
                       "pending: the reset probably never reached it")
             raise self._finish(Status.FAILED, UpdateResult.CONNECTION_LOST, detail, image, old_v)
+        flow = self.flow
+        now = slots.active.version if slots.active else "?"
         if slots.other_hash == target:
-            now = slots.active.version if slots.active else "?"
-            detail = (f"rollback: {image.version} booted but was not confirmed before the next reset "
-                      f"(crash or watchdog); MCUboot reverted to {now}")
+            detail = (flow.reverted(image, now) if flow is not None else
+                      f"rollback: {image.version} booted but was not confirmed before the next "
+                      f"reset (crash or watchdog); MCUboot reverted to {now}")
+        elif self.seen_running and flow is not None:
+            detail = flow.reverted(image, now)
         else:
-            detail = (f"rollback: MCUboot refused {image.version} at boot (signature or validation "
-                      f"failed on the device; its secondary slot was erased); still running "
-                      f"{slots.active.version if slots.active else '?'}. Check that the image is "
-                      "signed with the key the device's MCUboot was built with (the gateway's "
-                      "trusted_keys accept it, the bootloader does not)")
+            detail = (flow.refused_at_boot(image, now) if flow is not None else
+                      f"rollback: MCUboot refused {image.version} at boot; still running {now}")
         raise self._finish(Status.ROLLED_BACK, UpdateResult.UPDATE_FAILED, detail, image, old_v)
+
+    # -- multi-image: several MCUboot images updated as one set ------------------------------
+    # The rules (which image gets which mark, why in this order, what "installed" means for a
+    # network core) are gateway/bootmodes/imageset.py's; here is the I/O and the journal.
+    _RESET_STEPS = (Step.RESET.value, Step.WAIT_BOOT.value, Step.VERIFY.value, Step.CONFIRM.value,
+                    Step.WAIT_APP.value)
+
+    async def _states(self, timeout_s: float | None = None) -> list[ImageState]:
+        states = await self.s.image_state(timeout_s=timeout_s)
+        s0 = imageset.ImageSlots.of(states, 0)
+        self.entry = self.entry.with_(
+            running_version=s0.primary.version if s0.primary else None,
+            running_hash=s0.primary_hash.hex() if s0.primary_hash else None)
+        return states
+
+    async def _states_through_reboot(self) -> list[ImageState]:
+        try:
+            return await self._states(timeout_s=1.0)
+        except SMPTimeout:
+            await self._wait_reboot()
+            return await self._states()
+
+    async def _run_set(self, iset: VerifiedImageSet, artifact_id: str | None,
+                       source: str | None) -> Outcome:
+        assert self.flow is not None
+        flow = self.flow
+        sid = iset.hash.hex()
+        marking = f"marking:{sid}"  # tested_hash while the marks are being written
+        states = await self._states()
+        s0 = imageset.ImageSlots.of(states, 0)
+        old_v = s0.primary.version if s0.primary else None
+        prev = self.entry
+        resuming = prev.target_hash == sid and prev.outcome is None
+        same = prev.target_hash == sid and prev.outcome == Status.FAILED.value
+        if (resuming or same) and prev.old_version:
+            old_v = prev.old_version
+        if not resuming:
+            self.entry = Entry(device_id=self.dev.id, target_hash=sid,
+                               target_version=str(iset.version), artifact_id=artifact_id,
+                               source=source, image_path=str(iset.path),
+                               old_hash=prev.old_hash if same else (
+                                   s0.primary_hash.hex() if s0.primary_hash else None),
+                               old_version=old_v, tested_hash=prev.tested_hash if same else None,
+                               attempts=prev.attempts + 1, running_version=prev.running_version,
+                               running_hash=prev.running_hash, blocked_hash=prev.blocked_hash,
+                               blocked_artifact=prev.blocked_artifact)
+        self._step(Step.READ_STATE, f"image set {iset.describe()} running={old_v} "
+                   f"mode={flow.mode.value} ({flow.dm.source.value}) resume={resuming}")
+
+        def refuse(reason: Refusal, msg: str) -> _Finish:
+            return self._finish(Status.REFUSED, reason.lwm2m, str(ImageRefused(reason, msg)),
+                                iset, old_v)
+
+        if not (flow.mode.is_swap or flow.mode.value == "overwrite-only"):
+            raise refuse(Refusal.MODE, f"an image set of several images needs a swap or "
+                         f"overwrite-only MCUboot; this device is {flow.describe()} (Zephyr's "
+                         "img_mgmt: multi-image is not supported with direct-XIP)")
+        if self.dev.group is not None:
+            raise refuse(Refusal.MODE, "image sets of several images are not updated in device "
+                         "groups (some images cannot be taken back once installed)")
+        rls = imageset.rules(self.dev, iset, flow.mode)
+        listed = {s.image or 0 for s in states} | set(self.dev.images)
+        for m in iset.members:
+            if m.image not in listed:
+                raise refuse(Refusal.BAD_SET, f"the set has image {m.image}, but the device lists "
+                             f"images {sorted(listed)} only; give the device's images: rules in the "
+                             "config if it has one the application cannot read (a network core)")
+        tested = self.entry.tested_hash
+        all_marked = tested == sid
+        marks_started = tested in (sid, marking)
+        view = {m.image: imageset.ImageSlots.of(states, m.image) for m in iset.members}
+        where = {m.image: imageset.where(view[m.image], m.hash, rls[m.image], all_marked)
+                 for m in iset.members}
+        log.info("device=%s image set state: %s", self.dev.id,
+                 " ".join(f"image{i}={w.value}" for i, w in where.items()))
+        W = imageset.Where
+        if all(w == W.INSTALLED for w in where.values()):
+            st = Status.UPDATED if (resuming or marks_started) else Status.UP_TO_DATE
+            raise self._finish(st, UpdateResult.SUCCESS, f"runs the image set {iset.describe()}",
+                               iset, old_v)
+        marked = {i for i, w in where.items() if w != W.INSTALLED}
+        if any(w == W.TESTING for w in where.values()):
+            if not all_marked:
+                raise self._finish(Status.FAILED, UpdateResult.UPDATE_FAILED,
+                                   "the device test-runs an image of this set that this gateway "
+                                   "did not test: refusing to confirm it", iset, old_v)
+            return await self._set_after_boot(iset, rls, marked, old_v)
+        if s0.primary is not None and not s0.primary.confirmed:
+            raise self._finish(Status.FAILED, UpdateResult.UPDATE_FAILED,
+                               f"device is test-running an unconfirmed image "
+                               f"({s0.primary.version}) that is not the target; leaving it alone",
+                               iset, old_v)
+        if all_marked and (prev.step in self._RESET_STEPS or same) and not any(
+                w == W.PENDING for w in where.values()):
+            # marked and reset while the gateway was away: judge what MCUboot did, never re-mark
+            return await self._set_after_boot(iset, rls, marked, old_v)
+
+        # pre-flight, every member, before a byte is sent
+        running = {i: v.running_version for i, v in view.items()}
+        for m in iset.members:
+            if where[m.image] == W.INSTALLED:
+                continue
+            rv = None if rls[m.image].netcore else running.get(m.image)
+            try:
+                preflight(m.verified, device_id=self.dev.id, hardware=self.dev.hardware,
+                          slot_size=imageset.member_slot_size(self.dev, m), running=rv,
+                          running_hash=view[m.image].primary_hash,
+                          allow_downgrade=self.dev.allow_downgrade,
+                          running_security_counter=known_security_counter(
+                              m.verified.path.parent, view[m.image].primary_hash)
+                          if m.image == 0 else None,
+                          trailer=flow.trailer(m.verified))
+                refusal = flow.refuse(m.verified, rv)
+                if refusal is not None:
+                    raise refusal
+            except ImageRefused as exc:
+                raise refuse(exc.reason, f"{m.label()}: {exc.message}") from None
+        dep = imageset.dependency_problem(
+            iset, {i: (None if rls[i].netcore else v) for i, v in running.items()})
+        if dep is not None:
+            raise refuse(Refusal.BAD_SET, dep)
+        for m in iset.members:
+            sec = view[m.image].secondary
+            if sec is not None and (sec.pending or sec.permanent) and \
+                    view[m.image].secondary_hash != m.hash:
+                raise self._finish(Status.FAILED, UpdateResult.UPDATE_FAILED,
+                                   f"another image ({sec.version}) is already pending in image "
+                                   f"{m.image}'s secondary slot; clear it before updating",
+                                   iset, old_v)
+            if where[m.image] == W.PENDING and not marks_started:
+                raise self._finish(Status.FAILED, UpdateResult.UPDATE_FAILED,
+                                   f"image {m.image} of the set is already pending on the device, "
+                                   "but this gateway did not mark it: refusing to reset",
+                                   iset, old_v)
+
+        # uploads: only what is on no slot of its image yet
+        sent_total, secs_total, resumed_total = 0, 0.0, 0
+        for m in iset.members:
+            if where[m.image] != W.ABSENT:
+                continue
+            sent, secs, start = await self._send(m.verified, m.image, f"{m.label()}: ")
+            sent_total += sent
+            secs_total += secs
+            resumed_total += start
+            self.upload = (sent_total, secs_total, resumed_total)
+            got = imageset.ImageSlots.of(await self._states(), m.image)
+            if got.secondary_hash != m.hash:
+                raise self._finish(Status.FAILED, UpdateResult.UPDATE_FAILED,
+                                   f"after the upload image {m.image}'s secondary slot does not hold "
+                                   f"{m.verified.version} (slot hash "
+                                   f"{got.secondary_hash.hex()[:16] if got.secondary_hash else None});"
+                                   " nothing marked", iset, old_v)
+            where[m.image] = W.STAGED
+        self.upload = (sent_total, secs_total, resumed_total)
+        self._hold(Stage.UPLOADED, iset, old_v)
+
+        # marks: test first (revertible), permanent last (see imageset.py)
+        todo = [m for m in iset.members if where[m.image] == W.STAGED]
+        todo.sort(key=lambda m: (rls[m.image].mark != Mark.TEST, m.image))
+        if todo:
+            self._step(Step.MARK_TEST, "marking " + ", ".join(
+                f"image {m.image} {rls[m.image].mark.value}" for m in todo), tested_hash=marking)
+            for m in todo:
+                rule = rls[m.image]
+                if rule.mark == Mark.TEST:
+                    post = await self.s.image_test(m.hash)
+                else:
+                    post = await self.s.image_confirm(m.hash)
+                got = imageset.ImageSlots.of(post, m.image)
+                sec = got.secondary
+                ok = (got.secondary_hash == m.hash and sec is not None and bool(sec.pending)
+                      and (rule.mark == Mark.TEST or bool(sec.permanent)))
+                if not ok:
+                    done = [x.image for x in todo[: todo.index(m)]]
+                    raise self._finish(Status.FAILED, UpdateResult.UPDATE_FAILED,
+                                       f"device did not mark image {m.image} {rule.mark.value}; "
+                                       f"already marked: {done or 'none'} (a test-marked image "
+                                       "test-boots at the next reset and is reverted at the one "
+                                       "after)", iset, old_v)
+        self._step(Step.MARK_TEST, "image set marked", tested_hash=sid)
+        self._hold(Stage.MARKED, iset, old_v)
+        await self._set_reset(iset, marked)
+        return await self._set_after_boot(iset, rls, marked, old_v)
+
+    async def _set_reset(self, iset: VerifiedImageSet, marked: set[int]) -> None:
+        """The one reset of a set; re-sent only if unanswered and every mark is still pending."""
+        for attempt in range(1, 4):
+            self._step(Step.RESET, f"image set: images {sorted(marked)}"
+                       + (f", attempt {attempt}" if attempt > 1 else ""))
+            acked = await self.s.reset()
+            self._step(Step.WAIT_BOOT, f"reset acknowledged={acked}")
+            await self._wait_reboot()
+            if acked or attempt == 3:
+                return
+            states = await self._states()
+            still = True
+            for m in iset.members:
+                if m.image in marked:
+                    sl = imageset.ImageSlots.of(states, m.image)
+                    sec = sl.secondary
+                    still = still and sl.secondary_hash == m.hash and sec is not None and bool(
+                        sec.pending or sec.permanent)
+            if not still:
+                return
+            log.warning("device=%s reset unanswered and the set still pending: resetting again",
+                        self.dev.id)
+
+    async def _set_after_boot(self, iset: VerifiedImageSet, rls: dict[int, imageset.Rule],
+                              marked: set[int], old_v: str | None) -> Outcome:
+        sid = iset.hash.hex()
+        self._step(Step.VERIFY, f"image set: checking images {sorted(marked)}")
+        states = await self._states()
+        verdict = imageset.after_boot(states, iset, rls, marked)
+        if not verdict.all_ok:
+            return await self._set_failed(iset, verdict, old_v)
+        if verdict.testing:
+            self._step(Step.CONFIRM, f"image set health check {self.dev.health_check_s:g}s")
+            end = time.monotonic() + self.dev.health_check_s
+            while True:
+                states = await self._states_through_reboot()
+                verdict = imageset.after_boot(states, iset, rls, marked)
+                if not verdict.all_ok:
+                    return await self._set_failed(iset, verdict, old_v)
+                if time.monotonic() >= end:
+                    break
+                await asyncio.sleep(min(self.poll, max(0.0, end - time.monotonic())))
+            # confirm: the other test-marked images (by hash) first, the running one last
+            if self.entry.tested_hash != sid:  # the invariant, at the last moment
+                raise self._finish(Status.FAILED, UpdateResult.UPDATE_FAILED,
+                                   "refusing to confirm an image set this gateway did not test",
+                                   iset, old_v)
+            order = sorted(verdict.testing, key=lambda i: (i == 0, i))
+            for i in order:
+                m = next(x for x in iset.members if x.image == i)
+                await self._confirm_member(iset, m, old_v)
+        states = await self._states()
+        final = imageset.after_boot(states, iset, rls, marked)
+        if final.testing or not final.all_ok:
+            raise self._finish(Status.FAILED, UpdateResult.UPDATE_FAILED,
+                               "the device accepted the confirms but does not report every image "
+                               "of the set confirmed: " + "; ".join(
+                                   list(final.failed.values()) + [f"image {i} unconfirmed"
+                                                                  for i in final.testing]),
+                               iset, old_v)
+        parts = []
+        for m in iset.members:
+            if m.image not in marked:
+                parts.append(f"image {m.image} {m.verified.version}: already there")
+            elif m.image in verdict.testing:
+                parts.append(f"image {m.image} {m.verified.version}: confirmed by the gateway")
+            else:
+                parts.append(final.ok.get(m.image, f"image {m.image}: installed")
+                             + (" (no revert)" if m.image in final.permanent else ""))
+        detail = f"{old_v} -> image set {iset.version}: " + "; ".join(parts)
+        if iset.unverified:
+            detail += f"; {iset.unverified}"
+        raise self._finish(Status.UPDATED, UpdateResult.SUCCESS, detail, iset, old_v)
+
+    async def _confirm_member(self, iset: VerifiedImageSet, m: SetMember, old_v: str | None) -> None:
+        """Confirm one test-booted image of the set: read before (running unconfirmed), write
+        (image 0 without a hash: img_mgmt confirms the running slot; another image by its hash),
+        read after; an unanswered confirm is never re-sent blindly (as ``_confirm``)."""
+        by_hash = m.hash if m.image != 0 else None
+        for attempt in range(1, 4):
+            before = imageset.ImageSlots.of(await self._states_through_reboot(), m.image)
+            if before.primary_hash != m.hash:
+                raise self._finish(Status.ROLLED_BACK, UpdateResult.UPDATE_FAILED,
+                                   f"image {m.image} {m.verified.version} no longer runs before its "
+                                   "confirm: it reset and MCUboot reverted it", iset, old_v)
+            if before.primary is not None and before.primary.confirmed:
+                return
+            try:
+                await self.s.image_confirm(by_hash, retries=0)
+            except (SMPTimeout, SMPProtocolError) as exc:
+                log.warning("device=%s confirm of image %d attempt=%d unanswered (%s); reading the "
+                            "state instead of re-sending", self.dev.id, m.image, attempt, exc)
+                continue
+            after = imageset.ImageSlots.of(await self._states_through_reboot(), m.image)
+            if after.primary_hash == m.hash and after.primary is not None and after.primary.confirmed:
+                return
+            raise self._finish(Status.FAILED, UpdateResult.UPDATE_FAILED,
+                               f"the device accepted the confirm of image {m.image} but does not "
+                               "report it confirmed", iset, old_v)
+        raise self._finish(Status.FAILED, UpdateResult.CONNECTION_LOST,
+                           f"the confirm of image {m.image} went unanswered 3 times; it still runs "
+                           "unconfirmed (MCUboot reverts it at the next reset)", iset, old_v)
+
+    async def _set_failed(self, iset: VerifiedImageSet, v: imageset.Verdict,
+                          old_v: str | None) -> Outcome:
+        """One image failed: the set failed. Test-booted images are reset back (MCUboot reverts
+        them); permanently installed ones stay, and the outcome says so."""
+        detail = "image set failed: " + "; ".join(v.failed.values())
+        still: list[int] = []
+        if v.testing:
+            self._step(Step.RESET, "image set failed: reset so MCUboot reverts images "
+                       f"{sorted(v.testing)}")
+            acked = await self.s.reset()
+            self._step(Step.WAIT_BOOT, f"revert reset acknowledged={acked}")
+            await self._wait_reboot()
+            states = await self._states()
+            for i in v.testing:
+                m = next(x for x in iset.members if x.image == i)
+                if imageset.ImageSlots.of(states, i).primary_hash == m.hash:
+                    still.append(i)
+            back = [i for i in v.testing if i not in still]
+            if back:
+                detail += f"; reset: MCUboot reverted image(s) {back}"
+            if still:
+                detail += f"; image(s) {still} still run the new version after the reset"
+        if v.permanent:
+            detail += (f"; image(s) {sorted(v.permanent)} were installed permanently and cannot "
+                       "be taken back")
+        status = Status.ROLLED_BACK if not (v.permanent or still) else Status.FAILED
+        raise self._finish(status, UpdateResult.UPDATE_FAILED, detail, iset, old_v)

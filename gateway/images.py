@@ -12,17 +12,32 @@ image permanently without a test - is refused.
 ``preflight`` then decides, per device, whether the image may be sent: hardware type, slot size
 (image + MCUboot's trailer), downgrade and security counter. Every refusal is an
 ``ImageRefused`` with a reason code and a sentence an operator can act on.
+
+Hashes: SHA-256, SHA-384 or SHA-512 TLV; signatures: ECDSA P-256 / P-384, Ed25519, RSA-2048 /
+3072 (imgtool verifies each). An *encrypted* image (ENC TLV: RSA-OAEP, ECIES-P256,
+ECIES-X25519) is checked as far as the gateway can without the device's private key: header
+and TLV structure, and that a trusted key signed the image's hash TLV
+(``mcuboot.verify_signature_over_digest``); the hash itself covers the plaintext, which only
+MCUboot can check after decrypting. ``VerifiedImage.unverified`` says so, the engine repeats it
+in the outcome, and modes that cannot take an image back refuse such an image.
+
+Image sets (``VerifiedImageSet``): an artifact holding several images (``gateway.artifacts.
+bundle``: nRF Connect SDK ``dfu_application.zip`` - a multi-image update, or the two slot
+builds of a direct-XIP application) is verified image by image; the set is identified by the
+hashes of its members (``set_id``), which is what the journal and the daemon see as its hash.
 """
 
 from __future__ import annotations
 
 import enum
 import hashlib
+import json
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from gateway.artifacts.bundle import BundleError, is_bundle, read_bundle
 from gateway.mcuboot import (
     BOOT_MAGIC_SIZE,
     ImageFormatError,
@@ -33,6 +48,7 @@ from gateway.mcuboot import (
     boot_magics,
     parse_image,
     verify_signature,
+    verify_signature_over_digest,
 )
 from gateway.sources.base import UpdateResult
 
@@ -48,6 +64,9 @@ class Refusal(enum.Enum):
     SECURITY_COUNTER = "security-counter"
     ENCRYPTED = "encrypted"
     TRAILING_DATA = "trailing-data"
+    WRONG_SLOT = "wrong-slot"  # direct-XIP: no build linked for the slot the upload goes to
+    BAD_SET = "bad-image-set"  # an image set that does not fit the device's images
+    MODE = "bootloader-mode"  # what the device's MCUboot mode cannot do safely
 
     @property
     def lwm2m(self) -> UpdateResult:
@@ -58,6 +77,9 @@ class Refusal(enum.Enum):
             Refusal.ENCRYPTED: UpdateResult.UNSUPPORTED_PACKAGE,
             Refusal.BAD_FORMAT: UpdateResult.UNSUPPORTED_PACKAGE,
             Refusal.TRAILING_DATA: UpdateResult.UNSUPPORTED_PACKAGE,
+            Refusal.WRONG_SLOT: UpdateResult.UNSUPPORTED_PACKAGE,
+            Refusal.BAD_SET: UpdateResult.UNSUPPORTED_PACKAGE,
+            Refusal.MODE: UpdateResult.UNSUPPORTED_PROTOCOL,
         }.get(self, UpdateResult.INTEGRITY_FAILURE)
 
 
@@ -81,6 +103,13 @@ class VerifiedImage:
     hardware: str | None  # target hardware type from the source's metadata
     file_sha256: bytes  # sha256 of the stored bytes = the image (total_size): the upload's `sha`
     size: int  # info.total_size: the bytes stored, uploaded and checked against the slot
+    # what the checks could not cover (encrypted image: the hash is over the plaintext), else None
+    unverified: str | None = None
+
+    @property
+    def fully_verified(self) -> bool:
+        """Structure, hash over these bytes and signature all checked by the gateway."""
+        return self.unverified is None and self.signed_by is not None
 
     @property
     def version(self) -> Version:
@@ -134,24 +163,90 @@ def check_image(
         info = parse_image(data)
     except ImageFormatError as exc:
         raise ImageRefused(Refusal.BAD_FORMAT, f"not a valid MCUboot image: {exc}") from exc
-    if not info.hash_valid:
+    encrypted_hash = not info.hash_valid and info.is_encrypted
+    if not info.hash_valid and not encrypted_hash:
         raise ImageRefused(Refusal.HASH_MISMATCH,
-                           "the image's SHA-256 TLV does not match its contents (corrupt image)")
+                           f"the image's {info.hash_name} TLV does not match its contents "
+                           "(corrupt image)")
     if len(data) < info.total_size:
         raise ImageRefused(Refusal.BAD_FORMAT, "image is truncated")
     tail = _tail_problem(data, info.total_size)
     if tail is not None:
         raise ImageRefused(Refusal.TRAILING_DATA, tail)
     if not info.is_signed:
+        if encrypted_hash:
+            raise ImageRefused(Refusal.UNSIGNED,
+                               "the image is encrypted and unsigned: the gateway can check neither "
+                               "its hash (over the plaintext) nor a signature")
         if allow_unsigned:
             return info, None
         raise ImageRefused(Refusal.UNSIGNED,
                            "the image carries no signature; set allow_unsigned on the device to permit")
     try:
-        key = verify_signature(data, keys)
+        key = verify_signature_over_digest(info, keys) if encrypted_hash else verify_signature(data, keys)
     except SignatureError as exc:
         raise ImageRefused(Refusal.UNTRUSTED, str(exc)) from exc
     return info, key.name
+
+
+def unverified_part(info: ImageInfo) -> str | None:
+    """What the gateway's checks of ``info`` could not cover (None: everything)."""
+    if info.is_encrypted and not info.hash_valid:
+        return (f"encrypted ({info.encryption}): the header, the TLVs and the signature over the "
+                f"{info.hash_name} TLV were checked; the hash covers the plaintext, which only "
+                "the device's MCUboot can decrypt and check")
+    return None
+
+
+@dataclass(frozen=True)
+class SetMember:
+    """One image of an image set."""
+
+    image: int  # MCUboot image number
+    slot: int | None  # direct-XIP: the slot this build is linked for; None = any / not slot-bound
+    verified: VerifiedImage
+    name: str = ""  # file name in the artifact
+    netcore: bool = False  # the artifact marks it as an nRF5340 network-core image
+    load_address: int | None = None  # from the artifact's manifest (informative)
+
+    @property
+    def hash(self) -> bytes:
+        return self.verified.hash
+
+    def label(self) -> str:
+        s = f"image {self.image}"
+        return s + (f" (slot {self.slot} build)" if self.slot is not None else "")
+
+
+@dataclass(frozen=True)
+class VerifiedImageSet(VerifiedImage):
+    """Several verified images updated together (multi-image), or the slot builds of one
+    direct-XIP image. ``hash`` is the set's id; ``info``/``version`` are image 0's."""
+
+    members: tuple[SetMember, ...] = ()
+    set_id: bytes = b""
+
+    @property
+    def hash(self) -> bytes:
+        return self.set_id
+
+    @property
+    def image_numbers(self) -> list[int]:
+        return sorted({m.image for m in self.members})
+
+    @property
+    def slot_builds(self) -> bool:
+        """The members are builds of one image for different slots (direct-XIP)."""
+        return self.image_numbers == [0] and all(m.slot is not None for m in self.members)
+
+    def describe(self) -> str:
+        return ", ".join(f"{m.label()} {m.verified.version}" for m in self.members)
+
+
+def set_id(members: list[tuple[int, int | None, bytes]]) -> bytes:
+    """The id of a set of (image, slot, hash): the same images make the same id in any container."""
+    canon = sorted((i, -1 if s is None else s, h.hex()) for i, s, h in members)
+    return hashlib.sha256(b"smp-gateway image set\0" + json.dumps(canon).encode()).digest()
 
 
 class ImageStore:
@@ -170,14 +265,20 @@ class ImageStore:
         return self.add_bytes(path.read_bytes(), hardware=hardware, allow_unsigned=allow_unsigned)
 
     def add_bytes(self, data: bytes, *, hardware: str | None, allow_unsigned: bool = False) -> VerifiedImage:
+        """Verify and store an image - or an image set (a zip artifact): ``VerifiedImageSet``,
+        unless it holds a single image, which is returned as that image."""
         ck = (hashlib.sha256(data).digest(), hardware, allow_unsigned)
         if ck in self._cache:
             return self._cache[ck]
-        info, signer = check_image(data, self.keys, allow_unsigned=allow_unsigned)
-        data = data[: info.total_size]  # only what hash and signature cover is kept and sent
-        file_sha = hashlib.sha256(data).digest()
-        dest = self.root / f"{file_sha.hex()}.bin"
-        if not dest.exists() or hashlib.sha256(dest.read_bytes()).digest() != file_sha:
+        img = (self._add_set(data, hardware=hardware, allow_unsigned=allow_unsigned)
+               if is_bundle(data[:4]) else
+               self._add_image(data, hardware=hardware, allow_unsigned=allow_unsigned))
+        self._cache[ck] = img
+        return img
+
+    def _write(self, name: str, data: bytes) -> Path:
+        dest = self.root / name
+        if not dest.exists() or dest.read_bytes() != data:
             fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".in-")
             try:
                 with os.fdopen(fd, "wb") as f:
@@ -189,9 +290,54 @@ class ImageStore:
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
                 raise
-        img = VerifiedImage(dest, info, signer, hardware, file_sha, len(data))
-        self._cache[ck] = img
-        return img
+        return dest
+
+    def _add_image(self, data: bytes, *, hardware: str | None, allow_unsigned: bool,
+                   what: str = "") -> VerifiedImage:
+        try:
+            info, signer = check_image(data, self.keys, allow_unsigned=allow_unsigned)
+        except ImageRefused as exc:
+            if what:
+                raise ImageRefused(exc.reason, f"{what}: {exc.message}") from exc
+            raise
+        data = data[: info.total_size]  # only what hash and signature cover is kept and sent
+        file_sha = hashlib.sha256(data).digest()
+        dest = self._write(f"{file_sha.hex()}.bin", data)
+        return VerifiedImage(dest, info, signer, hardware, file_sha, len(data),
+                             unverified=unverified_part(info))
+
+    def _add_set(self, data: bytes, *, hardware: str | None, allow_unsigned: bool) -> VerifiedImage:
+        try:
+            entries = read_bundle(data)
+        except BundleError as exc:
+            raise ImageRefused(Refusal.BAD_FORMAT, f"image set artifact: {exc}") from exc
+        members: list[SetMember] = []
+        for e in entries:
+            what = f"{e.name} (image {e.image}" + (f", slot {e.slot} build)" if e.slot is not None
+                                                   else ")")
+            img = self._add_image(e.data, hardware=e.hardware or hardware,
+                                  allow_unsigned=allow_unsigned, what=what)
+            members.append(SetMember(e.image, e.slot, img, e.name, e.netcore, e.load_address))
+        members.sort(key=lambda m: (m.image, -1 if m.slot is None else m.slot))
+        if len(members) == 1 and members[0].slot is None:
+            return members[0].verified  # a dfu_application.zip of one image is that image
+        slot_bound = [m for m in members if m.slot is not None]
+        if slot_bound and len({m.image for m in members}) > 1:
+            raise ImageRefused(Refusal.BAD_SET, "image set mixes slot-specific (direct-XIP) "
+                               "builds with other images: MCUboot's direct-XIP runs one image")
+        vers = {m.verified.version for m in slot_bound}
+        if len(vers) > 1:
+            raise ImageRefused(Refusal.BAD_SET, "the slot builds of the image differ in version ("
+                               + ", ".join(sorted(str(v) for v in vers)) + "): they must be one "
+                               "release linked for two slots")
+        sid = set_id([(m.image, m.slot, m.hash) for m in members])
+        dest = self._write(f"{hashlib.sha256(data).hexdigest()}.zip", data)
+        first = members[0].verified
+        unverified = "; ".join(f"{m.label()}: {m.verified.unverified}" for m in members
+                               if m.verified.unverified) or None
+        return VerifiedImageSet(dest, first.info, first.signed_by, hardware,
+                                hashlib.sha256(data).digest(), len(data), unverified,
+                                members=tuple(members), set_id=sid)
 
 
 _COUNTERS: dict[Path, tuple[int, int, bytes, int | None]] = {}  # path -> (mtime, size, hash, counter)
@@ -250,8 +396,6 @@ def preflight(
                            f"image is built for hardware {image.hardware!r}; "
                            f"device {device_id} is {hardware!r} (fix the image's hardware in the "
                            "update source, or the device's hardware in the gateway config)")
-    if image.info.is_encrypted:
-        raise ImageRefused(Refusal.ENCRYPTED, "encrypted images are not supported yet")
     if slot_size is not None:
         # MCUboot swap needs the image plus its trailer to fit; the trailer is at the slot's end
         if image.size + trailer > slot_size:

@@ -31,6 +31,7 @@ VERSION_STRUCT = struct.Struct("<BBHI")
 HEADER_MIN_SIZE = 32
 TLV_INFO_STRUCT = struct.Struct("<HH")
 TLV_STRUCT = struct.Struct("<BBH")
+DEPENDENCY_STRUCT = struct.Struct("<B3xBBHI")  # struct image_dependency (bootutil/image.h)
 
 
 class TLV(IntEnum):
@@ -50,6 +51,7 @@ class TLV(IntEnum):
     ENC_KW = 0x31
     ENC_EC256 = 0x32
     ENC_X25519 = 0x33
+    ENC_X25519_SHA512 = 0x34
     DEPENDENCY = 0x40
     SEC_CNT = 0x50
     BOOT_RECORD = 0x60
@@ -58,8 +60,16 @@ class TLV(IntEnum):
 SIGNATURE_TLVS = frozenset({TLV.RSA2048_PSS, TLV.ECDSA_SIG, TLV.RSA3072_PSS, TLV.ED25519})
 HASH_TLVS = {TLV.SHA256: "sha256", TLV.SHA384: "sha384", TLV.SHA512: "sha512"}
 
+ENCRYPTION_TLVS = {TLV.ENC_RSA2048: "RSA-OAEP", TLV.ENC_KW: "AES key wrap", TLV.ENC_EC256: "ECIES-P256",
+                   TLV.ENC_X25519: "ECIES-X25519", TLV.ENC_X25519_SHA512: "ECIES-X25519 (HMAC-SHA512)"}
+
+# image header flags (bootutil/image.h IMAGE_F_*; imgtool image.py IMAGE_F)
+IMAGE_F_PIC = 0x01
 IMAGE_F_ENCRYPTED_AES128 = 0x04
 IMAGE_F_ENCRYPTED_AES256 = 0x08
+IMAGE_F_NON_BOOTABLE = 0x10
+IMAGE_F_RAM_LOAD = 0x20
+IMAGE_F_ROM_FIXED = 0x100  # imgtool --rom-fixed: load_addr is the flash offset it is linked for
 
 
 class ImageFormatError(ValueError):
@@ -136,6 +146,9 @@ class ImageInfo:
     tlvs: list[tuple[int, bytes]] = field(repr=False)  # (type, value), protected then unprotected
     total_size: int  # header + body + all TLVs: the bytes that must be uploaded
     security_counter: int | None = None  # SEC_CNT of the protected TLV area only
+    # DEPENDENCY TLVs of the protected area: (image number, minimum version) - MCUboot's
+    # ``boot_verify_slot_dependencies`` reads them there (``struct image_dependency``)
+    dependencies: tuple[tuple[int, Version], ...] = ()
 
     @property
     def signature_types(self) -> list[int]:
@@ -148,6 +161,46 @@ class ImageInfo:
     @property
     def is_encrypted(self) -> bool:
         return bool(self.flags & (IMAGE_F_ENCRYPTED_AES128 | IMAGE_F_ENCRYPTED_AES256))
+
+    @property
+    def encryption(self) -> str | None:
+        """The key-exchange scheme of an encrypted image (its ENC TLV), else None."""
+        for t, _ in self.tlvs:
+            if t in ENCRYPTION_TLVS:
+                return ENCRYPTION_TLVS[TLV(t)]
+        return "unknown scheme" if self.is_encrypted else None
+
+    @property
+    def hash_name(self) -> str:
+        """SHA-256 / SHA-384 / SHA-512: the image's hash TLV."""
+        for t, _ in self.tlvs:
+            if t in HASH_TLVS:
+                return HASH_TLVS[TLV(t)].upper().replace("SHA", "SHA-")
+        return "?"
+
+    @property
+    def signature_name(self) -> str | None:
+        names = {TLV.ECDSA_SIG: "ECDSA", TLV.RSA2048_PSS: "RSA-2048", TLV.RSA3072_PSS: "RSA-3072",
+                 TLV.ED25519: "Ed25519"}
+        for t in self.signature_types:
+            return names[TLV(t)]
+        return None
+
+    @property
+    def rom_fixed(self) -> int | None:
+        """The flash offset a ``--rom-fixed`` image is linked for (IMAGE_F_ROM_FIXED), else None."""
+        return self.load_addr if self.flags & IMAGE_F_ROM_FIXED else None
+
+    @property
+    def ram_load(self) -> bool:
+        return bool(self.flags & IMAGE_F_RAM_LOAD)
+
+    def describe(self) -> str:
+        """e.g. ``2.0.0 SHA-256 ECDSA`` / ``... encrypted (ECIES-P256)``."""
+        parts = [str(self.version), self.hash_name, self.signature_name or "unsigned"]
+        if self.is_encrypted:
+            parts.append(f"encrypted ({self.encryption})")
+        return " ".join(parts)
 
     def tlv(self, tlv_type: int) -> bytes | None:
         for t, v in self.tlvs:
@@ -206,6 +259,11 @@ def parse_image(data: bytes | bytearray | memoryview) -> ImageInfo:
     total = off + info_len
 
     hashes = [(t, v) for t, v in tlvs if t in HASH_TLVS]
+    if not hashes and any(t == TLV.SIG_PURE for t, _ in tlvs):
+        raise ImageFormatError(
+            "the image has a pure signature (imgtool --pure) and no hash TLV: img_mgmt reports a "
+            "slot's hash from that TLV, so nothing could confirm what the device received; sign "
+            "it without --pure")
     if not hashes:
         raise ImageFormatError("no SHA hash TLV: MCUboot cannot validate this image")
     if len(hashes) > 1:
@@ -222,6 +280,13 @@ def parse_image(data: bytes | bytearray | memoryview) -> ImageInfo:
         if len(sec_cnt_raw) != 4:
             raise ImageFormatError(f"security counter TLV has {len(sec_cnt_raw)} bytes, not 4")
         sec_cnt = int.from_bytes(sec_cnt_raw, "little")
+    deps = []
+    for t, v in protected:
+        if t == TLV.DEPENDENCY:
+            if len(v) != DEPENDENCY_STRUCT.size:
+                raise ImageFormatError(f"dependency TLV has {len(v)} bytes, not {DEPENDENCY_STRUCT.size}")
+            img_id, major, minor, rev, build = DEPENDENCY_STRUCT.unpack(v)
+            deps.append((img_id, Version(major, minor, rev, build)))
     return ImageInfo(
         load_addr=load_addr,
         hdr_size=hdr_size,
@@ -234,6 +299,7 @@ def parse_image(data: bytes | bytearray | memoryview) -> ImageInfo:
         tlvs=tlvs,
         total_size=total,
         security_counter=sec_cnt,
+        dependencies=tuple(deps),
     )
 
 
@@ -268,18 +334,22 @@ DEFAULT_MAX_SECTORS = 128  # CONFIG_BOOT_MAX_IMG_SECTORS default; imgtool's DEFA
 WRITE_ALIGNS = (1, 2, 4, 8, 16, 32)  # what imgtool and MCUboot accept
 
 
-def trailer_size(write_align: int = DEFAULT_WRITE_ALIGN, max_sectors: int = DEFAULT_MAX_SECTORS) -> int:
-    """Bytes MCUboot reserves at the end of a slot in swap mode (no encryption).
+def trailer_size(write_align: int = DEFAULT_WRITE_ALIGN, max_sectors: int = DEFAULT_MAX_SECTORS,
+                 *, overwrite_only: bool = False, encrypted: bool = False) -> int:
+    """Bytes MCUboot reserves at the end of a slot (swap status, flags, magic).
 
-    Delegated to imgtool's own computation so that the gateway's limit is the one the signing
-    tool enforces with ``--slot-size`` (and MCUboot with ``boot_trailer_sz``).
+    Delegated to imgtool's own computation (``Image._trailer_size``) so that the gateway's limit
+    is the one the signing tool enforces with ``--slot-size`` (and MCUboot with
+    ``boot_trailer_sz``): overwrite-only keeps no swap status (two flags + magic); an encrypted
+    image makes a swap keep both images' AES keys in the trailer as well.
     """
     import imgtool.image
 
     if write_align not in WRITE_ALIGNS:
         raise ValueError(f"flash write alignment {write_align} is not one of {WRITE_ALIGNS}")
     img = imgtool.image.Image(align=write_align, max_sectors=max_sectors)
-    return int(img._trailer_size(write_align, max_sectors, False, None, False, 0))
+    enc = object() if encrypted else None  # only "is there a key" matters for the size
+    return int(img._trailer_size(write_align, max_sectors, overwrite_only, enc, False, 0))
 
 
 def boot_magics() -> tuple[bytes, ...]:
@@ -388,3 +458,59 @@ def verify_signature(data: bytes, keys: list[TrustedKey]) -> TrustedKey:
         os.unlink(tmp)
     detail = "; ".join(reasons) if reasons else "no trusted keys configured"
     raise SignatureError(f"signature not made by a trusted key ({detail})")
+
+
+def verify_signature_over_digest(info: ImageInfo, keys: list[TrustedKey]) -> TrustedKey:
+    """The trusted key whose signature covers the image's hash TLV value, or SignatureError.
+
+    For an encrypted image: imgtool hashes header + *plaintext* body + protected TLVs, signs
+    that, then encrypts the body (``Image.create``), so neither the hash nor imgtool's
+    ``verify`` can be checked against the ciphertext. What can be checked without the
+    decryption key is that the hash TLV is the one a trusted key signed: ECDSA (P-256 with
+    SHA-256, P-384 with SHA-384) and RSA-PSS (MGF1-SHA-256, salt 32, as imgtool's ``sign``
+    uses) sign the digest of the payload, i.e. the hash TLV's value (verified here as a
+    pre-hashed message); Ed25519 signs the hash TLV value itself (``sign_digest``). The
+    payload's match with that hash is MCUboot's check on the device, after decrypting.
+    This uses ``cryptography`` directly because imgtool has no digest-only verification.
+    """
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, utils
+
+    sigs = [(t, v) for t, v in info.tlvs if t in SIGNATURE_TLVS]
+    if not sigs:
+        raise SignatureError("image carries no signature TLV")
+    digest = info.hash
+    prehashed = {32: hashes.SHA256(), 48: hashes.SHA384(), 64: hashes.SHA512()}.get(len(digest))
+    keyhash = info.tlv(TLV.KEYHASH)
+    candidates = keys if keyhash is None else [k for k in keys if key_hash(k, len(keyhash)) == keyhash]
+    reasons: list[str] = []
+    for k in candidates:
+        pub = k.key._get_public()
+        for t, sig in sigs:
+            try:
+                if isinstance(pub, ec.EllipticCurvePublicKey) and t == TLV.ECDSA_SIG:
+                    want = 48 if pub.curve.key_size == 384 else 32
+                    if prehashed is None or len(digest) != want:
+                        reasons.append(f"{k.name}: the {len(digest) * 8}-bit hash is not the one "
+                                       f"a P-{pub.curve.key_size} signature covers")
+                        continue
+                    der = sig[: sig[1] + 2] if len(sig) > 2 else sig  # imgtool's padding
+                    pub.verify(der, digest, ec.ECDSA(utils.Prehashed(prehashed)))
+                elif isinstance(pub, rsa.RSAPublicKey) and t in (TLV.RSA2048_PSS, TLV.RSA3072_PSS):
+                    if len(digest) != 32:
+                        reasons.append(f"{k.name}: RSA images are signed over SHA-256")
+                        continue
+                    pub.verify(sig, digest, padding.PSS(mgf=padding.MGF1(hashes.SHA256()),
+                                                        salt_length=32),
+                               utils.Prehashed(hashes.SHA256()))
+                elif isinstance(pub, ed25519.Ed25519PublicKey) and t == TLV.ED25519:
+                    pub.verify(sig, digest)
+                else:
+                    continue
+                return k
+            except InvalidSignature:
+                reasons.append(f"{k.name}: INVALID_SIGNATURE")
+    detail = "; ".join(reasons) if reasons else (
+        "no trusted key of the signature's type" if candidates else "the KEYHASH names no trusted key")
+    raise SignatureError(f"signature over the image hash not made by a trusted key ({detail})")

@@ -1,0 +1,220 @@
+"""Image-set artifacts: several MCUboot images in one file (nRF Connect SDK ``dfu_application.zip``).
+
+Owns reading and writing the one container the gateway uses for an update made of more than
+one image - the images of a multi-image device (nRF5340 application + network core, two
+application images), or the two builds of a direct-XIP application (one linked for each slot).
+The format is nRF Connect SDK's, as ``scripts/bootloader/generate_zip.py`` writes it and
+``cmake/sysbuild/image_signing*.cmake`` / ``dfu_app_zip_package`` fill it::
+
+    dfu_application.zip
+      manifest.json   {"format-version": 0, "time": ..., "name": ...,
+                       "files": [{"file": "app.bin", "type": "application", "image_index": "0",
+                                  "slot_index_primary": "1", "slot_index_secondary": "2",
+                                  "load_address": 0x..., "version_MCUBOOT": "1.2.3", "size": N,
+                                  "board": ..., "soc": ...},
+                                 {"file": "net_core_app_update.bin", "image_index": "1",
+                                  "board": "nrf5340dk_nrf5340_cpunet", ...},
+                                 # direct-XIP (SB_CONFIG_MCUBOOT_BUILD_DIRECT_XIP_VARIANT):
+                                 {"file": "app.bin", "image_index": "0", "slot": "0",
+                                  "version_MCUBOOT+XIP": ...},
+                                 {"file": "mcuboot_secondary_app.bin", "image_index": "0",
+                                  "slot": "1", ...}]}
+      app.bin, ...    the signed MCUboot images
+
+generate_zip.py writes every value it was given as a string unless it starts with ``0x``
+(then an int), so ``image_index``/``slot`` arrive as strings and ``load_address`` as an int:
+both forms are accepted. Keys the gateway adds (ignored by Nordic's tools): ``"netcore":
+true`` marks a network-core image explicitly; ``hardware`` names the target hardware.
+
+Checks: a real zip whose members are regular files with safe relative names, no duplicates,
+bounded sizes and count; ``manifest.json`` present and well formed; every listed file
+present, its ``size`` (when given) equal to the member's; ``image_index`` an int 0-7, ``slot``
+0 or 1, one file per (image, slot); a file the manifest does not list is refused (nothing
+unexplained goes near a device). The MCUboot structure, hash and signature of every image are
+checked afterwards by the image store, exactly as for a single image.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+import stat
+import time
+import zipfile
+from dataclasses import dataclass
+from typing import Any
+
+ZIP_MAGIC = b"PK\x03\x04"
+MANIFEST = "manifest.json"
+MAX_MEMBERS = 16
+MAX_MANIFEST = 1 << 20
+MAX_TOTAL = 64 << 20  # uncompressed bytes of all images together
+MAX_IMAGE_NUMBER = 7  # DeviceConfig.image / CONFIG_UPDATEABLE_IMAGE_NUMBER <= 8
+
+
+class BundleError(ValueError):
+    """The file is not a usable image-set artifact; the message says what is wrong."""
+
+
+@dataclass(frozen=True)
+class BundleEntry:
+    """One image of an image set, as the artifact describes it."""
+
+    name: str  # file name inside the artifact
+    data: bytes
+    image: int  # MCUboot image number (image_index)
+    slot: int | None  # direct-XIP: the slot this build is linked for (0 primary, 1 secondary)
+    load_address: int | None = None
+    board: str | None = None
+    netcore: bool = False  # an nRF5340 network-core image (explicit, or board/soc say cpunet)
+    hardware: str | None = None
+
+
+def is_bundle(head: bytes) -> bool:
+    """Does a file starting with ``head`` look like a zip container?"""
+    return head.startswith(ZIP_MAGIC)
+
+
+def _int_field(entry: dict[str, Any], key: str, where: str, lo: int, hi: int) -> int | None:
+    raw = entry.get(key)
+    if raw is None:
+        return None
+    if isinstance(raw, bool):
+        raise BundleError(f"{where}: {key} must be a number, not {raw!r}")
+    try:
+        val = int(raw, 0) if isinstance(raw, str) else int(raw)
+    except (TypeError, ValueError):
+        raise BundleError(f"{where}: {key} must be a number (got {raw!r})") from None
+    if not lo <= val <= hi:
+        raise BundleError(f"{where}: {key} {val} is outside {lo}..{hi}")
+    return val
+
+
+def _netcore_hint(entry: dict[str, Any]) -> bool:
+    if entry.get("netcore") is True:
+        return True
+    text = f"{entry.get('board', '')} {entry.get('soc', '')}".lower()
+    return "cpunet" in text  # nRF Connect SDK names the nRF5340 network core *_cpunet
+
+
+def read_bundle(data: bytes, *, source: str = "artifact") -> list[BundleEntry]:
+    """The images of a ``dfu_application.zip``-style artifact, checked (see module docstring)."""
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(data))
+    except zipfile.BadZipFile as exc:
+        raise BundleError(f"{source}: not a valid zip file: {exc}") from None
+    with zf:
+        infos = zf.infolist()
+        if len(infos) > MAX_MEMBERS + 1:
+            raise BundleError(f"{source}: {len(infos)} members, at most {MAX_MEMBERS + 1} allowed")
+        names: dict[str, zipfile.ZipInfo] = {}
+        total = 0
+        for info in infos:
+            name: str = info.filename
+            norm = posixpath.normpath(name)
+            if (not name or name.startswith("/") or "\\" in name or "\x00" in name
+                    or norm.startswith("..") or norm != name or info.is_dir()):
+                raise BundleError(f"{source}: unsafe or non-file member {name!r}")
+            mode = info.external_attr >> 16
+            if mode and not stat.S_ISREG(mode):
+                raise BundleError(f"{source}: member {name!r} is not a regular file (link?)")
+            if name in names:
+                raise BundleError(f"{source}: member {name!r} appears twice")
+            names[name] = info
+            total += info.file_size
+        if total > MAX_TOTAL + MAX_MANIFEST:
+            raise BundleError(f"{source}: {total} bytes uncompressed, more than allowed")
+        if MANIFEST not in names:
+            raise BundleError(f"{source}: no {MANIFEST} (an nRF Connect SDK dfu_application.zip "
+                              "lists its images there)")
+        if names[MANIFEST].file_size > MAX_MANIFEST:
+            raise BundleError(f"{source}: {MANIFEST} is too large")
+        try:
+            manifest = json.loads(zf.read(MANIFEST))
+        except (ValueError, zipfile.BadZipFile, OSError) as exc:
+            raise BundleError(f"{source}: {MANIFEST} is not valid JSON: {exc}") from None
+        files = manifest.get("files") if isinstance(manifest, dict) else None
+        if not isinstance(files, list) or not files:
+            raise BundleError(f"{source}: {MANIFEST} has no 'files' list")
+        out: list[BundleEntry] = []
+        seen: set[tuple[int, int | None]] = set()
+        listed: set[str] = set()
+        for i, entry in enumerate(files):
+            where = f"{source}: {MANIFEST} files[{i}]"
+            if not isinstance(entry, dict):
+                raise BundleError(f"{where} is not an object")
+            fname = entry.get("file")
+            if not isinstance(fname, str) or fname not in names or fname == MANIFEST:
+                raise BundleError(f"{where}: file {fname!r} is not a member of the archive")
+            name = fname
+            if name in listed:
+                raise BundleError(f"{where}: file {name!r} is listed twice")
+            listed.add(name)
+            image = _int_field(entry, "image_index", where, 0, MAX_IMAGE_NUMBER)
+            slot = _int_field(entry, "slot", where, 0, 1)
+            load = _int_field(entry, "load_address", where, 0, 0xFFFFFFFF)
+            try:
+                blob = zf.read(name)
+            except (zipfile.BadZipFile, OSError) as exc:
+                raise BundleError(f"{where}: cannot read {name!r}: {exc}") from None
+            size = _int_field(entry, "size", where, 0, MAX_TOTAL)
+            if size is not None and size != len(blob):
+                raise BundleError(f"{where}: {name!r} is {len(blob)} bytes, the manifest says {size}")
+            key = (image or 0, slot)
+            if key in seen:
+                raise BundleError(f"{where}: a second file for image {key[0]}"
+                                  + (f" slot {slot}" if slot is not None else ""))
+            seen.add(key)
+            board = entry.get("board") if isinstance(entry.get("board"), str) else None
+            hw = entry.get("hardware") if isinstance(entry.get("hardware"), str) else None
+            out.append(BundleEntry(name, blob, image or 0, slot, load, board,
+                                   _netcore_hint(entry), hw))
+        extra = sorted(set(names) - listed - {MANIFEST})
+        if extra:
+            raise BundleError(f"{source}: {MANIFEST} does not list {extra[0]!r}: refusing an "
+                              "archive with unexplained files")
+        images = {(e.image, e.slot) for e in out}
+        for img in {e.image for e in out}:
+            slots = {s for i, s in images if i == img}
+            if None in slots and len(slots) > 1:
+                raise BundleError(f"{source}: image {img} has a file for any slot and slot-"
+                                  "specific files: give either one build or one per slot")
+        return out
+
+
+def write_bundle(entries: list[BundleEntry], *, name: str = "smp-gateway image set") -> bytes:
+    """A ``dfu_application.zip`` holding ``entries`` (what ``read_bundle`` reads back).
+
+    Used by sources that receive the images of a set as separate files (a local multi-image
+    manifest, a hawkBit distribution set of several modules) to hand the gateway one artifact.
+    """
+    files = []
+    for e in entries:
+        item: dict[str, Any] = {"type": "application", "file": e.name, "image_index": str(e.image),
+                                "size": len(e.data)}
+        if e.slot is not None:
+            item["slot"] = str(e.slot)
+        if e.load_address is not None:
+            item["load_address"] = e.load_address
+        if e.board:
+            item["board"] = e.board
+        if e.netcore:
+            item["netcore"] = True
+        if e.hardware:
+            item["hardware"] = e.hardware
+        files.append(item)
+    manifest = {"format-version": 0, "time": int(time.time()), "name": name, "files": files}
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr(_info(MANIFEST), json.dumps(manifest, indent=2))
+        for e in entries:
+            zf.writestr(_info(e.name), e.data)
+    return buf.getvalue()
+
+
+def _info(name: str) -> zipfile.ZipInfo:
+    zi = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))  # reproducible bytes
+    zi.external_attr = (stat.S_IFREG | 0o644) << 16
+    zi.compress_type = zipfile.ZIP_DEFLATED
+    return zi
