@@ -251,7 +251,9 @@ class Gateway:
             yield session
 
     def engine(self, dev: DeviceConfig, session: SMPSession) -> UpdateEngine:
-        return UpdateEngine(dev, session, self.journal, on_progress=self._progress_cb(dev))
+        eng = UpdateEngine(dev, session, self.journal, on_progress=self._progress_cb(dev))
+        eng.reset_gate = self.fleet.reset_gate(dev)  # no mark/reset outside a window, ever
+        return eng
 
     # -- one device, one attempt -------------------------------------------------------------
     async def update_device(self, dev: DeviceConfig) -> Outcome:
@@ -273,6 +275,8 @@ class Gateway:
                 await self._report(offer, Report(UpdateState.UPDATING, progress=0.0))
                 self.metrics.inc("updates_started_total")
                 eng = self.engine(dev, session)
+                if adm.ignore_window:
+                    eng.reset_gate = None
                 out = await self.fleet.run_engine(  # watches for a cancel; undoes as far as it got
                     dev, offer, plan.image.hash, session,
                     lambda: eng.run(plan.image, None, artifact_id=offer.artifact_id,

@@ -63,6 +63,7 @@ class Admission:
     go: bool
     until: Stage = Stage.CONFIRMED
     reason: str = ""
+    ignore_window: bool = False  # ``ctl update --ignore-window``: resets allowed this attempt
 
     def held(self, dev: DeviceConfig) -> Outcome:
         return Outcome(dev.id, Status.HELD, UpdateResult.INITIAL, self.reason)
@@ -229,7 +230,17 @@ class FleetOps:
         if not now and not self.maint.reset_allowed(dev):
             return Admission(True, Stage.UPLOADED, f"staged in the secondary slot; "
                                                    f"{self.maint.describe(dev)}")
-        return Admission(True)
+        return Admission(True, ignore_window=bool(now))
+
+    def reset_gate(self, dev: DeviceConfig) -> Callable[[], str | None]:
+        """The one check every mark-and-reset and reset of the engine and the group runner
+        goes through (``UpdateEngine.reset_gate``), at the moment it would be sent: None = a
+        reset is allowed now, else why not (outside the maintenance windows, and when the
+        next one opens). The admission only decided at the start of the attempt; a window can
+        close during an upload or a wait."""
+        def gate() -> str | None:
+            return None if self.maint.reset_allowed(dev) else self.maint.describe(dev)
+        return gate
 
     def gate_group(self, key: str, devs: list[DeviceConfig]) -> list[Outcome] | None:
         """A group starts only when no member is paused and every member may be reset now

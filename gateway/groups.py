@@ -112,8 +112,10 @@ class MemberEngine(UpdateEngine):
 
     @classmethod
     def of(cls, eng: UpdateEngine) -> MemberEngine:
-        return cls(eng.dev, eng.s, eng.journal, on_progress=eng.on_progress,
-                   poll_interval_s=eng.poll)
+        m = cls(eng.dev, eng.s, eng.journal, on_progress=eng.on_progress,
+                poll_interval_s=eng.poll)
+        m.reset_gate = eng.reset_gate  # the daemon's maintenance-window check
+        return m
 
     async def recheck(self, image: VerifiedImage) -> Outcome | None:
         """Read the member again just before a confirm: None if it may be confirmed.
@@ -170,7 +172,7 @@ class MemberEngine(UpdateEngine):
                 active, other = slots.active, slots.other
                 if slots.active_hash == target and active is not None and not active.confirmed:
                     did.append(f"reset the test-running {image.version} (MCUboot reverted it)")
-                    await self._reset_step(f"group take-back: {reason}")
+                    await self._reset_step(f"group take-back: {reason}", image)
                     continue
                 if slots.active_hash == target:  # confirmed: re-install the previous image
                     if old is None or slots.other_hash != old or other is None:
@@ -179,6 +181,9 @@ class MemberEngine(UpdateEngine):
                             f"{reason}; {image.version} is confirmed here and its previous image is "
                             "no longer in the secondary slot: it cannot be taken back", image, old_v)
                     if not other.pending:
+                        # the mark belongs with its reset: both only inside a maintenance window
+                        self._gate("group take-back: the mark and reset of the previous image",
+                                   image, old_v)
                         self._step(Step.MARK_TEST, f"group take-back: test-boot the previous image "
                                    f"{other.version}", tested_hash=old.hex())
                         post = Slots.parse(await self.s.image_test(old), self.dev.image)
@@ -188,13 +193,13 @@ class MemberEngine(UpdateEngine):
                                 f"{reason}; the device did not mark the previous image "
                                 f"{other.version} for test", image, old_v)
                     did.append(f"re-installed {other.version} from the secondary slot (test swap)")
-                    await self._reset_step(f"group take-back: boot the previous image {other.version}")
+                    await self._reset_step(f"group take-back: boot the previous image {other.version}", image)
                     continue
                 if old is not None and slots.active_hash == old:
                     if slots.other_hash == target and other is not None and other.pending:
                         # marked, never booted: only a reset clears it (it test-boots, then reverts)
                         did.append(f"test-booted the pending {image.version} to clear it")
-                        await self._reset_step(f"group take-back: clear the pending {image.version}")
+                        await self._reset_step(f"group take-back: clear the pending {image.version}", image)
                         continue
                     if active is not None and not active.confirmed:
                         await self._confirm_previous(old)
@@ -218,7 +223,10 @@ class MemberEngine(UpdateEngine):
                                 f"{reason}; take-back: {type(exc).__name__}: {exc}", image,
                                 old_v).outcome
 
-    async def _reset_step(self, detail: str) -> None:
+    async def _reset_step(self, detail: str, image: VerifiedImage) -> None:
+        """Every take-back reset: only when ``reset_gate`` allows it (else HELD; the group
+        stays in its revert phase and resumes when a window opens)."""
+        self._gate(f"{detail}: the reset", image, self.entry.old_version)
         self._step(Step.RESET, detail)
         acked = await self.s.reset()
         self._step(Step.WAIT_BOOT, f"reset acknowledged={acked}")
@@ -388,6 +396,14 @@ class GroupRunner:
             results = await asyncio.gather(*(self._member(p, ph) for p in plans.values()))
             if h.stop.is_set():
                 return self._stopping(plans, outs)  # the journaled phase resumes at the next start
+            waits = [o for o in results if o.status == Status.HELD
+                     and o.detail != _PHASE_STAGE[ph].name.lower()]
+            if waits and all(o.status == Status.HELD for o in results):
+                # a mark/reset the maintenance window no longer allows (it closed during the
+                # upload or the boots): the journaled phase resumes when a window opens
+                log.info("group=%s phase=%s waits: %s", name, ph, waits[0].detail)
+                return [Outcome(i, Status.HELD, UpdateResult.INITIAL, waits[0].detail, group=name)
+                        for i in plans] + [o for i, o in outs.items() if i not in plans]
             for p, o in zip(plans.values(), results, strict=True):
                 if o.status != Status.HELD:
                     outs[p.dev.id] = o

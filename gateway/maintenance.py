@@ -11,12 +11,17 @@ window's IANA time zone, so daylight-saving changes follow local time) fires and
 ``duration_s``. A device names the windows that apply to it (``maintenance: [nightly]``); a
 device that names none is governed by every window defined; ``maintenance: []`` means any
 time. No window defined at all: any time.
+
+Every reset the engine and the group runner issue goes through one check built on this policy
+(``FleetOps.reset_gate``), not only the admission at the start of an attempt: a window that
+closes during an upload, a health window or the wait for an application's confirm stops the
+next mark or reset, and the update waits (journaled) for the next window.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -84,8 +89,10 @@ def utcnow() -> dt.datetime:
 class MaintenancePolicy:
     """The windows of a configuration, applied per device."""
 
-    def __init__(self, windows: Iterable[Window]) -> None:
+    def __init__(self, windows: Iterable[Window],
+                 clock: Callable[[], dt.datetime] = utcnow) -> None:
         self.windows = {w.name: w for w in windows}
+        self.clock = clock  # aware "now" (tests move it to open and close windows)
 
     @classmethod
     def from_config(cls, cfg: dict[str, MaintenanceWindowConfig]) -> MaintenancePolicy:
@@ -104,23 +111,23 @@ class MaintenancePolicy:
         ws = self.windows_for(dev)
         if ws is None:
             return True
-        now = now or utcnow()
+        now = now or self.clock()
         return any(w.is_open(now) for w in ws)
 
     def next_allowed(self, dev: DeviceConfig, now: dt.datetime | None = None) -> dt.datetime:
         """When ``dev`` may next be reset (``now`` when it may now)."""
-        now = now or utcnow()
+        now = now or self.clock()
         ws = self.windows_for(dev)
         if ws is None:
             return now
         return min(w.next_open(now) for w in ws)
 
     def seconds_until_allowed(self, dev: DeviceConfig, now: dt.datetime | None = None) -> float:
-        now = now or utcnow()
+        now = now or self.clock()
         return max(0.0, (self.next_allowed(dev, now) - now).total_seconds())
 
     def describe(self, dev: DeviceConfig, now: dt.datetime | None = None) -> str:
-        now = now or utcnow()
+        now = now or self.clock()
         ws = self.windows_for(dev)
         if ws is None:
             return "no maintenance window: resets allowed any time"
