@@ -971,6 +971,7 @@ class UpdateEngine:
             where[m.image] = W.STAGED
         self.upload = (sent_total, secs_total, resumed_total)
         self._hold(Stage.UPLOADED, iset, old_v)
+        self._gate("the marks and the reset of the image set", iset, old_v)
 
         # marks: test first (revertible), permanent last (see imageset.py)
         todo = [m for m in iset.members if where[m.image] == W.STAGED]
