@@ -166,6 +166,7 @@ class UpdateEngine:
         self.until = Stage.CONFIRMED
         self.flow: ModeFlow | None = None  # the device's MCUboot mode flow (set by run)
         self.seen_running = False  # the target was seen test-running in this attempt
+        self._reset_here = False  # this attempt sent the reset that booted the target
 
     # -- bookkeeping -------------------------------------------------------------------------
     def _step(self, step: Step, detail: str = "", **changes: object) -> None:
@@ -562,6 +563,7 @@ class UpdateEngine:
         for attempt in range(1, 4):
             self._step(Step.RESET, f"attempt {attempt}" if attempt > 1 else "")
             acked = await self.s.reset()
+            self._reset_here = True
             self._step(Step.WAIT_BOOT, f"reset acknowledged={acked}")
             await self._wait_reboot()
             if acked or attempt == 3:
@@ -635,6 +637,15 @@ class UpdateEngine:
         if flow is not None and not flow.test_boot and slots.active is not None \
                 and slots.active.confirmed:
             return await self._after_install(image, old_v)
+        if slots.active and slots.active.confirmed and self.entry.step == Step.VERIFY.value and \
+                self._reset_here:
+            # a test boot was expected, yet MCUboot reports the image confirmed right after the
+            # reset: it installed it without one (overwrite-only behaviour) - say so
+            raise self._finish(Status.UPDATED, UpdateResult.SUCCESS,
+                               f"{old_v} -> {image.version}: confirmed right after the reset, the "
+                               "device installed it without a test boot (no revert possible; its "
+                               f"MCUboot mode is {self.flow.describe() if self.flow else '?'}: set "
+                               "mcuboot_mode in the device config)", image, old_v)
         if self.dev.confirm == "app":
             return await self._wait_app_confirm(image, old_v)
         if slots.active and slots.active.confirmed:

@@ -8,27 +8,49 @@ Owns reading a directory of signed MCUboot images described by ``manifest.yaml``
         devices: [sensor-1]         # optional: only these device ids
         group: main-board           # optional: only devices of this group
 
-For each device the newest image (by the MCUboot version in the image header) whose
-``hardware`` matches the device, and whose ``devices``/``group`` filters admit it, is the
-target. The manifest is re-read at every check, so dropping in a new image and editing the
-manifest is picked up by a running daemon. Reports are logged and kept in
-``<dir>/reports.jsonl`` when the directory is writable (a read-only image directory is not an
-error: the log line is the report). The report handle (``Offer.report_to``) is
-``{"file"}``, the image the report is about.
+      # several images updated together (a multi-image device: one artifact, one reset)
+      - images:
+          - {file: app-v2.bin, image: 0}
+          - {file: net-v2.bin, image: 1, netcore: true}   # nRF5340 network core
+        hardware: nrf5340dk
+
+      # direct-XIP: one release built for each slot; the gateway sends the build for the slot
+      # the device does not run
+      - images:
+          - {file: app-v2-slot0.bin, slot: 0}
+          - {file: app-v2-slot1.bin, slot: 1}
+        hardware: stm32f4_disco
+
+      # an nRF Connect SDK dfu_application.zip (manifest.json + images) is taken as it is
+      - file: dfu_application.zip
+        hardware: nrf5340dk
+
+For each device the newest entry (by image 0's MCUboot version) whose ``hardware`` matches the
+device, and whose ``devices``/``group`` filters admit it, is the target. The manifest is re-read
+at every check, so dropping in a new image and editing the manifest is picked up by a running
+daemon. An ``images:`` entry is handed to the gateway as one ``dfu_application.zip``-format
+artifact (``gateway.artifacts.bundle.write_bundle``, written to a private temporary folder);
+its artifact id is the image set's id (the member hashes), the same for the same images in any
+container. Reports are logged and kept in ``<dir>/reports.jsonl`` when the directory is
+writable (a read-only image directory is not an error: the log line is the report). The report
+handle (``Offer.report_to``) is ``{"file"}``, the entry the report is about.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from gateway.mcuboot import ImageFormatError, ImageInfo, parse_image
+from gateway.artifacts.bundle import BundleEntry, BundleError, is_bundle, read_bundle, write_bundle
+from gateway.mcuboot import ImageFormatError, ImageInfo, Version, parse_image
 from gateway.sources.base import DeviceView, FetchError, FleetSource, Offer, Report, UpdateResult
 
 if TYPE_CHECKING:
@@ -37,12 +59,34 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class ManifestEntry(BaseModel):
+class SetFile(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     file: str = Field(min_length=1)
+    image: int = Field(0, ge=0, le=7, description="MCUboot image number")
+    slot: int | None = Field(None, ge=0, le=1, description="direct-XIP: the slot it is linked for")
+    netcore: bool = False
+
+
+class ManifestEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    file: str | None = Field(None, min_length=1)
+    images: list[SetFile] | None = Field(None, min_length=1)
     hardware: str = Field(min_length=1)
     devices: list[str] | None = None
     group: str | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> ManifestEntry:
+        if (self.file is None) == (self.images is None):
+            raise ValueError("give either file: (one image or a dfu_application.zip) or images: "
+                             "(several files updated together)")
+        return self
+
+    @property
+    def name(self) -> str:
+        if self.file is not None:
+            return self.file
+        return "+".join(f.file for f in self.images or [])
 
 
 class Manifest(BaseModel):
@@ -71,6 +115,25 @@ def load_manifest(directory: Path) -> Manifest:
         raise ManifestError(f"{path}: {loc}: {e['msg']}", UpdateResult.UNSUPPORTED_PACKAGE) from None
 
 
+class _Target:
+    """What one manifest entry offers: its version, artifact id and where its bytes are."""
+
+    def __init__(self, version: Version, artifact_id: str, path: Path | None,
+                 entries: list[BundleEntry] | None, images: set[int], image0: set[bytes],
+                 slot_builds: bool = False) -> None:
+        self.version = version
+        self.artifact_id = artifact_id
+        self.path = path  # a file used as it is (an image, or a dfu_application.zip)
+        self.entries = entries  # or the images of an images: entry, bundled at fetch time
+        self.images = images  # MCUboot image numbers it updates
+        self.image0 = image0  # image 0's hash(es): one per slot build for direct-XIP
+        self.slot_builds = slot_builds
+
+    @property
+    def is_set(self) -> bool:
+        return len(self.images) > 1 or self.slot_builds
+
+
 class LocalSource(FleetSource):
     name = "local"
 
@@ -81,6 +144,11 @@ class LocalSource(FleetSource):
         # every device asks at every poll: re-read a file only when its (mtime, size) changed
         self._manifest: tuple[tuple[int, int], Manifest] | None = None
         self._infos: dict[Path, tuple[tuple[int, int], ImageInfo]] = {}
+        self._bundles: dict[Path, tuple[tuple[int, int], list[tuple[BundleEntry, ImageInfo]]]] = {}
+        self._tmp: Path | None = None
+        # device -> (artifact id, image-0 hash) of an image set it was reported to run: the
+        # device view carries image 0's hash only, so a set is not offered again while that holds
+        self._installed: dict[str, str] = {}
 
     def _stamp(self, path: Path) -> tuple[int, int]:
         st = path.stat()
@@ -104,12 +172,65 @@ class LocalSource(FleetSource):
             self._infos[path] = hit
         return hit[1]
 
+    def _bundle(self, path: Path) -> list[tuple[BundleEntry, ImageInfo]]:
+        stamp = self._stamp(path)
+        hit = self._bundles.get(path)
+        if hit is None or hit[0] != stamp:
+            entries = read_bundle(path.read_bytes(), source=str(path))
+            hit = (stamp, [(e, parse_image(e.data)) for e in entries])
+            self._bundles[path] = hit
+        return hit[1]
+
+    def _inside(self, rel: str) -> Path | None:
+        path = (self.dir / rel).resolve()
+        if self.dir.resolve() not in path.parents:
+            log.warning("manifest entry %s points outside %s: ignored", rel, self.dir)
+            return None
+        return path
+
+    def _target(self, e: ManifestEntry) -> _Target | None:
+        """Parse one entry (cached); None when unusable (logged)."""
+        from gateway.images import set_id
+
+        try:
+            pairs: list[tuple[BundleEntry, ImageInfo]] = []
+            path: Path | None = None
+            if e.file is not None:
+                path = self._inside(e.file)
+                if path is None:
+                    return None
+                if not is_bundle_path(path):
+                    info = self._image_info(path)
+                    return _Target(info.version, info.hash.hex(), path, None, {0}, {info.hash})
+                pairs = self._bundle(path)
+            else:
+                for sf in e.images or []:
+                    p = self._inside(sf.file)
+                    if p is None:
+                        return None
+                    pairs.append((BundleEntry(Path(sf.file).name, b"", sf.image, sf.slot,
+                                              netcore=sf.netcore), self._image_info(p)))
+            images = {be.image for be, _ in pairs}
+            image0 = {info.hash for be, info in pairs if be.image == 0}
+            first = next((info for be, info in pairs if be.image == 0), pairs[0][1])
+            slot_builds = all(be.slot is not None for be, _ in pairs)
+            if len(pairs) == 1 and not slot_builds:  # one image: the same as a file: entry
+                return _Target(first.version, first.hash.hex(), path, None if path else
+                               [pairs[0][0]], images, image0)
+            sid = set_id([(be.image, be.slot, info.hash) for be, info in pairs])
+            return _Target(first.version, sid.hex(), path,
+                           None if path is not None else [be for be, _ in pairs], images, image0,
+                           slot_builds)
+        except (OSError, ImageFormatError, BundleError) as exc:
+            log.warning("local source: %s unusable: %s", e.name, exc)
+            return None
+
     def poll_interval(self) -> float:
         return self.interval
 
     async def check(self, device: DeviceView) -> Offer | None:
         manifest = self._load_manifest()
-        best: tuple[object, Offer] | None = None
+        best: tuple[object, Offer, _Target] | None = None
         for e in manifest.images:
             if e.hardware != device.hardware:
                 continue
@@ -117,34 +238,60 @@ class LocalSource(FleetSource):
                 continue
             if e.group is not None and e.group != device.group:
                 continue
-            path = (self.dir / e.file).resolve()
-            if self.dir.resolve() not in path.parents:
-                log.warning("manifest entry %s points outside %s: ignored", e.file, self.dir)
+            t = self._target(e)
+            if t is None:
                 continue
-            try:
-                info = self._image_info(path)
-            except (OSError, ImageFormatError) as exc:
-                log.warning("local source: %s unusable: %s", path, exc)
-                continue
-            offer = Offer(device_id=device.id, source=self.name, artifact_id=info.hash.hex(),
-                          version=info.version, hardware=e.hardware, handle=path,
-                          report_to={"file": e.file})
-            if best is None or info.version.key() > best[0]:  # type: ignore[operator]
-                best = (info.version.key(), offer)
+            offer = Offer(device_id=device.id, source=self.name, artifact_id=t.artifact_id,
+                          version=t.version, hardware=e.hardware, handle=(e, t),
+                          report_to={"file": e.name})
+            if best is None or t.version.key() > best[0]:  # type: ignore[operator]
+                best = (t.version.key(), offer, t)
         if best is None:
             return None
-        offer = best[1]
-        if device.running_hash is not None and offer.artifact_id == device.running_hash.hex():
+        _, offer, t = best
+        running = device.running_hash
+        if running is not None and offer.artifact_id == running.hex():
             return None  # already running it
+        if t.slot_builds and running in t.image0:
+            return None  # direct-XIP: the device runs one of the release's slot builds
+        if t.is_set and self._installed.get(device.id) == offer.artifact_id and (
+                0 not in t.images or running in t.image0):
+            # the device view carries image 0's hash only: a set reported installed is not
+            # offered again while image 0 still runs its build
+            return None
         return offer
 
+    def _bundle_dir(self) -> Path:
+        if self._tmp is None:
+            self._tmp = Path(tempfile.mkdtemp(prefix="smp-gateway-local-"))
+            os.chmod(self._tmp, 0o700)
+        return self._tmp
+
     async def fetch(self, offer: Offer, max_size: int | None) -> Path:
-        path = offer.handle
+        entry, t = offer.handle
+        if t.entries is not None:  # an images: entry -> one dfu_application.zip artifact
+            blobs = []
+            for sf, be in zip(entry.images or [], t.entries, strict=True):
+                p = self._inside(sf.file)
+                if p is None:
+                    raise FetchError(f"{sf.file}: outside {self.dir}", UpdateResult.INVALID_URI)
+                try:
+                    data = p.read_bytes()
+                except OSError as exc:
+                    raise FetchError(f"{p}: {exc.strerror}", UpdateResult.INVALID_URI) from exc
+                if max_size is not None and be.image == 0 and len(data) > max_size:
+                    raise FetchError(f"{p} is {len(data)} bytes, more than the {max_size}-byte slot",
+                                     UpdateResult.NOT_ENOUGH_FLASH)
+                blobs.append(BundleEntry(be.name, data, be.image, be.slot, netcore=be.netcore))
+            out = self._bundle_dir() / f"{t.artifact_id}.zip"
+            out.write_bytes(write_bundle(blobs, name=entry.name))
+            return out
+        path = t.path
         try:
             size = path.stat().st_size
         except OSError as exc:
             raise FetchError(f"{path}: {exc.strerror}", UpdateResult.INVALID_URI) from exc
-        if max_size is not None and size > max_size:
+        if max_size is not None and size > max_size and not is_bundle_path(path):
             raise FetchError(f"{path} is {size} bytes, more than the {max_size}-byte slot",
                              UpdateResult.NOT_ENOUGH_FLASH)
         return Path(path)
@@ -153,6 +300,8 @@ class LocalSource(FleetSource):
         self.reports.append((offer.device_id, report))
         if not report.finished:
             return
+        if report.result == UpdateResult.SUCCESS:
+            self._installed[offer.device_id] = offer.artifact_id
         log.info("device=%s outcome of %s: %s (%d) %s", offer.device_id, offer.report_to.get("file"),
                  report.result.name, int(report.result), report.detail)
         line = {"time": time.time(), "device": offer.device_id, "artifact": offer.artifact_id,
@@ -166,3 +315,12 @@ class LocalSource(FleetSource):
         except OSError as exc:  # read-only image directory: the log line is the report
             log.info("report of %s not added to %s: %s", offer.device_id, self.dir / "reports.jsonl",
                      exc.strerror)
+
+
+def is_bundle_path(path: Path) -> bool:
+    try:
+        with path.open("rb") as f:
+            return is_bundle(f.read(4))
+    except OSError:
+        return False
+
