@@ -888,7 +888,10 @@ class UpdateEngine:
             raise refuse(Refusal.MODE, "image sets of several images are not updated in device "
                          "groups (some images cannot be taken back once installed)")
         rls = imageset.rules(self.dev, iset, flow.mode)
-        listed = {s.image or 0 for s in states} | set(self.dev.images)
+        # images the device lists, the config describes, or the artifact calls a network core
+        # (whose flash the application cannot read: not listed until something is uploaded)
+        listed = ({s.image or 0 for s in states} | set(self.dev.images)
+                  | {m.image for m in iset.members if m.netcore})
         for m in iset.members:
             if m.image not in listed:
                 raise refuse(Refusal.BAD_SET, f"the set has image {m.image}, but the device lists "
@@ -897,8 +900,12 @@ class UpdateEngine:
         tested = self.entry.tested_hash
         all_marked = tested == sid
         marks_started = tested in (sid, marking)
+        # this set was installed here before (a network core's image stays in its secondary)
+        done_before = prev.target_hash == sid and prev.outcome in (Status.UPDATED.value,
+                                                                    Status.UP_TO_DATE.value)
         view = {m.image: imageset.ImageSlots.of(states, m.image) for m in iset.members}
-        where = {m.image: imageset.where(view[m.image], m.hash, rls[m.image], all_marked)
+        where = {m.image: imageset.where(view[m.image], m.hash, rls[m.image],
+                                         all_marked or done_before)
                  for m in iset.members}
         log.info("device=%s image set state: %s", self.dev.id,
                  " ".join(f"image{i}={w.value}" for i, w in where.items()))

@@ -394,11 +394,13 @@ def key_hash(key: TrustedKey, size: int = 32) -> bytes:
     """The KEYHASH an image signed by ``key`` carries, as MCUboot compares it.
 
     imgtool (image.py ``Image.create``) hashes ``key.get_public_bytes()`` - the bytes ``imgtool
-    getpub`` embeds in MCUboot - with the image's hash algorithm (SHA-256, or SHA-384 for P-384
-    keys); MCUboot's ``bootutil_find_key`` hashes its built-in key bytes the same way.
+    getpub`` embeds in MCUboot - with the image's hash algorithm (SHA-256, SHA-384 for P-384
+    keys, SHA-512 with ``--sha 512``); MCUboot's ``bootutil_find_key`` hashes its built-in key
+    bytes the same way.
     """
     pub = bytes(key.key.get_public_bytes())
-    return (hashlib.sha384 if size == 48 else hashlib.sha256)(pub).digest()
+    algo = {48: hashlib.sha384, 64: hashlib.sha512}.get(size, hashlib.sha256)  # --sha 384 / 512
+    return algo(pub).digest()
 
 
 def verify_signature(data: bytes, keys: list[TrustedKey]) -> TrustedKey:

@@ -116,8 +116,8 @@ def read_bundle(data: bytes, *, source: str = "artifact") -> list[BundleEntry]:
             if (not name or name.startswith("/") or "\\" in name or "\x00" in name
                     or norm.startswith("..") or norm != name or info.is_dir()):
                 raise BundleError(f"{source}: unsafe or non-file member {name!r}")
-            mode = info.external_attr >> 16
-            if mode and not stat.S_ISREG(mode):
+            ftype = stat.S_IFMT(info.external_attr >> 16)  # 0: no Unix type recorded
+            if ftype and ftype != stat.S_IFREG:
                 raise BundleError(f"{source}: member {name!r} is not a regular file (link?)")
             if name in names:
                 raise BundleError(f"{source}: member {name!r} appears twice")

@@ -1,0 +1,215 @@
+"""Multi-image devices updated as one set, on the simulator (two application images, swap using
+scratch; an nRF5340-style network core): one artifact, skip what is already there, image 0
+test-marked and the others permanent, one reset, every image checked, a failure in either image
+handled for the whole set."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from modes_support import (
+    active,
+    dfu_zip,
+    entry,
+    publish_entry,
+    reports,
+    resets,
+    run_pass,
+    sign,
+    state_writes,
+    upload_requests,
+)
+
+from gateway import devkit
+from gateway.engine import Status
+from gateway.images import Refusal
+from gateway.sim.config import ExtraImageConfig
+from gateway.sim.simulator import Simulator
+from gateway.sources.base import UpdateResult
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def two_images(bench_factory: Any, *, update: str = "swap", **kw: Any) -> tuple[Any, dict[str, Path]]:
+    """A device with image 0 (the application, 1.0.0) and image 1 (1.0.0), and set builds."""
+    bench = bench_factory(udp=1, serial=0, device_kw={"buf_size": 2475, **kw})
+    imgs = {
+        "img1-1.0.0": sign(bench, "img1-1.0.0.bin", "1.0.0", size=16 * 1024),
+        "img1-2.0.0": sign(bench, "img1-2.0.0.bin", "2.0.0", size=16 * 1024),
+        "img0-3.0.0": sign(bench, "img0-3.0.0.bin", "3.0.0"),
+    }
+    bench.sim_cfg.devices[0].extra_images = [
+        ExtraImageConfig(slot_size=0x40000, initial_image=imgs["img1-1.0.0"], update=update)]
+    return bench, imgs
+
+
+def uploads_to(dev: Any) -> list[int]:
+    """Flash slots the device's img_mgmt started an upload into (2N + 1 = image N's secondary)."""
+    return [int(e.detail["slot"]) for e in dev.events if e.kind == "upload-start"]
+
+
+def set_entry(app: Path, img1: Path, **img1_kw: Any) -> dict[str, Any]:
+    return {"images": [{"file": str(app), "image": 0}, {"file": str(img1), "image": 1, **img1_kw}]}
+
+
+async def test_two_images_updated_as_one_set_with_one_reset(bench_factory) -> None:
+    bench, imgs = two_images(bench_factory)
+    publish_entry(bench, set_entry(bench.images["2.0.0"], imgs["img1-2.0.0"]))
+    async with Simulator(bench.sim_cfg) as sim:
+        (dev,) = sim.devices.values()
+        res = await run_pass(bench.gateway_config(sim))
+        out = res.outcomes[dev.id]
+        assert out.status == Status.UPDATED, out
+        assert out.result == UpdateResult.SUCCESS
+        assert resets(dev) == 1  # both images in the same boot
+        assert sorted(uploads_to(dev)) == [1, 3]
+        assert active(dev, 0) == ("2.0.0", True, 0)
+        assert active(dev, 1) == ("2.0.0", True, 0)
+        # image 0 test-marked (slot 1, confirm false), then confirmed without a hash; image 1
+        # marked permanent in its secondary (slot 3, confirm true) - never test-marked
+        writes = state_writes(dev)
+        assert {"slot": 1, "confirm": False} in writes
+        assert {"slot": 3, "confirm": True} in writes
+        assert not any(w["slot"] == 3 and not w["confirm"] for w in writes)
+        assert "image 1 2.0.0: installed permanently" in out.detail
+        assert "image 0 2.0.0: confirmed by the gateway" in out.detail
+        assert reports(bench)[-1]["result"] == 1
+
+        # the next set changes image 0 only: image 1's build is already in its slot - no upload
+        publish_entry(bench, set_entry(imgs["img0-3.0.0"], imgs["img1-2.0.0"]))
+        before = uploads_to(dev)
+        res = await run_pass(bench.gateway_config(sim))
+        assert res.outcomes[dev.id].status == Status.UPDATED, res.outcomes
+        assert uploads_to(dev)[len(before):] == [1]
+        assert active(dev, 0) == ("3.0.0", True, 0) and active(dev, 1) == ("2.0.0", True, 0)
+
+
+async def test_image_0_fails_image_1_that_can_revert_reverts_too(bench_factory) -> None:
+    """Both images test-capable (the device lets img_mgmt confirm a non-active image): image 0
+    crashes in its test boot, the set fails, and both are back on 1.0.0 - ROLLED_BACK."""
+    bench, imgs = two_images(bench_factory, crash_on_boot_versions=["2.0.0"], crash_after_s=0.3,
+                             allow_confirm_non_active_image_any=True)
+    publish_entry(bench, set_entry(bench.images["2.0.0"], imgs["img1-2.0.0"]))
+    async with Simulator(bench.sim_cfg) as sim:
+        (dev,) = sim.devices.values()
+        res = await run_pass(bench.gateway_config(sim, health_check_s=2.0,
+                                                  images={1: {"mark": "test"}}))
+        out = res.outcomes[dev.id]
+        assert out.status == Status.ROLLED_BACK, out
+        assert out.result == UpdateResult.UPDATE_FAILED
+        assert "image set failed" in out.detail
+        assert active(dev, 0) == ("1.0.0", True, 0)
+        assert active(dev, 1) == ("1.0.0", True, 0)
+        assert not any(w["confirm"] for w in state_writes(dev))  # nothing confirmed
+        assert reports(bench)[-1]["result"] == 8
+
+
+async def test_image_0_fails_permanent_image_1_stays_and_is_reported(bench_factory) -> None:
+    """Default rules (image 1 permanent): image 0 crashes and is reverted by MCUboot; image 1 was
+    installed for good - FAILED, saying which image is where."""
+    bench, imgs = two_images(bench_factory, crash_on_boot_versions=["2.0.0"], crash_after_s=0.3)
+    publish_entry(bench, set_entry(bench.images["2.0.0"], imgs["img1-2.0.0"]))
+    async with Simulator(bench.sim_cfg) as sim:
+        (dev,) = sim.devices.values()
+        res = await run_pass(bench.gateway_config(sim, health_check_s=2.0))
+        out = res.outcomes[dev.id]
+        assert out.status == Status.FAILED, out
+        assert out.result == UpdateResult.UPDATE_FAILED
+        assert "image 0 2.0.0" in out.detail
+        assert "[1] were installed permanently and cannot be taken back" in out.detail
+        assert active(dev, 0) == ("1.0.0", True, 0)
+        assert active(dev, 1) == ("2.0.0", True, 0)
+
+
+async def test_image_1_refused_at_boot_image_0_is_reset_back(bench_factory, tmp_path) -> None:
+    """Image 1 signed with a key the gateway trusts but the device's MCUboot lacks: MCUboot
+    erases it at the reset while image 0 test-boots. The set failed: the gateway resets so
+    MCUboot reverts image 0, and reports a rollback of the whole set."""
+    bench, _imgs = two_images(bench_factory)
+    other = devkit.make_key(tmp_path / "other.pem")
+    bad1 = sign(bench, "img1-2.0.0-other.bin", "2.0.0", key=other, size=16 * 1024)
+    publish_entry(bench, set_entry(bench.images["2.0.0"], bad1))
+    async with Simulator(bench.sim_cfg) as sim:
+        (dev,) = sim.devices.values()
+        cfg = bench.gateway_dict(sim)
+        cfg["trusted_keys"].append(str(other))
+        from gateway.config import parse_config
+
+        res = await run_pass(parse_config(cfg, bench.root / "gw.yaml"))
+        out = res.outcomes[dev.id]
+        assert out.status == Status.ROLLED_BACK, out
+        assert "image 1 2.0.0: MCUboot refused it at boot" in out.detail
+        assert "MCUboot reverted image(s) [0]" in out.detail
+        assert resets(dev) == 2
+        assert active(dev, 0) == ("1.0.0", True, 0)
+        assert active(dev, 1) == ("1.0.0", True, 0)
+        assert not any(w["confirm"] and w["slot"] in (0, 1) for w in state_writes(dev))
+
+
+async def test_power_cut_in_mid_swap_of_the_set(bench_factory) -> None:
+    bench, imgs = two_images(bench_factory, power_cut_during_swap=True)
+    publish_entry(bench, set_entry(bench.images["2.0.0"], imgs["img1-2.0.0"]))
+    async with Simulator(bench.sim_cfg) as sim:
+        (dev,) = sim.devices.values()
+        res = await run_pass(bench.gateway_config(sim))
+        out = res.outcomes[dev.id]
+        assert out.status == Status.UPDATED, out
+        assert any(e.kind == "power-cut" for e in dev.events)
+        assert active(dev, 0) == ("2.0.0", True, 0) and active(dev, 1) == ("2.0.0", True, 0)
+
+
+async def test_network_core_is_never_test_marked(bench_factory) -> None:
+    """nRF5340-style image 1 (network core, no revert, its primary unreadable): shipped in an
+    nRF Connect SDK dfu_application.zip whose board names the cpunet; marked permanent, checked
+    by its secondary being consumed at the reset."""
+    bench, imgs = two_images(bench_factory, update="netcore")
+    z = dfu_zip(bench.root / "dfu_application.zip", [
+        {"path": bench.images["2.0.0"], "image": 0},
+        {"path": imgs["img1-2.0.0"], "image": 1, "board": "nrf5340dk_nrf5340_cpunet"}])
+    publish_entry(bench, {"file": str(z)})
+    async with Simulator(bench.sim_cfg) as sim:
+        (dev,) = sim.devices.values()
+        assert entry(dev, 1, 0) is None  # the network core's flash is not readable
+        res = await run_pass(bench.gateway_config(sim))
+        out = res.outcomes[dev.id]
+        assert out.status == Status.UPDATED, out
+        assert "handed to the network core" in out.detail
+        writes = state_writes(dev)
+        assert {"slot": 3, "confirm": True} in writes
+        assert not any(w["slot"] == 3 and not w["confirm"] for w in writes)
+        assert resets(dev) == 1
+        assert active(dev, 0) == ("2.0.0", True, 0)
+        # a second pass: up to date, nothing re-sent
+        n = upload_requests(dev)
+        res = await run_pass(bench.gateway_config(sim))
+        assert res.outcomes[dev.id].status in (Status.UP_TO_DATE, Status.UPDATED)
+        assert upload_requests(dev) == n and resets(dev) == 1
+
+
+async def test_unmet_dependency_refuses_the_set_before_a_byte(bench_factory) -> None:
+    bench, imgs = two_images(bench_factory)
+    app = sign(bench, "img0-2.0.0-dep.bin", "2.0.0", "--dependencies", "(1, 3.0.0)")
+    publish_entry(bench, set_entry(app, imgs["img1-2.0.0"]))
+    async with Simulator(bench.sim_cfg) as sim:
+        (dev,) = sim.devices.values()
+        res = await run_pass(bench.gateway_config(sim))
+        out = res.outcomes[dev.id]
+        assert out.status == Status.REFUSED, out
+        assert out.detail.startswith(Refusal.BAD_SET.value)
+        assert "depends on image 1 >= 3.0.0" in out.detail
+        assert upload_requests(dev) == 0 and resets(dev) == 0
+
+
+async def test_set_for_an_image_the_device_lacks_is_refused(bench_factory) -> None:
+    bench = bench_factory(udp=1, serial=0)
+    img1 = sign(bench, "img1-2.0.0.bin", "2.0.0", size=16 * 1024)
+    publish_entry(bench, set_entry(bench.images["2.0.0"], img1))
+    async with Simulator(bench.sim_cfg) as sim:
+        (dev,) = sim.devices.values()
+        res = await run_pass(bench.gateway_config(sim))
+        out = res.outcomes[dev.id]
+        assert out.status == Status.REFUSED, out
+        assert "lists images [0] only" in out.detail
+        assert upload_requests(dev) == 0
