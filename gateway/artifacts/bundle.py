@@ -71,6 +71,22 @@ class BundleEntry:
     hardware: str | None = None
 
 
+def set_cap(max_image_size: int | None) -> int | None:
+    """The size an artifact may have when it can be an image set of images of at most
+    ``max_image_size`` bytes each (what a source may download before the store checks each
+    image against its slot)."""
+    if max_image_size is None:
+        return None
+    return max_image_size * MAX_MEMBERS + MAX_MANIFEST
+
+
+def may_be_bundle(name: str | None) -> bool:
+    """A file name (hawkBit artifact, job document file, URL path) that may hold an image set."""
+    if not name:
+        return False
+    return name.split("?", 1)[0].lower().endswith(".zip")
+
+
 def is_bundle(head: bytes) -> bool:
     """Does a file starting with ``head`` look like a zip container?"""
     return head.startswith(ZIP_MAGIC)

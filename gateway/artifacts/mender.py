@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gateway.artifacts.bundle import is_bundle, set_cap
+
 ZEPHYR_TYPE = "zephyr-image"
 MAX_META_MEMBER = 1 << 20  # version, manifest, header tar: 1 MiB is plenty
 MAX_MEMBERS = 64
@@ -194,7 +196,10 @@ def unpack_zephyr_artifact(
     require_checksum: bool = False,
 ) -> ZephyrArtifact:
     """Check ``path`` and extract its MCUboot image into ``out_dir`` (0600); ArtifactError if not."""
-    image_cap = max_image_size if max_image_size is not None else 64 << 20
+    # the payload may be one image, or an image set (dfu_application.zip: several images, or a
+    # direct-XIP release's two slot builds) - each image is checked against its slot later by
+    # the image store; a file that is not a set must still fit the one slot
+    image_cap: int = set_cap(max_image_size) or 64 << 20
     manifest: dict[str, str] | None = None
     seen: set[str] = set()
     version_ok = False
@@ -253,6 +258,11 @@ def unpack_zephyr_artifact(
                                     f"image {dname!r} is {dm.size} bytes, over the {image_cap} limit"
                                 )
                             content = _read_member(dtf, dm, image_cap)
+                            if (max_image_size is not None and len(content) > max_image_size
+                                    and not is_bundle(content[:4])):
+                                raise ArtifactError(
+                                    f"image {dname!r} is {len(content)} bytes, over the "
+                                    f"{max_image_size} limit")
                             digest = hashlib.sha256(content).hexdigest()
                             _check(manifest, f"data/0000/{dname}", digest)
                             if dname in data_files:

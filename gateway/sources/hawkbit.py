@@ -42,6 +42,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from gateway.artifacts.bundle import may_be_bundle, set_cap
 from gateway.mcuboot import Version
 from gateway.sources._http import HttpSource
 from gateway.sources.base import (
@@ -340,6 +341,8 @@ class HawkbitSource(HttpSource):
         url = act.extra["url"]
         headers = self._headers() if _same_origin(url, self.base) else {}
         headers.pop("Accept", None)
+        if may_be_bundle(act.extra.get("filename")):  # an image set (dfu_application.zip)
+            max_size = set_cap(max_size)
         return await self._downloader.fetch(
             url, sha256=offer.sha256, max_size=max_size, size=offer.size, headers=headers
         )

@@ -23,9 +23,11 @@ import logging
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 
+from gateway.artifacts.bundle import may_be_bundle, set_cap
 from gateway.download import retry_after_seconds
 from gateway.mcuboot import Version
 from gateway.sources._http import HttpSource
@@ -135,6 +137,8 @@ class LatestReleaseSource(HttpSource):
         )
 
     async def fetch(self, offer: Offer, max_size: int | None) -> Path:
+        if may_be_bundle(urlsplit(offer.handle["url"]).path):  # an image set (dfu_application.zip)
+            max_size = set_cap(max_size)
         return await self._downloader.fetch(
             offer.handle["url"], sha256=offer.sha256, max_size=max_size, size=offer.size
         )

@@ -45,9 +45,11 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiomqtt
 
+from gateway.artifacts.bundle import may_be_bundle, set_cap
 from gateway.download import Downloader, DownloadTimeouts
 from gateway.mcuboot import Version
 from gateway.sources.base import (
@@ -359,6 +361,8 @@ class MqttJobsSource(FleetSource):
         log.info("job of %s canceled on the server: %s", offer.device_id, detail)
 
     async def fetch(self, offer: Offer, max_size: int | None) -> Path:
+        if may_be_bundle(urlsplit(offer.handle["url"]).path):  # an image set (dfu_application.zip)
+            max_size = set_cap(max_size)
         return await self._downloader.fetch(
             offer.handle["url"], sha256=offer.sha256, max_size=max_size, size=offer.size
         )

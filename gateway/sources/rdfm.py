@@ -50,6 +50,7 @@ import aiohttp
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
+from gateway.artifacts.bundle import set_cap
 from gateway.artifacts.mender import ArtifactError, ArtifactIntegrityError, unpack_zephyr_artifact
 from gateway.sources._http import HttpSource
 from gateway.sources.base import (
@@ -305,7 +306,9 @@ class RdfmSource(HttpSource):
 
     async def fetch(self, offer: Offer, max_size: int | None) -> Path:
         h = offer.handle
-        cap = None if max_size is None else max_size + ARTIFACT_OVERHEAD
+        # the payload may be an image set (dfu_application.zip): the unpacker and the image
+        # store check each image against its slot
+        cap = None if max_size is None else (set_cap(max_size) or 0) + ARTIFACT_OVERHEAD
         artifact = await self._downloader.fetch(h["uri"], sha256=offer.sha256, max_size=cap)
         try:
             art = await asyncio.to_thread(
