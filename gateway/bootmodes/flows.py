@@ -341,6 +341,11 @@ def flow_for(dm: DeviceMode, dev: DeviceConfig) -> ModeFlow:
     if m == Mode.RAM_LOAD:
         return RamLoadFlow(dm, dev)
     if m in (Mode.SINGLE_APP, Mode.FIRMWARE_LOADER, Mode.SINGLE_SLOT_RAM_LOAD):
+        rec = dev.recovery
+        if rec is not None and rec.enabled and m != Mode.SINGLE_SLOT_RAM_LOAD:
+            from gateway.bootmodes.recovery import RecoveryFlow
+
+            return RecoveryFlow(dm, dev)
         return RefusingFlow(dm, dev)
     raise AssertionError(m)
 
