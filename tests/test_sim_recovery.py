@@ -176,3 +176,24 @@ async def test_firmware_loader_writes_the_application_slot(kit: dict[str, Path],
         assert dev.running_slot == 0 and (await read_state(c))[(0, 0)].version == "2.0.0"
     finally:
         await c.disconnect()
+
+
+async def test_power_cut_mid_recovery_upload_comes_back_to_recovery(
+        kit: dict[str, Path], sim_factory: Any) -> None:
+    """The worst moment for a single-slot device: the power goes while recovery rewrites the
+    only slot. Nothing is bootable, so MCUboot stays in recovery (no-application) and the
+    upload can simply be done again."""
+    sim = await sim_factory(single_app(kit, recovery_pin=True))
+    dev = sim.devices["d1"]
+    c = await client_for(dev, serial_buf_size=1024)
+    try:
+        v2 = kit["v2"].read_bytes()
+        r = await c.request(ImageUploadWrite(off=0, data=v2[:512], len=len(v2)))
+        assert getattr(r, "off", None) == 512
+        await dev.power_cycle(recovery_pin=False)
+        assert dev.in_recovery and dev.events[-1].detail["entered_by"] == "no-application"
+        await upload(c, v2)
+        await recovery_reset(c, dev)
+        assert dev.state == "running" and (await read_state(c))[(0, 0)].version == "2.0.0"
+    finally:
+        await c.disconnect()
