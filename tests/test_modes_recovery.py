@@ -119,3 +119,26 @@ async def test_normal_flow_does_not_run_against_serial_recovery(bench_factory) -
         out = res.outcomes[dev.id]
         assert out.status == Status.FAILED and "serial recovery" in out.detail, out
         assert recovery_uploads(dev) == 0
+
+
+async def test_firmware_loader_update_when_enabled(bench_factory) -> None:
+    """Firmware-loader mode: os reset boot_mode=1 boots the loader application (slot 1), whose
+    img_mgmt writes the new application into slot 0; a reset boots it."""
+    from modes_support import sign
+
+    bench = bench_factory(udp=0, serial=1, device_kw={
+        "mcuboot_mode": "firmware-loader", "primary_slot_size": 0x40000, "slot_size": 0x10000,
+        "os_reset_boot_mode": True})
+    bench.sim_cfg.devices[0].loader_image = sign(bench, "loader-1.0.0.bin", "1.0.0", size=16 * 1024)
+    bench.publish("2.0.0")
+    async with Simulator(bench.sim_cfg) as sim:
+        (dev,) = sim.devices.values()
+        res = await run_pass(bench.gateway_config(sim, slot_size=0x40000,
+                                                  recovery={"enabled": True},
+                                                  mcuboot_mode="firmware-loader"))
+        out = res.outcomes[dev.id]
+        assert out.status == Status.UPDATED, out
+        assert "installed through the firmware-loader application" in out.detail
+        assert any(e.kind == "boot" and e.detail.get("outcome") == "firmware loader"
+                   for e in dev.events), [(e.kind, e.detail.get("outcome")) for e in dev.events]
+        assert active(dev) == ("2.0.0", True, 0)

@@ -213,3 +213,75 @@ async def test_set_for_an_image_the_device_lacks_is_refused(bench_factory) -> No
         assert out.status == Status.REFUSED, out
         assert "lists images [0] only" in out.detail
         assert upload_requests(dev) == 0
+
+
+async def _engine_run(bench: Any, sim: Any, until: Any, before: Any = None) -> Any:
+    """One engine attempt on the set the local source offers, stopped at ``until``."""
+    from gateway.daemon import Gateway
+
+    gw = Gateway(bench.gateway_config(sim))
+    try:
+        (d,) = gw.cfg.devices
+        async with gw.session(d) as session:
+            plan = await gw.plan(d, session)
+            if before is not None:
+                await before(gw, session, plan)
+            return await gw.engine(d, session).run(plan.image, None,
+                                                   artifact_id=plan.offer.artifact_id,
+                                                   source="local", until=until)
+    finally:
+        gw.close()
+
+
+async def test_set_held_after_its_marks_resumes_with_one_reset(bench_factory) -> None:
+    """Stopped after the marks (a gateway restart there): the next attempt finds both images
+    pending - marked by this gateway, per the journal - and only resets, verifies, confirms."""
+    from gateway.engine import Stage
+
+    bench, imgs = two_images(bench_factory)
+    publish_entry(bench, set_entry(bench.images["2.0.0"], imgs["img1-2.0.0"]))
+    async with Simulator(bench.sim_cfg) as sim:
+        (dev,) = sim.devices.values()
+        out = await _engine_run(bench, sim, Stage.MARKED)
+        assert out.status == Status.HELD, out
+        assert entry(dev, 0, 1)["pending"] and entry(dev, 1, 1)["permanent"]
+        writes, ups = len(state_writes(dev)), upload_requests(dev)
+        res = await run_pass(bench.gateway_config(sim))
+        assert res.outcomes[dev.id].status == Status.UPDATED, res.outcomes
+        assert upload_requests(dev) == ups  # nothing sent again
+        assert [w for w in state_writes(dev)[writes:]] == [{"slot": 0, "confirm": True}]
+        assert resets(dev) == 1
+        assert active(dev, 0) == ("2.0.0", True, 0) and active(dev, 1) == ("2.0.0", True, 0)
+
+
+async def test_set_interrupted_between_its_marks_completes_them(bench_factory) -> None:
+    """The gateway died after marking image 0 for test and before marking image 1 (journal:
+    marks started). The next attempt marks only image 1 and resets once; image 0's test mark is
+    not repeated (img_mgmt would refuse nothing, but nothing is written twice)."""
+    from gateway.engine import Stage
+    from gateway.images import VerifiedImageSet
+
+    bench, imgs = two_images(bench_factory)
+    publish_entry(bench, set_entry(bench.images["2.0.0"], imgs["img1-2.0.0"]))
+    async with Simulator(bench.sim_cfg) as sim:
+        (dev,) = sim.devices.values()
+        out = await _engine_run(bench, sim, Stage.UPLOADED)
+        assert out.status == Status.HELD, out
+
+        async def mark_image0_only(gw: Any, session: Any, plan: Any) -> None:
+            iset = plan.image
+            assert isinstance(iset, VerifiedImageSet)
+            e = gw.journal.get(dev.id)
+            gw.journal.put(e.with_(step="mark-test", tested_hash=f"marking:{iset.hash.hex()}"),
+                           "test: killed between the marks")
+            await session.image_test(iset.members[0].hash)
+
+        out = await _engine_run(bench, sim, Stage.MARKED, before=mark_image0_only)
+        assert out.status == Status.HELD, out
+        writes = state_writes(dev)
+        assert [w for w in writes if w["slot"] == 1] == [{"slot": 1, "confirm": False}]
+        assert {"slot": 3, "confirm": True} in writes
+        res = await run_pass(bench.gateway_config(sim))
+        assert res.outcomes[dev.id].status == Status.UPDATED, res.outcomes
+        assert resets(dev) == 1
+        assert active(dev, 0) == ("2.0.0", True, 0) and active(dev, 1) == ("2.0.0", True, 0)
