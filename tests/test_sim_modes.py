@@ -348,3 +348,28 @@ def test_renode_presets_are_configured_like_their_firmware_folders() -> None:
     dx = PRESETS["renode-stm32f4-direct-xip-revert"]
     assert dx["mcuboot_mode"] == "direct-xip-with-revert" and not dx.get("allow_erase_pending")
     assert PRESETS["renode-stm32f4-overwrite-only"]["mcuboot_mode"] == "overwrite-only"
+
+
+def test_yaml_mode_fields_and_relative_paths(tmp_path: Path) -> None:
+    """A multi-image / recovery device from YAML: preset layout kept, files relative to the
+    YAML, bad combinations refused with the field named."""
+    from gateway.sim import load_sim_config
+
+    (tmp_path / "sim.yaml").write_text(
+        "state_dir: st\n"
+        "devices:\n"
+        "  - id: m1\n"
+        "    preset: renode-stm32f4-multi-image\n"
+        "    serial: {}\n"
+        "    initial_image: img/v1.bin\n"
+        "    extra_images: [{initial_image: img/image1-v1.bin}]\n")
+    c = load_sim_config(tmp_path / "sim.yaml").devices[0]
+    assert c.extra_images[0].initial_image == tmp_path / "img/image1-v1.bin"
+    assert c.extra_images[0].slot_size == 0x20000 and c.image_count == 2
+    assert c.slot_offsets == [0x40000, 0x60000, 0x80000, 0xA0000]
+    with pytest.raises(ValueError, match="serial recovery"):
+        cfg(mcuboot_mode="single-app")
+    with pytest.raises(ValueError, match="Multi image does not support DirectXIP"):
+        cfg(mcuboot_mode="direct-xip", extra_images=[{"slot_size": SLOT}])
+    with pytest.raises(ValueError, match="flash_offsets has 1 entries"):
+        cfg(flash_offsets=[0x10000])
