@@ -329,11 +329,12 @@ class Session:
             self.run.steps.append(Step(name, pkt, rsp, time.monotonic() - t0))
         return rsp
 
-    async def wait_up(self, name: str, next_seq: int) -> None:
+    async def wait_up(self, name: str, next_seq: int, since: float | None = None) -> None:
+        """Echo until answered; the step's seconds count from ``since`` (the reset) if given."""
         t0 = time.monotonic()
         while time.monotonic() - t0 < self.boot_timeout_s:
             if await self.ask(name, 2, 0, 0, {"d": "up?"}, record=False) is not None:
-                self.run.steps.append(Step(name, b"", b"", time.monotonic() - t0))
+                self.run.steps.append(Step(name, b"", b"", time.monotonic() - (since or t0)))
                 self.seq = next_seq
                 return
         raise AssertionError(f"{name}: device did not answer within {self.boot_timeout_s}s")
@@ -346,7 +347,7 @@ class Session:
         while self.boots() <= before:
             assert time.monotonic() - t0 < self.boot_timeout_s, f"{name}: no reboot"
             await asyncio.sleep(0.05)  # polls the console / event count, not a delay guess
-        await self.wait_up(f"{name}-boot", next_seq)
+        await self.wait_up(f"{name}-boot", next_seq, since=t0)
 
     async def upload(self, name: str, image: bytes, *, image_no: int | None = None) -> None:
         """Upload in CHUNK-byte requests; the first and the last answers are recorded."""

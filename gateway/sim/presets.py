@@ -56,20 +56,24 @@ Presets and where each number comes from:
     ``tests/test_differential_renode.py`` checks the answers byte for byte.
 ``renode-stm32f4-swap-move``, ``-overwrite-only``, ``-direct-xip-revert``, ``-multi-image``
     The sibling folders ``shared/firmware/stm32f4_disco-<mode>``: the same board, build tree,
-    UART model and timings as ``renode-stm32f4-disco``, each configured as its README says.
-    Swap using move: slot0 0x08040000 384 KiB (one 128 KiB sector more), slot1 0x080A0000
-    256 KiB, resets that swap 34-38 s. Overwrite-only: slots 256 KiB at 0x08040000 /
-    0x08080000, a reset that copies 3-9 s (``swap_time_s`` 3.5 + the 1 s boot; MCUboot copies
-    0xbc24 bytes, not the slot), no downgrade prevention. Direct-XIP with revert: slots 256 KiB
-    at 0x08040000 / 0x08080000 (images ``--rom-fixed`` to 0x40000 / 0x80000), resets 3-4 s
-    (``boot_time_s`` 2.5: MCUboot validates the chosen image at every boot), img_mgmt built
-    without REJECT_DIRECT_XIP_MISMATCHED_SLOT / ALLOW_ERASE_PENDING (the trap of its
+    UART model and request timings as ``renode-stm32f4-disco``, each configured as its README
+    says. Swap using move: slot0 0x08040000 384 KiB (one 128 KiB sector more), slot1
+    0x080A0000 256 KiB, resets that swap 34-38 s (README). Overwrite-only: slots 256 KiB at
+    0x08040000 / 0x08080000, no downgrade prevention; MCUboot copies 0xbc24 bytes, not the
+    slot. Direct-XIP with revert: slots 256 KiB at 0x08040000 / 0x08080000 (images
+    ``--rom-fixed`` to 0x40000 / 0x80000), img_mgmt built without
+    REJECT_DIRECT_XIP_MISMATCHED_SLOT / ALLOW_ERASE_PENDING (the trap of its
     ``check-output-wrongslot-test-marked.txt``), CONFIG_MCUBOOT_BOOTLOADER_NO_DOWNGRADE=y.
     Multi-image: two images of 128 KiB slots (0x08040000, 0x08060000, 0x08080000,
     0x080A0000), scratch, CONFIG_MCUMGR_TRANSPORT_NETBUF_SIZE 512 (4 state entries do not fit
-    384), a reset that swaps image 1 34 s; image 1's first image goes in
-    ``extra_images: [{initial_image: ...}]``. All answer bootloader info ENOTSUP; when it is
-    enabled they answer as Zephyr 3.4's os_mgmt.c (``bootloader_info_era: zephyr-3.4``).
+    384), a reset that swaps image 1 34 s (README); image 1's first image goes in
+    ``extra_images: [{initial_image: ...}]``. Reset timings measured by
+    ``tests/test_differential_renode.py`` (os reset answered -> SMP answers again, including
+    CONFIG_MCUMGR_GRP_OS_RESET_MS 250 ms): a reset that copies nothing 0.43-0.56 s
+    (``boot_time_s`` 0.2; the READMEs' 3-4 s are their check script's polling), an
+    overwrite-only reset that copies a 48 KB image 6.5-7.9 s (``swap_time_s`` 6.5). All
+    answer bootloader info ENOTSUP; when it is enabled they answer as Zephyr 3.4's os_mgmt.c
+    (``bootloader_info_era: zephyr-3.4``).
 ``zephyr-nrf5340``
     nRF5340 DK application core (NCS-style): MCUboot swap using move for image 0 (4 KiB pages,
     primary one page larger), image 1 = the network core (``update: netcore``: installed at
@@ -182,19 +186,20 @@ PRESETS.update({
     "renode-stm32f4-swap-move": {
         **_RENODE, "mcuboot_mode": "swap-using-move", "slot_size": 0x40000,
         "primary_slot_size": 0x60000, "flash_offsets": [0x40000, 0xA0000], "swap_time_s": 35.0,
+        "boot_time_s": 0.2,
     },
     "renode-stm32f4-overwrite-only": {
         **_RENODE, "mcuboot_mode": "overwrite-only", "flash_offsets": [0x40000, 0x80000],
-        "swap_time_s": 3.5,
+        "swap_time_s": 6.5, "boot_time_s": 0.2,
     },
     "renode-stm32f4-direct-xip-revert": {
         **_RENODE, "mcuboot_mode": "direct-xip-with-revert", "flash_offsets": [0x40000, 0x80000],
-        "boot_time_s": 2.5, "swap_time_s": None,
+        "boot_time_s": 0.2,
     },
     "renode-stm32f4-multi-image": {
         **_RENODE, "slot_size": 0x20000, "extra_images": [{"slot_size": 0x20000}],
         "flash_offsets": [0x40000, 0x60000, 0x80000, 0xA0000], "buf_size": 512,
-        "swap_time_s": 33.0,
+        "swap_time_s": 33.0, "boot_time_s": 0.2,
     },
     "zephyr-nrf5340": {
         **_UART, "hardware": "nrf5340dk_nrf5340_cpuapp", "mcuboot_mode": "swap-using-move",
