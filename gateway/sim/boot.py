@@ -79,7 +79,6 @@ from typing import Literal
 
 from gateway.mcuboot import (
     IMAGE_MAGIC,
-    TLV,
     ImageFormatError,
     ImageInfo,
     SignatureError,
@@ -230,11 +229,7 @@ class Validator:
             elif not info.hash_valid:
                 reason = "hash mismatch"
             elif self.keys is not None:
-                keyhash = info.tlv(TLV.KEYHASH)
-                if keyhash is not None and len(keyhash) == 64:
-                    _verify_sha512_keyhash(data[: info.total_size], keyhash, self.keys)
-                else:
-                    verify_signature(data[: info.total_size], self.keys)
+                verify_signature(data[: info.total_size], self.keys)
                 reason = None
             else:
                 reason = None
@@ -242,31 +237,6 @@ class Validator:
             reason = str(exc)
         self._cache[(digest, decrypt)] = reason
         return reason
-
-
-def _verify_sha512_keyhash(data: bytes, keyhash: bytes, keys: list[TrustedKey]) -> None:
-    """Signature check of a SHA-512 image: imgtool hashes the KEYHASH with the image's hash
-    algorithm (here SHA-512, as MCUboot's ``bootutil_find_key`` with MCUBOOT_SHA512), which
-    ``gateway.mcuboot.key_hash`` does not know (it takes a 64-byte KEYHASH for SHA-256): the
-    key is picked here and the signature checked by imgtool's ``Image.verify`` as there."""
-    import os
-    import tempfile
-
-    import imgtool.image
-
-    named = [k for k in keys
-             if hashlib.sha512(bytes(k.key.get_public_bytes())).digest() == keyhash]
-    if not named:
-        raise SignatureError("the image's KEYHASH names no trusted key")
-    fd, tmp = tempfile.mkstemp(suffix=".bin", prefix="smpgw-sim-verify-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        result = imgtool.image.Image.verify(tmp, named[0].key)[0]
-    finally:
-        os.unlink(tmp)
-    if result != imgtool.image.VerifyResult.OK:
-        raise SignatureError(f"signature not made by a trusted key ({result.name})")
 
 
 def decrypt_image(data: bytes, info: ImageInfo, enc: EncryptionKey) -> bytes:
