@@ -5,9 +5,11 @@ and a simulated two-image device, updated as one set."""
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import pytest
+from aiohttp import web
 from fleet_servers.common import serve
 from fleet_servers.hawkbit import HawkbitServer
 from fleet_servers.latest_release import ReleaseServer
@@ -104,3 +106,47 @@ async def test_latest_release_zip(bench_factory) -> None:
         out = res.outcomes[dev.id]
         assert out.status == Status.UPDATED, out
         both_updated(dev)
+
+
+class TwoModuleHawkbit(HawkbitServer):
+    """The loopback hawkBit with a distribution set of two software modules - one MCUboot image
+    each, told apart by target-visible module metadata ``image_index`` (the test's input)."""
+
+    def __init__(self, images: dict[int, bytes]) -> None:
+        super().__init__()
+        self.images = images
+
+    async def deployment(self, request: web.Request) -> web.Response:
+        act = self.actions.get(int(request.match_info["aid"]))
+        if act is None or act.status != "running":
+            return web.Response(status=404)
+        chunks = []
+        for idx, data in sorted(self.images.items()):
+            name = f"image{idx}.signed.bin"
+            self.files.add(f"{act.id}-{name}", data)
+            href = f"{request.scheme}://{request.host}/artifacts/{act.id}-{name}"
+            chunks.append({"part": "os" if idx == 0 else f"image{idx}", "version": act.version,
+                           "name": f"module-{idx}",
+                           "metadata": [{"key": "image_index", "value": str(idx)}],
+                           "artifacts": [{"filename": name, "size": len(data),
+                                          "hashes": {"sha256": hashlib.sha256(data).hexdigest()},
+                                          "_links": {"download-http": {"href": href}}}]})
+        return web.json_response({"id": str(act.id), "deployment": {
+            "download": "forced", "update": act.update, "chunks": chunks}})
+
+
+async def test_hawkbit_distribution_set_of_two_modules(bench_factory) -> None:
+    bench, _ = two_image_bench(bench_factory)
+    img1 = (bench.root / "images" / "img1-2.0.0.bin").read_bytes()
+    hb = TwoModuleHawkbit({0: bench.images["2.0.0"].read_bytes(), 1: img1})
+    async with serve(hb.app()) as base, Simulator(bench.sim_cfg) as sim:
+        (dev,) = sim.devices.values()
+        act = hb.deploy(dev.id, b"unused", "2.0.0")
+        res = await run(config(bench, sim, {"kind": "hawkbit", "url": base,
+                                            "gateway_token": hb.gateway_token}))
+        out = res.outcomes[dev.id]
+        assert out.status == Status.UPDATED, out
+        assert "image set" in out.detail
+        both_updated(dev)
+        final = act.feedback[-1]["status"]
+        assert final["execution"] == "closed" and final["result"]["finished"] == "success"

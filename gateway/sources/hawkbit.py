@@ -33,6 +33,7 @@ delivery of this final report whose answer was lost, or a cancel) and 404 raise
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -42,7 +43,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from gateway.artifacts.bundle import may_be_bundle, set_cap
+from gateway.artifacts.bundle import BundleEntry, may_be_bundle, set_cap, write_bundle
 from gateway.mcuboot import Version
 from gateway.sources._http import HttpSource
 from gateway.sources.base import (
@@ -232,6 +233,16 @@ class HawkbitSource(HttpSource):
             act = _Action(controller, action_id, self._feedback_url(controller, action_id))
             self._actions[(controller, action_id)] = act
         act.extra = {"url": url, "filename": art.get("filename")}
+        parts = _image_parts(body.get("chunks") or [], self.cfg.artifact_pattern)
+        if len(parts) > 1:  # a distribution set of several modules, one per MCUboot image
+            act.extra["parts"] = parts
+            set_id = hashlib.sha256("".join(p["sha256"] or p["url"] for p in parts)
+                                    .encode()).hexdigest()
+            return Offer(device_id=device.id, source=self.name,
+                         artifact_id=f"hawkbit-set-{set_id}", version=version, handle=act,
+                         report_to={"controller": controller, "action_id": action_id,
+                                    "feedback_url": act.feedback_url},
+                         install=install)
         return Offer(
             device_id=device.id,
             source=self.name,
@@ -341,11 +352,29 @@ class HawkbitSource(HttpSource):
         url = act.extra["url"]
         headers = self._headers() if _same_origin(url, self.base) else {}
         headers.pop("Accept", None)
+        if act.extra.get("parts"):
+            return await self._fetch_parts(act, max_size, headers)
         if may_be_bundle(act.extra.get("filename")):  # an image set (dfu_application.zip)
             max_size = set_cap(max_size)
         return await self._downloader.fetch(
             url, sha256=offer.sha256, max_size=max_size, size=offer.size, headers=headers
         )
+
+    async def _fetch_parts(self, act: _Action, max_size: int | None,
+                           headers: dict[str, str]) -> Path:
+        """Every module's artifact (checked against its sha256), as one image-set artifact."""
+        entries = []
+        first: Path | None = None
+        for p in act.extra["parts"]:
+            path = await self._downloader.fetch(p["url"], sha256=p["sha256"], max_size=max_size,
+                                                size=p["size"], headers=headers)
+            first = first or path
+            entries.append(BundleEntry(p["filename"] or f"image{p['image']}.bin",
+                                       path.read_bytes(), p["image"], None))
+        assert first is not None
+        out = first.parent / f"hawkbit-{act.action_id}-set.zip"
+        out.write_bytes(write_bundle(entries, name=f"hawkBit action {act.action_id}"))
+        return out
 
     def _action_for(self, offer: Offer) -> _Action:
         """The action of ``offer`` from its report handle (also after a restart)."""
@@ -446,3 +475,35 @@ def _href(link: Any) -> str | None:
 def _same_origin(a: str, b: str) -> bool:
     pa, pb = urlsplit(a), urlsplit(b)
     return (pa.scheme, pa.hostname, pa.port) == (pb.scheme, pb.hostname, pb.port)
+
+
+def _image_parts(chunks: list[Any], pattern: str | None) -> list[dict[str, Any]]:
+    """A distribution set whose software modules each carry one MCUboot image: modules with a
+    target-visible metadata key ``image_index`` (DDI ``chunks[].metadata``), one matching
+    artifact each. Fewer than two such modules: not a set (the single-artifact path applies)."""
+    parts = []
+    for chunk in chunks:
+        if not isinstance(chunk, dict):
+            continue
+        meta = {m.get("key"): m.get("value") for m in chunk.get("metadata") or []
+                if isinstance(m, dict)}
+        raw = meta.get("image_index")
+        if raw is None:
+            continue
+        arts = [a for a in chunk.get("artifacts") or [] if isinstance(a, dict) and (
+            pattern is None or fnmatch.fnmatch(str(a.get("filename", "")), pattern))]
+        if len(arts) != 1:
+            continue
+        art = arts[0]
+        links = art.get("_links") or {}
+        url = _href(links.get("download")) or _href(links.get("download-http"))
+        try:
+            image = int(str(raw), 0)
+        except ValueError:
+            continue
+        if url:
+            sha = (art.get("hashes") or {}).get("sha256")
+            parts.append({"url": url, "filename": art.get("filename"), "image": image,
+                          "sha256": sha.lower() if isinstance(sha, str) else None,
+                          "size": art.get("size") if isinstance(art.get("size"), int) else None})
+    return sorted(parts, key=lambda p: p["image"])
