@@ -650,9 +650,10 @@ class UpdateEngine:
                 and slots.active.confirmed:
             return await self._after_install(image, old_v)
         if slots.active and slots.active.confirmed and self.entry.step == Step.VERIFY.value and \
-                self._reset_here:
-            # a test boot was expected, yet MCUboot reports the image confirmed right after the
-            # reset: it installed it without one (overwrite-only behaviour) - say so
+                self._reset_here and slots.other is None and self.dev.confirm != "app":
+            # a test boot was expected, yet right after the reset the image is confirmed and the
+            # secondary slot is empty (a swap leaves the previous image there): MCUboot copied
+            # it over the old one without a test boot (overwrite-only behaviour) - say so
             raise self._finish(Status.UPDATED, UpdateResult.SUCCESS,
                                f"{old_v} -> {image.version}: confirmed right after the reset, the "
                                "device installed it without a test boot (no revert possible; its "
