@@ -27,7 +27,8 @@ from smp.image_management import ImageState
 from smpclient.requests.os_management import ResetWrite
 
 from gateway.bootmodes import imageset
-from gateway.bootmodes.flows import Mark, ModeFlow, flow_for
+from gateway.bootmodes.choose import flow_for
+from gateway.bootmodes.flows import Mark, ModeFlow
 from gateway.bootmodes.modes import DeviceMode, ModeConflict, detect
 from gateway.bootmodes.recovery import RecoveryFlow, in_serial_recovery, loader_running
 from gateway.config import DeviceConfig

@@ -21,15 +21,32 @@ next mark or reset, and the update waits (journaled) for the next window.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import croniter
 
-if TYPE_CHECKING:
-    from gateway.config import DeviceConfig, MaintenanceWindowConfig
+
+class MaintenanceWindowConfig(Protocol):
+    """What a window's config gives (``gateway.config.MaintenanceWindowConfig``; a protocol so
+    that the config, which validates windows with ``check_window``, and this module do not
+    import each other)."""
+
+    @property
+    def cron(self) -> str: ...
+    @property
+    def duration_s(self) -> float: ...
+    @property
+    def timezone(self) -> str: ...
+
+
+class DeviceConfig(Protocol):
+    """The part of a device's config this module reads: its window names (None = all)."""
+
+    @property
+    def maintenance(self) -> list[str] | None: ...
 
 
 def check_window(cron: str, timezone: str) -> None:
@@ -95,7 +112,7 @@ class MaintenancePolicy:
         self.clock = clock  # aware "now" (tests move it to open and close windows)
 
     @classmethod
-    def from_config(cls, cfg: dict[str, MaintenanceWindowConfig]) -> MaintenancePolicy:
+    def from_config(cls, cfg: Mapping[str, MaintenanceWindowConfig]) -> MaintenancePolicy:
         return cls(Window.from_config(n, w) for n, w in cfg.items())
 
     def windows_for(self, dev: DeviceConfig) -> list[Window] | None:

@@ -7,7 +7,8 @@ images) with one reset. The engine (``gateway/engine.py``) is the state machine 
 writer; these modules decide and never talk to a device themselves.
 """
 
-from gateway.bootmodes.flows import Mark, ModeFlow, flow_for
+from gateway.bootmodes.choose import flow_for
+from gateway.bootmodes.flows import Mark, ModeFlow
 from gateway.bootmodes.modes import DeviceMode, Mode, ModeConflict, ModeSource, decide, detect
 
 __all__ = ["DeviceMode", "Mark", "Mode", "ModeConflict", "ModeFlow", "ModeSource", "decide",

@@ -329,26 +329,5 @@ class RefusingFlow(ModeFlow):
                             "to let the gateway do it")
 
 
-def flow_for(dm: DeviceMode, dev: DeviceConfig) -> ModeFlow:
-    """The flow of the device's mode (an unknown mode runs the swap flow, as before)."""
-    m = dm.mode
-    if m.is_swap:
-        return SwapFlow(dm, dev)
-    if m == Mode.OVERWRITE_ONLY:
-        return OverwriteFlow(dm, dev)
-    if m in (Mode.DIRECT_XIP, Mode.DIRECT_XIP_WITH_REVERT):
-        return DirectXipFlow(dm, dev)
-    if m == Mode.RAM_LOAD:
-        return RamLoadFlow(dm, dev)
-    if m in (Mode.SINGLE_APP, Mode.FIRMWARE_LOADER, Mode.SINGLE_SLOT_RAM_LOAD):
-        rec = dev.recovery
-        if rec is not None and rec.enabled and m != Mode.SINGLE_SLOT_RAM_LOAD:
-            from gateway.bootmodes.recovery import RecoveryFlow
-
-            return RecoveryFlow(dm, dev)
-        return RefusingFlow(dm, dev)
-    raise AssertionError(m)
-
-
 def assumed_note(dm: DeviceMode) -> str:
     return "" if dm.source != ModeSource.ASSUMED else " [mcuboot mode assumed: swap]"
