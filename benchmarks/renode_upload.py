@@ -334,7 +334,8 @@ async def main_async(args: argparse.Namespace) -> int:
     return report(results, store, args)
 
 
-def report(results: dict[str, list[Result]], store: MemoryStore, args: argparse.Namespace) -> int:
+def report(results: dict[str, list[Result]], store: MemoryStore, args: argparse.Namespace,
+           *, stamp: str = "", load: float | None = None) -> int:
     cmp = results["compare"]
     sm = [r for r in cmp if r.client == "smpmgr"]
     cold = [r for r in cmp if "cold" in r.client]
@@ -369,11 +370,13 @@ def report(results: dict[str, list[Result]], store: MemoryStore, args: argparse.
         f"Medians: smpmgr {med(sm):.2f} kB/s; gateway cold {med(cold):.2f} kB/s "
         f"(retransmitted {retx(cold)}), warm {med(warm):.2f} kB/s (retransmitted {retx(warm)})"
         + (f"; sweep best {med(best):.2f} kB/s" if best else "") + ".",
-        "Gateway / smpmgr, same rep: " + ", ".join(f"{x:.2f}x" for x in vs_smpmgr) + ".",
+        "Gateway / smpmgr, same rep: " + ", ".join(f"{x:.2f}x" for x in vs_smpmgr)
+        + (f" (median **{statistics.median(vs_smpmgr):.2f}x**)." if vs_smpmgr else "."),
     ]
     if vs_best:
         summary.append("Gateway warm / sweep best, same rep: "
-                       + ", ".join(f"{x * 100:.0f} %" for x in vs_best) + ".")
+                       + ", ".join(f"{x * 100:.0f} %" for x in vs_best)
+                       + f" (median **{statistics.median(vs_best) * 100:.0f} %**).")
     print()
     print(md)
     print("\n".join(summary))
@@ -388,7 +391,8 @@ def report(results: dict[str, list[Result]], store: MemoryStore, args: argparse.
     learned = store.link_tuning("renode-stm32f4")
     print(f"\nlearned: {learned}")
     if args.write:
-        stamp = time.strftime("%Y-%m-%d %H:%M")
+        stamp = stamp or time.strftime("%Y-%m-%d %H:%M")
+        load = os.getloadavg()[0] if load is None else load
         keep = {k: learned[k] for k in ("packet", "window", "packet_failed", "window_failed")
                 if learned and k in learned}
         text = ((sweep_md + "\n\n" if sweep_md else "") + md + "\n\n" + " ".join(summary)
@@ -396,10 +400,12 @@ def report(results: dict[str, list[Result]], store: MemoryStore, args: argparse.
                    "kept, before the next run)." if WEDGED else "")
                 + f"\n\nLearned and remembered: `{json.dumps(keep, sort_keys=True)}`; "
                 f"{args.reps} rep(s); machine load (1 min) at the end "
-                f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; {stamp}.")
+                f"{load:.1f} on {os.cpu_count()} CPUs; {stamp}.")
         update_doc("renode", text)
-        (DOCS / "renode_upload.json").write_text(json.dumps(
-            {k: [asdict(r) | {"kbps": r.kbps} for r in v] for k, v in results.items()}, indent=2))
+        out: dict[str, Any] = {k: [asdict(r) | {"kbps": r.kbps} for r in v]
+                               for k, v in results.items()}
+        out.update(learned=[learned] if learned else [], stamp=[stamp], load=[load])
+        (DOCS / "renode_upload.json").write_text(json.dumps(out, indent=2))
     return 0 if all(r.ok for r in cmp if not r.client.startswith("gateway before")) else 1
 
 
@@ -417,7 +423,21 @@ def main() -> int:
     ap.add_argument("--before-tree", type=Path,
                     help="also run the gateway of this checkout once (git worktree of an older "
                          "commit), for before/after figures")
-    return asyncio.run(main_async(ap.parse_args()))
+    ap.add_argument("--render", action="store_true",
+                    help="no run: rewrite the docs section from docs/renode_upload.json")
+    args = ap.parse_args()
+    if args.render:
+        raw = json.loads((DOCS / "renode_upload.json").read_text())
+        fields = {f for f in Result.__dataclass_fields__}
+        results = {k: [Result(**{f: v for f, v in r.items() if f in fields}) for r in rs]
+                   for k, rs in raw.items() if k in ("compare", "sweep")}
+        store = MemoryStore()
+        if raw.get("learned"):
+            store.put_link_tuning("renode-stm32f4", raw["learned"][0])
+        args.write, args.reps = True, len({r.extra.get("rep") for r in results["compare"]} - {None})
+        return report(results, store, args, stamp=raw.get("stamp", [""])[0],
+                      load=raw.get("load", [0.0])[0])
+    return asyncio.run(main_async(args))
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 
 The policy is tested as pure functions/state machines; the mechanics against the scripted
 img_mgmt responder of test_upload_window.py on a real UDP socket (a device with a netbuf
-smaller than the link MTU, a device that holds one request at a time) and the journal on a
-real SQLite file (a restart = a new Journal on the same state dir). No timing assertions.
+smaller than the link MTU, a device that holds one request at a time, slow or late answers),
+the journal on a real SQLite file (a restart = a new Journal on the same state dir), and the
+simulator configured like each real transport (``preset: zephyr-uart/-shell/-udp``: its drop
+counters must stay at 0 once the tuning converged). No timing assertions.
 """
 
 from __future__ import annotations
@@ -367,3 +369,14 @@ async def test_a_failed_upload_keeps_what_its_first_chunk_taught() -> None:
     stats = await _upload(r, store)
     assert done_ok(r, IMAGE) and stats.probes == [] and r.dropped_oversize == dropped
     assert stats.start_offset > 0  # resumed where the failed attempt left off
+
+
+async def test_rto_follows_a_device_whose_flash_writes_take_hundreds_of_ms() -> None:
+    """Each chunk takes the device 250 ms (a slow flash write; the session's small requests
+    answered at once): the RTO starts at RFC 6298's 1 s, then follows the measured round trips,
+    so nothing is sent twice."""
+    r = await start(Responder(buf_count=2, capacity=2, processing_s=0.25))
+    stats = await _upload(r, None)
+    assert done_ok(r, IMAGE)
+    assert stats.retransmits == 0 and stats.spurious == 0 and r.wrong_offset_answers == 0
+    assert 0.25 < stats.rto_s <= 1.0

@@ -53,10 +53,10 @@ Retransmission timeout: the time a chunk takes to leave the gateway (everything 
 of it on a link whose rate is known, e.g. 115200-baud UART: ~0.3 s per 2.4 KiB chunk, W of
 them queued) is modelled explicitly; what remains (latency both ways, device processing and
 flash writes, answer) is estimated with Jacobson/Karels (RFC 6298: srtt + 4 rttvar, minimum
-0.2 s, doubled on every timeout); a spurious timeout (the answer came after all) raises that
-minimum to 1.5x the round trip that fooled it, for the rest of the upload. The timer is
-also restarted by every answer that makes progress, so a slow but moving link never times
-out. Sequence numbers make every RTT sample
+0.2 s, 1 s until the first chunk's round trip is measured, doubled on every timeout); a
+spurious timeout (the answer came after all) raises that minimum to 1.5x the round trip that
+fooled it, for the rest of the upload. The timer is also restarted by every answer that makes
+progress, so a slow but moving link never times out. Sequence numbers make every RTT sample
 unambiguous (Karn's problem does not arise: a retransmission is a new request).
 
 CPU: chunk requests are encoded by hand (below) instead of building a pydantic
@@ -119,6 +119,7 @@ _GROUP_IMAGE = 1
 _CMD_UPLOAD = 1
 
 MIN_RTO_S = 0.2
+INITIAL_RTO_S = 1.0
 MAX_GHOSTS = 16  # timed-out chunks kept answerable (spurious-timeout detection)
 
 
@@ -284,6 +285,9 @@ class WindowedUpload:
         # costing a chunk on the link; the estimator alone forgets a rare long delay in a few
         # samples (Eifel/F-RTO keep a similar memory of spurious timeouts)
         self.rto_floor = MIN_RTO_S
+        # the session's small requests seed srtt, but a chunk also costs a flash write: until
+        # one chunk's round trip is measured the RTO is RFC 6298's initial 1 s
+        self.sampled = False
         self._last_progress = (0, 0.0)
         self.plan: Plan | None = None
         self.memory: LinkMemory | None = None
@@ -330,9 +334,12 @@ class WindowedUpload:
     # -- RTO ---------------------------------------------------------------------------
     def rto(self) -> float:
         base = max(self.rto_floor, self.srtt + 4 * self.rttvar)
+        if not self.sampled:  # RFC 6298 2.1: 1 s until a chunk's round trip was measured
+            base = max(base, INITIAL_RTO_S)
         return min(base * self.backoff, max(self.timeout_cap, MIN_RTO_S))
 
     def _sample(self, residual: float) -> None:
+        self.sampled = True
         residual = max(residual, 0.0)
         err = residual - self.srtt
         self.srtt += err / 8
