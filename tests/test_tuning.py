@@ -260,7 +260,7 @@ def preset_images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"v1": Path(v1), "v2": Path(v2).read_bytes()}
 
 
-async def _converge(tmp_path: Path, preset: str, images: dict[str, Any],
+async def _converge(tmp_path: Path, preset: str, images: dict[str, Any], **overrides: Any,
                     ) -> tuple[list[Any], list[dict[str, int]], Any]:
     """Upload until what the gateway learned stops changing (at most 4 uploads): the stats and
     the device's drop counters of each upload, and the final memory."""
@@ -271,7 +271,7 @@ async def _converge(tmp_path: Path, preset: str, images: dict[str, Any],
 
     want = parse_image(images["v2"]).hash
     dev_cfg: dict[str, Any] = {"id": "d", "preset": preset, "initial_image": str(images["v1"]),
-                               "boot_time_s": 0.05}
+                               "boot_time_s": 0.05, **overrides}
     if preset == "zephyr-udp":
         dev_cfg["udp"] = {"host": "127.0.0.1", "port": 0}
     sim = Simulator(SimConfig(state_dir=tmp_path / "sim",
@@ -329,9 +329,11 @@ async def test_shell_preset_first_chunk_above_the_shell_mtu_is_retried_smaller(
 @pytest.mark.timeout(120)
 async def test_udp_preset_finds_the_netbuf_and_the_window(
         tmp_path: Path, preset_images: dict[str, Any]) -> None:
-    """overlay-udp.conf without parameters: datagrams above the netbuf are lost, so the size
-    comes down the ladder; the window grows to the pool's capacity while the device keeps up."""
-    stats, drops, mem = await _converge(tmp_path, "zephyr-udp", preset_images)
+    """overlay-udp.conf without parameters, built with 384-byte netbufs (prj.conf): datagrams
+    above the netbuf are lost, so the size comes down the ladder; the window grows to the
+    pool's capacity while the device keeps up."""
+    stats, drops, mem = await _converge(tmp_path, "zephyr-udp", preset_images,
+                                        buf_size=384, buf_count=4)
     assert stats[0].probes == [1472, 736] and drops[0].get("dropped_oversize", 0) >= 2
     assert mem.packet == 384
     assert drops[-1] == {} and stats[-1].probes == [] and stats[-1].retransmitted_bytes <= 360
@@ -380,3 +382,15 @@ async def test_rto_follows_a_device_whose_flash_writes_take_hundreds_of_ms() -> 
     assert done_ok(r, IMAGE)
     assert stats.retransmits == 0 and stats.spurious == 0 and r.wrong_offset_answers == 0
     assert 0.25 < stats.rto_s <= 1.0
+
+
+@pytest.mark.timeout(120)
+async def test_stock_udp_preset_uses_the_whole_datagram(
+        tmp_path: Path, preset_images: dict[str, Any]) -> None:
+    """The stock UDP sample (Kconfig's 2048 x 2 netbufs, parameters ENOTSUP): the gateway
+    assumes the UDP transport's defaults, so its first chunk fills a 1472-byte datagram and is
+    answered; a second request in flight finds no free netbuf, so the window stays at 1."""
+    stats, drops, mem = await _converge(tmp_path, "zephyr-udp", preset_images)
+    assert stats[0].probes == [] and stats[0].plan.startswith("chunk=1446 packet=1472")
+    assert mem.packet == 1472 and mem.window == 1
+    assert drops[-1] == {} and stats[-1].probes == [] and stats[-1].retransmitted_bytes <= 1448

@@ -26,8 +26,11 @@ Presets and where each number comes from:
     MCUmgr parameters would still report the netbuf pool (384/4) if they were built in.
 ``zephyr-udp``
     Stock smp_svr + overlay-udp.conf: UDP port 1337 (CONFIG_MCUMGR_TRANSPORT_UDP_PORT),
-    netbuf pool 384 x 4 (a datagram larger than a netbuf is lost), parameters ENOTSUP;
-    same flash timings as above.
+    netbuf pool 2048 x 2 (``subsys/mgmt/mcumgr/transport/Kconfig``: NETBUF_SIZE ``default 2048
+    if MCUMGR_TRANSPORT_UDP``, NETBUF_COUNT ``default 2 if MCUMGR_TRANSPORT_UDP``; a datagram
+    larger than a netbuf, or one that finds no free netbuf, is lost), parameters ENOTSUP;
+    same flash timings as above. (Until 2026-12-01 this preset had the 384 x 4 pool of the
+    other transports, which the stock UDP sample does not have.)
 ``renode-stm32f4-disco``
     Exactly ``shared/firmware/stm32f4_disco`` (Zephyr 3.4.99 smp_svr + MCUboot 2023-08-25,
     swap using scratch, Renode 1.15.3): prj.conf + overlay-serial.conf +
@@ -149,6 +152,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "zephyr-udp": {
         **_STOCK_SMP_SVR,
+        "buf_size": 2048,
+        "buf_count": 2,
         "udp": {"port": 1337},
     },
     "renode-stm32f4-disco": {
