@@ -809,7 +809,11 @@ class UpdateEngine:
         if slots.active_hash == target:
             raise self._finish(Status.FAILED, UpdateResult.UPDATE_FAILED,
                                detail + ", but the device still runs it", image, old_v)
-        raise self._finish(Status.ROLLED_BACK, UpdateResult.UPDATE_FAILED, detail + " (reverted)",
+        now = slots.active.version if slots.active else "?"
+        raise self._finish(Status.ROLLED_BACK, UpdateResult.UPDATE_FAILED,
+                           detail + f"; MCUboot reverted to {now} (with confirm: app the "
+                           "application must confirm itself, boot_write_img_confirmed(); "
+                           "confirm: gateway lets the gateway confirm after its health check)",
                            image, old_v)
 
     def _rolled_back(self, image: VerifiedImage, slots: Slots, old_v: str | None,

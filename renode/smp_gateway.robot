@@ -73,7 +73,7 @@ Image The Application Never Confirms Is Reverted And Reported As A Rollback
     ${out}=    Outcome Line    ${run.stdout}
     Should Be Equal    ${out}[result]    rolled-back
     Should Be Equal    ${out}[lwm2m_result]    8
-    Report Should Be    ${work}    8    did not confirm 3.0.0    reverted
+    Report Should Be    ${work}    8    did not confirm 3.0.0    reverted to 1.0.0
     Wait For Line On Uart    Swap type: test
     Wait For Line On Uart    Swap type: revert
     Slot Should Hold    ${work}/uart.pty    0    1.0.0    ${V1_HASH}    active=True    confirmed=True

@@ -100,7 +100,7 @@ async def test_app_policy_without_app_confirm_reverts(bench_factory) -> None:
         (dev,) = sim.devices.values()
         out = res.outcomes[dev.id]
         assert out.status == Status.ROLLED_BACK, out
-        assert "did not confirm" in out.detail
+        assert "did not confirm" in out.detail and "MCUboot reverted to 1.0.0" in out.detail
         assert active(dev) == ("1.0.0", True)
 
 
