@@ -30,13 +30,13 @@ the server's reason.
 from __future__ import annotations
 
 import json
-import os
-import sqlite3
 import threading
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
+
+from gateway.statedb import open_state_db
 
 
 @dataclass(frozen=True)
@@ -80,14 +80,8 @@ class Journal:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        new = not path.exists()
-        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-        if new:
-            os.chmod(path, 0o600)
+        self._db = open_state_db(path)
         self._lock = threading.Lock()
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
         cols = ", ".join(
             f"{c} {'TEXT PRIMARY KEY' if c == 'device_id' else ''}" for c in _COLUMNS
         )

@@ -11,13 +11,13 @@ audit log. The update journal (``gateway.journal``) stays the single record of w
 from __future__ import annotations
 
 import json
-import os
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from gateway.statedb import open_state_db
 
 
 @dataclass(frozen=True)
@@ -37,14 +37,8 @@ class KnownDevice:
 class OpState:
     def __init__(self, path: Path) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        new = not path.exists()
-        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-        if new:
-            os.chmod(path, 0o600)
+        self._db = open_state_db(path)
         self._lock = threading.Lock()
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
         for ddl in (
             "CREATE TABLE IF NOT EXISTS discovered (device_id TEXT PRIMARY KEY, fingerprint TEXT, "
             "config TEXT, template TEXT, address TEXT, first_seen REAL, last_seen REAL, present INTEGER)",

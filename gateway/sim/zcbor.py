@@ -19,19 +19,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from gateway.smp.codec import cbor_head
+
 __all__ = ["dumps"]
-
-
-def _head(major: int, n: int) -> bytes:
-    if n < 24:
-        return bytes((major << 5 | n,))
-    if n < 0x100:
-        return bytes((major << 5 | 24, n))
-    if n < 0x10000:
-        return bytes((major << 5 | 25,)) + n.to_bytes(2, "big")
-    if n < 0x100000000:
-        return bytes((major << 5 | 26,)) + n.to_bytes(4, "big")
-    return bytes((major << 5 | 27,)) + n.to_bytes(8, "big")
 
 
 def _enc(obj: Any, out: bytearray, canonical: bool) -> None:
@@ -42,21 +32,21 @@ def _enc(obj: Any, out: bytearray, canonical: bool) -> None:
     elif obj is False:
         out += b"\xf4"
     elif isinstance(obj, int):
-        out += _head(0, obj) if obj >= 0 else _head(1, -1 - obj)
+        out += cbor_head(0, obj) if obj >= 0 else cbor_head(1, -1 - obj)
     elif isinstance(obj, bytes | bytearray | memoryview):
         b = bytes(obj)
-        out += _head(2, len(b)) + b
+        out += cbor_head(2, len(b)) + b
     elif isinstance(obj, str):
         b = obj.encode()
-        out += _head(3, len(b)) + b
+        out += cbor_head(3, len(b)) + b
     elif isinstance(obj, list | tuple):
-        out += _head(4, len(obj)) if canonical else b"\x9f"
+        out += cbor_head(4, len(obj)) if canonical else b"\x9f"
         for item in obj:
             _enc(item, out, canonical)
         if not canonical:
             out += b"\xff"
     elif isinstance(obj, dict):
-        out += _head(5, len(obj)) if canonical else b"\xbf"
+        out += cbor_head(5, len(obj)) if canonical else b"\xbf"
         for k, v in obj.items():
             _enc(k, out, canonical)
             _enc(v, out, canonical)

@@ -27,7 +27,22 @@ import cbor2
 from pydantic import BaseModel
 from smp import header as smphdr
 
-__all__ = ["DecodeError", "decode_body", "keep_known", "load_response"]
+__all__ = ["DecodeError", "cbor_head", "decode_body", "keep_known", "load_response"]
+
+
+def cbor_head(major: int, n: int) -> bytes:
+    """A CBOR item head with the shortest argument (RFC 8949 3.1). Encoding by hand is for the
+    two hot paths: upload chunk requests (``smp/upload.py``) and the simulator's zcbor-style
+    answers (``sim/zcbor.py``); cbor2 cannot write indefinite-length containers."""
+    if n < 24:
+        return bytes((major << 5 | n,))
+    if n < 0x100:
+        return bytes((major << 5 | 24, n))
+    if n < 0x10000:
+        return bytes((major << 5 | 25,)) + n.to_bytes(2, "big")
+    if n < 0x100000000:
+        return bytes((major << 5 | 26,)) + n.to_bytes(4, "big")
+    return bytes((major << 5 | 27,)) + n.to_bytes(8, "big")
 
 
 class DecodeError(ValueError):

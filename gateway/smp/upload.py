@@ -86,6 +86,7 @@ import cbor2
 from smp import error as smperr
 from smpclient.requests.image_management import ImageUploadWrite
 
+from gateway.smp.codec import cbor_head
 from gateway.smp.errors import SMPError, SMPProtocolError, SMPTimeout, UploadError
 from gateway.smp.transport import Transport, TransportError
 from gateway.smp.tuning import (
@@ -178,18 +179,6 @@ class UploadStats:
 
 
 # -- CBOR by hand --------------------------------------------------------------------------
-def _cbor_head(major: int, n: int) -> bytes:
-    if n < 24:
-        return bytes((major << 5 | n,))
-    if n < 0x100:
-        return bytes((major << 5 | 24, n))
-    if n < 0x10000:
-        return bytes((major << 5 | 25,)) + n.to_bytes(2, "big")
-    if n < 0x100000000:
-        return bytes((major << 5 | 26,)) + n.to_bytes(4, "big")
-    return bytes((major << 5 | 27,)) + n.to_bytes(8, "big")
-
-
 _KEY_OFF = b"\x63off"
 _KEY_DATA = b"\x64data"
 
@@ -197,7 +186,7 @@ _KEY_DATA = b"\x64data"
 def encode_chunk(seq: int, off: int, data: bytes | memoryview) -> bytes:
     """The SMP v2 packet of a continuation chunk; byte-identical to smpclient's
     ``ImageUploadWrite(off=off, data=data, sequence=seq).BYTES`` (keys in the same order)."""
-    body = b"".join((b"\xa2", _KEY_OFF, _cbor_head(0, off), _KEY_DATA, _cbor_head(2, len(data))))
+    body = b"".join((b"\xa2", _KEY_OFF, cbor_head(0, off), _KEY_DATA, cbor_head(2, len(data))))
     hdr = _HDR.pack(_OP_WRITE_V2, 0, len(body) + len(data), _GROUP_IMAGE, seq, _CMD_UPLOAD)
     return b"".join((hdr, body, data))
 
