@@ -43,7 +43,7 @@ from smp import packet as smppacket
 from gateway.mcuboot import parse_image
 from gateway.sim import SimConfig, SimDeviceConfig, Simulator
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.timeout(900), pytest.mark.renode]
 
 # step name -> why the simulator's answer differs from the firmware's (none known today)
 KNOWN_DIFFERENCES: dict[str, str] = {}
