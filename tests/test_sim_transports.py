@@ -320,3 +320,41 @@ async def test_shell_mtu_and_lines_waiting_for_the_shell_thread(kit: dict[str, P
         assert dev.counters["rx_lines_no_buffer"] == 1
     finally:
         s.close()
+
+
+# --- Renode's USART: the RX line buffers free up only when the input pauses -----------------
+def _feed_lines(rx: Any, lines: list[bytes], t0: float, rate: float, gap_s: float = 0.0) -> tuple[
+        list[bytes], float]:
+    """Feed ``lines`` one delivery each, as the simulator's PTY endpoint does: a line's bytes
+    arrive at ``rate`` bytes/s, ``gap_s`` of silence before each line after the first."""
+    kept: list[bytes] = []
+    t = t0
+    for i, line in enumerate(lines):
+        if i:
+            t += gap_s
+        first = t + 1 / rate
+        t = first + (len(line) - 1) / rate
+        rx.feed(line, first, t, smp_busy=False, emit=kept.append)
+    return kept, t
+
+
+def test_renode_uart_frees_its_line_buffers_only_when_the_input_pauses() -> None:
+    """Found on the firmware with an upload sweep: 3-line frames written at once lose their
+    last line, the same lines 20 ms apart all pass, a frame right behind another is lost."""
+    from gateway.sim.serial_rx import LineRx
+
+    line = b"x" * 122 + b"\n"
+    rate = 7000.0
+    rx = LineRx("uart", 2, 128, 0.001, free_when_idle=True)
+    kept, t = _feed_lines(rx, [line] * 3, 0.0, rate)
+    assert len(kept) == 2 and rx.counters["rx_lines_no_buffer"] == 1
+    # after a pause (the device answered), the same frame paced 20 ms per line passes whole
+    kept, t = _feed_lines(rx, [line] * 3, t + 0.05, rate, gap_s=0.02)
+    assert len(kept) == 3
+    # two 2-line frames back to back: the second finds both buffers still held
+    kept, t = _feed_lines(rx, [line] * 4, t + 0.05, rate)
+    assert len(kept) == 2
+    # without the Renode behaviour, the work queue frees each buffer 1 ms after its line
+    plain = LineRx("uart", 2, 128, 0.001)
+    kept, _ = _feed_lines(plain, [line] * 5, 0.0, rate)
+    assert len(kept) == 5

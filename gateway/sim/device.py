@@ -751,7 +751,7 @@ class PtyEndpoint:
         self.scfg = scfg
         self.link: Path | None = scfg.link
         self.rx = LineRx(scfg.transport, scfg.rx_buf_count, scfg.line_buf_size,
-                         scfg.rx_work_latency_s)
+                         scfg.rx_work_latency_s, free_when_idle=scfg.rx_free_when_idle)
         self._arrive = 0.0  # scheduled arrival of the line being decoded
         self._decoder: Any = None
         self._out = bytearray()

@@ -49,9 +49,13 @@ Presets and where each number comes from:
     so ``swap_time_s`` 35 with ``time_scale`` 1.0 (real); set ``time_scale`` lower to run it
     fast. Line drops: one frame of 4-5 lines passes (5 of 6 tries), two frames of 2 lines
     (127 + ~11 bytes) written back to back lose the second about half the time, three such
-    frames lose one (4 of 5), 1-line frames of 39 bytes are rarely lost. Modelled
-    deterministically: an RX buffer is freed 4 ms (``rx_work_latency_s``, ~28 byte-times)
-    after its line ended, so the line after a short line finds both buffers held.
+    frames lose one (4 of 5), 1-line frames of 39 bytes are rarely lost. An upload sweep
+    (2026-12-01) showed why frames of more than 2 lines fail: written with 20 ms between
+    lines they all pass. Renode keeps the ISR reading while host bytes are queued, so the
+    line buffers are freed only when the input pauses. Modelled deterministically
+    (``rx_free_when_idle``): the buffers are freed 1 ms (``rx_work_latency_s``) after a pause
+    in the input, so a frame of 3+ lines written at once, or a frame right behind another,
+    loses lines; the tuning learns 176-byte packets and window 1, as on the firmware.
     The preset, probed the same way on the same (loaded) host: echo 10 ms, echo of 250
     characters 86 ms, state read 19 ms, 64-byte chunks 29 ms median / 74 ms p90, first chunk
     57 ms (asyncio's millisecond timer granularity adds a few ms per exchange); bursts of
@@ -179,7 +183,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "time_scale": 1.0,
         "serial": {"transport": "uart", "rx_buf_count": 2, "rx_buf_size": 128,
                    "rx_bytes_per_s": 7_000, "tx_bytes_per_s": 40_000,
-                   "rx_work_latency_s": 0.004},
+                   "rx_work_latency_s": 0.001, "rx_free_when_idle": True},
         "flash_offsets": [0x40000, 0x80000],
         "bootloader_info_era": "zephyr-3.4",
     },
