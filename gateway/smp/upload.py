@@ -667,7 +667,20 @@ class WindowedUpload:
                         continue
                     timer = None
                     if oldest is None:
-                        continue  # the hold is over: one request may go
+                        if next_off < total:
+                            continue  # the hold is over: one request may go
+                        # the hold is over and everything past ``acked`` went out already and
+                        # timed out (a device reset forgets them all): a stall, and the next
+                        # request goes again from the acknowledged offset
+                        stalls += 1
+                        stats.retransmits += 1
+                        self.backoff = min(self.backoff * 2, 64.0)
+                        if stalls > self.max_stalls:
+                            raise UploadError(
+                                f"no progress after {self.max_stalls} retransmissions at offset "
+                                f"{acked}/{total}")
+                        next_off = acked
+                        continue
                     was_stale = oldest.stale
                     ghost(oldest)
                     if was_stale:
