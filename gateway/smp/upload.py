@@ -589,6 +589,16 @@ class WindowedUpload:
                 old = ghosts.pop(next(iter(ghosts)))
                 self._forget(old, inflight)
 
+        def stall() -> None:
+            """A retransmission without progress: back off; too many in a row end the upload."""
+            nonlocal stalls
+            stalls += 1
+            stats.retransmits += 1
+            self.backoff = min(self.backoff * 2, 64.0)
+            if stalls > self.max_stalls:
+                raise UploadError(f"no progress after {self.max_stalls} retransmissions at "
+                                  f"offset {acked}/{total}")
+
         def lost(kind: str, where: int) -> None:
             """A loss: the window takes the blame when it is probing, else the packet size."""
             blame_window = win.probing
@@ -672,26 +682,14 @@ class WindowedUpload:
                         # the hold is over and everything past ``acked`` went out already and
                         # timed out (a device reset forgets them all): a stall, and the next
                         # request goes again from the acknowledged offset
-                        stalls += 1
-                        stats.retransmits += 1
-                        self.backoff = min(self.backoff * 2, 64.0)
-                        if stalls > self.max_stalls:
-                            raise UploadError(
-                                f"no progress after {self.max_stalls} retransmissions at offset "
-                                f"{acked}/{total}")
+                        stall()
                         next_off = acked
                         continue
                     was_stale = oldest.stale
                     ghost(oldest)
                     if was_stale:
                         continue  # sent before a rewind and unanswered: no resend for it
-                    stalls += 1
-                    stats.retransmits += 1
-                    self.backoff = min(self.backoff * 2, 64.0)
-                    if stalls > self.max_stalls:
-                        raise UploadError(
-                            f"no progress after {self.max_stalls} retransmissions at offset "
-                            f"{acked}/{total}")
+                    stall()
                     lost("timeout", acked)
                     log.debug("device=%s upload: timeout at %d/%d (rto %.3fs), going back",
                               s.device_id, acked, total, self.rto())
