@@ -79,6 +79,17 @@ def sign_image(firmware: str, key: str, version: str, out: str) -> str:
     return out
 
 
+@keyword("Sign Padded Confirmed Image")
+def sign_padded_confirmed_image(firmware: str, key: str, version: str, out: str) -> str:
+    """``imgtool sign --pad --confirm`` with a trusted key: the signed image followed by
+    MCUboot's trailer with image_ok set up to the slot's end - uploaded whole, it would be a
+    *permanent* install request (review finding 2)."""
+    _imgtool("sign", "--key", key, "--header-size", "0x200", "--align", "8",
+             "--slot-size", hex(SLOT_SIZE), "--max-sectors", "16", "--version", version,
+             "--pad", "--confirm", str(Path(firmware) / "smp_svr-unsigned.bin"), out)
+    return out
+
+
 @keyword("Image Hash")
 def image_hash(path: str, key: str | None = None) -> str:
     """The image's SHA-256 as its TLV states it (what ``image state`` reports), via imgtool.

@@ -167,6 +167,8 @@ Image Signed With A Key MCUboot Does Not Trust Is Refused At Boot And Reported
 Image The Gateway Does Not Trust Is Refused With Zero Bytes Sent
     [Documentation]    Signed with a key outside trusted_keys: refused before a byte is sent.
     ...                slot1 held 3.0.0 before the pass and still holds exactly it afterwards.
+    ...                Then a trusted image padded with a permanent-install trailer
+    ...                (imgtool --pad --confirm): refused too, slot1 still 3.0.0, no swap.
     [Tags]    refused
     ${v3}=    Set Variable    ${FIRMWARE}/smp_svr-3.0.0.signed.bin
     ${work}=    Prepare Test Work Dir    gateway.yaml
@@ -187,6 +189,19 @@ Image The Gateway Does Not Trust Is Refused With Zero Bytes Sent
         ${file}=    File Word    ${v3}    ${offset}
         Should Be Equal As Integers    ${dev.strip()}    ${file}    slot1 changed at +${offset}
     END
+    # review finding 2: a trusted image padded with MCUboot's trailer (image_ok set, as
+    # `imgtool sign --pad --confirm` writes it) would be a permanent install: refused too (2.1.0:
+    # the untrusted 2.0.0 above has the same image hash, which the gateway now blocks)
+    ${padded}=    Sign Padded Confirmed Image    ${FIRMWARE}    ${FIRMWARE}/signing-key.pem    2.1.0
+    ...    ${work}/padded-confirmed-2.1.0.signed.bin
+    Publish Image    ${work}    ${padded}
+    ${run}=    Run Gateway Once    ${work}    n=2
+    Should Be Equal As Integers    ${run.rc}    1    expected a failed pass: ${run.stdout}
+    ${out}=    Outcome Line    ${run.stdout}
+    Should Be Equal    ${out}[result]    refused
+    Should Be Equal    ${out}[bytes]    0
+    Report Should Be    ${work}    6    trailing-data    image_ok
+    Slot Should Hold    ${work}/uart.pty    1    3.0.0    ${V3_HASH}    pending=False    confirmed=False
     ${console}=    Get File    ${work}/console.log
     Should Not Contain    ${console}    Swap type: test
 

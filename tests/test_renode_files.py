@@ -62,7 +62,7 @@ def test_suite_names_existing_configs_and_firmware_files() -> None:
     used = set(re.findall(r"\b([\w-]+\.yaml)\b", text))
     assert used and used <= set(CONFIGS), (used, CONFIGS)
     for f in re.findall(r"\$\{FIRMWARE\}/([\w.-]+)", text):
-        assert f in {"smp_svr-2.0.0.signed.bin", "smp_svr-3.0.0.signed.bin",
+        assert f in {"smp_svr-2.0.0.signed.bin", "smp_svr-3.0.0.signed.bin", "signing-key.pem",
                      "stm32f4_disco_mcuboot.resc"}, f
     # runtime files stay out of $TMPDIR/renode-* (Renode deletes those of dead processes)
     assert "/tmp/renode-" not in text
