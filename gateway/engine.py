@@ -397,6 +397,8 @@ class UpdateEngine:
                                    slots.active_hash.hex() if slots.active_hash else None),
                                old_version=prev.old_version if same else old_v,
                                tested_hash=prev.tested_hash if same else None,
+                               upload_offset=prev.upload_offset if same else 0,
+                               upload_total=prev.upload_total if same else 0,
                                attempts=prev.attempts + 1,
                                running_version=prev.running_version,
                                running_hash=prev.running_hash,
@@ -422,6 +424,15 @@ class UpdateEngine:
             raise self._finish(Status.FAILED, UpdateResult.UPDATE_FAILED,
                                "device runs the target image unconfirmed, but this gateway did not "
                                "test it: refusing to confirm", image, old_v)
+        # A slot listing the target's hash is no proof that its bytes are all there: img_mgmt
+        # reads the hash from the slot's TLV area (img_mgmt_read_info) and checks nothing else,
+        # so an upload cut after the hash TLV (gateway killed, link lost) lists the full hash of
+        # an image MCUboot then refuses at boot. Only the journal proves it - the device
+        # acknowledged the last byte of this gateway's upload of this image; otherwise it is
+        # uploaded again (a device that still holds the upload resumes it, one built with
+        # CONFIG_IMG_ENABLE_IMAGE_CHECK answers that the slot already matches).
+        complete = (slots.other_hash == target and slots.other is not None
+                    and self._uploaded_here(th, image.size))
         staged_by_mode = (flow.mark == Mark.NONE and slots.other_hash == target
                           and slots.other is not None)
         if was_reset and self.entry.tested_hash == th and not (
@@ -470,6 +481,7 @@ class UpdateEngine:
                                   old_version=old_v, new_version=str(image.version)))
         if staged_by_mode:
             pass  # no mark in this mode: a newer image in the other slot is "pending" by itself
+            # (uploaded again below unless the journal proves it complete)
         elif other is not None and slots.other_hash == target and other.pending:
             if self.entry.tested_hash != th:
                 # Pending, but not marked by this gateway (the journal is written before every
@@ -480,8 +492,9 @@ class UpdateEngine:
                                    image, old_v)
             self._hold(Stage.MARKED, image, old_v)
             return await self._reset_and_verify(image, old_v)
-        if other is not None and slots.other_hash == target:
-            self._step(Step.UPLOAD, "target already complete in the secondary slot: no upload",
+        if complete:
+            self._step(Step.UPLOAD, "target already complete in the secondary slot (uploaded "
+                       "and acknowledged to the last byte before): no upload",
                        upload_offset=image.size, upload_total=image.size)
             self.upload = (0, 0.0, image.size)
         else:
@@ -509,6 +522,13 @@ class UpdateEngine:
         self._hold(Stage.MARKED, image, old_v)
         return await self._reset_and_verify(image, old_v)
 
+    def _uploaded_here(self, th: str, size: int) -> bool:
+        """The journal says the device acknowledged the last byte of this gateway's upload of
+        the image ``th`` (``_send`` zeroes the offset before its first chunk, so an upload
+        started again and cut short proves nothing)."""
+        e = self.entry
+        return e.target_hash == th and e.upload_total == size and e.upload_offset == size
+
     async def _upload(self, image: VerifiedImage) -> tuple[int, float, int]:
         sent, secs, start = await self._send(image, self.dev.image)
         # the device must now hold exactly our image in the secondary slot
@@ -525,7 +545,8 @@ class UpdateEngine:
                     window: int | None = None) -> tuple[int, float, int]:
         """Upload ``image`` as MCUboot image ``image_num``; (bytes sent, seconds, resumed from)."""
         data = image.read()
-        self._step(Step.UPLOAD, f"{label}{len(data)} bytes", upload_total=len(data))
+        self._step(Step.UPLOAD, f"{label}{len(data)} bytes", upload_offset=0,
+                   upload_total=len(data))
         last_saved = [time.monotonic()]
 
         def progress(off: int, total: int) -> None:
@@ -987,10 +1008,13 @@ class UpdateEngine:
                                    "but this gateway did not mark it: refusing to reset",
                                    iset, old_v)
 
-        # uploads: only what is on no slot of its image yet
+        # uploads: what is on no slot of its image yet - and what a secondary slot lists
+        # without proof that all its bytes are there (its hash TLV is all img_mgmt reads; the
+        # journal's marks come only after every upload was acknowledged to its last byte)
         sent_total, secs_total, resumed_total = 0, 0.0, 0
         for m in iset.members:
-            if where[m.image] != W.ABSENT:
+            if not (where[m.image] == W.ABSENT or (where[m.image] == W.STAGED
+                                                   and not marks_started)):
                 continue
             sent, secs, start = await self._send(m.verified, m.image, f"{m.label()}: ")
             sent_total += sent

@@ -86,6 +86,25 @@ async def test_two_images_updated_as_one_set_with_one_reset(bench_factory) -> No
         assert active(dev, 0) == ("3.0.0", True, 0) and active(dev, 1) == ("2.0.0", True, 0)
 
 
+async def test_a_member_whose_slot_lacks_its_last_bytes_is_uploaded_again(bench_factory) -> None:
+    """Image 1's secondary lists the set's image 1 hash (an upload cut short after its hash TLV,
+    by this gateway or another tool) but lacks the signature's last bytes: without the journal's
+    proof it is uploaded again, not marked permanent as it is - MCUboot would refuse image 1 and
+    swap image 0 alone, a set the device was never meant to run."""
+    bench, imgs = two_images(bench_factory)
+    publish_entry(bench, set_entry(bench.images["2.0.0"], imgs["img1-2.0.0"]))
+    data = imgs["img1-2.0.0"].read_bytes()
+    async with Simulator(bench.sim_cfg) as sim:
+        (dev,) = sim.devices.values()
+        dev.flash.write(3, 0, data[:-40], sync=True)
+        res = await run_pass(bench.gateway_config(sim))
+        out = res.outcomes[dev.id]
+        assert out.status == Status.UPDATED, out
+        assert sorted(uploads_to(dev)) == [1, 3]
+        assert active(dev, 0) == ("2.0.0", True, 0)
+        assert active(dev, 1) == ("2.0.0", True, 0)
+
+
 async def test_image_0_fails_image_1_that_can_revert_reverts_too(bench_factory) -> None:
     """Both images test-capable (the device lets img_mgmt confirm a non-active image): image 0
     crashes in its test boot, the set fails, and both are back on 1.0.0 - ROLLED_BACK."""

@@ -123,3 +123,33 @@ async def test_reset_that_never_arrived_is_sent_again(bench_factory: Any) -> Non
         assert out.status == Status.UPDATED, out
         assert len(tap.requests(lambda r: r.is_reset)) == 2
         assert active_state(dev) == ("2.0.0", True)
+
+
+async def test_secondary_listing_the_target_without_its_last_bytes_is_uploaded_again(
+        bench_factory: Any) -> None:
+    """Found by a fault-schedule kill sweep (seed 2, SIGKILL at request 14): an upload cut short
+    after the chunk that holds the hash TLV leaves a secondary slot that img_mgmt lists with the
+    target's full hash (img_mgmt_read_info reads the TLV, nothing else) while the signature's
+    last bytes are missing. The next attempt took that for a complete upload, marked it and
+    reset: MCUboot refused it, and the gateway reported - and blocked - a "key mismatch". Only
+    the journal (the device acknowledged this gateway's last byte) proves an upload complete;
+    here it does not, so the image is uploaded again and installed."""
+    from gateway.mcuboot import parse_image
+
+    bench = bench_factory(udp=1, serial=0, image_size=8 * 1024)
+    bench.publish("2.0.0")
+    data = bench.images["2.0.0"].read_bytes()
+    target = parse_image(data).hash
+    async with Simulator(bench.sim_cfg) as sim:
+        (dev,) = sim.devices.values()
+        dev.flash.write(1, 0, data[:-40], sync=True)  # all but the signature's last 40 bytes
+        assert dev.img.read_info(1).hash == target  # what the device lists: the full hash
+        gw = Gateway(bench.gateway_config(sim, health_check_s=0.3))
+        try:
+            out = (await gw.run_once()).outcomes[dev.id]
+        finally:
+            gw.close()
+        assert out.status == Status.UPDATED, out
+        uploads = [e for e in dev.events if e.kind == "upload-start"]
+        assert len(uploads) == 1, uploads
+        assert active_state(dev) == ("2.0.0", True)
