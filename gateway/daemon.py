@@ -377,9 +377,12 @@ class Gateway:
         check, or the confirm's answer was lost) while the device runs the image this gateway
         marked (``tested_hash``): the next attempt health-checks and confirms it - or finds it
         confirmed and reports the update done - rather than leaving it unconfirmed, or the
-        server believing the failure (the source may not offer the version the device runs)."""
+        server believing the failure (the source may not offer the version the device runs).
+        The same after a rollback verdict: a device that runs the image this gateway marked
+        booted it after all, and a test boot this gateway started is finished by it."""
         entry = self.journal.get(dev.id)
-        tested_running = (entry.outcome == Status.FAILED.value and entry.tested_hash is not None
+        tested_running = (entry.outcome in (Status.FAILED.value, Status.ROLLED_BACK.value)
+                          and entry.tested_hash is not None
                           and slots.active_hash is not None
                           and entry.tested_hash == slots.active_hash.hex())
         if ((entry.outcome is None or tested_running) and entry.target_hash and entry.image_path

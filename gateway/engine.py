@@ -183,7 +183,12 @@ class UpdateEngine:
                 old: str | None = None) -> _Finish:
         step = {Status.UPDATED: Step.DONE, Status.UP_TO_DATE: Step.DONE, Status.REFUSED: Step.REFUSED,
                 Status.ROLLED_BACK: Step.ROLLED_BACK, Status.FAILED: Step.FAILED}[status]
-        self._step(step, detail, outcome=status.value,
+        # installed after all (a rollback verdict the device proved wrong): no longer blocked
+        unblock: dict[str, object] = (
+            {"blocked_hash": None, "blocked_artifact": None}
+            if status == Status.UPDATED and self.entry.blocked_hash is not None
+            and self.entry.blocked_hash == self.entry.target_hash else {})
+        self._step(step, detail, outcome=status.value, **unblock,
                    last_error=None if status in (Status.UPDATED, Status.UP_TO_DATE) else detail,
                    unreported=json.dumps({"result": int(result),
                                           "detail": f"{status.value}: {detail}"}))
@@ -389,7 +394,10 @@ class UpdateEngine:
             # A new attempt at the same image after a failure (e.g. the device did not come back
             # in time after the reset) keeps what this gateway did to it: the hash it marked for
             # test (else it could never confirm it) and the image it replaced.
-            same = prev.target_hash == th and prev.outcome == Status.FAILED.value
+            same = prev.target_hash == th and (
+                prev.outcome == Status.FAILED.value
+                # a rollback verdict, yet the device runs the image this gateway marked
+                or (prev.outcome == Status.ROLLED_BACK.value and slots.active_hash == target))
             self.entry = Entry(device_id=self.dev.id, target_hash=th,
                                target_version=str(image.version), artifact_id=artifact_id,
                                source=source, image_path=str(stored.path),

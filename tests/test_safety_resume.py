@@ -153,3 +153,64 @@ async def test_secondary_listing_the_target_without_its_last_bytes_is_uploaded_a
         uploads = [e for e in dev.events if e.kind == "upload-start"]
         assert len(uploads) == 1, uploads
         assert active_state(dev) == ("2.0.0", True)
+
+
+async def test_test_boot_this_gateway_started_is_finished_after_a_wrong_rollback_verdict(
+        bench_factory: Any) -> None:
+    """CI, fault seed 2: the journal said rolled back (and blocked the artifact) while the device
+    went on to test-run the image this gateway had marked; every later pass refused to touch
+    "an unconfirmed image this gateway did not test" - though ``tested_hash`` said it did - and a
+    power cut would have reverted it under a server that was told "rolled back". A test boot this
+    gateway started is finished by it: health check, confirm, report updated, block lifted."""
+    import json
+
+    from gateway.journal import Journal
+
+    bench = bench_factory(udp=1, serial=0, image_size=8 * 1024)
+    bench.publish("2.0.0")
+    async with Simulator(bench.sim_cfg) as sim:
+        (dev,) = sim.devices.values()
+        tap = Tap(dev).install()
+        blackout = [False]
+
+        def hook(req: Request, frame: bytes, reply: Any) -> bool:
+            if req.is_reset:  # the test boot happens; the gateway loses sight of it
+                blackout[0] = True
+                return True
+            return not (blackout[0] and req.op == 0 and req.group == 1 and req.cmd == 0)
+
+        tap.hook = hook
+        cfg = bench.gateway_config(sim, health_check_s=0.3,
+                                   timeouts={"reset_s": 3, "request_s": 0.5})
+        gw = Gateway(cfg)
+        try:
+            first = (await gw.run_once()).outcomes[dev.id]
+        finally:
+            gw.close()
+        tap.hook = None
+        assert first.status == Status.FAILED, first
+        assert active_state(dev) == ("2.0.0", False)  # test-running the image this gateway marked
+        # the journal as a wrong rollback verdict leaves it: rolled back, artifact blocked
+        j = Journal(bench.root / "gateway-state" / "journal.sqlite")
+        e = j.get(dev.id)
+        assert e.tested_hash is not None and e.tested_hash == e.target_hash
+        j.put(e.with_(outcome=Status.ROLLED_BACK.value, step="rolled-back",
+                      blocked_hash=e.target_hash, blocked_artifact=e.artifact_id), "test: verdict")
+        j.close()
+
+        gw = Gateway(cfg)
+        try:
+            second = (await gw.run_once()).outcomes[dev.id]
+        finally:
+            gw.close()
+        assert second.status == Status.UPDATED, second
+        assert active_state(dev) == ("2.0.0", True)
+        await dev.power_cycle(wait=True)
+        assert active_state(dev) == ("2.0.0", True)
+        j = Journal(bench.root / "gateway-state" / "journal.sqlite")
+        e = j.get(dev.id)
+        j.close()
+        assert e.blocked_artifact is None and e.blocked_hash is None
+        lines = [json.loads(x) for x in
+                 (bench.updates_dir / "reports.jsonl").read_text().splitlines() if x.strip()]
+        assert lines[-1]["result_name"] == "SUCCESS", lines
