@@ -94,7 +94,8 @@ INVARIANTS: list[tuple[str, str]] = [
     ("only verified bytes",
      "every upload started with the SHA-256 of an image the gateway had verified, and at the end "
      "each slot's image area holds a prefix of a verified image (or the factory image) followed "
-     "by erased flash up to MCUboot's trailer"),
+     "by erased flash up to MCUboot's trailer; MCUboot never refused an image it was asked to "
+     "boot (all are signed with the device's key: a refusal means one was marked incomplete)"),
     ("nothing left pending",
      "a device whose last outcome is not a success has no pending or permanent image in its "
      "secondary slot, and runs a confirmed image"),
@@ -408,6 +409,11 @@ class DeviceWatch:
     def _event(self, kind: str, detail: dict[str, Any] | None = None) -> None:
         self._orig_event(kind, detail)
         d = detail or {}
+        if kind == "boot" and str(d.get("outcome", "")).startswith("refused"):
+            # every image here is signed with the device's key: MCUboot refuses one only if it
+            # was marked with bytes missing (an upload cut short, taken for complete)
+            self.violations.append(f"boot {d.get('n')}: MCUboot refused the image it was asked "
+                                   f"to boot ({d.get('outcome')})")
         if kind == "boot" and d.get("permanent"):
             self.violations.append(f"boot {d.get('n')}: a PERM swap installed {d.get('version')} "
                                    "permanently")
