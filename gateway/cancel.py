@@ -98,7 +98,7 @@ async def undo(session: SMPSession, dev: DeviceConfig, journal: Journal, target_
     """Take the update of ``target_hash`` back on an open session; journal the result."""
     entry = journal.get(dev.id)
     slots = Slots.parse(await session.image_state(), dev.image)
-    running = slots.active.version if slots.active else None
+    running = slots.running
     th = target_hash.hex()
     res: CancelResult
     if slots.active_hash == target_hash and slots.active and slots.active.confirmed:
@@ -129,7 +129,7 @@ async def undo(session: SMPSession, dev: DeviceConfig, journal: Journal, target_
     else:
         phase = "before-upload"
     slots = Slots.parse(await session.image_state(), dev.image)
-    running = slots.active.version if slots.active else None
+    running = slots.running
     if slots.active_hash == target_hash:
         detail = f"{reason}: the device still runs the canceled image after the reset"
         journal.put(entry.with_(step=Step.FAILED.value, outcome="failed", last_error=detail), detail)

@@ -335,7 +335,7 @@ class Gateway:
                 entry = entry.with_(outcome=Status.UP_TO_DATE.value)
             self.journal.put(entry, "up to date")
             self.steps[dev.id] = Step.DONE.value
-            v = slots.active.version if slots.active else None
+            v = slots.running
             log.info("device=%s up-to-date version=%s", dev.id, v)
             return self._count(Outcome(dev.id, Status.UP_TO_DATE, UpdateResult.SUCCESS,
                                        f"running {v}", old_version=v, new_version=v))
@@ -356,7 +356,7 @@ class Gateway:
                                         allow_unsigned=dev.allow_unsigned)
         except ImageRefused as exc:
             out = Outcome(dev.id, Status.REFUSED, exc.reason.lwm2m, str(exc),
-                          old_version=slots.active.version if slots.active else None,
+                          old_version=slots.running,
                           new_version=str(offer.version) if offer.version else None)
             log.warning("device=%s refused reason=%s %s", dev.id, exc.reason.value, exc.message)
             self.journal.put(engine.entry.with_(step=Step.REFUSED.value, outcome="refused",

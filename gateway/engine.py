@@ -131,6 +131,11 @@ class Slots:
         return bytes(self.other.hash) if self.other and self.other.hash else None
 
     @property
+    def running(self) -> str | None:
+        """The running image's version as the device reports it."""
+        return self.active.version if self.active else None
+
+    @property
     def active_version(self) -> Version | None:
         if self.active is None:
             return None
@@ -222,7 +227,7 @@ class UpdateEngine:
         images = await self.s.image_state(timeout_s=timeout_s)
         slots = Slots.parse(images, self.dev.image)
         self.entry = self.entry.with_(
-            running_version=slots.active.version if slots.active else None,
+            running_version=slots.running,
             running_hash=slots.active_hash.hex() if slots.active_hash else None,
         )
         return slots
@@ -293,10 +298,10 @@ class UpdateEngine:
                     raise self._finish(Status.FAILED, UpdateResult.UPDATE_FAILED,
                                        f"{reason}; reset to revert, but the device still runs "
                                        f"{image.version}", image, old_v)
-                now = slots.active.version if slots.active else "?"
+                now = slots.running or "?"
                 raise self._finish(Status.ROLLED_BACK, UpdateResult.UPDATE_FAILED,
                                    f"{reason}; reset, MCUboot reverted to {now}", image, old_v)
-            now = slots.active.version if slots.active else "?"
+            now = slots.running or "?"
             if slots.other_hash == image.hash and slots.other and slots.other.pending:
                 # FAILED, not rolled back: the journal keeps tested_hash for the next attempt
                 raise self._finish(Status.FAILED, UpdateResult.UPDATE_FAILED,
@@ -341,7 +346,7 @@ class UpdateEngine:
                       artifact_id: str | None, source: str | None) -> _Finish:
         """A refusal decided before the journal row of this attempt exists (mode, build)."""
         prev = self.entry
-        old_v = slots.active.version if slots.active else None
+        old_v = slots.running
         self.entry = Entry(device_id=self.dev.id, target_hash=image.hash.hex(),
                            target_version=str(image.version), artifact_id=artifact_id,
                            source=source, image_path=str(image.path),
@@ -382,7 +387,7 @@ class UpdateEngine:
                      image.version, image.hash.hex()[:16], stored.path.name)
         target = image.hash
         th = target.hex()
-        old_v = slots.active.version if slots.active else None
+        old_v = slots.running
         prev = self.entry
         resuming = prev.target_hash == th and prev.outcome is None
         if resuming and prev.old_version:
@@ -727,7 +732,7 @@ class UpdateEngine:
                 raise self._finish(Status.FAILED, UpdateResult.UPDATE_FAILED, f.outcome.detail,
                                    image, old_v) from None
             if slots.active_hash != target:
-                now = slots.active.version if slots.active else "?"
+                now = slots.running or "?"
                 raise self._finish(Status.FAILED, UpdateResult.UPDATE_FAILED,
                                    f"{image.version} was installed ({self.flow.mode.value}, no "
                                    f"revert) but the device now runs {now}", image, old_v)
@@ -838,7 +843,7 @@ class UpdateEngine:
         if slots.active_hash == target:
             raise self._finish(Status.FAILED, UpdateResult.UPDATE_FAILED,
                                detail + ", but the device still runs it", image, old_v)
-        now = slots.active.version if slots.active else "?"
+        now = slots.running or "?"
         raise self._finish(Status.ROLLED_BACK, UpdateResult.UPDATE_FAILED,
                            detail + f"; MCUboot reverted to {now} (with confirm: app the "
                            "application must confirm itself, boot_write_img_confirmed(); "
@@ -855,15 +860,15 @@ class UpdateEngine:
                 # take the pending image (LwM2M 8, update failed), the link is not to blame.
                 detail = ("the device acknowledged the reset but its bootloader did not take the "
                           f"image: {image.version} is still pending in the secondary slot and "
-                          f"{slots.active.version if slots.active else '?'} runs (the bootloader "
+                          f"{slots.running or '?'} runs (the bootloader "
                           "may not be in a swap mode, or the device did not actually reset)")
                 raise self._finish(Status.FAILED, UpdateResult.UPDATE_FAILED, detail, image, old_v)
             detail = ("the reset request went unanswered and the device still runs "
-                      f"{slots.active.version if slots.active else '?'} with {image.version} "
+                      f"{slots.running or '?'} with {image.version} "
                       "pending: the reset probably never reached it")
             raise self._finish(Status.FAILED, UpdateResult.CONNECTION_LOST, detail, image, old_v)
         flow = self.flow
-        now = slots.active.version if slots.active else "?"
+        now = slots.running or "?"
         if slots.other_hash == target:
             detail = (flow.reverted(image, now) if flow is not None else
                       f"rollback: {image.version} booted but was not confirmed before the next "
@@ -1238,7 +1243,7 @@ class UpdateEngine:
         rec = self.dev.recovery
         assert rec is not None
         target, th = image.hash, image.hash.hex()
-        old_v = slots.active.version if slots.active else None
+        old_v = slots.running
         prev = self.entry
         resuming = prev.target_hash == th and prev.outcome is None
         if resuming and prev.old_version:
@@ -1331,7 +1336,7 @@ class UpdateEngine:
         if run.active_hash != target:
             raise self._finish(Status.FAILED, UpdateResult.UPDATE_FAILED,
                                f"{image.version} was written through {via}, but the device runs "
-                               f"{run.active.version if run.active else '?'}", image, old_v)
+                               f"{run.running or '?'}", image, old_v)
         detail = success("")
         if image.unverified:
             detail += f"; {image.unverified}"

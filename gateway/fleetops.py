@@ -304,7 +304,7 @@ class FleetOps:
             async with self.gw.session(dev) as s:
                 slots = Slots.parse(await s.image_state(), dev.image)
             if slots.active_hash is None or slots.active_hash.hex() != e.target_hash:
-                now = slots.active.version if slots.active else "?"
+                now = slots.running or "?"
                 return f"{dev.id} runs {now}, not {e.target_version}"
             if not (slots.active and slots.active.confirmed):
                 return f"{dev.id}: {e.target_version} is not confirmed"

@@ -130,7 +130,7 @@ class MemberEngine(UpdateEngine):
             return Outcome(self.dev.id, Status.FAILED, UpdateResult.CONNECTION_LOST,
                            f"re-check before confirm: {type(exc).__name__}: {exc}",
                            old_version=old_v, new_version=str(image.version))
-        now = slots.active.version if slots.active else "?"
+        now = slots.running or "?"
         problem: str | None = None
         status = Status.FAILED
         if slots.active_hash != image.hash:
