@@ -22,30 +22,41 @@ from gateway.sim.simulator import Simulator
 pytestmark = pytest.mark.timeout(90)
 
 
+def lose_state_reads_after_the_reset(tap: Tap) -> list[bool]:
+    """The reset goes through; after it, no state read is answered until ``blackout[0]`` is
+    cleared or the hook removed."""
+    blackout = [False]
+
+    def hook(req: Request, frame: bytes, reply: Any) -> bool:
+        if req.is_reset:
+            blackout[0] = True
+            return True
+        return not (blackout[0] and req.op == 0 and req.group == 1 and req.cmd == 0)
+
+    tap.hook = hook
+    return blackout
+
+
+async def one_pass(cfg: Any, dev_id: str) -> Any:
+    gw = Gateway(cfg)
+    try:
+        return (await gw.run_once()).outcomes[dev_id]
+    finally:
+        gw.close()
+
+
 async def test_failed_attempt_during_the_test_boot_is_resumed(bench_factory: Any) -> None:
     bench = bench_factory(udp=1, serial=0, image_size=8 * 1024)
     bench.publish("2.0.0")
     async with Simulator(bench.sim_cfg) as sim:
         (dev,) = sim.devices.values()
         tap = Tap(dev).install()
-        blackout = [False]
-
-        def hook(req: Request, frame: bytes, reply: Any) -> bool:
-            if req.is_reset:  # the reset goes through; after it, no state read is answered
-                blackout[0] = True
-                return True
-            return not (blackout[0] and req.op == 0 and req.group == 1 and req.cmd == 0)
-
-        tap.hook = hook
+        blackout = lose_state_reads_after_the_reset(tap)
         cfg = bench.gateway_config(sim, health_check_s=0.3,
                                    timeouts={"reset_s": 3, "request_s": 0.5})
         outs = []
         for _ in range(2):
-            gw = Gateway(cfg)
-            try:
-                outs.append((await gw.run_once()).outcomes[dev.id])
-            finally:
-                gw.close()
+            outs.append(await one_pass(cfg, dev.id))
             blackout[0] = False
             tap.hook = None
         assert outs[0].status == Status.FAILED, outs[0]
@@ -144,11 +155,7 @@ async def test_secondary_listing_the_target_without_its_last_bytes_is_uploaded_a
         (dev,) = sim.devices.values()
         dev.flash.write(1, 0, data[:-40], sync=True)  # all but the signature's last 40 bytes
         assert dev.img.read_info(1).hash == target  # what the device lists: the full hash
-        gw = Gateway(bench.gateway_config(sim, health_check_s=0.3))
-        try:
-            out = (await gw.run_once()).outcomes[dev.id]
-        finally:
-            gw.close()
+        out = await one_pass(bench.gateway_config(sim, health_check_s=0.3), dev.id)
         assert out.status == Status.UPDATED, out
         uploads = [e for e in dev.events if e.kind == "upload-start"]
         assert len(uploads) == 1, uploads
@@ -171,22 +178,10 @@ async def test_test_boot_this_gateway_started_is_finished_after_a_wrong_rollback
     async with Simulator(bench.sim_cfg) as sim:
         (dev,) = sim.devices.values()
         tap = Tap(dev).install()
-        blackout = [False]
-
-        def hook(req: Request, frame: bytes, reply: Any) -> bool:
-            if req.is_reset:  # the test boot happens; the gateway loses sight of it
-                blackout[0] = True
-                return True
-            return not (blackout[0] and req.op == 0 and req.group == 1 and req.cmd == 0)
-
-        tap.hook = hook
+        lose_state_reads_after_the_reset(tap)  # the test boot happens; the gateway loses sight
         cfg = bench.gateway_config(sim, health_check_s=0.3,
                                    timeouts={"reset_s": 3, "request_s": 0.5})
-        gw = Gateway(cfg)
-        try:
-            first = (await gw.run_once()).outcomes[dev.id]
-        finally:
-            gw.close()
+        first = await one_pass(cfg, dev.id)
         tap.hook = None
         assert first.status == Status.FAILED, first
         assert active_state(dev) == ("2.0.0", False)  # test-running the image this gateway marked
@@ -198,11 +193,7 @@ async def test_test_boot_this_gateway_started_is_finished_after_a_wrong_rollback
                       blocked_hash=e.target_hash, blocked_artifact=e.artifact_id), "test: verdict")
         j.close()
 
-        gw = Gateway(cfg)
-        try:
-            second = (await gw.run_once()).outcomes[dev.id]
-        finally:
-            gw.close()
+        second = await one_pass(cfg, dev.id)
         assert second.status == Status.UPDATED, second
         assert active_state(dev) == ("2.0.0", True)
         await dev.power_cycle(wait=True)
