@@ -41,7 +41,7 @@ from gateway.images import (
     known_security_counter,
     preflight,
 )
-from gateway.journal import Entry, Journal
+from gateway.journal import STAGED, Entry, Journal
 from gateway.mcuboot import Version
 from gateway.smp.session import SMPError, SMPProtocolError, SMPSession, SMPTimeout, UploadError
 from gateway.smp.transport import TransportError
@@ -403,6 +403,7 @@ class UpdateEngine:
                 prev.outcome == Status.FAILED.value
                 # a rollback verdict, yet the device runs the image this gateway marked
                 or (prev.outcome == Status.ROLLED_BACK.value and slots.active_hash == target))
+            staged = prev.target_hash == th and prev.outcome == STAGED
             self.entry = Entry(device_id=self.dev.id, target_hash=th,
                                target_version=str(image.version), artifact_id=artifact_id,
                                source=source, image_path=str(stored.path),
@@ -410,8 +411,10 @@ class UpdateEngine:
                                    slots.active_hash.hex() if slots.active_hash else None),
                                old_version=prev.old_version if same else old_v,
                                tested_hash=prev.tested_hash if same else None,
-                               upload_offset=prev.upload_offset if same else 0,
-                               upload_total=prev.upload_total if same else 0,
+                               # the proof that the device holds all of this image's bytes
+                               # (a failed attempt, or a download-only update staged it)
+                               upload_offset=prev.upload_offset if same or staged else 0,
+                               upload_total=prev.upload_total if same or staged else 0,
                                attempts=prev.attempts + 1,
                                running_version=prev.running_version,
                                running_hash=prev.running_hash,
@@ -1023,11 +1026,13 @@ class UpdateEngine:
 
         # uploads: what is on no slot of its image yet - and what a secondary slot lists
         # without proof that all its bytes are there (its hash TLV is all img_mgmt reads; the
-        # journal's marks come only after every upload was acknowledged to its last byte)
+        # journal's marks, or a download-only update staged, come only after every upload was
+        # acknowledged to its last byte)
+        uploads_proven = marks_started or (prev.target_hash == sid and prev.outcome == STAGED)
         sent_total, secs_total, resumed_total = 0, 0.0, 0
         for m in iset.members:
             if not (where[m.image] == W.ABSENT or (where[m.image] == W.STAGED
-                                                   and not marks_started)):
+                                                   and not uploads_proven)):
                 continue
             sent, secs, start = await self._send(m.verified, m.image, f"{m.label()}: ")
             sent_total += sent

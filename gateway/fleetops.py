@@ -35,7 +35,7 @@ from gateway import inventory
 from gateway.config import DeviceConfig, GatewayConfig, SerialTransport
 from gateway.control import ControlError, ControlServer
 from gateway.engine import Outcome, Slots, Stage, Status
-from gateway.journal import Journal
+from gateway.journal import STAGED, Journal
 from gateway.maintenance import MaintenancePolicy
 from gateway.opstate import OpState
 from gateway.rollout import RolloutManager
@@ -282,7 +282,7 @@ class FleetOps:
             return
         e = self.gw.journal.get(dev.id)
         if e.outcome is None:
-            self.gw.journal.put(e.with_(step="staged", outcome="staged"),
+            self.gw.journal.put(e.with_(step=STAGED, outcome=STAGED),
                                 "download-only: staged in the secondary slot; waits for the install")
 
     def finished(self, key: str, outs: list[Outcome]) -> None:

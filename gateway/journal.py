@@ -38,6 +38,10 @@ from typing import Any
 
 from gateway.statedb import open_state_db
 
+# the outcome of a download-only update: uploaded (the device acknowledged its last byte) and
+# left in the secondary slot until the server says install
+STAGED = "staged"
+
 
 @dataclass(frozen=True)
 class Entry:

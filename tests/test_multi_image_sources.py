@@ -78,6 +78,28 @@ async def test_hawkbit_artifact_holding_both_images(bench_factory) -> None:
         assert final["execution"] == "closed" and final["result"]["finished"] == "success"
 
 
+async def test_hawkbit_download_only_set_is_installed_without_uploading_again(bench_factory) -> None:
+    """A download-only action stages both images (nothing marked, no reset); the install action
+    that follows marks and resets them with no byte sent again - the journal proves both uploads
+    complete - and the set ends installed."""
+    bench, data = two_image_bench(bench_factory)
+    hb = HawkbitServer(sleep="00:00:01")
+    async with serve(hb.app()) as base, Simulator(bench.sim_cfg) as sim:
+        (dev,) = sim.devices.values()
+        cfg = config(bench, sim, {"kind": "hawkbit", "url": base,
+                                  "gateway_token": hb.gateway_token})
+        hb.deploy(dev.id, data, "2.0.0", filename="dfu_application.zip", update="skip")
+        out = (await run(cfg)).outcomes[dev.id]
+        assert out.status == Status.HELD and resets(dev) == 0, out
+        starts = [e for e in dev.events if e.kind == "upload-start"]
+        assert len(starts) == 2, starts
+        hb.deploy(dev.id, data, "2.0.0", filename="dfu_application.zip")
+        out = (await run(cfg)).outcomes[dev.id]
+        assert out.status == Status.UPDATED and out.bytes_uploaded == 0, out
+        assert len([e for e in dev.events if e.kind == "upload-start"]) == 2
+        both_updated(dev)
+
+
 async def test_rdfm_artifact_whose_payload_is_the_image_set(bench_factory) -> None:
     bench, data = two_image_bench(bench_factory)
     srv = RdfmServer()
