@@ -358,3 +358,41 @@ def test_renode_uart_frees_its_line_buffers_only_when_the_input_pauses() -> None
     plain = LineRx("uart", 2, 128, 0.001)
     kept, _ = _feed_lines(plain, [line] * 5, 0.0, rate)
     assert len(kept) == 5
+
+
+async def test_udp_device_that_is_down_keeps_its_port_and_stays_silent(kit: dict[str, Path],
+                                                                      make_sim: Any) -> None:
+    """While the device reboots its port stays bound - no other socket on the host can take it
+    (with it released, another simulated device bound it and answered for this one) - and a
+    request gets no answer at all, as from a board that is down, not "port unreachable"."""
+    import socket
+
+    dev = await make_sim(id="d1", udp={"host": "127.0.0.1", "port": 0}, initial_image=kit["v1"],
+                         boot_time_s=1.0)
+    host, port = dev.address.rsplit(":", 1)
+    await dev.power_cycle(wait=False)
+    for _ in range(100):
+        if dev.state != "running":
+            break
+        await asyncio.sleep(0.01)
+    assert dev.state != "running"
+    other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        with pytest.raises(OSError):
+            other.bind((host, int(port)))
+    finally:
+        other.close()
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setblocking(False)
+    sock.connect((host, int(port)))
+    try:
+        sock.send(req(0, 1, 0, {}))
+        with pytest.raises(TimeoutError):  # not ConnectionRefusedError
+            await asyncio.wait_for(loop.sock_recv(sock, 4096), 0.3)
+        await dev.wait_booted(2, timeout_s=30)
+        sock.send(req(0, 1, 0, {}, seq=2))
+        rsp = await asyncio.wait_for(loop.sock_recv(sock, 4096), 3)
+        assert rsp[6] == 2  # answered again on the same port after the boot
+    finally:
+        sock.close()

@@ -647,7 +647,12 @@ class _UdpProtocol(asyncio.DatagramProtocol):
 
 
 class UdpEndpoint:
-    """One UDP port; closed while the device is rebooting, re-bound to the same port."""
+    """One UDP port, kept bound from start to shutdown; while the device is off or rebooting,
+    what arrives is dropped (``received``: not accepting) - silence, as from a real board
+    that is down, not an ICMP "port unreachable". Closing it there let the kernel hand the
+    port to another socket: with many simulated devices on one host (the fault schedules,
+    32 at a time), another device bound it and answered this device's gateway (found by CI:
+    a member read as running an image it never received)."""
 
     kind = "udp"
 
@@ -685,15 +690,12 @@ class UdpEndpoint:
         self.dev.log.debug("udp bound to %s", self.address)
 
     async def link_down(self) -> None:
-        # Let answers already on the wire leave before the socket goes.
+        # Let answers already on the wire leave; the port stays bound (see the class docstring).
         loop = asyncio.get_running_loop()
         delay = self.dev.rsp_pipe.busy_until - loop.time()
         if delay > 0:
             await asyncio.sleep(delay)
         self.dev.rsp_pipe.clear()
-        if self._tr is not None:
-            self._tr.close()
-            self._tr = None
 
     async def close(self) -> None:
         if self._tr is not None:
