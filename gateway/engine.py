@@ -447,10 +447,9 @@ class UpdateEngine:
         # acknowledged the last byte of this gateway's upload of this image; otherwise it is
         # uploaded again (a device that still holds the upload resumes it, one built with
         # CONFIG_IMG_ENABLE_IMAGE_CHECK answers that the slot already matches).
-        complete = (slots.other_hash == target and slots.other is not None
-                    and self._uploaded_here(th, image.size))
-        staged_by_mode = (flow.mark == Mark.NONE and slots.other_hash == target
-                          and slots.other is not None)
+        in_other = slots.other_hash == target and slots.other is not None
+        complete = in_other and self._uploaded_here(th, image.size)
+        staged_by_mode = flow.mark == Mark.NONE and in_other
         if was_reset and self.entry.tested_hash == th and not (
                 slots.other_hash == target and slots.other and slots.other.pending):
             # The journal says this gateway marked the image and reset the device; it does not

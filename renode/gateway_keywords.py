@@ -69,14 +69,19 @@ def make_key(path: str) -> str:
     return path
 
 
-@keyword("Sign Image")
-def sign_image(firmware: str, key: str, version: str, out: str) -> str:
-    """Sign the firmware folder's ``smp_svr-unsigned.bin`` (it already holds the 0x200-byte
-    header area: no ``--pad-header``), as an upload candidate (not confirmed, not padded)."""
+def _sign(firmware: str, key: str, version: str, out: str, *extra: str) -> str:
+    """``imgtool sign`` of the firmware folder's ``smp_svr-unsigned.bin`` (it already holds the
+    0x200-byte header area: no ``--pad-header``), with ``extra`` options."""
     _imgtool("sign", "--key", key, "--header-size", "0x200", "--align", "8",
-             "--slot-size", hex(SLOT_SIZE), "--version", version,
+             "--slot-size", hex(SLOT_SIZE), *extra, "--version", version,
              str(Path(firmware) / "smp_svr-unsigned.bin"), out)
     return out
+
+
+@keyword("Sign Image")
+def sign_image(firmware: str, key: str, version: str, out: str) -> str:
+    """An upload candidate (not confirmed, not padded)."""
+    return _sign(firmware, key, version, out)
 
 
 @keyword("Sign Padded Confirmed Image")
@@ -84,10 +89,7 @@ def sign_padded_confirmed_image(firmware: str, key: str, version: str, out: str)
     """``imgtool sign --pad --confirm`` with a trusted key: the signed image followed by
     MCUboot's trailer with image_ok set up to the slot's end - uploaded whole, it would be a
     *permanent* install request (review finding 2)."""
-    _imgtool("sign", "--key", key, "--header-size", "0x200", "--align", "8",
-             "--slot-size", hex(SLOT_SIZE), "--max-sectors", "16", "--version", version,
-             "--pad", "--confirm", str(Path(firmware) / "smp_svr-unsigned.bin"), out)
-    return out
+    return _sign(firmware, key, version, out, "--max-sectors", "16", "--pad", "--confirm")
 
 
 @keyword("Image Hash")
