@@ -53,7 +53,6 @@ from gateway.smp.session import SMPError, SMPSession, SMPTimeout, UploadError
 from gateway.smp.transport import SerialTransport as SerialLink
 from gateway.smp.transport import Transport, TransportError
 from gateway.smp.transport import UdpTransport as UdpLink
-from gateway.statelock import StateDirLock
 from gateway.sources import build_source
 from gateway.sources.base import (
     DeviceView,
@@ -66,6 +65,7 @@ from gateway.sources.base import (
     UpdateResult,
     UpdateState,
 )
+from gateway.statelock import StateDirLock
 from gateway.systemd import Notifier, watchdog_interval, watchdog_loop
 
 log = logging.getLogger("gateway")
