@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import logging
 import os
 import signal
@@ -23,9 +24,17 @@ from gateway.config import ConfigError, DeviceConfig, GatewayConfig, load_config
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("smp-gateway")
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed)"
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="smp-gateway", description=(
         "Keep MCUboot/Zephyr devices up to date over MCUmgr SMP (UDP, serial, BLE)."))
+    p.add_argument("--version", action="version", version=f"smp-gateway {_version()}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("--log-format", choices=["text", "json"], help="log format (default: config)")
     sub = p.add_subparsers(dest="cmd", required=True)

@@ -65,6 +65,7 @@ from gateway.sources.base import (
     UpdateResult,
     UpdateState,
 )
+from gateway.statelock import StateDirLock
 from gateway.systemd import Notifier, watchdog_interval, watchdog_loop
 
 log = logging.getLogger("gateway")
@@ -127,7 +128,6 @@ class Gateway:
     def __init__(self, cfg: GatewayConfig, *, source: FleetSource | None = None,
                  on_progress: ProgressFn | None = None, notifier: Notifier | None = None) -> None:
         self.cfg = cfg
-        cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         keys = []
         for i, p in enumerate(cfg.trusted_keys):
             try:
@@ -136,8 +136,18 @@ class Gateway:
                 raise ConfigError(cfg.config_path or "<config>", f"trusted_keys[{i}]",
                                   f"{exc}; give a PEM public or private key (imgtool getpub / "
                                   "imgtool keygen) that the gateway user can read") from exc
-        self.store = ImageStore(cfg.state_dir / "images", keys)
-        self.journal = Journal(cfg.state_dir / "journal.sqlite")
+        # one writer per state directory (c: the gateway's own configuration names it): a
+        # second process on it is refused with the holder's PID before anything is opened
+        self._state_lock = StateDirLock(cfg.state_dir, cfg.config_path or "<config>")
+        self._state_lock.acquire()
+        try:
+            self.store = ImageStore(cfg.state_dir / "images", keys)
+            self.journal = Journal(cfg.state_dir / "journal.sqlite")
+        except (OSError, sqlite3.Error) as exc:
+            self._state_lock.release()
+            raise ConfigError(cfg.config_path or "<config>", "state_dir",
+                              f"{cfg.state_dir}: {exc}; give a directory the gateway user can "
+                              "write") from exc
         self.source = source or build_source(cfg)
         self.on_progress = on_progress
         self.notifier = notifier or Notifier()
@@ -169,6 +179,7 @@ class Gateway:
         self.fleet.close()
         self.journal.close()
         self.notifier.close()
+        self._state_lock.release()
 
     # -- units of scheduling: a device on its own, or a group --------------------------------
     def units(self) -> list[tuple[str, list[DeviceConfig]]]:
