@@ -51,6 +51,7 @@ import contextlib
 import fnmatch
 import hashlib
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -76,6 +77,8 @@ from gateway.sources.base import (
 from gateway.sources.settings import HawkbitSourceConfig
 
 log = logging.getLogger(__name__)
+
+_ATTR_BAD = re.compile(r"[^a-zA-Z0-9_\-!@#$%^&*()+=\[\]{}|;:'\",.<>/\\?\s]")
 
 
 def parse_sleep(text: str) -> float:
@@ -170,7 +173,9 @@ class HawkbitSource(HttpSource):
 
             attrs.update(hawkbit_attributes(device.inventory))
         attrs.update(self.cfg.attributes)
-        return attrs
+        # hawkBit refuses the whole PUT (400) for one key or value outside its character set
+        # or longer than 128 (JpaControllerManagement.isAttributeEntryValid)
+        return {_ATTR_BAD.sub("?", k)[:128]: _ATTR_BAD.sub("?", v)[:128] for k, v in attrs.items()}
 
     async def check(self, device: DeviceView) -> Offer | None:
         controller = self.controller_id(device)
@@ -529,7 +534,8 @@ class HawkbitSource(HttpSource):
             return
         if report.state == UpdateState.UPDATING or (report.progress is not None and report.progress > 0):
             act.started_upload = True
-            if not act.pushing and act.window is not None:
+            if (not act.pushing or report.progress == 0.0) and act.window is not None:
+                # an attempt starts (also one resumed from the journal): refresh the window
                 with contextlib.suppress(FetchError):  # the engine's install_gate reads it
                     await self._cancel_for(act, refresh_window=True)
             act.pushing = True

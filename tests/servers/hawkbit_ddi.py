@@ -165,6 +165,9 @@ class HawkbitDDI:
     down: int | None = None
     final_faults: list[int | str] = field(default_factory=list)
     slow_artifacts: float = 0.0  # seconds between 4 KiB pieces of an artifact
+    corrupt: set[str] = field(default_factory=set)  # artifacts served with a byte flipped
+    artifact_started: asyncio.Event = field(default_factory=asyncio.Event)
+    on_feedback: Any = None  # callable(action, body) when a deploymentBase feedback arrives
     feedback_event: asyncio.Event = field(default_factory=asyncio.Event)
     _runner: web.AppRunner | None = None
     port: int = 0
@@ -428,6 +431,8 @@ class HawkbitDDI:
             return web.Response(status=fault)
         act.feedback.append(body)
         act.trail.append((act.status, st["execution"]))
+        if self.on_feedback is not None:
+            self.on_feedback(act, body)
         ex, fin = st["execution"], st["result"]["finished"]
         if ex == "closed":
             act.active = False
@@ -569,7 +574,11 @@ class HawkbitDDI:
                     if a.filename == name), None)
         if art is None:
             return web.Response(status=404)
-        return await serve_bytes(request, art.data, self.slow_artifacts)
+        self.artifact_started.set()
+        data = art.data
+        if name in self.corrupt:
+            data = bytes([data[0] ^ 0xFF]) + data[1:]
+        return await serve_bytes(request, data, self.slow_artifacts)
 
 
 def _is_int(v: Any) -> bool:
