@@ -85,11 +85,11 @@ async def _reset(session: SMPSession, dev: DeviceConfig, why: str) -> None:
     await wait_back(session, dev.timeouts.reset_s)
 
 
-async def _erase_secondary(session: SMPSession, dev: DeviceConfig) -> str:
+async def _erase_secondary(session: SMPSession, dev: DeviceConfig, empty: bool = False) -> str:
     try:
         await session.image_erase(slot=1)
-    except SMPError as exc:
-        return f"secondary slot not erased: {exc}"
+    except SMPError as exc:  # nothing to erase: the device lists no image there (b)
+        return "secondary slot already empty" if empty else f"secondary slot not erased: {exc}"
     return "secondary slot erased"
 
 
@@ -138,7 +138,8 @@ async def undo(session: SMPSession, dev: DeviceConfig, journal: Journal, target_
     if phase != "before-upload" and slots.other is not None and not slots.other.pending:
         erased = await _erase_secondary(session, dev)
     elif phase == "upload":
-        erased = await _erase_secondary(session, dev)  # a partial upload lists no image
+        erased = await _erase_secondary(session, dev,  # a partial upload lists no image
+                                        empty=slots.other is None)
     detail = f"{reason}: canceled in phase {phase}; running {running}" + (f"; {erased}" if erased else "")
     journal.put(entry.with_(step=CANCELED, outcome=CANCELED, last_error=reason,
                             tested_hash=None if entry.tested_hash == th else entry.tested_hash,

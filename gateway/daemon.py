@@ -104,6 +104,11 @@ def device_address(dev: DeviceConfig) -> str:
     return f"{type(t).__name__}:{t!r}"
 
 
+def _both_gates(first: Callable[[], str | None],
+                second: Callable[[], str | None] | None) -> Callable[[], str | None]:
+    return lambda: first() or (second() if second is not None else None)
+
+
 class SupervisorDied(RuntimeError):
     """A device's supervisor ended while the daemon was running (a bug): the process must exit
     non-zero so that its service manager restarts it (systemd ``Restart=on-failure``)."""
@@ -286,6 +291,10 @@ class Gateway:
                 await self._report(offer, Report(UpdateState.UPDATING, progress=0.0))
                 self.metrics.inc("updates_started_total")
                 eng = self.engine(dev, session)
+                eng.on_progress = self._progress_cb(dev, offer)  # upload progress upstream
+                src_gate = getattr(self.source, "install_gate", None)  # e.g. hawkBit's window
+                if src_gate is not None:
+                    eng.reset_gate = _both_gates(src_gate(offer), eng.reset_gate)
                 if adm.ignore_window:
                     eng.reset_gate = None
                 out = await self.fleet.run_engine(  # watches for a cancel; undoes as far as it got
@@ -332,9 +341,10 @@ class Gateway:
             offer, resume_path = await self._target(dev, slots)
         except Exception as exc:
             self.metrics.inc("source_errors_total", source=self.source.name, op="check")
+            hint = getattr(exc, "hint", None) or "check the source's url in the config and the network"
             return self._fail(dev, UpdateResult.CONNECTION_LOST,
-                              f"source check ({self.source.name}): {exc}; check the source's url "
-                              "in the config and the network (the device was not touched)")
+                              f"source check ({self.source.name}): {exc}; {hint} "
+                              "(the device was not touched)")
         if offer is None and slots.active is not None and not slots.active.confirmed:
             # e.g. someone else's test boot: it is not settled, and not ours to confirm
             return self._fail(dev, UpdateResult.UPDATE_FAILED,
@@ -477,11 +487,20 @@ class Gateway:
                                  out.bytes_uploaded / out.upload_seconds, device=out.device_id)
         return out
 
-    def _progress_cb(self, dev: DeviceConfig) -> Callable[[str, Step, int, int], None]:
+    def _progress_cb(self, dev: DeviceConfig,
+                     offer: Offer | None = None) -> Callable[[str, Step, int, int], None]:
+        """With ``offer``: upload progress goes to the source too (one report in flight at a
+        time; the source bounds the rate it sends upstream)."""
+        inflight: list[asyncio.Task[bool]] = []
+
         def cb(device_id: str, step: Step, off: int, total: int) -> None:
             self.steps[device_id] = step.value
             if self.on_progress:
                 self.on_progress(device_id, step.value, off, total)
+            if offer is not None and step == Step.UPLOAD and total and not (
+                    inflight and not inflight[0].done()):
+                inflight[:] = [asyncio.ensure_future(self._report(
+                    offer, Report(UpdateState.UPDATING, progress=off / total)))]
         return cb
 
     async def _report(self, offer: Offer, report: Report) -> bool:

@@ -23,6 +23,20 @@ Owns the DDI conversation for each device, as hawkBit's ``DdiRootController`` /
 - ``PUT configData`` ``{"mode": "merge", "data": {..}}`` with hardware type, running version
   and image hash: sent when the server asks (``configData`` link) or the values changed.
 
+Action types (``DdiRootController.calculateUpdateType``): ``update: skip`` without a
+``maintenanceWindow`` is a download-only action, which hawkBit closes on ``downloaded``; ``skip``
+with ``maintenanceWindow: unavailable`` is an action staged outside its maintenance window: it
+stays open after ``downloaded`` and is installed (its ``update`` type: forced/attempt) once the
+window is ``available``. While it is not, the staged action is not offered again, and
+``install_gate`` keeps the engine from marking/resetting (the window may close mid-update).
+``downloaded`` is posted only once the device holds the image (hash read back), never when the
+gateway's own download finished (that is a ``proceeding``). A cancel is watched for during the
+artifact download too, and checked once more before anything is pushed to the device.
+
+Credentials go only to the configured server origin (scheme, host, port): a ``_links`` href to
+another origin is not followed; an artifact on another origin is downloaded only when that
+origin is in ``download_hosts``, and then without the token; otherwise the action fails.
+
 Report handle (``Offer.report_to``): ``{"controller", "action_id", "feedback_url"}`` - enough to
 post the action's feedback from another process after a restart. A feedback that does not get
 a 200 raises ``ReportNotDelivered``; 410 Gone (the action is no longer active: an earlier
@@ -32,10 +46,14 @@ delivery of this final report whose answer was lost, or a cancel) and 404 raise
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import fnmatch
 import hashlib
 import logging
+import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +78,8 @@ from gateway.sources.settings import HawkbitSourceConfig
 
 log = logging.getLogger(__name__)
 
+_ATTR_BAD = re.compile(r"[^a-zA-Z0-9_\-!@#$%^&*()+=\[\]{}|;:'\",.<>/\\?\s]")
+
 
 def parse_sleep(text: str) -> float:
     """hawkBit's ``polling.sleep`` ("HH:MM:SS") in seconds."""
@@ -76,7 +96,11 @@ class _Action:
     action_id: str
     feedback_url: str
     started_upload: bool = False
+    pushing: bool = False  # this attempt reported UPDATING: the engine runs
     closed: bool = False
+    staged: bool = False  # downloaded (staged) outside hawkBit's maintenance window
+    window: str | None = None  # hawkBit's maintenanceWindow as last seen
+    last_cnt: int = -100
     last_progress_at: float = 0.0
     last_sig: tuple[int, int] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -94,6 +118,9 @@ class HawkbitSource(HttpSource):
         self._attrs_sent: dict[str, dict[str, str]] = {}
         self._actions: dict[tuple[str, str], _Action] = {}
         self._canceled: set[tuple[str, str]] = set()
+        self._origin = _origin(self.base)
+        self._download_origins = {_origin(h if "://" in h else "https://" + h)
+                                  for h in cfg.download_hosts}
 
     def poll_interval(self) -> float:
         return max(self.cfg.min_poll_interval_s, self._sleep)
@@ -113,6 +140,10 @@ class HawkbitSource(HttpSource):
         }
 
     async def _request(self, method: str, url: str, json_body: Any = None) -> tuple[int, Any]:
+        if _origin(url) != self._origin:  # (c): the token goes only where the config says
+            raise FetchError(f"hawkBit link {url} is not on the configured server {self.base}: "
+                             "not followed (the gateway token is sent only there)",
+                             UpdateResult.INVALID_URI)
         await self.start()
         assert self._session is not None
         try:
@@ -142,15 +173,19 @@ class HawkbitSource(HttpSource):
 
             attrs.update(hawkbit_attributes(device.inventory))
         attrs.update(self.cfg.attributes)
-        return attrs
+        # hawkBit refuses the whole PUT (400) for one key or value outside its character set
+        # or longer than 128 (JpaControllerManagement.isAttributeEntryValid)
+        return {_ATTR_BAD.sub("?", k)[:128]: _ATTR_BAD.sub("?", v)[:128] for k, v in attrs.items()}
 
     async def check(self, device: DeviceView) -> Offer | None:
         controller = self.controller_id(device)
         status, base = await self._request("GET", self.controller_url(controller))
         if status in (401, 403):
-            raise FetchError(
-                f"hawkBit refused the gateway token (HTTP {status})", UpdateResult.CONNECTION_LOST
-            )
+            exc = FetchError(f"hawkBit refused the gateway token (HTTP {status})",
+                             UpdateResult.CONNECTION_LOST)
+            exc.hint = ("authentication error: check source.gateway_token in the config (the "  # type: ignore[attr-defined]
+                        f"tenant's gateway security token of {self.base}, tenant {self.cfg.tenant})")
+            raise exc
         if status != 200 or not isinstance(base, dict):
             raise FetchError(f"hawkBit controller base answered HTTP {status}", UpdateResult.CONNECTION_LOST)
         sleep = ((base.get("config") or {}).get("polling") or {}).get("sleep")
@@ -178,6 +213,9 @@ class HawkbitSource(HttpSource):
 
         deployment = _href(links.get("deploymentBase"))
         if not deployment:
+            if _href(links.get("confirmationBase")):
+                log.info("hawkBit action for %s waits for the user's confirmation in hawkBit; "
+                         "nothing is installed until it is confirmed there", controller)
             return None
         st, dep = await self._request("GET", deployment)
         if st == 404:
@@ -195,7 +233,15 @@ class HawkbitSource(HttpSource):
         # action outside hawkBit's maintenance window (update skip): staged only, installed
         # when the server switches update to attempt/forced
         install = {"skip": "download-only", "attempt": "soft"}.get(str(body.get("update")), "forced")
+        window = body.get("maintenanceWindow")
+        window = window if window in ("available", "unavailable") else None
+        if act is not None:
+            act.window = window
         if install == "download-only" and body.get("download") == "skip":
+            return None
+        if install == "download-only" and act is not None and act.staged:
+            log.info("hawkBit action %s for %s: staged; waits for hawkBit's maintenance window",
+                     action_id, controller)
             return None
         if install == "download-only":
             log.info("hawkBit action %s for %s: update=skip (%s): download and stage only",
@@ -232,7 +278,12 @@ class HawkbitSource(HttpSource):
         if act is None:
             act = _Action(controller, action_id, self._feedback_url(controller, action_id))
             self._actions[(controller, action_id)] = act
+        act.window, act.pushing, act.staged = window, False, False
         act.extra = {"url": url, "filename": art.get("filename")}
+        # hawkBit closes only a DOWNLOAD_ONLY action on `downloaded` (handleDownloadedActionStatus)
+        report_to = {"controller": controller, "action_id": action_id,
+                     "feedback_url": act.feedback_url,
+                     "closes_on_downloaded": install == "download-only" and window is None}
         parts = _image_parts(body.get("chunks") or [], self.cfg.artifact_pattern)
         if len(parts) > 1:  # a distribution set of several modules, one per MCUboot image
             act.extra["parts"] = parts
@@ -240,9 +291,7 @@ class HawkbitSource(HttpSource):
                                     .encode()).hexdigest()
             return Offer(device_id=device.id, source=self.name,
                          artifact_id=f"hawkbit-set-{set_id}", version=version, handle=act,
-                         report_to={"controller": controller, "action_id": action_id,
-                                    "feedback_url": act.feedback_url},
-                         install=install)
+                         report_to=report_to, install=install)
         return Offer(
             device_id=device.id,
             source=self.name,
@@ -253,8 +302,7 @@ class HawkbitSource(HttpSource):
             sha256=sha.lower() if isinstance(sha, str) else None,
             size=art.get("size") if isinstance(art.get("size"), int) else None,
             handle=act,
-            report_to={"controller": controller, "action_id": action_id,
-                       "feedback_url": act.feedback_url},
+            report_to=report_to,
             install=install,
         )
 
@@ -311,13 +359,27 @@ class HawkbitSource(HttpSource):
             log.warning("hawkBit cancel feedback for %s answered HTTP %d", action_id, st)
 
     async def canceled(self, offer: Offer) -> str | None:
-        """The controller base shows ``cancelAction`` for this action: hawkBit canceled it."""
+        """The controller base shows ``cancelAction`` for this action: hawkBit canceled it.
+        Else the action's maintenance window is refreshed (for ``install_gate``)."""
         act = self._action_for(offer)
+        return await self._cancel_for(act, refresh_window=True)
+
+    async def _cancel_for(self, act: _Action, refresh_window: bool = False) -> str | None:
         st, base = await self._request("GET", self.controller_url(act.controller))
         if st != 200 or not isinstance(base, dict):
             return None
-        href = _href((base.get("_links") or {}).get("cancelAction"))
+        links = base.get("_links") or {}
+        href = _href(links.get("cancelAction"))
         if not href:
+            dep = _href(links.get("deploymentBase"))
+            if refresh_window and dep and act.window is not None:
+                st, data = await self._request("GET", dep)
+                if st == 200 and isinstance(data, dict) and str(data.get("id")) == act.action_id:
+                    w = (data.get("deployment") or {}).get("maintenanceWindow")
+                    if w != act.window:
+                        log.info("hawkBit action %s of %s: maintenance window %s", act.action_id,
+                                 act.controller, w)
+                    act.window = w if w in ("available", "unavailable") else None
             return None
         st, data = await self._request("GET", href)
         if st != 200 or not isinstance(data, dict):
@@ -328,6 +390,18 @@ class HawkbitSource(HttpSource):
         act.extra["cancel_feedback"] = (f"{self.controller_url(act.controller)}/cancelAction/"
                                         f"{data.get('id')}/feedback")
         return f"hawkBit canceled action {act.action_id}"
+
+    def install_gate(self, offer: Offer) -> Callable[[], str | None]:
+        """For the engine's reset gate: why not to mark/reset now (hawkBit's maintenance window
+        of this action is closed), else None. Server metadata only ever withholds a reset here,
+        never allows one (that rests on the gateway's own config, (c))."""
+        act = self._action_for(offer)
+
+        def gate() -> str | None:
+            if act.window == "unavailable":
+                return f"hawkBit's maintenance window of action {act.action_id} is not open"
+            return None
+        return gate
 
     async def acknowledge_cancel(self, offer: Offer, done: bool, detail: str) -> None:
         """closed + success confirms (hawkBit: CANCELED); rejected refuses (too late)."""
@@ -345,29 +419,87 @@ class HawkbitSource(HttpSource):
         if st != 200:
             log.warning("hawkBit cancel feedback for action %s answered HTTP %d", act.action_id, st)
 
+    def _download_headers(self, url: str) -> dict[str, str]:
+        """The headers for an artifact URL: the token only on the server's own origin; another
+        origin only when ``download_hosts`` allows it, without the token (c)."""
+        if _origin(url) == self._origin:
+            return {"Authorization": self._headers()["Authorization"]}
+        if _origin(url) in self._download_origins:
+            return {}
+        o = _origin(url)
+        raise FetchError(f"artifact link {url} is on {o[0]}://{o[1]}:{o[2]}, neither the hawkBit "
+                         f"server ({self.base}) nor in source.download_hosts: not downloaded",
+                         UpdateResult.INVALID_URI)
+
     async def fetch(self, offer: Offer, max_size: int | None) -> Path:
+        """The artifact(s), while watching for a cancel of the action (polled like the
+        controller base); once more after the download, so nothing is pushed for an action
+        hawkBit is canceling. A cancel seen here is confirmed (nothing reached the device)."""
         act: _Action = offer.handle
         if (act.controller, act.action_id) in self._canceled:
             raise FetchError(f"hawkBit action {act.action_id} was canceled", UpdateResult.UPDATE_FAILED)
+        for p in act.extra.get("parts") or [{"url": act.extra["url"]}]:
+            self._download_headers(p["url"])  # every link checked before anything is fetched
+        dl = asyncio.ensure_future(self._fetch(act, offer, max_size))
+        watch = asyncio.ensure_future(self._watch_cancel(act))
+        try:
+            await asyncio.wait({dl, watch}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            dl.cancel()
+            watch.cancel()
+            raise
+        why: str | None = None
+        if dl.done():
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch
+            path = dl.result()
+            with contextlib.suppress(FetchError, ReportNotDelivered):
+                why = await self._cancel_for(act)
+            if why is None:
+                return path
+        else:
+            why = watch.result()
+            dl.cancel()
+            with contextlib.suppress(asyncio.CancelledError, FetchError):
+                await dl
+        await self.acknowledge_cancel(offer, True, "canceled during the artifact download: "
+                                      "nothing was sent to the device")
+        raise FetchError(f"{why} during the artifact download; nothing was sent to the device",
+                         UpdateResult.UPDATE_FAILED)
+
+    async def _watch_cancel(self, act: _Action) -> str:
+        period = min(30.0, max(0.5, self.poll_interval()))
+        while True:
+            await asyncio.sleep(period)
+            try:
+                why = await self._cancel_for(act)
+            except (FetchError, ReportNotDelivered) as exc:  # a server hiccup is not a cancel
+                log.debug("hawkBit cancel check for action %s failed: %s", act.action_id, exc)
+                continue
+            if why:
+                return why
+
+    async def _fetch(self, act: _Action, offer: Offer, max_size: int | None) -> Path:
         url = act.extra["url"]
-        headers = self._headers() if _same_origin(url, self.base) else {}
-        headers.pop("Accept", None)
         if act.extra.get("parts"):
-            return await self._fetch_parts(act, max_size, headers)
+            return await self._fetch_parts(act, max_size)
         if may_be_bundle(act.extra.get("filename")):  # an image set (dfu_application.zip)
             max_size = set_cap(max_size)
         return await self._downloader.fetch(
-            url, sha256=offer.sha256, max_size=max_size, size=offer.size, headers=headers
+            url, sha256=offer.sha256, max_size=max_size, size=offer.size,
+            headers=self._download_headers(url)
         )
 
-    async def _fetch_parts(self, act: _Action, max_size: int | None,
-                           headers: dict[str, str]) -> Path:
-        """Every module's artifact (checked against its sha256), as one image-set artifact."""
+    async def _fetch_parts(self, act: _Action, max_size: int | None) -> Path:
+        """Every module's artifact (checked against its sha256), as one image-set artifact;
+        each with the headers of its own origin."""
         entries = []
         first: Path | None = None
         for p in act.extra["parts"]:
             path = await self._downloader.fetch(p["url"], sha256=p["sha256"], max_size=max_size,
-                                                size=p["size"], headers=headers)
+                                                size=p["size"],
+                                                headers=self._download_headers(p["url"]))
             first = first or path
             entries.append(BundleEntry(p["filename"] or f"image{p['image']}.bin",
                                        path.read_bytes(), p["image"], None))
@@ -393,26 +525,51 @@ class HawkbitSource(HttpSource):
         act = self._action_for(offer)
         if act.closed:
             if report.finished:
+                if (act.controller, act.action_id) in self._canceled:
+                    log.info("hawkBit action %s of %s: closed by its cancel's feedback; not "
+                             "reported again (%s)", act.action_id, act.controller, report.detail)
+                    return
                 raise ReportRefused(f"hawkBit action {act.action_id} of {act.controller} is already "
                                     "closed (canceled, or its final feedback was sent)")
             return
         if report.state == UpdateState.UPDATING or (report.progress is not None and report.progress > 0):
             act.started_upload = True
+            if (not act.pushing or report.progress == 0.0) and act.window is not None:
+                # an attempt starts (also one resumed from the journal): refresh the window
+                with contextlib.suppress(FetchError):  # the engine's install_gate reads it
+                    await self._cancel_for(act, refresh_window=True)
+            act.pushing = True
         sig = (int(report.state), int(report.result))
         now = time.monotonic()
-        if report.state == UpdateState.DOWNLOADED and offer.install == "download-only":
-            # DDI execution DOWNLOADED: a download-only action ends here (hawkBit DOWNLOADED)
-            await self._feedback(act, "downloaded", "success",
-                                 ["image staged in the device's secondary slot: " + report.detail])
-            act.closed = True
+        if report.state == UpdateState.DOWNLOADED and not act.pushing:
+            # the gateway's own download: nothing is on the device yet (not DDI `downloaded`)
+            await self._feedback(act, "proceeding", "none", [
+                "artifact downloaded by the gateway and its hash checked; not yet sent to "
+                "the device"])
+            return
+        if report.state == UpdateState.DOWNLOADED:
+            # the engine held after the upload: the device holds the image, hash read back (b).
+            # DDI `downloaded`; hawkBit closes only a download-only action with it
+            closes = bool(offer.report_to.get("closes_on_downloaded",
+                                              offer.install == "download-only"))
+            await self._feedback(act, "downloaded", "success" if closes else "none",
+                                 ["image staged in the device's secondary slot, its hash read "
+                                  "back from the device: " + report.detail])
+            act.closed = closes
+            act.staged = offer.install == "download-only" and not closes
             return
         if not report.finished:
-            if sig == act.last_sig and now - act.last_progress_at < self.cfg.progress_interval_s:
-                return
+            cnt = round(report.progress * 100) if report.progress is not None else None
+            if sig == act.last_sig:
+                since = now - act.last_progress_at
+                stepped = cnt is not None and cnt - act.last_cnt >= 10 and since >= 1.0
+                if not stepped and since < self.cfg.progress_interval_s:
+                    return  # bounded: every 10 % (at most once a second) or every interval
             act.last_sig, act.last_progress_at = sig, now
             progress = None
-            if report.progress is not None:
-                progress = {"cnt": round(report.progress * 100), "of": 100}
+            if cnt is not None:
+                act.last_cnt = cnt
+                progress = {"cnt": cnt, "of": 100}
             detail = f"LwM2M state {int(report.state)} ({report.state.name})"
             await self._feedback(
                 act,
@@ -472,9 +629,16 @@ def _href(link: Any) -> str | None:
     return None
 
 
-def _same_origin(a: str, b: str) -> bool:
-    pa, pb = urlsplit(a), urlsplit(b)
-    return (pa.scheme, pa.hostname, pa.port) == (pb.scheme, pb.hostname, pb.port)
+def _origin(url: str) -> tuple[str, str, int | None]:
+    """(scheme, host, port) with the scheme's default port filled in: the unit credentials
+    are scoped to."""
+    p = urlsplit(url)
+    scheme = p.scheme.lower()
+    try:
+        port = p.port
+    except ValueError:
+        port = -1
+    return scheme, (p.hostname or "").lower(), port or {"http": 80, "https": 443}.get(scheme)
 
 
 def _image_parts(chunks: list[Any], pattern: str | None) -> list[dict[str, Any]]:

@@ -62,6 +62,11 @@ class HawkbitSourceConfig(HttpOptions):
     attributes: dict[str, str] = Field(
         default_factory=dict, description="extra controller attributes sent with configData"
     )
+    download_hosts: list[str] = Field(
+        default_factory=list,
+        description="other origins (scheme://host[:port]) artifacts may be downloaded from, "
+        "never with the gateway token; any other origin fails the action",
+    )
 
 
 class LatestReleaseSourceConfig(HttpOptions):
