@@ -422,14 +422,16 @@ class Gateway:
         artifact = entry.artifact_id or entry.target_hash or "?"
         handle = self.journal.report_handle(dev.id) or {}
         report_to: dict[str, object] = {}
+        install = "forced"
         if handle.get("artifact_id") == artifact and handle.get("source") == source:
             report_to = dict(handle.get("report_to") or {})
+            install = str(handle.get("install") or "forced")
         else:
             log.warning("device=%s no report handle journaled for artifact=%s: %s may not accept "
                         "the reports of this update", dev.id, artifact, source)
         return Offer(device_id=dev.id, source=source, artifact_id=artifact,
                      version=Version.parse(entry.target_version) if entry.target_version else None,
-                     hardware=None, report_to=report_to)
+                     hardware=None, report_to=report_to, install=install)
 
     # -- blocking: never retry a rolled-back or refused image endlessly ----------------------
     def block(self, device_id: str, image_hash: str | None, artifact_id: str | None) -> None:

@@ -337,3 +337,44 @@ async def test_controller_attributes_hawkbit_would_refuse_are_cleaned(bench_fact
         assert all(s == 200 for _, _, s in ddi.config_puts), ddi.config_puts
         attrs = ddi.attributes["udp-1"]
         assert attrs["site"] == "Z?rich ? hall 2" and attrs["long"] == "x" * 128
+
+
+async def test_download_only_interrupted_mid_upload_is_staged_not_installed(bench_factory) -> None:
+    """A download-only action whose upload was cut short by a gateway crash is resumed from the
+    journal as download-only: staged, `downloaded`, no mark, no reset (the server never asked
+    for the install; the journal's offer used to come back as 'forced' and install it)."""
+    from safety_support import Request, Tap
+
+    bench = bench_factory(**FAST)
+    async with HawkbitDDI() as ddi, Simulator(bench.sim_cfg) as sim:
+        dev = sim.devices["udp-1"]
+        tap = Tap(dev).install()
+        stalled = asyncio.Event()
+
+        def hook(req: Request, frame: bytes, reply: Any) -> bool:
+            if req.is_upload and int(req.body.get("off", 0)) > 0:
+                stalled.set()  # the device stops answering after the first chunk
+                return False
+            return True
+
+        tap.hook = hook
+        act = ddi.deploy("udp-1", bench.images["2.0.0"].read_bytes(), "2.0.0",
+                         action_type="downloadonly")
+        gw = Gateway(cfg(bench, sim, ddi))
+        try:
+            task = asyncio.create_task(gw.run_once())
+            await asyncio.wait_for(stalled.wait(), 30)
+            task.cancel()  # the gateway dies mid-upload (the journal keeps the attempt)
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert gw.journal.get("udp-1").outcome is None  # an unfinished attempt to resume
+        finally:
+            gw.close()
+        tap.hook = None
+        out = await once(bench, sim, ddi)
+        assert out.status == Status.HELD and "download-only" in out.detail, out
+        assert dev.counters["resets"] == 0
+        assert not any(s.pending for s in dev.server.state_images())
+        assert str(dev.image_info(1).version) == "2.0.0"
+        assert executions(act)[-1] == "downloaded"
+        assert ddi.rejected == []

@@ -87,9 +87,15 @@ class Offer:
 
     def report_handle(self) -> dict[str, Any]:
         """The serializable report handle: this offer's identity plus ``report_to``."""
-        return {"device_id": self.device_id, "source": self.source, "artifact_id": self.artifact_id,
-                "version": str(self.version) if self.version is not None else None,
-                "report_to": dict(self.report_to)}
+        h: dict[str, Any] = {"device_id": self.device_id, "source": self.source,
+                             "artifact_id": self.artifact_id,
+                             "version": str(self.version) if self.version is not None else None,
+                             "report_to": dict(self.report_to)}
+        if self.install != "forced":
+            # how far the server wants it taken survives a restart: a download-only update
+            # resumed from the journal is staged, never installed (the server did not ask)
+            h["install"] = self.install
+        return h
 
     @classmethod
     def from_handle(cls, handle: dict[str, Any]) -> Offer:
@@ -103,7 +109,7 @@ class Offer:
                 raise TypeError("report_to is not an object")
             return cls(device_id=str(handle["device_id"]), source=str(handle["source"]),
                        artifact_id=str(handle["artifact_id"]), version=version,
-                       report_to=dict(report_to))
+                       report_to=dict(report_to), install=str(handle.get("install") or "forced"))
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"not a report handle: {exc}") from exc
 
