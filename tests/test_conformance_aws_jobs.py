@@ -20,6 +20,7 @@ import os
 import ssl
 import subprocess
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +62,8 @@ def doc_for(url: str, data: bytes, version: str = "2.0.0", **extra: Any) -> dict
                        "version": version}], **extra}
 
 
-def source(port: int, tmp: Path, devices: list[tuple[str, str | None]] = (), **kw: Any) -> MqttJobsSource:  # type: ignore[assignment]
+def source(port: int, tmp: Path, devices: Sequence[tuple[str, str | None]] = (),
+           **kw: Any) -> MqttJobsSource:
     cfg = MqttJobsSourceConfig.model_validate(
         {"host": "127.0.0.1", "port": port, "tls": False, "client_id": "gw", **kw})
     return MqttJobsSource(cfg, tmp / "state", gateway_id="gw", devices=devices)
@@ -384,7 +386,7 @@ async def test_broker_and_download_trust_are_separate(tmp_path: Path) -> None:
                     if ok:
                         assert (await src.fetch(offer, None)).read_bytes() == IMG
                     else:  # downloads default to the system CAs: the private root is not one
-                        with pytest.raises(FetchError, match="CERTIFICATE_VERIFY_FAILED|certificate"):
+                        with pytest.raises(FetchError, match=r"CERTIFICATE_VERIFY_FAILED|certificate"):
                             await src.fetch(offer, None)
                 finally:
                     await src.close()
