@@ -25,12 +25,23 @@ rate-limited to one per ``progress_interval_s``.
 
 Report handle (``Offer.report_to``): ``{"thing", "job_id", "execution_number"}``; every update
 names its ``executionNumber``, so a final status sent after a restart lands on the execution
-the gateway worked on. An update that gets no ``/accepted`` raises ``ReportNotDelivered``. A
-final update rejected with ``InvalidStateTransition`` carries the execution's state (AWS puts
-``executionState`` in that error): if it already holds this very status and LwM2M result, an
-earlier delivery whose answer was lost got through (delivered); otherwise the execution was
-closed by someone else and ``ReportRefused`` is raised, as for ``ResourceNotFound`` and
-malformed requests. ``InternalError``/``RequestThrottled``/``VersionMismatch`` are retried.
+the gateway worked on. An update that gets no ``/accepted`` raises ``ReportNotDelivered``.
+
+One execution per (job, thing): with one thing for several devices (``thing: "{gateway}"``)
+the execution is the gateway's as a whole. It covers the gateway's devices behind the thing
+(configured, or seen) that the job names and has a file for - a device it does not cover is
+left alone. Each covered device's result goes into ``statusDetails`` (``result:<device>``,
+``detail:<device>``; upload ``progress:<device>``; the whole map is sent each time, AWS may
+replace rather than merge it), and the final SUCCEEDED/FAILED is sent once, when all are done.
+
+Closed executions: DescribeJobExecution of a terminal execution (CANCELED, TIMED_OUT,
+REMOVED...) answers ``TerminalStateReached``, an update ``InvalidStateTransition``, a deleted
+one ``ResourceNotFound``: any of them (or a terminal status) stops the work as a cancel
+(``canceled()``). A final update rejected with ``InvalidStateTransition`` whose
+``executionState`` already holds this very status and details was delivered before (its answer
+was lost); otherwise ``ReportRefused``. ``InternalError``/``RequestThrottled``/
+``VersionMismatch`` are retried; a start-next whose answer is lost is asked again (bounded).
+Trust: ``ca_file`` is the broker's; downloads use the system CAs or ``download_ca_file``.
 """
 
 from __future__ import annotations
