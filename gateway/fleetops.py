@@ -41,7 +41,7 @@ from gateway.opstate import OpState
 from gateway.rollout import RolloutManager
 from gateway.smp.session import SMPSession
 from gateway.smp.transport import Transport
-from gateway.sources.base import FleetSource, Offer, UpdateResult
+from gateway.sources.base import FleetSource, Offer, Report, UpdateResult, UpdateState
 
 log = logging.getLogger("gateway.fleetops")
 
@@ -319,31 +319,50 @@ class FleetOps:
         ev.set()
         return True
 
-    async def _watch_cancel(self, dev: DeviceConfig, offer: Offer, ev: asyncio.Event) -> str:
+    async def _watch_cancel(self, dev: DeviceConfig, offer: Offer, ev: asyncio.Event,
+                            started: asyncio.Event) -> str:
+        """The reason once the update is called off. The first probe runs before the engine
+        starts (``started`` is set after it): a job closed while it downloaded sends nothing.
+        Each round also gives the source the upload's journaled progress (bounded rate)."""
         src = self.gw.source
         probe: Callable[[Offer], Awaitable[str | None]] | None = getattr(src, "canceled", None)
         period = min(30.0, max(0.5, src.poll_interval()))
+        sent = -1
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(ev.wait(), period)
+            if started.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(ev.wait(), period)
             if ev.is_set():
                 return self._cancel_why.get(dev.id, "canceled by the operator")
+            why = None
             if probe is not None:
                 try:
-                    why = await probe(offer)
+                    why = await asyncio.wait_for(probe(offer), 60)
                 except Exception as exc:  # a server hiccup is not a cancel
                     log.debug("device=%s cancel check failed: %s", dev.id, exc)
-                    continue
                 if why:
                     return why
+            started.set()
+            e = self.gw.journal.get(dev.id)
+            if e.step == "upload" and e.upload_total and e.upload_offset != sent:
+                sent = e.upload_offset
+                with contextlib.suppress(Exception):  # progress is best effort
+                    await src.report(offer, Report(UpdateState.UPDATING,
+                                                   progress=e.upload_offset / e.upload_total))
 
     async def run_engine(self, dev: DeviceConfig, offer: Offer, image_hash: bytes, session: SMPSession,
                          run: Callable[[], Awaitable[Outcome]]) -> Outcome:
         """``run()`` (the engine), unless a cancel arrives first: then undo as far as it got."""
         ev = self._cancel.setdefault(dev.id, asyncio.Event())
         ev.clear()
-        task = asyncio.ensure_future(run())
-        watch = asyncio.ensure_future(self._watch_cancel(dev, offer, ev))
+        started = asyncio.Event()
+        watch = asyncio.ensure_future(self._watch_cancel(dev, offer, ev, started))
+
+        async def after_first_probe() -> Outcome:
+            await started.wait()
+            return await run()
+
+        task = asyncio.ensure_future(after_first_probe())
         try:
             await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:

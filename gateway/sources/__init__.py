@@ -36,7 +36,8 @@ def build_source(cfg: GatewayConfig) -> FleetSource:
             from gateway.sources.settings import MqttJobsSourceConfig
 
             assert isinstance(src, MqttJobsSourceConfig)
-            return MqttJobsSource(src, cfg.state_dir, gateway_id=cfg.gateway_id)
+            return MqttJobsSource(src, cfg.state_dir, gateway_id=cfg.gateway_id,
+                                  devices=[(d.id, d.group) for d in cfg.devices])
         case "latest_release":
             from gateway.sources.latest_release import LatestReleaseSource
             from gateway.sources.settings import LatestReleaseSourceConfig

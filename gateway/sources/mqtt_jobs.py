@@ -25,12 +25,23 @@ rate-limited to one per ``progress_interval_s``.
 
 Report handle (``Offer.report_to``): ``{"thing", "job_id", "execution_number"}``; every update
 names its ``executionNumber``, so a final status sent after a restart lands on the execution
-the gateway worked on. An update that gets no ``/accepted`` raises ``ReportNotDelivered``. A
-final update rejected with ``InvalidStateTransition`` carries the execution's state (AWS puts
-``executionState`` in that error): if it already holds this very status and LwM2M result, an
-earlier delivery whose answer was lost got through (delivered); otherwise the execution was
-closed by someone else and ``ReportRefused`` is raised, as for ``ResourceNotFound`` and
-malformed requests. ``InternalError``/``RequestThrottled``/``VersionMismatch`` are retried.
+the gateway worked on. An update that gets no ``/accepted`` raises ``ReportNotDelivered``.
+
+One execution per (job, thing): with one thing for several devices (``thing: "{gateway}"``)
+the execution is the gateway's as a whole. It covers the gateway's devices behind the thing
+(configured, or seen) that the job names and has a file for - a device it does not cover is
+left alone. Each covered device's result goes into ``statusDetails`` (``result:<device>``,
+``detail:<device>``; upload ``progress:<device>``; the whole map is sent each time, AWS may
+replace rather than merge it), and the final SUCCEEDED/FAILED is sent once, when all are done.
+
+Closed executions: DescribeJobExecution of a terminal execution (CANCELED, TIMED_OUT,
+REMOVED...) answers ``TerminalStateReached``, an update ``InvalidStateTransition``, a deleted
+one ``ResourceNotFound``: any of them (or a terminal status) stops the work as a cancel
+(``canceled()``). A final update rejected with ``InvalidStateTransition`` whose
+``executionState`` already holds this very status and details was delivered before (its answer
+was lost); otherwise ``ReportRefused``. ``InternalError``/``RequestThrottled``/
+``VersionMismatch`` are retried; a start-next whose answer is lost is asked again (bounded).
+Trust: ``ca_file`` is the broker's; downloads use the system CAs or ``download_ca_file``.
 """
 
 from __future__ import annotations
@@ -39,10 +50,12 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import ssl
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -61,6 +74,7 @@ from gateway.sources.base import (
     ReportNotDelivered,
     ReportRefused,
     UpdateResult,
+    UpdateState,
 )
 from gateway.sources.settings import MqttJobsSourceConfig
 
@@ -69,27 +83,66 @@ log = logging.getLogger(__name__)
 
 # AWS IoT Jobs MQTT error codes worth another try (jobs-api.html, "ErrorResponse")
 _TRANSIENT = {"InternalError", "RequestThrottled", "VersionMismatch"}
+# answers that say an execution takes no more work (jobs-api.html, "ErrorResponse"): it is in a
+# terminal state - CANCELED, TIMED_OUT, REMOVED... (DescribeJobExecution: TerminalStateReached,
+# UpdateJobExecution: InvalidStateTransition) - or it is gone (ResourceNotFound)
+_CLOSED_CODES = {"TerminalStateReached", "InvalidStateTransition", "ResourceNotFound"}
+_TERMINAL = {"SUCCEEDED", "FAILED", "TIMED_OUT", "REJECTED", "REMOVED", "CANCELED"}
+_START_NEXT_TRIES = 3  # a start-next whose answer was lost is asked again (it is idempotent)
+_MAX_DETAILED_DEVICES = 100  # per-device statusDetails entries kept (bounded map)
+_MAX_PAYLOAD = 256 * 1024  # an MQTT answer larger than this is not parsed
+_MAX_DOCUMENT = 32 * 1024  # AWS job documents are at most 32 KiB
+_KEY_BAD = re.compile(r"[^a-zA-Z0-9:_-]")
+
+
+def _key(prefix: str, device_id: str) -> str:
+    """A statusDetails key AWS takes ([a-zA-Z0-9:_-], 1-128 characters)."""
+    return (prefix + _KEY_BAD.sub("_", device_id))[:128]
+
+
+def _value(text: str, limit: int = 1000) -> str:
+    """A statusDetails value AWS takes (1-1024 characters, no control characters)."""
+    clean = "".join(c if c.isprintable() else " " for c in text)[:limit]
+    return clean or "-"
+
+
+class _NoAnswer(FetchError):
+    """A request was sent but neither ``/accepted`` nor ``/rejected`` came back in time."""
 
 
 @dataclass
 class _Job:
+    """One job execution - AWS has one per (job, thing). With one thing for several devices
+    (``thing: "{gateway}"``) the gateway works it as a whole: each device the job covers
+    reports its result into it, and one final status is sent when every covered device is done.
+    """
+
     thing: str
     job_id: str
     execution_number: int | None = None
-    last_sig: tuple[int, int] | None = None
-    last_progress_at: float = 0.0
-    closed: bool = False
+    document: Any = None
+    loaded: bool = False  # document and the results already with the server are known
+    results: dict[str, tuple[str, str]] = field(default_factory=dict)  # device: (result, detail)
+    progress: dict[str, str] = field(default_factory=dict)  # device: percent uploaded
+    last_sig: dict[str, tuple[int, int]] = field(default_factory=dict)
+    last_progress_at: dict[str, float] = field(default_factory=dict)
+    closed: str | None = None  # why the execution takes no more work (None: open)
+    final: str | None = None  # the final status this gateway got accepted
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 class MqttJobsSource(FleetSource):
     name = "mqtt_jobs"
 
-    def __init__(self, cfg: MqttJobsSourceConfig, state_dir: Path, gateway_id: str = "smp-gateway") -> None:
+    def __init__(self, cfg: MqttJobsSourceConfig, state_dir: Path, gateway_id: str = "smp-gateway",
+                 devices: Iterable[tuple[str, str | None]] = ()) -> None:
         self.cfg = cfg
         self.gateway_id = gateway_id
+        # downloads trust the system CAs (or download_ca_file), never the broker's ca_file: the
+        # firmware host is not the broker
         self._downloader = Downloader(
             Path(state_dir),
-            ca_file=cfg.ca_file,
+            ca_file=cfg.download_ca_file,
             insecure=cfg.insecure,
             timeouts=DownloadTimeouts(read_s=cfg.download_read_timeout_s),
             retries=cfg.download_retries,
@@ -104,6 +157,11 @@ class MqttJobsSource(FleetSource):
         self.notified = asyncio.Event()  # set when notify-next announces a pending job
         self._stopping = False
         self._inventory_sent: dict[str, str] = {}  # topic -> last reported state
+        # thing -> the gateway's devices behind it (c: configured devices, and every device
+        # seen asking): who an execution of that thing covers
+        self._roster: dict[str, set[str]] = {}
+        for dev_id, group in devices:
+            self._roster.setdefault(self._thing_of(dev_id, group), set()).add(dev_id)
 
     # -- connection ----------------------------------------------------------------------
     def _tls_context(self) -> ssl.SSLContext | None:
@@ -212,8 +270,11 @@ class MqttJobsSource(FleetSource):
         return client
 
     def _dispatch(self, topic: str, payload: Any) -> None:
+        if not isinstance(payload, bytes | str) or len(payload) > _MAX_PAYLOAD:
+            log.warning("unusable MQTT message on %s (not text, or over %d bytes)", topic, _MAX_PAYLOAD)
+            return
         try:
-            data = json.loads(payload if isinstance(payload, bytes | str) else b"")
+            data = json.loads(payload)
         except ValueError:
             log.warning("unreadable MQTT message on %s", topic)
             return
@@ -241,7 +302,8 @@ class MqttJobsSource(FleetSource):
             await client.publish(topic, json.dumps(body), qos=1)
             return await asyncio.wait_for(fut, self.cfg.request_timeout_s)
         except TimeoutError:
-            raise FetchError(f"no answer on {topic}", UpdateResult.CONNECTION_LOST) from None
+            raise _NoAnswer(f"no answer on {topic} within {self.cfg.request_timeout_s:g}s",
+                            UpdateResult.CONNECTION_LOST) from None
         except aiomqtt.MqttError as exc:
             raise FetchError(f"MQTT publish failed: {exc}", UpdateResult.CONNECTION_LOST) from None
         finally:
@@ -250,36 +312,34 @@ class MqttJobsSource(FleetSource):
     def poll_interval(self) -> float:
         return 1.0 if self._notified else self.cfg.poll_interval_s
 
+    def _thing_of(self, device_id: str, group: str | None) -> str:
+        return self.cfg.thing.format(device=device_id, gateway=self.gateway_id, group=group or "")
+
     def thing_name(self, device: DeviceView) -> str:
-        return self.cfg.thing.format(device=device.id, gateway=self.gateway_id, group=device.group or "")
+        return self._thing_of(device.id, device.group)
 
     # -- FleetSource ---------------------------------------------------------------------
     async def check(self, device: DeviceView) -> Offer | None:
         thing = self.thing_name(device)
+        self._roster.setdefault(thing, set()).add(device.id)
         await self.publish_inventory(thing, device)
         self._notified.discard(thing)
         if not self._notified:
             self.notified.clear()
-        verdict, data = await self._request(
-            thing, f"$aws/things/{thing}/jobs/start-next", {"statusDetails": {"gateway": self.gateway_id}}
-        )
-        if verdict == "rejected":
-            raise FetchError(
-                f"start-next rejected for {thing}: {data.get('code')} {data.get('message')}",
-                UpdateResult.CONNECTION_LOST,
-            )
+        data = await self._start_next(thing)
         execution = data.get("execution")
         if not isinstance(execution, dict):
             return None
         job_id = str(execution.get("jobId"))
-        doc = execution.get("jobDocument")
         number = execution.get("executionNumber")
-        number = number if isinstance(number, int) else None
+        number = number if isinstance(number, int) and not isinstance(number, bool) else None
         job = self._jobs.get((thing, job_id))
         if job is None or job.closed or job.execution_number != number:  # a new execution
             job = self._jobs[(thing, job_id)] = _Job(thing, job_id, number)
+        if not job.loaded:
+            self._adopt(job, execution)
         try:
-            files = _files(doc)
+            files = _files(job.document)
         except ValueError as exc:
             await self._update_quietly(
                 job,
@@ -287,20 +347,24 @@ class MqttJobsSource(FleetSource):
                 {
                     "lwm2m_result": str(int(UpdateResult.INVALID_URI)),
                     "lwm2m_result_name": UpdateResult.INVALID_URI.name,
-                    "detail": f"job document not understood: {exc}"[:1000],
+                    "detail": _value(f"job document not understood: {exc}"),
                 },
             )
             return None
-        devices = doc.get("devices") if isinstance(doc, dict) else None
-        if isinstance(devices, list) and device.id not in devices:
-            await self._update_quietly(
-                job, "REJECTED", {"detail": f"device {device.id} is not named by the job"})
+        covered = self._covered(job)
+        if device.id not in covered:
+            # (c) which devices an execution covers is the gateway's configuration (the devices
+            # behind this thing) crossed with the job's list: a device the job does not name is
+            # simply not part of it - REJECTED only when no device of this thing can do it
+            if not covered:
+                await self._update_quietly(job, "REJECTED", {"detail": _value(
+                    f"no device of this gateway behind {thing} is named by the job or has a file "
+                    f"in it (asked by {device.id})")})
             return None
-        mine = [f for f in files if f.get("device") in (None, device.id)]
-        if not mine:
-            await self._update_quietly(job, "REJECTED", {"detail": f"no file for device {device.id}"})
-            return None
-        f = mine[0]
+        if device.id in job.results:
+            return None  # its part of this execution is done (its result is with the server)
+        f = _file_for(files, device.id)
+        assert f is not None  # covered
         version = None
         if isinstance(f.get("version"), str):
             try:
@@ -318,6 +382,60 @@ class MqttJobsSource(FleetSource):
             handle={"job": job, "url": f["url"]},
             report_to={"thing": thing, "job_id": job_id, "execution_number": job.execution_number},
         )
+
+    async def _start_next(self, thing: str) -> dict[str, Any]:
+        """StartNextPendingJobExecution; an answer lost (or RequestThrottled/InternalError) is
+        asked again, at most ``_START_NEXT_TRIES`` times - start-next returns the execution
+        already IN_PROGRESS, so asking twice starts nothing twice."""
+        topic = f"$aws/things/{thing}/jobs/start-next"
+        last = ""
+        for _ in range(_START_NEXT_TRIES):
+            try:
+                verdict, data = await self._request(
+                    thing, topic, {"statusDetails": {"gateway": _value(self.gateway_id)}})
+            except _NoAnswer as exc:
+                last = str(exc)
+                log.info("start-next for %s: %s; asking again", thing, exc)
+                continue
+            if verdict == "accepted":
+                return data
+            code, message = data.get("code"), data.get("message")
+            if code in _TRANSIENT:
+                last = f"{code} {message}"
+                continue
+            raise FetchError(f"start-next rejected for {thing}: {code} {message}",
+                             UpdateResult.CONNECTION_LOST)
+        raise FetchError(f"start-next for {thing}: no usable answer after {_START_NEXT_TRIES} tries "
+                         f"({last}); is the jobs service behind MQTT broker {self.cfg.host}:"
+                         f"{self.cfg.port} up?", UpdateResult.CONNECTION_LOST)
+
+    def _adopt(self, job: _Job, execution: dict[str, Any]) -> None:
+        """Take the execution's job document and the per-device results this gateway already
+        put in its statusDetails (after a restart, the server holds them)."""
+        doc = execution.get("jobDocument")
+        if isinstance(doc, str) and len(doc) <= _MAX_DOCUMENT:  # JobExecution documents it a string
+            try:
+                doc = json.loads(doc)
+            except ValueError:
+                pass
+        job.document = doc
+        details = execution.get("statusDetails")
+        if isinstance(details, dict):
+            for dev in self._roster.get(job.thing, ()):
+                res = details.get(_key("result:", dev))
+                if isinstance(res, str) and res in UpdateResult.__members__:
+                    job.results[dev] = (res, str(details.get(_key("detail:", dev), ""))[:200])
+        job.loaded = True
+
+    def _covered(self, job: _Job) -> set[str]:
+        """The gateway's devices behind the job's thing that the job names and has a file for."""
+        try:
+            files = _files(job.document)
+        except ValueError:
+            return set()
+        named = job.document.get("devices") if isinstance(job.document, dict) else None
+        return {d for d in self._roster.get(job.thing, ())
+                if (not isinstance(named, list) or d in named) and _file_for(files, d) is not None}
 
     async def publish_inventory(self, thing: str, device: DeviceView) -> None:
         """The device's inventory, retained, in the AWS Device Shadow layout
@@ -340,20 +458,32 @@ class MqttJobsSource(FleetSource):
             log.warning("inventory of %s not published on %s: %s", device.id, topic, exc)
 
     async def canceled(self, offer: Offer) -> str | None:
-        """DescribeJobExecution (``jobs/{jobId}/get``): CANCELED/REMOVED, or the execution gone."""
+        """Whether the execution was called off: already known closed (a rejected update), or
+        DescribeJobExecution (``jobs/{jobId}/get``) answers TerminalStateReached (CANCELED,
+        TIMED_OUT, REMOVED... - AWS answers a describe of a terminal execution so),
+        ResourceNotFound, or a terminal status. Any of them stops the work like a cancel."""
         job = self._job_for(offer)
-        verdict, data = await self._request(job.thing, f"$aws/things/{job.thing}/jobs/{job.job_id}/get",
-                                            {"includeJobDocument": False})
+        if job.final is not None:
+            return None  # closed by this gateway's own final status
+        if job.closed is not None:
+            return job.closed
+        body: dict[str, Any] = {"includeJobDocument": False}
+        if job.execution_number is not None:
+            body["executionNumber"] = job.execution_number
+        verdict, data = await self._request(
+            job.thing, f"$aws/things/{job.thing}/jobs/{job.job_id}/get", body)
         if verdict == "rejected":
-            if data.get("code") == "ResourceNotFound":
-                job.closed = True
-                return f"job {job.job_id} no longer exists for {job.thing} (removed)"
-            return None
+            code = data.get("code")
+            if code in ("TerminalStateReached", "ResourceNotFound"):
+                job.closed = (f"job {job.job_id} canceled on the server: its execution for "
+                              f"{job.thing} is {'gone' if code == 'ResourceNotFound' else 'closed'} "
+                              f"({code})")
+            return job.closed
         status = (data.get("execution") or {}).get("status")
-        if status in ("CANCELED", "REMOVED"):
-            job.closed = True  # a canceled execution takes no more updates
-            return f"job {job.job_id} {status.lower()}"
-        return None
+        if status in _TERMINAL:
+            job.closed = f"job {job.job_id} {str(status).lower()}" + (
+                "" if status == "CANCELED" else f" (canceled on the server: {status})")
+        return job.closed
 
     async def acknowledge_cancel(self, offer: Offer, done: bool, detail: str) -> None:
         # AWS IoT Jobs: a canceled or removed execution accepts no status update; the cancel is
@@ -374,46 +504,127 @@ class MqttJobsSource(FleetSource):
             thing, job_id = str(rt["thing"]), str(rt["job_id"])
         except KeyError as exc:
             raise ReportRefused(f"MQTT jobs report handle of {offer.device_id} lacks {exc}") from None
-        job = self._jobs.get((thing, job_id))
-        if job is None:
-            job = self._jobs[(thing, job_id)] = _Job(thing, job_id)
+        self._roster.setdefault(thing, set()).add(offer.device_id)
         number = rt.get("execution_number")
+        job = self._jobs.get((thing, job_id))
+        if job is None or (isinstance(number, int) and job.execution_number not in (None, number)):
+            job = self._jobs[(thing, job_id)] = _Job(thing, job_id)
         if job.execution_number is None and isinstance(number, int):
             job.execution_number = number
         return job
 
+    async def _load(self, job: _Job) -> None:
+        """DescribeJobExecution of a job this process did not start (a restart): its document
+        and the results already with the server; closed when it is terminal or gone."""
+        body: dict[str, Any] = {"includeJobDocument": True}
+        if job.execution_number is not None:
+            body["executionNumber"] = job.execution_number
+        try:
+            verdict, data = await self._request(
+                job.thing, f"$aws/things/{job.thing}/jobs/{job.job_id}/get", body)
+        except FetchError as exc:
+            raise ReportNotDelivered(f"job {job.job_id} of {job.thing}: {exc}") from None
+        if verdict == "rejected":
+            code = data.get("code")
+            if code in ("TerminalStateReached", "ResourceNotFound"):
+                job.closed = f"job {job.job_id} of {job.thing} is closed ({code})"
+                return
+            raise ReportNotDelivered(f"job {job.job_id} of {job.thing}: describe rejected: {code}")
+        execution = data.get("execution")
+        if not isinstance(execution, dict) or execution.get("status") in _TERMINAL:
+            job.closed = f"job {job.job_id} of {job.thing} is closed"
+            return
+        self._adopt(job, execution)
+
     async def report(self, offer: Offer, report: Report) -> None:
         job = self._job_for(offer)
-        if job.closed:
+        dev = offer.device_id
+        async with job.lock:  # one update of an execution at a time: each sends the whole map
+            if not job.loaded and job.closed is None:
+                await self._load(job)
+            if job.closed is not None:
+                if report.finished:
+                    await self._settle_closed(job, dev, report)
+                return
             if report.finished:
-                raise ReportRefused(f"job {job.job_id} of {job.thing} is already closed")
-            return
-        sig = (int(report.state), int(report.result))
-        now = time.monotonic()
-        if (
-            not report.finished
-            and sig == job.last_sig
-            and now - job.last_progress_at < self.cfg.progress_interval_s
-        ):
-            return
-        job.last_sig, job.last_progress_at = sig, now
-        details = {
-            "device": offer.device_id,
-            "lwm2m_state": str(int(report.state)),
-            "lwm2m_state_name": report.state.name,
-            "lwm2m_result": str(int(report.result)),
-            "lwm2m_result_name": report.result.name,
-        }
+                job.results[dev] = (report.result.name, _value(report.detail, 200))
+                job.progress.pop(dev, None)
+                waiting = self._covered(job) - job.results.keys()
+                if waiting:  # the execution is the gateway's: final when every device is done
+                    await self._update(job, "IN_PROGRESS", self._details(job, dev, report))
+                    return
+                failed = any(r != "SUCCESS" for r, _d in job.results.values())
+                status = "FAILED" if failed else "SUCCEEDED"
+                await self._update(job, status, self._details(job, dev, report, final=True),
+                                   final=True)
+                job.final, job.closed = status, f"job {job.job_id} finished: {status}"
+                return
+            if dev in job.results:
+                return
+            sig = (int(report.state), int(report.result))
+            now = time.monotonic()
+            if (sig == job.last_sig.get(dev)
+                    and now - job.last_progress_at.get(dev, 0.0) < self.cfg.progress_interval_s):
+                return
+            job.last_sig[dev], job.last_progress_at[dev] = sig, now
+            if report.progress is not None:
+                job.progress[dev] = str(round(report.progress * 100))
+            await self._update(job, "IN_PROGRESS", self._details(job, dev, report))
+
+    def _details(self, job: _Job, dev: str, report: Report, final: bool = False) -> dict[str, str]:
+        """The execution's whole statusDetails (AWS may replace rather than merge them): the
+        per-device results and progress, then the reporting device's state - or, for a final
+        status over several devices, a summary of them."""
+        out: dict[str, str] = {"gateway": _value(self.gateway_id)}
+        for d, (res, detail) in sorted(job.results.items())[:_MAX_DETAILED_DEVICES]:
+            out[_key("result:", d)] = res
+            if detail != "-":
+                out[_key("detail:", d)] = detail
+        for d, pct in sorted(job.progress.items())[:_MAX_DETAILED_DEVICES]:
+            out[_key("progress:", d)] = pct
+        if final and len(job.results) > 1:
+            bad = sorted((d, r) for d, (r, _x) in job.results.items() if r != "SUCCESS")
+            result = UpdateResult[bad[0][1]] if bad else UpdateResult.SUCCESS
+            text = f"{len(job.results) - len(bad)}/{len(job.results)} devices updated or up to date"
+            if bad:
+                text += "; failed: " + ", ".join(f"{d} {r}" for d, r in bad)
+            out.update(lwm2m_state=str(int(UpdateState.IDLE)), lwm2m_state_name="IDLE",
+                       lwm2m_result=str(int(result)), lwm2m_result_name=result.name,
+                       detail=_value(text))
+            return out
+        out.update(device=_value(dev), lwm2m_state=str(int(report.state)),
+                   lwm2m_state_name=report.state.name, lwm2m_result=str(int(report.result)),
+                   lwm2m_result_name=report.result.name)
         if report.detail:
-            details["detail"] = report.detail[:1000]
+            out["detail"] = _value(report.detail)
         if report.progress is not None:
-            details["progress"] = str(round(report.progress * 100))
-        if not report.finished:
-            await self._update(job, "IN_PROGRESS", details)
-            return
-        status = "SUCCEEDED" if report.result == UpdateResult.SUCCESS else "FAILED"
-        await self._update(job, status, details)
-        job.closed = True
+            out["progress"] = str(round(report.progress * 100))
+        return out
+
+    async def _settle_closed(self, job: _Job, dev: str, report: Report) -> None:
+        """A device's final report for an execution that takes no more updates: delivered when
+        the execution's terminal state holds this device's result (a final status sent before,
+        whose answer was lost or whose process restarted), refused otherwise."""
+        if job.final is not None and job.results.get(dev, ("",))[0] == report.result.name:
+            return  # its result went out with this gateway's final status
+        if job.final is None:  # closed before this process sent anything (restarted): ask it
+            status = "SUCCEEDED" if report.result == UpdateResult.SUCCESS else "FAILED"
+            body: dict[str, Any] = {"status": status, "statusDetails": {"gateway": _value(self.gateway_id)}}
+            if job.execution_number is not None:
+                body["executionNumber"] = job.execution_number
+            try:
+                verdict, data = await self._request(
+                    job.thing, f"$aws/things/{job.thing}/jobs/{job.job_id}/update", body)
+            except FetchError as exc:
+                raise ReportNotDelivered(f"job {job.job_id} of {job.thing}: {exc}") from None
+            state = _state_of(data)
+            have = state.get("statusDetails")
+            if (verdict == "rejected" and state.get("status") in ("SUCCEEDED", "FAILED")
+                    and isinstance(have, dict) and have.get(_key("result:", dev)) == report.result.name):
+                log.info("job %s of %s already holds the result of %s (delivered before)",
+                         job.job_id, job.thing, dev)
+                return
+        raise ReportRefused(f"job {job.job_id} of {job.thing} is closed: {job.closed}")
 
     async def _update_quietly(self, job: _Job, status: str, details: dict[str, str]) -> None:
         """An update the gateway may lose (the job is offered again at the next poll)."""
@@ -422,8 +633,12 @@ class MqttJobsSource(FleetSource):
         except ReportNotDelivered as exc:
             log.warning("%s", exc)
 
-    async def _update(self, job: _Job, status: str, details: dict[str, str]) -> None:
-        """UpdateJobExecution; returns once accepted, else raises ReportNotDelivered."""
+    async def _update(self, job: _Job, status: str, details: dict[str, str],
+                      final: bool = False) -> None:
+        """UpdateJobExecution; returns once accepted, else raises ReportNotDelivered.
+
+        A rejection saying the execution is closed (InvalidStateTransition, ResourceNotFound,
+        TerminalStateReached) closes the job here: the work on it stops like a cancel."""
         body: dict[str, Any] = {"status": status, "statusDetails": details}
         if job.execution_number is not None:
             body["executionNumber"] = job.execution_number
@@ -435,21 +650,36 @@ class MqttJobsSource(FleetSource):
         if verdict == "accepted":
             return
         code, message = data.get("code"), data.get("message")
-        if code == "InvalidStateTransition" and status != "IN_PROGRESS":
-            state = data.get("executionState") or {}
-            have = state.get("statusDetails") or {}
-            if state.get("status") == status and have.get("lwm2m_result") == details.get("lwm2m_result"):
-                log.info("job %s of %s already holds %s (an earlier delivery got through)",
-                         job.job_id, job.thing, status)
-                job.closed = True
-                return
         if code in _TRANSIENT:
             raise ReportNotDelivered(f"job {job.job_id} update to {status} rejected for now: "
                                      f"{code} {message}")
-        if code in ("InvalidStateTransition", "ResourceNotFound"):
-            job.closed = True
+        state = _state_of(data)
+        if final and code == "InvalidStateTransition" and _holds(state, status, details):
+            log.info("job %s of %s already holds %s (an earlier delivery got through)",
+                     job.job_id, job.thing, status)
+            return
+        if code in _CLOSED_CODES:
+            job.closed = (f"job {job.job_id} canceled on the server: its execution for {job.thing} "
+                          f"is {state.get('status') or 'closed'} ({code})")
         raise ReportRefused(f"job {job.job_id} of {job.thing}: update to {status} rejected: "
                             f"{code} {message}")
+
+
+def _state_of(data: dict[str, Any]) -> dict[str, Any]:
+    """The ``executionState`` of an ErrorResponse (InvalidStateTransition, VersionMismatch)."""
+    state = data.get("executionState")
+    return state if isinstance(state, dict) else {}
+
+
+def _holds(state: dict[str, Any], status: str, details: dict[str, str]) -> bool:
+    """The execution's state is this very final status with these very details."""
+    have = state.get("statusDetails")
+    return (state.get("status") == status and isinstance(have, dict)
+            and all(have.get(k) == v for k, v in details.items()))
+
+
+def _file_for(files: list[dict[str, Any]], device_id: str) -> dict[str, Any] | None:
+    return next((f for f in files if f.get("device") in (None, device_id)), None)
 
 
 def _files(doc: Any) -> list[dict[str, Any]]:

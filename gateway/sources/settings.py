@@ -88,7 +88,9 @@ class MqttJobsSourceConfig(Model):
     username: str | None = None
     password: Secret | None = None
     tls: bool = Field(True, description="TLS to the broker (AWS IoT requires it)")
-    ca_file: Path | None = None
+    ca_file: Path | None = Field(None, description="PEM CAs for the MQTT broker only (default: system)")
+    download_ca_file: Path | None = Field(
+        None, description="PEM CAs for firmware downloads (default: the system store; never ca_file)")
     cert_file: Path | None = Field(None, description="client certificate (AWS IoT X.509 auth)")
     key_file: Path | None = None
     insecure: bool = Field(False, description="skip broker/download certificate checks (warning)")
