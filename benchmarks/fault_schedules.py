@@ -136,6 +136,9 @@ ACTOR_SALT = 0x0AC7_0125
 # cancel: no retry); "window" opens or closes the maintenance window; "restart" drops the
 # gateway mid-pass (its task is cancelled) and a new Gateway starts on the same state_dir
 OPS = ["cancel", "cancel", "pause", "resume", "unblock", "update", "restart", "restart", "window"]
+# an operator action may be anchored to a step of the update instead of a moment: it comes
+# (0-0.4 s) after the gateway first reports that step for the device in a pass with faults
+ANCHORS = ["upload", "mark-test", "reset", "wait-boot", "verify", "confirm"]
 HOSTILE_DEVICE = ["no-progress", "enomem", "rewind", "contradict"]
 HOSTILE_SERVER = ["netcore-tag", "lie-meta", "zip-bomb", "foreign-link", "outage"]
 # the schedule's maintenance window ("night", 03:00-04:00 UTC): the policy's clock reads one of
@@ -351,6 +354,8 @@ def _draw_actors(sched: Schedule, ar: random.Random, actors: set[str]) -> None:
         at, dev = round(ar.uniform(0.2, 4.0), 3), ar.randrange(n)
         if kind == "window" and window is None:
             kind = "cancel"
+        if ar.random() < 0.6:  # anchored: "cancel@wait-boot" - ``at`` is then the delay
+            kind, at = f"{kind}@{ar.choice(ANCHORS)}", round(ar.uniform(0.0, 0.4), 3)
         ops.append((at, kind, dev))
     dev_on = ar.random() < 0.35
     hostile = (ar.randrange(n), ar.choice(HOSTILE_DEVICE), ar.randint(1, 6))
@@ -502,6 +507,7 @@ class DeviceWatch:
         self.hostile = hostile  # (kind, from the n-th upload chunk) - see HOSTILE_DEVICE
         self.chunks = 0
         self.reads = 0
+        self.hostile_answers = 0
         self._last_read: bytes | None = None
         self.confirms: list[tuple[float, str | None]] = []  # (t, hash) of applied confirms
         self._orig_arrived = dev.frame_arrived
@@ -654,6 +660,7 @@ class DeviceWatch:
         return False
 
     def _note_fired(self, tag: str) -> None:
+        self.hostile_answers += 1
         if tag not in self.fired:
             self.fired.append(tag)
 
@@ -867,7 +874,8 @@ async def run_schedule(sched: Schedule, assets: Assets, root: Path) -> Verdict:
     op_log: list[tuple[float, str, str, bool, str]] = []  # (t, op, device, acknowledged, answer)
     cancels: list[tuple[float, str]] = []  # acknowledged cancels: (t, device)
     resumes: list[tuple[float, str]] = []  # the operator let the device update again
-    win: dict[str, Any] = {"open": sched.window, "log": [(t_start, bool(sched.window))]}
+    win: dict[str, Any] = {"open": sched.window,
+                           "log": [] if sched.window is None else [(t_start, sched.window)]}
     attempts: list[list[Any]] = []  # [unit, start, end or None, phase]
     op_tasks: list[asyncio.Task[None]] = []
     op_timers: list[asyncio.TimerHandle] = []
@@ -903,8 +911,20 @@ async def run_schedule(sched: Schedule, assets: Assets, root: Path) -> Verdict:
         server = FlakyServer(sched, server_fired)
         server.t0 = t_start
 
+        anchored: dict[tuple[str, str], list[tuple[float, str]]] = {}
+        for at, kind, i in sched.ops:
+            if "@" in kind:
+                op, step = kind.split("@")
+                anchored.setdefault((f"d{min(i, len(watches) - 1)}", step), []).append((at, op))
+
+        def progress(dev_id: str, step: str, off: int, total: int) -> None:
+            if not watches[0].enabled or (step == "upload" and not 0 < off < total):
+                return
+            for at, op in anchored.pop((dev_id, step), []):
+                op_timers.append(loop.call_later(at, fire_op, op, dev_id))
+
         def new_gateway() -> Gateway:
-            gw = Gateway(cfg, source=server.bind(build_source(cfg)))
+            gw = Gateway(cfg, source=server.bind(build_source(cfg)), on_progress=progress)
             gw.fleet.maint.clock = window_clock  # the schedule opens and closes the window
             return gw
 
@@ -978,7 +998,7 @@ async def run_schedule(sched: Schedule, assets: Assets, root: Path) -> Verdict:
                         server_fired.append(f"op:{req['cmd']}")
                     if ok and req["cmd"] == "cancel":
                         cancels.append((loop.time(), dev_id))
-                    if ok and req["cmd"] in ("resume", "update"):
+                    if ok and req["cmd"] == "resume":
                         resumes.append((loop.time(), dev_id))
             finally:
                 if temp:
@@ -991,11 +1011,12 @@ async def run_schedule(sched: Schedule, assets: Assets, root: Path) -> Verdict:
             op_tasks.append(loop.create_task(operate(kind, dev_id)))
 
         for at, kind, i in sched.ops:
-            op_timers.append(loop.call_later(at, fire_op, kind, f"d{min(i, len(watches) - 1)}"))
+            if "@" not in kind:
+                op_timers.append(loop.call_later(at, fire_op, kind, f"d{min(i, len(watches) - 1)}"))
         for w in watches:
             w.start_timers()
         n_pass = 0
-        ops_end = t_start + max((at for at, _, _ in sched.ops), default=0.0)
+        ops_end = t_start + max((at for at, k, _ in sched.ops if "@" not in k), default=0.0)
         while (n_pass < sched.passes or (loop.time() < ops_end and n_pass < 8)) \
                 and not cur.get("timed_out"):
             n_pass += 1
@@ -1208,7 +1229,8 @@ def _post_mortem(root: Path, sched: Schedule, problems: list[str], watches: list
         out += ["operators, window, attempts (s after the start):", *actors, ""]
     t0 = min((e.t for w in watches for e in w.dev.events), default=0.0)
     for w in watches:
-        out.append(f"device {w.dev.id} (faults fired: {', '.join(w.fired) or '-'}):")
+        out.append(f"device {w.dev.id} (faults fired: {', '.join(w.fired) or '-'}; hostile "
+                   f"answers: {w.hostile_answers}):")
         out += [f"  {e.t - t0:8.3f} {e.kind} {e.detail}" for e in w.dev.events]
         for q in w.seen:
             if q.group == 1 and q.cmd == 1:
@@ -1355,6 +1377,14 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.monotonic() - t0
     print(f"\n{len(verdicts)} schedules, {len(bad)} failed, {sum(len(v.fired) for v in verdicts)} "
           f"faults fired, {wall:.0f}s wall ({wall / max(1, len(verdicts)):.2f}s per schedule)")
+    kinds: dict[str, int] = {}
+    for v in verdicts:
+        for f in v.fired:
+            kinds[fault_kind(f)] = kinds.get(fault_kind(f), 0) + 1
+    print("fired: " + ", ".join(f"{k} {n}" for k, n in sorted(kinds.items(), key=lambda kv: -kv[1])))
+    drawn = sum(1 for v in verdicts if '"actors":[]' not in v.schedule)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"actors drawn in {drawn} schedules; peak RSS {rss:.0f} MB")
     if bad:
         print("failing seeds: " + " ".join(str(v.seed) for v in bad))
     return 1 if bad else 0
