@@ -27,6 +27,14 @@ settled, and the checker reads the devices (not the gateway's word):
    power cycle every device boots a confirmed image: the target if the last outcome said
    updated, the old image otherwise.
 
+New actors, switched on with ``--actors all|operator,device,server`` (``SMPGW_FAULT_ACTORS``) and
+drawn from ``seed ^ ACTOR_SALT``: operators (cancel, pause, resume, unblock, update, restart,
+the maintenance window opening and closing - at random moments or right after a step),
+hostile devices (no progress, ENOMEM forever, rewinds, state reads that replay an older one)
+and hostile servers (lying dfu_application.zip fields, a zip bomb, a link outside the update
+directory, outages); their invariants are ``NEW_INVARIANTS`` (the attempt bound and the memory
+ceiling are checked in every schedule).
+
 Run ``python benchmarks/fault_schedules.py --count N [--seed S] [--jobs J]``; a failing seed is
 printed with its schedule and can be replayed with ``--seed S --count 1`` (or, in the test,
 ``SMPGW_FAULT_SEED=S``). The CI test (``tests/test_fault_schedule.py``) runs a fixed number of
