@@ -21,7 +21,9 @@ the mode is (b) bootloader info or (c) ``mcuboot_mode`` (``modes.py``); ``refuse
 the signed version, flags and verification result with (b) the running version and
 no-downgrade flag and (c) the device config; ``choose`` (direct-XIP) takes the slot a build is
 linked for from (a) its ROM_FIXED load address against (c) ``slot_offsets`` - the artifact's
-``slot`` label is only cross-checked; ``uploaded_problem`` reads (b) the device's state.
+``slot`` label is only cross-checked (a mismatch is logged; the signed address decides), and
+without ``slot_offsets`` (the device cannot report them) a direct-XIP build is refused;
+``uploaded_problem`` reads (b) the device's state.
 
 Mode by mode (MCUboot ``boot/bootutil/src/loader.c``, Zephyr ``img_mgmt_state.c``, and what the
 Renode firmware in ``shared/firmware/stm32f4_disco-*`` answered):
@@ -54,6 +56,7 @@ Renode firmware in ``shared/firmware/stm32f4_disco-*`` answered):
 from __future__ import annotations
 
 import enum
+import logging
 from typing import TYPE_CHECKING, Protocol
 
 from smp.image_management import ImageState
@@ -65,6 +68,7 @@ from gateway.mcuboot import Version, trailer_size
 if TYPE_CHECKING:
     from gateway.config import DeviceConfig
 
+log = logging.getLogger("gateway.bootmodes")
 
 class Mark(enum.StrEnum):
     TEST = "test"  # image state write, confirm=false: MCUboot's TEST swap
@@ -248,9 +252,9 @@ class DirectXipFlow(ModeFlow):
                                f"(slot_offsets {[hex(o) for o in offs]})")
         by_addr = offs.index(fixed)
         if member is not None and member.slot is not None and by_addr != member.slot:
-            raise ImageRefused(Refusal.WRONG_SLOT, f"the artifact calls {member.name} the slot "
-                               f"{member.slot} build, but it is signed for {fixed:#x} = slot "
-                               f"{by_addr}: refusing an artifact that mislabels its builds")
+            log.warning("device=%s the artifact calls %s the slot %d build, but it is signed for "
+                        "%#x = slot %d: the signed address decides", self.dev.id, member.name,
+                        member.slot, fixed, by_addr)
         return by_addr
 
     def choose(self, image: VerifiedImage, view: SlotView) -> VerifiedImage:
