@@ -960,10 +960,12 @@ class UpdateEngine:
                              f"images {sorted(listed)} only; give the device's images: rules in the "
                              "config if it has one the application cannot read (a network core)")
         tested = self.entry.tested_hash
-        if resuming and tested is not None and tested.startswith(_revert_mark(sid)):
-            # the set failed and its revert reset was journalled but not yet sent (a closed
-            # maintenance window, a crash): finish that intent - never judge or confirm again
-            return await self._set_revert_resumed(iset, states, tested, old_v)
+        if (resuming or same) and tested is not None and tested.startswith(_revert_mark(sid)):
+            # the set failed and its revert reset was journalled but not done (a closed
+            # maintenance window, a crash, a lost link): finish that intent - never judge,
+            # re-mark or confirm this set again
+            return await self._set_revert_resumed(iset, states, tested, old_v,
+                                                  self.entry.last_error or prev.last_error)
         all_marked = tested == sid
         marks_started = tested in (sid, marking)
         # this set was installed here before (a network core's image stays in its secondary)
@@ -1088,11 +1090,14 @@ class UpdateEngine:
                                        "after)", iset, old_v)
         self._step(Step.MARK_TEST, "image set marked", tested_hash=sid)
         self._hold(Stage.MARKED, iset, old_v)
-        await self._set_reset(iset, marked)
+        await self._set_reset(iset, marked, old_v)
         return await self._set_after_boot(iset, rls, marked, old_v)
 
-    async def _set_reset(self, iset: VerifiedImageSet, marked: set[int]) -> None:
-        """The one reset of a set; re-sent only if unanswered and every mark is still pending."""
+    async def _set_reset(self, iset: VerifiedImageSet, marked: set[int], old_v: str | None) -> None:
+        """The one reset of a set; re-sent only if unanswered and every mark is still pending.
+        Through the reset gate like every reset (the marks were gated too; a window closing in
+        between leaves them pending, journalled, and the reset waits)."""
+        self._gate("the reset of the image set", iset, old_v)
         for attempt in range(1, 4):
             self._step(Step.RESET, f"image set: images {sorted(marked)}"
                        + (f", attempt {attempt}" if attempt > 1 else ""))
@@ -1202,7 +1207,7 @@ class UpdateEngine:
                                       v.permanent, old_v)
 
     async def _set_revert_resumed(self, iset: VerifiedImageSet, states: list[ImageState],
-                                  mark: str, old_v: str | None) -> Outcome:
+                                  mark: str, old_v: str | None, failures: str | None) -> Outcome:
         """The journal holds the intent to revert this failed set (``_set_revert``): what still
         test-runs (b: the device's state) is reset back now, if the reset gate allows."""
         permanent = [int(x) for x in mark.removeprefix(_revert_mark(iset.hash.hex())).split(",")
@@ -1212,10 +1217,10 @@ class UpdateEngine:
             sl = imageset.ImageSlots.of(states, m.image)
             if sl.primary_hash == m.hash and sl.primary is not None and not sl.primary.confirmed:
                 testing.append(m.image)
-        failures = self.entry.last_error or "an image of the set failed"
         log.info("device=%s resuming the revert of the failed image set: images %s still test-"
                  "run", self.dev.id, testing)
-        return await self._set_revert(iset, failures, testing, permanent, old_v)
+        return await self._set_revert(iset, failures or "an image of the set failed", testing,
+                                      permanent, old_v)
 
     async def _set_revert(self, iset: VerifiedImageSet, failures: str, testing: list[int],
                           permanent: list[int], old_v: str | None) -> Outcome:
