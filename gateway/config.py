@@ -125,7 +125,10 @@ class ImageRule(Model):
                           "installed for good at the reset. Default: test for image 0, permanent "
                           "for the others (img_mgmt confirms only the running image)")
     netcore: bool = Field(False, description="an nRF5340 network core: no revert, never test-"
-                                             "marked, its primary cannot be read back")
+                                             "marked, its primary cannot be read back. Only this "
+                                             "setting makes an image a network core (an "
+                                             "artifact's cpunet board is only cross-checked); "
+                                             "never image 0")
     slot_size: int | None = Field(None, gt=0, description="this image's secondary slot size")
 
 
@@ -181,6 +184,16 @@ class DeviceConfig(Model):
     images: dict[int, ImageRule] = Field(
         default_factory=dict, description="multi-image devices: rules per MCUboot image number")
     recovery: RecoveryConfig | None = None
+
+    @model_validator(mode="after")
+    def _image0_is_no_network_core(self) -> DeviceConfig:
+        rule = self.images.get(0)
+        if rule is not None and rule.netcore:
+            raise ValueError("images: {0: {netcore: true}}: image 0 is the application that "
+                             "answers SMP and the one image whose test boot can be confirmed; a "
+                             "network core (installed for good, no revert) is never image 0 "
+                             "(nRF Connect SDK: image 1)")
+        return self
 
 
 # -- fleet operations: device templates, discovery, rollout, maintenance windows, control ----

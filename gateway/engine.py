@@ -148,6 +148,11 @@ class Slots:
 ProgressFn = Callable[[str, Step, int, int], None]
 
 
+def _revert_mark(set_id: str) -> str:
+    """``tested_hash`` prefix of a failed set whose revert reset is due (``_set_revert``)."""
+    return f"revert:{set_id}:"
+
+
 class UpdateEngine:
     """Drives one device through one update. Create one per (device, image) attempt."""
 
@@ -941,17 +946,26 @@ class UpdateEngine:
         if self.dev.group is not None:
             raise refuse(Refusal.MODE, "image sets of several images are not updated in device "
                          "groups (some images cannot be taken back once installed)")
-        rls = imageset.rules(self.dev, iset, flow.mode)
-        # images the device lists, the config describes, or the artifact calls a network core
-        # (whose flash the application cannot read: not listed until something is uploaded)
-        listed = ({s.image or 0 for s in states} | set(self.dev.images)
-                  | {m.image for m in iset.members if m.netcore})
+        try:
+            rls = imageset.rules(self.dev, iset, flow.mode)
+        except ImageRefused as exc:
+            raise refuse(exc.reason, exc.message) from None
+        # images the device lists (b) or the config describes (c) - a network core's flash the
+        # application cannot read is not listed until something is uploaded; never what the
+        # artifact's manifest claims
+        listed = {s.image or 0 for s in states} | set(self.dev.images)
         for m in iset.members:
             if m.image not in listed:
                 raise refuse(Refusal.BAD_SET, f"the set has image {m.image}, but the device lists "
                              f"images {sorted(listed)} only; give the device's images: rules in the "
                              "config if it has one the application cannot read (a network core)")
         tested = self.entry.tested_hash
+        if (resuming or same) and tested is not None and tested.startswith(_revert_mark(sid)):
+            # the set failed and its revert reset was journalled but not done (a closed
+            # maintenance window, a crash, a lost link): finish that intent - never judge,
+            # re-mark or confirm this set again
+            return await self._set_revert_resumed(iset, states, tested, old_v,
+                                                  self.entry.last_error or prev.last_error)
         all_marked = tested == sid
         marks_started = tested in (sid, marking)
         # this set was installed here before (a network core's image stays in its secondary)
@@ -990,7 +1004,9 @@ class UpdateEngine:
         for m in iset.members:
             if where[m.image] == W.INSTALLED:
                 continue
-            rv = None if rls[m.image].netcore else running.get(m.image)
+            # every member, network core or not: (a) its signed version against (b) what the
+            # device reports running for that image (None when it cannot read it)
+            rv = running.get(m.image)
             try:
                 preflight(m.verified, device_id=self.dev.id, hardware=self.dev.hardware,
                           slot_size=imageset.member_slot_size(self.dev, m), running=rv,
@@ -1005,8 +1021,7 @@ class UpdateEngine:
                     raise refusal
             except ImageRefused as exc:
                 raise refuse(exc.reason, f"{m.label()}: {exc.message}") from None
-        dep = imageset.dependency_problem(
-            iset, {i: (None if rls[i].netcore else v) for i, v in running.items()})
+        dep = imageset.dependency_problem(iset, running)
         if dep is not None:
             raise refuse(Refusal.BAD_SET, dep)
         for m in iset.members:
@@ -1075,11 +1090,14 @@ class UpdateEngine:
                                        "after)", iset, old_v)
         self._step(Step.MARK_TEST, "image set marked", tested_hash=sid)
         self._hold(Stage.MARKED, iset, old_v)
-        await self._set_reset(iset, marked)
+        await self._set_reset(iset, marked, old_v)
         return await self._set_after_boot(iset, rls, marked, old_v)
 
-    async def _set_reset(self, iset: VerifiedImageSet, marked: set[int]) -> None:
-        """The one reset of a set; re-sent only if unanswered and every mark is still pending."""
+    async def _set_reset(self, iset: VerifiedImageSet, marked: set[int], old_v: str | None) -> None:
+        """The one reset of a set; re-sent only if unanswered and every mark is still pending.
+        Through the reset gate like every reset (the marks were gated too; a window closing in
+        between leaves them pending, journalled, and the reset waits)."""
+        self._gate("the reset of the image set", iset, old_v)
         for attempt in range(1, 4):
             self._step(Step.RESET, f"image set: images {sorted(marked)}"
                        + (f", attempt {attempt}" if attempt > 1 else ""))
@@ -1185,28 +1203,64 @@ class UpdateEngine:
                           old_v: str | None) -> Outcome:
         """One image failed: the set failed. Test-booted images are reset back (MCUboot reverts
         them); permanently installed ones stay, and the outcome says so."""
-        detail = "image set failed: " + "; ".join(v.failed.values())
+        return await self._set_revert(iset, "; ".join(v.failed.values()), v.testing,
+                                      v.permanent, old_v)
+
+    async def _set_revert_resumed(self, iset: VerifiedImageSet, states: list[ImageState],
+                                  mark: str, old_v: str | None, failures: str | None) -> Outcome:
+        """The journal holds the intent to revert this failed set (``_set_revert``): what still
+        test-runs (b: the device's state) is reset back now, if the reset gate allows."""
+        permanent = [int(x) for x in mark.removeprefix(_revert_mark(iset.hash.hex())).split(",")
+                     if x.isdigit()]
+        testing = []
+        for m in iset.members:
+            sl = imageset.ImageSlots.of(states, m.image)
+            if sl.primary_hash == m.hash and sl.primary is not None and not sl.primary.confirmed:
+                testing.append(m.image)
+        log.info("device=%s resuming the revert of the failed image set: images %s still test-"
+                 "run", self.dev.id, testing)
+        return await self._set_revert(iset, failures or "an image of the set failed", testing,
+                                      permanent, old_v)
+
+    async def _set_revert(self, iset: VerifiedImageSet, failures: str, testing: list[int],
+                          permanent: list[int], old_v: str | None) -> Outcome:
+        """Reset the failed set's test-booted images back. The reset is an intent like any
+        other: journalled first (``tested_hash`` = ``revert:<set id>:<permanent images>``, the
+        failures in ``last_error``; from then on nothing of this set is judged or confirmed
+        again), then sent only through the one reset gate (maintenance windows, ``_gate``).
+        Outside a window the attempt stops HELD with the row open; the next attempt - or a
+        restarted gateway - finds the intent (``_run_set``) and finishes it."""
+        sid = iset.hash.hex()
+        detail = "image set failed: " + failures
         still: list[int] = []
-        if v.testing:
+        if testing:
+            mark = _revert_mark(sid) + ",".join(str(i) for i in sorted(permanent))
+            if self.entry.tested_hash != mark:
+                self._step(Step.VERIFY, f"{detail}; intent: reset so MCUboot reverts images "
+                           f"{sorted(testing)}", tested_hash=mark, last_error=failures)
+            self._gate(f"the reset that reverts image(s) {sorted(testing)} of the failed image "
+                       "set", iset, old_v)
             self._step(Step.RESET, "image set failed: reset so MCUboot reverts images "
-                       f"{sorted(v.testing)}")
+                       f"{sorted(testing)}")
             acked = await self.s.reset()
             self._step(Step.WAIT_BOOT, f"revert reset acknowledged={acked}")
             await self._wait_reboot()
             states = await self._states()
-            for i in v.testing:
+            for i in testing:
                 m = next(x for x in iset.members if x.image == i)
                 if imageset.ImageSlots.of(states, i).primary_hash == m.hash:
                     still.append(i)
-            back = [i for i in v.testing if i not in still]
+            back = [i for i in testing if i not in still]
             if back:
                 detail += f"; reset: MCUboot reverted image(s) {back}"
             if still:
                 detail += f"; image(s) {still} still run the new version after the reset"
-        if v.permanent:
-            detail += (f"; image(s) {sorted(v.permanent)} were installed permanently and cannot "
+        if (self.entry.tested_hash or "").startswith(_revert_mark(sid)):
+            self.entry = self.entry.with_(tested_hash=sid)  # the intent is done
+        if permanent:
+            detail += (f"; image(s) {sorted(permanent)} were installed permanently and cannot "
                        "be taken back")
-        status = Status.ROLLED_BACK if not (v.permanent or still) else Status.FAILED
+        status = Status.ROLLED_BACK if not (permanent or still) else Status.FAILED
         raise self._finish(status, UpdateResult.UPDATE_FAILED, detail, iset, old_v)
 
     # -- updates through MCUboot itself (gateway/bootmodes/recovery.py) ----------------------

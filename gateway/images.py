@@ -206,7 +206,9 @@ class SetMember:
     slot: int | None  # direct-XIP: the slot this build is linked for; None = any / not slot-bound
     verified: VerifiedImage
     name: str = ""  # file name in the artifact
-    netcore: bool = False  # the artifact marks it as an nRF5340 network-core image
+    # the artifact's unsigned claim of an nRF5340 network core (``BundleEntry.netcore``): only
+    # cross-checked against the device config (``imageset.rules``), never decides
+    netcore: bool | None = None
     load_address: int | None = None  # from the artifact's manifest (informative)
 
     @property

@@ -1,8 +1,9 @@
 """Direct-XIP (with and without revert) and RAM-load devices on the simulator.
 
 The image runs in place, so it is linked for one slot: the gateway sends the build for the slot
-the device does *not* run (from the artifact's ``slot`` field, or the ROM_FIXED load address
-against ``slot_offsets``) and never one linked for the other slot - the trap of
+the device does *not* run - proven by the signed ROM_FIXED load address against the config's
+``slot_offsets``, the artifact's ``slot`` field only cross-checked - and never one linked for
+the other slot - the trap of
 ``shared/firmware/stm32f4_disco-direct-xip-revert/check-output-wrongslot-test-marked.txt``."""
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from gateway.sources.base import UpdateResult
 pytestmark = pytest.mark.timeout(120)
 
 SLOT0, SLOT1 = 0x10000, 0x50000  # the bench's slots (256 KiB each, packed from 0x10000)
+OFFS = [SLOT0, SLOT1]  # the device config's slot_offsets (direct-XIP needs them)
 
 
 def xip(mode: str = "direct-xip-with-revert", **kw: object) -> dict[str, object]:
@@ -60,7 +62,7 @@ async def test_direct_xip_revert_sends_the_build_for_the_inactive_slot(bench_fac
     publish_builds(bench, *v2)
     async with Simulator(bench.sim_cfg) as sim:
         (dev,) = sim.devices.values()
-        res = await run_pass(bench.gateway_config(sim))
+        res = await run_pass(bench.gateway_config(sim, slot_offsets=OFFS))
         out = res.outcomes[dev.id]
         assert out.status == Status.UPDATED, out
         assert "confirmed by the gateway" in out.detail and "runs in place" in out.detail
@@ -71,7 +73,7 @@ async def test_direct_xip_revert_sends_the_build_for_the_inactive_slot(bench_fac
         # the next release goes to slot 0, as its slot-0 build
         v3 = builds(bench, "3.0.0")
         publish_builds(bench, *v3)
-        res = await run_pass(bench.gateway_config(sim))
+        res = await run_pass(bench.gateway_config(sim, slot_offsets=OFFS))
         assert res.outcomes[dev.id].status == Status.UPDATED, res.outcomes
         assert active(dev) == ("3.0.0", True, 0)
         assert entry(dev, 0, 0)["hash"] == image_hash(v3[0])
@@ -85,7 +87,7 @@ async def test_direct_xip_never_uploads_a_build_for_the_running_slot(bench_facto
     publish_entry(bench, {"file": str(b0)})
     async with Simulator(bench.sim_cfg) as sim:
         (dev,) = sim.devices.values()
-        res = await run_pass(bench.gateway_config(sim, slot_offsets=[SLOT0, SLOT1]))
+        res = await run_pass(bench.gateway_config(sim, slot_offsets=OFFS))
         out = res.outcomes[dev.id]
         assert out.status == Status.REFUSED, out
         assert out.detail.startswith(Refusal.WRONG_SLOT.value), out.detail
@@ -94,7 +96,8 @@ async def test_direct_xip_never_uploads_a_build_for_the_running_slot(bench_facto
 
 
 async def test_direct_xip_refuses_a_build_whose_slot_it_cannot_tell(bench_factory) -> None:
-    """A ROM_FIXED build, but no slot_offsets in the config and no slot in the artifact."""
+    """A ROM_FIXED build, but no slot_offsets in the config (and no slot in the artifact): the
+    refusal names the config key."""
     bench = bench_factory(udp=1, serial=0, device_kw=xip())
     _, b1 = builds(bench, "2.0.0")
     publish_entry(bench, {"file": str(b1)})
@@ -103,7 +106,7 @@ async def test_direct_xip_refuses_a_build_whose_slot_it_cannot_tell(bench_factor
         res = await run_pass(bench.gateway_config(sim))
         out = res.outcomes[dev.id]
         assert out.status == Status.REFUSED, out
-        assert "cannot tell which slot" in out.detail
+        assert "set slot_offsets" in out.detail and out.detail.startswith(Refusal.WRONG_SLOT.value)
         assert upload_requests(dev) == 0 and resets(dev) == 0
 
 
@@ -113,7 +116,7 @@ async def test_direct_xip_single_build_by_its_rom_fixed_address(bench_factory) -
     publish_entry(bench, {"file": str(b1)})
     async with Simulator(bench.sim_cfg) as sim:
         (dev,) = sim.devices.values()
-        res = await run_pass(bench.gateway_config(sim, slot_offsets=[SLOT0, SLOT1]))
+        res = await run_pass(bench.gateway_config(sim, slot_offsets=OFFS))
         assert res.outcomes[dev.id].status == Status.UPDATED, res.outcomes
         assert active(dev) == ("2.0.0", True, 1)
 
@@ -124,7 +127,7 @@ async def test_direct_xip_revert_image_that_crashes_is_erased_and_reported(bench
     publish_builds(bench, *builds(bench, "2.0.0"))
     async with Simulator(bench.sim_cfg) as sim:
         (dev,) = sim.devices.values()
-        res = await run_pass(bench.gateway_config(sim, health_check_s=2.0))
+        res = await run_pass(bench.gateway_config(sim, health_check_s=2.0, slot_offsets=OFFS))
         out = res.outcomes[dev.id]
         assert out.status == Status.ROLLED_BACK, out
         assert out.result == UpdateResult.UPDATE_FAILED
@@ -144,14 +147,14 @@ async def test_direct_xip_power_cut_while_the_test_mark_is_written(bench_factory
     publish_builds(bench, *builds(bench, "2.0.0"))
     async with Simulator(bench.sim_cfg) as sim:
         (dev,) = sim.devices.values()
-        res = await run_pass(bench.gateway_config(sim))
+        res = await run_pass(bench.gateway_config(sim, slot_offsets=OFFS))
         out = res.outcomes[dev.id]
         assert any(e.kind == "power-cut" for e in dev.events), [e.kind for e in dev.events]
         assert out.status in (Status.FAILED, Status.ROLLED_BACK), out
         assert out.result != UpdateResult.SUCCESS
         assert active(dev) == ("1.0.0", True, 0)
         assert not any(w["confirm"] for w in state_writes(dev))
-        res = await run_pass(bench.gateway_config(sim))
+        res = await run_pass(bench.gateway_config(sim, slot_offsets=OFFS))
         assert res.outcomes[dev.id].status == Status.UPDATED, res.outcomes
         assert active(dev) == ("2.0.0", True, 1)
 
@@ -161,7 +164,7 @@ async def test_direct_xip_without_revert_installs_at_the_reset(bench_factory) ->
     publish_builds(bench, *builds(bench, "2.0.0"))
     async with Simulator(bench.sim_cfg) as sim:
         (dev,) = sim.devices.values()
-        res = await run_pass(bench.gateway_config(sim))
+        res = await run_pass(bench.gateway_config(sim, slot_offsets=OFFS))
         out = res.outcomes[dev.id]
         assert out.status == Status.UPDATED, out
         assert "no revert in direct-xip" in out.detail

@@ -45,6 +45,9 @@ def two_images(bench_factory: Any, *, update: str = "swap", **kw: Any) -> tuple[
     return bench, imgs
 
 
+NETCORE1 = {1: {"netcore": True}}  # the device config says image 1 is the network core
+
+
 def uploads_to(dev: Any) -> list[int]:
     """Flash slots the device's img_mgmt started an upload into (2N + 1 = image N's secondary)."""
     return [int(e.detail["slot"]) for e in dev.events if e.kind == "upload-start"]
@@ -180,9 +183,10 @@ async def test_power_cut_in_mid_swap_of_the_set(bench_factory) -> None:
 
 
 async def test_network_core_is_never_test_marked(bench_factory) -> None:
-    """nRF5340-style image 1 (network core, no revert, its primary unreadable): shipped in an
-    nRF Connect SDK dfu_application.zip whose board names the cpunet; marked permanent, checked
-    by its secondary being consumed at the reset."""
+    """nRF5340-style image 1 (network core, no revert, its primary unreadable), declared in the
+    device config (``images: {1: {netcore: true}}``) and shipped in an nRF Connect SDK
+    dfu_application.zip whose board names the cpunet (consistent with the config); marked
+    permanent, checked by its secondary being consumed at the reset."""
     bench, imgs = two_images(bench_factory, update="netcore")
     z = dfu_zip(bench.root / "dfu_application.zip", [
         {"path": bench.images["2.0.0"], "image": 0},
@@ -191,7 +195,7 @@ async def test_network_core_is_never_test_marked(bench_factory) -> None:
     async with Simulator(bench.sim_cfg) as sim:
         (dev,) = sim.devices.values()
         assert entry(dev, 1, 0) is None  # the network core's flash is not readable
-        res = await run_pass(bench.gateway_config(sim))
+        res = await run_pass(bench.gateway_config(sim, images=NETCORE1))
         out = res.outcomes[dev.id]
         assert out.status == Status.UPDATED, out
         assert "handed to the network core" in out.detail
@@ -202,7 +206,7 @@ async def test_network_core_is_never_test_marked(bench_factory) -> None:
         assert active(dev, 0) == ("2.0.0", True, 0)
         # a second pass: up to date, nothing re-sent
         n = upload_requests(dev)
-        res = await run_pass(bench.gateway_config(sim))
+        res = await run_pass(bench.gateway_config(sim, images=NETCORE1))
         assert res.outcomes[dev.id].status in (Status.UP_TO_DATE, Status.UPDATED)
         assert upload_requests(dev) == n and resets(dev) == 1
 

@@ -24,7 +24,13 @@ The format is nRF Connect SDK's, as ``scripts/bootloader/generate_zip.py`` write
 generate_zip.py writes every value it was given as a string unless it starts with ``0x``
 (then an int), so ``image_index``/``slot`` arrive as strings and ``load_address`` as an int:
 both forms are accepted. Keys the gateway adds (ignored by Nordic's tools): ``"netcore":
-true`` marks a network-core image explicitly; ``hardware`` names the target hardware.
+true`` claims a network-core image; ``hardware`` names the target hardware.
+
+Which image is a network core (never test-marked, installed for good) is the device config's
+decision (``images: {N: {netcore: true}}``, trust rule (c)): the artifact's ``netcore`` key and
+its ``board``/``soc`` names are unsigned manifest metadata and only a *claim*
+(``BundleEntry.netcore``), which ``gateway/bootmodes/imageset.py`` cross-checks against the
+config and never acts on.
 
 Checks: a real zip whose members are regular files with safe relative names, no duplicates,
 bounded sizes and count; ``manifest.json`` present and well formed; every listed file
@@ -67,7 +73,11 @@ class BundleEntry:
     slot: int | None  # direct-XIP: the slot this build is linked for (0 primary, 1 secondary)
     load_address: int | None = None
     board: str | None = None
-    netcore: bool = False  # an nRF5340 network-core image (explicit, or board/soc say cpunet)
+    # the manifest's claim that this is an nRF5340 network-core image: True (``netcore: true``
+    # or a *cpunet* board/soc), False (``netcore: false``, or a board/soc without cpunet), None
+    # (nothing said). Unsigned metadata: only cross-checked against the device config, never
+    # decides (see the module docstring)
+    netcore: bool | None = None
     hardware: str | None = None
 
 
@@ -107,11 +117,16 @@ def _int_field(entry: dict[str, Any], key: str, where: str, lo: int, hi: int) ->
     return val
 
 
-def _netcore_hint(entry: dict[str, Any]) -> bool:
-    if entry.get("netcore") is True:
-        return True
-    text = f"{entry.get('board', '')} {entry.get('soc', '')}".lower()
-    return "cpunet" in text  # nRF Connect SDK names the nRF5340 network core *_cpunet
+def _netcore_hint(entry: dict[str, Any]) -> bool | None:
+    """What the manifest *claims* about a network core (see ``BundleEntry.netcore``): a claim to
+    cross-check against the device config, never a decision (trust rule: manifest metadata)."""
+    if isinstance(entry.get("netcore"), bool):
+        return bool(entry["netcore"])
+    board, soc = entry.get("board"), entry.get("soc")
+    names = [x for x in (board, soc) if isinstance(x, str) and x]
+    if not names:
+        return None
+    return any("cpunet" in x.lower() for x in names)  # nRF Connect SDK: *_cpunet, *_CPUNET_*
 
 
 def read_bundle(data: bytes, *, source: str = "artifact") -> list[BundleEntry]:

@@ -15,6 +15,16 @@ journal writer and asks a ``ModeFlow``:
 * ``installed`` / ``rolled_back``: the wording of the outcome, honest about what can still be
   undone.
 
+What each decision rests on (the trust rule: (a) what the image's signature covers, (b) what
+the device reports, (c) the gateway's configuration - never an artifact's manifest alone):
+the mode is (b) bootloader info or (c) ``mcuboot_mode`` (``modes.py``); ``refuse`` compares (a)
+the signed version, flags and verification result with (b) the running version and
+no-downgrade flag and (c) the device config; ``choose`` (direct-XIP) takes the slot a build is
+linked for from (a) its ROM_FIXED load address against (c) ``slot_offsets`` - the artifact's
+``slot`` label is only cross-checked (a mismatch is logged; the signed address decides), and
+without ``slot_offsets`` (the device cannot report them) a direct-XIP build is refused;
+``uploaded_problem`` reads (b) the device's state.
+
 Mode by mode (MCUboot ``boot/bootutil/src/loader.c``, Zephyr ``img_mgmt_state.c``, and what the
 Renode firmware in ``shared/firmware/stm32f4_disco-*`` answered):
 
@@ -27,8 +37,10 @@ Renode firmware in ``shared/firmware/stm32f4_disco-*`` answered):
   whose hash and signature it verified itself (not an encrypted or unsigned one) and resets
   only after the device reported the uploaded slot's hash equal to the image's and pending.
 * direct-XIP with revert: both slots run in place; the upload goes to the inactive slot, so
-  the build linked for *that* slot is sent (IMAGE_F_ROM_FIXED load address against the slot
-  offsets, or the artifact's ``slot`` field); never one linked for the other slot - test-marked,
+  the build linked for *that* slot is sent - proven by its IMAGE_F_ROM_FIXED load address,
+  covered by the signature (a), against the device config's ``slot_offsets`` (c); the
+  artifact's ``slot`` field is only cross-checked, and a build whose slot cannot be proven is
+  refused before a byte is sent; never one linked for the other slot - test-marked,
   MCUboot would skip it forever and img_mgmt would refuse every later upload (rc 9
   NO_FREE_SLOT, ``check-output-wrongslot-test-marked.txt``). Test mark, reset, health check,
   confirm; not confirmed -> MCUboot erases the slot and boots the other.
@@ -44,6 +56,7 @@ Renode firmware in ``shared/firmware/stm32f4_disco-*`` answered):
 from __future__ import annotations
 
 import enum
+import logging
 from typing import TYPE_CHECKING, Protocol
 
 from smp.image_management import ImageState
@@ -55,6 +68,7 @@ from gateway.mcuboot import Version, trailer_size
 if TYPE_CHECKING:
     from gateway.config import DeviceConfig
 
+log = logging.getLogger("gateway.bootmodes")
 
 class Mark(enum.StrEnum):
     TEST = "test"  # image state write, confirm=false: MCUboot's TEST swap
@@ -211,24 +225,36 @@ class DirectXipFlow(ModeFlow):
                                 f"verified, and this one could not be ({why})")
         return None
 
-    def slot_of(self, member: SetMember | None, image: VerifiedImage) -> int | None:
-        """The slot a build is linked for: the artifact's ``slot``, else its ROM_FIXED load
-        address against the device's ``slot_offsets``; None when neither says."""
+    def slot_of(self, member: SetMember | None, image: VerifiedImage) -> int:
+        """The slot a build is linked for, proven from signed data only: its IMAGE_F_ROM_FIXED
+        load address - in the MCUboot header, covered by the signature (a) - against the
+        device's ``slot_offsets`` (c). The device cannot report its slot offsets (Zephyr's
+        img_mgmt slot info gives sizes, bootloader info the mode), so direct-XIP needs them in
+        the config. The artifact's ``slot`` label is unsigned manifest metadata: only
+        cross-checked, never decides. ImageRefused when the slot cannot be proven."""
         offs = self.dev.slot_offsets
+        if offs is None:
+            raise ImageRefused(Refusal.WRONG_SLOT, f"{self.mode.value} runs the image in place, "
+                               "so the gateway must prove which slot each build is linked for "
+                               "from its signed ROM_FIXED load address: set slot_offsets (the "
+                               "flash offsets of slot 0 and slot 1, the imgtool --rom-fixed "
+                               "values) in the device config; the device does not report them "
+                               "and an artifact's slot label is not signed. Nothing was sent")
         fixed = image.info.rom_fixed
-        by_addr: int | None = None
-        if fixed is not None and offs is not None:
-            if fixed not in offs:
-                raise ImageRefused(Refusal.WRONG_SLOT, f"{image.version} is linked for flash "
-                                   f"offset {fixed:#x}, which is neither slot of the device "
-                                   f"(slot_offsets {[hex(o) for o in offs]})")
-            by_addr = offs.index(fixed)
-        if member is not None and member.slot is not None:
-            if by_addr is not None and by_addr != member.slot:
-                raise ImageRefused(Refusal.WRONG_SLOT, f"the artifact calls {member.name} the slot "
-                                   f"{member.slot} build, but it is linked for {fixed:#x} = slot "
-                                   f"{by_addr}")
-            return member.slot
+        if fixed is None:
+            raise ImageRefused(Refusal.WRONG_SLOT, f"{self.mode.value} runs the image in place: "
+                               f"{member.name if member is not None and member.name else image.version}"
+                               " is not signed with --rom-fixed, so which slot it is linked for "
+                               "cannot be proven (an artifact's slot label is not signed)")
+        if fixed not in offs:
+            raise ImageRefused(Refusal.WRONG_SLOT, f"{image.version} is linked for flash "
+                               f"offset {fixed:#x}, which is neither slot of the device "
+                               f"(slot_offsets {[hex(o) for o in offs]})")
+        by_addr = offs.index(fixed)
+        if member is not None and member.slot is not None and by_addr != member.slot:
+            log.warning("device=%s the artifact calls %s the slot %d build, but it is signed for "
+                        "%#x = slot %d: the signed address decides", self.dev.id, member.name,
+                        member.slot, fixed, by_addr)
         return by_addr
 
     def choose(self, image: VerifiedImage, view: SlotView) -> VerifiedImage:
@@ -244,6 +270,7 @@ class DirectXipFlow(ModeFlow):
             members = [(m, m.verified) for m in image.members]
         else:
             members = [(None, image)]
+        ram = self.mode == Mode.RAM_LOAD  # loaded to RAM: not linked for a flash slot
         # a build already on the device (resumed upload, or running) is the one in flight
         on_device = {bytes(s.hash): s.slot for s in (view.active, view.other)
                      if s is not None and s.hash}
@@ -253,23 +280,16 @@ class DirectXipFlow(ModeFlow):
                 continue
             if where == active:
                 return img  # already running this build
-            if self.mode == Mode.RAM_LOAD or self.slot_of(m, img) == where:
+            if ram or self.slot_of(m, img) == where:
                 return img  # uploaded (or resumed) into the slot it is linked for
-        linked_slots: list[int | None] = []
-        for m, img in members:
-            linked = self.slot_of(m, img)
-            linked_slots.append(linked)
+        if ram:
+            # any build runs from RAM: the artifact's label only picks among equals
+            return next((img for m, img in members if m is not None and m.slot == target_slot),
+                        members[0][1])
+        linked_slots = [self.slot_of(m, img) for m, img in members]  # proven, or refused
+        for (_m, img), linked in zip(members, linked_slots, strict=True):
             if linked == target_slot:
                 return img
-        if self.mode == Mode.RAM_LOAD:
-            return members[0][1]  # loaded to RAM: not linked for a flash slot
-        if all(s is None for s in linked_slots):
-            raise ImageRefused(Refusal.WRONG_SLOT, f"{self.mode.value} runs the image in place: "
-                               f"the upload goes to slot {target_slot}, and the gateway cannot "
-                               "tell which slot this build is linked for. Sign it with --rom-fixed "
-                               "and give the device's slot_offsets, or send an artifact holding "
-                               "both slot builds with their slot (nRF Connect SDK "
-                               "dfu_application.zip)")
         raise ImageRefused(Refusal.WRONG_SLOT, f"the upload goes to slot {target_slot} (the device "
                            f"runs slot {active}), but the artifact has only a build for slot "
                            f"{', '.join(str(s) for s in linked_slots)}: never uploaded (MCUboot "

@@ -3,6 +3,25 @@
 Owns the decisions of a set update; the engine (``UpdateEngine._run_set``) does the I/O and
 writes the journal. One set = one artifact (``gateway.artifacts.bundle``), one reset.
 
+What each decision rests on (the trust rule: (a) what an image's signature covers, (b) what the
+device reports, (c) the gateway's configuration - never the artifact's manifest alone):
+
+* which images the set holds and their hashes, versions, dependencies: (a), each member
+  verified like a single image;
+* which image is a network core (never test-marked, installed for good): (c) only,
+  ``images: {N: {netcore: true}}`` in the device config, and never image 0 (the config refuses
+  it: image 0 is the application answering SMP, the one image whose test boot can be
+  confirmed). The manifest's ``netcore`` key / ``*cpunet`` board is a claim
+  (``SetMember.netcore``) that is cross-checked - the config says network core and the manifest
+  names another core: refused; the manifest says network core and the config does not: logged,
+  the image is an ordinary one;
+* test or permanent for the others: (c) ``images: {N: {mark}}``, else test for image 0;
+* the downgrade / version check of every member, network core or not: (a) the member's version
+  against (b) the version the device reports running for that image (a network core whose
+  primary the application cannot read reports none: then only MCUboot's own check applies);
+* where each member is and what the reset did: (b) the device's image state, and the journal
+  of what this gateway marked.
+
 The sequence, and why (checked on ``shared/firmware/stm32f4_disco-multi-image``: two images,
 swap using scratch, Zephyr 3.4 img_mgmt with the default
 CONFIG_MCUMGR_GRP_IMG_ALLOW_CONFIRM_NON_ACTIVE_IMAGE_SECONDARY=y):
@@ -17,10 +36,11 @@ CONFIG_MCUMGR_GRP_IMG_ALLOW_CONFIRM_NON_ACTIVE_IMAGE_SECONDARY=y):
    that can be confirmed after its test boot. Every other image is marked *permanent* (its
    secondary, by hash): img_mgmt confirms only the running image - confirming image 1 in its
    primary after a test swap is refused with rc 32 IMAGE_CONFIRMATION_DENIED, so a test-marked
-   image 1 would be reverted at the next reset whatever happens. An nRF5340 network core has
-   no revert at all (MCUboot's nrf53 hooks copy it to the network core and report an empty
-   primary trailer) and is never test-marked. Test first, permanent last: if the gateway or
-   the power stops between two marks, what is scheduled is only a change MCUboot can undo.
+   image 1 would be reverted at the next reset whatever happens. An nRF5340 network core (the
+   device config says which) has no revert at all (MCUboot's nrf53 hooks copy it to the
+   network core and report an empty primary trailer) and is never test-marked. Test first,
+   permanent last: if the gateway or the power stops between two marks, what is scheduled is
+   only a change MCUboot can undo.
    (``images: {N: {mark: test}}`` for a device built with
    ``..._ALLOW_CONFIRM_NON_ACTIVE_IMAGE_ANY``: then image N is test-booted and confirmed by hash
    after the health check, and can be reverted like image 0.)
@@ -37,6 +57,7 @@ CONFIG_MCUMGR_GRP_IMG_ALLOW_CONFIRM_NON_ACTIVE_IMAGE_SECONDARY=y):
 from __future__ import annotations
 
 import enum
+import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -44,8 +65,10 @@ from smp.image_management import ImageState
 
 from gateway.bootmodes.flows import Mark
 from gateway.bootmodes.modes import Mode
-from gateway.images import SetMember, VerifiedImageSet
+from gateway.images import ImageRefused, Refusal, SetMember, VerifiedImageSet
 from gateway.mcuboot import Version
+
+log = logging.getLogger("gateway.imageset")
 
 if TYPE_CHECKING:
     from gateway.config import DeviceConfig
@@ -108,11 +131,23 @@ class Rule:
 
 
 def rules(dev: DeviceConfig, iset: VerifiedImageSet, mode: Mode) -> dict[int, Rule]:
-    """How each member is marked (see the module docstring)."""
+    """How each member is marked (see the module docstring). ImageRefused when the artifact's
+    network-core claim contradicts the device config (nothing is sent then)."""
     out: dict[int, Rule] = {}
     for m in iset.members:
         cfg = dev.images.get(m.image)
-        netcore = m.netcore or (cfg is not None and cfg.netcore)
+        # (c) the device config alone says which image is a network core, never image 0; the
+        # artifact's claim (unsigned manifest metadata) is only cross-checked
+        netcore = cfg is not None and cfg.netcore and m.image != 0
+        if netcore and m.netcore is False:
+            raise ImageRefused(Refusal.BAD_SET, f"the device config says image {m.image} is a "
+                               "network core, but the artifact's manifest names another core "
+                               f"for {m.name or m.label()}: refusing a set built for another "
+                               "device")
+        if m.netcore and not netcore:
+            log.warning("device=%s %s: the artifact calls it a network core, the device config "
+                        "does not (images: {%d: {netcore: true}}): updated as an ordinary image",
+                        dev.id, m.label(), m.image)
         if netcore:
             out[m.image] = Rule(Mark.PERMANENT, True)
             continue
