@@ -167,6 +167,10 @@ async def test_static_device_address_answering_as_another_board_is_refused(
         assert "not the journal's device" in (after["last_error"] or "")
         rec = status_json(bench.root / "gateway.yaml")["board-a"]
         assert "not the journal's device" in rec["quarantine"]
+        text = subprocess.run([sys.executable, "-m", "gateway.cli", "status", "-c",
+                               str(bench.root / "gateway.yaml"), "--offline"],
+                              capture_output=True, text=True, timeout=60)
+        assert text.returncode != 0 and "QUARANTINED" in text.stdout, text.stdout + text.stderr
     # the journal's own board back at its address: updated, the quarantine is lifted
     async with Simulator(twin_sim(bench, "orig", "127.0.0.1", port, dev_id="board-a")) as sim3:
         gw = Gateway(cfg)
