@@ -61,6 +61,12 @@ def status_json(cfg_path: Path) -> dict[str, Any]:
     return {r["device"]: r for r in json.loads(out.stdout)["devices"]}
 
 
+def status_text(cfg_path: Path) -> tuple[int, str]:
+    out = subprocess.run([sys.executable, "-m", "gateway.cli", "status", "-c", str(cfg_path),
+                          "--offline"], capture_output=True, text=True, timeout=60)
+    return out.returncode, out.stdout + out.stderr
+
+
 async def test_one_identity_at_two_udp_addresses_is_quarantined_until_one_goes(
         bench_factory: Any, caplog: pytest.LogCaptureFixture) -> None:
     bench = bench_factory(udp=1, serial=0)
@@ -167,10 +173,8 @@ async def test_static_device_address_answering_as_another_board_is_refused(
         assert "not the journal's device" in (after["last_error"] or "")
         rec = status_json(bench.root / "gateway.yaml")["board-a"]
         assert "not the journal's device" in rec["quarantine"]
-        text = subprocess.run([sys.executable, "-m", "gateway.cli", "status", "-c",
-                               str(bench.root / "gateway.yaml"), "--offline"],
-                              capture_output=True, text=True, timeout=60)
-        assert text.returncode != 0 and "QUARANTINED" in text.stdout, text.stdout + text.stderr
+        rc, text = status_text(bench.root / "gateway.yaml")
+        assert rc != 0 and "QUARANTINED" in text, text
     # the journal's own board back at its address: updated, the quarantine is lifted
     async with Simulator(twin_sim(bench, "orig", "127.0.0.1", port, dev_id="board-a")) as sim3:
         gw = Gateway(cfg)

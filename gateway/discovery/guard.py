@@ -16,11 +16,11 @@ is read for an update or sent (``Gateway.session``; single devices and every gro
   board back at the address lifts it.
 
 The decision rests on (b) what the device reports and (c) the configuration (which id an
-address belongs to). A device that never reported anything that identifies it (the stock
-``smp_svr`` has no os info) has an empty fingerprint: there is nothing to compare, and the
-configured address (c) is all that says which device it is, as before. One that did and now
-reports nothing (or something else) cannot show it is the journal's device: refused. The
-identity is read with the session's usual bounds (``timeouts.request_s``, 2 retries); no
+address belongs to). A device that reports nothing that identifies it (the stock ``smp_svr``
+has no os info; MCUboot's serial recovery answers only the image group) gives an empty
+fingerprint: there is nothing to compare, and the configured address (c) is all that says
+which device it is, as before - the check can tell boards apart only where they say who they
+are. The identity is read with the session's usual bounds (``timeouts.request_s``, 2 retries); no
 answer is a lost link (the attempt fails and is retried), never a pass.
 """
 
@@ -83,6 +83,8 @@ class IdentityGuard:
                                     hwid_format=self.ident.hwid_format)
         found = self.discovery.devices.get(dev.id) if self.discovery is not None else None
         fp = fingerprint(facts, found.candidate.attrs if found is not None else {})
+        if not fp:  # nothing identifying reported (no os info; MCUboot's serial recovery):
+            return  # the configured address (c) is all that says which device it is
         if found is not None:
             if found.fingerprint and found.fingerprint != fp:
                 assert self.discovery is not None
@@ -93,8 +95,6 @@ class IdentityGuard:
                     "identifies it again")
             return
         rec = self.ops.identity(dev.id)
-        if not fp and rec is None:  # nothing identifying ever reported: the configured address
-            return  # (c) is all that says which device this is, as before
         if rec is None:  # first session: what identifies this board from now on
             self.ops.put_identity(dev.id, fp, facts.keys())
             log.info("device=%s identity recorded: %s (fingerprint %s)", dev.id,
