@@ -205,8 +205,9 @@ async def _status(cfg: GatewayConfig, offline: bool, as_json: bool = False) -> i
 
     journal = Journal(cfg.state_dir / "journal.sqlite")
     versions = inventory.image_versions(cfg.state_dir)
+    quarantined = inventory.quarantined(cfg.state_dir)
     if as_json:
-        return _status_json(cfg, devices, live, journal, versions)
+        return _status_json(cfg, devices, live, journal, versions, quarantined)
     title = f"{cfg.gateway_id}: devices" + (" (journal only)" if offline else "")
     table = Table(title=title)
     for col in ("device", "group", "running", "hash", "flags", "slot 1", "target", "step",
@@ -221,6 +222,9 @@ async def _status(cfg: GatewayConfig, offline: bool, as_json: bool = False) -> i
         if blocked:  # name the blocked image: it need not be the current target
             target = f"{target} ({blocked})" if target != "-" else blocked
         step = e.step + (f" ({e.outcome})" if e.outcome and e.outcome != e.step else "")
+        why = quarantined.get(dev.id)
+        if why is not None:  # no update may touch it now (gateway.discovery.guard)
+            step, rc = f"QUARANTINED: {why}", EXIT_FAILED
         row = [e.running_version or "-", (e.running_hash or "-")[:16], "(journal)", "-"]
         got = live.get(dev.id)
         if isinstance(got, Exception):
@@ -239,7 +243,7 @@ async def _status(cfg: GatewayConfig, offline: bool, as_json: bool = False) -> i
 
 
 def _status_json(cfg: GatewayConfig, devices: list[DeviceConfig], live: dict[str, Any],
-                 journal: Any, versions: dict[str, str]) -> int:
+                 journal: Any, versions: dict[str, str], quarantined: dict[str, str]) -> int:
     import json
 
     from gateway import inventory
@@ -263,7 +267,10 @@ def _status_json(cfg: GatewayConfig, devices: list[DeviceConfig], live: dict[str
             slots = inventory.slots_of(got)
         out.append(inventory.record(
             dev, slots=slots, params=prev.get("mcumgr_params"), bootloader_mode=prev.get("mcuboot_mode"),
-            facts=prev, entry=journal.get(dev.id), versions=versions, reachable=reachable))
+            facts=prev, entry=journal.get(dev.id), versions=versions, reachable=reachable,
+            quarantine=quarantined.get(dev.id)))
+        if dev.id in quarantined:
+            rc = EXIT_FAILED
     journal.close()
     print(json.dumps({"gateway": cfg.gateway_id, "devices": out}, indent=2, default=str))
     return rc

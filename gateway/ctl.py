@@ -45,7 +45,7 @@ def _print_list(rows: list[dict[str, Any]]) -> None:
 
     table = Table(title="devices")
     cols = ["device", "source", "transport", "address", "present", "paused", "step", "outcome",
-            "running", "target", "blocked", "window"]
+            "running", "target", "blocked", "window", "quarantine"]
     for c in cols:
         table.add_column(c, overflow="fold")
     for r in rows:

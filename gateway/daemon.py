@@ -239,6 +239,7 @@ class Gateway:
         async with contextlib.AsyncExitStack() as st:
             if self.stop.is_set():
                 raise Stopping()
+            self.fleet.identity.before(dev)  # a quarantined device: not a byte (discovery.guard)
             await st.enter_async_context(self._port_lock(dev))
             ble = self._ble_sem(dev)
             if ble is not None:
@@ -264,6 +265,7 @@ class Gateway:
                 raise TransportError(f"cannot open link: {exc}") from exc
             st.push_async_callback(session.close)
             await session.mcumgr_params(timeout_s=min(2.0, dev.timeouts.request_s))
+            await self.fleet.identity.check(dev, session)  # another board there: IdentityRefused
             yield session
 
     def engine(self, dev: DeviceConfig, session: SMPSession) -> UpdateEngine:

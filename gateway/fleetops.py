@@ -34,6 +34,7 @@ from gateway import cancel as cancel_mod
 from gateway import inventory
 from gateway.config import DeviceConfig, GatewayConfig, SerialTransport
 from gateway.control import ControlError, ControlServer
+from gateway.discovery.guard import IdentityGuard
 from gateway.engine import Outcome, Slots, Stage, Status
 from gateway.journal import STAGED, Journal
 from gateway.maintenance import MaintenancePolicy
@@ -86,6 +87,7 @@ class FleetOps:
             from gateway.discovery import Discovery
 
             self.discovery = Discovery(cfg, self.ops, busy=lambda dev_id: dev_id in gw.in_session)
+        self.identity = IdentityGuard(cfg, self.ops, self.discovery)  # checked at every session
         self.rollout = RolloutManager(cfg.rollout, self.ops, lambda: max(1, len(gw.units())),
                                       verify=self._verify)
         self._wake: dict[str, asyncio.Event] = {}
@@ -164,7 +166,7 @@ class FleetOps:
         for f in self.discovery.devices.values():
             self._facts[f.config.id] = f.facts.to_dict()
         known = {k for k, _ in self.gw.units()}
-        for dev in [*ch.added, *ch.moved]:
+        for dev in [*ch.added, *ch.moved, *ch.released]:
             self.wake(dev.id)
         if self._add_unit is None:
             return
@@ -520,6 +522,7 @@ class FleetOps:
         out = []
         found = self.discovery.devices if self.discovery is not None else {}
         inv = self.ops.inventory()
+        quarantined = self.ops.quarantined()
         for d in self.devices():
             e = self.gw.journal.get(d.id)
             f = found.get(d.id)
@@ -535,6 +538,7 @@ class FleetOps:
                 "target": e.target_version, "blocked": inventory.blocked_label(e) or None,
                 "window": self.maint.describe(d),
                 "inventory_at": (inv.get(d.id) or {}).get("inventory_at"),
+                "quarantine": quarantined.get(d.id),  # why no update may touch it now
             })
         return out
 

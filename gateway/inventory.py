@@ -24,7 +24,8 @@ import json
 import time
 from typing import TYPE_CHECKING, Any
 
-from gateway.discovery.identify import MCUBOOT_MODE_NAMES, SlotInfo
+from gateway.bootmodes.modes import mode_name
+from gateway.discovery.identify import SlotInfo
 
 if TYPE_CHECKING:
     from smp.image_management import ImageState
@@ -79,8 +80,9 @@ def record(dev: DeviceConfig, *, slots: list[dict[str, Any]] | None = None,
            params: dict[str, Any] | None = None, bootloader_mode: int | str | None = None,
            facts: dict[str, Any] | None = None, entry: Entry | None = None,
            last: dict[str, Any] | None = None, versions: dict[str, str] | None = None,
-           reachable: bool | str = True) -> dict[str, Any]:
-    """The inventory record of one device (any part may be unknown: None)."""
+           reachable: bool | str = True, quarantine: str | None = None) -> dict[str, Any]:
+    """The inventory record of one device (any part may be unknown: None). ``quarantine``:
+    why no update may touch it now (``gateway.discovery.guard``)."""
     t = dev.transport
     if t.kind == "udp":
         address: str | None = f"{t.host}:{t.port}"
@@ -90,7 +92,7 @@ def record(dev: DeviceConfig, *, slots: list[dict[str, Any]] | None = None,
         address = t.address or (f"name={t.name}" if t.name else None)
     mode = bootloader_mode
     if isinstance(mode, int):
-        mode = MCUBOOT_MODE_NAMES.get(mode, f"mode {mode}")
+        mode = mode_name(mode)  # the one table of MCUBOOT_MODE_* numbers
     out: dict[str, Any] = {
         "device": dev.id, "hardware": dev.hardware, "group": dev.group, "image": dev.image,
         "transport": t.kind, "address": address, "reachable": reachable,
@@ -99,6 +101,8 @@ def record(dev: DeviceConfig, *, slots: list[dict[str, Any]] | None = None,
         "hwid": (facts or {}).get("hwid"),
         "confirm_policy": dev.confirm, "at": time.time(),
     }
+    if quarantine is not None:
+        out["quarantine"] = quarantine
     if entry is not None:
         out["journal"] = {"step": entry.step, "outcome": entry.outcome,
                           "target_version": entry.target_version,
@@ -145,6 +149,8 @@ def flat(inv: dict[str, Any]) -> dict[str, str]:
         out["last_outcome"] = str(last.get("status") or "")
         if last.get("lwm2m_result") is not None:
             out["last_lwm2m_result"] = str(last["lwm2m_result"])
+    if inv.get("quarantine"):
+        out["quarantine"] = str(inv["quarantine"])
     b = inv.get("blocked")
     if b:
         out["blocked"] = f"{b.get('version') or b.get('artifact') or ''} {str(b.get('hash'))[:16]}".strip()
@@ -200,6 +206,22 @@ def all_devices(cfg: Any) -> list[DeviceConfig]:
         finally:
             ops.close()
     return out
+
+
+def quarantined(state_dir: Any) -> dict[str, str]:
+    """device id -> why no update may touch it now (``fleet.sqlite``, for ``status``)."""
+    from pathlib import Path
+
+    from gateway.opstate import OpState
+
+    path = Path(state_dir) / "fleet.sqlite"
+    if not path.exists():
+        return {}
+    ops = OpState(path)
+    try:
+        return ops.quarantined()
+    finally:
+        ops.close()
 
 
 def image_versions(state_dir: Any) -> dict[str, str]:

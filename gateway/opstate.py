@@ -46,6 +46,11 @@ class OpState:
             "CREATE TABLE IF NOT EXISTS rollouts (artifact TEXT PRIMARY KEY, data TEXT, updated_at REAL)",
             "CREATE TABLE IF NOT EXISTS paused (target TEXT PRIMARY KEY, reason TEXT, at REAL)",
             "CREATE TABLE IF NOT EXISTS audit (t REAL, actor TEXT, action TEXT, target TEXT, detail TEXT)",
+            # gateway.discovery.guard: the identity each device id was first seen with, and the
+            # devices no update may touch now (an identity at two addresses, another board)
+            "CREATE TABLE IF NOT EXISTS identity (device_id TEXT PRIMARY KEY, fingerprint TEXT, "
+            "keys TEXT, at REAL)",
+            "CREATE TABLE IF NOT EXISTS quarantine (device_id TEXT PRIMARY KEY, reason TEXT, at REAL)",
         ):
             self._db.execute(ddl)
 
@@ -108,6 +113,26 @@ class OpState:
     def is_paused(self, device_id: str) -> str | None:
         p = self.paused()
         return p.get(device_id) or p.get("*")
+
+    # -- identities and quarantine (gateway.discovery.guard) --------------------------------
+    def put_identity(self, device_id: str, fingerprint: str, keys: dict[str, str]) -> None:
+        self._write("INSERT OR REPLACE INTO identity VALUES (?, ?, ?, ?)",
+                    (device_id, fingerprint, json.dumps(keys, sort_keys=True), time.time()))
+
+    def identity(self, device_id: str) -> tuple[str, dict[str, str]] | None:
+        rows = self._rows("SELECT fingerprint, keys FROM identity WHERE device_id=?", (device_id,))
+        return (str(rows[0][0]), json.loads(rows[0][1])) if rows else None
+
+    def quarantine(self, device_id: str, reason: str) -> None:
+        self._write("INSERT OR REPLACE INTO quarantine VALUES (?, ?, ?)", (device_id, reason, time.time()))
+
+    def release(self, device_id: str) -> bool:
+        with self._lock:
+            return self._db.execute("DELETE FROM quarantine WHERE device_id=?", (device_id,)).rowcount > 0
+
+    def quarantined(self) -> dict[str, str]:
+        """device id -> why no update may touch it now."""
+        return {r[0]: r[1] for r in self._rows("SELECT device_id, reason FROM quarantine")}
 
     # -- audit -----------------------------------------------------------------------------
     def audit(self, actor: str, action: str, target: str, detail: str = "") -> None:

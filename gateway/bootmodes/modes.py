@@ -73,6 +73,16 @@ MODE_NUMBERS: dict[int, Mode] = {
 MODE_NAMES = [m.value for m in Mode]
 
 
+def mode_name(number: int) -> str:
+    """The name of a bootloader-info mode number: the one table every module uses (``probe``,
+    discovery, the inventory ``status --json`` and the fleet servers get). -1 is what Zephyr's
+    os_mgmt.c answers when its ``#if`` chain does not know the mode."""
+    if number == -1:
+        return "unknown"
+    m = MODE_NUMBERS.get(number)
+    return m.value if m is not None else f"mode {number}"
+
+
 class ModeSource(enum.StrEnum):
     CONFIG = "config"  # mcuboot_mode: in the device config
     DEVICE = "device"  # bootloader info

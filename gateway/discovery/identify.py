@@ -25,17 +25,11 @@ from typing import Any
 from smp.image_management import ImageState
 from smpclient.requests.os_management import OSApplicationInfoRead
 
+from gateway.bootmodes.modes import mode_name
 from gateway.smp.session import BootloaderInfo, McumgrParams, SMPError, SMPSession, SMPTimeout
 
 log = logging.getLogger(__name__)
 
-# smp.os_management.MCUbootMode numbers as Zephyr's os_mgmt reports them (os_mgmt.c
-# BOOTLOADER_MODE; values from mcuboot bootutil/boot_status.h)
-MCUBOOT_MODE_NAMES = {
-    -1: "unknown", 0: "single-app", 1: "swap-using-scratch", 2: "overwrite-only",
-    3: "swap-using-move", 4: "direct-xip", 5: "direct-xip-with-revert", 6: "ram-load",
-    7: "firmware-loader", 8: "swap-using-offset",
-}
 UNKNOWN_VALUES = {"", "unknown"}  # what os info says when it does not know (os_mgmt.c)
 
 
@@ -73,7 +67,7 @@ class DeviceFacts:
             return None
         if self.bootloader.mode is None:
             return self.bootloader.name
-        return MCUBOOT_MODE_NAMES.get(self.bootloader.mode, f"mode {self.bootloader.mode}")
+        return mode_name(self.bootloader.mode)  # the one table (gateway.bootmodes.modes)
 
     def active(self, image: int = 0) -> SlotInfo | None:
         mine = [s for s in self.slots if s.image == image]
@@ -107,11 +101,11 @@ def fingerprint(facts: DeviceFacts, attrs: dict[str, str]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-async def os_info(session: SMPSession, fmt: str, timeout_s: float) -> str | None:
+async def os_info(session: SMPSession, fmt: str, timeout_s: float, retries: int = 1) -> str | None:
     """One os info field; None when the firmware has no os info or not that letter."""
     try:
         rsp = await session.request(lambda s: OSApplicationInfoRead(format=fmt, sequence=s),
-                                    timeout_s=timeout_s, retries=1)
+                                    timeout_s=timeout_s, retries=retries)
     except SMPError as exc:
         log.debug("device=%s os info %r: %s", session.device_id, fmt, exc)
         return None
@@ -138,14 +132,25 @@ async def identify(session: SMPSession, *, timeout_s: float = 3.0, os_info_enabl
         facts.bootloader = None
     if facts.bootloader is None:
         facts.errors["bootloader_info"] = "not supported by the firmware"
+    return await read_identity(session, facts, timeout_s=timeout_s,
+                               os_info_enabled=os_info_enabled, hwid_format=hwid_format)
+
+
+async def read_identity(session: SMPSession, facts: DeviceFacts | None = None, *,
+                        timeout_s: float = 3.0, os_info_enabled: bool = True,
+                        hwid_format: str | None = None, retries: int = 1) -> DeviceFacts:
+    """Only what ``fingerprint`` hashes (node, board, hardware id): discovery's questions, and
+    the gateway's identity check at the start of every session (``gateway.discovery.guard``).
+    SMPTimeout if the device does not answer; a field the firmware lacks stays None."""
+    facts = facts if facts is not None else DeviceFacts()
     if os_info_enabled:
-        facts.node = await os_info(session, "n", timeout_s)
+        facts.node = await os_info(session, "n", timeout_s, retries)
         if facts.node is None:
             facts.errors["os_info"] = "not supported by the firmware (CONFIG_MCUMGR_GRP_OS_INFO)"
         else:
-            facts.board = await os_info(session, "i", timeout_s)
+            facts.board = await os_info(session, "i", timeout_s, retries)
     if hwid_format:
-        facts.hwid = await os_info(session, hwid_format, timeout_s)
+        facts.hwid = await os_info(session, hwid_format, timeout_s, retries)
         if facts.hwid is None:
             facts.errors["hwid"] = f"os info format {hwid_format!r} not answered"
     return facts

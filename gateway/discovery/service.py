@@ -18,6 +18,15 @@ Identity rules:
   same port, with an id rule that cannot tell them apart): it gets the id ``<id>-<fp8>``, so
   the first device's journal (its test-marked image) is never applied to it;
 * ids of ``devices:`` (static) win: a discovered device with such an id is ignored (warned);
+* one identity at two attachments at once (two UDP hosts answering as the same device, a
+  clone of a board's hardware id): which of them is the device cannot be told from what they
+  report, so the id is *quarantined* - no upload, mark or reset to either (the gateway's
+  ``session`` refuses it, ``gateway.discovery.guard``), one warning naming every address,
+  ``Found.quarantine`` and ``fleet.sqlite`` say why (``status``, ``ctl list``). Its
+  attachments are identified again at every scan; when only one still answers as it, that
+  one (just re-identified) is the device and the quarantine is lifted (``Changes.released``).
+  The decision which physical device gets an image rests on (b) what the devices report and
+  (c) the templates - and an identity reported at two places is not trustworthy;
 * an attachment that is unchanged since it was identified (same tty node, same UDP address
   still answering) is not asked again, so running sessions are not disturbed; a port held by
   a session is never opened twice (the serial link holds an exclusive lock; an unchanged
@@ -61,6 +70,8 @@ class Found:
     present: bool = True
     first_seen: float = field(default_factory=time.time)
     last_seen: float = field(default_factory=time.time)
+    quarantine: str | None = None  # why no update may touch it now (an identity at two places)
+    twins: list[str] = field(default_factory=list)  # the attachment keys of that quarantine
 
 
 @dataclass
@@ -69,13 +80,16 @@ class Changes:
     moved: list[DeviceConfig] = field(default_factory=list)
     gone: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # why candidates were not taken
+    quarantined: list[str] = field(default_factory=list)  # one identity at several places
+    released: list[DeviceConfig] = field(default_factory=list)  # out of quarantine: wake it
 
     def __bool__(self) -> bool:
-        return bool(self.added or self.moved or self.gone)
+        return bool(self.added or self.moved or self.gone or self.quarantined or self.released)
 
     def summary(self) -> str:
         return (f"added={[d.id for d in self.added]} moved={[d.id for d in self.moved]} "
-                f"gone={self.gone}")
+                f"gone={self.gone} quarantined={self.quarantined} "
+                f"released={[d.id for d in self.released]}")
 
 
 def link_for(cand: Candidate, t: DeviceTemplate | None) -> Transport:
@@ -116,6 +130,11 @@ class Discovery:
     # -- public --------------------------------------------------------------------------
     def present(self) -> list[DeviceConfig]:
         return [f.config for f in self.devices.values() if f.present]
+
+    def quarantined(self, device_id: str) -> str | None:
+        """Why ``device_id`` may not be updated now (None: it may)."""
+        f = self.devices.get(device_id)
+        return f.quarantine if f is not None else None
 
     def port_of(self, device_id: str) -> str | None:
         """The current serial path of a discovered device (follows re-enumeration)."""
@@ -200,13 +219,16 @@ class Discovery:
         ch = Changes()
         cands = await self.gather(force_ble=full)
         seen_keys: set[str] = set()
+        claims: dict[str, dict[str, Candidate]] = {}  # device id -> attachments answering as it
         todo: list[tuple[Candidate, DeviceTemplate]] = []
         for c in cands:
             seen_keys.add(c.key)
             prior = self._at.get(c.key)
             stamp = self._stamp(c)
-            if prior is not None and prior[1] == stamp and not full and prior[0] in self.devices:
+            if (prior is not None and prior[1] == stamp and not full and prior[0] in self.devices
+                    and self.devices[prior[0]].quarantine is None):  # quarantined: ask again
                 f = self.devices[prior[0]]
+                claims.setdefault(prior[0], {})[c.key] = c
                 if not f.present:
                     f.present = True
                     ch.added.append(f.config)
@@ -226,12 +248,26 @@ class Discovery:
                     return c, exc
 
         results = await asyncio.gather(*(one(c, t) for c, t in todo))
+        taken: list[tuple[Candidate, DeviceFacts, DeviceConfig, str, str]] = []
         for c, res in results:
             if isinstance(res, BaseException):
                 ch.skipped.append(f"{c.address}: not identified: {res}")
                 log.info("discovery: %s not identified: %s", c.address, res)
+                for dev_id, f in self.devices.items():  # still there, just silent this time:
+                    if f.quarantine is not None and c.key in f.twins:  # not a way out of it
+                        claims.setdefault(dev_id, {})[c.key] = c
                 continue
-            self._take(c, res, ch)
+            r = self._resolve(c, res, ch)
+            if r is not None:
+                taken.append((c, res, *r))
+                claims.setdefault(r[0].id, {})[c.key] = c
+        # (b)+(c): one identity at two attachments is no identity: quarantine, do not pick one
+        twins = {i: cs for i, cs in claims.items() if len(cs) > 1}
+        for c, facts, dev, tname, fp in taken:
+            if dev.id not in twins:
+                self._take(c, facts, dev, tname, fp, ch)
+        for dev_id, cs in twins.items():
+            self._quarantine(dev_id, cs, [x for x in taken if x[2].id == dev_id], ch)
         # gone: a present device whose attachment was not seen (and that is not in a session)
         for dev_id, f in self.devices.items():
             if f.present and f.candidate.key not in seen_keys and not self.busy(dev_id):
@@ -248,19 +284,22 @@ class Discovery:
         f = self.devices[dev_id]
         f.last_seen = time.time()
 
-    def _take(self, c: Candidate, facts: DeviceFacts, ch: Changes) -> None:
+    def _resolve(self, c: Candidate, facts: DeviceFacts,
+                 ch: Changes) -> tuple[DeviceConfig, str, str] | None:
+        """The device an identified attachment is (its config, template name, fingerprint);
+        None when no template takes it or ``devices:`` owns its id."""
         t = pick(self.cfg.device_templates, c, facts)
         if t is None:
             ch.skipped.append(f"{c.address}: no template matches board={facts.board} node={facts.node}")
             log.info("discovery: %s (board=%s node=%s) matches no template", c.address, facts.board,
                      facts.node)
-            return
+            return None
         try:
             dev = build_device(t, c, facts)
         except (RuleError, ValueError) as exc:
             ch.skipped.append(f"{c.address}: {exc}")
             log.warning("discovery: %s: %s", c.address, exc)
-            return
+            return None
         fp = fingerprint(facts, c.attrs)
         old_fp = self._fingerprints.get(dev.id)
         if old_fp and fp and old_fp != fp:
@@ -275,12 +314,50 @@ class Discovery:
                 self._warned.add(dev.id)
                 log.warning("discovery: %s identifies as %s, which devices: configures statically; "
                             "ignored", c.address, dev.id)
-            return
+            return None
+        return dev, t.name, fp
+
+    def _quarantine(self, dev_id: str, cands: dict[str, Candidate],
+                    taken: list[tuple[Candidate, DeviceFacts, DeviceConfig, str, str]],
+                    ch: Changes) -> None:
+        """``dev_id`` answers at every attachment of ``cands``: none of them is trusted."""
+        addrs = sorted(c.address for c in cands.values())
+        reason = (f"identity {dev_id} answers at {len(addrs)} addresses at once "
+                  f"({', '.join(addrs)}): which one is the device cannot be told; no upload, mark "
+                  "or reset to any of them until only one answers as it")
+        prev = self.devices.get(dev_id)
+        if prev is None:  # first seen twice at once: remember it (at one address) to show it
+            c, facts, dev, tname, fp = min(taken, key=lambda x: x[0].key)
+            self._fingerprints.setdefault(dev_id, fp)
+            prev = self.devices[dev_id] = Found(dev, c, facts, tname, fp, False)
+        for c in cands.values():
+            self._at[c.key] = (dev_id, self._stamp(c))
+        if not prev.present:
+            prev.present = True
+            ch.added.append(prev.config)
+        prev.last_seen = time.time()
+        if prev.quarantine != reason:
+            log.warning("discovery: device=%s quarantined: %s", dev_id, reason)
+            ch.quarantined.append(dev_id)
+        prev.quarantine = reason
+        prev.twins = sorted(cands)
+        if self.ops is not None:
+            self.ops.quarantine(dev_id, reason)
+        self._persist(prev)
+
+    def _take(self, c: Candidate, facts: DeviceFacts, dev: DeviceConfig, tname: str, fp: str,
+              ch: Changes) -> None:
         self._fingerprints.setdefault(dev.id, fp)
         prev = self.devices.get(dev.id)
         now = time.time()
-        f = Found(dev, c, facts, t.name, fp, True,
+        f = Found(dev, c, facts, tname, fp, True,
                   first_seen=prev.first_seen if prev else now, last_seen=now)
+        if prev is not None and prev.quarantine is not None:
+            log.warning("discovery: device=%s quarantine lifted: only %s answers as it now "
+                        "(identified again just now)", dev.id, c.address)
+            ch.released.append(dev)
+        if self.ops is not None and (prev is None or prev.quarantine is not None):
+            self.ops.release(dev.id)  # also a quarantine left by an earlier run
         self.devices[dev.id] = f
         for k, v in list(self._at.items()):
             if v[0] == dev.id and k != c.key:
@@ -299,7 +376,7 @@ class Discovery:
         if prev is None or not prev.present:
             ch.added.append(dev)
             log.info("discovery: device=%s found at %s (template %s, board=%s, fingerprint %s)",
-                     dev.id, c.address, t.name, facts.board, fp or "-")
+                     dev.id, c.address, tname, facts.board, fp or "-")
         elif prev.config != dev:
             ch.moved.append(dev)
             log.info("discovery: device=%s moved %s -> %s", dev.id, prev.candidate.address, c.address)
