@@ -212,6 +212,7 @@ async def _status(cfg: GatewayConfig, offline: bool, as_json: bool = False) -> i
         if blocked:  # name the blocked image: it need not be the current target
             target = f"{target} ({blocked})" if target != "-" else blocked
         step = e.step + (f" ({e.outcome})" if e.outcome and e.outcome != e.step else "")
+        step += "".join(f"; intent: {i.describe()}" for i in journal.open_intents(dev.id))
         row = [e.running_version or "-", (e.running_hash or "-")[:16], "(journal)", "-"]
         got = live.get(dev.id)
         if isinstance(got, Exception):

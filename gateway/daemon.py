@@ -262,9 +262,10 @@ class Gateway:
         await self.flush_unreported(dev)
         try:
             async with self.session(dev) as session:
-                deferred = await self.fleet.finish_deferred_cancel(dev, session)
-                if deferred is not None:
-                    return deferred
+                # journalled intents (a cancel) are finished first, paused or not
+                pending = await self.fleet.finish_intents(dev, session)
+                if pending is not None:
+                    return pending
                 plan = await self.plan(dev, session)
                 if isinstance(plan, Outcome):
                     return plan
