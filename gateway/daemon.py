@@ -188,6 +188,7 @@ class Gateway:
     async def attempt(self, key: str, devs: list[DeviceConfig]) -> list[Outcome]:
         """One attempt of a unit; never raises (but for cancellation): an unexpected exception
         is a FAILED outcome of every device of the unit (logged with its traceback)."""
+        await self.fleet.before_attempt()  # holding no session: a rollout's end-of-soak check
         try:
             if key.startswith("group:"):
                 outs = (self.fleet.gate_group(key, devs)  # paused / outside a window: untouched

@@ -11,8 +11,13 @@ stays a scheduler; the jobs live here and in the modules named):
   pause, staged rollout (``gateway.rollout``), download-only offers and maintenance windows
   (``gateway.maintenance``: outside a window the image is staged in slot 1, nothing is marked
   or reset); ``finished(key, outcomes)`` feeds the rollout;
+* ``before_attempt()`` - before a unit takes any session or slot: a rollout's end-of-soak
+  check of its canaries (it opens sessions itself, so never from inside one);
 * ``run_engine(...)`` - runs the engine while watching for a cancel (fleet server or
-  operator) and takes the update back as far as it got (``gateway.cancel``);
+  operator) and takes the update back as far as it got (``gateway.cancel``). Every cancel is
+  an *intent*, journalled before it is acted on (``Journal.put_intent``) and finished -
+  reverted, never confirmed, then acknowledged to the server - at the device's next session
+  (``finish_intents``, paused or not, also after a restart) if it was cut short;
 * ``sleep(key, delay)`` - the supervisor's wait, cut short by ``ctl update``, a device that
   came back, a rollout that moved on or a window that opened;
 * ``handle(request)`` - the ``smp-gateway ctl`` commands on the control socket
@@ -38,7 +43,8 @@ from gateway.engine import Outcome, Slots, Stage, Status
 from gateway.journal import STAGED, Entry, Intent, Journal
 from gateway.maintenance import MaintenancePolicy
 from gateway.opstate import OpState
-from gateway.rollout import RolloutManager
+from gateway.plan import Stopping
+from gateway.rollout import RolloutManager, VerifyDeferred
 from gateway.smp.session import SMPError, SMPSession, SMPTimeout
 from gateway.smp.transport import Transport, TransportError
 from gateway.sources.base import FleetSource, Offer, UpdateResult
@@ -162,6 +168,7 @@ class FleetOps:
         self._tasks.append(asyncio.create_task(self._relay_rollout(), name="rollout-wake"))
 
     async def close_async(self) -> None:
+        self.rollout.close()
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -310,12 +317,23 @@ class FleetOps:
         bad = next((o for o in final if not o.ok), None)
         self.rollout.finished(key, art, ok, f"{bad.status.value}: {bad.detail}" if bad else "")
 
+    async def before_attempt(self) -> None:
+        """The scheduler calls this before a unit takes any session or concurrency slot: the
+        end of a rollout's soak is checked here (its check opens sessions with the canaries;
+        done from inside a session it would wait for slots held by units waiting for it)."""
+        await self.rollout.settle()
+
     async def _verify(self, unit: str, artifact: str) -> str | None:
+        """End of a soak: each canary device, read now, runs the wave's image, confirmed - what
+        the device reports (b), never the server. Runs holding no session (``settle``)."""
         devs = dict(self.gw.units()).get(unit, [])
         for dev in devs:
             e = self.gw.journal.get(dev.id)
-            async with self.gw.session(dev) as s:
-                slots = Slots.parse(await s.image_state(), dev.image)
+            try:
+                async with self.gw.session(dev) as s:
+                    slots = Slots.parse(await s.image_state(), dev.image)
+            except Stopping as exc:
+                raise VerifyDeferred("the gateway is stopping") from exc
             if slots.active_hash is None or slots.active_hash.hex() != e.target_hash:
                 now = slots.running or "?"
                 return f"{dev.id} runs {now}, not {e.target_version}"

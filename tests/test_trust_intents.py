@@ -197,3 +197,37 @@ async def test_operator_cancel_of_a_paused_device_during_the_test_boot_reset(ben
         assert left == [] and closed[0][2] == "intent-cancel" and closed[-1][2] == "intent-cancel-done"
         assert active(dev) == ("1.0.0", True)
         assert confirms(dev) == [], confirms(dev)
+
+
+def on_target(dev: Any) -> bool:
+    return any(s.active and s.version == "2.0.0" and s.confirmed for s in dev.server.state_images())
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(("n", "max_concurrent"), [(2, 1), (4, 3)])
+async def test_canary_rollout_completes_with_few_session_slots(bench_factory, n: int,
+                                                               max_concurrent: int) -> None:
+    """The end of the canary's soak is checked with a session of the canary device; it used to
+    be checked by a unit holding a session and a slot, while the other units waited for the
+    rollout holding theirs: with every slot taken that never ended."""
+    bench = bench_factory(udp=n, serial=0, image_size=16 * 1024)
+    bench.publish("2.0.0")
+    async with Simulator(bench.sim_cfg) as sim:
+        data = bench.gateway_dict(sim)
+        data.update(max_concurrent=max_concurrent, stop_timeout_s=2,
+                    rollout={"canary": 1, "wait_s": 0.5, "max_failure_pct": 0})
+        data["source"]["poll_interval_s"] = 0.5
+        gw = Gateway(parse_config(data, bench.root / "gateway.yaml"))
+        stop = asyncio.Event()
+        task = asyncio.create_task(gw.run_forever(stop))
+        try:
+            await asyncio.wait_for(asyncio.gather(
+                *(d.wait_for(on_target, 60) for d in sim.devices.values())), 70)
+            wave = next(iter(gw.fleet.rollout.waves.values()))
+            assert wave.state == "open" and len(wave.canaries) == 1, wave
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 30)
+            gw.close()
+        assert gw.sessions_peak <= max_concurrent
+        assert all(on_target(d) for d in sim.devices.values())
