@@ -267,6 +267,9 @@ class Gateway:
                 pending = await self.fleet.finish_intents(dev, session)
                 if pending is not None:
                     return pending
+                recovered = await self.fleet.last_resort(dev, session)  # recovery.last_resort
+                if recovered is not None:
+                    return self._count(recovered)
                 plan = await self.plan(dev, session)
                 if isinstance(plan, Outcome):
                     return plan

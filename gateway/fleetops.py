@@ -37,9 +37,11 @@ from typing import Any, Protocol
 
 from gateway import cancel as cancel_mod
 from gateway import inventory
+from gateway.bootmodes.recovery import in_serial_recovery, last_confirmed_path
 from gateway.config import DeviceConfig, GatewayConfig, SerialTransport
 from gateway.control import ControlError, ControlServer
-from gateway.engine import Outcome, Slots, Stage, Status
+from gateway.engine import Outcome, Slots, Stage, Status, UpdateEngine
+from gateway.images import ImageRefused, ImageStore
 from gateway.journal import STAGED, Entry, Intent, Journal
 from gateway.maintenance import MaintenancePolicy
 from gateway.opstate import OpState
@@ -74,6 +76,11 @@ class GatewayLike(Protocol):
     def units(self) -> list[tuple[str, list[DeviceConfig]]]: ...
 
     def session(self, dev: DeviceConfig) -> contextlib.AbstractAsyncContextManager[SMPSession]: ...
+
+    @property
+    def store(self) -> ImageStore: ...
+
+    def engine(self, dev: DeviceConfig, session: SMPSession) -> UpdateEngine: ...
 
 
 @dataclass
@@ -526,6 +533,52 @@ class FleetOps:
                                   f"reverted ({self.maint.describe(dev)})")
                 return out
         return None
+
+    # -- recovery: last resort ----------------------------------------------------------------
+    async def last_resort(self, dev: DeviceConfig, session: SMPSession) -> Outcome | None:
+        """``recovery: {enabled: true, last_resort: true}``: a device whose application no
+        longer answers SMP but whose MCUboot serial recovery does (its image list flags no slot
+        active - (b), what the device itself reports) is re-flashed with the last image this
+        gateway confirmed there (the journal's record, ``bootmodes.recovery.
+        last_confirmed_path``; the stored file's hash and signature are verified again - (a)),
+        through ``UpdateEngine.recover``. Only when the config enables it (c), the device is not
+        paused, and no update of the journal is open (an update in progress is its own flow's:
+        single-slot modes resume their recovery upload). None: nothing to do here."""
+        rec = dev.recovery
+        if rec is None or not rec.enabled or not rec.last_resort:
+            return None
+        if _open_update(self.gw.journal.get(dev.id)) is not None:
+            return None
+        try:
+            states = await session.image_state(timeout_s=dev.timeouts.request_s, retries=1)
+        except (SMPError, SMPTimeout, TransportError):
+            return None  # the normal flow reports what does (not) answer
+        if not in_serial_recovery(states):
+            return None
+        why = self.paused(dev)
+        if why is not None:
+            return Outcome(dev.id, Status.HELD, UpdateResult.INITIAL,
+                           f"in MCUboot serial recovery; the last-resort re-flash waits: {why}")
+        e = self.gw.journal.get(dev.id)
+        found = last_confirmed_path(e, self.gw.store.root)
+        if found is None:
+            return Outcome(dev.id, Status.FAILED, UpdateResult.UPDATE_FAILED,
+                           "the device answers only from MCUboot serial recovery, and no image "
+                           "this gateway confirmed there is stored: not re-flashed")
+        try:
+            image = self.gw.store.add_file(found[0], hardware=dev.hardware,
+                                           allow_unsigned=dev.allow_unsigned)
+        except ImageRefused as exc:
+            return Outcome(dev.id, Status.FAILED, exc.reason.lwm2m,
+                           f"last-resort image {found[0].name} refused: {exc}")
+        log.warning("device=%s application does not answer, MCUboot serial recovery does: "
+                    "re-flashing %s (recovery.last_resort)", dev.id, image.version)
+        out = await self.gw.engine(dev, session).recover(image)
+        after = self.gw.journal.get(dev.id)
+        if after.unreported is not None:  # not a fleet update: no final report to a server
+            self.gw.journal.put(after.with_(unreported=None), f"last resort: {out.detail}")
+        self.ops.audit("gateway", "recover", dev.id, out.detail)
+        return out
 
     # -- inventory ---------------------------------------------------------------------------
     async def note_session(self, dev: DeviceConfig, session: SMPSession) -> None:

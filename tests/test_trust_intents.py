@@ -231,3 +231,37 @@ async def test_canary_rollout_completes_with_few_session_slots(bench_factory, n:
             gw.close()
         assert gw.sessions_peak <= max_concurrent
         assert all(on_target(d) for d in sim.devices.values())
+
+
+def recovery_uploads(dev: Any) -> int:
+    return sum(1 for e in dev.events if e.kind == "recovery-upload-start")
+
+
+async def test_last_resort_reflash_runs_in_an_ordinary_pass(bench_factory) -> None:
+    """A swap device updated to 2.0.0 by the gateway; its primary slot is then corrupted and
+    MCUboot stays in serial recovery (CONFIG_BOOT_SERIAL_NO_APPLICATION). An ordinary gateway
+    pass with ``recovery: {enabled, last_resort}`` re-flashes 2.0.0 (the image it confirmed
+    there); without ``last_resort`` nothing is sent."""
+    bench = bench_factory(udp=0, serial=1, device_kw={
+        "serial_recovery": {"boot_mode": False, "no_application": True}})
+    bench.publish("2.0.0")
+    async with Simulator(bench.sim_cfg) as sim:
+        (dev,) = sim.devices.values()
+        res = await run_pass(bench.gateway_config(sim))
+        assert res.outcomes[dev.id].status == Status.UPDATED
+        dev.flash.write(0, 0x400, b"\x00" * 64, sync=True)  # the application's body corrupted
+        await dev.power_cycle()
+        assert dev.in_recovery
+        res = await run_pass(bench.gateway_config(sim, recovery={"enabled": True}))
+        assert res.outcomes[dev.id].status == Status.FAILED, res.outcomes
+        assert recovery_uploads(dev) == 0 and dev.in_recovery
+        cfg = bench.gateway_config(sim, recovery={"enabled": True, "last_resort": True,
+                                                  "entry": "present"})
+        res = await run_pass(cfg)
+        out = res.outcomes[dev.id]
+        assert out.status == Status.UPDATED and "re-flashed 2.0.0" in out.detail, out
+        assert recovery_uploads(dev) == 1
+        assert active3(dev) == ("2.0.0", True, 0)
+        res = await run_pass(cfg)  # the application answers again: an ordinary pass
+        assert res.outcomes[dev.id].status == Status.UP_TO_DATE, res.outcomes
+        assert recovery_uploads(dev) == 1
