@@ -11,7 +11,13 @@ Final reports (what the fleet server must learn of each update) have their own t
 is *queued* (``queue_report``) when an outcome is decided, in the same transaction that clears
 the engine's hand-off (``Entry.unreported``), and leaves the ``pending`` state only when the
 source took it (``report_delivered``) or said it never will (``report_refused``, kept with the
-reason). ``unreported()`` lists what the server has not got yet. Each report keeps the
+reason). ``unreported()`` lists what the server has not got yet.
+
+*Intents* (``put_intent``: a cancel, by the fleet server or the operator) have their own table
+too: each is journalled *before* it is acted on, stays open (``pending``: to take back;
+``ack``: taken back, the server's acknowledgement to send) until it is finished, and a
+restarted gateway finishes it first (``gateway.fleetops.finish_intents``). The table is new:
+a journal of an older gateway opens as it is. Each report keeps the
 serializable *report handle* of its offer (``Offer.report_handle()``), journaled per device
 with ``set_report_handle`` when the gateway adopts an offer, so a restarted gateway can deliver
 it.
