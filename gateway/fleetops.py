@@ -355,6 +355,8 @@ class FleetOps:
         when the device is paused, also after a restart). False: no update to take back (none
         runs, and the journal has none open)."""
         ev = self._cancel.get(device_id)
+        if ev is None and any(d.id == device_id and d.group for d in self.devices()):
+            return False  # a group's members go back together (the group's own revert)
         th = _open_update(self.gw.journal.get(device_id)) or self._running.get(device_id)
         if th is None:
             return False
