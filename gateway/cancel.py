@@ -18,6 +18,14 @@ Resets happen only where the caller says they may (maintenance windows): otherwi
 is *deferred* (journal step ``cancel-pending``) and done at the device's next session inside a
 window; meanwhile the gateway never confirms the image (its journal row is closed as
 ``canceled``, so ``tested_hash`` no longer matches an open update).
+
+The cancel itself is an *intent*, journalled (``Journal.put_intent``) by ``gateway.fleetops``
+before ``undo`` runs and closed only once ``undo`` finished it, so a take-back cut short (the
+device silent while it swaps into the test boot, the gateway stopped or killed) is finished at
+the device's next session, also by a restarted gateway. ``undo`` reads the device *through* a
+reboot in progress (bounded by ``timeouts.reset_s``): the cancel may arrive just after the
+engine's reset into the test boot. What it does rests only on the device's own image state (b),
+read fresh, and the intent's hash - never on the server's word about the device.
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
+
+from smp.image_management import ImageState
 
 from gateway.config import DeviceConfig
 from gateway.engine import Slots, Step
@@ -79,6 +89,26 @@ async def wait_back(session: SMPSession, timeout_s: float) -> None:
                      f"({last})")
 
 
+async def read_through_reboot(session: SMPSession, dev: DeviceConfig) -> list[ImageState]:
+    """The device's image state, waiting (bounded: ``timeouts.reset_s``) for a device that is
+    rebooting - swapping into a test boot the engine reset it into, or reverting."""
+    deadline = time.monotonic() + dev.timeouts.reset_s
+    while True:
+        try:
+            return await session.image_state(timeout_s=dev.timeouts.request_s, retries=0)
+        except (SMPTimeout, TransportError) as exc:
+            if time.monotonic() >= deadline:
+                raise SMPTimeout(f"{dev.id}: no image state within {dev.timeouts.reset_s:g}s "
+                                 f"(rebooting?): {exc}") from exc
+            if isinstance(exc, TransportError):
+                try:
+                    await session.close()
+                    await session.open()
+                except TransportError:
+                    pass
+            await asyncio.sleep(0.2)
+
+
 async def _reset(session: SMPSession, dev: DeviceConfig, why: str) -> None:
     log.info("device=%s cancel: reset (%s)", dev.id, why)
     await session.reset()
@@ -95,9 +125,14 @@ async def _erase_secondary(session: SMPSession, dev: DeviceConfig, empty: bool =
 
 async def undo(session: SMPSession, dev: DeviceConfig, journal: Journal, target_hash: bytes,
                reason: str, *, reset_allowed: bool) -> CancelResult:
-    """Take the update of ``target_hash`` back on an open session; journal the result."""
+    """Take the update of ``target_hash`` back on an open session; journal the result.
+
+    The caller journalled the cancel intent before calling this; ``undo`` may be cut short (it
+    raises on a device that does not answer within its bounds) and is called again for the
+    same intent until it returns ``done`` (or ``confirmed``: too late). Every state read goes
+    through a reboot in progress; it never confirms anything."""
     entry = journal.get(dev.id)
-    slots = Slots.parse(await session.image_state(), dev.image)
+    slots = Slots.parse(await read_through_reboot(session, dev), dev.image)
     running = slots.running
     th = target_hash.hex()
     res: CancelResult
@@ -121,14 +156,14 @@ async def undo(session: SMPSession, dev: DeviceConfig, journal: Journal, target_
     elif slots.other_hash == target_hash and slots.other is not None and slots.other.pending:
         phase = "marked"
         await _reset(session, dev, "test-boot the pending image (img_mgmt cannot un-mark it)")
-        after = Slots.parse(await session.image_state(), dev.image)
+        after = Slots.parse(await read_through_reboot(session, dev), dev.image)
         if after.active_hash == target_hash and after.active and not after.active.confirmed:
             await _reset(session, dev, "revert the unconfirmed image")
     elif entry.step in (Step.UPLOAD.value, *_MARKED_STEPS) or slots.other_hash == target_hash:
         phase = "upload"
     else:
         phase = "before-upload"
-    slots = Slots.parse(await session.image_state(), dev.image)
+    slots = Slots.parse(await read_through_reboot(session, dev), dev.image)
     running = slots.running
     if slots.active_hash == target_hash:
         detail = f"{reason}: the device still runs the canceled image after the reset"

@@ -222,6 +222,7 @@ async def _status(cfg: GatewayConfig, offline: bool, as_json: bool = False) -> i
         if blocked:  # name the blocked image: it need not be the current target
             target = f"{target} ({blocked})" if target != "-" else blocked
         step = e.step + (f" ({e.outcome})" if e.outcome and e.outcome != e.step else "")
+        step += "".join(f"; intent: {i.describe()}" for i in journal.open_intents(dev.id))
         why = quarantined.get(dev.id)
         if why is not None:  # no update may touch it now (gateway.discovery.guard)
             step, rc = f"QUARANTINED: {why}", EXIT_FAILED

@@ -204,6 +204,7 @@ class Gateway:
     async def attempt(self, key: str, devs: list[DeviceConfig]) -> list[Outcome]:
         """One attempt of a unit; never raises (but for cancellation): an unexpected exception
         is a FAILED outcome of every device of the unit (logged with its traceback)."""
+        await self.fleet.before_attempt()  # holding no session: a rollout's end-of-soak check
         try:
             if key.startswith("group:"):
                 outs = (self.fleet.gate_group(key, devs)  # paused / outside a window: untouched
@@ -280,9 +281,13 @@ class Gateway:
         await self.flush_unreported(dev)
         try:
             async with self.session(dev) as session:
-                deferred = await self.fleet.finish_deferred_cancel(dev, session)
-                if deferred is not None:
-                    return deferred
+                # journalled intents (a cancel) are finished first, paused or not
+                pending = await self.fleet.finish_intents(dev, session)
+                if pending is not None:
+                    return pending
+                recovered = await self.fleet.last_resort(dev, session)  # recovery.last_resort
+                if recovered is not None:
+                    return self._count(recovered)
                 plan = await self.plan(dev, session)
                 if isinstance(plan, Outcome):
                     return plan

@@ -777,6 +777,14 @@ class UpdateEngine:
         if self.entry.tested_hash != target.hex():  # the invariant, checked at the last moment
             raise self._finish(Status.FAILED, UpdateResult.UPDATE_FAILED,
                                "refusing to confirm an image this gateway did not test", image, old_v)
+        if any(i.kind == "cancel" and i.target_hash == target.hex()
+               for i in self.journal.open_intents(self.dev.id)):
+            # a cancel journalled for this image (fleet server or operator): never confirmed;
+            # the intent's take-back (gateway.fleetops) reverts it - the row stays open for it
+            raise _Finish(Outcome(self.dev.id, Status.HELD, UpdateResult.INITIAL,
+                                  f"{image.version} was canceled: not confirmed (the cancel is "
+                                  "being taken back)", old_version=old_v,
+                                  new_version=str(image.version)))
         by_hash = target if self.dev.image != 0 else None
         attempts = 3
         for attempt in range(1, attempts + 1):

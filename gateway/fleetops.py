@@ -11,8 +11,13 @@ stays a scheduler; the jobs live here and in the modules named):
   pause, staged rollout (``gateway.rollout``), download-only offers and maintenance windows
   (``gateway.maintenance``: outside a window the image is staged in slot 1, nothing is marked
   or reset); ``finished(key, outcomes)`` feeds the rollout;
+* ``before_attempt()`` - before a unit takes any session or slot: a rollout's end-of-soak
+  check of its canaries (it opens sessions itself, so never from inside one);
 * ``run_engine(...)`` - runs the engine while watching for a cancel (fleet server or
-  operator) and takes the update back as far as it got (``gateway.cancel``);
+  operator) and takes the update back as far as it got (``gateway.cancel``). Every cancel is
+  an *intent*, journalled before it is acted on (``Journal.put_intent``) and finished -
+  reverted, never confirmed, then acknowledged to the server - at the device's next session
+  (``finish_intents``, paused or not, also after a restart) if it was cut short;
 * ``sleep(key, delay)`` - the supervisor's wait, cut short by ``ctl update``, a device that
   came back, a rollout that moved on or a window that opened;
 * ``handle(request)`` - the ``smp-gateway ctl`` commands on the control socket
@@ -27,24 +32,39 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from gateway import cancel as cancel_mod
 from gateway import inventory
+from gateway.bootmodes.recovery import in_serial_recovery, last_confirmed_path
 from gateway.config import DeviceConfig, GatewayConfig, SerialTransport
 from gateway.control import ControlError, ControlServer
 from gateway.discovery.guard import IdentityGuard
-from gateway.engine import Outcome, Slots, Stage, Status
-from gateway.journal import STAGED, Journal
+from gateway.engine import Outcome, Slots, Stage, Status, UpdateEngine
+from gateway.images import ImageRefused, ImageStore
+from gateway.journal import STAGED, Entry, Intent, Journal
 from gateway.maintenance import MaintenancePolicy
 from gateway.opstate import OpState
-from gateway.rollout import RolloutManager
-from gateway.smp.session import SMPSession
-from gateway.smp.transport import Transport
+from gateway.plan import Stopping
+from gateway.rollout import RolloutManager, VerifyDeferred
+from gateway.smp.session import SMPError, SMPSession, SMPTimeout
+from gateway.smp.transport import Transport, TransportError
 from gateway.sources.base import FleetSource, Offer, Report, UpdateResult, UpdateState
 
 log = logging.getLogger("gateway.fleetops")
+
+ACK_TIMEOUT_S = 30.0  # one try at a cancel's acknowledgement (the server's answer)
+
+
+def _open_update(e: Entry) -> str | None:
+    """The hash of the device's update the journal holds open (resumable): in progress, or
+    failed after this gateway marked it for test (the next attempt would confirm it)."""
+    if not e.target_hash:
+        return None
+    if e.outcome is None or (e.outcome == Status.FAILED.value and e.tested_hash):
+        return e.target_hash
+    return None
 
 
 class GatewayLike(Protocol):
@@ -57,6 +77,11 @@ class GatewayLike(Protocol):
     def units(self) -> list[tuple[str, list[DeviceConfig]]]: ...
 
     def session(self, dev: DeviceConfig) -> contextlib.AbstractAsyncContextManager[SMPSession]: ...
+
+    @property
+    def store(self) -> ImageStore: ...
+
+    def engine(self, dev: DeviceConfig, session: SMPSession) -> UpdateEngine: ...
 
 
 @dataclass
@@ -94,6 +119,7 @@ class FleetOps:
         self._now: dict[str, bool] = {}  # device id -> ctl update: ignore the window?
         self._cancel: dict[str, asyncio.Event] = {}
         self._cancel_why: dict[str, str] = {}
+        self._running: dict[str, str] = {}  # device id -> hash of the image its engine runs
         self._admitted: dict[str, str] = {}  # unit key -> artifact id
         self._facts: dict[str, dict[str, Any]] = {}  # device id -> bootloader mode, params...
         self._control: ControlServer | None = None
@@ -151,6 +177,7 @@ class FleetOps:
         self._tasks.append(asyncio.create_task(self._relay_rollout(), name="rollout-wake"))
 
     async def close_async(self) -> None:
+        self.rollout.close()
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -299,12 +326,23 @@ class FleetOps:
         bad = next((o for o in final if not o.ok), None)
         self.rollout.finished(key, art, ok, f"{bad.status.value}: {bad.detail}" if bad else "")
 
+    async def before_attempt(self) -> None:
+        """The scheduler calls this before a unit takes any session or concurrency slot: the
+        end of a rollout's soak is checked here (its check opens sessions with the canaries;
+        done from inside a session it would wait for slots held by units waiting for it)."""
+        await self.rollout.settle()
+
     async def _verify(self, unit: str, artifact: str) -> str | None:
+        """End of a soak: each canary device, read now, runs the wave's image, confirmed - what
+        the device reports (b), never the server. Runs holding no session (``settle``)."""
         devs = dict(self.gw.units()).get(unit, [])
         for dev in devs:
             e = self.gw.journal.get(dev.id)
-            async with self.gw.session(dev) as s:
-                slots = Slots.parse(await s.image_state(), dev.image)
+            try:
+                async with self.gw.session(dev) as s:
+                    slots = Slots.parse(await s.image_state(), dev.image)
+            except Stopping as exc:
+                raise VerifyDeferred("the gateway is stopping") from exc
             if slots.active_hash is None or slots.active_hash.hex() != e.target_hash:
                 now = slots.running or "?"
                 return f"{dev.id} runs {now}, not {e.target_version}"
@@ -312,20 +350,34 @@ class FleetOps:
                 return f"{dev.id}: {e.target_version} is not confirmed"
         return None
 
-    # -- cancellation ------------------------------------------------------------------------
+    # -- cancellation: an intent, journalled before it is acted on --------------------------
     def request_cancel(self, device_id: str, reason: str) -> bool:
+        """The operator's cancel. Journalled as an intent (``Journal.put_intent``) *before* it
+        is acted on: at once when an update runs now, else at the device's next session (also
+        when the device is paused, also after a restart). False: no update to take back (none
+        runs, and the journal has none open)."""
         ev = self._cancel.get(device_id)
-        if ev is None:
+        if ev is None and any(d.id == device_id and d.group for d in self.devices()):
+            return False  # a group's members go back together (the group's own revert)
+        th = _open_update(self.gw.journal.get(device_id)) or self._running.get(device_id)
+        if th is None:
             return False
+        self.gw.journal.put_intent(device_id, "cancel", th, "operator", reason)
         self._cancel_why[device_id] = reason
-        ev.set()
+        if ev is not None:
+            ev.set()
+        else:
+            self.wake(device_id)
         return True
 
     async def _watch_cancel(self, dev: DeviceConfig, offer: Offer, ev: asyncio.Event,
-                            started: asyncio.Event) -> str:
-        """The reason once the update is called off. The first probe runs before the engine
-        starts (``started`` is set after it): a job closed while it downloaded sends nothing.
-        Each round also gives the source the upload's journaled progress (bounded rate)."""
+                            started: asyncio.Event, target: str) -> Intent:
+        """Until a cancel arrives: the operator's (already journalled by ``request_cancel``) or
+        the fleet server's, journalled here before anything is done about it. The server's
+        word only ever leads to taking an update back, never to installing anything. The first
+        probe runs before the engine starts (``started`` is set after it): a job closed while
+        it downloaded sends nothing. Each round also gives the source the upload's journaled
+        progress (bounded rate)."""
         src = self.gw.source
         probe: Callable[[Offer], Awaitable[str | None]] | None = getattr(src, "canceled", None)
         period = min(30.0, max(0.5, src.poll_interval()))
@@ -335,15 +387,22 @@ class FleetOps:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(ev.wait(), period)
             if ev.is_set():
-                return self._cancel_why.get(dev.id, "canceled by the operator")
+                mine = self._cancel_intent(dev.id)
+                if mine is not None:
+                    return mine
+                return self.gw.journal.put_intent(
+                    dev.id, "cancel", self._cancel_hash(dev.id, target), "operator",
+                    self._cancel_why.get(dev.id, "canceled by the operator"))
             why = None
             if probe is not None:
                 try:
-                    why = await asyncio.wait_for(probe(offer), 60)
+                    why = await asyncio.wait_for(probe(offer), max(5.0, period))
                 except Exception as exc:  # a server hiccup is not a cancel
                     log.debug("device=%s cancel check failed: %s", dev.id, exc)
                 if why:
-                    return why
+                    return self.gw.journal.put_intent(
+                        dev.id, "cancel", self._cancel_hash(dev.id, target), "server", str(why),
+                        offer.report_handle())
             started.set()
             e = self.gw.journal.get(dev.id)
             if e.step == "upload" and e.upload_total and e.upload_offset != sent:
@@ -352,13 +411,25 @@ class FleetOps:
                     await src.report(offer, Report(UpdateState.UPDATING,
                                                    progress=e.upload_offset / e.upload_total))
 
+    def _cancel_intent(self, device_id: str) -> Intent | None:
+        return next((i for i in self.gw.journal.open_intents(device_id) if i.kind == "cancel"),
+                    None)
+
+    def _cancel_hash(self, device_id: str, fallback: str) -> str:
+        """The hash the cancel takes back: the journal's open update (the build actually sent,
+        e.g. a direct-XIP slot build), else the image the engine was started with."""
+        return _open_update(self.gw.journal.get(device_id)) or fallback
+
     async def run_engine(self, dev: DeviceConfig, offer: Offer, image_hash: bytes, session: SMPSession,
                          run: Callable[[], Awaitable[Outcome]]) -> Outcome:
-        """``run()`` (the engine), unless a cancel arrives first: then undo as far as it got."""
+        """``run()`` (the engine), unless a cancel arrives first: then - the cancel journalled
+        first - undo as far as it got (``finish_cancel``)."""
         ev = self._cancel.setdefault(dev.id, asyncio.Event())
         ev.clear()
+        self._running[dev.id] = image_hash.hex()
         started = asyncio.Event()
-        watch = asyncio.ensure_future(self._watch_cancel(dev, offer, ev, started))
+        watch = asyncio.ensure_future(self._watch_cancel(dev, offer, ev, started,
+                                                         image_hash.hex()))
 
         async def after_first_probe() -> Outcome:
             await started.wait()
@@ -373,43 +444,164 @@ class FleetOps:
             raise
         finally:
             self._cancel.pop(dev.id, None)
+            self._running.pop(dev.id, None)
         if task.done():
             watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watch
             return task.result()
-        reason = watch.result()
-        log.warning("device=%s update canceled: %s", dev.id, reason)
+        intent = watch.result()
+        log.warning("device=%s update canceled (%s, journalled as intent %d): %s", dev.id,
+                    intent.actor, intent.id, intent.reason)
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        res = await cancel_mod.undo(session, dev, self.gw.journal, image_hash, reason,
-                                    reset_allowed=self.maint.reset_allowed(dev))
-        ack: Callable[[Offer, bool, str], Awaitable[None]] | None = getattr(
-            self.gw.source, "acknowledge_cancel", None)
-        if ack is not None:
-            try:
-                await ack(offer, res.done or res.deferred, res.detail)
-            except Exception as exc:
-                log.warning("device=%s cancel acknowledgement failed: %s", dev.id, exc)
-        self.ops.audit("fleet", "cancel", dev.id, res.detail)
-        status = Status.FAILED if not (res.done or res.deferred) else Status.HELD
-        return Outcome(dev.id, status, UpdateResult.INITIAL, f"canceled: {res.detail}",
-                       old_version=res.running)
+        return await self.finish_cancel(dev, session, intent, offer)
 
-    async def finish_deferred_cancel(self, dev: DeviceConfig, session: SMPSession) -> Outcome | None:
-        """A cancel whose revert waited for a window: do it now if allowed. An Outcome (held)
-        while it still waits; None when there is none or it is done now."""
+    async def finish_cancel(self, dev: DeviceConfig, session: SMPSession, intent: Intent,
+                            offer: Offer | None = None) -> Outcome:
+        """Act on a journalled cancel intent: take the update back (``cancel.undo``: a revert,
+        never a confirm; a reset only where the maintenance window allows it), then - only once
+        it is taken back - acknowledge it to the server (a server's cancel). The intent stays
+        open (and this is called again at the next session, also after a restart) until both
+        are done; a take-back cut short (the device silent while it swaps) is simply redone."""
+        journal = self.gw.journal
+        if intent.state == "pending":
+            if not intent.target_hash:
+                journal.intent_progress(intent.id, "done", "nothing identifiable to take back")
+                return Outcome(dev.id, Status.HELD, UpdateResult.INITIAL, "canceled")
+            try:
+                res = await cancel_mod.undo(session, dev, journal, bytes.fromhex(intent.target_hash),
+                                            intent.reason, reset_allowed=self.maint.reset_allowed(dev))
+            except (SMPError, SMPTimeout, TransportError) as exc:
+                detail = (f"take-back interrupted ({type(exc).__name__}: {exc}); the cancel stays "
+                          "journalled and is finished first at the next session")
+                journal.intent_progress(intent.id, "pending", detail)
+                log.warning("device=%s cancel: %s", dev.id, detail)
+                return Outcome(dev.id, Status.HELD, UpdateResult.INITIAL, f"canceled: {detail}")
+            if res.deferred or not (res.done or res.phase == "confirmed"):
+                journal.intent_progress(intent.id, "pending", res.detail)
+                status = Status.HELD if res.deferred else Status.FAILED
+                return Outcome(dev.id, status, UpdateResult.INITIAL, f"canceled: {res.detail}",
+                               old_version=res.running)
+            # taken back, or too late (confirmed before the cancel): the device's part is over
+            verdict = ("taken back: " if res.done else "too late: ") + res.detail
+            journal.intent_progress(intent.id, "ack" if intent.actor == "server" else "done", verdict)
+            self.ops.audit(intent.actor if intent.actor == "operator" else "fleet", "cancel", dev.id,
+                           res.detail)
+            intent = replace(intent, state="ack" if intent.actor == "server" else "done",
+                             detail=verdict)
+            running = res.running
+        else:
+            running = None
+        done = intent.detail.startswith("taken back")
+        if intent.state == "ack":
+            await self._acknowledge(dev, intent, done, offer)
+        detail = intent.detail.split(": ", 1)[-1]
+        status = Status.HELD if done else Status.FAILED
+        return Outcome(dev.id, status, UpdateResult.INITIAL, f"canceled: {detail}",
+                       old_version=running)
+
+    async def _acknowledge(self, dev: DeviceConfig, intent: Intent, done: bool,
+                           offer: Offer | None) -> bool:
+        """The cancel's answer to the server, sent only once the take-back is over; kept in the
+        journal (intent state ``ack``) and retried at the next session until it went out."""
+        src = self.gw.source
+        ack: Callable[[Offer, bool, str], Awaitable[None]] | None = getattr(
+            src, "acknowledge_cancel", None)
+        detail = intent.detail.split(": ", 1)[-1]
+        try:
+            if offer is None:
+                offer = Offer.from_handle(intent.handle or {})
+        except ValueError as exc:
+            self.gw.journal.intent_progress(intent.id, "done", f"not acknowledged: {exc}")
+            return True
+        if ack is None or offer.source != src.name:
+            self.gw.journal.intent_progress(intent.id, "done", f"no acknowledgement to send "
+                                            f"({src.name}): {detail}")
+            return True
+        try:
+            probe = getattr(src, "canceled", None)
+            if probe is not None:  # a restarted gateway learns the server's cancel again
+                await asyncio.wait_for(probe(offer), ACK_TIMEOUT_S)
+            await asyncio.wait_for(ack(offer, done, detail), ACK_TIMEOUT_S)
+        except Exception as exc:  # the server is unreachable: the intent stays at ``ack``
+            self.gw.journal.intent_progress(intent.id, "ack", f"{intent.detail} (acknowledgement "
+                                            f"not delivered: {type(exc).__name__}: {exc})")
+            log.warning("device=%s cancel acknowledgement failed: %s", dev.id, exc)
+            return False
+        self.gw.journal.intent_progress(intent.id, "done", f"acknowledged to {src.name}: {detail}")
+        return True
+
+    async def finish_intents(self, dev: DeviceConfig, session: SMPSession) -> Outcome | None:
+        """Every intent journalled for ``dev`` and not finished, finished first - before the
+        session reads the source or resumes anything, and also when the device is paused (a
+        pause stops new work, not the taking back of a canceled update; resets still wait for
+        a maintenance window). An Outcome while one stays open: the session does nothing else,
+        so a canceled image is never resumed or confirmed. None when none is left.
+
+        A ``cancel-pending`` journal row of an older gateway (no intents table then) is adopted
+        as an operator cancel first."""
         e = self.gw.journal.get(dev.id)
-        if e.step != cancel_mod.CANCEL_PENDING or not e.target_hash:
-            return None
-        if not self.maint.reset_allowed(dev):
-            return Outcome(dev.id, Status.HELD, UpdateResult.INITIAL,
-                           f"canceled update waits for a maintenance window to be reverted "
-                           f"({self.maint.describe(dev)})")
-        await cancel_mod.undo(session, dev, self.gw.journal, bytes.fromhex(e.target_hash),
-                              e.last_error or "canceled", reset_allowed=True)
+        if e.step == cancel_mod.CANCEL_PENDING and e.target_hash and self._cancel_intent(dev.id) is None:
+            self.gw.journal.put_intent(dev.id, "cancel", e.target_hash, "operator",
+                                       e.last_error or "canceled")
+        for intent in self.gw.journal.open_intents(dev.id):
+            if intent.kind != "cancel":
+                continue
+            out = await self.finish_cancel(dev, session, intent)  # undo defers a reset outside a window
+            if any(i.id == intent.id for i in self.gw.journal.open_intents(dev.id)):
+                if out.status == Status.HELD and not self.maint.reset_allowed(dev):
+                    out.detail = (f"canceled update waits for a maintenance window to be "
+                                  f"reverted ({self.maint.describe(dev)})")
+                return out
         return None
+
+    # -- recovery: last resort ----------------------------------------------------------------
+    async def last_resort(self, dev: DeviceConfig, session: SMPSession) -> Outcome | None:
+        """``recovery: {enabled: true, last_resort: true}``: a device whose application no
+        longer answers SMP but whose MCUboot serial recovery does (its image list flags no slot
+        active - (b), what the device itself reports) is re-flashed with the last image this
+        gateway confirmed there (the journal's record, ``bootmodes.recovery.
+        last_confirmed_path``; the stored file's hash and signature are verified again - (a)),
+        through ``UpdateEngine.recover``. Only when the config enables it (c), the device is not
+        paused, and no update of the journal is open (an update in progress is its own flow's:
+        single-slot modes resume their recovery upload). None: nothing to do here."""
+        rec = dev.recovery
+        if rec is None or not rec.enabled or not rec.last_resort:
+            return None
+        if _open_update(self.gw.journal.get(dev.id)) is not None:
+            return None
+        try:
+            states = await session.image_state(timeout_s=dev.timeouts.request_s, retries=1)
+        except (SMPError, SMPTimeout, TransportError):
+            return None  # the normal flow reports what does (not) answer
+        if not in_serial_recovery(states):
+            return None
+        why = self.paused(dev)
+        if why is not None:
+            return Outcome(dev.id, Status.HELD, UpdateResult.INITIAL,
+                           f"in MCUboot serial recovery; the last-resort re-flash waits: {why}")
+        e = self.gw.journal.get(dev.id)
+        found = last_confirmed_path(e, self.gw.store.root)
+        if found is None:
+            return Outcome(dev.id, Status.FAILED, UpdateResult.UPDATE_FAILED,
+                           "the device answers only from MCUboot serial recovery, and no image "
+                           "this gateway confirmed there is stored: not re-flashed")
+        try:
+            image = self.gw.store.add_file(found[0], hardware=dev.hardware,
+                                           allow_unsigned=dev.allow_unsigned)
+        except ImageRefused as exc:
+            return Outcome(dev.id, Status.FAILED, exc.reason.lwm2m,
+                           f"last-resort image {found[0].name} refused: {exc}")
+        log.warning("device=%s application does not answer, MCUboot serial recovery does: "
+                    "re-flashing %s (recovery.last_resort)", dev.id, image.version)
+        out = await self.gw.engine(dev, session).recover(image)
+        after = self.gw.journal.get(dev.id)
+        if after.unreported is not None:  # not a fleet update: no final report to a server
+            self.gw.journal.put(after.with_(unreported=None), f"last resort: {out.detail}")
+        self.ops.audit("gateway", "recover", dev.id, out.detail)
+        return out
 
     # -- inventory ---------------------------------------------------------------------------
     async def note_session(self, dev: DeviceConfig, session: SMPSession) -> None:
@@ -533,6 +725,8 @@ class FleetOps:
                 "source": f"template {f.template}" if f else "static",
                 "present": f.present if f else True,
                 "paused": self.ops.is_paused(d.id),
+                # journalled intents not finished yet (a cancel still to take back / acknowledge)
+                "intents": [i.describe() for i in self.gw.journal.open_intents(d.id)],
                 "in_session": d.id in self.gw.in_session,
                 "step": e.step, "outcome": e.outcome, "running": e.running_version,
                 "target": e.target_version, "blocked": inventory.blocked_label(e) or None,

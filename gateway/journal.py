@@ -11,7 +11,13 @@ Final reports (what the fleet server must learn of each update) have their own t
 is *queued* (``queue_report``) when an outcome is decided, in the same transaction that clears
 the engine's hand-off (``Entry.unreported``), and leaves the ``pending`` state only when the
 source took it (``report_delivered``) or said it never will (``report_refused``, kept with the
-reason). ``unreported()`` lists what the server has not got yet. Each report keeps the
+reason). ``unreported()`` lists what the server has not got yet.
+
+*Intents* (``put_intent``: a cancel, by the fleet server or the operator) have their own table
+too: each is journalled *before* it is acted on, stays open (``pending``: to take back;
+``ack``: taken back, the server's acknowledgement to send) until it is finished, and a
+restarted gateway finishes it first (``gateway.fleetops.finish_intents``). The table is new:
+a journal of an older gateway opens as it is. Each report keeps the
 serializable *report handle* of its offer (``Offer.report_handle()``), journaled per device
 with ``set_report_handle`` when the gateway adopts an offer, so a restarted gateway can deliver
 it.
@@ -115,6 +121,13 @@ class Journal:
             # a journal of an older gateway: a report it tried to send counts as offered
             self._db.execute("ALTER TABLE reports ADD COLUMN offered INTEGER DEFAULT 0")
             self._db.execute("UPDATE reports SET offered=1 WHERE attempts>0")
+        # intents (a cancel to finish): a new table, so a journal of an older gateway is read
+        # as it is (it has none; its ``cancel-pending`` rows are adopted by ``gateway.fleetops``)
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS intents (id INTEGER PRIMARY KEY AUTOINCREMENT, "
+            "device_id TEXT, kind TEXT, target_hash TEXT, actor TEXT, reason TEXT, handle TEXT, "
+            "state TEXT, detail TEXT, attempts INTEGER DEFAULT 0, created_at REAL, done_at REAL)"
+        )
 
     def close(self) -> None:
         self._db.close()
@@ -199,6 +212,63 @@ class Journal:
                              (time.time(), f"group:{rec.name}", rec.phase, rec.detail))
             self._db.execute("COMMIT")
 
+
+    # -- intents: journalled before they are acted on, open until finished ------------------
+    def put_intent(self, device_id: str, kind: str, target_hash: str | None, actor: str,
+                   reason: str, handle: dict[str, Any] | None = None) -> Intent:
+        """Journal an intent (``cancel``: take the update of ``target_hash`` back) as
+        ``pending``, before anything is done for it. An open intent of the same kind for the
+        same device and hash is returned as it is (a cancel seen twice is one cancel)."""
+        now = time.time()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            row = self._db.execute(
+                f"SELECT {_INTENT_COLS} FROM intents WHERE device_id=? AND kind=? AND "
+                "target_hash IS ? AND state IN ('pending', 'ack') ORDER BY id",
+                (device_id, kind, target_hash)).fetchone()
+            if row is None:
+                cur = self._db.execute(
+                    "INSERT INTO intents (device_id, kind, target_hash, actor, reason, handle, "
+                    "state, detail, attempts, created_at) VALUES (?, ?, ?, ?, ?, ?, 'pending', "
+                    "'', 0, ?)",
+                    (device_id, kind, target_hash, actor, reason,
+                     _dumps(handle) if handle is not None else None, now))
+                self._db.execute("INSERT INTO events VALUES (?, ?, ?, ?)",
+                                 (now, device_id, f"intent-{kind}",
+                                  f"intent={cur.lastrowid} by {actor}: {reason}"))
+                row = self._db.execute(f"SELECT {_INTENT_COLS} FROM intents WHERE id=?",
+                                       (cur.lastrowid,)).fetchone()
+            self._db.execute("COMMIT")
+        return Intent.from_row(row)
+
+    def open_intents(self, device_id: str | None = None) -> list[Intent]:
+        """Intents not finished yet (``pending``: to act on; ``ack``: done on the device, the
+        server's acknowledgement still to send), oldest first."""
+        q = f"SELECT {_INTENT_COLS} FROM intents WHERE state IN ('pending', 'ack')"
+        args: tuple[str, ...] = ()
+        if device_id is not None:
+            q, args = q + " AND device_id=?", (device_id,)
+        with self._lock:
+            rows = self._db.execute(q + " ORDER BY id", args).fetchall()
+        return [Intent.from_row(r) for r in rows]
+
+    def intent_progress(self, intent_id: int, state: str, detail: str) -> None:
+        """Move an intent on: ``pending`` (tried, not finished: counted), ``ack`` (finished on
+        the device; the acknowledgement to the server is what is left), ``done``."""
+        now = time.time()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            row = self._db.execute("SELECT device_id, kind FROM intents WHERE id=?",
+                                   (intent_id,)).fetchone()
+            self._db.execute(
+                "UPDATE intents SET state=?, detail=?, attempts=attempts+1, done_at=? WHERE id=? "
+                "AND state IN ('pending', 'ack')",
+                (state, detail, now if state == "done" else None, intent_id))
+            if row is not None:
+                self._db.execute("INSERT INTO events VALUES (?, ?, ?, ?)",
+                                 (now, row[0], f"intent-{row[1]}-{state}",
+                                  f"intent={intent_id}: {detail}"))
+            self._db.execute("COMMIT")
 
     # -- final reports: queued with the outcome, pending until the server has them -----------
     def set_report_handle(self, device_id: str, handle: dict[str, Any]) -> None:
@@ -338,6 +408,45 @@ class FinalReport:
         return cls(int(row[0]), row[1], handle if isinstance(handle, dict) else {}, int(row[3]),
                    row[4] or "", row[5], int(row[6] or 0), row[7], float(row[8] or 0.0), row[9],
                    bool(row[10]))
+
+
+_INTENT_COLS = ("id, device_id, kind, target_hash, actor, reason, handle, state, detail, attempts, "
+                "created_at")
+
+
+@dataclass(frozen=True)
+class Intent:
+    """One journalled intent: written before it is acted on, open until it is finished (a
+    restarted gateway finishes it first). ``kind`` ``cancel``: take the update of
+    ``target_hash`` back (never confirm it); ``actor`` ``server`` (acknowledged to the server
+    once taken back, with ``handle``: the offer's report handle) or ``operator``."""
+
+    id: int
+    device_id: str
+    kind: str
+    target_hash: str | None
+    actor: str
+    reason: str
+    handle: dict[str, Any] | None
+    state: str  # pending / ack / done
+    detail: str = ""
+    attempts: int = 0
+    created_at: float = 0.0
+
+    @classmethod
+    def from_row(cls, row: Any) -> Intent:
+        try:
+            handle = json.loads(row[6]) if row[6] else None
+        except ValueError:
+            handle = None
+        return cls(int(row[0]), row[1], row[2], row[3], row[4] or "", row[5] or "",
+                   handle if isinstance(handle, dict) else None, row[7], row[8] or "",
+                   int(row[9] or 0), float(row[10] or 0.0))
+
+    def describe(self) -> str:
+        what = {"pending": "to take back", "ack": "taken back, acknowledgement to send"}.get(
+            self.state, self.state)
+        return f"{self.kind} by {self.actor} ({what}): {self.reason}"
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,14 @@ was admitted once stays admitted (a resumed update is never held back). Waves pe
 ``fleet.sqlite``, so a restart neither repeats nor skips the canary phase. Units that wait are
 not touched at all: the image may be downloaded and verified on the gateway, but not a byte
 goes to them.
+
+Lock order (no deadlock with the scheduler's limits): ``admit`` never waits - it is called by
+a unit that holds a device session and a ``max_concurrent`` slot, so it decides from the
+wave's state alone. The end-of-soak check, which opens sessions with the canaries, runs in
+``settle``, which the scheduler calls *before* a unit takes any session or slot; one check
+runs at a time (the others wait for it, holding nothing), each canary's check is bounded
+(``verify_timeout_s``), and a check that could not be made in time (no session to be had,
+the gateway stopping) leaves the wave in its soak, to be checked again - it halts nothing.
 """
 
 from __future__ import annotations
@@ -36,6 +44,11 @@ from gateway.opstate import OpState
 log = logging.getLogger("gateway.rollout")
 
 VerifyFn = Callable[[str, str], Awaitable[str | None]]  # (unit, artifact) -> None or a problem
+
+
+class VerifyDeferred(Exception):
+    """The canary could not be checked now (no session in time, the gateway stopping): not a
+    verdict on its health; the soak is checked again later."""
 
 
 @dataclass
@@ -80,15 +93,16 @@ def canary_count(spec: int | str, population: int) -> int:
 class RolloutManager:
     def __init__(self, cfg: RolloutConfig | None, ops: OpState | None,
                  population: Callable[[], int], *, verify: VerifyFn | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, verify_timeout_s: float = 60.0) -> None:
         self.cfg = cfg
         self.ops = ops
         self.population = population
         self.verify = verify
         self.clock = clock
+        self.verify_timeout_s = verify_timeout_s  # one canary's end-of-soak check, at most
         self.waves: dict[str, Wave] = {}
         self.changed = asyncio.Event()  # a wave changed state: waiting units may ask again
-        self._lock = asyncio.Lock()
+        self._checks: dict[str, asyncio.Task[bool | None]] = {}  # artifact -> end-of-soak check
         if ops is not None:
             for art, data in ops.rollouts().items():
                 self.waves[art] = Wave.from_dict(data)
@@ -115,50 +129,91 @@ class RolloutManager:
 
     # -- the scheduler's questions -----------------------------------------------------------
     async def admit(self, unit: str, artifact: str) -> Decision:
+        """May ``unit`` start installing ``artifact`` now? Never waits (the caller holds a
+        device session and a concurrency slot): a soak that is over but not yet checked holds
+        the unit until ``settle`` checked the canaries (``changed`` then wakes it)."""
         if self.cfg is None:
             return Decision(True)
-        async with self._lock:
-            w = self.wave(artifact)
-            if unit in w.started:
-                return Decision(True, "already admitted", "canary" if unit in w.canaries else "rest")
-            if w.state == "halted":
-                return Decision(False, f"rollout of {artifact} halted: {w.reason}")
-            if w.state == "canary":
-                healthy_or_running = sum(1 for s in w.canaries.values() if s != "failed")
-                if healthy_or_running < w.n_canary:
-                    w.canaries[unit] = "pending"
-                    w.started.append(unit)
-                    self._save(w)
-                    log.info("rollout artifact=%s unit=%s admitted as canary (%d/%d)", artifact, unit,
-                             healthy_or_running + 1, w.n_canary)
-                    return Decision(True, "canary", "canary")
-                ok = sum(1 for s in w.canaries.values() if s == "ok")
-                return Decision(False, f"waiting for the canaries of {artifact} ({ok}/{w.n_canary} "
-                                       "confirmed)")
-            if w.state == "soak":
-                left = w.soak_until - self.clock()
-                if left > 0:
-                    return Decision(False, f"canaries of {artifact} confirmed; the rest starts once "
-                                           f"they stayed healthy {left:.0f}s more", retry_in_s=left)
-                if not await self._end_soak(w):
-                    return Decision(False, f"rollout of {artifact} halted: {w.reason}")
-            w.started.append(unit)
-            self._save(w)
-            return Decision(True, "rollout open", "rest")
+        w = self.wave(artifact)
+        if unit in w.started:
+            return Decision(True, "already admitted", "canary" if unit in w.canaries else "rest")
+        if w.state == "halted":
+            return Decision(False, f"rollout of {artifact} halted: {w.reason}")
+        if w.state == "canary":
+            healthy_or_running = sum(1 for s in w.canaries.values() if s != "failed")
+            if healthy_or_running < w.n_canary:
+                w.canaries[unit] = "pending"
+                w.started.append(unit)
+                self._save(w)
+                log.info("rollout artifact=%s unit=%s admitted as canary (%d/%d)", artifact, unit,
+                         healthy_or_running + 1, w.n_canary)
+                return Decision(True, "canary", "canary")
+            ok = sum(1 for s in w.canaries.values() if s == "ok")
+            return Decision(False, f"waiting for the canaries of {artifact} ({ok}/{w.n_canary} "
+                                   "confirmed)")
+        if w.state == "soak":
+            left = w.soak_until - self.clock()
+            if left > 0:
+                return Decision(False, f"canaries of {artifact} confirmed; the rest starts once "
+                                       f"they stayed healthy {left:.0f}s more", retry_in_s=left)
+            if self.verify is not None:
+                return Decision(False, f"canaries of {artifact} stayed healthy {self.cfg.wait_s:g}s; "
+                                       "being checked once more before the rest starts",
+                                retry_in_s=1.0)
+            w.state = "open"  # nothing to check them with
+        w.started.append(unit)
+        self._save(w)
+        return Decision(True, "rollout open", "rest")
 
-    async def _end_soak(self, w: Wave) -> bool:
-        """Check the canaries again at the end of the soak; open or halt the wave."""
+    async def settle(self) -> None:
+        """End every soak that is over: check its canaries (``verify``), open or halt the wave.
+
+        Called by the scheduler before a unit takes a device session or a concurrency slot
+        (never from inside one: the check opens sessions with the canaries). One check per
+        wave runs at a time; a caller waits for it holding nothing, bounded by
+        ``verify_timeout_s`` per canary."""
+        if self.cfg is None:
+            return
+        now = self.clock()
+        for w in list(self.waves.values()):
+            if w.state != "soak" or w.soak_until > now or self.verify is None:
+                continue
+            t = self._checks.get(w.artifact)
+            if t is None or t.done():
+                t = self._checks[w.artifact] = asyncio.ensure_future(self._end_soak(w))
+            n = max(1, sum(1 for s in w.canaries.values() if s == "ok"))
+            try:
+                await asyncio.wait_for(asyncio.shield(t), self.verify_timeout_s * n + 1.0)
+            except TimeoutError:
+                log.warning("rollout artifact=%s end-of-soak check still running", w.artifact)
+
+    def close(self) -> None:
+        for t in self._checks.values():
+            t.cancel()
+        self._checks.clear()
+
+    async def _end_soak(self, w: Wave) -> bool | None:
+        """Check the canaries again at the end of the soak; open (True) or halt (False) the
+        wave; None: not checked now (``VerifyDeferred``, a check out of time) - still soaking.
+        Rests only on what each canary device reports now (``verify``), never on the server."""
         problems: dict[str, str] = {}
         if self.verify is not None:
-            for unit, st in w.canaries.items():
+            for unit, st in list(w.canaries.items()):
                 if st != "ok":
                     continue
                 try:
-                    why = await self.verify(unit, w.artifact)
+                    why = await asyncio.wait_for(self.verify(unit, w.artifact),
+                                                 self.verify_timeout_s)
+                except (VerifyDeferred, TimeoutError) as exc:
+                    log.warning("rollout artifact=%s canary %s not checked now (%s); checked "
+                                "again later", w.artifact, unit, exc or "timed out")
+                    return None
                 except Exception as exc:  # unreachable at the check counts as unhealthy
                     why = f"health check failed: {exc}"
                 if why is not None:
                     problems[unit] = why
+        if w.state != "soak" or self.waves.get(w.artifact) is not w:
+            return None  # changed meanwhile (resumed, failed): decided elsewhere
         for unit, why in problems.items():
             w.canaries[unit] = "failed"
             w.failed[unit] = f"unhealthy after the soak: {why}"

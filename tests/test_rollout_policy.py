@@ -46,6 +46,9 @@ async def test_canaries_then_soak_then_open(tmp_path: Path) -> None:
     d = await m.admit("device:c", "art")
     assert not d.go and d.retry_in_s == 60
     clock.t += 61
+    d = await m.admit("device:c", "art")  # never waits: the check is settle's (no session held)
+    assert not d.go and "checked once more" in d.reason and checked == []
+    await m.settle()
     assert (await m.admit("device:c", "art")).go
     assert sorted(checked) == ["device:a", "device:b"]
     # persisted: a new manager (restart) knows the wave is open
@@ -100,5 +103,6 @@ async def test_unhealthy_canary_after_soak_halts(tmp_path: Path) -> None:
         await m.admit(u, "art")
         m.finished(u, "art", True)
     clock.t += 6
+    await m.settle()
     d = await m.admit("device:c", "art")
     assert not d.go and "unhealthy" in d.reason and "device:b" in d.reason
