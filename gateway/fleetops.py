@@ -37,11 +37,11 @@ from gateway.control import ControlError, ControlServer
 from gateway.engine import Outcome, Slots, Stage, Status
 from gateway.journal import STAGED, Journal
 from gateway.maintenance import MaintenancePolicy
-from gateway.opstate import OpState
+from gateway.opstate import OpState, retry_label
 from gateway.rollout import RolloutManager
 from gateway.smp.session import SMPSession
 from gateway.smp.transport import Transport
-from gateway.sources.base import FleetSource, Offer, UpdateResult
+from gateway.sources.base import FleetSource, Offer, SourceHealth, UpdateResult
 
 log = logging.getLogger("gateway.fleetops")
 
@@ -52,6 +52,9 @@ class GatewayLike(Protocol):
     source: FleetSource
     stop: asyncio.Event
     in_session: set[str]
+    retry_state: dict[str, dict[str, Any]]
+    source_health: SourceHealth
+    source_waiting: set[str]
 
     def units(self) -> list[tuple[str, list[DeviceConfig]]]: ...
 
@@ -516,6 +519,10 @@ class FleetOps:
                 "target": e.target_version, "blocked": inventory.blocked_label(e) or None,
                 "window": self.maint.describe(d),
                 "inventory_at": (inv.get(d.id) or {}).get("inventory_at"),
+                # device-side failures / park, and whether it waits for a backed-off server
+                "parked": retry_label(self.gw.retry_state.get(d.id)) or None,
+                "source_backoff": (self.gw.source_health.snapshot()
+                                   if d.id in self.gw.source_waiting else None),
             })
         return out
 

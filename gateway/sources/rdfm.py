@@ -95,6 +95,10 @@ class RdfmSource(HttpSource):
         self._waiting: set[str] = set()
         self._logs_supported = cfg.report_logs
         self.clock = time.monotonic  # for token lifetimes
+        # the metadata each identity last authenticated with: RDFM stores a device's metadata
+        # at authentication only, so a change (a new running version after an update, the
+        # inventory) is sent by authenticating again at the next check, not at token expiry
+        self._auth_meta: dict[str, dict[str, str]] = {}
         self._last_reported: dict[tuple[str, str], tuple[int, int]] = {}
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -177,13 +181,26 @@ class RdfmSource(HttpSource):
         )
 
     # -- authentication ------------------------------------------------------------------
-    async def _token(self, meta: dict[str, str], force: bool = False) -> str | None:
-        """A device token for the identity ``meta[rdfm.hardware.macaddr]`` (None: not accepted)."""
+    async def _token(self, meta: dict[str, str], force: bool = False,
+                     current: bool = True) -> str | None:
+        """A device token for the identity ``meta[rdfm.hardware.macaddr]`` (None: not accepted).
+
+        ``current``: ``meta`` is the device's metadata now (an update check): when it differs
+        from what the token was obtained with, authenticate again so the server stores it
+        (a log upload passes False: its handle carries the metadata of the offer's time)."""
         ident = meta[META_MAC]
         lock = self._auth_locks.setdefault(ident, asyncio.Lock())
         async with lock:
             tok = self._tokens.get(ident)
-            if tok is not None and not force and self.clock() < tok.valid_until:
+            sent = self._auth_meta.get(ident)
+            changed = current and sent is not None and sent != meta
+            if changed and tok is not None:
+                diff = sorted(k for k in set(meta) | set(sent or {})
+                              if meta.get(k) != (sent or {}).get(k))
+                log.info("RDFM metadata of %s changed (%s; %s now %s): authenticating again so "
+                         "the server stores it", ident, ", ".join(diff[:5]), META_SOFTVER,
+                         meta.get(META_SOFTVER))
+            if tok is not None and not force and not changed and self.clock() < tok.valid_until:
                 return tok.value
             self._tokens.pop(ident, None)
             return await self._authenticate(meta, ident)
@@ -234,6 +251,7 @@ class RdfmSource(HttpSource):
         if ident in self._waiting:
             log.info("device %s was accepted by the RDFM server", ident)
             self._waiting.discard(ident)
+        self._auth_meta[ident] = dict(meta)
         margin = min(self.cfg.token_margin_s, float(expires) / 2)
         self._tokens[ident] = _Token(token, self.clock() + float(expires) - margin)
         log.debug("RDFM token for %s valid for %ss", ident, expires)
@@ -318,11 +336,16 @@ class RdfmSource(HttpSource):
                 device_type=h["device_type"],
                 max_image_size=max_size,
             )
+        # the downloader checked the file against the check answer's sha256: these are the very
+        # bytes the server offers, so an artifact that cannot be unpacked (truncated, malformed)
+        # never will be: permanent, the gateway blocks it (keyed by that sha256) and reports once
         except ArtifactIntegrityError as exc:
             artifact.unlink(missing_ok=True)
-            raise FetchError(f"RDFM artifact rejected: {exc}", UpdateResult.INTEGRITY_FAILURE) from None
+            raise FetchError(f"RDFM artifact {offer.artifact_id} rejected: {exc}",
+                             UpdateResult.INTEGRITY_FAILURE, permanent=True) from None
         except ArtifactError as exc:
-            raise FetchError(f"RDFM artifact rejected: {exc}", UpdateResult.UNSUPPORTED_PACKAGE) from None
+            raise FetchError(f"RDFM artifact {offer.artifact_id} rejected: {exc}",
+                             UpdateResult.UNSUPPORTED_PACKAGE, permanent=True) from None
         log.info(
             "RDFM artifact %s for %s: %s version %s",
             offer.artifact_id,
@@ -374,7 +397,7 @@ class RdfmSource(HttpSource):
         try:
             status = 401
             for attempt in range(2):
-                token = await self._token(dict(meta), force=attempt > 0)
+                token = await self._token(dict(meta), force=attempt > 0, current=False)
                 if token is None:
                     raise ReportNotDelivered(
                         f"RDFM device {meta[META_MAC]} is not accepted by the server: outcome not logged")
