@@ -665,10 +665,13 @@ class Gateway:
         First queues an outcome the engine journaled that was never turned into a report (the
         gateway was killed in between). Needs the fleet server only, not the device. A report
         that does not get through waits ``backoff_delay`` (``retry``) before the next try in
-        this process; a restarted gateway tries at once.
+        this process; a restarted gateway tries at once. While the source is backed off
+        (``SourceHealth``) they wait for it to answer a check again.
         """
         try:
             self._adopt_unreported(dev)
+            if self.source_health.down:
+                return  # the server is backed off: sent once a check gets an answer again
             now = self.clock()
             for rep in self.journal.unreported(dev.id):
                 if self._report_due.get(rep.id, 0.0) > now:

@@ -100,6 +100,9 @@ class RdfmSource(HttpSource):
         # inventory) is sent by authenticating again at the next check, not at token expiry
         self._auth_meta: dict[str, dict[str, str]] = {}
         self._last_reported: dict[tuple[str, str], tuple[int, int]] = {}
+        # devices offered the same artifact unpack it one at a time: the unpacker writes
+        # ``<image sha256>.img`` through one temporary name
+        self._unpack_locks: dict[str, asyncio.Lock] = {}
 
     # -- lifecycle -----------------------------------------------------------------------
     async def _http(self) -> aiohttp.ClientSession:
@@ -328,14 +331,16 @@ class RdfmSource(HttpSource):
         # store check each image against its slot
         cap = None if max_size is None else (set_cap(max_size) or 0) + ARTIFACT_OVERHEAD
         artifact = await self._downloader.fetch(h["uri"], sha256=offer.sha256, max_size=cap)
+        lock = self._unpack_locks.setdefault(offer.artifact_id, asyncio.Lock())
         try:
-            art = await asyncio.to_thread(
-                unpack_zephyr_artifact,
-                artifact,
-                self.image_dir,
-                device_type=h["device_type"],
-                max_image_size=max_size,
-            )
+            async with lock:
+                art = await asyncio.to_thread(
+                    unpack_zephyr_artifact,
+                    artifact,
+                    self.image_dir,
+                    device_type=h["device_type"],
+                    max_image_size=max_size,
+                )
         # the downloader checked the file against the check answer's sha256: these are the very
         # bytes the server offers, so an artifact that cannot be unpacked (truncated, malformed)
         # never will be: permanent, the gateway blocks it (keyed by that sha256) and reports once

@@ -66,13 +66,13 @@ class RdfmServer:
     revoked: set[str] = field(default_factory=set)  # tokens treated as expired
     outcome_faults: list[int | str] = field(default_factory=list)
     outage: int | None = None
-    outage_hits: int = 0
+    outage_hits: list[str] = field(default_factory=list)  # paths asked during the outage
     _next_id: int = 1
 
     @web.middleware
     async def _outage(self, request: web.Request, handler: Any) -> web.StreamResponse:
         if self.outage is not None and request.path.startswith("/api/"):
-            self.outage_hits += 1
+            self.outage_hits.append(request.path)
             return web.json_response({"error": "service unavailable"}, status=self.outage)
         resp: web.StreamResponse = await handler(request)
         return resp
