@@ -368,11 +368,11 @@ class Gateway:
             return self._source_wait(dev, str(exc))
         except Exception as exc:
             self.metrics.inc("source_errors_total", source=self.source.name, op="check")
+            detail = (f"source check ({self.source.name}): {exc}; check the source's url in "
+                      "the config and the network (the device was not touched)")
             if _server_side(exc):  # the server's outage, not the device's failure
-                return self._source_wait(dev, f"source check ({self.source.name}): {exc}")
-            return self._fail(dev, UpdateResult.CONNECTION_LOST,
-                              f"source check ({self.source.name}): {exc}; check the source's url "
-                              "in the config and the network (the device was not touched)")
+                return self._source_wait(dev, detail)
+            return self._fail(dev, UpdateResult.CONNECTION_LOST, detail)
         if offer is None and slots.active is not None and not slots.active.confirmed:
             # e.g. someone else's test boot: it is not settled, and not ours to confirm
             return self._fail(dev, UpdateResult.UPDATE_FAILED,
