@@ -16,6 +16,12 @@ download and unpacking. Checked against the server sources (``server/src/api/v1/
 - ``uri`` is a pre-signed link (1 h); the file is a Mender-format ``zephyr-image`` artifact
   (see ``gateway.artifacts.mender``) whose ``sha256`` the check response gives.
 
+Metadata: the server stores a device's metadata when it authenticates, so a check whose
+metadata (running version, ``smp-gateway.*`` inventory) differs from what the current token
+was obtained with authenticates again first; the server learns a new version at the next
+check, not at token expiry. An artifact whose bytes match the check answer's sha256 but cannot
+be unpacked is a permanent ``FetchError``: the gateway blocks it and reports it once.
+
 Reporting: RDFM's device API has no deployment-status endpoint. The server learns the outcome
 from the next update check (``rdfm.software.version`` is the version actually running, so a
 success shows as the new version and a rollback as the old one) and, on servers that have it,
