@@ -20,6 +20,7 @@ from typing import Any
 
 from gateway import log as glog
 from gateway.config import ConfigError, DeviceConfig, GatewayConfig, load_config
+from gateway.opstate import OpState, retry_label, source_label
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -206,8 +207,9 @@ async def _status(cfg: GatewayConfig, offline: bool, as_json: bool = False) -> i
     journal = Journal(cfg.state_dir / "journal.sqlite")
     versions = inventory.image_versions(cfg.state_dir)
     quarantined = inventory.quarantined(cfg.state_dir)
+    retry, sources = _scheduling_state(cfg)
     if as_json:
-        return _status_json(cfg, devices, live, journal, versions, quarantined)
+        return _status_json(cfg, devices, live, journal, versions, quarantined, retry, sources)
     title = f"{cfg.gateway_id}: devices" + (" (journal only)" if offline else "")
     table = Table(title=title)
     for col in ("device", "group", "running", "hash", "flags", "slot 1", "target", "step",
@@ -217,12 +219,17 @@ async def _status(cfg: GatewayConfig, offline: bool, as_json: bool = False) -> i
     for dev in devices:
         e = journal.get(dev.id)
         prog = f"{100 * e.upload_offset // e.upload_total}%" if e.upload_total else "-"
-        target = f"{e.target_version} {e.target_hash[:12]}" if e.target_hash else "-"
+        # this attempt's target: an offer refused or not downloaded has no image hash yet
+        target = (f"{e.target_version or ''} {(e.target_hash or '')[:12]}".strip()
+                  or e.artifact_id or "-")
         blocked = inventory.blocked_label(e, versions)
         if blocked:  # name the blocked image: it need not be the current target
             target = f"{target} ({blocked})" if target != "-" else blocked
         step = e.step + (f" ({e.outcome})" if e.outcome and e.outcome != e.step else "")
         step += "".join(f"; intent: {i.describe()}" for i in journal.open_intents(dev.id))
+        held = retry_label(retry.get(dev.id))
+        if held:
+            step = f"{step}; {held}"
         why = quarantined.get(dev.id)
         if why is not None:  # no update may touch it now (gateway.discovery.guard)
             step, rc = f"QUARANTINED: {why}", EXIT_FAILED
@@ -239,16 +246,31 @@ async def _status(cfg: GatewayConfig, offline: bool, as_json: bool = False) -> i
             row[3] = f"{other.version} {flags(other)}".strip() if other is not None else "empty"
         table.add_row(dev.id, dev.group or "", *row, target, step, prog, e.last_error or "")
     journal.close()
-    Console(width=220 if not sys.stdout.isatty() else None).print(table)
+    console = Console(width=220 if not sys.stdout.isatty() else None)
+    console.print(table)
+    for line in (source_label(v) for v in sources.values()):
+        console.print(line, markup=False, highlight=False)
     return rc
 
 
+def _scheduling_state(cfg: GatewayConfig) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """The daemon's parked/backoff devices and its source's backoff (``fleet.sqlite``)."""
+    if not (cfg.state_dir / "fleet.sqlite").exists():
+        return {}, {}
+    ops = OpState(cfg.state_dir / "fleet.sqlite")
+    try:
+        return ops.retry_states(), ops.sources()
+    finally:
+        ops.close()
+
+
 def _status_json(cfg: GatewayConfig, devices: list[DeviceConfig], live: dict[str, Any],
-                 journal: Any, versions: dict[str, str], quarantined: dict[str, str]) -> int:
+                 journal: Any, versions: dict[str, str], quarantined: dict[str, str],
+                 retry: dict[str, dict[str, Any]] | None = None,
+                 sources: dict[str, dict[str, Any]] | None = None) -> int:
     import json
 
     from gateway import inventory
-    from gateway.opstate import OpState
 
     last: dict[str, dict[str, Any]] = {}
     if (cfg.state_dir / "fleet.sqlite").exists():
@@ -266,14 +288,20 @@ def _status_json(cfg: GatewayConfig, devices: list[DeviceConfig], live: dict[str
             reachable, rc = f"unreachable: {got}", EXIT_FAILED
         elif got is not None:
             slots = inventory.slots_of(got)
-        out.append(inventory.record(
+        rec = inventory.record(
             dev, slots=slots, params=prev.get("mcumgr_params"), bootloader_mode=prev.get("mcuboot_mode"),
             facts=prev, entry=journal.get(dev.id), versions=versions, reachable=reachable,
-            quarantine=quarantined.get(dev.id)))
+            quarantine=quarantined.get(dev.id))
         if dev.id in quarantined:
             rc = EXIT_FAILED
+        r = (retry or {}).get(dev.id)
+        rec["parked"] = ({"until": r.get("until"), "failures": r.get("failures"),
+                          "reason": r.get("reason")} if r and r.get("parked") else None)
+        rec["retry"] = r
+        out.append(rec)
     journal.close()
-    print(json.dumps({"gateway": cfg.gateway_id, "devices": out}, indent=2, default=str))
+    print(json.dumps({"gateway": cfg.gateway_id, "devices": out,
+                      "sources": list((sources or {}).values())}, indent=2, default=str))
     return rc
 
 

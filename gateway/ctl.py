@@ -45,10 +45,13 @@ def _print_list(rows: list[dict[str, Any]]) -> None:
 
     table = Table(title="devices")
     cols = ["device", "source", "transport", "address", "present", "paused", "step", "outcome",
-            "running", "target", "blocked", "window", "quarantine"]
+            "running", "target", "blocked", "parked", "window", "quarantine"]
     for c in cols:
         table.add_column(c, overflow="fold")
     for r in rows:
+        sb = r.get("source_backoff")
+        if sb and not r.get("parked"):  # waits for the fleet server, not parked
+            r = {**r, "parked": f"waits for {sb.get('source')} (backing off)"}
         table.add_row(*["" if r.get(c) is None else str(r.get(c)) for c in cols])
     Console(width=220 if not sys.stdout.isatty() else None).print(table)
 

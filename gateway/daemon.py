@@ -3,7 +3,11 @@
 Owns scheduling and the daemon's life cycle. Every device (or group of devices, see
 ``gateway.groups``) gets its own supervisor task that runs an attempt, then waits: the source's
 polling interval after a finished update, exponential backoff with jitter after a failure
-(``retry``), ``retry.park_s`` after ``retry.max_attempts`` failures in a row. An image that
+(``retry``), ``retry.park_s`` after ``retry.max_attempts`` failures in a row - device-side
+failures only: a fleet server that is down or answers 5xx backs off the *source*
+(``SourceHealth``: bounded exponential backoff with jitter, one probe per round), its devices
+wait for it without being counted as failing, and are woken when it answers again. Parked
+devices and the source's backoff are written to ``fleet.sqlite`` for ``status``/``ctl list``. An image that
 rolled back or was refused is journaled as *blocked* for that device and not attempted again
 until the source offers a different artifact. Sessions run under limits, acquired in this
 order so a waiting device never holds a global slot: one session at a time per device address
@@ -34,6 +38,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gateway import inventory
 from gateway.config import (
     BleTransport,
     ConfigError,
@@ -42,11 +47,12 @@ from gateway.config import (
     SerialTransport,
     UdpTransport,
 )
+from gateway.download import sha256_file
 from gateway.engine import Outcome, Slots, Stage, Status, Step, UpdateEngine
 from gateway.groups import GroupRunner
 from gateway.images import ImageRefused, ImageStore
-from gateway.journal import FinalReport, Journal
-from gateway.mcuboot import TrustedKey, Version
+from gateway.journal import STAGED, Entry, FinalReport, Journal
+from gateway.mcuboot import IMAGE_MAGIC, TrustedKey, Version, read_version
 from gateway.metrics import Metrics, MetricsServer
 from gateway.plan import Plan, Stopping
 from gateway.smp.session import SMPError, SMPSession, SMPTimeout, UploadError
@@ -62,6 +68,7 @@ from gateway.sources.base import (
     Report,
     ReportNotDelivered,
     ReportRefused,
+    SourceHealth,
     UpdateResult,
     UpdateState,
 )
@@ -109,6 +116,10 @@ def _both_gates(first: Callable[[], str | None],
     return lambda: first() or (second() if second is not None else None)
 
 
+class SourceBackingOff(Exception):
+    """The fleet server is being backed off: this device's check is not sent now."""
+
+
 class SupervisorDied(RuntimeError):
     """A device's supervisor ended while the daemon was running (a bug): the process must exit
     non-zero so that its service manager restarts it (systemd ``Restart=on-failure``)."""
@@ -122,6 +133,33 @@ class Pass:
     @property
     def ok(self) -> bool:
         return all(o.ok for o in self.outcomes.values())
+
+
+def _server_side(exc: BaseException) -> bool:
+    """A check failure that is the fleet server's (unreachable, timeout, 5xx/unusable answer
+    reported as a lost connection), not the device's."""
+    if isinstance(exc, FetchError):
+        return exc.result == UpdateResult.CONNECTION_LOST
+    return isinstance(exc, OSError | TimeoutError)
+
+
+def _file_sha256(path: Path) -> str | None:
+    try:
+        return sha256_file(path)
+    except OSError:
+        return None
+
+
+def _claimed_version(path: Path) -> str | None:
+    """The version an (unusable) image's header claims: for naming it to the operator only."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(32)
+        if len(head) >= 28 and int.from_bytes(head[:4], "little") == IMAGE_MAGIC:
+            return str(read_version(head))
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def backoff_delay(failures: int, base_s: float, max_s: float, rng: random.Random) -> float:
@@ -154,6 +192,11 @@ class Gateway:
                               f"{cfg.state_dir}: {exc}; give a directory the gateway user can "
                               "write") from exc
         self.source = source or build_source(cfg)
+        # a server outage backs off the source, never the devices (see the module docstring)
+        self.source_health = SourceHealth(self.source.name, cfg.retry.base_s, cfg.retry.max_s,
+                                          on_change=self._source_changed)
+        self.source_waiting: set[str] = set()  # devices whose last attempt waited for the source
+        self.retry_state: dict[str, dict[str, object]] = {}  # device -> failures / park (status)
         self.on_progress = on_progress
         self.notifier = notifier or Notifier()
         self.stop = asyncio.Event()  # set: start nothing new
@@ -205,6 +248,8 @@ class Gateway:
         """One attempt of a unit; never raises (but for cancellation): an unexpected exception
         is a FAILED outcome of every device of the unit (logged with its traceback)."""
         await self.fleet.before_attempt()  # holding no session: a rollout's end-of-soak check
+        for d in devs:
+            self.source_waiting.discard(d.id)
         try:
             if key.startswith("group:"):
                 outs = (self.fleet.gate_group(key, devs)  # paused / outside a window: untouched
@@ -346,12 +391,16 @@ class Gateway:
         await self.fleet.note_session(dev, session)  # for the inventory the source gets
         try:
             offer, resume_path = await self._target(dev, slots)
+        except SourceBackingOff as exc:
+            return self._source_wait(dev, str(exc))
         except Exception as exc:
             self.metrics.inc("source_errors_total", source=self.source.name, op="check")
             hint = getattr(exc, "hint", None) or "check the source's url in the config and the network"
-            return self._fail(dev, UpdateResult.CONNECTION_LOST,
-                              f"source check ({self.source.name}): {exc}; {hint} "
-                              "(the device was not touched)")
+            detail = (f"source check ({self.source.name}): {exc}; {hint} "
+                      "(the device was not touched)")
+            if _server_side(exc):  # the server's outage, not the device's failure
+                return self._source_wait(dev, detail)
+            return self._fail(dev, UpdateResult.CONNECTION_LOST, detail)
         if offer is None and slots.active is not None and not slots.active.confirmed:
             # e.g. someone else's test boot: it is not settled, and not ours to confirm
             return self._fail(dev, UpdateResult.UPDATE_FAILED,
@@ -359,8 +408,11 @@ class Gateway:
                               "this gateway did not test; refusing to confirm it")
         if offer is None:
             entry = engine.entry.with_(step=Step.DONE.value)
-            if entry.outcome is None and entry.target_hash is not None:
+            if ((entry.outcome is None and entry.target_hash is not None)
+                    or entry.outcome == Status.FAILED.value):
                 entry = entry.with_(outcome=Status.UP_TO_DATE.value)
+            if entry.outcome not in (Status.ROLLED_BACK.value, Status.REFUSED.value):
+                entry = entry.with_(last_error=None)  # a success: an earlier error is stale now
             self.journal.put(entry, "up to date")
             self.steps[dev.id] = Step.DONE.value
             v = slots.running
@@ -377,7 +429,20 @@ class Gateway:
                 path = await self.source.fetch(offer, dev.slot_size)
             except FetchError as exc:
                 self.metrics.inc("source_errors_total", source=self.source.name, op="fetch")
-                return await self.final(offer, self._fail(dev, exc.result, f"download: {exc}"))
+                if exc.permanent:
+                    # the server's own bytes (its checksum matched) cannot be used: refused and
+                    # blocked by the artifact id (derived from that checksum), reported once
+                    detail = f"download: {exc}"
+                    log.warning("device=%s refused artifact=%s %s", dev.id, offer.artifact_id,
+                                detail)
+                    self._offer_outcome(engine.entry, offer, Status.REFUSED, detail,
+                                        blocked_hash=offer.sha256 or offer.artifact_id)
+                    return await self.final(offer, Outcome(
+                        dev.id, Status.REFUSED, exc.result, detail, old_version=slots.running,
+                        new_version=str(offer.version) if offer.version else None))
+                out = self._fail(dev, exc.result, f"download: {exc}")
+                self._offer_outcome(engine.entry, offer, Status.FAILED, out.detail)
+                return await self.final(offer, out)
             await self._report(offer, Report(UpdateState.DOWNLOADED))
         try:
             image = self.store.add_file(path, hardware=offer.hardware,
@@ -387,10 +452,10 @@ class Gateway:
                           old_version=slots.running,
                           new_version=str(offer.version) if offer.version else None)
             log.warning("device=%s refused reason=%s %s", dev.id, exc.reason.value, exc.message)
-            self.journal.put(engine.entry.with_(step=Step.REFUSED.value, outcome="refused",
-                                                last_error=str(exc),
-                                                blocked_artifact=offer.artifact_id), str(exc))
-            self.steps[dev.id] = Step.REFUSED.value
+            # blocked by the artifact id and named by the refused bytes' sha256 (never executed:
+            # the header's version is for the operator's eyes only)
+            self._offer_outcome(engine.entry, offer, Status.REFUSED, str(exc),
+                                blocked_hash=_file_sha256(path), version=_claimed_version(path))
             return await self.final(offer, out)
         if resume_path is None and entry.blocked_hash == image.hash.hex():
             return await self._refusal(offer, self._blocked(dev, offer.artifact_id))
@@ -420,7 +485,25 @@ class Gateway:
         view = DeviceView(id=dev.id, hardware=dev.hardware, running_version=slots.active_version,
                           running_hash=slots.active_hash, group=dev.group,
                           inventory=self.fleet.inventory_for(dev, slots))
-        return await self.source.check(view), None
+        health = self.source_health
+        if not health.may_contact():
+            raise SourceBackingOff(f"waiting for {self.source.name} (backing off after "
+                                   f"{health.failures} failed check(s): {health.last_error})")
+        try:
+            offer = await self.source.check(view)
+        except Exception as exc:
+            if _server_side(exc):
+                health.failed(str(exc))
+            else:
+                health.release()
+            raise
+        except BaseException:
+            health.release()
+            raise
+        if health.succeeded():  # the outage is over: the devices that waited for it go now
+            for d in list(self.source_waiting):
+                self.fleet.wake(d)
+        return offer, None
 
     def offer_from_journal(self, dev: DeviceConfig) -> Offer:
         """The offer of the device's journaled update, with its journaled report handle."""
@@ -440,6 +523,62 @@ class Gateway:
                      version=Version.parse(entry.target_version) if entry.target_version else None,
                      hardware=None, report_to=report_to, install=install)
 
+    def _source_wait(self, dev: DeviceConfig, detail: str) -> Outcome:
+        """The source is backed off: not the device's failure (not journaled, not counted; the
+        supervisor waits for the source). One log line per source state change, not per poll."""
+        self.source_waiting.add(dev.id)
+        log.debug("device=%s waits for the source: %s", dev.id, detail)
+        return Outcome(dev.id, Status.FAILED, UpdateResult.CONNECTION_LOST, detail)
+
+    def _source_changed(self, health: SourceHealth) -> None:
+        try:
+            self.fleet.ops.put_source(health.name, health.snapshot())
+        except sqlite3.Error as exc:
+            log.error("source=%s state not written to fleet.sqlite: %s", health.name, exc)
+
+    def _set_retry(self, devs: list[DeviceConfig], data: dict[str, object] | None) -> None:
+        """Device-side failures in a row and the park, for status / ctl list / metrics."""
+        for d in devs:
+            if data is None and d.id not in self.retry_state:
+                continue
+            if data is None:
+                self.retry_state.pop(d.id, None)
+            else:
+                self.retry_state[d.id] = dict(data)
+            try:
+                self.fleet.ops.put_retry(d.id, data)
+            except sqlite3.Error as exc:
+                log.error("device=%s retry state not written to fleet.sqlite: %s", d.id, exc)
+
+    def _offer_outcome(self, prev: Entry, offer: Offer, status: Status, detail: str, *,
+                       blocked_hash: str | None = None, version: str | None = None) -> None:
+        """Journal an outcome decided about ``offer`` before the engine ran (download failed,
+        refused), so that ``status`` shows this attempt's target and outcome, not the previous
+        update's. A row of an unfinished update (or one whose test boot this gateway must
+        still finish, or a staged download) keeps its update fields; only the error and the
+        block are added to it."""
+        dev_id = prev.device_id
+        block: dict[str, object] = ({"blocked_hash": blocked_hash,
+                                     "blocked_artifact": offer.artifact_id}
+                                    if blocked_hash is not None else {})
+        tested_running = (prev.tested_hash is not None and prev.tested_hash == prev.running_hash
+                          and prev.outcome in (Status.FAILED.value, Status.ROLLED_BACK.value))
+        if ((prev.outcome is None and prev.target_hash is not None) or tested_running
+                or prev.outcome == STAGED):
+            entry = prev.with_(last_error=detail, **block)
+        else:
+            step = Step.REFUSED if status == Status.REFUSED else Step.FAILED
+            entry = Entry(device_id=dev_id, step=step.value, outcome=status.value,
+                          target_version=version or (str(offer.version) if offer.version else None),
+                          artifact_id=offer.artifact_id, source=offer.source,
+                          old_hash=prev.running_hash, old_version=prev.running_version,
+                          attempts=prev.attempts, last_error=detail,
+                          running_version=prev.running_version, running_hash=prev.running_hash,
+                          blocked_hash=prev.blocked_hash, blocked_artifact=prev.blocked_artifact,
+                          updated_at=time.time()).with_(**block)
+            self.steps[dev_id] = step.value
+        self.journal.put(entry, detail)
+
     # -- blocking: never retry a rolled-back or refused image endlessly ----------------------
     def block(self, device_id: str, image_hash: str | None, artifact_id: str | None) -> None:
         entry = self.journal.get(device_id)
@@ -454,7 +593,12 @@ class Gateway:
             status = Status.FAILED
         if status not in (Status.ROLLED_BACK, Status.REFUSED):
             status = Status.ROLLED_BACK
-        detail = (f"not re-attempting {entry.target_version or artifact}: it {status.value} before "
+        # name the blocked image (its version when the journal knows it, and its hash), never
+        # the journal's current target: that may be the version the device runs now
+        b = inventory.blocked_of(entry) or {}
+        name = " ".join(str(x) for x in (b.get("version") or "version unknown",
+                                         (b.get("hash") or "")[:16]) if x) or str(artifact)
+        detail = (f"not re-attempting {name} (artifact {artifact}): it {status.value} before "
                   f"({entry.last_error or '-'}); waiting for a different artifact")
         if self._blocked_logged.get(dev.id) != artifact:
             self._blocked_logged[dev.id] = artifact or ""
@@ -560,10 +704,13 @@ class Gateway:
         First queues an outcome the engine journaled that was never turned into a report (the
         gateway was killed in between). Needs the fleet server only, not the device. A report
         that does not get through waits ``backoff_delay`` (``retry``) before the next try in
-        this process; a restarted gateway tries at once.
+        this process; a restarted gateway tries at once. While the source is backed off
+        (``SourceHealth``) they wait for it to answer a check again.
         """
         try:
             self._adopt_unreported(dev)
+            if self.source_health.down:
+                return  # the server is backed off: sent once a check gets an answer again
             now = self.clock()
             for rep in self.journal.unreported(dev.id):
                 if self._report_due.get(rep.id, 0.0) > now:
@@ -652,6 +799,9 @@ class Gateway:
         m.describe("devices", "gauge", "devices by journal step")
         m.describe("sessions_active", "gauge", "device sessions open now")
         m.describe("sessions_peak", "gauge", "most device sessions open at once")
+        m.describe("devices_parked", "gauge", "devices parked after retry.max_attempts failures")
+        m.describe("source_up", "gauge", "1: the fleet server answers; 0: it is backed off")
+        m.describe("source_failures", "gauge", "failed probes of the fleet server in a row")
 
         def live() -> list[tuple[str, dict[str, str], float]]:
             counts: dict[str, int] = {}
@@ -662,6 +812,11 @@ class Gateway:
                 ("devices", {"step": s}, float(n)) for s, n in counts.items()]
             rows.append(("sessions_active", {}, float(self.sessions_active)))
             rows.append(("sessions_peak", {}, float(self.sessions_peak)))
+            rows.append(("devices_parked", {}, float(sum(
+                1 for v in self.retry_state.values() if v.get("parked")))))
+            h = self.source_health
+            rows.append(("source_up", {"source": h.name}, 0.0 if h.down else 1.0))
+            rows.append(("source_failures", {"source": h.name}, float(h.failures)))
             return rows
 
         m.collector(live)
@@ -676,6 +831,11 @@ class Gateway:
                                                    "refused"))
         parts = [f"devices={n}", f"sessions={self.sessions_active}", f"updating={busy}"]
         parts += [f"{k}={v}" for k, v in sorted(by.items())]
+        parked = sum(1 for v in self.retry_state.values() if v.get("parked"))
+        if parked:
+            parts.append(f"parked={parked}")
+        if self.source_health.down:  # changes with the state only, not at every poll
+            parts.append(f"source={self.source.name}:backing-off")
         return " ".join(parts)
 
     # -- passes ------------------------------------------------------------------------------
@@ -703,18 +863,28 @@ class Gateway:
             outs = await self.attempt(key, devs)
             if self.stop.is_set():
                 break
-            if any(o.status == Status.FAILED for o in outs):
+            if any(d.id in self.source_waiting for d in devs):
+                # the fleet server is down: its backoff, not the device's; the unit is woken
+                # as soon as a probe gets an answer (failures and park stay as they are)
+                delay = self.source_health.wait_s()
+            elif any(o.status == Status.FAILED for o in outs):
                 failures += 1
+                reason = next(o.detail for o in outs if o.status == Status.FAILED)[:300]
                 if failures >= r.max_attempts:
                     delay = r.park_s
                     log.warning("unit=%s parked after=%d failures retry_in=%.0fs", key, failures, delay)
+                    self._set_retry(devs, {"failures": failures, "parked": True,
+                                           "until": time.time() + delay, "reason": reason})
                     failures = 0
                 else:
                     delay = backoff_delay(failures, r.base_s, r.max_s, rng)
                     self.metrics.inc("retries_total")
                     log.info("unit=%s retry=%d in=%.1fs", key, failures, delay)
+                    self._set_retry(devs, {"failures": failures, "parked": False,
+                                           "until": time.time() + delay, "reason": reason})
             else:
                 failures = 0
+                self._set_retry(devs, None)
                 delay = self.source.poll_interval()
                 if any(o.status == Status.HELD for o in outs):  # waits for a window to open
                     delay = self.fleet.next_wake_s(devs, delay)
@@ -727,6 +897,8 @@ class Gateway:
         aux: list[asyncio.Task[None]] = []
         await self.source.start()
         try:
+            self.fleet.ops.clear_retry()  # a new process: nobody parked yet
+            self._source_changed(self.source_health)
             if self.cfg.metrics is not None:
                 self.metrics_server = MetricsServer(self.metrics, self.cfg.metrics.host,
                                                     self.cfg.metrics.port)

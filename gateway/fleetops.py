@@ -45,12 +45,12 @@ from gateway.engine import Outcome, Slots, Stage, Status, UpdateEngine
 from gateway.images import ImageRefused, ImageStore
 from gateway.journal import STAGED, Entry, Intent, Journal
 from gateway.maintenance import MaintenancePolicy
-from gateway.opstate import OpState
+from gateway.opstate import OpState, retry_label
 from gateway.plan import Stopping
 from gateway.rollout import RolloutManager, VerifyDeferred
 from gateway.smp.session import SMPError, SMPSession, SMPTimeout
 from gateway.smp.transport import Transport, TransportError
-from gateway.sources.base import FleetSource, Offer, Report, UpdateResult, UpdateState
+from gateway.sources.base import FleetSource, Offer, Report, SourceHealth, UpdateResult, UpdateState
 
 log = logging.getLogger("gateway.fleetops")
 
@@ -73,6 +73,9 @@ class GatewayLike(Protocol):
     source: FleetSource
     stop: asyncio.Event
     in_session: set[str]
+    retry_state: dict[str, dict[str, Any]]
+    source_health: SourceHealth
+    source_waiting: set[str]
 
     def units(self) -> list[tuple[str, list[DeviceConfig]]]: ...
 
@@ -733,6 +736,10 @@ class FleetOps:
                 "window": self.maint.describe(d),
                 "inventory_at": (inv.get(d.id) or {}).get("inventory_at"),
                 "quarantine": quarantined.get(d.id),  # why no update may touch it now
+                # device-side failures / park, and whether it waits for a backed-off server
+                "parked": retry_label(self.gw.retry_state.get(d.id)) or None,
+                "source_backoff": (self.gw.source_health.snapshot()
+                                   if d.id in self.gw.source_waiting else None),
             })
         return out
 

@@ -56,13 +56,18 @@ def lwm2m_of(unreported_or_detail: str | None) -> int | None:
 
 
 def blocked_of(entry: Entry | None, versions: dict[str, str] | None = None) -> dict[str, Any] | None:
-    """The blocked image, named: version (when known), hash and artifact."""
-    if entry is None or not entry.blocked_hash:
+    """The blocked image, named: version (when known), hash and artifact.
+
+    A rolled-back image is blocked by its image hash; a refused one (or an artifact that
+    could not be used) by its artifact id, with the sha256 of the refused bytes as its hash."""
+    if entry is None or not (entry.blocked_hash or entry.blocked_artifact):
         return None
     version = None
-    if entry.blocked_hash == entry.target_hash:
+    if entry.blocked_hash and entry.blocked_hash == entry.target_hash:
         version = entry.target_version
-    elif versions:
+    elif entry.blocked_artifact and entry.blocked_artifact == entry.artifact_id:
+        version = entry.target_version
+    elif versions and entry.blocked_hash:
         version = versions.get(entry.blocked_hash)
     return {"version": version, "hash": entry.blocked_hash, "artifact": entry.blocked_artifact}
 
@@ -73,7 +78,7 @@ def blocked_label(entry: Entry | None, versions: dict[str, str] | None = None) -
     if b is None:
         return ""
     name = b["version"] or (b["artifact"] or "")
-    return f"blocked: {name} {b['hash'][:12]}".replace("  ", " ")
+    return f"blocked: {name} {(b['hash'] or '')[:12]}".replace("  ", " ").strip()
 
 
 def record(dev: DeviceConfig, *, slots: list[dict[str, Any]] | None = None,
@@ -111,7 +116,11 @@ def record(dev: DeviceConfig, *, slots: list[dict[str, Any]] | None = None,
                           "attempts": entry.attempts, "last_error": entry.last_error}
         out["blocked"] = blocked_of(entry, versions)
         if last is None and entry.outcome is not None:
-            last = {"status": entry.outcome, "detail": entry.last_error,
+            # last_error is the detail of a failed outcome; after a success it is the error of
+            # a later attempt that decided nothing (device unreachable): not this outcome's
+            failed = entry.outcome in ("failed", "rolled-back", "refused")
+            last = {"status": entry.outcome, "detail": entry.last_error if failed else None,
+                    "target_version": entry.target_version, "artifact": entry.artifact_id,
                     "lwm2m_result": lwm2m_of(entry.unreported)}
     out["last_outcome"] = last
     return out

@@ -2,10 +2,12 @@
 
 Owns what the operations layer must remember across restarts and what ``status``/``ctl`` read
 from another process: devices found by discovery (their settings and identity fingerprint),
-the last inventory of each device, staged-rollout waves, operator pauses and the operator's
-audit log. The update journal (``gateway.journal``) stays the single record of what was done
-*to a device*; this file holds the decisions *about* devices. SQLite in WAL mode,
-``synchronous=FULL``, one writer (the daemon) plus readers.
+the last inventory of each device, staged-rollout waves, operator pauses, the operator's
+audit log, and the daemon's scheduling state for ``status``: each device's failures in a row
+and whether it is parked (until when), and each fleet source's backoff. The update journal
+(``gateway.journal``) stays the single record of what was done *to a device*; this file holds
+the decisions *about* devices. SQLite in WAL mode, ``synchronous=FULL``, one writer (the
+daemon) plus readers.
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ class OpState:
             "CREATE TABLE IF NOT EXISTS identity (device_id TEXT PRIMARY KEY, fingerprint TEXT, "
             "keys TEXT, at REAL)",
             "CREATE TABLE IF NOT EXISTS quarantine (device_id TEXT PRIMARY KEY, reason TEXT, at REAL)",
+            "CREATE TABLE IF NOT EXISTS retry_state (device_id TEXT PRIMARY KEY, data TEXT, updated_at REAL)",
+            "CREATE TABLE IF NOT EXISTS source_state (name TEXT PRIMARY KEY, data TEXT, updated_at REAL)",
         ):
             self._db.execute(ddl)
 
@@ -134,6 +138,30 @@ class OpState:
         """device id -> why no update may touch it now."""
         return {r[0]: r[1] for r in self._rows("SELECT device_id, reason FROM quarantine")}
 
+    # -- scheduling state (written by the daemon, for status / ctl list) -------------------
+    def put_retry(self, device_id: str, data: dict[str, Any] | None) -> None:
+        """A device's device-side failures in a row / park; None: nothing to show (it succeeded)."""
+        if data is None:
+            self._write("DELETE FROM retry_state WHERE device_id=?", (device_id,))
+        else:
+            self._write("INSERT OR REPLACE INTO retry_state VALUES (?, ?, ?)",
+                        (device_id, json.dumps(data, sort_keys=True), time.time()))
+
+    def clear_retry(self) -> None:
+        """A (re)started daemon: no device is parked nor counted as failing yet."""
+        self._write("DELETE FROM retry_state", ())
+
+    def retry_states(self) -> dict[str, dict[str, Any]]:
+        return {r[0]: json.loads(r[1]) for r in self._rows("SELECT device_id, data FROM retry_state")}
+
+    def put_source(self, name: str, data: dict[str, Any]) -> None:
+        self._write("INSERT OR REPLACE INTO source_state VALUES (?, ?, ?)",
+                    (name, json.dumps(data, sort_keys=True), time.time()))
+
+    def sources(self) -> dict[str, dict[str, Any]]:
+        return {r[0]: {**json.loads(r[1]), "updated_at": r[2]}
+                for r in self._rows("SELECT name, data, updated_at FROM source_state")}
+
     # -- audit -----------------------------------------------------------------------------
     def audit(self, actor: str, action: str, target: str, detail: str = "") -> None:
         self._write("INSERT INTO audit VALUES (?, ?, ?, ?, ?)", (time.time(), actor, action, target, detail))
@@ -142,3 +170,25 @@ class OpState:
         rows = self._rows("SELECT t, actor, action, target, detail FROM audit ORDER BY t DESC LIMIT ?",
                           (limit,))
         return [(float(r[0]), str(r[1]), str(r[2]), str(r[3]), str(r[4])) for r in rows]
+
+
+def _when(t: Any) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(t))) if t else "?"
+
+
+def retry_label(r: dict[str, Any] | None) -> str:
+    """``parked until <when> (N failures: reason)`` / ``retry N at <when>`` ('' when none)."""
+    if not r:
+        return ""
+    if r.get("parked"):
+        return f"parked until {_when(r.get('until'))} ({r.get('failures')} failures: {r.get('reason')})"
+    return f"retry {r.get('failures')} at {_when(r.get('until'))}"
+
+
+def source_label(src: dict[str, Any]) -> str:
+    name = src.get("source")
+    if src.get("state") != "backing-off":
+        return f"source {name}: ok (as of {_when(src.get('updated_at'))})"
+    return (f"source {name}: unreachable since {_when(src.get('since'))}, backing off: "
+            f"{src.get('failures')} failed probe(s), next try at {_when(src.get('next_try_at'))}: "
+            f"{src.get('last_error')}")

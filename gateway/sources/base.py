@@ -21,12 +21,18 @@ server says it never will): the gateway keeps every final report journaled until
 from __future__ import annotations
 
 import abc
+import logging
+import random
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
 from gateway.mcuboot import Version
+
+log = logging.getLogger("gateway")
 
 
 class UpdateState(IntEnum):
@@ -176,11 +182,110 @@ class FleetSource(abc.ABC):
 
 
 class FetchError(Exception):
-    """The artifact could not be obtained or failed an integrity check."""
+    """The artifact could not be obtained or failed an integrity check.
 
-    def __init__(self, message: str, result: UpdateResult = UpdateResult.CONNECTION_LOST) -> None:
+    ``permanent``: the download was complete and is the very file the server names (its
+    checksum matched), yet the gateway cannot use it (a truncated or malformed artifact): the
+    same bytes can never pass, so the gateway refuses and blocks the artifact like a refused
+    image instead of downloading it again and again."""
+
+    def __init__(self, message: str, result: UpdateResult = UpdateResult.CONNECTION_LOST,
+                 *, permanent: bool = False) -> None:
         super().__init__(message)
         self.result = result
+        self.permanent = permanent
+
+
+class SourceHealth:
+    """Whether the fleet server answers: a server outage backs off the *source*, not devices.
+
+    A check that fails because the server is unreachable or answers 5xx (``failed``) is not
+    the device's fault: devices are not counted as failing nor parked for it. Instead the
+    source waits ``min(max_s, base_s * 2**(n-1))`` +-50 % jitter after its n-th failure in a
+    row; while it waits no device asks the server (``may_contact`` is False), and when it is
+    due exactly one check probes the server (the others wait for its answer). One log line
+    per state change (reachable -> backing off -> reachable), never one per poll.
+    """
+
+    def __init__(self, name: str, base_s: float, max_s: float, *,
+                 clock: Callable[[], float] = time.monotonic,
+                 rng: random.Random | None = None,
+                 on_change: Callable[[SourceHealth], None] | None = None) -> None:
+        self.name = name
+        self.base_s, self.max_s = base_s, max_s
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.on_change = on_change
+        self.failures = 0  # failed probes in a row (one per backoff round)
+        self.next_try = 0.0  # clock(): when the next probe may go out
+        self.next_try_at = 0.0  # the same, wall clock (for status)
+        self.since = 0.0  # wall clock of the first failure of this outage
+        self.last_error = ""
+        self.probing = False
+
+    @property
+    def down(self) -> bool:
+        return self.failures > 0
+
+    def may_contact(self) -> bool:
+        """True: ask the server now (while backing off: this caller is the one probe)."""
+        if not self.down:
+            return True
+        if self.probing or self.clock() < self.next_try:
+            return False
+        self.probing = True
+        return True
+
+    def release(self) -> None:
+        """A probe that ended without an answer either way (cancelled)."""
+        self.probing = False
+
+    def failed(self, error: str) -> None:
+        self.probing = False
+        self.last_error = error[:300]
+        now = self.clock()
+        if self.down and now < self.next_try:
+            return  # a check that was already in flight: this round is counted once
+        self.failures += 1
+        delay = min(self.max_s, self.base_s * 2 ** (self.failures - 1)) * self.rng.uniform(0.5, 1.5)
+        self.next_try = now + delay
+        self.next_try_at = time.time() + delay
+        if self.failures == 1:
+            self.since = time.time()
+            log.warning("source=%s unreachable: %s; backing off (next try in %.1fs); devices are "
+                        "not counted as failing", self.name, self.last_error, delay)
+        else:
+            log.debug("source=%s still unreachable (failure %d, next try in %.1fs): %s",
+                      self.name, self.failures, delay, self.last_error)
+        if self.on_change is not None:
+            self.on_change(self)
+
+    def succeeded(self) -> bool:
+        """The server answered; True when that ends an outage."""
+        self.probing = False
+        if not self.down:
+            return False
+        log.info("source=%s reachable again after %d failed probe(s) over %.0fs", self.name,
+                 self.failures, time.time() - self.since)
+        self.failures, self.next_try, self.next_try_at, self.since = 0, 0.0, 0.0, 0.0
+        self.last_error = ""
+        if self.on_change is not None:
+            self.on_change(self)
+        return True
+
+    def wait_s(self) -> float:
+        """How long a device whose check was held back should wait (it is also woken when the
+        server answers again): until the next probe, or one backoff step while one runs."""
+        step = min(self.max_s, self.base_s * 2 ** max(0, self.failures - 1))
+        if self.probing:
+            return step
+        return max(0.01, min(step * 1.5, self.next_try - self.clock()))
+
+    def snapshot(self) -> dict[str, Any]:
+        """For ``status`` / ``ctl list`` / ``status --json`` (wall-clock times)."""
+        return {"source": self.name, "state": "backing-off" if self.down else "ok",
+                "failures": self.failures, "since": self.since or None,
+                "next_try_at": self.next_try_at or None, "last_error": self.last_error or None}
 
 
 class ReportNotDelivered(Exception):

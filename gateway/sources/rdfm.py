@@ -16,6 +16,12 @@ download and unpacking. Checked against the server sources (``server/src/api/v1/
 - ``uri`` is a pre-signed link (1 h); the file is a Mender-format ``zephyr-image`` artifact
   (see ``gateway.artifacts.mender``) whose ``sha256`` the check response gives.
 
+Metadata: the server stores a device's metadata when it authenticates, so a check whose
+metadata (running version, ``smp-gateway.*`` inventory) differs from what the current token
+was obtained with authenticates again first; the server learns a new version at the next
+check, not at token expiry. An artifact whose bytes match the check answer's sha256 but cannot
+be unpacked is a permanent ``FetchError``: the gateway blocks it and reports it once.
+
 Reporting: RDFM's device API has no deployment-status endpoint. The server learns the outcome
 from the next update check (``rdfm.software.version`` is the version actually running, so a
 success shows as the new version and a rollback as the old one) and, on servers that have it,
@@ -95,7 +101,14 @@ class RdfmSource(HttpSource):
         self._waiting: set[str] = set()
         self._logs_supported = cfg.report_logs
         self.clock = time.monotonic  # for token lifetimes
+        # the metadata each identity last authenticated with: RDFM stores a device's metadata
+        # at authentication only, so a change (a new running version after an update, the
+        # inventory) is sent by authenticating again at the next check, not at token expiry
+        self._auth_meta: dict[str, dict[str, str]] = {}
         self._last_reported: dict[tuple[str, str], tuple[int, int]] = {}
+        # devices offered the same artifact unpack it one at a time: the unpacker writes
+        # ``<image sha256>.img`` through one temporary name
+        self._unpack_locks: dict[str, asyncio.Lock] = {}
 
     # -- lifecycle -----------------------------------------------------------------------
     async def _http(self) -> aiohttp.ClientSession:
@@ -177,13 +190,26 @@ class RdfmSource(HttpSource):
         )
 
     # -- authentication ------------------------------------------------------------------
-    async def _token(self, meta: dict[str, str], force: bool = False) -> str | None:
-        """A device token for the identity ``meta[rdfm.hardware.macaddr]`` (None: not accepted)."""
+    async def _token(self, meta: dict[str, str], force: bool = False,
+                     current: bool = True) -> str | None:
+        """A device token for the identity ``meta[rdfm.hardware.macaddr]`` (None: not accepted).
+
+        ``current``: ``meta`` is the device's metadata now (an update check): when it differs
+        from what the token was obtained with, authenticate again so the server stores it
+        (a log upload passes False: its handle carries the metadata of the offer's time)."""
         ident = meta[META_MAC]
         lock = self._auth_locks.setdefault(ident, asyncio.Lock())
         async with lock:
             tok = self._tokens.get(ident)
-            if tok is not None and not force and self.clock() < tok.valid_until:
+            sent = self._auth_meta.get(ident)
+            changed = current and sent is not None and sent != meta
+            if changed and tok is not None:
+                diff = sorted(k for k in set(meta) | set(sent or {})
+                              if meta.get(k) != (sent or {}).get(k))
+                log.info("RDFM metadata of %s changed (%s; %s now %s): authenticating again so "
+                         "the server stores it", ident, ", ".join(diff[:5]), META_SOFTVER,
+                         meta.get(META_SOFTVER))
+            if tok is not None and not force and not changed and self.clock() < tok.valid_until:
                 return tok.value
             self._tokens.pop(ident, None)
             return await self._authenticate(meta, ident)
@@ -234,6 +260,7 @@ class RdfmSource(HttpSource):
         if ident in self._waiting:
             log.info("device %s was accepted by the RDFM server", ident)
             self._waiting.discard(ident)
+        self._auth_meta[ident] = dict(meta)
         margin = min(self.cfg.token_margin_s, float(expires) / 2)
         self._tokens[ident] = _Token(token, self.clock() + float(expires) - margin)
         log.debug("RDFM token for %s valid for %ss", ident, expires)
@@ -310,19 +337,26 @@ class RdfmSource(HttpSource):
         # store check each image against its slot
         cap = None if max_size is None else (set_cap(max_size) or 0) + ARTIFACT_OVERHEAD
         artifact = await self._downloader.fetch(h["uri"], sha256=offer.sha256, max_size=cap)
+        lock = self._unpack_locks.setdefault(offer.artifact_id, asyncio.Lock())
         try:
-            art = await asyncio.to_thread(
-                unpack_zephyr_artifact,
-                artifact,
-                self.image_dir,
-                device_type=h["device_type"],
-                max_image_size=max_size,
-            )
+            async with lock:
+                art = await asyncio.to_thread(
+                    unpack_zephyr_artifact,
+                    artifact,
+                    self.image_dir,
+                    device_type=h["device_type"],
+                    max_image_size=max_size,
+                )
+        # the downloader checked the file against the check answer's sha256: these are the very
+        # bytes the server offers, so an artifact that cannot be unpacked (truncated, malformed)
+        # never will be: permanent, the gateway blocks it (keyed by that sha256) and reports once
         except ArtifactIntegrityError as exc:
             artifact.unlink(missing_ok=True)
-            raise FetchError(f"RDFM artifact rejected: {exc}", UpdateResult.INTEGRITY_FAILURE) from None
+            raise FetchError(f"RDFM artifact {offer.artifact_id} rejected: {exc}",
+                             UpdateResult.INTEGRITY_FAILURE, permanent=True) from None
         except ArtifactError as exc:
-            raise FetchError(f"RDFM artifact rejected: {exc}", UpdateResult.UNSUPPORTED_PACKAGE) from None
+            raise FetchError(f"RDFM artifact {offer.artifact_id} rejected: {exc}",
+                             UpdateResult.UNSUPPORTED_PACKAGE, permanent=True) from None
         log.info(
             "RDFM artifact %s for %s: %s version %s",
             offer.artifact_id,
@@ -374,7 +408,7 @@ class RdfmSource(HttpSource):
         try:
             status = 401
             for attempt in range(2):
-                token = await self._token(dict(meta), force=attempt > 0)
+                token = await self._token(dict(meta), force=attempt > 0, current=False)
                 if token is None:
                     raise ReportNotDelivered(
                         f"RDFM device {meta[META_MAC]} is not accepted by the server: outcome not logged")

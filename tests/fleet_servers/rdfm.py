@@ -5,7 +5,9 @@ accepts the device, HS256 JWT ``{device_id, created_at, expires}``), ``middlewar
 (``Authorization: Bearer token=<jwt>``), ``update.py`` (metadata body, 200/204/400/401) and
 ``logs.py`` (``POST /api/v1/logs``), with packages served from ``/local_storage/<uuid>``.
 
-``logs`` holds every log entry the server accepted. Fault knob ``outcome_faults`` for the next
+``logs`` holds every log entry the server accepted. ``outage``: an HTTP status every device API
+request gets while it is set (a server that is down behind its proxy; ``outage_hits`` counts
+them). Fault knob ``outcome_faults`` for the next
 log uploads that carry an outcome (an ``smp-gateway.update`` entry with a result): an HTTP status
 answers that instead of storing the batch; ``"drop"`` stores it and drops the connection
 without an answer.
@@ -63,10 +65,20 @@ class RdfmServer:
     issued: list[str] = field(default_factory=list)
     revoked: set[str] = field(default_factory=set)  # tokens treated as expired
     outcome_faults: list[int | str] = field(default_factory=list)
+    outage: int | None = None
+    outage_hits: list[str] = field(default_factory=list)  # paths asked during the outage
     _next_id: int = 1
 
+    @web.middleware
+    async def _outage(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if self.outage is not None and request.path.startswith("/api/"):
+            self.outage_hits.append(request.path)
+            return web.json_response({"error": "service unavailable"}, status=self.outage)
+        resp: web.StreamResponse = await handler(request)
+        return resp
+
     def app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(middlewares=[self._outage])
         app.router.add_post("/api/v1/auth/device", self.auth_device)
         app.router.add_post("/api/v1/update/check", self.update_check)
         app.router.add_post("/api/v1/logs", self.logs_create)
