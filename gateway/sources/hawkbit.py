@@ -416,7 +416,11 @@ class HawkbitSource(HttpSource):
         else:
             status = {"execution": "rejected", "result": {"finished": "none"}, "details": [detail]}
         st, _ = await self._request("POST", url, {"status": status})
-        if st != 200:
+        if st >= 500 or st in (401, 403, 429):
+            # not taken: the caller keeps the acknowledgement journalled and sends it again
+            raise ReportNotDelivered(f"hawkBit cancel feedback for action {act.action_id} "
+                                     f"answered HTTP {st}")
+        if st != 200:  # 4xx: hawkBit will never take it (action closed or unknown) - final
             log.warning("hawkBit cancel feedback for action %s answered HTTP %d", act.action_id, st)
 
     def _download_headers(self, url: str) -> dict[str, str]:
