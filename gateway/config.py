@@ -111,7 +111,7 @@ class Timeouts(Model):
     connect_s: float = Field(10.0, gt=0)
     upload_min_rate_bps: float = Field(
         256.0, gt=0, description="floor rate of an upload: one that takes longer than "
-        "upload_first_chunk_s + 60 s + image size / this fails (a device that answers but "
+        "upload_first_chunk_s + 10 s + image size / this fails (a device that answers but "
         "makes no progress must not hold its lock forever)")
     attempt_s: float | None = Field(
         None, gt=0, description="bound on one whole update attempt (read, upload, reset, "
