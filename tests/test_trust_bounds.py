@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import re
 import struct
 import subprocess
 import sys
@@ -285,6 +286,7 @@ def _hostile(tap: Tap, mode: str, first_len: list[int], delay_s: float = 0.05) -
     answer, after ``delay_s``)."""
     dev = tap.dev
     loop = asyncio.get_running_loop()
+    held = [0]
 
     def hook(req: Request, frame: bytes, reply: Any) -> bool:
         if not req.is_upload:
@@ -301,8 +303,9 @@ def _hostile(tap: Tap, mode: str, first_len: list[int], delay_s: float = 0.05) -
             body = {"off": off}
         elif mode == "rewind":
             body = {"off": off + len(data) if off == base else base}
-        else:
-            loop.call_later(delay_s, reply, dev.server._pack(hdr, {"off": off + 1}))
+        else:  # the device "holds" one byte more per answer, whichever chunk it answers
+            held[0] = max(held[0], base) + 1
+            loop.call_later(delay_s, reply, dev.server._pack(hdr, {"off": held[0]}))
             return False
         reply(dev.server._pack(hdr, body))
         return False
@@ -351,23 +354,25 @@ async def test_upload_without_progress_fails_fast_and_releases_the_device(
             gw.close()
 
 
-@pytest.mark.parametrize("bound", ["upload", "attempt"])
+@pytest.mark.parametrize("bound", ["upload", "attempt", "bytes"])
 async def test_a_trickling_upload_ends_at_its_deadline(bench_factory: Any, bound: str) -> None:
     """One byte of progress per answer never counts as a stall: the upload's deadline (image
-    size at the floor rate) or the attempt's deadline ends it."""
-    bench = bench_factory(udp=1, serial=0, image_size=8 * 1024)
+    size at the floor rate), the attempt's deadline or the bytes bound ends it."""
+    bench = bench_factory(udp=1, serial=0, image_size=24 * 1024)
     bench.publish("2.0.0")
     async with Simulator(bench.sim_cfg) as sim:
         (dev,) = sim.devices.values()
         tap = Tap(dev).install()
-        _hostile(tap, "trickle", [0])
+        _hostile(tap, "trickle", [0], delay_s=0.02 if bound == "bytes" else 0.1)
         timeouts: dict[str, Any] = {"request_s": 1.0, "reset_s": 10, "upload_first_chunk_s": 1.0}
-        if bound == "upload":  # 1 + 10 + 8 KiB at 4 KiB/s = 13 s
-            timeouts["upload_min_rate_bps"] = 4096
-            limit = 13.0
-        else:
+        if bound == "upload":  # 1 + 10 + ~26 KB at 8 KiB/s: ~14 s
+            timeouts["upload_min_rate_bps"] = 8192
+            limit = 14.0
+        elif bound == "attempt":
             timeouts["attempt_s"] = 3.0
             limit = 3.0
+        else:  # the default deadline is ~113 s: the bytes bound comes first
+            limit = 0.0
         gw = Gateway(bench.gateway_config(sim, health_check_s=0.3, timeouts=timeouts))
         try:
             t0 = time.monotonic()
@@ -376,10 +381,11 @@ async def test_a_trickling_upload_ends_at_its_deadline(bench_factory: Any, bound
             out = res.outcomes[dev.id]
             print(f"{bound}: {out.status} in {took:.1f}s: {out.detail}")
             assert out.status == Status.FAILED, out
-            want = "upload not finished within 13s" if bound == "upload" else \
-                "attempt not finished within 3s"
-            assert want in out.detail, out.detail
-            assert limit <= took < limit + 8, took
+            want = {"upload": r"upload not finished within 14s",
+                    "attempt": r"attempt not finished within 3s",
+                    "bytes": r"sent [0-9]+ bytes for a [0-9]+-byte image"}[bound]
+            assert re.search(want, out.detail), out.detail
+            assert limit <= took < (limit or 22) + 8, took
             _released(gw)
         finally:
             gw.close()
