@@ -109,6 +109,14 @@ class Timeouts(Model):
         120.0, gt=0, description="policy 'app': how long the application has to confirm itself"
     )
     connect_s: float = Field(10.0, gt=0)
+    upload_min_rate_bps: float = Field(
+        256.0, gt=0, description="floor rate of an upload: one that takes longer than "
+        "upload_first_chunk_s + 10 s + image size / this fails (a device that answers but "
+        "makes no progress must not hold its lock forever)")
+    attempt_s: float | None = Field(
+        None, gt=0, description="bound on one whole update attempt (read, upload, reset, "
+        "health check, confirm); default: the upload's bound + 3 x reset_s + app_confirm_s "
+        "+ 300 s")
 
 
 McubootModeName = Literal["swap-using-scratch", "swap-using-move", "swap-using-offset",

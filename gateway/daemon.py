@@ -445,8 +445,11 @@ class Gateway:
                 return await self.final(offer, out)
             await self._report(offer, Report(UpdateState.DOWNLOADED))
         try:
-            image = self.store.add_file(path, hardware=offer.hardware,
-                                        allow_unsigned=dev.allow_unsigned)
+            # off the event loop: a hostile artifact costs a worker thread, not every device
+            image = await self.store.add_file_async(
+                path, hardware=offer.hardware, allow_unsigned=dev.allow_unsigned,
+                max_image_size=dev.slot_size and max(
+                    [dev.slot_size, *(r.slot_size or 0 for r in dev.images.values())]))
         except ImageRefused as exc:
             out = Outcome(dev.id, Status.REFUSED, exc.reason.lwm2m, str(exc),
                           old_version=slots.running,

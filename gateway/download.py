@@ -3,7 +3,8 @@
 Owns getting a URL's bytes onto disk safely: streamed with aiohttp into
 ``<state_dir>/downloads/``, resumed with HTTP ``Range`` after an interruption (the ``.part``
 file is kept; ``If-Range`` carries the server's validator so a changed file restarts from
-zero), size-capped before anything past the cap is written, SHA-256 checked before anyone
+zero), size-capped before anything past the cap is written (``MAX_ARTIFACT`` when the caller
+has no cap), SHA-256 checked before anyone
 uses it, retried with bounded exponential backoff on connection errors and 5xx, and
 de-duplicated: one in-flight download per cache key (the sha256 when the server gives one,
 otherwise the URL), so N devices needing one artifact fetch it once.
@@ -31,6 +32,7 @@ from typing import Any
 
 import aiohttp
 
+from gateway.artifacts.bundle import MAX_ARTIFACT
 from gateway.sources.base import FetchError, UpdateResult
 
 log = logging.getLogger(__name__)
@@ -182,6 +184,8 @@ class Downloader:
         ``sha256`` (hex) is checked before returning; ``size`` (when the server announced
         it) must match; anything above ``max_size`` bytes is refused. Raises FetchError.
         """
+        # never unbounded: without a device slot size, no usable artifact is larger than this
+        max_size = MAX_ARTIFACT if max_size is None else max_size
         if sha256 is not None and not _SHA256_RE.match(sha256):
             raise FetchError(f"server gave a malformed sha256 {sha256!r}", UpdateResult.INTEGRITY_FAILURE)
         if size is not None and max_size is not None and size > max_size:

@@ -45,6 +45,7 @@ from gateway.journal import STAGED, Entry, Journal
 from gateway.mcuboot import Version
 from gateway.smp.session import SMPError, SMPProtocolError, SMPSession, SMPTimeout, UploadError
 from gateway.smp.transport import TransportError
+from gateway.smp.upload import upload_deadline_s
 from gateway.sources.base import UpdateResult
 
 log = logging.getLogger("gateway.engine")
@@ -244,14 +245,25 @@ class UpdateEngine:
         """The flow up to ``until``; short of CONFIRMED it returns Status.HELD at that stage
         (the journal row stays open, so a restart resumes it)."""
         self.until = until
+        # (c) the gateway's own configuration bounds the attempt in time: a device that keeps
+        # answering without getting anywhere cannot hold its lock and a max_concurrent slot
+        limit = self._attempt_s(image)
+        bound = asyncio.timeout(limit)
         try:
-            return await self._run(image, slots, artifact_id, source)
+            async with bound:
+                return await self._run(image, slots, artifact_id, source)
         except _Finish as f:
             return f.outcome
         except (SMPTimeout, TransportError, UploadError, SMPError) as exc:
             result = (UpdateResult.CONNECTION_LOST if isinstance(exc, SMPTimeout | TransportError)
                       else UpdateResult.UPDATE_FAILED)
             return self._finish(Status.FAILED, result, f"{type(exc).__name__}: {exc}", image).outcome
+        except TimeoutError as exc:
+            if not bound.expired():
+                return self._crashed("update", exc, image, None)
+            return self._finish(Status.FAILED, UpdateResult.UPDATE_FAILED,
+                                f"attempt not finished within {limit:.0f}s (timeouts.attempt_s) "
+                                f"at step {self.entry.step}: given up", image).outcome
         except Exception as exc:
             return self._crashed("update", exc, image, None)
 
@@ -561,6 +573,23 @@ class UpdateEngine:
             raise UploadError(f"after the upload: {problem}; nothing marked")
         return sent, secs, start
 
+    def _upload_s(self, size: int) -> float:
+        """(c) how long an upload of ``size`` bytes may take (``upload.upload_deadline_s``)."""
+        t = self.dev.timeouts
+        return upload_deadline_s(size, first_timeout_s=t.upload_first_chunk_s,
+                                 min_rate_bps=t.upload_min_rate_bps)
+
+    def _attempt_s(self, image: VerifiedImage) -> float:
+        """(c) how long one attempt may take: ``timeouts.attempt_s``, else the upload's bound
+        (every image of a set) plus the resets, waits and checks that follow."""
+        t = self.dev.timeouts
+        if t.attempt_s is not None:
+            return t.attempt_s
+        members = image.members if isinstance(image, VerifiedImageSet) else ()
+        upload = (sum(self._upload_s(m.verified.size) for m in members) if members
+                  else self._upload_s(image.size))
+        return upload + 3 * t.reset_s + t.app_confirm_s + self.dev.health_check_s + 300.0
+
     async def _send(self, image: VerifiedImage, image_num: int, label: str = "",
                     window: int | None = None) -> tuple[int, float, int]:
         """Upload ``image`` as MCUboot image ``image_num``; (bytes sent, seconds, resumed from)."""
@@ -581,6 +610,7 @@ class UpdateEngine:
         # a link lost mid-upload (cable pulled, USB re-enumeration) is re-opened and the upload
         # resumes from the device's offset, within the reset timeout and a few attempts
         deadline = time.monotonic() + self.dev.timeouts.reset_s
+        upload_end = time.monotonic() + self._upload_s(len(data))  # reconnects included
         sent = 0
         for attempt in range(1, 6):
             try:
@@ -589,6 +619,7 @@ class UpdateEngine:
                     chunk_cap=self.dev.chunk_size,
                     first_timeout_s=self.dev.timeouts.upload_first_chunk_s, progress=progress,
                     store=self.journal,  # packet size / window learned for this device
+                    deadline_s=max(0.0, upload_end - time.monotonic()),
                 )
                 break
             except TransportError as exc:

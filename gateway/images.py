@@ -29,6 +29,7 @@ hashes of its members (``set_id``), which is what the journal and the daemon see
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import hashlib
 import json
@@ -37,7 +38,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.artifacts.bundle import BundleError, is_bundle, read_bundle
+from gateway.artifacts.bundle import MAX_ARTIFACT, BundleError, is_bundle, read_bundle, set_cap
 from gateway.mcuboot import (
     BOOT_MAGIC_SIZE,
     ImageFormatError,
@@ -263,16 +264,38 @@ class ImageStore:
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._cache: dict[tuple[bytes, str | None, bool], VerifiedImage] = {}
 
-    def add_file(self, path: Path, *, hardware: str | None, allow_unsigned: bool = False) -> VerifiedImage:
-        return self.add_bytes(path.read_bytes(), hardware=hardware, allow_unsigned=allow_unsigned)
+    def add_file(self, path: Path, *, hardware: str | None, allow_unsigned: bool = False,
+                 max_image_size: int | None = None) -> VerifiedImage:
+        """``add_bytes`` of a file - refused before it is read when it is larger than any
+        artifact of images of at most ``max_image_size`` bytes can be (bytes bound)."""
+        cap = set_cap(max_image_size) or MAX_ARTIFACT
+        size = path.stat().st_size
+        if size > cap:
+            raise ImageRefused(Refusal.TOO_LARGE, f"artifact is {size} bytes, more than the "
+                               f"{cap} an image (or image set) for this device can be")
+        return self.add_bytes(path.read_bytes(), hardware=hardware, allow_unsigned=allow_unsigned,
+                              max_image_size=max_image_size)
 
-    def add_bytes(self, data: bytes, *, hardware: str | None, allow_unsigned: bool = False) -> VerifiedImage:
+    async def add_file_async(self, path: Path, *, hardware: str | None,
+                             allow_unsigned: bool = False,
+                             max_image_size: int | None = None) -> VerifiedImage:
+        """``add_file`` in a worker thread: unpacking, hashing and signature checks of an
+        artifact from outside take CPU time the event loop (every other device's upload, the
+        sources, the status socket) must not wait for."""
+        return await asyncio.to_thread(self.add_file, path, hardware=hardware,
+                                       allow_unsigned=allow_unsigned,
+                                       max_image_size=max_image_size)
+
+    def add_bytes(self, data: bytes, *, hardware: str | None, allow_unsigned: bool = False,
+                  max_image_size: int | None = None) -> VerifiedImage:
         """Verify and store an image - or an image set (a zip artifact): ``VerifiedImageSet``,
-        unless it holds a single image, which is returned as that image."""
+        unless it holds a single image, which is returned as that image. ``max_image_size``
+        bounds what each member of a set may inflate to (``bundle.read_bundle``)."""
         ck = (hashlib.sha256(data).digest(), hardware, allow_unsigned)
         if ck in self._cache:
             return self._cache[ck]
-        img = (self._add_set(data, hardware=hardware, allow_unsigned=allow_unsigned)
+        img = (self._add_set(data, hardware=hardware, allow_unsigned=allow_unsigned,
+                             max_image_size=max_image_size)
                if is_bundle(data[:4]) else
                self._add_image(data, hardware=hardware, allow_unsigned=allow_unsigned))
         self._cache[ck] = img
@@ -308,9 +331,10 @@ class ImageStore:
         return VerifiedImage(dest, info, signer, hardware, file_sha, len(data),
                              unverified=unverified_part(info))
 
-    def _add_set(self, data: bytes, *, hardware: str | None, allow_unsigned: bool) -> VerifiedImage:
+    def _add_set(self, data: bytes, *, hardware: str | None, allow_unsigned: bool,
+                 max_image_size: int | None = None) -> VerifiedImage:
         try:
-            entries = read_bundle(data)
+            entries = read_bundle(data, max_image_size=max_image_size)
         except BundleError as exc:
             raise ImageRefused(Refusal.BAD_FORMAT, f"image set artifact: {exc}") from exc
         members: list[SetMember] = []

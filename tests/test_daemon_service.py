@@ -36,7 +36,8 @@ def test_unit_file_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     for must in ("Type=notify", "WatchdogSec=", "Restart=on-failure", "DynamicUser=yes",
                  "SupplementaryGroups=dialout", "StateDirectory=smp-gateway", "ProtectSystem=strict",
                  "EnvironmentFile=-/etc/smp-gateway/env", "SystemCallFilter=@system-service",
-                 "CapabilityBoundingSet=\n", "AF_BLUETOOTH", "DeviceAllow=char-ttyACM rw"):
+                 "CapabilityBoundingSet=\n", "AF_BLUETOOTH", "DeviceAllow=char-ttyACM rw",
+                 "MemoryMax="):
         assert must in text, must
 
 

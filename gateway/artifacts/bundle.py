@@ -38,6 +38,16 @@ present, its ``size`` (when given) equal to the member's; ``image_index`` an int
 0 or 1, one file per (image, slot); a file the manifest does not list is refused (nothing
 unexplained goes near a device). The MCUboot structure, hash and signature of every image are
 checked afterwards by the image store, exactly as for a single image.
+
+Bounds (the archive is input from outside: nothing its headers claim is trusted): at most
+``MAX_MEMBERS + 1`` entries, read from the end record before ``zipfile`` parses the central
+directory, which itself is at most ``MAX_CENTRAL_DIR`` bytes (no zip64); only stored and
+deflate members (bzip2 and LZMA inflate without an output bound inside ``zipfile``); every
+member is read through a bounded stream that stops ``MEMBER_MARGIN`` bytes past the cap (the
+manifest: ``MAX_MANIFEST``; an image: the caller's maximum image size, else ``MAX_TOTAL``)
+whatever sizes the local or central headers state, and all members together stop at
+``MAX_TOTAL + MAX_MANIFEST``. Parsing is synchronous: callers on the event loop run it in a
+thread (``ImageStore.add_file_async``).
 """
 
 from __future__ import annotations
@@ -46,8 +56,10 @@ import io
 import json
 import posixpath
 import stat
+import struct
 import time
 import zipfile
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +69,15 @@ MAX_MEMBERS = 16
 MAX_MANIFEST = 1 << 20
 MAX_TOTAL = 64 << 20  # uncompressed bytes of all images together
 MAX_IMAGE_NUMBER = 7  # DeviceConfig.image / CONFIG_UPDATEABLE_IMAGE_NUMBER <= 8
+# the largest artifact file any source hands over when the device's slot size is not known: an
+# image set of MAX_TOTAL stored bytes in a zip, maybe inside a Mender tar (download.py, images.py)
+MAX_ARTIFACT = MAX_TOTAL + MAX_MANIFEST + (4 << 20)
+MAX_CENTRAL_DIR = 1 << 20  # bytes of the central directory (17 entries need a few KiB)
+MEMBER_MARGIN = 64 << 10  # read this far past a cap before refusing (a clear "too large")
+READ_BLOCK = 64 << 10  # bytes per bounded read (deflate output per call is bounded by it)
+_EOCD = struct.Struct("<4s4H2LH")
+_METHODS = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflate",
+            zipfile.ZIP_BZIP2: "bzip2", zipfile.ZIP_LZMA: "LZMA"}
 
 
 class BundleError(ValueError):
@@ -129,8 +150,54 @@ def _netcore_hint(entry: dict[str, Any]) -> bool | None:
     return any("cpunet" in x.lower() for x in names)  # nRF Connect SDK: *_cpunet, *_CPUNET_*
 
 
-def read_bundle(data: bytes, *, source: str = "artifact") -> list[BundleEntry]:
-    """The images of a ``dfu_application.zip``-style artifact, checked (see module docstring)."""
+def _check_end_record(data: bytes, source: str) -> None:
+    """Entry count and central directory size from the end record, before ``zipfile`` builds a
+    ZipInfo per entry (it reads entries until the directory's stated size is used up, so both
+    are checked); zip64 is refused (no image set needs it)."""
+    at = data.rfind(b"PK\x05\x06", max(0, len(data) - _EOCD.size - 0xFFFF))
+    if at < 0 or len(data) - at < _EOCD.size:
+        return  # not a zip: zipfile says so
+    _sig, _disk, _cd_disk, _here, count, cd_size, _cd_off, _comment = _EOCD.unpack_from(data, at)
+    if data[max(0, at - 20):at][:4] == b"PK\x06\x07" or count == 0xFFFF or cd_size == 0xFFFFFFFF:
+        raise BundleError(f"{source}: zip64 archives are not accepted")
+    if count > MAX_MEMBERS + 1:
+        raise BundleError(f"{source}: {count} members, at most {MAX_MEMBERS + 1} allowed")
+    if cd_size > MAX_CENTRAL_DIR:
+        raise BundleError(f"{source}: central directory of {cd_size} bytes, at most "
+                          f"{MAX_CENTRAL_DIR} allowed")
+
+
+def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, cap: int, budget: list[int],
+                 source: str) -> bytes:
+    """A member's bytes through a bounded stream: refused once more than ``cap`` bytes (or the
+    archive's remaining ``budget``) came out, whatever its headers claim."""
+    limit = min(cap, budget[0])
+    out = bytearray()
+    try:
+        with zf.open(info) as f:
+            while True:
+                block = f.read(READ_BLOCK)
+                if not block:
+                    break
+                out += block
+                if len(out) > limit:
+                    raise BundleError(f"{source}: member {info.filename!r} inflates to more than "
+                                      f"{limit} bytes (its headers claim {info.file_size}); refused")
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as exc:
+        raise BundleError(f"{source}: cannot read {info.filename!r}: {exc}") from None
+    budget[0] -= len(out)
+    return bytes(out)
+
+
+def read_bundle(data: bytes, *, source: str = "artifact",
+                max_image_size: int | None = None) -> list[BundleEntry]:
+    """The images of a ``dfu_application.zip``-style artifact, checked (see module docstring).
+
+    ``max_image_size``: the largest image a member may inflate to (the device's slot size;
+    ``MAX_TOTAL`` when not known). Runs synchronously: off the event loop, please."""
+    image_cap = (max_image_size if max_image_size is not None else MAX_TOTAL) + MEMBER_MARGIN
+    budget = [MAX_TOTAL + MAX_MANIFEST + MEMBER_MARGIN]
+    _check_end_record(data, source)
     try:
         zf = zipfile.ZipFile(io.BytesIO(data))
     except zipfile.BadZipFile as exc:
@@ -152,6 +219,12 @@ def read_bundle(data: bytes, *, source: str = "artifact") -> list[BundleEntry]:
                 raise BundleError(f"{source}: member {name!r} is not a regular file (link?)")
             if name in names:
                 raise BundleError(f"{source}: member {name!r} appears twice")
+            if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+                method = _METHODS.get(info.compress_type, f"method {info.compress_type}")
+                raise BundleError(f"{source}: member {name!r} is compressed with {method}; only "
+                                  "stored or deflate members are accepted")
+            if info.flag_bits & 0x1:
+                raise BundleError(f"{source}: member {name!r} is encrypted")
             names[name] = info
             total += info.file_size
         if total > MAX_TOTAL + MAX_MANIFEST:
@@ -161,9 +234,10 @@ def read_bundle(data: bytes, *, source: str = "artifact") -> list[BundleEntry]:
                               "lists its images there)")
         if names[MANIFEST].file_size > MAX_MANIFEST:
             raise BundleError(f"{source}: {MANIFEST} is too large")
+        raw_manifest = _read_member(zf, names[MANIFEST], MAX_MANIFEST, budget, source)
         try:
-            manifest = json.loads(zf.read(MANIFEST))
-        except (ValueError, zipfile.BadZipFile, OSError) as exc:
+            manifest = json.loads(raw_manifest)
+        except ValueError as exc:
             raise BundleError(f"{source}: {MANIFEST} is not valid JSON: {exc}") from None
         files = manifest.get("files") if isinstance(manifest, dict) else None
         if not isinstance(files, list) or not files:
@@ -185,10 +259,10 @@ def read_bundle(data: bytes, *, source: str = "artifact") -> list[BundleEntry]:
             image = _int_field(entry, "image_index", where, 0, MAX_IMAGE_NUMBER)
             slot = _int_field(entry, "slot", where, 0, 1)
             load = _int_field(entry, "load_address", where, 0, 0xFFFFFFFF)
-            try:
-                blob = zf.read(name)
-            except (zipfile.BadZipFile, OSError) as exc:
-                raise BundleError(f"{where}: cannot read {name!r}: {exc}") from None
+            if names[name].file_size > image_cap:
+                raise BundleError(f"{where}: {name!r} is {names[name].file_size} bytes, more "
+                                  f"than the {image_cap - MEMBER_MARGIN} allowed")
+            blob = _read_member(zf, names[name], image_cap, budget, where)
             size = _int_field(entry, "size", where, 0, MAX_TOTAL)
             if size is not None and size != len(blob):
                 raise BundleError(f"{where}: {name!r} is {len(blob)} bytes, the manifest says {size}")

@@ -23,6 +23,13 @@ their SHA-256 match; the artifact depends on the expected device type; exactly o
 ``zephyr-image.checksum`` when the artifact provides it (RDFM's client requires it, as we do
 when ``require_checksum``). The MCUboot signature inside the image is checked later by the
 image store, which is what actually protects the device; ``manifest.sig`` is not verified.
+
+Bounds: at most ``MAX_MEMBERS`` members per tar; version, manifest and header at most
+``MAX_META_MEMBER`` bytes each, compressed and decompressed (read with ``read(limit + 1)``,
+so a gzip/xz bomb stops at the limit); the data tar is decompressed as a stream while its
+members are read (never whole in memory), its members' stated sizes together at most the
+image cap + 1 MiB (``set_cap(max_image_size)``, 64 MiB when unknown) and the image read
+through a bounded read; zstd is refused. Synchronous: callers run it in a thread.
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from gateway.artifacts.bundle import is_bundle, set_cap
 
@@ -89,6 +96,14 @@ def _decompress(name: str, raw: bytes, limit: int) -> bytes:
     return raw
 
 
+def _stream_mode(name: str) -> Literal["r|gz", "r|xz", "r|"]:
+    if name.endswith(".gz"):
+        return "r|gz"
+    if name.endswith(".xz"):
+        return "r|xz"
+    return "r|"
+
+
 def _bounded(f: Any, limit: int, name: str) -> bytes:
     data = f.read(limit + 1)
     if len(data) > limit:
@@ -102,7 +117,7 @@ def _read_member(tf: tarfile.TarFile, member: tarfile.TarInfo, limit: int) -> by
     f = tf.extractfile(member)
     if f is None:
         raise ArtifactError(f"cannot read member {member.name!r}")
-    return f.read()
+    return _bounded(f, limit, member.name)
 
 
 def _members(tf: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
@@ -246,10 +261,21 @@ def unpack_zephyr_artifact(
                         raise ArtifactError(f"{name!r} precedes the manifest or the header")
                     if name not in ("data/0000.tar", "data/0000.tar.gz", "data/0000.tar.xz"):
                         raise ArtifactError(f"unexpected data member {name!r} (one payload only)")
-                    raw = _read_member(outer, m, image_cap * 2 + (1 << 20))
-                    data = _decompress(name, raw, image_cap + (1 << 20))
-                    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as dtf:
+                    if m.size > image_cap * 2 + (1 << 20):
+                        raise ArtifactError(f"member {name!r} is {m.size} bytes, over the "
+                                            f"{image_cap * 2 + (1 << 20)} limit")
+                    # streamed: decompressed block by block as the members are read, never
+                    # whole in memory; what the members claim is capped before it is read
+                    raw_f = outer.extractfile(m)
+                    if raw_f is None:
+                        raise ArtifactError(f"cannot read member {name!r}")
+                    budget = image_cap + (1 << 20)
+                    with tarfile.open(fileobj=raw_f, mode=_stream_mode(name)) as dtf:
                         for dm in _members(dtf):
+                            budget -= dm.size + 512
+                            if budget < 0:
+                                raise ArtifactError(f"{name} holds more than {image_cap + (1 << 20)}"
+                                                    " bytes; refused")
                             dname = _safe_name(dm.name)
                             if "/" in dname:
                                 raise ArtifactError(f"data file {dname!r} is in a subdirectory")

@@ -329,6 +329,7 @@ class SMPSession:
         progress: Callable[[int, int], None] | None = None,
         max_stalls: int = 8,
         store: TuningStore | None = None,
+        deadline_s: float | None = None,
     ) -> UploadStats:
         """Upload ``image`` to the secondary slot, tuned to the device and its link.
 
@@ -345,7 +346,7 @@ class SMPSession:
         return await WindowedUpload(
             self, image, image_num=image_num, window=window, chunk_cap=chunk_cap,
             first_timeout_s=first_timeout_s, progress=progress, max_stalls=max_stalls,
-            store=store,
+            store=store, deadline_s=deadline_s,
         ).run()
 
     async def upload_plan(self, *, image_size: int = 1 << 20, image_num: int = 0,

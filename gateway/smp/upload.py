@@ -67,6 +67,31 @@ i.e. ~34 us less per chunk, ~6 ms per 256 KiB image and per device. The model is
 for the first chunk (with ``image``/``len``/``sha``); tests/test_upload_window.py checks the
 hand encoding byte for byte against the model. The image is sliced through a memoryview (one
 copy per chunk, into the packet); nothing is re-encoded or re-hashed per chunk.
+
+Bounds (the device is input from outside: a device that answers but never moves must end the
+upload, not hold its lock and a ``max_concurrent`` slot forever)::
+
+    what                        bound                                          on breach
+    time, whole upload          ``deadline_s``: ``upload_deadline_s(size, ..)`` UploadError
+                                = first_timeout_s + DEADLINE_BASE_S + size /
+                                  min_rate_bps (Timeouts.upload_min_rate_bps,
+                                  restarts and the first chunk included)
+    time, first chunk           ``first_timeout_s`` (re-sent at doubling       SMPTimeout
+                                intervals, one rung smaller each time)
+    no-progress events in a row ``max_stalls`` (8): retransmission timeouts,   UploadError
+                                ENOMEM answers, rewinds, answers that do not
+                                advance the highest acknowledged offset; each
+                                backs off (timer doubles; answers: a pause of
+                                NO_PROGRESS_PAUSE_S doubling, at most 1 s).
+                                Only a new highest offset resets the count
+    requests per no-progress    window (<= MAX_WINDOW) per event, so at most
+      stretch                   (max_stalls + 1) * window between two advances
+    bytes sent                  MAX_SEND_FACTOR * size + 1 MiB                 UploadError
+    device restarts (off -> 0)  ``max_restarts`` (2)                           UploadError
+    timed-out requests kept     MAX_GHOSTS (16)
+    garbled answers in a row    ``max_stalls``                                 UploadError
+
+The engine adds the per-attempt bound (``Timeouts.attempt_s``) around the whole update.
 """
 
 from __future__ import annotations
@@ -122,6 +147,17 @@ _CMD_UPLOAD = 1
 MIN_RTO_S = 0.2
 INITIAL_RTO_S = 1.0
 MAX_GHOSTS = 16  # timed-out chunks kept answerable (spurious-timeout detection)
+DEADLINE_BASE_S = 10.0  # fixed part of an upload's deadline, on top of the first chunk's
+DEFAULT_MIN_RATE_BPS = 256.0  # floor rate an upload must beat when none is configured
+MAX_SEND_FACTOR = 8  # data bytes sent (retransmissions included) per image byte, at most
+NO_PROGRESS_PAUSE_S = 0.01  # first pause after an answer that makes no progress (doubles)
+
+
+def upload_deadline_s(size: int, *, first_timeout_s: float = 30.0,
+                      min_rate_bps: float = DEFAULT_MIN_RATE_BPS) -> float:
+    """The time an upload of ``size`` bytes may take at most: the first chunk's budget (the
+    device may erase the slot), a fixed allowance, and the image at the floor rate."""
+    return first_timeout_s + DEADLINE_BASE_S + size / max(min_rate_bps, 1.0)
 
 
 class SessionLike(Protocol):
@@ -244,6 +280,7 @@ class WindowedUpload:
         max_restarts: int = 2,
         store: TuningStore | None = None,
         fixed: bool = False,
+        deadline_s: float | None = None,
     ) -> None:
         self.s = session
         self.fixed = fixed  # no discovery, nothing learned: benchmark sweeps
@@ -258,6 +295,8 @@ class WindowedUpload:
         self.max_restarts = max_restarts
         self.store = store
         self.total = len(image)
+        self.deadline_s = (deadline_s if deadline_s is not None
+                           else upload_deadline_s(self.total, first_timeout_s=first_timeout_s))
         self.sha = hashlib.sha256(image).digest()
         self.stats = UploadStats(total=self.total)
         tr = session.transport
@@ -278,6 +317,7 @@ class WindowedUpload:
         # one chunk's round trip is measured the RTO is RFC 6298's initial 1 s
         self.sampled = False
         self._last_progress = (0, 0.0)
+        self._acked = 0  # the device's acknowledged offset (for the deadline's message)
         self.plan: Plan | None = None
         self.memory: LinkMemory | None = None
         self.chunks: ChunkControl | None = None
@@ -336,6 +376,7 @@ class WindowedUpload:
 
     # -- progress ----------------------------------------------------------------------
     def _report(self, acked: int, force: bool = False) -> None:
+        self._acked = acked
         if self.progress is None:
             return
         last_off, last_t = self._last_progress
@@ -373,6 +414,32 @@ class WindowedUpload:
             self.stats.fallbacks.append(f"no MCUmgr parameters: window {plan.window}")
         t0 = time.monotonic()
         bytes0 = s.transport.bytes_sent
+        try:
+            async with asyncio.timeout(self.deadline_s) as bound:
+                last_match = await self._attempts()
+        except TimeoutError:
+            if not bound.expired():
+                raise
+            self._remember_first_chunk()
+            raise UploadError(
+                f"upload not finished within {self.deadline_s:.0f}s (a {self.total}-byte image "
+                f"at the configured floor rate; {self.stats.chunks} requests sent, the device "
+                f"acknowledged {self._acked}/{self.total}): given up") from None
+        self.stats.seconds = time.monotonic() - t0
+        self.stats.link_bytes = s.transport.bytes_sent - bytes0
+        self.stats.rto_s = self.rto()
+        assert self.chunks is not None and self.win is not None
+        self.stats.packet = self.chunks.packet
+        self.stats.window_final = self.win.window
+        self.stats.window_max = self.win.max_window
+        if last_match is False:
+            raise UploadError("device reports that the uploaded image does not match its sha256")
+        if not self.fixed:
+            self._remember()
+        return self.stats
+
+    async def _attempts(self) -> bool | None:
+        s = self.s
         restarts = 0
         while True:
             try:
@@ -390,17 +457,7 @@ class WindowedUpload:
                 # (losses from an outage say nothing about the device)
                 self._remember_first_chunk()
                 raise
-        self.stats.seconds = time.monotonic() - t0
-        self.stats.link_bytes = s.transport.bytes_sent - bytes0
-        self.stats.rto_s = self.rto()
-        self.stats.packet = self.chunks.packet
-        self.stats.window_final = self.win.window
-        self.stats.window_max = self.win.max_window
-        if last_match is False:
-            raise UploadError("device reports that the uploaded image does not match its sha256")
-        if not self.fixed:
-            self._remember()
-        return self.stats
+        return last_match
 
     def _remember_first_chunk(self) -> None:
         plan, chunks = self.plan, self.chunks
@@ -553,6 +610,9 @@ class WindowedUpload:
         acked_order = -1  # send order of the chunk whose answer set ``acked``
         order = 0
         stalls = 0
+        high = acked  # the highest offset the device acknowledged: only passing it is progress
+        pause = False  # an answer made no progress: back off before sending again
+        max_sent = MAX_SEND_FACTOR * total + (1 << 20)
         tx_free = 0.0  # modelled time at which our side of the link is idle
         last_ack = loop.time()
         # the last timeout's go-back (send order then, chunks it marked stale, next_off then)
@@ -599,6 +659,17 @@ class WindowedUpload:
                 raise UploadError(f"no progress after {self.max_stalls} retransmissions at "
                                   f"offset {acked}/{total}")
 
+        def no_progress(what: str) -> None:
+            """An answer that does not move the device past ``high`` (ENOMEM, a rewind, an
+            offset it already acknowledged): a stall like a timeout, and a pause before the
+            next request (a hostile or broken device must not get a request per answer)."""
+            nonlocal stalls, pause
+            stalls += 1
+            pause = True
+            if stalls > self.max_stalls:
+                raise UploadError(f"no progress after {stalls} stalls in a row at offset "
+                                  f"{acked}/{total} (the last: {what}); given up")
+
         def lost(kind: str, where: int) -> None:
             """A loss: the window takes the blame when it is probing, else the packet size."""
             blame_window = win.probing
@@ -626,6 +697,9 @@ class WindowedUpload:
                 while len(inflight) < w and next_off < total:
                     if s._dead is not None:
                         raise TransportError(f"link to {s.device_id} is down: {s._dead}")
+                    if stats.sent_bytes > max_sent:
+                        raise UploadError(f"sent {stats.sent_bytes} bytes for a {total}-byte "
+                                          f"image and the device holds {acked}: given up")
                     n = self._data_len(next_off, limit)
                     if n <= 0:
                         raise UploadError(f"device buffer of {limit} bytes cannot carry image data")
@@ -761,6 +835,7 @@ class WindowedUpload:
                             continue
                         lost("enomem", ch.off)
                         if not ch.stale:
+                            no_progress(f"ENOMEM at offset {ch.off}")
                             stats.rewinds += 1
                             for c in inflight.values():
                                 c.stale = True
@@ -800,6 +875,7 @@ class WindowedUpload:
                                 f"device offset went back from {acked} to {dev_off}")
                         # the device holds less than it acknowledged: go back to its offset
                         acked, acked_order = dev_off, ch.order
+                        no_progress(f"rewind to {dev_off}")
                         stats.rewinds += 1
                         for c in inflight.values():
                             c.stale = True
@@ -809,12 +885,15 @@ class WindowedUpload:
                         last_match = match
                     if not ch.stale:
                         self._sample(now - ch.at_device)
+                    advanced = dev_off > high
                     if dev_off > acked:
                         acked = dev_off
                         acked_order = max(acked_order, ch.order)
                         last_ack = now
-                        stalls = 0
-                        self.backoff = 1.0
+                        if advanced:
+                            high = dev_off
+                            stalls = 0
+                            self.backoff = 1.0
                         self._report(acked)
                         # chunks wholly below the device's offset are done (their answers
                         # may have been lost: offsets are cumulative)
@@ -824,6 +903,8 @@ class WindowedUpload:
                         if dev_off != ch.end:
                             # "I expect dev_off": a request ahead of this one was lost or
                             # overtaken; everything in flight is now moot
+                            if not advanced:
+                                no_progress(f"answer off={dev_off} to the chunk at {ch.off}")
                             stats.rewinds += 1
                             lost("rewind", dev_off)
                             for c in inflight.values():
@@ -833,6 +914,11 @@ class WindowedUpload:
                         else:
                             self._note(win.on_answer(), dev_off)
                             chunks.on_chunk(True)
+                if pause:
+                    # back off after answers that made no progress (doubling, at most 1 s);
+                    # answers arriving meanwhile wait in ``arrived``
+                    pause = False
+                    await asyncio.sleep(min(1.0, NO_PROGRESS_PAUSE_S * 2 ** max(0, stalls - 1)))
         finally:
             if timer is not None:
                 timer.cancel()
