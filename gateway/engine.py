@@ -1383,6 +1383,9 @@ class UpdateEngine:
                                    f"the device runs its application; recovery.entry is "
                                    f"{rec.entry!r}: waiting for it to be in {flow.via}",
                                    image, old_v)
+            # the whole recovery update is one disruption that starts with this reset: only
+            # inside a maintenance window (the reset that leaves recovery afterwards ends it)
+            self._gate(f"reset into {flow.via}", image, old_v)
             # journal first: from here on the device leaves its application
             self._step(Step.MARK_TEST, f"entering {flow.via} (os reset boot_mode=1)",
                        tested_hash=th)

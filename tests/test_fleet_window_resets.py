@@ -190,3 +190,32 @@ async def test_group_take_back_waits_for_the_window_then_finishes(bench_factory:
             gw.close()
         for dev in sim.devices.values():
             assert slots(dev)[0] == ("1.0.0", True)
+
+
+async def test_reset_into_serial_recovery_waits_for_the_window(bench_factory: Any) -> None:
+    """A single-slot update through serial recovery starts with a reset (os reset boot_mode=1):
+    it goes through the same gate - the window closing after the state read holds it, nothing
+    is erased or reset, and the next window runs it."""
+    single = {"mcuboot_mode": "single-app", "os_reset_boot_mode": True,
+              "serial_recovery": {"boot_mode": True, "no_application": True}}
+    bench = bench_factory(udp=0, serial=1, device_kw=single)
+    bench.publish("2.0.0")
+    async with Simulator(bench.sim_cfg) as sim:
+        (dev,) = sim.devices.values()
+        data = bench.gateway_dict(sim, recovery={"enabled": True}, mcuboot_mode="single-app")
+        data["maintenance_windows"] = WINDOW
+        cfg = parse_config(data, bench.root / "gateway.yaml")
+        clock = Clock(OPEN)
+        gw = gateway(cfg, clock, close_at_step="read-state")
+        try:
+            out = (await gw.run_once()).outcomes[dev.id]
+            assert out.status == Status.HELD, out
+            assert "waits for a maintenance window" in out.detail, out
+            assert dev.counters["resets"] == 0 and not dev.in_recovery
+            assert slots(dev)[0] == ("1.0.0", True)
+            clock.now = NEXT_OPEN
+            out = (await gw.run_once()).outcomes[dev.id]
+            assert out.status == Status.UPDATED, out
+        finally:
+            gw.close()
+        assert slots(dev)[0][0] == "2.0.0"
