@@ -10,6 +10,8 @@ with one line naming the holder's PID when another process holds it.
 a test or an embedding program that builds a second ``Gateway`` on the same directory in the
 same process (a simulated restart) is not refused, while any other process is; the kernel drops
 it when the holder dies (SIGKILL, power loss), so a stale lock file never blocks a restart.
+Since closing any descriptor of the file drops the process's lock, the Gateways of one process
+share one descriptor, closed with the last of them.
 Readers that never write to devices (``status --offline``, ``ctl``) do not take it.
 """
 
@@ -19,6 +21,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import threading
 from pathlib import Path
 
 from gateway.schema import ConfigError
@@ -38,6 +41,12 @@ def _holder(path: Path) -> str:
     return f"PID {text}" if text.isdigit() else "another process"
 
 
+# lock file (real path) -> [descriptor, holders]: every Gateway of this process shares one
+# descriptor, since closing *any* descriptor of the file drops the process's POSIX lock on it
+_HELD: dict[str, list[int]] = {}
+_HELD_LOCK = threading.Lock()
+
+
 class StateDirLock:
     """Held from ``acquire()`` until ``release()`` (or the process ends)."""
 
@@ -46,13 +55,24 @@ class StateDirLock:
         self.path = state_dir / LOCK_NAME
         self.config_path = config_path
         self._fd: int | None = None
+        self._key = ""
 
     def acquire(self) -> None:
         """Create the state directory if needed and take the lock, or raise ``ConfigError``
         (``state_dir`` unusable) / ``StateDirInUse`` (held by another process)."""
+        with _HELD_LOCK:
+            self._acquire()
+
+    def _acquire(self) -> None:
         where = str(self.state_dir)
         try:
             self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            key = os.path.realpath(self.path)
+            held = _HELD.get(key)
+            if held is not None:  # this process holds it already: one more holder
+                held[1] += 1
+                self._fd, self._key = held[0], key
+                return
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise ConfigError(self.config_path, "state_dir",
@@ -73,10 +93,19 @@ class StateDirLock:
         with contextlib.suppress(OSError):
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._fd = fd
+        self._fd, self._key = fd, key
+        _HELD[key] = [fd, 1]
 
     def release(self) -> None:
-        fd, self._fd = self._fd, None
-        if fd is not None:
+        with _HELD_LOCK:
+            fd, self._fd = self._fd, None
+            if fd is None:
+                return
+            held = _HELD.get(self._key)
+            if held is not None and held[0] == fd:
+                held[1] -= 1
+                if held[1] > 0:
+                    return  # another Gateway of this process still holds it
+                del _HELD[self._key]
             with contextlib.suppress(OSError):
-                os.close(fd)  # closing the descriptor drops the record lock
+                os.close(fd)  # the last holder: closing the descriptor drops the record lock

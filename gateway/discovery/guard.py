@@ -19,9 +19,13 @@ The decision rests on (b) what the device reports and (c) the configuration (whi
 address belongs to). A device that reports nothing that identifies it (the stock ``smp_svr``
 has no os info; MCUboot's serial recovery answers only the image group) gives an empty
 fingerprint: there is nothing to compare, and the configured address (c) is all that says
-which device it is, as before - the check can tell boards apart only where they say who they
-are. The identity is read with the session's usual bounds (``timeouts.request_s``, 2 retries); no
-answer is a lost link (the attempt fails and is retried), never a pass.
+which device it is, as before - unless a board that reported an identity before is on record
+for this id: then only MCUboot's serial recovery (which never reports one) passes, anything
+else is refused. The check can tell boards apart only where they say who they are, and a
+fingerprint is the device's own unsigned words: it catches a swapped board or a reused
+address, not a board that copies another's node name and board. The identity is read
+with the session's usual bounds (``timeouts.request_s``, 2 retries); no answer is a lost link
+(the attempt fails and is retried), never a pass.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from gateway.bootmodes.recovery import in_serial_recovery
 from gateway.config import DeviceConfig, GatewayConfig, IdentityConfig
 from gateway.discovery.identify import fingerprint, read_identity
 from gateway.smp.errors import UploadError
@@ -83,8 +88,9 @@ class IdentityGuard:
                                     hwid_format=self.ident.hwid_format)
         found = self.discovery.devices.get(dev.id) if self.discovery is not None else None
         fp = fingerprint(facts, found.candidate.attrs if found is not None else {})
-        if not fp:  # nothing identifying reported (no os info; MCUboot's serial recovery):
-            return  # the configured address (c) is all that says which device it is
+        if not fp:  # nothing identifying reported (no os info; MCUboot's serial recovery)
+            await self._nothing_reported(dev, session, found)
+            return
         if found is not None:
             if found.fingerprint and found.fingerprint != fp:
                 assert self.discovery is not None
@@ -110,6 +116,29 @@ class IdentityGuard:
                   f"board that reported {_keys(rec[1])} (fingerprint {rec[0]}): not the journal's "
                   f"device, so nothing is uploaded, marked, reset or confirmed as {dev.id}. If the "
                   "board was replaced on purpose, give it its own id in devices: (its own journal)")
+        self._refuse(dev, reason)
+
+    async def _nothing_reported(self, dev: DeviceConfig, session: SMPSession,
+                                found: object | None) -> None:
+        """An empty fingerprint passes only where nothing else was ever on record for this id
+        (the configured address (c) is then all that says which device it is), or where the
+        device answers from MCUboot's serial recovery (which never reports an identity). A
+        board that once said who it was and now says nothing is not the journal's device:
+        a hostile or replaced board cannot slip past the check by answering ENOTSUP."""
+        rec = self.ops.identity(dev.id) if found is None else None
+        if rec is None:
+            return
+        states = await session.image_state()
+        if in_serial_recovery(states):
+            return
+        self._refuse(dev, f"the board at {_address(dev)} ({dev.id}'s address) reports no "
+                          f"identity (no os info), but {dev.id}'s journal is about the board that "
+                          f"reported {_keys(rec[1])} (fingerprint {rec[0]}): not provably the "
+                          f"journal's device, so nothing is uploaded, marked, reset or confirmed "
+                          f"as {dev.id}. If the board was replaced on purpose, give it its own id "
+                          "in devices: (its own journal)")
+
+    def _refuse(self, dev: DeviceConfig, reason: str) -> None:
         self.ops.quarantine(dev.id, reason)
         if self._warned.get(dev.id) != reason:
             self._warned[dev.id] = reason
