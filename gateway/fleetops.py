@@ -33,7 +33,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from gateway import cancel as cancel_mod
 from gateway import inventory
@@ -53,6 +53,33 @@ from gateway.smp.transport import Transport, TransportError
 from gateway.sources.base import FleetSource, Offer, Report, SourceHealth, UpdateResult, UpdateState
 
 log = logging.getLogger("gateway.fleetops")
+
+T = TypeVar("T")
+WATCH_STOP_S = 5.0  # how long a finished attempt waits for its cancel watcher to end
+
+
+async def _wait_event(ev: asyncio.Event, timeout_s: float) -> None:
+    """Wait until ``ev`` is set or ``timeout_s`` passed. Unlike ``asyncio.wait_for`` in
+    Python 3.11 this never turns the caller's cancellation into a TimeoutError."""
+    waiter = asyncio.ensure_future(ev.wait())
+    try:
+        await asyncio.wait({waiter}, timeout=timeout_s)
+    finally:
+        waiter.cancel()
+
+
+async def _bounded(aw: Awaitable[T], timeout_s: float) -> T:
+    """``aw`` within ``timeout_s`` (TimeoutError otherwise); the caller's cancellation is
+    always re-raised as such (see ``_wait_event``)."""
+    fut = asyncio.ensure_future(aw)
+    try:
+        done, _ = await asyncio.wait({fut}, timeout=timeout_s)
+    finally:
+        if not fut.done():
+            fut.cancel()
+    if not done:
+        raise TimeoutError(f"no answer within {timeout_s:g}s")
+    return fut.result()
 
 ACK_TIMEOUT_S = 30.0  # one try at a cancel's acknowledgement (the server's answer)
 
@@ -374,7 +401,8 @@ class FleetOps:
         return True
 
     async def _watch_cancel(self, dev: DeviceConfig, offer: Offer, ev: asyncio.Event,
-                            started: asyncio.Event, target: str) -> Intent:
+                            started: asyncio.Event, target: str,
+                            stop: asyncio.Event) -> Intent:
         """Until a cancel arrives: the operator's (already journalled by ``request_cancel``) or
         the fleet server's, journalled here before anything is done about it. The server's
         word only ever leads to taking an update back, never to installing anything. The first
@@ -387,8 +415,9 @@ class FleetOps:
         sent = -1
         while True:
             if started.is_set():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(ev.wait(), period)
+                await _wait_event(ev, period)
+            if stop.is_set():  # the engine finished: a cancel from here on is not this attempt's
+                raise asyncio.CancelledError
             if ev.is_set():
                 mine = self._cancel_intent(dev.id)
                 if mine is not None:
@@ -399,7 +428,7 @@ class FleetOps:
             why = None
             if probe is not None:
                 try:
-                    why = await asyncio.wait_for(probe(offer), max(5.0, period))
+                    why = await _bounded(probe(offer), max(5.0, period))
                 except Exception as exc:  # a server hiccup is not a cancel
                     log.debug("device=%s cancel check failed: %s", dev.id, exc)
                 if why:
@@ -430,9 +459,9 @@ class FleetOps:
         ev = self._cancel.setdefault(dev.id, asyncio.Event())
         ev.clear()
         self._running[dev.id] = image_hash.hex()
-        started = asyncio.Event()
+        started, stop = asyncio.Event(), asyncio.Event()
         watch = asyncio.ensure_future(self._watch_cancel(dev, offer, ev, started,
-                                                         image_hash.hex()))
+                                                         image_hash.hex(), stop))
 
         async def after_first_probe() -> Outcome:
             await started.wait()
@@ -449,9 +478,12 @@ class FleetOps:
             self._cancel.pop(dev.id, None)
             self._running.pop(dev.id, None)
         if task.done():
+            # never wait on the watcher unbounded: Python 3.11's wait_for can turn a
+            # cancellation into a timeout the watcher then swallows (found by fault schedule
+            # seed 9: the attempt hung 50 s after its confirm); ``stop`` ends it at its next turn
+            stop.set()
             watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watch
+            await asyncio.wait({watch}, timeout=WATCH_STOP_S)
             return task.result()
         intent = watch.result()
         log.warning("device=%s update canceled (%s, journalled as intent %d): %s", dev.id,
