@@ -167,8 +167,8 @@ def guesses(facts: DeviceFacts) -> dict[str, tuple[Any, str]]:
     }
     if recovery_answers(facts):
         out["mcuboot_mode"] = ("single-app", "no image listed as active: the device answers "
-                               "like MCUboot's serial recovery; to let run update it through recovery also set "
-                               "recovery: {enabled: true, entry: present}")
+                               "like MCUboot's serial recovery; to let run update it through "
+                               "recovery also set recovery: {enabled: true, entry: present}")
     elif facts.mcuboot_mode not in MODE_NAMES:  # not answered, -1, a number without a name
         out["mcuboot_mode"] = ("swap-using-scratch", "GUESS: the device does not report its "
                                "bootloader mode (bootloader info); run assumes a swap mode - "

@@ -24,12 +24,12 @@ from gateway.sim.simulator import Simulator
 pytestmark = pytest.mark.timeout(240)
 
 
-async def _cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120
+async def _cli(*args: str, env: dict[str, str] | None = None, within: float = 120
                ) -> tuple[int, str, str]:
     p = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "gateway.cli", *args, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE, env={**os.environ, **(env or {})})
-    out, err = await asyncio.wait_for(p.communicate(), timeout)
+    out, err = await asyncio.wait_for(p.communicate(), within)
     return p.returncode if p.returncode is not None else -1, out.decode(), err.decode()
 
 
@@ -168,3 +168,44 @@ async def test_probe_empty_image_list_says_what_run_will_do(bench_factory) -> No
         note = next(x for x in out.splitlines() if "run does not update" in x)
         assert "serial recovery" in note and "recovery: {enabled: true" in note
         assert "# mcuboot_mode: single-app" in out
+
+
+# --- status beside a running daemon ------------------------------------------------------------
+async def test_status_beside_a_running_daemon_asks_the_daemon(bench_factory) -> None:
+    """The README's advice: `status` while the daemon runs. The daemon holds the serial port
+    (exclusive lock) mid-upload; status asks the daemon over its control socket instead of
+    opening the port: exit 0, the device's state from the daemon, no "in use". With the
+    daemon gone it reads the device itself again."""
+    from daemon_support import GatewayProcess, watch_journal
+
+    bench = bench_factory(udp=0, serial=1, realistic_links=True)  # 115200 baud: ~9 s upload
+    bench.publish("2.0.0")
+    async with Simulator(bench.sim_cfg) as sim:
+        cfg = bench.gateway_config(sim)
+        assert cfg.config_path is not None
+        gw = GatewayProcess(cfg.config_path, bench.root / "gateway.log")
+        await gw.start()
+        try:
+            rows = await watch_journal(
+                cfg.state_dir, lambda rs: any(r["step"] == "upload" and r["upload_offset"] > 0
+                                              for r in rs), within=60)
+            assert rows is not None, (bench.root / "gateway.log").read_text()[-3000:]
+            rc, out, err = await _cli("status", "-c", str(cfg.config_path))
+            assert rc == 0, out + err
+            assert "in use" not in out + err and "unreachable" not in out + err
+            assert "from the running daemon" in out
+            row = next(x for x in out.splitlines() if "serial-1" in x)
+            assert "1.0.0" in row and "upload" in row and "in session" in row
+            rc, out, err = await _cli("status", "-c", str(cfg.config_path), "--json")
+            assert rc == 0, err
+            (rec,) = json.loads(out)["devices"]
+            assert rec["daemon"]["in_session"] is True and rec["daemon"]["step"] == "upload"
+            active = next(s for s in rec["slots"] if "active" in s["flags"])
+            assert active["version"] == "1.0.0"  # as the daemon read it from the device
+        finally:
+            assert await gw.terminate(30) == 0
+        # no daemon: the device is read live again
+        rc, out, err = await _cli("status", "-c", str(cfg.config_path))
+        assert "from the running daemon" not in out
+        row = next(x for x in out.splitlines() if "serial-1" in x)
+        assert "in use" not in row and "unreachable" not in row, out
