@@ -209,3 +209,68 @@ async def test_status_beside_a_running_daemon_asks_the_daemon(bench_factory) -> 
         assert "from the running daemon" not in out
         row = next(x for x in out.splitlines() if "serial-1" in x)
         assert "in use" not in row and "unreachable" not in row, out
+
+
+# --- demo ------------------------------------------------------------------------------------
+async def test_demo_twice_in_one_workdir_then_by_hand(tmp_path: Path) -> None:
+    """`demo --workdir D` twice: the second run starts fresh with D's key (no KEYHASH halt),
+    prints what the devices report, and only then success; the kept sim.yaml and gateway.yaml
+    fit together by hand."""
+    work = tmp_path / "demo"
+    rc, _, err = await _cli("demo", "--workdir", str(work), within=180)
+    assert rc == 0 and "all devices updated and confirmed" in err, err[-3000:]
+    key = (work / "keys" / "signing.pem").read_bytes()
+    rc, _, err = await _cli("demo", "--workdir", str(work), within=180)
+    assert rc == 0 and "all devices updated and confirmed" in err, err[-3000:]
+    assert (work / "keys" / "signing.pem").read_bytes() == key  # the same key, reused
+    shown = [x for x in err.splitlines() if "simulated device" in x]
+    assert len(shown) == 3 and all(x.rstrip().endswith("running 1.0.0") for x in shown), err
+    # by hand: the simulator from sim.yaml, the gateway from gateway.yaml
+    sim = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway.cli", "sim", "-c", str(work / "sim.yaml"),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+    try:
+        assert sim.stdout is not None
+        while True:
+            line = (await asyncio.wait_for(sim.stdout.readline(), 60)).decode()
+            assert line, "the simulator exited"
+            if line.startswith("endpoints: "):
+                break
+        rc, out, err = await _cli("run", "-c", str(work / "gateway.yaml"), "--once")
+        assert rc == 0, out + err[-3000:]
+        rc, out, err = await _cli("status", "-c", str(work / "gateway.yaml"))
+        assert rc == 0 and out.count("2.0.0") >= 3, out + err
+    finally:
+        sim.terminate()
+        await sim.wait()
+    # a directory the demo did not make is never cleared
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    rc, _, err = await _cli("demo", "--workdir", str(other))
+    assert rc == 2 and "not made by smp-gateway demo" in _one_line(err)
+    assert (other / "notes.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+async def test_demo_interrupted_removes_its_temporary_key(tmp_path: Path, sig: signal.Signals) -> None:
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    p = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway.cli", "demo", stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE, env={**os.environ, "TMPDIR": str(tmp)})
+    assert p.stderr is not None
+    seen = []
+    while True:  # the key and images exist once the links line is printed
+        line = (await asyncio.wait_for(p.stderr.readline(), 60)).decode()
+        assert line, "".join(seen)
+        seen.append(line)
+        if line.startswith("links:"):
+            break
+    (made,) = list(tmp.glob("smp-gateway-demo-*"))
+    assert (made / "keys" / "signing.pem").is_file()
+    p.send_signal(sig)
+    rest = (await asyncio.wait_for(p.stderr.read(), 60)).decode()
+    assert await p.wait() == 128 + int(sig), rest
+    assert "Traceback" not in rest
+    assert not list(tmp.glob("smp-gateway-demo-*"))  # no private key left behind
