@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -170,9 +171,31 @@ async def _run(cfg: GatewayConfig, once: bool) -> int:
     return EXIT_OK
 
 
+async def _daemon_status(cfg: GatewayConfig) -> dict[str, dict[str, Any]] | None:
+    """The running daemon's view of every device (``status`` on its control socket), or None
+    when no daemon answers there. A daemon holds its devices' links (a serial port is locked
+    by it, a device it is resetting does not answer): asking the devices beside it would show
+    "in use" and "unreachable" for devices that are fine."""
+    from gateway.control import ControlError, request
+
+    if not cfg.control.enabled or not cfg.control_socket.exists():
+        return None
+    try:
+        got = await request(cfg.control_socket, {"cmd": "status"}, timeout_s=10.0)
+    except ControlError as exc:
+        logging.getLogger("gateway").debug("no daemon on %s: %s", cfg.control_socket, exc)
+        return None
+    except (OSError, ValueError) as exc:  # a broken answer: read the devices instead
+        logging.getLogger("gateway").debug("control socket %s: %s", cfg.control_socket, exc)
+        return None
+    return got if isinstance(got, dict) else None
+
+
 async def _status(cfg: GatewayConfig, offline: bool, as_json: bool = False) -> int:
     """Every device: both slots, its target, the journal's step and progress (``--json``: the
-    inventory records the fleet servers get, ``gateway.inventory``)."""
+    inventory records the fleet servers get, ``gateway.inventory``). With a daemon running
+    (its control socket answers) the slots and sessions are the daemon's; the devices are read
+    live only when no daemon runs."""
     from rich.console import Console
     from rich.table import Table
     from smp.image_management import ImageState
@@ -199,7 +222,8 @@ async def _status(cfg: GatewayConfig, offline: bool, as_json: bool = False) -> i
                 live[dev.id] = exc
 
     devices = inventory.all_devices(cfg)
-    if not offline:
+    daemon = None if offline else await _daemon_status(cfg)
+    if not offline and daemon is None:
         async with asyncio.TaskGroup() as tg:
             for dev in devices:
                 tg.create_task(query(dev))
@@ -209,8 +233,10 @@ async def _status(cfg: GatewayConfig, offline: bool, as_json: bool = False) -> i
     quarantined = inventory.quarantined(cfg.state_dir)
     retry, sources = _scheduling_state(cfg)
     if as_json:
-        return _status_json(cfg, devices, live, journal, versions, quarantined, retry, sources)
-    title = f"{cfg.gateway_id}: devices" + (" (journal only)" if offline else "")
+        return _status_json(cfg, devices, live, journal, versions, quarantined, retry, sources,
+                            daemon)
+    title = f"{cfg.gateway_id}: devices" + (" (journal only)" if offline else "") + (
+        " (from the running daemon)" if daemon is not None else "")
     table = Table(title=title)
     for col in ("device", "group", "running", "hash", "flags", "slot 1", "target", "step",
                 "progress", "last error"):
@@ -234,6 +260,8 @@ async def _status(cfg: GatewayConfig, offline: bool, as_json: bool = False) -> i
         if why is not None:  # no update may touch it now (gateway.discovery.guard)
             step, rc = f"QUARANTINED: {why}", EXIT_FAILED
         row = [e.running_version or "-", (e.running_hash or "-")[:16], "(journal)", "-"]
+        if daemon is not None:
+            row, step = _daemon_row(daemon.get(dev.id), row, step)
         got = live.get(dev.id)
         if isinstance(got, Exception):
             row[2] = f"unreachable: {got}"
@@ -253,6 +281,28 @@ async def _status(cfg: GatewayConfig, offline: bool, as_json: bool = False) -> i
     return rc
 
 
+def _daemon_row(d: dict[str, Any] | None, row: list[str], step: str) -> tuple[list[str], str]:
+    """The running/hash/flags/slot-1 cells and the step from the daemon's view of a device."""
+    if d is None:
+        return row, step
+    slots = [s for s in d.get("slots") or [] if isinstance(s, dict)]
+    act = next((s for s in slots if "active" in (s.get("flags") or [])), None)
+    other = next((s for s in slots if s is not act), None)
+    if act is not None:
+        row = [str(act.get("version")), str(act.get("hash") or "-")[:16],
+               ",".join(f for f in act.get("flags") or [] if f != "bootable"), row[3]]
+    if slots:
+        row[3] = (f"{other.get('version')} "
+                  f"{','.join(f for f in other.get('flags') or [] if f != 'bootable')}".strip()
+                  if other is not None else "empty")
+    at = d.get("slots_at")
+    if slots and isinstance(at, int | float):
+        row[2] = f"{row[2]} (read {time.strftime('%H:%M:%S', time.localtime(at))})".strip()
+    if d.get("in_session"):
+        step = f"{step}; in session"
+    return row, step
+
+
 def _scheduling_state(cfg: GatewayConfig) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
     """The daemon's parked/backoff devices and its source's backoff (``fleet.sqlite``)."""
     if not (cfg.state_dir / "fleet.sqlite").exists():
@@ -267,7 +317,8 @@ def _scheduling_state(cfg: GatewayConfig) -> tuple[dict[str, dict[str, Any]], di
 def _status_json(cfg: GatewayConfig, devices: list[DeviceConfig], live: dict[str, Any],
                  journal: Any, versions: dict[str, str], quarantined: dict[str, str],
                  retry: dict[str, dict[str, Any]] | None = None,
-                 sources: dict[str, dict[str, Any]] | None = None) -> int:
+                 sources: dict[str, dict[str, Any]] | None = None,
+                 daemon: dict[str, dict[str, Any]] | None = None) -> int:
     import json
 
     from gateway import inventory
@@ -284,6 +335,10 @@ def _status_json(cfg: GatewayConfig, devices: list[DeviceConfig], live: dict[str
         prev = last.get(dev.id) or {}
         reachable: bool | str = "not asked (--offline)" if got is None else True
         slots = prev.get("slots")
+        d = (daemon or {}).get(dev.id)
+        if daemon is not None:
+            reachable = "not asked: the running daemon holds the device"
+            slots = (d or {}).get("slots") or slots
         if isinstance(got, Exception):
             reachable, rc = f"unreachable: {got}", EXIT_FAILED
         elif got is not None:
@@ -298,6 +353,8 @@ def _status_json(cfg: GatewayConfig, devices: list[DeviceConfig], live: dict[str
         rec["parked"] = ({"until": r.get("until"), "failures": r.get("failures"),
                           "reason": r.get("reason")} if r and r.get("parked") else None)
         rec["retry"] = r
+        if daemon is not None:
+            rec["daemon"] = d
         out.append(rec)
     journal.close()
     print(json.dumps({"gateway": cfg.gateway_id, "devices": out,

@@ -678,6 +678,8 @@ class FleetOps:
         log.info("control %s %s by %s", cmd, target or "-", actor)
         if cmd == "list":
             return self.list_devices()
+        if cmd == "status":  # read-only: what `smp-gateway status` shows beside a daemon
+            return self.status_devices()
         if cmd == "rollout":
             return self.rollout.status()
         if cmd == "audit":
@@ -737,13 +739,33 @@ class FleetOps:
             self.wake(dev.id)
             result = f"{dev.id}: {label} unblocked; it may be attempted again"
         else:
-            raise ControlError(f"unknown command {cmd!r} (list, update, pause, resume, cancel, "
-                               "unblock, rescan, rollout, rollout-resume, audit)")
+            raise ControlError(f"unknown command {cmd!r} (list, status, update, pause, resume, "
+                               "cancel, unblock, rescan, rollout, rollout-resume, audit)")
         if cmd != "unblock":
             self._journal_event(dev.id, f"operator {cmd} by {actor}")
         self.ops.audit(actor, cmd, dev.id, result)
         log.info("control %s device=%s by %s: %s", cmd, dev.id, actor, result)
         return result
+
+    def status_devices(self) -> dict[str, dict[str, Any]]:
+        """What the daemon knows of each device, without opening one (the daemon holds the
+        links: ``smp-gateway status`` asks here instead of opening a port the daemon has
+        locked). Read-only: nothing journalled, nothing audited. ``slots``: as the daemon last
+        read them from the device (``slots_at``), never a fleet server's word."""
+        inv = self.ops.inventory()
+        out: dict[str, dict[str, Any]] = {}
+        for d in self.devices():
+            e = self.gw.journal.get(d.id)
+            rec = inv.get(d.id) or {}
+            out[d.id] = {
+                "in_session": d.id in self.gw.in_session, "step": e.step, "outcome": e.outcome,
+                "upload": [e.upload_offset, e.upload_total],
+                "running": e.running_version, "running_hash": e.running_hash,
+                "slots": rec.get("slots"), "slots_at": rec.get("inventory_at"),
+                "mcuboot_mode": rec.get("mcuboot_mode"), "mcumgr_params": rec.get("mcumgr_params"),
+                "paused": self.ops.is_paused(d.id),
+            }
+        return out
 
     def list_devices(self) -> list[dict[str, Any]]:
         out = []

@@ -68,7 +68,8 @@ from typing import Any, Protocol
 
 __all__ = [
     "ChunkControl", "LinkFacts", "LinkMemory", "MemoryStore", "Plan", "TuningStore",
-    "WindowControl", "chunk_data_room", "first_chunk_floor_for", "first_resend_s", "ladder", "learn",
+    "WindowControl", "chunk_data_room", "first_chunk_floor_for", "first_resend_s", "kconfig_netbuf",
+    "ladder", "learn",
     "plan_upload",
     "serial_lines", "serial_packet_for_lines",
 ]
@@ -181,6 +182,11 @@ class LinkFacts:
     def signature(self) -> str:
         extra = f":{self.line_length}" if self.serial else ""
         return f"{self.kind}:{self.max_packet}{extra}"
+
+
+def kconfig_netbuf(kind: str) -> int:
+    """The netbuf size assumed when the device does not report its MCUmgr parameters."""
+    return KCONFIG_UDP_NETBUF_SIZE if kind == "udp" else KCONFIG_NETBUF_SIZE
 
 
 def params_signature(params: ParamsLike | None) -> str:
@@ -324,7 +330,7 @@ def plan_upload(
         dev_max = params.buf_size - facts.netbuf_overhead
         why.append(f"MCUmgr params {params.buf_size}x{params.buf_count}")
     else:
-        default = KCONFIG_UDP_NETBUF_SIZE if facts.kind == "udp" else KCONFIG_NETBUF_SIZE
+        default = kconfig_netbuf(facts.kind)
         dev_max = default - facts.netbuf_overhead
         why.append(f"no MCUmgr params: Kconfig default netbuf {default}")
     top = max(1, min(facts.max_packet, dev_max))
