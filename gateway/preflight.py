@@ -64,7 +64,7 @@ from gateway.opstate import OpState
 from gateway.smp.session import SMPError, SMPSession, SMPTimeout
 from gateway.smp.transport import TransportError
 from gateway.sources import build_source
-from gateway.sources.base import DeviceView
+from gateway.sources.base import DeviceView, FetchError
 
 READ_TIMEOUT_S = 3.0
 
@@ -331,6 +331,11 @@ async def dry_run(cfg: GatewayConfig) -> list[dict[str, Any]]:
                     continue
                 try:
                     path = await asyncio.wait_for(source.fetch(offer, dev.slot_size), 600)
+                except FetchError as exc:  # permanent: the daemon refuses and blocks it
+                    out.append({**row, "action": "refuse" if exc.permanent else "fail",
+                                "refusal": f"download: {exc}" if exc.permanent else None,
+                                "lwm2m_result": int(exc.result), "why": f"download: {exc}"})
+                    continue
                 except Exception as exc:
                     out.append({**row, "action": "fail", "why": f"download: {exc}"})
                     continue
