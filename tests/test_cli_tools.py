@@ -26,11 +26,11 @@ NEVER = {"cron": "0 0 1 1 *", "duration_s": 60, "timezone": "UTC"}
 WRITES = {"upload-start", "state-write", "erase"}
 
 
-async def cli(*args: str, timeout: float = 120) -> tuple[int, str, str]:
+async def cli(*args: str, within: float = 120) -> tuple[int, str, str]:
     p = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "gateway.cli", *args, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(p.communicate(), timeout)
+    out, err = await asyncio.wait_for(p.communicate(), within)
     assert p.returncode is not None
     return p.returncode, out.decode(), err.decode()
 
