@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from gateway import cli_tools
 from gateway import log as glog
 from gateway.config import ConfigError, DeviceConfig, GatewayConfig, load_config
 from gateway.opstate import OpState, retry_label, source_label
@@ -76,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="simulated devices + signed images + one --once pass")
     d.add_argument("--workdir", help="keep the demo's files here (default: a temporary dir)")
     d.add_argument("--keep", action="store_true", help="do not delete the temporary directory")
+    cli_tools.register(sub)  # device, check-config, verify, history, run --dry-run
     return p
 
 
@@ -102,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "sim":
             glog.setup(args.log_format or "text", level)
             return _sim(args.config)
+        if cli_tools.handles(args):  # the operator's tools (gateway/cli_tools.py)
+            glog.setup(args.log_format or "text", level if args.verbose else logging.WARNING)
+            return cli_tools.main(args)
         cfg = load_config(args.config)
         glog.setup(args.log_format or cfg.log_format, level)
         if args.cmd == "run":

@@ -154,6 +154,36 @@ class RecoveryConfig(Model):
                                                  "MCUboot's serial recovery does")
 
 
+class SmpHealthCheck(Model):
+    """An SMP request the new image must answer (with ``expect_contains`` in its answer)."""
+
+    group: int = Field(ge=0, le=0xFFFF, description="SMP group id (0 = os_mgmt)")
+    command: int = Field(ge=0, le=0xFF, description="SMP command id (os info: group 0 command 7)")
+    op: Literal["read", "write"] = "read"
+    body: dict[str, Any] = Field(default_factory=dict, description="request body (CBOR map)")
+    expect_contains: str | None = Field(
+        None, description="text the answer (its values, as text) must contain; unset: any "
+                          "success answer passes")
+
+
+class HealthCheckHook(Model):
+    """A user-defined health check that must pass before the gateway confirms (after
+    ``health_check_s``): a command (exit 0 = healthy; SMPGW_DEVICE_ID, SMPGW_VERSION,
+    SMPGW_TRANSPORT, SMPGW_ADDRESS, SMPGW_IMAGE_HASH in its environment) or an SMP request."""
+
+    command: list[str] | None = Field(None, min_length=1, description="argv, no shell")
+    smp: SmpHealthCheck | None = None
+    timeout_s: float = Field(30.0, gt=0, le=3600, description="killed (= failed) after this")
+    max_output_bytes: int = Field(4096, ge=0, le=1 << 20,
+                                  description="output kept for the outcome; the rest is discarded")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> HealthCheckHook:
+        if (self.command is None) == (self.smp is None):
+            raise ValueError("health_check: give exactly one of command: [...] or smp: {...}")
+        return self
+
+
 class DeviceConfig(Model):
     id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.:@-]+$")
     transport: TransportConfig
@@ -172,6 +202,9 @@ class DeviceConfig(Model):
     health_check_s: float = Field(
         3.0, ge=0, description="policy 'gateway': the new image must keep answering this long"
     )
+    health_check: HealthCheckHook | None = Field(
+        None, description="policy 'gateway': a hook (command or SMP request) that must pass "
+                          "after health_check_s before the image is confirmed; failing = reverted")
     allow_downgrade: bool = False
     allow_unsigned: bool = False
     group: str | None = Field(None, description="devices that must change version together")

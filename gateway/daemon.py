@@ -632,6 +632,7 @@ class Gateway:
     _fail = fail
 
     def _count(self, out: Outcome) -> Outcome:
+        self.fleet.note_outcome(out)  # history (journal attempts), per-device metrics
         if out.status not in (Status.UP_TO_DATE, Status.HELD):
             self.metrics.inc("updates_finished_total", status=out.status.value,
                              reason=out.result.name.lower())

@@ -32,6 +32,7 @@ from gateway.bootmodes.flows import Mark, ModeFlow
 from gateway.bootmodes.modes import DeviceMode, ModeConflict, detect
 from gateway.bootmodes.recovery import RecoveryFlow, in_serial_recovery, loader_running
 from gateway.config import DeviceConfig
+from gateway.healthhook import run_hook
 from gateway.images import (
     ImageRefused,
     Refusal,
@@ -747,8 +748,37 @@ class UpdateEngine:
             if time.monotonic() >= end:
                 break
             await asyncio.sleep(min(self.poll, max(0.0, end - time.monotonic())))
+        await self._user_health_check(image, old_v)  # health_check: hook; failing = reverted
         self._hold(Stage.BOOTED, image, old_v)
         return await self._confirm(image, old_v)
+
+    async def _user_health_check(self, image: VerifiedImage, old_v: str | None) -> None:
+        """The device's ``health_check:`` hook (``gateway.healthhook``: a command or an SMP
+        request, bounded in time and output) must pass before the confirm. Which check is (c),
+        its verdict is what the user's check or the device answers (b); anything but a pass
+        means not healthy: never confirmed - the reset that reverts it is journalled first and
+        goes through the reset gate, MCUboot reverts, and the outcome is rolled-back with the
+        hook's output."""
+        res = await run_hook(self.dev, self.s, str(image.version), old_v, image.hash.hex())
+        if res is None:
+            return
+        if res.ok:
+            self._step(Step.CONFIRM, res.detail)
+            return
+        log.warning("device=%s %s: not confirming %s", self.dev.id, res.detail, image.version)
+        self._gate(f"{res.detail}; the reset that reverts it", image, old_v)
+        self._step(Step.RESET, f"{res.detail}: not confirmed; reset so MCUboot reverts")
+        acked = await self.s.reset()
+        self._step(Step.WAIT_BOOT, f"revert reset acknowledged={acked}")
+        await self._wait_reboot()
+        slots = await self.read_slots()
+        if slots.active_hash == image.hash:
+            raise self._finish(Status.FAILED, UpdateResult.UPDATE_FAILED,
+                               f"{res.detail}; reset to revert, but the device still runs "
+                               f"{image.version} unconfirmed", image, old_v)
+        raise self._finish(Status.ROLLED_BACK, UpdateResult.UPDATE_FAILED,
+                           f"{res.detail}; not confirmed: reset, MCUboot reverted to "
+                           f"{slots.running or '?'}", image, old_v)
 
     async def _after_install(self, image: VerifiedImage, old_v: str | None) -> Outcome:
         """A mode without a test boot (overwrite-only, direct-XIP without revert, RAM load):
@@ -1177,6 +1207,10 @@ class UpdateEngine:
                 if time.monotonic() >= end:
                     break
                 await asyncio.sleep(min(self.poll, max(0.0, end - time.monotonic())))
+            hook = await run_hook(self.dev, self.s, str(iset.version), old_v, sid)
+            if hook is not None and not hook.ok:  # health_check: hook failed - reverted
+                return await self._set_revert(iset, hook.detail, verdict.testing,
+                                              verdict.permanent, old_v)
             # confirm: the other test-marked images (by hash) first, the running one last
             if self.entry.tested_hash != sid:  # the invariant, at the last moment
                 raise self._finish(Status.FAILED, UpdateResult.UPDATE_FAILED,

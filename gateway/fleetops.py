@@ -36,7 +36,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol, TypeVar
 
 from gateway import cancel as cancel_mod
-from gateway import inventory
+from gateway import devcmd, inventory
 from gateway.bootmodes.recovery import in_serial_recovery, last_confirmed_path
 from gateway.config import DeviceConfig, GatewayConfig, SerialTransport
 from gateway.control import ControlError, ControlServer
@@ -45,6 +45,7 @@ from gateway.engine import Outcome, Slots, Stage, Status, UpdateEngine
 from gateway.images import ImageRefused, ImageStore
 from gateway.journal import STAGED, Entry, Intent, Journal
 from gateway.maintenance import MaintenancePolicy
+from gateway.metrics import DeviceSeries
 from gateway.opstate import OpState, retry_label
 from gateway.plan import Stopping
 from gateway.rollout import RolloutManager, VerifyDeferred
@@ -155,6 +156,13 @@ class FleetOps:
         self._control: ControlServer | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._add_unit: Callable[[str, list[DeviceConfig]], object] | None = None
+        self._asked: dict[str, str] = {}  # device id -> the operator whose ctl update runs
+        # per-device Prometheus series (state, last outcome, bytes, upload rate)
+        self.series = DeviceSeries(lambda: [d.id for d in self.devices()],
+                                   lambda: dict(getattr(gw, "steps", {}) or {}))
+        m = getattr(gw, "metrics", None)
+        if m is not None:
+            self.series.register(m)
 
     def close(self) -> None:
         self.ops.close()
@@ -710,6 +718,8 @@ class FleetOps:
             self.ops.audit(actor, cmd, "*", str(req.get("reason") or ""))
             return f"{cmd}d {len(devs)} device(s)"
         dev = self._dev(target)
+        if cmd == "device":  # smp-gateway device ID ...: journalled/audited in gateway.devcmd
+            return await self.device_command(dev, req, actor)
         if cmd == "pause":
             reason = f"{req.get('reason') or 'no reason given'} ({actor})"
             self.ops.pause(dev.id, reason)
@@ -721,6 +731,7 @@ class FleetOps:
             result = f"{dev.id} resumed"
         elif cmd == "update":
             self._now[dev.id] = bool(req.get("ignore_window"))
+            self._asked[dev.id] = f"operator ({actor})"
             self.wake(dev.id)
             result = (f"{dev.id}: update check now" + (" (maintenance window ignored)"
                                                        if req.get("ignore_window") else ""))
@@ -766,6 +777,46 @@ class FleetOps:
                 "paused": self.ops.is_paused(d.id),
             }
         return out
+
+    async def device_command(self, dev: DeviceConfig, req: dict[str, Any], actor: str) -> Any:
+        """``smp-gateway device ID <command>`` while the daemon runs: inside ``gw.session``, so
+        under the same per-device lock as the daemon's own sessions (never beside an update's
+        session); the rules are ``gateway.devcmd``'s."""
+        try:
+            cmd = devcmd.DeviceCommand.from_request(req)
+        except devcmd.DeviceCommandRefused as exc:
+            raise ControlError(str(exc)) from None
+        try:
+            async with self.gw.session(dev) as session:
+                result = await devcmd.run(dev, session, cmd, self.gw.journal, self.ops, self.maint,
+                                          actor)
+        except devcmd.DeviceCommandRefused as exc:
+            raise ControlError(str(exc)) from None
+        except Stopping:
+            raise ControlError("the gateway is stopping") from None
+        except (SMPError, SMPTimeout, TransportError) as exc:
+            raise ControlError(f"{dev.id}: {type(exc).__name__}: {exc}") from None
+        log.info("control device %s device=%s by %s: %s", cmd.op, dev.id, actor, result)
+        return result
+
+    def note_outcome(self, out: Outcome) -> None:
+        """Every counted outcome of an attempt: the journal's ``attempts`` (``smp-gateway
+        history``: outcome, LwM2M code, bytes, duration, who asked) and the per-device series."""
+        self.series.outcome(out)
+        if out.status in (Status.UP_TO_DATE, Status.HELD):
+            return
+        e = self.gw.journal.get(out.device_id)
+        asked = self._asked.pop(out.device_id, None) or f"server ({self.gw.source.name})"
+        try:
+            self.gw.journal.put_attempt({
+                "device_id": out.device_id, "status": out.status.value, "result": int(out.result),
+                "detail": out.detail, "old_version": out.old_version,
+                "new_version": out.new_version or e.target_version, "target_hash": e.target_hash,
+                "artifact_id": e.artifact_id, "source": e.source, "bytes": out.bytes_uploaded,
+                "upload_seconds": out.upload_seconds, "resumed_from": out.resumed_from,
+                "actor": asked, "grp": out.group})
+        except Exception as exc:  # the history must never cost the outcome
+            log.error("device=%s attempt not written to the history: %s", out.device_id, exc)
 
     def list_devices(self) -> list[dict[str, Any]]:
         out = []

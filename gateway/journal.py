@@ -129,8 +129,42 @@ class Journal:
             "state TEXT, detail TEXT, attempts INTEGER DEFAULT 0, created_at REAL, done_at REAL)"
         )
 
+        # attempts (``smp-gateway history``): one row per finished attempt, a new table (a
+        # journal of an older gateway has none: its history is its events)
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS attempts (id INTEGER PRIMARY KEY AUTOINCREMENT, "
+            "device_id TEXT, started_at REAL, finished_at REAL, status TEXT, result INTEGER, "
+            "detail TEXT, old_version TEXT, new_version TEXT, target_hash TEXT, artifact_id TEXT, "
+            "source TEXT, bytes INTEGER, upload_seconds REAL, resumed_from INTEGER, actor TEXT, "
+            "grp TEXT)")
+
     def close(self) -> None:
         self._db.close()
+
+    # -- attempts: what ``history`` shows ------------------------------------------------------
+    def put_attempt(self, rec: dict[str, Any]) -> None:
+        """One finished attempt (keys: the ``attempts`` columns but ``id``); ``started_at``
+        defaults to the device's last state read before now (the attempt's start)."""
+        now = time.time()
+        with self._lock:
+            if not rec.get("started_at"):
+                row = self._db.execute(
+                    "SELECT max(t) FROM events WHERE device_id=? AND (step='read-state' OR "
+                    "detail='read')", (rec["device_id"],)).fetchone()
+                rec = {**rec, "started_at": row[0] if row and row[0] else now}
+            rec = {**rec, "finished_at": rec.get("finished_at") or now}
+            cols = [c for c in ATTEMPT_COLS if c != "id"]
+            self._db.execute(f"INSERT INTO attempts ({', '.join(cols)}) VALUES "
+                             f"({', '.join('?' for _ in cols)})", [rec.get(c) for c in cols])
+
+    def attempts(self, device_id: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
+        """Finished attempts, oldest first (the last ``limit``)."""
+        q, args = f"SELECT {', '.join(ATTEMPT_COLS)} FROM attempts", list[Any]()
+        if device_id is not None:
+            q, args = q + " WHERE device_id=?", [device_id]
+        with self._lock:
+            rows = self._db.execute(q + " ORDER BY id DESC LIMIT ?", [*args, int(limit)]).fetchall()
+        return [dict(zip(ATTEMPT_COLS, r, strict=True)) for r in reversed(rows)]
 
     def get(self, device_id: str) -> Entry:
         with self._lock:
@@ -373,6 +407,11 @@ class Journal:
                                  (now, row[0], f"report-{state}",
                                   f"report={report_id}" + (f": {reason}" if reason else "")))
             self._db.execute("COMMIT")
+
+
+ATTEMPT_COLS = ("id", "device_id", "started_at", "finished_at", "status", "result", "detail",
+                "old_version", "new_version", "target_hash", "artifact_id", "source", "bytes",
+                "upload_seconds", "resumed_from", "actor", "grp")
 
 
 def _dumps(handle: dict[str, Any]) -> str:

@@ -117,3 +117,50 @@ class MetricsServer:
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
+
+
+class DeviceSeries:
+    """Per-device series: ``device_state{device,step}`` (1 for the journal step it is in),
+    ``device_last_outcome{device,outcome}`` (1 for its last outcome), ``device_upload_bytes_total``
+    and ``device_upload_rate_bytes_per_second`` (its last upload). Bounded by the device list:
+    series of devices no longer listed are not exported."""
+
+    def __init__(self, device_ids: Callable[[], Iterable[str]],
+                 steps: Callable[[], dict[str, str]]) -> None:
+        self.device_ids = device_ids
+        self.steps = steps
+        self.last: dict[str, str] = {}
+        self.bytes: dict[str, float] = {}
+        self.rate: dict[str, float] = {}
+
+    def outcome(self, out: object) -> None:
+        dev = str(getattr(out, "device_id", ""))
+        status = getattr(out, "status", None)
+        if status is not None and str(getattr(status, "value", status)) != "held":
+            self.last[dev] = str(getattr(status, "value", status))
+        sent = float(getattr(out, "bytes_uploaded", 0) or 0)
+        secs = float(getattr(out, "upload_seconds", 0.0) or 0.0)
+        if sent:
+            self.bytes[dev] = self.bytes.get(dev, 0.0) + sent
+            if secs > 0:
+                self.rate[dev] = sent / secs
+
+    def register(self, m: Metrics) -> None:
+        m.describe("device_state", "gauge", "1 for the journal step each device is in")
+        m.describe("device_last_outcome", "gauge", "1 for each device's last outcome")
+        m.describe("device_upload_bytes_total", "counter", "image bytes sent to each device")
+        m.describe("device_upload_rate_bytes_per_second", "gauge",
+                   "each device's last upload throughput")
+        m.collector(self.rows)
+
+    def rows(self) -> list[tuple[str, dict[str, str], float]]:
+        steps = self.steps()
+        out: list[tuple[str, dict[str, str], float]] = []
+        for d in self.device_ids():
+            out.append(("device_state", {"device": d, "step": steps.get(d, "idle")}, 1.0))
+            if d in self.last:
+                out.append(("device_last_outcome", {"device": d, "outcome": self.last[d]}, 1.0))
+            out.append(("device_upload_bytes_total", {"device": d}, self.bytes.get(d, 0.0)))
+            if d in self.rate:
+                out.append(("device_upload_rate_bytes_per_second", {"device": d}, self.rate[d]))
+        return out
