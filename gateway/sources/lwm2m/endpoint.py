@@ -159,9 +159,9 @@ class Endpoint:
             return
         if len(uri) > 2048:
             raise CoapError(Code.BAD_REQUEST, "Package URI longer than 2048 characters")
-        if self.rec.state in (DOWNLOADING, UPDATING) and self.rec.phase != "idle":
-            # spec: a new package is taken in Idle (or Downloaded, replacing it)
-            raise CoapError(Code.BAD_REQUEST, f"State is {self.rec.state}: cancel first")
+        if self.rec.state == UPDATING and self.rec.phase == "install":
+            # the engine is installing: only a cancel (empty URI) may stop it
+            raise CoapError(Code.BAD_REQUEST, "State is 3 (Updating): cancel first")
         self._abort_push()
         try:
             parts = urlsplit(uri)
