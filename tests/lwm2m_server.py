@@ -153,7 +153,7 @@ class Wakaama:
         """A cursor: ``wait(..., since=mark)`` looks only at later events."""
         return len(self.events)
 
-    async def wait(self, pred: Callable[[Ev], bool], timeout: float = 30.0, since: int = 0) -> Ev:
+    async def wait(self, pred: Callable[[Ev], bool], within: float = 30.0, since: int = 0) -> Ev:
         async def find() -> Ev:
             i = since
             async with self._changed:
@@ -165,41 +165,41 @@ class Wakaama:
                             return ev
                     await self._changed.wait()
         try:
-            return await asyncio.wait_for(find(), timeout)
+            return await asyncio.wait_for(find(), within)
         except TimeoutError:
             tail = "".join(self.lines[-30:])
-            raise AssertionError(f"no matching LwM2M server event within {timeout}s; last "
+            raise AssertionError(f"no matching LwM2M server event within {within}s; last "
                                  f"output:\n{tail}") from None
 
-    async def registered(self, ep: str, timeout: float = 30.0, since: int = 0) -> int:
+    async def registered(self, ep: str, within: float = 30.0, since: int = 0) -> int:
         ev = await self.wait(lambda e: e.kind in ("REGISTERED", "UPDATED") and e.get("ep") == ep,
-                             timeout, since)
+                             within, since)
         return ev.client
 
-    async def request(self, line: str, client: int, uri: str, timeout: float = 30.0) -> Ev:
+    async def request(self, line: str, client: int, uri: str, within: float = 30.0) -> Ev:
         """Send a command and await its (final: not a Block1 2.31 Continue) RESULT."""
         m = self.mark()
         await self.cmd(line)
         return await self.wait(lambda e: e.kind == "RESULT" and e.client == client
-                               and e.get("uri") == uri and e.code != "2.31", timeout, m)
+                               and e.get("uri") == uri and e.code != "2.31", within, m)
 
-    async def read(self, client: int, uri: str, timeout: float = 30.0) -> Ev:
-        return await self.request(f"read {client} {uri}", client, uri, timeout)
+    async def read(self, client: int, uri: str, within: float = 30.0) -> Ev:
+        return await self.request(f"read {client} {uri}", client, uri, within)
 
-    async def write(self, client: int, uri: str, value: str, timeout: float = 60.0) -> Ev:
-        return await self.request(f"write {client} {uri} {value}", client, uri, timeout)
+    async def write(self, client: int, uri: str, value: str, within: float = 60.0) -> Ev:
+        return await self.request(f"write {client} {uri} {value}", client, uri, within)
 
-    async def exec(self, client: int, uri: str, timeout: float = 30.0) -> Ev:
-        return await self.request(f"exec {client} {uri}", client, uri, timeout)
+    async def exec(self, client: int, uri: str, within: float = 30.0) -> Ev:
+        return await self.request(f"exec {client} {uri}", client, uri, within)
 
-    async def observe(self, client: int, uri: str, timeout: float = 30.0) -> Ev:
+    async def observe(self, client: int, uri: str, within: float = 30.0) -> Ev:
         """Start observing; returns the first NOTIFY (the current value)."""
         m = self.mark()
         await self.cmd(f"observe {client} {uri}")
         return await self.wait(lambda e: e.kind == "NOTIFY" and e.client == client
-                               and e.get("uri") == uri, timeout, m)
+                               and e.get("uri") == uri, within, m)
 
-    async def notified(self, client: int, uri: str, value: int, timeout: float = 60.0,
+    async def notified(self, client: int, uri: str, value: int, within: float = 60.0,
                        since: int = 0) -> Ev:
         """The first notification of ``uri`` carrying ``value`` (an integer resource)."""
         def ok(e: Ev) -> bool:
@@ -209,7 +209,7 @@ class Wakaama:
                 return tlv_int(e.payload) == value
             except ValueError:
                 return False
-        return await self.wait(ok, timeout, since)
+        return await self.wait(ok, within, since)
 
     def values(self, client: int, uri: str) -> list[int]:
         """Every integer value notified for ``uri`` so far, in order."""

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from fleet_servers.common import FileStore, serve
-from lwm2m_server import Wakaama, tlv_int, wakaama_binary
+from lwm2m_server import Wakaama, free_udp_port, tlv_int, wakaama_binary
 
 from gateway import devkit
 from gateway.artifacts.bundle import BundleEntry, write_bundle
@@ -119,7 +119,7 @@ async def test_push_block1_then_update_and_restart_keeps_result(bench_factory,
             await observe_fw(server, c)
             m = server.mark()
             assert (await server.exec(c, "/5/0/2")).code == "4.05"  # Update needs State 2
-            assert (await server.write(c, "/5/0/0", f"@{img}", timeout=120)).code == "2.04"
+            assert (await server.write(c, "/5/0/0", f"@{img}", within=120)).code == "2.04"
             await until_downloaded(server, c, m)
             assert server.values(c, STATE)[-1] == 2
             assert dev.counters["upload_bytes_received"] == 0
@@ -146,7 +146,7 @@ async def push_and_expect_refusal(bench: Any, server: Wakaama, package: Path,
             c = await server.registered("udp-1")
             await observe_fw(server, c)
             m = server.mark()
-            assert (await server.write(c, "/5/0/0", f"@{package}", timeout=120)).code == "2.04"
+            assert (await server.write(c, "/5/0/0", f"@{package}", within=120)).code == "2.04"
             await server.notified(c, RESULT, want_result, 90, m)
             assert server.values(c, STATE)[-1] == 0
             assert 2 not in server.values(c, STATE)  # never Downloaded
@@ -167,7 +167,8 @@ async def test_untrusted_signature_is_result_5_and_nothing_sent(bench_factory,
 
 async def test_wrong_hardware_is_result_6(bench_factory, server: Wakaama) -> None:
     bench = bench_factory(udp=1, serial=0)
-    data = write_bundle([BundleEntry(name="app.bin", image=0, data=bench.images["2.0.0"].read_bytes(),
+    image = bench.images["2.0.0"].read_bytes()
+    data = write_bundle([BundleEntry(name="app.bin", image=0, slot=None, data=image,
                                      hardware="other_board")])
     pkg = bench.root / "other-board.zip"
     pkg.write_bytes(data)
@@ -230,3 +231,71 @@ def test_codec_round_trips_and_refuses_garbage() -> None:
     assert recs == [("/5/0/3", 1), ("/5/0/7", "b")]
     with pytest.raises(ValueError):
         codec.senml_decode(b"[" * 10 + b"{", cbor=False)
+
+
+async def test_server_restart_mid_update_re_registers(bench_factory, server: Wakaama) -> None:
+    """The server forgets the client (restart) while the package waits in Downloaded: the
+    next registration update is answered 4.04, the endpoint registers again, and the new
+    server can read State 2 and execute the Update."""
+    bench = bench_factory(udp=1, serial=0, image_size=32 * 1024)
+    async with Simulator(bench.sim_cfg) as sim:
+        dev = sim.devices["udp-1"]
+        async with daemon(lwm2m_cfg(bench, sim, server, lifetime_s=6)) as gw:
+            c = await server.registered("udp-1")
+            await observe_fw(server, c)
+            m = server.mark()
+            assert (await server.write(c, "/5/0/0", f"@{bench.images['2.0.0']}", 120)).code == "2.04"
+            await until_downloaded(server, c, m)
+            ep = gw.source.endpoint("udp-1")  # type: ignore[attr-defined]
+            before = ep.registrations
+            m = server.mark()
+            await server.stop()
+            await server.start()  # same port, no clients
+            c = (await server.wait(lambda e: e.kind == "REGISTERED" and e.get("ep") == "udp-1",
+                                   30, m)).client
+            assert ep.registrations == before + 1
+            assert tlv_int((await server.read(c, STATE)).payload) == 2
+            await server.observe(c, RESULT)
+            m = server.mark()
+            assert (await server.exec(c, "/5/0/2")).code == "2.04"
+            await server.notified(c, RESULT, 1, 120, m)
+        assert active(dev) == ("2.0.0", True)
+
+
+async def test_pull_over_coap_blockwise(bench_factory, server: Wakaama) -> None:
+    import aiocoap
+    import aiocoap.resource as resource
+
+    bench = bench_factory(udp=1, serial=0)
+    image = bench.images["2.0.0"].read_bytes()
+
+    class Fw(resource.Resource):
+        gets = 0
+
+        async def render_get(self, request: aiocoap.Message) -> aiocoap.Message:
+            Fw.gets += 1
+            return aiocoap.Message(payload=image)  # aiocoap answers it Block2 by Block2
+
+    site = resource.Site()
+    site.add_resource(["fw", "app.bin"], Fw())
+    port = free_udp_port()
+    ctx = await aiocoap.Context.create_server_context(site, bind=("127.0.0.1", port),
+                                                      transports=["udp6"])
+    try:
+        async with Simulator(bench.sim_cfg) as sim:
+            dev = sim.devices["udp-1"]
+            async with daemon(lwm2m_cfg(bench, sim, server)):
+                c = await server.registered("udp-1")
+                await observe_fw(server, c)
+                m = server.mark()
+                uri = f"coap://127.0.0.1:{port}/fw/app.bin"
+                assert (await server.write(c, "/5/0/1", uri)).code == "2.04"
+                await until_downloaded(server, c, m)
+                assert server.values(c, STATE)[-1] == 2, server.values(c, RESULT)
+                assert (await server.exec(c, "/5/0/2")).code == "2.04"
+                await server.notified(c, RESULT, 1, 120, m)
+            assert active(dev) == ("2.0.0", True)
+            assert Fw.gets >= 1  # (aiocoap renders once and serves the ~100 Block2 blocks)
+    finally:
+        await ctx.shutdown()
+
