@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -299,3 +300,36 @@ async def test_pull_over_coap_blockwise(bench_factory, server: Wakaama) -> None:
     finally:
         await ctx.shutdown()
 
+
+
+async def test_twenty_endpoints_by_push(bench_factory, server: Wakaama) -> None:
+    """A scaled-down version of the 200-endpoint run: 20 endpoints (20 UDP sockets), each
+    device's package pushed by Block1, all updated; wall time, CPU and peak RSS printed."""
+    import resource as rusage
+
+    n = 20
+    bench = bench_factory(udp=n, serial=0, image_size=16 * 1024)
+    img = bench.images["2.0.0"]
+    async with Simulator(bench.sim_cfg) as sim:
+        cfg = lwm2m_cfg(bench, sim, server)
+        t0, cpu0 = time.monotonic(), time.process_time()
+        async with daemon(cfg):
+            ids = sorted(sim.devices)
+            clients = {d: await server.registered(d, within=60) for d in ids}
+            assert len(set(clients.values())) == n  # one client (source address) each
+            m = server.mark()
+            for d in ids:
+                await server.observe(clients[d], RESULT)
+                await server.observe(clients[d], STATE)
+                await server.cmd(f"write {clients[d]} /5/0/0 @{img}")
+            for d in ids:
+                await until_downloaded(server, clients[d], m)
+            for d in ids:
+                assert (await server.exec(clients[d], "/5/0/2")).code == "2.04"
+            for d in ids:
+                await server.notified(clients[d], RESULT, 1, 180, m)
+        wall, cpu = time.monotonic() - t0, time.process_time() - cpu0
+        rss_mb = rusage.getrusage(rusage.RUSAGE_SELF).ru_maxrss / 1024
+        assert all(active(sim.devices[d]) == ("2.0.0", True) for d in ids)
+        print(f"\nLwM2M PUSH x{n}: {wall:.1f}s wall, {cpu:.1f}s CPU (gateway + simulator "
+              f"process), peak RSS {rss_mb:.0f} MB")
