@@ -25,6 +25,7 @@ from gateway.schema import ConfigError, Model, Secret, SecretRef
 from gateway.sources.settings import (
     HawkbitSourceConfig,
     LatestReleaseSourceConfig,
+    Lwm2mSourceConfig,
     MqttJobsSourceConfig,
     RdfmSourceConfig,
 )
@@ -436,7 +437,8 @@ SourceConfig = Annotated[
     | RdfmSourceConfig
     | HawkbitSourceConfig
     | MqttJobsSourceConfig
-    | LatestReleaseSourceConfig,
+    | LatestReleaseSourceConfig
+    | Lwm2mSourceConfig,
     Field(discriminator="kind"),
 ]
 

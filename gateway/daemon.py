@@ -222,6 +222,26 @@ class Gateway:
         from gateway.fleetops import FleetOps  # discovery, rollout, windows, cancel, ctl
 
         self.fleet = FleetOps(self)
+        hooks = getattr(self.source, "set_waker", None), getattr(self.source, "set_reboot", None)
+        if hooks[0] is not None and hooks[1] is not None:  # a source driven by server events (LwM2M)
+            hooks[0](self.fleet.wake)
+            hooks[1](self.reboot_device)
+
+    async def reboot_device(self, device_id: str) -> str | None:
+        """A server's Reboot (LwM2M /3/0/4): an SMP reset through the maintenance-window gate
+        (c), never while the journal holds an update of the device open (a reset could start a
+        test boot nobody is watching). None when the device acknowledged it, else why not."""
+        dev = next((d for d in self.fleet.devices() if d.id == device_id), None)
+        if dev is None:
+            return "not a device of this gateway"
+        why = self.fleet.reset_gate(dev)()
+        if why is not None:
+            return f"outside the maintenance windows ({why})"
+        e = self.journal.get(dev.id)
+        if dev.id in self.in_session or (e.outcome is None and e.target_hash):
+            return "an update of the device is in progress"
+        async with self.session(dev) as s:
+            return None if await s.reset() else "the device did not acknowledge the reset"
 
     def close(self) -> None:
         self.fleet.close()

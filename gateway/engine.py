@@ -79,6 +79,7 @@ class Status(enum.StrEnum):
 class Stage(enum.IntEnum):
     """How far ``UpdateEngine.run`` goes (groups run their members phase by phase)."""
 
+    CHECKED = 0  # every pre-flight check passed, nothing sent (the LwM2M source's Downloaded)
     UPLOADED = 1  # the image is complete in the secondary slot, not marked
     MARKED = 2  # marked for test (pending), not reset
     BOOTED = 3  # reset, booted, health-checked: running unconfirmed
@@ -229,6 +230,15 @@ class UpdateEngine:
             raise _Finish(Outcome(self.dev.id, Status.HELD, UpdateResult.INITIAL, stage.name.lower(),
                                   old_version=old, new_version=str(image.version),
                                   bytes_uploaded=sent, upload_seconds=secs, resumed_from=resumed))
+
+    def _checked(self, prev: Entry, image: VerifiedImage, old: str | None) -> None:
+        """Stop after the pre-flight if the caller asked only for it (``Stage.CHECKED``):
+        nothing was sent, so the journal row goes back to what it was before this attempt -
+        no later attempt (nor a restart) resumes an update nobody asked to install."""
+        if self.until <= Stage.CHECKED:
+            self.entry = prev
+            self.journal.put(prev, f"pre-flight of {image.version} passed; nothing sent")
+            self._hold(Stage.CHECKED, image, old)
 
     async def read_slots(self, timeout_s: float | None = None) -> Slots:
         images = await self.s.image_state(timeout_s=timeout_s)
@@ -493,6 +503,7 @@ class UpdateEngine:
                 raise refusal
         except ImageRefused as exc:
             raise self._finish(Status.REFUSED, exc.reason.lwm2m, str(exc), image, old_v) from None
+        self._checked(prev, image, old_v)
         if image.unverified:
             log.warning("device=%s image %s partly verified: %s", self.dev.id, image.version,
                         image.unverified)
@@ -1093,6 +1104,7 @@ class UpdateEngine:
         dep = imageset.dependency_problem(iset, running)
         if dep is not None:
             raise refuse(Refusal.BAD_SET, dep)
+        self._checked(prev, iset, old_v)
         for m in iset.members:
             sec = view[m.image].secondary
             if sec is not None and (sec.pending or sec.permanent) and \
@@ -1406,6 +1418,7 @@ class UpdateEngine:
                 raise refusal
         except ImageRefused as exc:
             raise self._finish(Status.REFUSED, exc.reason.lwm2m, str(exc), image, old_v) from None
+        self._checked(prev, image, old_v)
         if self.until < Stage.CONFIRMED:
             raise _Finish(Outcome(self.dev.id, Status.HELD, UpdateResult.INITIAL,
                                   f"{flow.mode.value}: the upload overwrites the running image; "

@@ -51,7 +51,16 @@ from gateway.plan import Stopping
 from gateway.rollout import RolloutManager, VerifyDeferred
 from gateway.smp.session import SMPError, SMPSession, SMPTimeout
 from gateway.smp.transport import Transport, TransportError
-from gateway.sources.base import FleetSource, Offer, Report, SourceHealth, UpdateResult, UpdateState
+from gateway.sources.base import (
+    CHECK_ONLY,
+    PREFLIGHT_PASSED,
+    FleetSource,
+    Offer,
+    Report,
+    SourceHealth,
+    UpdateResult,
+    UpdateState,
+)
 
 log = logging.getLogger("gateway.fleetops")
 
@@ -127,7 +136,8 @@ class Admission:
 
 
 def install_mode(offer: Offer) -> str:
-    """forced | soft | download-only (backends set ``Offer.install`` where the server says)."""
+    """forced | soft | download-only | check-only (backends set ``Offer.install`` where the
+    server says; check-only: the pre-flight, nothing sent - see ``Stage.CHECKED``)."""
     return str(getattr(offer, "install", None) or "forced")
 
 
@@ -291,6 +301,8 @@ class FleetOps:
                 log.info("device=%s held by the rollout: %s", dev.id, d.reason)
                 return Admission(False, reason=f"rollout: {d.reason}")
         self._admitted[key] = offer.artifact_id
+        if install_mode(offer) == CHECK_ONLY:  # LwM2M Downloaded: the server's Update installs
+            return Admission(True, Stage.CHECKED, PREFLIGHT_PASSED)
         if install_mode(offer) == "download-only":
             return Admission(True, Stage.UPLOADED, "download-only: staged in the secondary slot; "
                                                    "waits for the server's install")

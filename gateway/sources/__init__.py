@@ -44,4 +44,11 @@ def build_source(cfg: GatewayConfig) -> FleetSource:
 
             assert isinstance(src, LatestReleaseSourceConfig)
             return LatestReleaseSource(src, cfg.state_dir, gateway_id=cfg.gateway_id)
+        case "lwm2m":
+            from gateway.sources.lwm2m import Lwm2mSource
+            from gateway.sources.settings import Lwm2mSourceConfig
+
+            assert isinstance(src, Lwm2mSourceConfig)
+            return Lwm2mSource(src, cfg.state_dir, gateway_id=cfg.gateway_id,
+                               devices=[(d.id, d.group) for d in cfg.devices])
     raise ValueError(f"unknown source kind {src.kind!r}")

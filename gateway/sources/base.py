@@ -35,6 +35,13 @@ from gateway.mcuboot import Version
 log = logging.getLogger("gateway")
 
 
+# ``Offer.install`` of an offer the gateway only checks (every pre-flight check, nothing sent
+# to the device): the LwM2M source's Downloaded state waits for the server's Update. When the
+# checks pass, the source gets ``Report(DOWNLOADED, detail=PREFLIGHT_PASSED)``.
+CHECK_ONLY = "check-only"
+PREFLIGHT_PASSED = "pre-flight passed: waits for the server's install"
+
+
 class UpdateState(IntEnum):
     """LwM2M /5/0/3 State."""
 

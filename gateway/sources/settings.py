@@ -111,3 +111,29 @@ class MqttJobsSourceConfig(Model):
         if (self.cert_file is None) != (self.key_file is None):
             raise ValueError("give both cert_file and key_file, or neither")
         return self
+
+
+class Lwm2mSourceConfig(HttpOptions):
+    """An LwM2M client endpoint per device (``gateway.sources.lwm2m``); the HTTP options are
+    for Package URI downloads over http(s)."""
+
+    kind: Literal["lwm2m"] = "lwm2m"
+    server: str = Field(description="the LwM2M server, coap://host:5683 (coaps: not yet)")
+    endpoint: str = Field(
+        "{device_id}", description="endpoint name template: {device_id}, {gateway_id}, {group}")
+    lifetime_s: int = Field(300, ge=5, le=30 * 86400,
+                            description="registration lifetime; updates go at half of it")
+    bind_host: str = Field("::", description="local address of the endpoints' UDP sockets")
+    manufacturer: str = Field("smp-gateway", description="/3/0/0")
+    model: str = Field("mcuboot-device", description="/3/0/1")
+    max_package_bytes: int = Field(16 * 1024 * 1024, ge=1024,
+                                   description="cap on a pushed or pulled package")
+    poll_interval_s: float = Field(60.0, gt=0, description="device checks between server events")
+
+    @model_validator(mode="after")
+    def _server(self) -> Lwm2mSourceConfig:
+        if self.server.startswith("coaps://"):
+            raise ValueError("coaps:// (DTLS with PSK) is not supported yet: use coap://")
+        if not self.server.startswith("coap://"):
+            raise ValueError("server must be coap://host[:port]")
+        return self

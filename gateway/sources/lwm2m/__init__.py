@@ -1,0 +1,300 @@
+"""LwM2M fleet source: one LwM2M client endpoint per managed device, on aiocoap.
+
+``source: {kind: lwm2m, server: coap://host:5683, endpoint: "{gateway_id}-{device_id}"}``.
+Each device gets an endpoint (``endpoint.Endpoint``: own UDP socket, registration, objects
+/0 /1 /3 /5) that an LwM2M server drives through the Firmware Update object (/5):
+
+* PULL: the server writes a Package URI (http/https through ``gateway.download``: resume,
+  size cap, TLS; coap: block-wise GET streamed to a file);
+* PUSH: the server writes the Package (/5/0/0) by Block1, streamed to a file, size-capped;
+* an empty Package URI or Package cancels, in any state (``canceled()`` stops a running
+  update the way the other backends' cancels do).
+
+How the server's word maps onto the engine (the trust rule): a package is offered as
+``install: check-only`` - the gateway runs every pre-flight check of the image (signature
+(a), the device's hardware, slot, version, mode (b)/(c)) and sends nothing; only when they
+pass does State become 2 Downloaded. The server's Update (/5/0/2, State 2 only) then offers
+the same package for the normal flow: upload, test boot, health check and confirm are the
+engine's, exactly as for any other source. PkgName/PkgVersion are what the client reports of
+the package (the image header's version, for display); nothing the server sends decides
+anything but *whether* to start that flow, or to stop it.
+
+Offers carry ``report_to = {"endpoint", "gen"}``: ``gen`` numbers the packages the server
+gave the endpoint, so reports about an older package (replaced or canceled) change nothing.
+The /5 state is persisted in ``<state_dir>/lwm2m/`` and re-notified after re-registration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import struct
+from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path, PurePosixPath
+from urllib.parse import urlsplit
+
+import aiocoap
+from aiocoap.numbers.codes import Code
+from aiocoap.optiontypes import BlockOption
+
+from gateway.artifacts.bundle import may_be_bundle, set_cap
+from gateway.download import Downloader, DownloadTimeouts, sha256_file
+from gateway.sources.base import (
+    CHECK_ONLY,
+    PREFLIGHT_PASSED,
+    DeviceView,
+    FetchError,
+    FleetSource,
+    Offer,
+    Report,
+    UpdateResult,
+    UpdateState,
+)
+from gateway.sources.lwm2m.endpoint import Endpoint
+from gateway.sources.lwm2m.firmware import DOWNLOADED, IDLE
+from gateway.sources.settings import Lwm2mSourceConfig
+
+log = logging.getLogger("gateway.sources.lwm2m")
+
+COAP_BLOCK_SZX = 6  # 1024-byte blocks for a coap:// Package URI
+COAP_MAX_BLOCKS = 1 << 20
+
+
+class Lwm2mSource(FleetSource):
+    name = "lwm2m"
+
+    def __init__(self, cfg: Lwm2mSourceConfig, state_dir: Path, gateway_id: str = "smp-gateway",
+                 devices: Iterable[tuple[str, str | None]] = ()) -> None:
+        self.cfg = cfg
+        self.state_dir = Path(state_dir)
+        self.gateway_id = gateway_id
+        self._devices = dict(devices)  # id -> group: endpoints registered at start()
+        self._eps: dict[str, Endpoint] = {}  # device id -> endpoint
+        self._by_name: dict[str, Endpoint] = {}
+        self._waker: Callable[[str], None] | None = None
+        self._reboot: Callable[[str], Awaitable[str | None]] | None = None
+        self._downloader = Downloader(
+            self.state_dir, ca_file=cfg.ca_file, insecure=cfg.insecure,
+            timeouts=DownloadTimeouts(connect_s=cfg.download_connect_timeout_s,
+                                      read_s=cfg.download_read_timeout_s),
+            retries=cfg.download_retries)
+        self._started = False
+
+    # -- hooks the gateway sets --------------------------------------------------------------
+    def set_waker(self, wake: Callable[[str], None]) -> None:
+        """``wake(device_id)``: the device's next check now (a package, an Update)."""
+        self._waker = wake
+
+    def set_reboot(self, reboot: Callable[[str], Awaitable[str | None]]) -> None:
+        """``reboot(device_id)`` -> None when reset, else why not: /3/0/4 Reboot."""
+        self._reboot = reboot
+        for ep in self._eps.values():
+            ep.reboot = reboot
+
+    # -- endpoints ---------------------------------------------------------------------------
+    def endpoint_name(self, device_id: str, group: str | None = None) -> str:
+        return self.cfg.endpoint.format(device_id=device_id, gateway_id=self.gateway_id,
+                                        group=group or "")
+
+    def endpoint(self, device_id: str) -> Endpoint | None:
+        return self._eps.get(device_id)
+
+    async def _endpoint(self, device_id: str, group: str | None = None) -> Endpoint:
+        ep = self._eps.get(device_id)
+        if ep is None:
+            name = self.endpoint_name(device_id, group)
+            ep = Endpoint(self.cfg, device_id, name, self.state_dir, self._changed, self._reboot)
+            self._eps[device_id] = ep
+            self._by_name[name] = ep
+            await ep.start()
+        return ep
+
+    def _changed(self, ep: Endpoint, phase: str) -> None:
+        if phase in ("fetch", "check", "install") and self._waker is not None:
+            self._waker(ep.device_id)
+
+    async def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        for dev_id, group in self._devices.items():
+            await self._endpoint(dev_id, group)
+
+    async def close(self) -> None:
+        eps = list(self._eps.values())
+        self._eps.clear()
+        self._by_name.clear()
+        self._started = False
+        await asyncio.gather(*(ep.close() for ep in eps), return_exceptions=True)
+        await self._downloader.close()
+
+    def poll_interval(self) -> float:
+        return self.cfg.poll_interval_s
+
+    # -- FleetSource ---------------------------------------------------------------------------
+    async def check(self, device: DeviceView) -> Offer | None:
+        ep = await self._endpoint(device.id, device.group)
+        if device.running_version is not None:
+            ep.set(running_version=str(device.running_version))  # (b): what the device reports
+        rec = ep.rec
+        report_to = {"endpoint": ep.name, "gen": rec.gen}
+        if rec.phase == "fetch":
+            art = "lwm2m-uri-" + hashlib.sha256(rec.uri.encode()).hexdigest()[:32]
+            return Offer(device.id, self.name, art, handle={"uri": rec.uri, "gen": rec.gen},
+                         report_to=report_to, install=CHECK_ONLY)
+        if rec.phase in ("check", "install") and rec.package and Path(rec.package).is_file():
+            art = "sha256:" + sha256_file(Path(rec.package))
+            return Offer(device.id, self.name, art, handle={"path": rec.package, "gen": rec.gen},
+                         report_to=report_to,
+                         install=CHECK_ONLY if rec.phase == "check" else "forced")
+        if rec.phase in ("check", "install"):  # its file is gone (state directory cleaned)
+            ep.set(state=IDLE, result=int(UpdateResult.CONNECTION_LOST), phase="idle",
+                   detail="the package file is gone from the state directory")
+        return None
+
+    async def fetch(self, offer: Offer, max_size: int | None) -> Path:
+        h = offer.handle or {}
+        if "path" in h:
+            path = Path(h["path"])
+            if not path.is_file():
+                raise FetchError(f"package file {path} is gone", UpdateResult.CONNECTION_LOST)
+            cap = set_cap(max_size) if _is_zip(path) else max_size
+            if cap is not None and path.stat().st_size > cap:
+                raise FetchError(f"package is {path.stat().st_size} bytes, more than the {cap} "
+                                 "the device's slot holds", UpdateResult.NOT_ENOUGH_FLASH,
+                                 permanent=True)
+            return path
+        uri = str(h["uri"])
+        ep = self._eps.get(offer.device_id)
+        cap = min(self.cfg.max_package_bytes, max_size or self.cfg.max_package_bytes)
+        if may_be_bundle(urlsplit(uri).path):
+            cap = min(self.cfg.max_package_bytes, set_cap(max_size) or self.cfg.max_package_bytes)
+        scheme = urlsplit(uri).scheme.lower()
+        if scheme in ("http", "https"):
+            path = await self._downloader.fetch(uri, sha256=None, max_size=cap)
+        elif scheme == "coap":
+            if ep is None:
+                raise FetchError("no endpoint for the device", UpdateResult.CONNECTION_LOST)
+            path = await self._coap_get(ep, uri, cap)
+        else:
+            raise FetchError(f"unsupported protocol {scheme!r}", UpdateResult.UNSUPPORTED_PROTOCOL)
+        if ep is not None and ep.rec.gen == h.get("gen"):
+            ep.set(package=str(path))
+        return path
+
+    async def _coap_get(self, ep: Endpoint, uri: str, cap: int) -> Path:
+        """A coap:// Package URI, Block2 by Block2 into a file (bounded: size cap, blocks,
+        time per request)."""
+        assert ep.ctx is not None
+        dest = self.state_dir / "downloads" / ("coap-" + hashlib.sha256(uri.encode()).hexdigest())
+        dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        part = dest.with_suffix(".part")
+        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        size = 0
+        try:
+            for num in range(COAP_MAX_BLOCKS):
+                req = aiocoap.Message(code=Code.GET, uri=uri,
+                                      block2=BlockOption.BlockwiseTuple(num, False, COAP_BLOCK_SZX))
+                try:
+                    resp = await asyncio.wait_for(ep.ctx.request(req, handle_blockwise=False).response,
+                                                  self.cfg.request_timeout_s)
+                except (TimeoutError, aiocoap.error.Error) as exc:
+                    raise FetchError(f"coap GET {uri}: {type(exc).__name__}: {exc}",
+                                     UpdateResult.CONNECTION_LOST) from None
+                if resp.code == Code.NOT_FOUND:
+                    raise FetchError(f"coap GET {uri}: 4.04", UpdateResult.INVALID_URI)
+                if not resp.code.is_successful():
+                    raise FetchError(f"coap GET {uri}: {resp.code}", UpdateResult.CONNECTION_LOST)
+                if size + len(resp.payload) > cap:
+                    raise FetchError(f"package larger than {cap} bytes", UpdateResult.NOT_ENOUGH_FLASH)
+                os.write(fd, resp.payload)
+                size += len(resp.payload)
+                b2 = resp.opt.block2
+                if b2 is None or not b2.more:
+                    break
+                if b2.block_number != num:
+                    raise FetchError(f"coap GET {uri}: block {b2.block_number} for {num}",
+                                     UpdateResult.CONNECTION_LOST)
+            else:
+                raise FetchError(f"coap GET {uri}: more than {COAP_MAX_BLOCKS} blocks",
+                                 UpdateResult.NOT_ENOUGH_FLASH)
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            part.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        os.replace(part, dest)
+        return dest
+
+    def _ep_for(self, offer: Offer) -> Endpoint | None:
+        name = offer.report_to.get("endpoint")
+        ep = self._by_name.get(str(name)) if name is not None else None
+        return ep or self._eps.get(offer.device_id)
+
+    async def report(self, offer: Offer, report: Report) -> None:
+        ep = self._ep_for(offer)
+        if ep is None:
+            # after a restart the endpoints come up at start(); a device not configured (a
+            # discovered one) gets its endpoint at its first check
+            ep = await self._endpoint(offer.device_id)
+        rec = ep.rec
+        if offer.report_to.get("gen") != rec.gen or rec.canceled:
+            # a package the server replaced or canceled: its outcome changes nothing (taken)
+            log.info("lwm2m ep=%s report about an earlier package (gen %s, now %d) dropped: %s",
+                     ep.name, offer.report_to.get("gen"), rec.gen, report.result.name)
+            return
+        if report.finished:
+            changes: dict[str, object] = {"state": IDLE, "result": int(report.result),
+                                          "phase": "idle", "detail": report.detail[:300]}
+            if report.result == UpdateResult.SUCCESS and rec.pkg_version:
+                # the engine saw the device run this very image (hash), confirmed (b)
+                changes["running_version"] = rec.pkg_version
+            ep.set(**changes)
+            if rec.package and Path(rec.package) == ep.push_file:
+                ep.push_file.unlink(missing_ok=True)
+            return
+        if report.state == UpdateState.DOWNLOADED and report.detail == PREFLIGHT_PASSED \
+                and rec.phase in ("fetch", "check"):
+            name, version = _describe(Path(rec.package) if rec.package else None, rec.uri)
+            ep.set(state=DOWNLOADED, phase="wait", pkg_name=name, pkg_version=version,
+                   detail="")
+        # Downloading/Updating are set by the server's own writes and executes; the engine's
+        # progress reports change no state
+
+    async def canceled(self, offer: Offer) -> str | None:
+        ep = self._ep_for(offer)
+        if ep is None:
+            return None
+        rec = ep.rec
+        if offer.report_to.get("gen") != rec.gen:
+            return "the LwM2M server gave another package"
+        return rec.canceled
+
+    async def acknowledge_cancel(self, offer: Offer, done: bool, detail: str) -> None:
+        # LwM2M has no cancel acknowledgement: State/Result (0/0) already say it
+        log.info("lwm2m device=%s update canceled by the server: %s", offer.device_id, detail)
+
+
+def _is_zip(path: Path) -> bool:
+    with contextlib.suppress(OSError), open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+    return False
+
+
+def _describe(path: Path | None, uri: str) -> tuple[str, str]:
+    """PkgName / PkgVersion the client reports: the file's name and the MCUboot header's
+    version (display only - the gateway decides nothing on them)."""
+    name = PurePosixPath(urlsplit(uri).path).name if uri else ""
+    version = ""
+    if path is not None:
+        name = name or f"image-{sha256_file(path)[:12]}"
+        with contextlib.suppress(OSError), open(path, "rb") as f:
+            head = f.read(28)
+        if len(head) == 28 and struct.unpack_from("<I", head, 0)[0] == 0x96F3B83D:
+            major, minor, rev, build = struct.unpack_from("<BBHI", head, 20)
+            version = f"{major}.{minor}.{rev}" + (f"+{build}" if build else "")
+    return name[:64], version[:32]

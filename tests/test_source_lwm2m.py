@@ -1,0 +1,335 @@
+"""The LwM2M source against the real Eclipse Wakaama server, with simulated SMP devices.
+
+Wakaama's ``lwm2mserver`` (``<shared>/lwm2m``) drives the gateway's Firmware Update object
+(/5) the way an operator would: Package URI (PULL over a loopback HTTP server) or Package by
+Block1 (PUSH), Update, observations of State and Update Result. The gateway runs as the daemon
+(``run_forever``), the devices are simulator devices with imgtool-signed images; every wait
+awaits an event with a timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from fleet_servers.common import FileStore, serve
+from lwm2m_server import Wakaama, free_udp_port, tlv_int, wakaama_binary
+
+from gateway import devkit
+from gateway.artifacts.bundle import BundleEntry, write_bundle
+from gateway.config import GatewayConfig, parse_config
+from gateway.daemon import Gateway
+from gateway.sim.simulator import Simulator
+from gateway.sources.lwm2m import codec
+
+pytestmark = pytest.mark.timeout(240)
+
+STATE, RESULT, PKGVER, FWVER = "/5/0/3", "/5/0/5", "/5/0/7", "/3/0/3"
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[Wakaama]:
+    wakaama_binary()  # skip (or fail in CI) with a clear message when the server is absent
+    async with Wakaama() as srv:
+        yield srv
+
+
+def lwm2m_cfg(bench: Any, sim: Simulator, srv: Wakaama, **source: Any) -> GatewayConfig:
+    data = bench.gateway_dict(sim)
+    data["source"] = {"kind": "lwm2m", "server": srv.url, "bind_host": "127.0.0.1",
+                      "lifetime_s": 60, "poll_interval_s": 30, "request_timeout_s": 20,
+                      **source}
+    return parse_config(data, bench.root / "gateway.yaml")
+
+
+@contextlib.asynccontextmanager
+async def daemon(cfg: GatewayConfig) -> AsyncIterator[Gateway]:
+    gw = Gateway(cfg)
+    stop = asyncio.Event()
+    task = asyncio.create_task(gw.run_forever(stop))
+    try:
+        yield gw
+    finally:
+        stop.set()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(task, 30)
+        gw.close()
+
+
+def active(dev: Any) -> tuple[str, bool]:
+    a = next(s for s in dev.server.state_images() if s.active)
+    return str(a.version), bool(a.confirmed)
+
+
+async def observe_fw(srv: Wakaama, c: int) -> None:
+    for uri in (STATE, RESULT, FWVER):
+        await srv.observe(c, uri)
+
+
+async def until_downloaded(srv: Wakaama, c: int, since: int) -> None:
+    """State 2, or a refusal (State 0 with a Result) - whichever the gateway decides."""
+    await srv.wait(lambda e: e.kind == "NOTIFY" and e.client == c and (
+        (e.get("uri") == STATE and tlv_int(e.payload) == 2)
+        or (e.get("uri") == RESULT and tlv_int(e.payload) != 0)), 90, since)
+
+
+async def test_pull_over_http_then_update(bench_factory, server: Wakaama) -> None:
+    bench = bench_factory(udp=1, serial=0)
+    fs = FileStore()
+    app = web.Application()
+    fs.routes(app)
+    async with serve(app) as base, Simulator(bench.sim_cfg) as sim:
+        dev = sim.devices["udp-1"]
+        url = base + fs.add("app-2.0.0.bin", bench.images["2.0.0"].read_bytes())
+        async with daemon(lwm2m_cfg(bench, sim, server)):
+            c = await server.registered("udp-1")
+            await observe_fw(server, c)
+            m = server.mark()
+            assert (await server.write(c, "/5/0/1", url)).code == "2.04"
+            await until_downloaded(server, c, m)
+            assert server.values(c, STATE)[-1] == 2 and server.values(c, RESULT)[-1] == 0
+            # Downloaded = every pre-flight check passed, and not a byte went to the device
+            assert dev.counters["upload_bytes_received"] == 0 and dev.counters["resets"] == 0
+            assert (await server.read(c, PKGVER)).payload.endswith(b"2.0.0")
+            assert (await server.exec(c, "/5/0/2")).code == "2.04"
+            await server.notified(c, RESULT, 1, 120, m)
+            await server.wait(lambda e: e.kind == "NOTIFY" and e.get("uri") == FWVER
+                              and e.payload.endswith(b"2.0.0"), 30, m)
+        assert active(dev) == ("2.0.0", True)
+        states = server.values(c, STATE)
+        assert states[-4:] == [1, 2, 3, 0], states  # Downloading, Downloaded, Updating, Idle
+        assert server.values(c, RESULT)[-1] == 1
+
+
+async def test_push_block1_then_update_and_restart_keeps_result(bench_factory,
+                                                                 server: Wakaama) -> None:
+    bench = bench_factory(udp=1, serial=0)  # ~100 KB images: ~100 Block1 blocks of 1 KiB
+    img = bench.images["2.0.0"]
+    assert img.stat().st_size > 90_000
+    async with Simulator(bench.sim_cfg) as sim:
+        dev = sim.devices["udp-1"]
+        cfg = lwm2m_cfg(bench, sim, server)
+        async with daemon(cfg):
+            c = await server.registered("udp-1")
+            await observe_fw(server, c)
+            m = server.mark()
+            assert (await server.exec(c, "/5/0/2")).code == "4.05"  # Update needs State 2
+            assert (await server.write(c, "/5/0/0", f"@{img}", within=120)).code == "2.04"
+            await until_downloaded(server, c, m)
+            assert server.values(c, STATE)[-1] == 2
+            assert dev.counters["upload_bytes_received"] == 0
+            assert (await server.exec(c, "/5/0/2")).code == "2.04"
+            await server.notified(c, RESULT, 1, 120, m)
+            await server.notified(c, STATE, 0, 10, m)
+        assert active(dev) == ("2.0.0", True)
+        # the pushed package was streamed to a file and is gone once done
+        assert not list((cfg.state_dir / "lwm2m" / "packages").glob("*.bin"))
+        # a restarted gateway registers again and answers the same State / Result
+        m = server.mark()
+        async with daemon(cfg):
+            c2 = await server.registered("udp-1", since=m)
+            assert c2 == c
+            assert tlv_int((await server.read(c, RESULT)).payload) == 1
+            assert tlv_int((await server.read(c, STATE)).payload) == 0
+
+
+async def push_and_expect_refusal(bench: Any, server: Wakaama, package: Path,
+                                  want_result: int) -> None:
+    async with Simulator(bench.sim_cfg) as sim:
+        dev = sim.devices["udp-1"]
+        async with daemon(lwm2m_cfg(bench, sim, server)) as gw:
+            c = await server.registered("udp-1")
+            await observe_fw(server, c)
+            m = server.mark()
+            assert (await server.write(c, "/5/0/0", f"@{package}", within=120)).code == "2.04"
+            await server.notified(c, RESULT, want_result, 90, m)
+            assert server.values(c, STATE)[-1] == 0
+            assert 2 not in server.values(c, STATE)  # never Downloaded
+            assert (await server.exec(c, "/5/0/2")).code == "4.05"
+            assert dev.counters["upload_bytes_received"] == 0 and dev.counters["resets"] == 0
+            assert active(dev) == ("1.0.0", True)
+            assert gw.journal.get("udp-1").outcome == "refused"
+
+
+async def test_untrusted_signature_is_result_5_and_nothing_sent(bench_factory,
+                                                                server: Wakaama) -> None:
+    bench = bench_factory(udp=1, serial=0)
+    rogue = devkit.make_key(bench.root / "rogue.pem")
+    img = devkit.sign_image(bench.root / "rogue-3.0.0.bin", version="3.0.0", key=rogue,
+                            size=40_000)
+    await push_and_expect_refusal(bench, server, img, 5)
+
+
+async def test_wrong_hardware_is_result_6(bench_factory, server: Wakaama) -> None:
+    bench = bench_factory(udp=1, serial=0)
+    image = bench.images["2.0.0"].read_bytes()
+    data = write_bundle([BundleEntry(name="app.bin", image=0, slot=None, data=image,
+                                     hardware="other_board")])
+    pkg = bench.root / "other-board.zip"
+    pkg.write_bytes(data)
+    await push_and_expect_refusal(bench, server, pkg, 6)
+
+
+async def test_empty_package_uri_cancels_in_downloaded(bench_factory, server: Wakaama) -> None:
+    bench = bench_factory(udp=1, serial=0)
+    async with Simulator(bench.sim_cfg) as sim:
+        dev = sim.devices["udp-1"]
+        cfg = lwm2m_cfg(bench, sim, server)
+        async with daemon(cfg):
+            c = await server.registered("udp-1")
+            await observe_fw(server, c)
+            m = server.mark()
+            assert (await server.write(c, "/5/0/0", f"@{bench.images['2.0.0']}", 120)).code == "2.04"
+            await until_downloaded(server, c, m)
+            assert server.values(c, STATE)[-1] == 2
+            # an empty Package URI (Wakaama sends it in the client's format: TLV c0 01)
+            assert (await server.write(c, "/5/0/1", '[{"bn":"/5/0/1","vs":""}]')).code == "2.04"
+            await server.notified(c, STATE, 0, 10, m)
+            assert server.values(c, RESULT)[-1] == 0
+            assert (await server.exec(c, "/5/0/2")).code == "4.05"
+        assert dev.counters["upload_bytes_received"] == 0 and active(dev) == ("1.0.0", True)
+        assert not list((cfg.state_dir / "lwm2m" / "packages").glob("*.bin"))
+
+
+async def test_crashing_image_is_result_8(bench_factory, server: Wakaama) -> None:
+    bench = bench_factory(udp=1, serial=0, image_size=32 * 1024,
+                          device_kw={"crash_on_boot_versions": ["2.0.0"], "crash_after_s": 0.2})
+    async with Simulator(bench.sim_cfg) as sim:
+        dev = sim.devices["udp-1"]
+        async with daemon(lwm2m_cfg(bench, sim, server)):
+            c = await server.registered("udp-1")
+            await observe_fw(server, c)
+            m = server.mark()
+            assert (await server.write(c, "/5/0/0", f"@{bench.images['2.0.0']}", 120)).code == "2.04"
+            await until_downloaded(server, c, m)
+            assert (await server.exec(c, "/5/0/2")).code == "2.04"
+            await server.notified(c, RESULT, 8, 120, m)
+            assert server.values(c, STATE)[-1] == 0 and 3 in server.values(c, STATE)
+        assert active(dev) == ("1.0.0", True)
+        assert dev.counters["resets"] >= 1  # it was test-booted, crashed, and MCUboot reverted
+
+
+def test_codec_round_trips_and_refuses_garbage() -> None:
+    items = [codec.Item(3, 2), codec.Item(6, "fw.bin"), codec.Item(8, 0, 0), codec.Item(8, 2, 1)]
+    data = codec.tlv_resources(items)
+    back = codec.tlv_decode(data, instance_level=True)
+    assert [(i.rid, i.riid) for i in back] == [(3, None), (6, None), (8, 0), (8, 1)]
+    assert codec.from_raw("int", back[0].value) == 2  # type: ignore[arg-type]
+    big = codec.tlv_resources([codec.Item(0, b"x" * 70_000)])
+    assert codec.tlv_decode(big, False)[0].value == b"x" * 70_000
+    for bad in (b"\xc8\x00\xff", b"\xc1", b"\x38\x00\x05\x00"):
+        with pytest.raises(ValueError):
+            codec.tlv_decode(bad, False)
+    recs = codec.senml_decode(codec.senml("/5/0/", [("3", 1), ("6", "a")]), cbor=False)
+    assert recs == [("/5/0/3", 1), ("/5/0/6", "a")]
+    recs = codec.senml_decode(codec.senml("/5/0/", [("3", 1), ("7", "b")], cbor=True), cbor=True)
+    assert recs == [("/5/0/3", 1), ("/5/0/7", "b")]
+    with pytest.raises(ValueError):
+        codec.senml_decode(b"[" * 10 + b"{", cbor=False)
+
+
+async def test_server_restart_mid_update_re_registers(bench_factory, server: Wakaama) -> None:
+    """The server forgets the client (restart) while the package waits in Downloaded: the
+    next registration update is answered 4.04, the endpoint registers again, and the new
+    server can read State 2 and execute the Update."""
+    bench = bench_factory(udp=1, serial=0, image_size=32 * 1024)
+    async with Simulator(bench.sim_cfg) as sim:
+        dev = sim.devices["udp-1"]
+        async with daemon(lwm2m_cfg(bench, sim, server, lifetime_s=6)) as gw:
+            c = await server.registered("udp-1")
+            await observe_fw(server, c)
+            m = server.mark()
+            assert (await server.write(c, "/5/0/0", f"@{bench.images['2.0.0']}", 120)).code == "2.04"
+            await until_downloaded(server, c, m)
+            ep = gw.source.endpoint("udp-1")  # type: ignore[attr-defined]
+            before = ep.registrations
+            m = server.mark()
+            await server.stop()
+            await server.start()  # same port, no clients
+            c = (await server.wait(lambda e: e.kind == "REGISTERED" and e.get("ep") == "udp-1",
+                                   30, m)).client
+            assert ep.registrations == before + 1
+            assert tlv_int((await server.read(c, STATE)).payload) == 2
+            await server.observe(c, RESULT)
+            m = server.mark()
+            assert (await server.exec(c, "/5/0/2")).code == "2.04"
+            await server.notified(c, RESULT, 1, 120, m)
+        assert active(dev) == ("2.0.0", True)
+
+
+async def test_pull_over_coap_blockwise(bench_factory, server: Wakaama) -> None:
+    import aiocoap
+    import aiocoap.resource as resource
+
+    bench = bench_factory(udp=1, serial=0)
+    image = bench.images["2.0.0"].read_bytes()
+
+    class Fw(resource.Resource):
+        gets = 0
+
+        async def render_get(self, request: aiocoap.Message) -> aiocoap.Message:
+            Fw.gets += 1
+            return aiocoap.Message(payload=image)  # aiocoap answers it Block2 by Block2
+
+    site = resource.Site()
+    site.add_resource(["fw", "app.bin"], Fw())
+    port = free_udp_port()
+    ctx = await aiocoap.Context.create_server_context(site, bind=("127.0.0.1", port),
+                                                      transports=["udp6"])
+    try:
+        async with Simulator(bench.sim_cfg) as sim:
+            dev = sim.devices["udp-1"]
+            async with daemon(lwm2m_cfg(bench, sim, server)):
+                c = await server.registered("udp-1")
+                await observe_fw(server, c)
+                m = server.mark()
+                uri = f"coap://127.0.0.1:{port}/fw/app.bin"
+                assert (await server.write(c, "/5/0/1", uri)).code == "2.04"
+                await until_downloaded(server, c, m)
+                assert server.values(c, STATE)[-1] == 2, server.values(c, RESULT)
+                assert (await server.exec(c, "/5/0/2")).code == "2.04"
+                await server.notified(c, RESULT, 1, 120, m)
+            assert active(dev) == ("2.0.0", True)
+            assert Fw.gets >= 1  # (aiocoap renders once and serves the ~100 Block2 blocks)
+    finally:
+        await ctx.shutdown()
+
+
+
+async def test_twenty_endpoints_by_push(bench_factory, server: Wakaama) -> None:
+    """A scaled-down version of the 200-endpoint run: 20 endpoints (20 UDP sockets), each
+    device's package pushed by Block1, all updated; wall time, CPU and peak RSS printed."""
+    import resource as rusage
+
+    n = 20
+    bench = bench_factory(udp=n, serial=0, image_size=16 * 1024)
+    img = bench.images["2.0.0"]
+    async with Simulator(bench.sim_cfg) as sim:
+        cfg = lwm2m_cfg(bench, sim, server)
+        t0, cpu0 = time.monotonic(), time.process_time()
+        async with daemon(cfg):
+            ids = sorted(sim.devices)
+            clients = {d: await server.registered(d, within=60) for d in ids}
+            assert len(set(clients.values())) == n  # one client (source address) each
+            m = server.mark()
+            for d in ids:
+                await server.observe(clients[d], RESULT)
+                await server.observe(clients[d], STATE)
+                await server.cmd(f"write {clients[d]} /5/0/0 @{img}")
+            for d in ids:
+                await until_downloaded(server, clients[d], m)
+            for d in ids:
+                assert (await server.exec(clients[d], "/5/0/2")).code == "2.04"
+            for d in ids:
+                await server.notified(clients[d], RESULT, 1, 180, m)
+        wall, cpu = time.monotonic() - t0, time.process_time() - cpu0
+        rss_mb = rusage.getrusage(rusage.RUSAGE_SELF).ru_maxrss / 1024
+        assert all(active(sim.devices[d]) == ("2.0.0", True) for d in ids)
+        print(f"\nLwM2M PUSH x{n}: {wall:.1f}s wall, {cpu:.1f}s CPU (gateway + simulator "
+              f"process), peak RSS {rss_mb:.0f} MB")
