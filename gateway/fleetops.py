@@ -585,8 +585,9 @@ class FleetOps:
         if why is not None:
             return Outcome(dev.id, Status.HELD, UpdateResult.INITIAL,
                            f"in MCUboot serial recovery; the last-resort re-flash waits: {why}")
-        e = self.gw.journal.get(dev.id)
-        found = last_confirmed_path(e, self.gw.store.root)
+        # only what the device itself reported running confirmed (b), never the row's target,
+        # old or running hash (a canceled or refused image must not be flashed for good)
+        found = last_confirmed_path(self.gw.journal.confirmed(dev.id), self.gw.store.root)
         if found is None:
             return Outcome(dev.id, Status.FAILED, UpdateResult.UPDATE_FAILED,
                            "the device answers only from MCUboot serial recovery, and no image "
