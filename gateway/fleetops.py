@@ -123,6 +123,7 @@ class FleetOps:
         self._cancel: dict[str, asyncio.Event] = {}
         self._cancel_why: dict[str, str] = {}
         self._running: dict[str, str] = {}  # device id -> hash of the image its engine runs
+        self._group_cancel: dict[str, asyncio.Event] = {}  # group name -> its run's cancel wake-up
         self._admitted: dict[str, str] = {}  # unit key -> artifact id
         self._facts: dict[str, dict[str, Any]] = {}  # device id -> bootloader mode, params...
         self._control: ControlServer | None = None
@@ -278,6 +279,8 @@ class FleetOps:
         """A group starts only when no member is paused and every member may be reset now
         (its phases mark and reset all members together); else every member is held,
         untouched. The staged rollout gates it once its members are planned (``admit_group``)."""
+        if self.group_cancels(devs):
+            return None  # a journalled cancel is finished first, paused or not (resets: gated)
         why = next((w for w in (self.paused(d) for d in devs) if w), None)
         if why is None and not all(self.maint.reset_allowed(d) for d in devs):
             d = next(d for d in devs if not self.maint.reset_allowed(d))
@@ -360,8 +363,18 @@ class FleetOps:
         when the device is paused, also after a restart). False: no update to take back (none
         runs, and the journal has none open)."""
         ev = self._cancel.get(device_id)
-        if ev is None and any(d.id == device_id and d.group for d in self.devices()):
-            return False  # a group's members go back together (the group's own revert)
+        member = next((d for d in self.devices() if d.id == device_id and d.group), None)
+        if member is not None:  # the whole group goes back (``gateway.groups``: all or nothing)
+            th = self._running.get(device_id) or self._group_target(member)
+            if th is None:
+                return False
+            self.gw.journal.put_intent(device_id, "cancel", th, "operator", reason)
+            gev = self._group_cancel.get(str(member.group))
+            if gev is not None:
+                gev.set()
+            else:
+                self.wake(device_id)
+            return True
         th = _open_update(self.gw.journal.get(device_id)) or self._running.get(device_id)
         if th is None:
             return False
@@ -372,6 +385,68 @@ class FleetOps:
         else:
             self.wake(device_id)
         return True
+
+    def _group_target(self, dev: DeviceConfig) -> str | None:
+        """The member's target in its group's journalled update, while that is not over."""
+        rec = self.gw.journal.group(str(dev.group))
+        if rec is None or rec.phase in ("done", "failed"):
+            return None
+        return rec.members.get(dev.id)
+
+    # -- groups: a cancel of any member takes the whole group back (gateway.groups) ----------
+    def group_cancels(self, devs: list[DeviceConfig]) -> list[Intent]:
+        """The open cancel intents of a group's members, oldest first."""
+        return [i for d in devs for i in self.gw.journal.open_intents(d.id) if i.kind == "cancel"]
+
+    async def watch_group_cancel(self, name: str,
+                                 members: list[tuple[DeviceConfig, Offer, str]]) -> Intent:
+        """While a group runs: until a cancel of any member arrives - the operator's (journalled
+        by ``request_cancel``) or the fleet server's for any member's offer (its ``canceled``
+        probe, as ``_watch_cancel``), journalled here before anything is done about it. Each
+        probe is bounded in time; a server hiccup is not a cancel."""
+        src = self.gw.source
+        probe: Callable[[Offer], Awaitable[str | None]] | None = getattr(src, "canceled", None)
+        period = min(30.0, max(0.5, src.poll_interval()))
+        ev = self._group_cancel.setdefault(name, asyncio.Event())
+        for dev, _, th in members:
+            self._running[dev.id] = th
+        try:
+            while True:
+                mine = self.group_cancels([d for d, _, _ in members])
+                if mine:
+                    return mine[0]
+                for dev, offer, th in members:
+                    if probe is None or offer.source != src.name:
+                        continue
+                    try:
+                        why = await asyncio.wait_for(probe(offer), max(5.0, period))
+                    except Exception as exc:
+                        log.debug("device=%s cancel check failed: %s", dev.id, exc)
+                        why = None
+                    if why:
+                        return self.gw.journal.put_intent(dev.id, "cancel", th, "server",
+                                                          str(why), offer.report_handle())
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(ev.wait(), period)
+                ev.clear()
+        finally:
+            for dev, _, _ in members:
+                self._running.pop(dev.id, None)
+            self._group_cancel.pop(name, None)
+
+    async def finish_group_cancel(self, dev: DeviceConfig, intent: Intent,
+                                  verdict: str | None) -> None:
+        """The group's take-back for this member's cancel is over (``verdict`` "taken back:
+        ..." or "too late: ..."; None: it was already, only the acknowledgement is left): the
+        intent moves on, and a server's cancel is acknowledged - only now."""
+        if intent.state == "pending" and verdict is not None:
+            state = "ack" if intent.actor == "server" else "done"
+            self.gw.journal.intent_progress(intent.id, state, verdict)
+            self.ops.audit(intent.actor if intent.actor == "operator" else "fleet", "cancel",
+                           dev.id, verdict)
+            intent = replace(intent, state=state, detail=verdict)
+        if intent.state == "ack":
+            await self._acknowledge(dev, intent, intent.detail.startswith("taken back"), None)
 
     async def _watch_cancel(self, dev: DeviceConfig, offer: Offer, ev: asyncio.Event,
                             started: asyncio.Event, target: str) -> Intent:
@@ -693,7 +768,11 @@ class FleetOps:
                                                        if req.get("ignore_window") else ""))
         elif cmd == "cancel":
             if self.request_cancel(dev.id, f"canceled by the operator ({actor})"):
-                result = f"{dev.id}: cancel requested; the update is being taken back"
+                result = f"{dev.id}: cancel requested; the update is being taken back" + (
+                    f" - the whole group {dev.group} (a group changes version all together or "
+                    "not at all)" if dev.group else "")
+            elif dev.group:
+                raise ControlError(f"{dev.id}: its group {dev.group} is not installing anything now")
             else:
                 raise ControlError(f"{dev.id} is not installing anything now")
         elif cmd == "unblock":
