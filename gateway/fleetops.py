@@ -41,7 +41,7 @@ from gateway.bootmodes.recovery import in_serial_recovery, last_confirmed_path
 from gateway.config import DeviceConfig, GatewayConfig, SerialTransport
 from gateway.control import ControlError, ControlServer
 from gateway.discovery.guard import IdentityGuard
-from gateway.engine import Outcome, Slots, Stage, Status, UpdateEngine
+from gateway.engine import Outcome, Slots, Stage, Status, Step, UpdateEngine
 from gateway.images import ImageRefused, ImageStore
 from gateway.journal import STAGED, Entry, Intent, Journal
 from gateway.maintenance import MaintenancePolicy
@@ -280,6 +280,8 @@ class FleetOps:
         (its phases mark and reset all members together); else every member is held,
         untouched. The staged rollout gates it once its members are planned (``admit_group``)."""
         if self.group_cancels(devs):
+            for d in devs:  # a ``ctl update --ignore-window`` meanwhile is answered by the
+                self._now.pop(d.id, None)  # cancel: never left for a later server offer
             return None  # a journalled cancel is finished first, paused or not (resets: gated)
         why = next((w for w in (self.paused(d) for d in devs) if w), None)
         if why is None and not all(self.maint.reset_allowed(d) for d in devs):
@@ -544,6 +546,7 @@ class FleetOps:
         open (and this is called again at the next session, also after a restart) until both
         are done; a take-back cut short (the device silent while it swaps) is simply redone."""
         journal = self.gw.journal
+        too_late = False
         if intent.state == "pending":
             if not intent.target_hash:
                 journal.intent_progress(intent.id, "done", "nothing identifiable to take back")
@@ -563,6 +566,7 @@ class FleetOps:
                 return Outcome(dev.id, status, UpdateResult.INITIAL, f"canceled: {res.detail}",
                                old_version=res.running)
             # taken back, or too late (confirmed before the cancel): the device's part is over
+            too_late = res.phase == "confirmed"
             verdict = ("taken back: " if res.done else "too late: ") + res.detail
             journal.intent_progress(intent.id, "ack" if intent.actor == "server" else "done", verdict)
             self.ops.audit(intent.actor if intent.actor == "operator" else "fleet", "cancel", dev.id,
@@ -576,6 +580,17 @@ class FleetOps:
         if intent.state == "ack":
             await self._acknowledge(dev, intent, done, offer)
         detail = intent.detail.split(": ", 1)[-1]
+        e = journal.get(dev.id)
+        if too_late and offer is not None and _open_update(e) == intent.target_hash:
+            # (b) the device itself reports the image running, confirmed: the update happened,
+            # only the cancel came too late - not a failure (no failure report to the server,
+            # none counted by the rollout); the row is closed as the engine would have
+            journal.put(e.with_(step=Step.DONE.value, outcome=Status.UPDATED.value,
+                                last_error=None, running_version=running),
+                        f"installed and confirmed before the cancel: {detail}")
+            return Outcome(dev.id, Status.UPDATED, UpdateResult.SUCCESS,
+                           f"{e.old_version} -> {running}, confirmed; the cancel came too late "
+                           f"({detail})", old_version=e.old_version, new_version=running)
         status = Status.HELD if done else Status.FAILED
         return Outcome(dev.id, status, UpdateResult.INITIAL, f"canceled: {detail}",
                        old_version=running)
@@ -629,6 +644,10 @@ class FleetOps:
                 continue
             out = await self.finish_cancel(dev, session, intent)  # undo defers a reset outside a window
             if any(i.id == intent.id for i in self.gw.journal.open_intents(dev.id)):
+                # a ``ctl update --ignore-window`` given meanwhile was for the operator's own
+                # update check, answered by this open cancel: never left behind for the
+                # server's next offer to install outside the window
+                self._now.pop(dev.id, None)
                 if out.status == Status.HELD and not self.maint.reset_allowed(dev):
                     out.detail = (f"canceled update waits for a maintenance window to be "
                                   f"reverted ({self.maint.describe(dev)})")
