@@ -658,8 +658,8 @@ class FleetOps:
     async def last_resort(self, dev: DeviceConfig, session: SMPSession) -> Outcome | None:
         """``recovery: {enabled: true, last_resort: true}``: a device whose application no
         longer answers SMP but whose MCUboot serial recovery does (its image list flags no slot
-        active - (b), what the device itself reports) is re-flashed with the last image this
-        gateway confirmed there (the journal's record, ``bootmodes.recovery.
+        active - (b), what the device itself reports) is re-flashed with the last image the
+        device itself reported running confirmed (b) (``Journal.confirmed``, ``bootmodes.recovery.
         last_confirmed_path``; the stored file's hash and signature are verified again - (a)),
         through ``UpdateEngine.recover``. Only when the config enables it (c), the device is not
         paused, and no update of the journal is open (an update in progress is its own flow's:

@@ -41,6 +41,11 @@ is idempotent and resumes after a restart; MCUboot's swap rules make every step 
   (``confirm=true``) would skip that safety net and is never used. If the secondary slot no
   longer holds the previous image, the member cannot be taken back: that is reported.
 
+A cancel of any member (the fleet server's, for any member's offer, or the operator's) is
+journalled as an intent before it is acted on and takes the WHOLE group back the same way
+(``GroupRunner._canceled``), never confirms; it is finished before the group resumes anything
+(also after a restart), and acknowledged to the server only once every member is back.
+
 A group that had to be taken back blocks the group's images on every member: they are not
 pushed again until the source offers a different artifact. Every member's Outcome of a failed
 group carries ``group`` and says which member failed and why.
