@@ -39,7 +39,7 @@ from smp.image_management import ImageState
 
 from gateway.config import DeviceConfig
 from gateway.engine import Slots, Step
-from gateway.journal import Journal
+from gateway.journal import Entry, Journal
 from gateway.smp.session import SMPError, SMPSession, SMPTimeout
 from gateway.smp.transport import TransportError
 
@@ -123,6 +123,12 @@ async def _erase_secondary(session: SMPSession, dev: DeviceConfig, empty: bool =
     return "secondary slot erased"
 
 
+def _fresh(entry: Entry, slots: Slots) -> Entry:
+    """The journal row with what the device reports running now (b) (``status`` shows it)."""
+    return entry.with_(running_version=slots.running,
+                       running_hash=slots.active_hash.hex() if slots.active_hash else None)
+
+
 async def undo(session: SMPSession, dev: DeviceConfig, journal: Journal, target_hash: bytes,
                reason: str, *, reset_allowed: bool) -> CancelResult:
     """Take the update of ``target_hash`` back on an open session; journal the result.
@@ -131,9 +137,9 @@ async def undo(session: SMPSession, dev: DeviceConfig, journal: Journal, target_
     raises on a device that does not answer within its bounds) and is called again for the
     same intent until it returns ``done`` (or ``confirmed``: too late). Every state read goes
     through a reboot in progress; it never confirms anything."""
-    entry = journal.get(dev.id)
     slots = Slots.parse(await read_through_reboot(session, dev), dev.image)
     running = slots.running
+    entry = _fresh(journal.get(dev.id), slots)
     th = target_hash.hex()
     res: CancelResult
     if slots.active_hash == target_hash and slots.active and slots.active.confirmed:
@@ -165,6 +171,7 @@ async def undo(session: SMPSession, dev: DeviceConfig, journal: Journal, target_
         phase = "before-upload"
     slots = Slots.parse(await read_through_reboot(session, dev), dev.image)
     running = slots.running
+    entry = _fresh(entry, slots)  # what runs after the revert, never the canceled image's
     if slots.active_hash == target_hash:
         detail = f"{reason}: the device still runs the canceled image after the reset"
         journal.put(entry.with_(step=Step.FAILED.value, outcome="failed", last_error=detail), detail)

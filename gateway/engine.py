@@ -242,12 +242,20 @@ class UpdateEngine:
 
     async def read_slots(self, timeout_s: float | None = None) -> Slots:
         images = await self.s.image_state(timeout_s=timeout_s)
+        self._note_confirmed(images)
         slots = Slots.parse(images, self.dev.image)
         self.entry = self.entry.with_(
             running_version=slots.running,
             running_hash=slots.active_hash.hex() if slots.active_hash else None,
         )
         return slots
+
+    def _note_confirmed(self, states: list[ImageState]) -> None:
+        """(b) the device itself reports image 0's running image confirmed: journalled as the
+        only image ``recovery.last_resort`` may re-flash (``Journal.put_confirmed``)."""
+        s = next((s for s in states if (s.image or 0) == 0 and s.active and s.confirmed), None)
+        if s is not None and s.hash and 16 <= len(s.hash) <= 64:
+            self.journal.put_confirmed(self.dev.id, bytes(s.hash).hex(), str(s.version)[:64])
 
     # -- the flow ----------------------------------------------------------------------------
     async def run(self, image: VerifiedImage, slots: Slots | None = None,
@@ -975,6 +983,7 @@ class UpdateEngine:
 
     async def _states(self, timeout_s: float | None = None) -> list[ImageState]:
         states = await self.s.image_state(timeout_s=timeout_s)
+        self._note_confirmed(states)
         s0 = imageset.ImageSlots.of(states, 0)
         self.entry = self.entry.with_(
             running_version=s0.primary.version if s0.primary else None,

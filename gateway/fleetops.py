@@ -41,7 +41,7 @@ from gateway.bootmodes.recovery import in_serial_recovery, last_confirmed_path
 from gateway.config import DeviceConfig, GatewayConfig, SerialTransport
 from gateway.control import ControlError, ControlServer
 from gateway.discovery.guard import IdentityGuard
-from gateway.engine import Outcome, Slots, Stage, Status, UpdateEngine
+from gateway.engine import Outcome, Slots, Stage, Status, Step, UpdateEngine
 from gateway.images import ImageRefused, ImageStore
 from gateway.journal import STAGED, Entry, Intent, Journal
 from gateway.maintenance import MaintenancePolicy
@@ -161,6 +161,7 @@ class FleetOps:
         self._cancel: dict[str, asyncio.Event] = {}
         self._cancel_why: dict[str, str] = {}
         self._running: dict[str, str] = {}  # device id -> hash of the image its engine runs
+        self._group_cancel: dict[str, asyncio.Event] = {}  # group name -> its run's cancel wake-up
         self._admitted: dict[str, str] = {}  # unit key -> artifact id
         self._facts: dict[str, dict[str, Any]] = {}  # device id -> bootloader mode, params...
         self._control: ControlServer | None = None
@@ -325,6 +326,10 @@ class FleetOps:
         """A group starts only when no member is paused and every member may be reset now
         (its phases mark and reset all members together); else every member is held,
         untouched. The staged rollout gates it once its members are planned (``admit_group``)."""
+        if self.group_cancels(devs):
+            for d in devs:  # a ``ctl update --ignore-window`` meanwhile is answered by the
+                self._now.pop(d.id, None)  # cancel: never left for a later server offer
+            return None  # a journalled cancel is finished first, paused or not (resets: gated)
         why = next((w for w in (self.paused(d) for d in devs) if w), None)
         if why is None and not all(self.maint.reset_allowed(d) for d in devs):
             d = next(d for d in devs if not self.maint.reset_allowed(d))
@@ -407,8 +412,18 @@ class FleetOps:
         when the device is paused, also after a restart). False: no update to take back (none
         runs, and the journal has none open)."""
         ev = self._cancel.get(device_id)
-        if ev is None and any(d.id == device_id and d.group for d in self.devices()):
-            return False  # a group's members go back together (the group's own revert)
+        member = next((d for d in self.devices() if d.id == device_id and d.group), None)
+        if member is not None:  # the whole group goes back (``gateway.groups``: all or nothing)
+            th = self._running.get(device_id) or self._group_target(member)
+            if th is None:
+                return False
+            self.gw.journal.put_intent(device_id, "cancel", th, "operator", reason)
+            gev = self._group_cancel.get(str(member.group))
+            if gev is not None:
+                gev.set()
+            else:
+                self.wake(device_id)
+            return True
         th = _open_update(self.gw.journal.get(device_id)) or self._running.get(device_id)
         if th is None:
             return False
@@ -419,6 +434,68 @@ class FleetOps:
         else:
             self.wake(device_id)
         return True
+
+    def _group_target(self, dev: DeviceConfig) -> str | None:
+        """The member's target in its group's journalled update, while that is not over."""
+        rec = self.gw.journal.group(str(dev.group))
+        if rec is None or rec.phase in ("done", "failed"):
+            return None
+        return rec.members.get(dev.id)
+
+    # -- groups: a cancel of any member takes the whole group back (gateway.groups) ----------
+    def group_cancels(self, devs: list[DeviceConfig]) -> list[Intent]:
+        """The open cancel intents of a group's members, oldest first."""
+        return [i for d in devs for i in self.gw.journal.open_intents(d.id) if i.kind == "cancel"]
+
+    async def watch_group_cancel(self, name: str,
+                                 members: list[tuple[DeviceConfig, Offer, str]]) -> Intent:
+        """While a group runs: until a cancel of any member arrives - the operator's (journalled
+        by ``request_cancel``) or the fleet server's for any member's offer (its ``canceled``
+        probe, as ``_watch_cancel``), journalled here before anything is done about it. Each
+        probe is bounded in time; a server hiccup is not a cancel."""
+        src = self.gw.source
+        probe: Callable[[Offer], Awaitable[str | None]] | None = getattr(src, "canceled", None)
+        period = min(30.0, max(0.5, src.poll_interval()))
+        ev = self._group_cancel.setdefault(name, asyncio.Event())
+        for dev, _, th in members:
+            self._running[dev.id] = th
+        try:
+            while True:
+                mine = self.group_cancels([d for d, _, _ in members])
+                if mine:
+                    return mine[0]
+                for dev, offer, th in members:
+                    if probe is None or offer.source != src.name:
+                        continue
+                    try:
+                        why = await asyncio.wait_for(probe(offer), max(5.0, period))
+                    except Exception as exc:
+                        log.debug("device=%s cancel check failed: %s", dev.id, exc)
+                        why = None
+                    if why:
+                        return self.gw.journal.put_intent(dev.id, "cancel", th, "server",
+                                                          str(why), offer.report_handle())
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(ev.wait(), period)
+                ev.clear()
+        finally:
+            for dev, _, _ in members:
+                self._running.pop(dev.id, None)
+            self._group_cancel.pop(name, None)
+
+    async def finish_group_cancel(self, dev: DeviceConfig, intent: Intent,
+                                  verdict: str | None) -> None:
+        """The group's take-back for this member's cancel is over (``verdict`` "taken back:
+        ..." or "too late: ..."; None: it was already, only the acknowledgement is left): the
+        intent moves on, and a server's cancel is acknowledged - only now."""
+        if intent.state == "pending" and verdict is not None:
+            state = "ack" if intent.actor == "server" else "done"
+            self.gw.journal.intent_progress(intent.id, state, verdict)
+            self.ops.audit(intent.actor if intent.actor == "operator" else "fleet", "cancel",
+                           dev.id, verdict)
+            intent = replace(intent, state=state, detail=verdict)
+        if intent.state == "ack":
+            await self._acknowledge(dev, intent, intent.detail.startswith("taken back"), None)
 
     async def _watch_cancel(self, dev: DeviceConfig, offer: Offer, ev: asyncio.Event,
                             started: asyncio.Event, target: str,
@@ -521,6 +598,7 @@ class FleetOps:
         open (and this is called again at the next session, also after a restart) until both
         are done; a take-back cut short (the device silent while it swaps) is simply redone."""
         journal = self.gw.journal
+        too_late = False
         if intent.state == "pending":
             if not intent.target_hash:
                 journal.intent_progress(intent.id, "done", "nothing identifiable to take back")
@@ -540,6 +618,7 @@ class FleetOps:
                 return Outcome(dev.id, status, UpdateResult.INITIAL, f"canceled: {res.detail}",
                                old_version=res.running)
             # taken back, or too late (confirmed before the cancel): the device's part is over
+            too_late = res.phase == "confirmed"
             verdict = ("taken back: " if res.done else "too late: ") + res.detail
             journal.intent_progress(intent.id, "ack" if intent.actor == "server" else "done", verdict)
             self.ops.audit(intent.actor if intent.actor == "operator" else "fleet", "cancel", dev.id,
@@ -553,6 +632,17 @@ class FleetOps:
         if intent.state == "ack":
             await self._acknowledge(dev, intent, done, offer)
         detail = intent.detail.split(": ", 1)[-1]
+        e = journal.get(dev.id)
+        if too_late and offer is not None and _open_update(e) == intent.target_hash:
+            # (b) the device itself reports the image running, confirmed: the update happened,
+            # only the cancel came too late - not a failure (no failure report to the server,
+            # none counted by the rollout); the row is closed as the engine would have
+            journal.put(e.with_(step=Step.DONE.value, outcome=Status.UPDATED.value,
+                                last_error=None, running_version=running),
+                        f"installed and confirmed before the cancel: {detail}")
+            return Outcome(dev.id, Status.UPDATED, UpdateResult.SUCCESS,
+                           f"{e.old_version} -> {running}, confirmed; the cancel came too late "
+                           f"({detail})", old_version=e.old_version, new_version=running)
         status = Status.HELD if done else Status.FAILED
         return Outcome(dev.id, status, UpdateResult.INITIAL, f"canceled: {detail}",
                        old_version=running)
@@ -606,6 +696,10 @@ class FleetOps:
                 continue
             out = await self.finish_cancel(dev, session, intent)  # undo defers a reset outside a window
             if any(i.id == intent.id for i in self.gw.journal.open_intents(dev.id)):
+                # a ``ctl update --ignore-window`` given meanwhile was for the operator's own
+                # update check, answered by this open cancel: never left behind for the
+                # server's next offer to install outside the window
+                self._now.pop(dev.id, None)
                 if out.status == Status.HELD and not self.maint.reset_allowed(dev):
                     out.detail = (f"canceled update waits for a maintenance window to be "
                                   f"reverted ({self.maint.describe(dev)})")
@@ -616,8 +710,8 @@ class FleetOps:
     async def last_resort(self, dev: DeviceConfig, session: SMPSession) -> Outcome | None:
         """``recovery: {enabled: true, last_resort: true}``: a device whose application no
         longer answers SMP but whose MCUboot serial recovery does (its image list flags no slot
-        active - (b), what the device itself reports) is re-flashed with the last image this
-        gateway confirmed there (the journal's record, ``bootmodes.recovery.
+        active - (b), what the device itself reports) is re-flashed with the last image the
+        device itself reported running confirmed (b) (``Journal.confirmed``, ``bootmodes.recovery.
         last_confirmed_path``; the stored file's hash and signature are verified again - (a)),
         through ``UpdateEngine.recover``. Only when the config enables it (c), the device is not
         paused, and no update of the journal is open (an update in progress is its own flow's:
@@ -637,8 +731,9 @@ class FleetOps:
         if why is not None:
             return Outcome(dev.id, Status.HELD, UpdateResult.INITIAL,
                            f"in MCUboot serial recovery; the last-resort re-flash waits: {why}")
-        e = self.gw.journal.get(dev.id)
-        found = last_confirmed_path(e, self.gw.store.root)
+        # only what the device itself reported running confirmed (b), never the row's target,
+        # old or running hash (a canceled or refused image must not be flashed for good)
+        found = last_confirmed_path(self.gw.journal.confirmed(dev.id), self.gw.store.root)
         if found is None:
             return Outcome(dev.id, Status.FAILED, UpdateResult.UPDATE_FAILED,
                            "the device answers only from MCUboot serial recovery, and no image "
@@ -749,7 +844,11 @@ class FleetOps:
                                                        if req.get("ignore_window") else ""))
         elif cmd == "cancel":
             if self.request_cancel(dev.id, f"canceled by the operator ({actor})"):
-                result = f"{dev.id}: cancel requested; the update is being taken back"
+                result = f"{dev.id}: cancel requested; the update is being taken back" + (
+                    f" - the whole group {dev.group} (a group changes version all together or "
+                    "not at all)" if dev.group else "")
+            elif dev.group:
+                raise ControlError(f"{dev.id}: its group {dev.group} is not installing anything now")
             else:
                 raise ControlError(f"{dev.id} is not installing anything now")
         elif cmd == "unblock":

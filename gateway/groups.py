@@ -41,6 +41,11 @@ is idempotent and resumes after a restart; MCUboot's swap rules make every step 
   (``confirm=true``) would skip that safety net and is never used. If the secondary slot no
   longer holds the previous image, the member cannot be taken back: that is reported.
 
+A cancel of any member (the fleet server's, for any member's offer, or the operator's) is
+journalled as an intent before it is acted on and takes the WHOLE group back the same way
+(``GroupRunner._canceled``), never confirms; it is finished before the group resumes anything
+(also after a restart), and acknowledged to the server only once every member is back.
+
 A group that had to be taken back blocks the group's images on every member: they are not
 pushed again until the source offers a different artifact. Every member's Outcome of a failed
 group carries ``group`` and says which member failed and why.
@@ -51,16 +56,18 @@ The group runner does not import the daemon: it gets what it needs through ``Gro
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import Awaitable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from gateway.config import DeviceConfig
 from gateway.engine import Outcome, Slots, Stage, Status, Step, UpdateEngine, _Finish
 from gateway.images import ImageRefused, ImageStore, VerifiedImage
-from gateway.journal import GroupRecord, Journal
+from gateway.journal import GroupRecord, Intent, Journal
 from gateway.metrics import Metrics
 from gateway.plan import Plan, Stopping
 from gateway.smp.session import SMPError, SMPSession, SMPTimeout, UploadError
@@ -74,10 +81,23 @@ _OPEN_PHASES = ("mark", "boot", "confirm", "revert")  # past the point of no ret
 
 
 class GroupAdmission(Protocol):
-    """The staged rollout's gate for a planned group (``gateway.fleetops.FleetOps``)."""
+    """The staged rollout's gate for a planned group, and the members' cancels
+    (``gateway.fleetops.FleetOps``)."""
 
     async def admit_group(self, key: str, members: list[tuple[DeviceConfig, Offer]],
                           resumed: bool = False) -> str | None: ...
+
+    def group_cancels(self, devs: list[DeviceConfig]) -> list[Intent]: ...
+
+    async def watch_group_cancel(self, name: str,
+                                 members: list[tuple[DeviceConfig, Offer, str]]) -> Intent: ...
+
+    async def finish_group_cancel(self, dev: DeviceConfig, intent: Intent,
+                                  verdict: str | None) -> None: ...
+
+
+class _GroupCanceled(Exception):
+    """A member's cancel arrived (journalled): the group run stops and takes the group back."""
 
 
 class GroupHost(Protocol):
@@ -333,6 +353,10 @@ class GroupRunner:
         h, j = self.host, self.host.journal
         for dev in members:  # reports of earlier runs need the server, not the devices
             await h.flush_unreported(dev)
+        if h.fleet.group_cancels(members):
+            # a journalled cancel of any member (also of an earlier run, before a restart) is
+            # finished first: nothing of the group is resumed or confirmed before it
+            return await self._canceled(name, members)
         rec = j.group(name)
         plans: dict[str, Plan] = {}
         outs: dict[str, Outcome] = {}  # the latest outcome of each member
@@ -384,6 +408,33 @@ class GroupRunner:
             members_map = {i: p.image.hash.hex() for i, p in plans.items()}
             j.put_group(GroupRecord(name, "upload", members_map, "members: " + ",".join(plans)))
             h.metrics.inc("updates_started_total", len(plans))
+        # a cancel of any member's offer (the server's) or of any member (the operator's) is
+        # watched for the whole run, journalled as an intent before it is acted on
+        watch = asyncio.ensure_future(h.fleet.watch_group_cancel(
+            name, [(p.dev, p.offer, members_map.get(i, p.image.hash.hex()))
+                   for i, p in plans.items()]))
+        try:
+            result = await self._drive(name, plans, outs, confirmed, failure, phase, members_map,
+                                       rec, watch)
+        except _GroupCanceled:
+            result = None
+        finally:
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await watch
+        if result is None or (h.fleet.group_cancels(members) and not h.stop.is_set()):
+            # taken back now; or it came as the group ended: answered (too late / nothing left)
+            canceled = await self._canceled(name, members)
+            result = canceled if result is None else result
+        return result
+
+    async def _drive(self, name: str, plans: dict[str, Plan], outs: dict[str, Outcome],
+                     confirmed: set[str], failure: tuple[str, Outcome] | None, phase: str,
+                     members_map: dict[str, str], rec: GroupRecord | None,
+                     watch: asyncio.Future[Intent]) -> list[Outcome]:
+        """The group's phases from ``phase`` on; raises ``_GroupCanceled`` when a member's
+        cancel arrives (the members' steps in flight are stopped; nothing more is confirmed)."""
+        h, j = self.host, self.host.journal
 
         # -- upload, mark, boot: every member together ---------------------------------------
         order = list(_PHASE_STAGE)
@@ -392,8 +443,10 @@ class GroupRunner:
                 break
             if order.index(ph) < order.index(phase):
                 continue
+            self._check_cancel(watch, plans)
             j.put_group(GroupRecord(name, ph, members_map))
-            results = await asyncio.gather(*(self._member(p, ph) for p in plans.values()))
+            results = await self._unless_canceled(watch, [self._member(p, ph)
+                                                          for p in plans.values()])
             if h.stop.is_set():
                 return self._stopping(plans, outs)  # the journaled phase resumes at the next start
             waits = [o for o in results if o.status == Status.HELD
@@ -419,7 +472,7 @@ class GroupRunner:
         if failure is None and phase != "revert":
             if phase != "confirm":
                 j.put_group(GroupRecord(name, "confirm", members_map, "every member booted its image"))
-            failure = await self._confirm_all(name, plans, outs, confirmed)
+            failure = await self._confirm_all(name, plans, outs, confirmed, watch)
             if failure is None and not h.stop.is_set():
                 j.put_group(GroupRecord(name, "done", members_map))
                 return [await h.final(plans[i].offer if i in plans else None, o)
@@ -432,13 +485,16 @@ class GroupRunner:
         return await self._close(name, plans, outs, failure, revert=True)
 
     async def _confirm_all(self, name: str, plans: dict[str, Plan], outs: dict[str, Outcome],
-                           confirmed: set[str]) -> tuple[str, Outcome] | None:
+                           confirmed: set[str], watch: asyncio.Future[Intent],
+                           ) -> tuple[str, Outcome] | None:
         """Re-check every unconfirmed member, then confirm them one by one (re-checked again).
+        A cancel of any member, journalled, stops it before the next confirm (``_GroupCanceled``).
 
         Returns the first failure, None when every member is confirmed (or the gateway stops)."""
         h = self.host
         todo = [p for i, p in plans.items() if i not in confirmed]
-        checks = await asyncio.gather(*(self._member(p, "recheck") for p in todo))
+        self._check_cancel(watch, plans)
+        checks = await self._unless_canceled(watch, [self._member(p, "recheck") for p in todo])
         for p, o in zip(todo, checks, strict=True):
             if o.status != Status.HELD:
                 outs[p.dev.id] = o
@@ -447,12 +503,96 @@ class GroupRunner:
         for p in todo:
             if h.stop.is_set():
                 return None
-            o = await self._member(p, "confirm")
+            self._check_cancel(watch, plans)  # the journal's word, read just before the confirm
+            (o,) = await self._unless_canceled(watch, [self._member(p, "confirm")])
             outs[p.dev.id] = o
             if o.status != Status.UPDATED:
                 return (p.dev.id, o)
             confirmed.add(p.dev.id)
         return None
+
+    # -- cancel: a member's cancel takes the whole group back --------------------------------
+    def _check_cancel(self, watch: asyncio.Future[Intent], plans: dict[str, Plan]) -> None:
+        """Raise ``_GroupCanceled`` when a cancel of any member is journalled (or the watcher
+        returned one)."""
+        seen = watch.done() and not watch.cancelled() and watch.exception() is None
+        if seen or self.host.fleet.group_cancels([p.dev for p in plans.values()]):
+            raise _GroupCanceled()
+
+    @staticmethod
+    async def _unless_canceled(watch: asyncio.Future[Intent],
+                               steps: list[Awaitable[Outcome]]) -> list[Outcome]:
+        """The members' steps, together - unless a member's cancel arrives first: then they
+        are stopped where they are (``_GroupCanceled``; the take-back reads each device)."""
+        task = asyncio.ensure_future(asyncio.gather(*steps))
+        both: set[asyncio.Future[Any]] = {task, watch}
+        try:
+            await asyncio.wait(both, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        if not task.done() and watch.exception() is None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            raise _GroupCanceled()
+        return list(await task)
+
+    async def _canceled(self, name: str, members: list[DeviceConfig]) -> list[Outcome]:
+        """Finish the journalled cancels of the group's members: a cancel of ANY member takes
+        the WHOLE group back (a group is all-or-nothing), never confirms; its resets go through
+        the maintenance-window gate. Only once the group is back, each cancel is finished
+        (``finish_group_cancel``: a server's is acknowledged now). A take-back left unfinished
+        (link error, a reset waiting for a window) keeps the intents pending: the next
+        attempt - also after a restart - resumes it here, before anything else. What is taken
+        back, and how, is read from each device (b) and the group's journalled phase."""
+        h, j = self.host, self.host.journal
+        intents = h.fleet.group_cancels(members)
+        first = intents[0]
+        why = f"group {name} canceled: {first.reason} (member {first.device_id}, by the {first.actor})"
+        canceled = {i.device_id for i in intents}
+        rec = j.group(name)
+        verdict: str | None = None
+        result: list[Outcome] = []
+        if any(i.state == "pending" for i in intents):
+            plans: dict[str, Plan] = {}
+            if rec is not None and rec.phase not in ("done", "failed"):
+                for dev in members:
+                    if dev.id in rec.members:
+                        got = self._resume_plan(dev, rec.members[dev.id])
+                        if got is not None:
+                            plans[dev.id] = got[0]
+            if rec is not None and rec.phase == "done":
+                verdict = f"too late: group {name} is installed, every member confirmed"
+            elif not plans:
+                verdict = f"taken back: nothing of group {name} is left to take back"
+                if rec is not None and rec.phase not in ("done", "failed"):
+                    j.put_group(GroupRecord(name, "failed", rec.members, why))
+            else:
+                assert rec is not None
+                failure = (first.device_id, Outcome(first.device_id, Status.FAILED,
+                                                    UpdateResult.UPDATE_FAILED, why))
+                revert = rec.phase != "upload"  # upload: nobody is marked, nothing to revert
+                if not revert:
+                    j.put_group(GroupRecord(name, "failed", rec.members, why))
+                log.warning("group=%s %s: taking every member back", name, why)
+                result = await self._close(name, plans, {}, failure, revert=revert, why=why,
+                                           block=False, canceled=canceled)
+                after = j.group(name)
+                if after is None or after.phase != "failed":  # unfinished: resumed next time
+                    for i in intents:
+                        if i.state == "pending":
+                            j.intent_progress(i.id, "pending", "the group's take-back is "
+                                              "unfinished; resumed at the next attempt")
+                    return result
+                verdict = f"taken back: every member of group {name} is back on its previous image"
+        by_id = {d.id: d for d in members}
+        for i in intents:
+            await h.fleet.finish_group_cancel(by_id[i.device_id], i, verdict)
+        if not result:
+            result = [Outcome(d.id, Status.HELD, UpdateResult.INITIAL,
+                              f"canceled: {verdict or why}", group=name) for d in members]
+        return result
 
     @staticmethod
     def _stopping(plans: dict[str, Plan], outs: dict[str, Outcome]) -> list[Outcome]:
@@ -482,10 +622,15 @@ class GroupRunner:
         return result
 
     async def _close(self, name: str, plans: dict[str, Plan], outs: dict[str, Outcome],
-                     failure: tuple[str, Outcome], revert: bool) -> list[Outcome]:
+                     failure: tuple[str, Outcome], revert: bool, *, why: str | None = None,
+                     block: bool = True, canceled: set[str] | None = None) -> list[Outcome]:
+        """``canceled``: members whose update was canceled (taken back with the group, their
+        rows closed ``canceled``; no final report - the cancel's acknowledgement answers it);
+        ``block`` False: the group's images are not blocked (a cancel is not a failure of the
+        image)."""
         h, j = self.host, self.host.journal
         fid, fout = failure
-        why = f"group {name} failed: member {fid} {fout.status.value}: {fout.detail}"
+        why = why or f"group {name} failed: member {fid} {fout.status.value}: {fout.detail}"
         rec = j.group(name)
         members_map = rec.members if rec else {i: p.image.hash.hex() for i, p in plans.items()}
         if revert:
@@ -513,7 +658,7 @@ class GroupRunner:
                 log.error("group=%s members not back on their previous image: %s", name,
                           ", ".join(f"{i} ({outs[i].detail})" for i in not_back))
             # taken back: the group's images are not pushed again until the source offers others
-            for p in plans.values():
+            for p in plans.values() if block else ():
                 h.block(p.dev.id, p.image.hash.hex(), p.offer.artifact_id)
             j.put_group(GroupRecord(name, "failed", members_map, why))
         else:
@@ -528,6 +673,13 @@ class GroupRunner:
         h.metrics.inc("group_failures_total", group=name)
         result = []
         for i, p in plans.items():
+            if i in (canceled or ()):
+                e = j.get(i)  # no final report: the cancel's acknowledgement answers the server
+                j.put(e.with_(step="canceled", outcome="canceled", unreported=None,
+                              last_error=why), why)
+                result.append(Outcome(i, Status.HELD, UpdateResult.INITIAL, f"canceled: {why}",
+                                      old_version=(outs.get(i) or fout).old_version, group=name))
+                continue
             o = outs.get(i) or Outcome(i, Status.FAILED, UpdateResult.UPDATE_FAILED, why)
             if o.status == Status.HELD:
                 o = Outcome(i, Status.FAILED, UpdateResult.UPDATE_FAILED, why,

@@ -247,6 +247,40 @@ class Journal:
             self._db.execute("COMMIT")
 
 
+    # -- the last image the device reported running confirmed: what a last resort may flash --
+    def _confirmed_table(self) -> None:
+        if not getattr(self, "_confirmed_ready", False):
+            self._db.execute("CREATE TABLE IF NOT EXISTS confirmed_images (device_id TEXT PRIMARY "
+                             "KEY, hash TEXT, version TEXT, updated_at REAL)")
+            self._confirmed_ready = True
+
+    def put_confirmed(self, device_id: str, image_hash: str, version: str | None) -> None:
+        """Record that the device itself reported ``image_hash`` (image 0) running and
+        confirmed (b). The only image ``recovery.last_resort`` may ever re-flash: never an
+        image the journal only targeted, tested, canceled or saw running unconfirmed."""
+        with self._lock:
+            self._confirmed_table()
+            row = self._db.execute("SELECT hash FROM confirmed_images WHERE device_id=?",
+                                   (device_id,)).fetchone()
+            if row is not None and row[0] == image_hash:
+                return
+            now = time.time()
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("INSERT OR REPLACE INTO confirmed_images VALUES (?, ?, ?, ?)",
+                             (device_id, image_hash, version, now))
+            self._db.execute("INSERT INTO events VALUES (?, ?, ?, ?)",
+                             (now, device_id, "confirmed-seen",
+                              f"the device reports {version} ({image_hash[:16]}) confirmed"))
+            self._db.execute("COMMIT")
+
+    def confirmed(self, device_id: str) -> str | None:
+        """The hash (hex) of the last image the device reported running confirmed, if any."""
+        with self._lock:
+            self._confirmed_table()
+            row = self._db.execute("SELECT hash FROM confirmed_images WHERE device_id=?",
+                                   (device_id,)).fetchone()
+        return str(row[0]) if row and row[0] else None
+
     # -- intents: journalled before they are acted on, open until finished ------------------
     def put_intent(self, device_id: str, kind: str, target_hash: str | None, actor: str,
                    reason: str, handle: dict[str, Any] | None = None) -> Intent:

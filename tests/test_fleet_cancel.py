@@ -136,3 +136,83 @@ async def test_cancel_needing_a_reset_waits_for_the_window(bench_factory) -> Non
             assert out.status == Status.UPDATED and active(dev) == ("2.0.0", True)
         finally:
             gw.close()
+
+
+async def test_cancel_that_comes_too_late_is_no_failure(bench_factory) -> None:
+    """The operator cancels just as the confirm reaches the device (its answer is lost): the
+    device runs 2.0.0 confirmed, so the cancel is too late. The attempt is the update it was
+    (UPDATED, a success report), not a FAILED attempt counted against the device/rollout."""
+    from safety_support import Tap
+
+    bench = bench_factory(udp=1, serial=0, image_size=16 * 1024)
+    bench.publish("2.0.0")
+    async with Simulator(bench.sim_cfg) as sim:
+        dev = sim.devices["udp-1"]
+        gw = Gateway(bench.gateway_config(sim, timeouts={"reset_s": 30, "request_s": 6.0}))
+        tap = Tap(dev)
+
+        def hook(req: Any, frame: bytes, reply: Any) -> bool:
+            if req.is_confirm:
+                assert gw.fleet.request_cancel("udp-1", "canceled by the operator (test)")
+                tap.deliver(frame, lambda _b: None)  # confirmed; the answer is lost
+                return False
+            return True
+
+        tap.hook = hook
+        tap.install()
+        try:
+            out = (await gw.run_once()).outcomes["udp-1"]
+            assert active(dev) == ("2.0.0", True)
+            assert out.status == Status.UPDATED and "too late" in out.detail, out
+            assert gw.journal.open_intents() == []
+            assert gw.journal.get("udp-1").outcome == Status.UPDATED.value
+            assert [r.result for r in gw.journal.reports("udp-1")] == [1]  # success, once
+            out = (await gw.run_once()).outcomes["udp-1"]
+            assert out.status == Status.UP_TO_DATE, out
+            assert [r.result for r in gw.journal.reports("udp-1")] == [1]
+        finally:
+            gw.close()
+
+
+async def test_ignore_window_given_while_a_cancel_waits_is_not_left_for_the_next_offer(
+        bench_factory) -> None:
+    """``ctl update --ignore-window`` while a cancel's revert waits for a window: the
+    operator's update check is answered by the waiting cancel; the override is not kept for
+    the server's next offer, which would then be installed (marked, reset) outside the
+    maintenance windows."""
+    bench = bench_factory(udp=1, serial=0, image_size=16 * 1024)
+    bench.publish("2.0.0")
+    async with Simulator(bench.sim_cfg) as sim:
+        data = bench.gateway_dict(sim)
+        data["maintenance_windows"] = {"nightly": {"cron": "0 0 1 1 *", "duration_s": 60,
+                                                   "timezone": "UTC"}}  # 1 January only
+        cfg = parse_config(data, bench.root / "gateway.yaml")
+        gw = Gateway(cfg)
+        dev_cfg = cfg.devices[0]
+        dev = sim.devices["udp-1"]
+        try:
+            async with gw.session(dev_cfg) as s:
+                plan = await gw.plan(dev_cfg, s)
+                eng = gw.engine(dev_cfg, s)
+                eng.reset_gate = None  # marked in an earlier window
+                await eng.run(plan.image, None, until=Stage.MARKED)
+            assert gw.fleet.request_cancel("udp-1", "canceled by the operator (test)")
+            await gw.fleet.handle({"cmd": "update", "device": "udp-1", "ignore_window": True},
+                                  "tester")
+            out = await gw.update_device(dev_cfg)
+            assert out.status == Status.HELD and "maintenance window" in out.detail, out
+            assert dev.counters["resets"] == 0
+            # the revert is done in a window (since closed): the cancel is finished
+            (intent,) = gw.journal.open_intents("udp-1")
+            async with gw.session(dev_cfg) as s:
+                res = await undo(s, dev_cfg, gw.journal, plan.image.hash, "canceled",
+                                 reset_allowed=True)
+            assert res.done
+            gw.journal.intent_progress(intent.id, "done", "taken back: in a window")
+            resets = dev.counters["resets"]
+            out = await gw.update_device(dev_cfg)  # the source still offers 2.0.0
+            assert out.status == Status.HELD, out  # staged only: outside the windows
+            assert dev.counters["resets"] == resets
+            assert active(dev) == ("1.0.0", True)
+        finally:
+            gw.close()

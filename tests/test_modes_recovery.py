@@ -87,7 +87,7 @@ async def test_application_that_does_not_answer_is_reflashed_as_a_last_resort(be
             gw = Gateway(bench.gateway_config(sim, **cfg_kw))
             try:
                 (d,) = gw.cfg.devices
-                found = last_confirmed_path(gw.journal.get(d.id), gw.store.root)
+                found = last_confirmed_path(gw.journal.confirmed(d.id), gw.store.root)
                 assert found is not None
                 image = gw.store.add_file(found[0], hardware=None)
                 async with gw.session(d) as session:

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from smp.image_management import ImageState
 
@@ -40,9 +39,6 @@ from gateway.bootmodes.flows import Mark, ModeFlow
 from gateway.bootmodes.modes import Mode
 from gateway.images import ImageRefused, Refusal, VerifiedImage
 from gateway.mcuboot import ImageFormatError, Version, parse_image
-
-if TYPE_CHECKING:
-    from gateway.journal import Entry
 
 
 def in_serial_recovery(states: list[ImageState]) -> bool:
@@ -87,40 +83,28 @@ class RecoveryFlow(ModeFlow):
                 "revert possible")
 
 
-def last_confirmed_path(entry: Entry, store_dir: Path) -> tuple[Path, bytes] | None:
-    """The stored image this gateway last knew confirmed on the device, and its hash.
+def last_confirmed_path(confirmed_hash: str | None, store_dir: Path) -> tuple[Path, bytes] | None:
+    """The stored image of the last image the device itself reported running *confirmed*, and
+    its hash (``Journal.confirmed``: recorded from the device's own state reads - (b)).
 
-    The journal row's target when its outcome was updated/up-to-date, else the image it replaced
-    (``old_hash``) when the store holds a file with that hash TLV. For an image set, image 0's
-    member (serial recovery re-flashes the application)."""
-    candidates: list[str] = []
-    if entry.outcome in ("updated", "up-to-date") and entry.target_hash:
-        candidates.append(entry.target_hash)
-        if entry.image_path and entry.image_path.endswith(".zip"):
-            from gateway.artifacts.bundle import BundleError, read_bundle
-
-            try:
-                for e in read_bundle(Path(entry.image_path).read_bytes()):
-                    if e.image == 0 and e.slot is None:
-                        candidates.append(parse_image(e.data).hash.hex())
-            except (OSError, BundleError, ImageFormatError):
-                pass
-    if entry.old_hash:
-        candidates.append(entry.old_hash)
-    if entry.running_hash:
-        candidates.append(entry.running_hash)
+    Never the journal row's target, its ``old_hash`` or its ``running_hash`` whatever the
+    row's outcome: a canceled, refused or failed update's image, or one that only ran
+    unconfirmed, must never be written for good through serial recovery. For an image set,
+    image 0's image (serial recovery re-flashes the application). None: no such record, or the
+    store holds no file with that hash TLV."""
+    if not confirmed_hash:
+        return None
     try:
         files = sorted(store_dir.glob("*.bin"))
     except OSError:
         return None
-    for want in candidates:
-        for p in files:
-            try:
-                info = parse_image(p.read_bytes())
-            except (OSError, ImageFormatError):
-                continue
-            if info.hash_valid and info.hash.hex() == want:
-                return p, info.hash
+    for p in files:
+        try:
+            info = parse_image(p.read_bytes())
+        except (OSError, ImageFormatError):
+            continue
+        if info.hash_valid and info.hash.hex() == confirmed_hash:
+            return p, info.hash
     return None
 
 
