@@ -699,6 +699,11 @@ class Gateway:
         self._count(out)
         if offer is None or out.status == Status.HELD:
             return out
+        if out.result == UpdateResult.INITIAL and out.status != Status.UP_TO_DATE:
+            # a final report always carries a result: INITIAL (0) reads as "nothing happened"
+            log.error("device=%s %s outcome without a result code: reported as UPDATE_FAILED",
+                      out.device_id, out.status.value)
+            out.result = UpdateResult.UPDATE_FAILED
         detail = f"{out.status.value}: {out.detail}"
         try:
             rep = self.journal.queue_report(out.device_id, offer.report_handle(), int(out.result),

@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_trust_identity import twin_sim
 
 from gateway.daemon import Gateway
 from gateway.engine import Status
 from gateway.sim.simulator import Simulator
-from test_trust_identity import twin_sim
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -97,7 +97,7 @@ async def test_server_cancel_while_the_confirm_is_in_flight_reports_no_false_fai
     that runs 2.0.0 confirmed."""
     from fleet_servers.common import serve
     from safety_support import Tap
-    from test_trust_intents import CountingHawkbit, FAST_RETRY
+    from test_trust_intents import FAST_RETRY, CountingHawkbit
 
     from gateway.config import parse_config
 
@@ -150,7 +150,7 @@ async def test_server_cancel_of_a_group_member_is_journalled_and_answered(
     image, and hawkBit's canceling action is closed as a success update."""
     from fleet_servers.common import serve
     from safety_support import Tap
-    from test_trust_intents import CountingHawkbit, FAST_RETRY
+    from test_trust_intents import FAST_RETRY, CountingHawkbit
 
     from gateway.config import parse_config
 
