@@ -63,7 +63,7 @@ import aiohttp
 
 from gateway.artifacts.bundle import BundleEntry, may_be_bundle, set_cap, write_bundle
 from gateway.mcuboot import Version
-from gateway.sources._http import HttpSource
+from gateway.sources._http import HttpSource, parse_json, read_body
 from gateway.sources.base import (
     DeviceView,
     FetchError,
@@ -78,6 +78,7 @@ from gateway.sources.settings import HawkbitSourceConfig
 
 log = logging.getLogger(__name__)
 
+UNKNOWN = "unknown"  # a maintenance window not (yet) read: treated as closed
 _ATTR_BAD = re.compile(r"[^a-zA-Z0-9_\-!@#$%^&*()+=\[\]{}|;:'\",.<>/\\?\s]")
 
 
@@ -99,7 +100,10 @@ class _Action:
     pushing: bool = False  # this attempt reported UPDATING: the engine runs
     closed: bool = False
     staged: bool = False  # downloaded (staged) outside hawkBit's maintenance window
-    window: str | None = None  # hawkBit's maintenanceWindow as last seen
+    # hawkBit's maintenanceWindow as last read: None (the action has none), "available",
+    # "unavailable", or UNKNOWN (it has one, not read yet, e.g. rebuilt after a restart, or
+    # unreadable): install_gate holds on anything but None / "available" - fail safe
+    window: str | None = None
     last_cnt: int = -100
     last_progress_at: float = 0.0
     last_sig: tuple[int, int] | None = None
@@ -150,10 +154,11 @@ class HawkbitSource(HttpSource):
             async with self._session.request(method, url, json=json_body, headers=self._headers()) as r:
                 data = None
                 if r.status == 200 and r.content_length != 0:
-                    try:
-                        data = await r.json(content_type=None)
-                    except ValueError:
-                        data = None
+                    # bounded in bytes (read_body: FetchError past MAX_ANSWER_BYTES); an
+                    # unreadable body is None, which every caller treats as the server's error
+                    raw = await read_body(r, f"hawkBit {method} {url}")
+                    with contextlib.suppress(FetchError):
+                        data = parse_json(raw, "hawkBit") if raw.strip() else None
                 return r.status, data
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise FetchError(
@@ -281,9 +286,12 @@ class HawkbitSource(HttpSource):
         act.window, act.pushing, act.staged = window, False, False
         act.extra = {"url": url, "filename": art.get("filename")}
         # hawkBit closes only a DOWNLOAD_ONLY action on `downloaded` (handleDownloadedActionStatus)
+        # "maintenance_window": a restarted gateway knows the action has one (and reads it
+        # before any reset: install_gate holds until then)
         report_to = {"controller": controller, "action_id": action_id,
                      "feedback_url": act.feedback_url,
-                     "closes_on_downloaded": install == "download-only" and window is None}
+                     "closes_on_downloaded": install == "download-only" and window is None,
+                     "maintenance_window": window is not None}
         parts = _image_parts(body.get("chunks") or [], self.cfg.artifact_pattern)
         if len(parts) > 1:  # a distribution set of several modules, one per MCUboot image
             act.extra["parts"] = parts
@@ -375,11 +383,13 @@ class HawkbitSource(HttpSource):
             if refresh_window and dep and act.window is not None:
                 st, data = await self._request("GET", dep)
                 if st == 200 and isinstance(data, dict) and str(data.get("id")) == act.action_id:
-                    w = (data.get("deployment") or {}).get("maintenanceWindow")
+                    dep_body = data.get("deployment")
+                    w = dep_body.get("maintenanceWindow") if isinstance(dep_body, dict) else None
+                    w = w if w in ("available", "unavailable") else UNKNOWN  # unreadable: closed
                     if w != act.window:
                         log.info("hawkBit action %s of %s: maintenance window %s", act.action_id,
                                  act.controller, w)
-                    act.window = w if w in ("available", "unavailable") else None
+                    act.window = w
             return None
         st, data = await self._request("GET", href)
         if st != 200 or not isinstance(data, dict):
@@ -398,7 +408,10 @@ class HawkbitSource(HttpSource):
         act = self._action_for(offer)
 
         def gate() -> str | None:
-            if act.window == "unavailable":
+            if act.window == UNKNOWN:  # rebuilt after a restart and not read since: closed
+                return (f"hawkBit's maintenance window of action {act.action_id} could not be "
+                        "read (it is read again before the next attempt)")
+            if act.window not in (None, "available"):
                 return f"hawkBit's maintenance window of action {act.action_id} is not open"
             return None
         return gate
@@ -522,7 +535,12 @@ class HawkbitSource(HttpSource):
             raise ReportRefused(f"hawkBit report handle of {offer.device_id} lacks {exc}") from None
         act = self._actions.get((controller, action_id))
         if act is None:
-            act = self._actions[(controller, action_id)] = _Action(controller, action_id, url)
+            # not this process's offer (a restart): whether the action has a maintenance window
+            # is in the handle (absent: an older handle - assume it has one); its state is not
+            # known until the deployment is read again (report/canceled do): closed until then
+            windowed = rt.get("maintenance_window") is not False
+            act = self._actions[(controller, action_id)] = _Action(
+                controller, action_id, url, window=UNKNOWN if windowed else None)
         return act
 
     async def report(self, offer: Offer, report: Report) -> None:

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import re
@@ -92,12 +93,20 @@ _START_NEXT_TRIES = 3  # a start-next whose answer was lost is asked again (it i
 _MAX_DETAILED_DEVICES = 100  # per-device statusDetails entries kept (bounded map)
 _MAX_PAYLOAD = 256 * 1024  # an MQTT answer larger than this is not parsed
 _MAX_DOCUMENT = 32 * 1024  # AWS job documents are at most 32 KiB
-_KEY_BAD = re.compile(r"[^a-zA-Z0-9:_-]")
+_KEY_BAD = re.compile(r"[^a-zA-Z0-9_-]")
+_KEY_MAX = 128
 
 
 def _key(prefix: str, device_id: str) -> str:
-    """A statusDetails key AWS takes ([a-zA-Z0-9:_-], 1-128 characters)."""
-    return (prefix + _KEY_BAD.sub("_", device_id))[:128]
+    """A statusDetails key AWS takes ([a-zA-Z0-9:_-], 1-128 characters), distinct for distinct
+    device ids: every other character (``:`` too) is escaped as ``:`` + two hex digits per
+    UTF-8 byte ("pump.1" -> "pump:2e1", "pump_1" stays). Too long: cut, and ``:z`` + 16 hex
+    digits of the id's sha256 appended - ``:z`` never occurs in an uncut encoding."""
+    enc = _KEY_BAD.sub(lambda m: "".join(f":{b:02x}" for b in m.group().encode()), device_id)
+    if len(prefix) + len(enc) <= _KEY_MAX:
+        return prefix + enc
+    digest = hashlib.sha256(device_id.encode()).hexdigest()[:16]
+    return prefix + enc[:_KEY_MAX - len(prefix) - 18] + ":z" + digest
 
 
 def _value(text: str, limit: int = 1000) -> str:
@@ -156,6 +165,7 @@ class MqttJobsSource(FleetSource):
         self._jobs: dict[tuple[str, str], _Job] = {}
         self.notified = asyncio.Event()  # set when notify-next announces a pending job
         self._stopping = False
+        self._dropped = 0  # messages not used (unreadable, hostile)
         self._inventory_sent: dict[str, str] = {}  # topic -> last reported state
         # thing -> the gateway's devices behind it (c: configured devices, and every device
         # seen asking): who an execution of that thing covers
@@ -182,7 +192,20 @@ class MqttJobsSource(FleetSource):
             ctx.verify_mode = ssl.CERT_NONE
         return ctx
 
+    def _drop(self, topic: str, why: str) -> None:
+        """A message that is not used; logged at the 1st, 2nd, 4th, 8th... (bounded logs)."""
+        self._dropped += 1
+        if self._dropped & (self._dropped - 1) == 0:
+            log.warning("MQTT message on %s dropped: %s (%d dropped so far)", topic, why[:200],
+                        self._dropped)
+
     async def start(self) -> None:
+        r = self._runner
+        if r is not None and r.done() and not self._stopping:
+            # the session task ended (it should not): said so, and started again
+            exc = None if r.cancelled() else r.exception()
+            log.error("MQTT session task ended (%s); starting it again", exc or "cancelled")
+            self._runner = None
         if self._runner is None:
             self._stopping = False
             self._runner = asyncio.create_task(self._run(), name="mqtt-jobs")
@@ -218,7 +241,10 @@ class MqttJobsSource(FleetSource):
                     delay = 1.0
                     log.info("connected to MQTT broker %s:%d", self.cfg.host, self.cfg.port)
                     async for msg in client.messages:
-                        self._dispatch(msg.topic.value, msg.payload)
+                        try:  # one hostile message costs that message, never the session
+                            self._dispatch(msg.topic.value, msg.payload)
+                        except Exception as exc:
+                            self._drop(msg.topic.value, f"{type(exc).__name__}: {exc}")
             except aiomqtt.MqttError as exc:
                 log.warning(
                     "MQTT connection to %s:%d lost: %s; reconnecting in %.0fs",
@@ -227,6 +253,10 @@ class MqttJobsSource(FleetSource):
                     exc,
                     delay,
                 )
+            except Exception as exc:  # never silently dead: logged, and the session starts over
+                log.error("MQTT session with %s:%d failed: %s: %s; reconnecting in %.0fs",
+                          self.cfg.host, self.cfg.port, type(exc).__name__, exc, delay,
+                          exc_info=exc)
             finally:
                 self._connected.clear()
                 self._client = None
@@ -275,8 +305,8 @@ class MqttJobsSource(FleetSource):
             return
         try:
             data = json.loads(payload)
-        except ValueError:
-            log.warning("unreadable MQTT message on %s", topic)
+        except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, nested too deep...
+            self._drop(topic, f"unreadable ({type(exc).__name__})")
             return
         if not isinstance(data, dict):
             return
@@ -416,12 +446,21 @@ class MqttJobsSource(FleetSource):
         if isinstance(doc, str) and len(doc) <= _MAX_DOCUMENT:  # JobExecution documents it a string
             try:
                 doc = json.loads(doc)
-            except ValueError:
+            except (ValueError, RecursionError):
                 pass
         job.document = doc
         details = execution.get("statusDetails")
         if isinstance(details, dict):
-            for dev in self._roster.get(job.thing, ()):
+            roster = self._roster.get(job.thing, set())
+            keys: dict[str, list[str]] = {}
+            for dev in roster:
+                keys.setdefault(_key("result:", dev), []).append(dev)
+            for dev in roster:
+                if len(keys[_key("result:", dev)]) > 1:  # never another device's result as its own
+                    log.error("devices %s share the statusDetails key %s: their results are not "
+                              "adopted (each is updated again)", keys[_key("result:", dev)],
+                              _key("result:", dev))
+                    continue
                 res = details.get(_key("result:", dev))
                 if isinstance(res, str) and res in UpdateResult.__members__:
                     job.results[dev] = (res, str(details.get(_key("detail:", dev), ""))[:200])
