@@ -7,12 +7,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import time
 from typing import Any
 
 import pytest
 from aiohttp import web
-from servers.hawkbit_ddi import Action, HawkbitDDI
+from servers.hawkbit_ddi import HawkbitDDI
 
 from gateway.config import parse_config
 from gateway.daemon import Gateway

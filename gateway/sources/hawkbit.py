@@ -71,6 +71,7 @@ from gateway.sources.base import (
     Report,
     ReportNotDelivered,
     ReportRefused,
+    ServerCanceled,
     UpdateResult,
     UpdateState,
 )
@@ -79,6 +80,7 @@ from gateway.sources.settings import HawkbitSourceConfig
 log = logging.getLogger(__name__)
 
 UNKNOWN = "unknown"  # a maintenance window not (yet) read: treated as closed
+_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # an action id as the gateway takes it from the server
 _ATTR_BAD = re.compile(r"[^a-zA-Z0-9_\-!@#$%^&*()+=\[\]{}|;:'\",.<>/\\?\s]")
 
 
@@ -148,6 +150,9 @@ class HawkbitSource(HttpSource):
             raise FetchError(f"hawkBit link {url} is not on the configured server {self.base}: "
                              "not followed (the gateway token is sent only there)",
                              UpdateResult.INVALID_URI)
+        if _userinfo(url):
+            raise FetchError(f"hawkBit link with credentials in it ({_origin(url)[1]}): not "
+                             "followed", UpdateResult.CONNECTION_LOST)
         await self.start()
         assert self._session is not None
         try:
@@ -160,7 +165,7 @@ class HawkbitSource(HttpSource):
                     with contextlib.suppress(FetchError):
                         data = parse_json(raw, "hawkBit") if raw.strip() else None
                 return r.status, data
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:  # ValueError: a bad URL
             raise FetchError(
                 f"hawkBit request {method} {url} failed: {exc}", UpdateResult.CONNECTION_LOST
             ) from None
@@ -193,13 +198,13 @@ class HawkbitSource(HttpSource):
             raise exc
         if status != 200 or not isinstance(base, dict):
             raise FetchError(f"hawkBit controller base answered HTTP {status}", UpdateResult.CONNECTION_LOST)
-        sleep = ((base.get("config") or {}).get("polling") or {}).get("sleep")
+        sleep = _obj(_obj(base.get("config")).get("polling")).get("sleep")
         if isinstance(sleep, str):
             try:
                 self._sleep = parse_sleep(sleep)
             except ValueError:
                 log.warning("hawkBit sent an unreadable polling.sleep %r", sleep)
-        links = base.get("_links") or {}
+        links = _obj(base.get("_links"))
 
         attrs = self.attributes(device)
         if "configData" in links or self._attrs_sent.get(controller) != attrs:
@@ -212,9 +217,8 @@ class HawkbitSource(HttpSource):
                 log.warning("hawkBit configData for %s answered HTTP %d", controller, st)
 
         cancel = _href(links.get("cancelAction"))
-        if cancel:
-            await self._handle_cancel(controller, cancel)
-            return None
+        if cancel:  # reported, not decided here: the gateway journals and takes it back
+            raise await self._server_canceled(device, controller, cancel)
 
         deployment = _href(links.get("deploymentBase"))
         if not deployment:
@@ -228,12 +232,15 @@ class HawkbitSource(HttpSource):
         if st != 200 or not isinstance(dep, dict):
             raise FetchError(f"hawkBit deploymentBase answered HTTP {st}", UpdateResult.CONNECTION_LOST)
         action_id = str(dep.get("id"))
+        if not _ID.fullmatch(action_id):  # it goes into the feedback URL: plain ids only
+            raise FetchError("hawkBit deploymentBase names no usable action id",
+                             UpdateResult.CONNECTION_LOST)
         if (controller, action_id) in self._canceled:
             return None
         act = self._actions.get((controller, action_id))
         if act is not None and act.closed:
             return None
-        body = dep.get("deployment") or {}
+        body = _obj(dep.get("deployment"))
         # action types: forced (download/update forced), soft (attempt), download-only and an
         # action outside hawkBit's maintenance window (update skip): staged only, installed
         # when the server switches update to attempt/forced
@@ -252,7 +259,7 @@ class HawkbitSource(HttpSource):
             log.info("hawkBit action %s for %s: update=skip (%s): download and stage only",
                      action_id, controller, "outside hawkBit's maintenance window"
                      if body.get("maintenanceWindow") == "unavailable" else "download-only")
-        picked = self._pick(body.get("chunks") or [])
+        picked = self._pick(_list(body.get("chunks")))
         if picked is None:
             try:  # the next poll offers the action again if this does not get through
                 await self._feedback(
@@ -269,11 +276,11 @@ class HawkbitSource(HttpSource):
                 log.warning("hawkBit action %s of %s: %s", action_id, controller, exc)
             return None
         chunk, art = picked
-        links_a = art.get("_links") or {}
+        links_a = _obj(art.get("_links"))
         url = _href(links_a.get("download")) or _href(links_a.get("download-http"))
         if not url:
             return None
-        sha = (art.get("hashes") or {}).get("sha256")
+        sha = _obj(art.get("hashes")).get("sha256")
         version = None
         if isinstance(chunk.get("version"), str):
             try:
@@ -292,7 +299,7 @@ class HawkbitSource(HttpSource):
                      "feedback_url": act.feedback_url,
                      "closes_on_downloaded": install == "download-only" and window is None,
                      "maintenance_window": window is not None}
-        parts = _image_parts(body.get("chunks") or [], self.cfg.artifact_pattern)
+        parts = _image_parts(_list(body.get("chunks")), self.cfg.artifact_pattern)
         if len(parts) > 1:  # a distribution set of several modules, one per MCUboot image
             act.extra["parts"] = parts
             set_id = hashlib.sha256("".join(p["sha256"] or p["url"] for p in parts)
@@ -318,7 +325,7 @@ class HawkbitSource(HttpSource):
         for chunk in chunks:
             if not isinstance(chunk, dict):
                 continue
-            for art in chunk.get("artifacts") or []:
+            for art in _list(chunk.get("artifacts")):
                 if not isinstance(art, dict):
                     continue
                 name = str(art.get("filename", ""))
@@ -329,42 +336,39 @@ class HawkbitSource(HttpSource):
     def _feedback_url(self, controller: str, action_id: str) -> str:
         return f"{self.controller_url(controller)}/deploymentBase/{action_id}/feedback"
 
-    async def _handle_cancel(self, controller: str, href: str) -> None:
+    async def _server_canceled(self, device: DeviceView, controller: str,
+                               href: str) -> ServerCanceled:
+        """The action hawkBit cancels (``cancelAction``), as a ServerCanceled for the gateway
+        to journal and act on - whether it is confirmed (closed) or rejected rests on what the
+        gateway's journal says reached the device, never on this process's memory."""
         st, data = await self._request("GET", href)
         if st != 200 or not isinstance(data, dict):
-            return
-        action_id = str((data.get("cancelAction") or {}).get("stopId") or data.get("id"))
-        feedback = f"{self.controller_url(controller)}/cancelAction/{data.get('id')}/feedback"
+            raise FetchError(f"hawkBit cancelAction answered HTTP {st}", UpdateResult.CONNECTION_LOST)
+        action_id, feedback = self._cancel_ids(controller, data)
         act = self._actions.get((controller, action_id))
-        if act is not None and act.started_upload and not act.closed:
-            log.warning(
-                "hawkBit asks to cancel action %s of %s, but the image is already being "
-                "installed: rejecting the cancellation",
-                action_id,
-                controller,
-            )
-            body = {
-                "status": {
-                    "execution": "rejected",
-                    "result": {"finished": "none"},
-                    "details": ["image transfer to the device already started"],
-                }
-            }
-        else:
-            log.info("hawkBit canceled action %s of %s; confirming", action_id, controller)
-            self._canceled.add((controller, action_id))
-            if act is not None:
-                act.closed = True
-            body = {
-                "status": {
-                    "execution": "closed",
-                    "result": {"finished": "success"},
-                    "details": ["canceled before the transfer to the device"],
-                }
-            }
-        st, _ = await self._request("POST", feedback, body)
-        if st != 200:
-            log.warning("hawkBit cancel feedback for %s answered HTTP %d", action_id, st)
+        if act is None:
+            act = self._actions[(controller, action_id)] = _Action(
+                controller, action_id, self._feedback_url(controller, action_id))
+        act.extra["cancel_feedback"] = feedback
+        log.info("hawkBit cancels action %s of %s", action_id, controller)
+        offer = Offer(device_id=device.id, source=self.name,
+                      artifact_id=f"hawkbit-action-{action_id}",
+                      report_to={"controller": controller, "action_id": action_id,
+                                 "feedback_url": act.feedback_url})
+        return ServerCanceled(f"hawkBit canceled action {action_id}", offer,
+                              {"controller": controller, "action_id": action_id})
+
+    def _cancel_ids(self, controller: str, data: dict[str, Any]) -> tuple[str, str]:
+        """(the canceled action's id, the cancel's feedback URL) of a cancelAction answer; the
+        ids are the server's data: only plain ids are taken (FetchError otherwise)."""
+        stop = _obj(data.get("cancelAction")).get("stopId")
+        cid = data.get("id")
+        action_id = stop if stop is not None else cid
+        if not all(isinstance(x, str | int) and not isinstance(x, bool)
+                   and _ID.fullmatch(str(x)) for x in (action_id, cid)):
+            raise FetchError("hawkBit cancelAction names no usable action id",
+                             UpdateResult.CONNECTION_LOST)
+        return str(action_id), f"{self.controller_url(controller)}/cancelAction/{cid}/feedback"
 
     async def canceled(self, offer: Offer) -> str | None:
         """The controller base shows ``cancelAction`` for this action: hawkBit canceled it.
@@ -373,10 +377,18 @@ class HawkbitSource(HttpSource):
         return await self._cancel_for(act, refresh_window=True)
 
     async def _cancel_for(self, act: _Action, refresh_window: bool = False) -> str | None:
+        try:
+            return await self._cancel_for_unchecked(act, refresh_window)
+        except (TypeError, AttributeError, ValueError, KeyError, RecursionError) as exc:
+            # whatever shape the server's data has, it is the server's problem (FetchError)
+            raise FetchError(f"hawkBit answered unusable data: {type(exc).__name__}: {exc}",
+                             UpdateResult.CONNECTION_LOST) from None
+
+    async def _cancel_for_unchecked(self, act: _Action, refresh_window: bool) -> str | None:
         st, base = await self._request("GET", self.controller_url(act.controller))
         if st != 200 or not isinstance(base, dict):
             return None
-        links = base.get("_links") or {}
+        links = _obj(base.get("_links"))
         href = _href(links.get("cancelAction"))
         if not href:
             dep = _href(links.get("deploymentBase"))
@@ -394,11 +406,10 @@ class HawkbitSource(HttpSource):
         st, data = await self._request("GET", href)
         if st != 200 or not isinstance(data, dict):
             return None
-        stop = str((data.get("cancelAction") or {}).get("stopId") or data.get("id"))
+        stop, feedback = self._cancel_ids(act.controller, data)
         if stop != act.action_id:
             return None
-        act.extra["cancel_feedback"] = (f"{self.controller_url(act.controller)}/cancelAction/"
-                                        f"{data.get('id')}/feedback")
+        act.extra["cancel_feedback"] = feedback
         return f"hawkBit canceled action {act.action_id}"
 
     def install_gate(self, offer: Offer) -> Callable[[], str | None]:
@@ -439,6 +450,9 @@ class HawkbitSource(HttpSource):
     def _download_headers(self, url: str) -> dict[str, str]:
         """The headers for an artifact URL: the token only on the server's own origin; another
         origin only when ``download_hosts`` allows it, without the token (c)."""
+        if _userinfo(url):
+            raise FetchError("artifact link with credentials in it: not downloaded",
+                             UpdateResult.INVALID_URI)
         if _origin(url) == self._origin:
             return {"Authorization": self._headers()["Authorization"]}
         if _origin(url) in self._download_origins:
@@ -468,22 +482,27 @@ class HawkbitSource(HttpSource):
         why: str | None = None
         if dl.done():
             watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await watch
             path = dl.result()
             with contextlib.suppress(FetchError, ReportNotDelivered):
                 why = await self._cancel_for(act)
             if why is None:
                 return path
-        else:
-            why = watch.result()
+        else:  # the watch ended first: a cancel - never a download left running behind it
             dl.cancel()
-            with contextlib.suppress(asyncio.CancelledError, FetchError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await dl
-        await self.acknowledge_cancel(offer, True, "canceled during the artifact download: "
-                                      "nothing was sent to the device")
-        raise FetchError(f"{why} during the artifact download; nothing was sent to the device",
-                         UpdateResult.UPDATE_FAILED)
+            try:
+                why = watch.result()
+            except Exception as exc:  # (it does not fail; if it did, it is the server's)
+                raise FetchError(f"hawkBit cancel check of action {act.action_id} failed: "
+                                 f"{type(exc).__name__}: {exc}", UpdateResult.CONNECTION_LOST) from None
+        # reported, not confirmed here: the gateway journals it and answers it (ServerCanceled)
+        raise ServerCanceled(f"{why} during the artifact download", Offer(
+            device_id=offer.device_id, source=self.name, artifact_id=offer.artifact_id,
+            report_to=dict(offer.report_to)),
+            {"controller": act.controller, "action_id": act.action_id})
 
     async def _watch_cancel(self, act: _Action) -> str:
         period = min(30.0, max(0.5, self.poll_interval()))
@@ -491,7 +510,7 @@ class HawkbitSource(HttpSource):
             await asyncio.sleep(period)
             try:
                 why = await self._cancel_for(act)
-            except (FetchError, ReportNotDelivered) as exc:  # a server hiccup is not a cancel
+            except Exception as exc:  # a server hiccup (or garbage) is not a cancel
                 log.debug("hawkBit cancel check for action %s failed: %s", act.action_id, exc)
                 continue
             if why:
@@ -645,16 +664,37 @@ class HawkbitSource(HttpSource):
                                  f"answered HTTP {st}")
 
 
+def _obj(x: Any) -> dict[str, Any]:
+    """``x`` when the server sent an object there, else empty (hostile or missing shapes)."""
+    return x if isinstance(x, dict) else {}
+
+
+def _list(x: Any) -> list[Any]:
+    """``x`` when the server sent an array there, else empty."""
+    return x if isinstance(x, list) else []
+
+
 def _href(link: Any) -> str | None:
     if isinstance(link, dict) and isinstance(link.get("href"), str):
         return str(link["href"])
     return None
 
 
+def _userinfo(url: str) -> bool:
+    """``url`` carries user:password@ (never followed: credentials are the config's, (c))."""
+    try:
+        return "@" in urlsplit(url).netloc
+    except ValueError:
+        return True  # not even a URL: not followed either
+
+
 def _origin(url: str) -> tuple[str, str, int | None]:
     """(scheme, host, port) with the scheme's default port filled in: the unit credentials
     are scoped to."""
-    p = urlsplit(url)
+    try:
+        p = urlsplit(url)
+    except ValueError:  # e.g. an unbalanced "[": matches no origin, so it is not followed
+        return "invalid", "", None
     scheme = p.scheme.lower()
     try:
         port = p.port
@@ -671,24 +711,24 @@ def _image_parts(chunks: list[Any], pattern: str | None) -> list[dict[str, Any]]
     for chunk in chunks:
         if not isinstance(chunk, dict):
             continue
-        meta = {m.get("key"): m.get("value") for m in chunk.get("metadata") or []
+        meta = {str(m.get("key")): m.get("value") for m in _list(chunk.get("metadata"))
                 if isinstance(m, dict)}
         raw = meta.get("image_index")
         if raw is None:
             continue
-        arts = [a for a in chunk.get("artifacts") or [] if isinstance(a, dict) and (
+        arts = [a for a in _list(chunk.get("artifacts")) if isinstance(a, dict) and (
             pattern is None or fnmatch.fnmatch(str(a.get("filename", "")), pattern))]
         if len(arts) != 1:
             continue
         art = arts[0]
-        links = art.get("_links") or {}
+        links = _obj(art.get("_links"))
         url = _href(links.get("download")) or _href(links.get("download-http"))
         try:
             image = int(str(raw), 0)
         except ValueError:
             continue
         if url:
-            sha = (art.get("hashes") or {}).get("sha256")
+            sha = _obj(art.get("hashes")).get("sha256")
             parts.append({"url": url, "filename": art.get("filename"), "image": image,
                           "sha256": sha.lower() if isinstance(sha, str) else None,
                           "size": art.get("size") if isinstance(art.get("size"), int) else None})
