@@ -136,6 +136,7 @@ class _Job:
     last_sig: dict[str, tuple[int, int]] = field(default_factory=dict)
     last_progress_at: dict[str, float] = field(default_factory=dict)
     closed: str | None = None  # why the execution takes no more work (None: open)
+    seen_at: float = field(default_factory=time.monotonic)  # first seen by this process
     final: str | None = None  # the final status this gateway got accepted
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -144,7 +145,7 @@ class MqttJobsSource(FleetSource):
     name = "mqtt_jobs"
 
     def __init__(self, cfg: MqttJobsSourceConfig, state_dir: Path, gateway_id: str = "smp-gateway",
-                 devices: Iterable[tuple[str, str | None]] = ()) -> None:
+                 devices: Iterable[tuple[str, str | None]] = (), roster_open: bool = False) -> None:
         self.cfg = cfg
         self.gateway_id = gateway_id
         # downloads trust the system CAs (or download_ca_file), never the broker's ca_file: the
@@ -172,6 +173,9 @@ class MqttJobsSource(FleetSource):
         self._roster: dict[str, set[str]] = {}
         for dev_id, group in devices:
             self._roster.setdefault(self._thing_of(dev_id, group), set()).add(dev_id)
+        # discovery configured: devices not configured may be behind a thing too (they join
+        # the roster when they first ask) - the roster is not complete in advance
+        self._roster_open = roster_open
 
     # -- connection ----------------------------------------------------------------------
     def _tls_context(self) -> ssl.SSLContext | None:
@@ -392,6 +396,7 @@ class MqttJobsSource(FleetSource):
                     f"in it (asked by {device.id})")})
             return None
         if device.id in job.results:
+            await self._final_if_due(job)  # a final status that waited for an unseen device
             return None  # its part of this execution is done (its result is with the server)
         f = _file_for(files, device.id)
         assert f is not None  # covered
@@ -588,15 +593,10 @@ class MqttJobsSource(FleetSource):
             if report.finished:
                 job.results[dev] = (report.result.name, _value(report.detail, 200))
                 job.progress.pop(dev, None)
-                waiting = self._covered(job) - job.results.keys()
-                if waiting:  # the execution is the gateway's: final when every device is done
+                if self._final_waits(job):  # the execution is the gateway's: final when all are done
                     await self._update(job, "IN_PROGRESS", self._details(job, dev, report))
                     return
-                failed = any(r != "SUCCESS" for r, _d in job.results.values())
-                status = "FAILED" if failed else "SUCCEEDED"
-                await self._update(job, status, self._details(job, dev, report, final=True),
-                                   final=True)
-                job.final, job.closed = status, f"job {job.job_id} finished: {status}"
+                await self._final(job, dev, report)
                 return
             if dev in job.results:
                 return
@@ -609,6 +609,43 @@ class MqttJobsSource(FleetSource):
             if report.progress is not None:
                 job.progress[dev] = str(round(report.progress * 100))
             await self._update(job, "IN_PROGRESS", self._details(job, dev, report))
+
+    def _final_waits(self, job: _Job) -> set[str]:
+        """The devices the execution still waits for before its final status: every covered
+        device without a result - and, while the roster is not complete in advance (discovery)
+        and for at most ``roster_wait_s``, a device the job names that could be behind this
+        thing but has not asked yet. Never a success declared for a device not heard from."""
+        waiting = self._covered(job) - job.results.keys()
+        if waiting or not self._roster_open:
+            return waiting
+        named = job.document.get("devices") if isinstance(job.document, dict) else None
+        if not isinstance(named, list) or time.monotonic() - job.seen_at >= self.cfg.roster_wait_s:
+            return set()
+        try:
+            files = _files(job.document)
+        except ValueError:
+            return set()
+        return {d for d in named[:_MAX_DETAILED_DEVICES] if isinstance(d, str)
+                and d not in job.results and _file_for(files, d) is not None}
+
+    async def _final(self, job: _Job, dev: str, report: Report) -> None:
+        failed = any(r != "SUCCESS" for r, _d in job.results.values())
+        status = "FAILED" if failed else "SUCCEEDED"
+        await self._update(job, status, self._details(job, dev, report, final=True), final=True)
+        job.final, job.closed = status, f"job {job.job_id} finished: {status}"
+
+    async def _final_if_due(self, job: _Job) -> None:
+        """An execution whose devices all reported but whose final status waited for a named
+        device not seen (``_final_waits``): sent once that wait is over (at a later check)."""
+        async with job.lock:
+            if job.closed is not None or not job.results or self._final_waits(job):
+                return
+            dev, (res, detail) = sorted(job.results.items())[-1]
+            report = Report(UpdateState.IDLE, UpdateResult[res], detail=detail)
+            try:
+                await self._final(job, dev, report)
+            except ReportNotDelivered as exc:  # asked again at the next check
+                log.warning("%s", exc)
 
     def _details(self, job: _Job, dev: str, report: Report, final: bool = False) -> dict[str, str]:
         """The execution's whole statusDetails (AWS may replace rather than merge them): the
