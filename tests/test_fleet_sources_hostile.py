@@ -218,3 +218,39 @@ async def test_shared_execution_wait_for_an_unseen_device_is_bounded(tmp_path: P
             assert ex.status == "SUCCEEDED"
         finally:
             await src.close()
+
+
+# -- hawkBit: a staged action canceled after a restart ----------------------------------------
+async def test_hawkbit_cancel_of_a_staged_action_after_a_restart(bench_factory: Any) -> None:
+    """As test_review_fleet's staged cancel, with the gateway restarted between staging and
+    the cancel: the decision rests on the journal (slot 1 holds this action's image), not on
+    the process's memory - the image is erased, the cancel confirmed, nothing installed."""
+    from test_review_fleet import FAST, active, cfg
+
+    from gateway.daemon import Gateway
+    from gateway.engine import Status
+    from gateway.sim.simulator import Simulator
+
+    bench = bench_factory(**FAST)
+    async with HawkbitDDI() as ddi, Simulator(bench.sim_cfg) as sim:
+        dev = sim.devices["udp-1"]
+        act = ddi.deploy("udp-1", bench.images["2.0.0"].read_bytes(), "2.0.0",
+                         maintenance="unavailable")
+        gw = Gateway(cfg(bench, sim, ddi))
+        try:
+            out = (await gw.run_once()).outcomes["udp-1"]
+        finally:
+            gw.close()
+        assert out.status == Status.HELD and dev.image_info(1) is not None, out
+        ddi.cancel(act)
+        gw = Gateway(cfg(bench, sim, ddi))  # a restart
+        try:
+            out = (await gw.run_once()).outcomes["udp-1"]
+            ddi.open_window(act)  # (only matters if the cancel was rejected)
+            await gw.run_once()
+        finally:
+            gw.close()
+        cfb = [f["status"]["execution"] for f in act.cancel_feedback]
+        assert cfb and cfb[-1] == "closed", (cfb, out)
+        assert dev.image_info(1) is None, "the canceled image stayed in slot 1"
+        assert active(dev) == ("1.0.0", True) and dev.counters["resets"] == 0
