@@ -18,8 +18,11 @@ Owns the DDI conversation for each device, as hawkBit's ``DdiRootController`` /
 - ``GET cancelAction/{actionId}`` → ``{"id", "cancelAction": {"stopId"}}``; answer on
   ``cancelAction/{actionId}/feedback``: ``execution: closed`` + ``finished: success`` confirms
   (hawkBit marks the action CANCELED; ``execution: canceled`` there is only a WARNING),
-  ``execution: rejected`` refuses (CANCEL_REJECTED). The gateway confirms when it has not
-  started pushing the image to the device, and rejects otherwise.
+  ``execution: rejected`` refuses (CANCEL_REJECTED). The source only reports a cancel
+  (``ServerCanceled`` from ``check``/``fetch``, ``canceled`` while the engine runs): the gateway
+  journals it, takes back what its journal says reached the device (a staged slot-1 image is
+  erased) and then confirms - or rejects when it is too late (confirmed) - through
+  ``acknowledge_cancel``; the same after a restart.
 - ``PUT configData`` ``{"mode": "merge", "data": {..}}`` with hardware type, running version
   and image hash: sent when the server asks (``configData`` link) or the values changed.
 
@@ -33,11 +36,17 @@ window is ``available``. While it is not, the staged action is not offered again
 gateway's own download finished (that is a ``proceeding``). A cancel is watched for during the
 artifact download too, and checked once more before anything is pushed to the device.
 
+Every answer is read bounded in bytes (``_http.MAX_ANSWER_BYTES``); any unusable shape of the
+server's data (wrong types, nesting too deep, a link with user:password@) is the server's error
+(``FetchError``), never the device's. A maintenance window not read since a restart counts as
+closed (``install_gate`` holds until the deployment is read again).
+
 Credentials go only to the configured server origin (scheme, host, port): a ``_links`` href to
 another origin is not followed; an artifact on another origin is downloaded only when that
 origin is in ``download_hosts``, and then without the token; otherwise the action fails.
 
-Report handle (``Offer.report_to``): ``{"controller", "action_id", "feedback_url"}`` - enough to
+Report handle (``Offer.report_to``): ``{"controller", "action_id", "feedback_url",
+"maintenance_window"}`` - enough to
 post the action's feedback from another process after a restart. A feedback that does not get
 a 200 raises ``ReportNotDelivered``; 410 Gone (the action is no longer active: an earlier
 delivery of this final report whose answer was lost, or a cancel) and 404 raise

@@ -32,7 +32,11 @@ the execution is the gateway's as a whole. It covers the gateway's devices behin
 (configured, or seen) that the job names and has a file for - a device it does not cover is
 left alone. Each covered device's result goes into ``statusDetails`` (``result:<device>``,
 ``detail:<device>``; upload ``progress:<device>``; the whole map is sent each time, AWS may
-replace rather than merge it), and the final SUCCEEDED/FAILED is sent once, when all are done.
+replace rather than merge it; ``_key`` escapes ids so two devices never share a key), and the
+final SUCCEEDED/FAILED is sent once, when all are done - with discovery on (the roster is not
+known in advance) also only once a device the job names has reported, or ``roster_wait_s``
+passed. A message that cannot be parsed is dropped (logged, bounded); the session task is
+supervised (restarted, with its reconnect backoff).
 
 Closed executions: DescribeJobExecution of a terminal execution (CANCELED, TIMED_OUT,
 REMOVED...) answers ``TerminalStateReached``, an update ``InvalidStateTransition``, a deleted
