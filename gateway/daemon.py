@@ -68,6 +68,7 @@ from gateway.sources.base import (
     Report,
     ReportNotDelivered,
     ReportRefused,
+    ServerCanceled,
     SourceHealth,
     UpdateResult,
     UpdateState,
@@ -413,6 +414,8 @@ class Gateway:
             offer, resume_path = await self._target(dev, slots)
         except SourceBackingOff as exc:
             return self._source_wait(dev, str(exc))
+        except ServerCanceled as exc:  # journalled as an intent, taken back, acknowledged
+            return await self.fleet.server_cancel(dev, session, exc)
         except Exception as exc:
             self.metrics.inc("source_errors_total", source=self.source.name, op="check")
             hint = getattr(exc, "hint", None) or "check the source's url in the config and the network"
@@ -447,6 +450,8 @@ class Gateway:
             await self._report(offer, Report(UpdateState.DOWNLOADING))
             try:
                 path = await self.source.fetch(offer, dev.slot_size)
+            except ServerCanceled as exc:  # canceled during the download: as in check()
+                return await self.fleet.server_cancel(dev, session, exc)
             except FetchError as exc:
                 self.metrics.inc("source_errors_total", source=self.source.name, op="fetch")
                 if exc.permanent:

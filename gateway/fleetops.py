@@ -57,6 +57,7 @@ from gateway.sources.base import (
     FleetSource,
     Offer,
     Report,
+    ServerCanceled,
     SourceHealth,
     UpdateResult,
     UpdateState,
@@ -649,6 +650,27 @@ class FleetOps:
         # taken back, or an acknowledgement sent again for a decision reported before: HELD
         return Outcome(dev.id, Status.HELD, UpdateResult.INITIAL, f"canceled: {detail}",
                        old_version=running)
+
+    async def server_cancel(self, dev: DeviceConfig, session: SMPSession,
+                            cancel: ServerCanceled) -> Outcome:
+        """The source saw the server call off an update outside a running engine (``check`` /
+        ``fetch``: e.g. an update staged in slot 1, or the device not yet touched). What reached
+        the device is what the gateway's own journal says (c) - the same with or without a
+        restart: when its row follows the canceled update (its report handle and artifact),
+        that image is taken back (``finish_cancel``: an unmarked slot-1 image erased; too late
+        once confirmed); else nothing of it reached the device. Journalled first, as always."""
+        journal = self.gw.journal
+        e, handle = journal.get(dev.id), journal.report_handle(dev.id)
+        ours = (cancel.names(handle) and handle is not None and e.target_hash is not None
+                and handle.get("artifact_id") == e.artifact_id)
+        offer = Offer.from_handle(handle) if ours and handle is not None else cancel.offer
+        intent = journal.put_intent(dev.id, "cancel", e.target_hash if ours else None, "server",
+                                    cancel.reason, offer.report_handle())
+        if not ours and intent.state == "pending":
+            verdict = "taken back: nothing of it reached the device"
+            journal.intent_progress(intent.id, "ack", verdict)
+            intent = replace(intent, state="ack", detail=verdict)
+        return await self.finish_cancel(dev, session, intent, offer)
 
     async def _acknowledge(self, dev: DeviceConfig, intent: Intent, done: bool,
                            offer: Offer | None) -> bool:

@@ -13,7 +13,7 @@ from fleet_servers.hawkbit import HawkbitServer
 from gateway.config import parse_config
 from gateway.mcuboot import Version
 from gateway.sources import build_source
-from gateway.sources.base import DeviceView, Report, UpdateResult, UpdateState
+from gateway.sources.base import DeviceView, Offer, Report, ServerCanceled, UpdateResult, UpdateState
 from gateway.sources.hawkbit import HawkbitSource, parse_sleep
 from gateway.sources.settings import HawkbitSourceConfig
 
@@ -93,33 +93,52 @@ async def test_failure_carries_lwm2m_result(hb: HawkbitServer, tmp_path: Path) -
         await src.close()
 
 
-async def test_cancel_before_upload_is_confirmed(hb: HawkbitServer, tmp_path: Path) -> None:
+async def test_cancel_is_reported_then_confirmed(hb: HawkbitServer, tmp_path: Path) -> None:
+    """The source does not decide a cancel (it cannot know what reached the device): check()
+    reports it (ServerCanceled naming the action); the gateway's confirmation closes it."""
     src = source(hb, tmp_path)
     try:
         act = hb.deploy("mcu-7", IMG, "1.1.0")
         offer = await src.check(DEV)
         assert offer is not None
         hb.cancel(act)
-        assert await src.check(DEV) is None
+        with pytest.raises(ServerCanceled) as seen:
+            await src.check(DEV)
+        assert seen.value.names(offer.report_handle())
+        assert act.cancel_feedback == [] and act.status != "canceled"  # nothing decided yet
+        await src.acknowledge_cancel(seen.value.offer, True, "nothing reached the device")
         assert act.cancel_feedback[-1]["status"]["execution"] == "closed"
         assert act.cancel_feedback[-1]["status"]["result"]["finished"] == "success"
         assert act.status == "canceled"
+        assert await src.check(DEV) is None
     finally:
         await src.close()
 
 
-async def test_cancel_during_upload_is_rejected(hb: HawkbitServer, tmp_path: Path) -> None:
+async def test_cancel_too_late_is_rejected_also_after_a_restart(hb: HawkbitServer,
+                                                                tmp_path: Path) -> None:
+    """A cancel the gateway cannot take back is rejected - by a restarted source too (its
+    acknowledgement works from the journaled report handle alone)."""
     src = source(hb, tmp_path)
     try:
         act = hb.deploy("mcu-7", IMG, "1.1.0")
         offer = await src.check(DEV)
         assert offer is not None
         await src.report(offer, Report(UpdateState.UPDATING, progress=0.1))
-        hb.cancel(act)
-        assert await src.check(DEV) is None
+    finally:
+        await src.close()
+    hb.cancel(act)
+    src = source(hb, tmp_path)  # a restart
+    try:
+        with pytest.raises(ServerCanceled) as seen:
+            await src.check(DEV)
+        assert seen.value.names(offer.report_handle())
+        rebuilt = Offer.from_handle(offer.report_handle())
+        assert await src.canceled(rebuilt)  # (what the gateway asks before it answers)
+        await src.acknowledge_cancel(rebuilt, False, "too late: installed and confirmed")
         assert act.cancel_feedback[-1]["status"]["execution"] == "rejected"
         assert act.status == "running"
-        await src.report(offer, Report(UpdateState.IDLE, UpdateResult.SUCCESS))
+        await src.report(rebuilt, Report(UpdateState.IDLE, UpdateResult.SUCCESS))
         assert act.status == "finished"
     finally:
         await src.close()

@@ -37,7 +37,8 @@ def build_source(cfg: GatewayConfig) -> FleetSource:
 
             assert isinstance(src, MqttJobsSourceConfig)
             return MqttJobsSource(src, cfg.state_dir, gateway_id=cfg.gateway_id,
-                                  devices=[(d.id, d.group) for d in cfg.devices])
+                                  devices=[(d.id, d.group) for d in cfg.devices],
+                                  roster_open=cfg.discovery is not None and bool(cfg.device_templates))
         case "latest_release":
             from gateway.sources.latest_release import LatestReleaseSource
             from gateway.sources.settings import LatestReleaseSourceConfig

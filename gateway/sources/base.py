@@ -304,3 +304,29 @@ class ReportRefused(ReportNotDelivered):
 
     A final report refused this way is not retried; the gateway keeps it in the journal with
     the reason (``Journal.reports(state="refused")``) and logs it as an error."""
+
+
+class ServerCanceled(Exception):
+    """The server calls off an update (hawkBit ``cancelAction``), seen by ``check()`` or
+    ``fetch()``. A source never decides on its own what that means for the device - it cannot
+    know what reached it, least of all after a restart: the gateway journals the cancel as an
+    intent, takes back what of the update its journal says reached the device (slot 1 erased, a
+    test boot reverted; too late once confirmed) and only then answers the server through
+    ``acknowledge_cancel`` (``FleetOps.server_cancel``).
+
+    ``offer``: the canceled update, enough for ``canceled`` / ``acknowledge_cancel`` (also from
+    its report handle after a restart); ``match``: the ``report_to`` items that identify it in a
+    journaled report handle."""
+
+    def __init__(self, reason: str, offer: Offer, match: dict[str, Any]) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.offer = offer
+        self.match = match
+
+    def names(self, handle: dict[str, Any] | None) -> bool:
+        """``handle`` (a journaled ``Offer.report_handle()``) is the canceled update's."""
+        if not isinstance(handle, dict) or handle.get("source") != self.offer.source:
+            return False
+        rt = handle.get("report_to")
+        return isinstance(rt, dict) and all(rt.get(k) == v for k, v in self.match.items())

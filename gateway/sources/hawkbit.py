@@ -18,8 +18,11 @@ Owns the DDI conversation for each device, as hawkBit's ``DdiRootController`` /
 - ``GET cancelAction/{actionId}`` → ``{"id", "cancelAction": {"stopId"}}``; answer on
   ``cancelAction/{actionId}/feedback``: ``execution: closed`` + ``finished: success`` confirms
   (hawkBit marks the action CANCELED; ``execution: canceled`` there is only a WARNING),
-  ``execution: rejected`` refuses (CANCEL_REJECTED). The gateway confirms when it has not
-  started pushing the image to the device, and rejects otherwise.
+  ``execution: rejected`` refuses (CANCEL_REJECTED). The source only reports a cancel
+  (``ServerCanceled`` from ``check``/``fetch``, ``canceled`` while the engine runs): the gateway
+  journals it, takes back what its journal says reached the device (a staged slot-1 image is
+  erased) and then confirms - or rejects when it is too late (confirmed) - through
+  ``acknowledge_cancel``; the same after a restart.
 - ``PUT configData`` ``{"mode": "merge", "data": {..}}`` with hardware type, running version
   and image hash: sent when the server asks (``configData`` link) or the values changed.
 
@@ -33,11 +36,17 @@ window is ``available``. While it is not, the staged action is not offered again
 gateway's own download finished (that is a ``proceeding``). A cancel is watched for during the
 artifact download too, and checked once more before anything is pushed to the device.
 
+Every answer is read bounded in bytes (``_http.MAX_ANSWER_BYTES``); any unusable shape of the
+server's data (wrong types, nesting too deep, a link with user:password@) is the server's error
+(``FetchError``), never the device's. A maintenance window not read since a restart counts as
+closed (``install_gate`` holds until the deployment is read again).
+
 Credentials go only to the configured server origin (scheme, host, port): a ``_links`` href to
 another origin is not followed; an artifact on another origin is downloaded only when that
 origin is in ``download_hosts``, and then without the token; otherwise the action fails.
 
-Report handle (``Offer.report_to``): ``{"controller", "action_id", "feedback_url"}`` - enough to
+Report handle (``Offer.report_to``): ``{"controller", "action_id", "feedback_url",
+"maintenance_window"}`` - enough to
 post the action's feedback from another process after a restart. A feedback that does not get
 a 200 raises ``ReportNotDelivered``; 410 Gone (the action is no longer active: an earlier
 delivery of this final report whose answer was lost, or a cancel) and 404 raise
@@ -63,7 +72,7 @@ import aiohttp
 
 from gateway.artifacts.bundle import BundleEntry, may_be_bundle, set_cap, write_bundle
 from gateway.mcuboot import Version
-from gateway.sources._http import HttpSource
+from gateway.sources._http import HttpSource, parse_json, read_body
 from gateway.sources.base import (
     DeviceView,
     FetchError,
@@ -71,6 +80,7 @@ from gateway.sources.base import (
     Report,
     ReportNotDelivered,
     ReportRefused,
+    ServerCanceled,
     UpdateResult,
     UpdateState,
 )
@@ -78,6 +88,8 @@ from gateway.sources.settings import HawkbitSourceConfig
 
 log = logging.getLogger(__name__)
 
+UNKNOWN = "unknown"  # a maintenance window not (yet) read: treated as closed
+_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # an action id as the gateway takes it from the server
 _ATTR_BAD = re.compile(r"[^a-zA-Z0-9_\-!@#$%^&*()+=\[\]{}|;:'\",.<>/\\?\s]")
 
 
@@ -99,7 +111,10 @@ class _Action:
     pushing: bool = False  # this attempt reported UPDATING: the engine runs
     closed: bool = False
     staged: bool = False  # downloaded (staged) outside hawkBit's maintenance window
-    window: str | None = None  # hawkBit's maintenanceWindow as last seen
+    # hawkBit's maintenanceWindow as last read: None (the action has none), "available",
+    # "unavailable", or UNKNOWN (it has one, not read yet, e.g. rebuilt after a restart, or
+    # unreadable): install_gate holds on anything but None / "available" - fail safe
+    window: str | None = None
     last_cnt: int = -100
     last_progress_at: float = 0.0
     last_sig: tuple[int, int] | None = None
@@ -144,18 +159,22 @@ class HawkbitSource(HttpSource):
             raise FetchError(f"hawkBit link {url} is not on the configured server {self.base}: "
                              "not followed (the gateway token is sent only there)",
                              UpdateResult.INVALID_URI)
+        if _userinfo(url):
+            raise FetchError(f"hawkBit link with credentials in it ({_origin(url)[1]}): not "
+                             "followed", UpdateResult.CONNECTION_LOST)
         await self.start()
         assert self._session is not None
         try:
             async with self._session.request(method, url, json=json_body, headers=self._headers()) as r:
                 data = None
                 if r.status == 200 and r.content_length != 0:
-                    try:
-                        data = await r.json(content_type=None)
-                    except ValueError:
-                        data = None
+                    # bounded in bytes (read_body: FetchError past MAX_ANSWER_BYTES); an
+                    # unreadable body is None, which every caller treats as the server's error
+                    raw = await read_body(r, f"hawkBit {method} {url}")
+                    with contextlib.suppress(FetchError):
+                        data = parse_json(raw, "hawkBit") if raw.strip() else None
                 return r.status, data
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:  # ValueError: a bad URL
             raise FetchError(
                 f"hawkBit request {method} {url} failed: {exc}", UpdateResult.CONNECTION_LOST
             ) from None
@@ -188,13 +207,13 @@ class HawkbitSource(HttpSource):
             raise exc
         if status != 200 or not isinstance(base, dict):
             raise FetchError(f"hawkBit controller base answered HTTP {status}", UpdateResult.CONNECTION_LOST)
-        sleep = ((base.get("config") or {}).get("polling") or {}).get("sleep")
+        sleep = _obj(_obj(base.get("config")).get("polling")).get("sleep")
         if isinstance(sleep, str):
             try:
                 self._sleep = parse_sleep(sleep)
             except ValueError:
                 log.warning("hawkBit sent an unreadable polling.sleep %r", sleep)
-        links = base.get("_links") or {}
+        links = _obj(base.get("_links"))
 
         attrs = self.attributes(device)
         if "configData" in links or self._attrs_sent.get(controller) != attrs:
@@ -207,9 +226,8 @@ class HawkbitSource(HttpSource):
                 log.warning("hawkBit configData for %s answered HTTP %d", controller, st)
 
         cancel = _href(links.get("cancelAction"))
-        if cancel:
-            await self._handle_cancel(controller, cancel)
-            return None
+        if cancel:  # reported, not decided here: the gateway journals and takes it back
+            raise await self._server_canceled(device, controller, cancel)
 
         deployment = _href(links.get("deploymentBase"))
         if not deployment:
@@ -223,12 +241,15 @@ class HawkbitSource(HttpSource):
         if st != 200 or not isinstance(dep, dict):
             raise FetchError(f"hawkBit deploymentBase answered HTTP {st}", UpdateResult.CONNECTION_LOST)
         action_id = str(dep.get("id"))
+        if not _ID.fullmatch(action_id):  # it goes into the feedback URL: plain ids only
+            raise FetchError("hawkBit deploymentBase names no usable action id",
+                             UpdateResult.CONNECTION_LOST)
         if (controller, action_id) in self._canceled:
             return None
         act = self._actions.get((controller, action_id))
         if act is not None and act.closed:
             return None
-        body = dep.get("deployment") or {}
+        body = _obj(dep.get("deployment"))
         # action types: forced (download/update forced), soft (attempt), download-only and an
         # action outside hawkBit's maintenance window (update skip): staged only, installed
         # when the server switches update to attempt/forced
@@ -247,7 +268,7 @@ class HawkbitSource(HttpSource):
             log.info("hawkBit action %s for %s: update=skip (%s): download and stage only",
                      action_id, controller, "outside hawkBit's maintenance window"
                      if body.get("maintenanceWindow") == "unavailable" else "download-only")
-        picked = self._pick(body.get("chunks") or [])
+        picked = self._pick(_list(body.get("chunks")))
         if picked is None:
             try:  # the next poll offers the action again if this does not get through
                 await self._feedback(
@@ -264,11 +285,11 @@ class HawkbitSource(HttpSource):
                 log.warning("hawkBit action %s of %s: %s", action_id, controller, exc)
             return None
         chunk, art = picked
-        links_a = art.get("_links") or {}
+        links_a = _obj(art.get("_links"))
         url = _href(links_a.get("download")) or _href(links_a.get("download-http"))
         if not url:
             return None
-        sha = (art.get("hashes") or {}).get("sha256")
+        sha = _obj(art.get("hashes")).get("sha256")
         version = None
         if isinstance(chunk.get("version"), str):
             try:
@@ -281,10 +302,13 @@ class HawkbitSource(HttpSource):
         act.window, act.pushing, act.staged = window, False, False
         act.extra = {"url": url, "filename": art.get("filename")}
         # hawkBit closes only a DOWNLOAD_ONLY action on `downloaded` (handleDownloadedActionStatus)
+        # "maintenance_window": a restarted gateway knows the action has one (and reads it
+        # before any reset: install_gate holds until then)
         report_to = {"controller": controller, "action_id": action_id,
                      "feedback_url": act.feedback_url,
-                     "closes_on_downloaded": install == "download-only" and window is None}
-        parts = _image_parts(body.get("chunks") or [], self.cfg.artifact_pattern)
+                     "closes_on_downloaded": install == "download-only" and window is None,
+                     "maintenance_window": window is not None}
+        parts = _image_parts(_list(body.get("chunks")), self.cfg.artifact_pattern)
         if len(parts) > 1:  # a distribution set of several modules, one per MCUboot image
             act.extra["parts"] = parts
             set_id = hashlib.sha256("".join(p["sha256"] or p["url"] for p in parts)
@@ -310,7 +334,7 @@ class HawkbitSource(HttpSource):
         for chunk in chunks:
             if not isinstance(chunk, dict):
                 continue
-            for art in chunk.get("artifacts") or []:
+            for art in _list(chunk.get("artifacts")):
                 if not isinstance(art, dict):
                     continue
                 name = str(art.get("filename", ""))
@@ -321,42 +345,39 @@ class HawkbitSource(HttpSource):
     def _feedback_url(self, controller: str, action_id: str) -> str:
         return f"{self.controller_url(controller)}/deploymentBase/{action_id}/feedback"
 
-    async def _handle_cancel(self, controller: str, href: str) -> None:
+    async def _server_canceled(self, device: DeviceView, controller: str,
+                               href: str) -> ServerCanceled:
+        """The action hawkBit cancels (``cancelAction``), as a ServerCanceled for the gateway
+        to journal and act on - whether it is confirmed (closed) or rejected rests on what the
+        gateway's journal says reached the device, never on this process's memory."""
         st, data = await self._request("GET", href)
         if st != 200 or not isinstance(data, dict):
-            return
-        action_id = str((data.get("cancelAction") or {}).get("stopId") or data.get("id"))
-        feedback = f"{self.controller_url(controller)}/cancelAction/{data.get('id')}/feedback"
+            raise FetchError(f"hawkBit cancelAction answered HTTP {st}", UpdateResult.CONNECTION_LOST)
+        action_id, feedback = self._cancel_ids(controller, data)
         act = self._actions.get((controller, action_id))
-        if act is not None and act.started_upload and not act.closed:
-            log.warning(
-                "hawkBit asks to cancel action %s of %s, but the image is already being "
-                "installed: rejecting the cancellation",
-                action_id,
-                controller,
-            )
-            body = {
-                "status": {
-                    "execution": "rejected",
-                    "result": {"finished": "none"},
-                    "details": ["image transfer to the device already started"],
-                }
-            }
-        else:
-            log.info("hawkBit canceled action %s of %s; confirming", action_id, controller)
-            self._canceled.add((controller, action_id))
-            if act is not None:
-                act.closed = True
-            body = {
-                "status": {
-                    "execution": "closed",
-                    "result": {"finished": "success"},
-                    "details": ["canceled before the transfer to the device"],
-                }
-            }
-        st, _ = await self._request("POST", feedback, body)
-        if st != 200:
-            log.warning("hawkBit cancel feedback for %s answered HTTP %d", action_id, st)
+        if act is None:
+            act = self._actions[(controller, action_id)] = _Action(
+                controller, action_id, self._feedback_url(controller, action_id))
+        act.extra["cancel_feedback"] = feedback
+        log.info("hawkBit cancels action %s of %s", action_id, controller)
+        offer = Offer(device_id=device.id, source=self.name,
+                      artifact_id=f"hawkbit-action-{action_id}",
+                      report_to={"controller": controller, "action_id": action_id,
+                                 "feedback_url": act.feedback_url})
+        return ServerCanceled(f"hawkBit canceled action {action_id}", offer,
+                              {"controller": controller, "action_id": action_id})
+
+    def _cancel_ids(self, controller: str, data: dict[str, Any]) -> tuple[str, str]:
+        """(the canceled action's id, the cancel's feedback URL) of a cancelAction answer; the
+        ids are the server's data: only plain ids are taken (FetchError otherwise)."""
+        stop = _obj(data.get("cancelAction")).get("stopId")
+        cid = data.get("id")
+        action_id = stop if stop is not None else cid
+        if not all(isinstance(x, str | int) and not isinstance(x, bool)
+                   and _ID.fullmatch(str(x)) for x in (action_id, cid)):
+            raise FetchError("hawkBit cancelAction names no usable action id",
+                             UpdateResult.CONNECTION_LOST)
+        return str(action_id), f"{self.controller_url(controller)}/cancelAction/{cid}/feedback"
 
     async def canceled(self, offer: Offer) -> str | None:
         """The controller base shows ``cancelAction`` for this action: hawkBit canceled it.
@@ -365,30 +386,39 @@ class HawkbitSource(HttpSource):
         return await self._cancel_for(act, refresh_window=True)
 
     async def _cancel_for(self, act: _Action, refresh_window: bool = False) -> str | None:
+        try:
+            return await self._cancel_for_unchecked(act, refresh_window)
+        except (TypeError, AttributeError, ValueError, KeyError, RecursionError) as exc:
+            # whatever shape the server's data has, it is the server's problem (FetchError)
+            raise FetchError(f"hawkBit answered unusable data: {type(exc).__name__}: {exc}",
+                             UpdateResult.CONNECTION_LOST) from None
+
+    async def _cancel_for_unchecked(self, act: _Action, refresh_window: bool) -> str | None:
         st, base = await self._request("GET", self.controller_url(act.controller))
         if st != 200 or not isinstance(base, dict):
             return None
-        links = base.get("_links") or {}
+        links = _obj(base.get("_links"))
         href = _href(links.get("cancelAction"))
         if not href:
             dep = _href(links.get("deploymentBase"))
             if refresh_window and dep and act.window is not None:
                 st, data = await self._request("GET", dep)
                 if st == 200 and isinstance(data, dict) and str(data.get("id")) == act.action_id:
-                    w = (data.get("deployment") or {}).get("maintenanceWindow")
+                    dep_body = data.get("deployment")
+                    w = dep_body.get("maintenanceWindow") if isinstance(dep_body, dict) else None
+                    w = w if w in ("available", "unavailable") else UNKNOWN  # unreadable: closed
                     if w != act.window:
                         log.info("hawkBit action %s of %s: maintenance window %s", act.action_id,
                                  act.controller, w)
-                    act.window = w if w in ("available", "unavailable") else None
+                    act.window = w
             return None
         st, data = await self._request("GET", href)
         if st != 200 or not isinstance(data, dict):
             return None
-        stop = str((data.get("cancelAction") or {}).get("stopId") or data.get("id"))
+        stop, feedback = self._cancel_ids(act.controller, data)
         if stop != act.action_id:
             return None
-        act.extra["cancel_feedback"] = (f"{self.controller_url(act.controller)}/cancelAction/"
-                                        f"{data.get('id')}/feedback")
+        act.extra["cancel_feedback"] = feedback
         return f"hawkBit canceled action {act.action_id}"
 
     def install_gate(self, offer: Offer) -> Callable[[], str | None]:
@@ -398,7 +428,10 @@ class HawkbitSource(HttpSource):
         act = self._action_for(offer)
 
         def gate() -> str | None:
-            if act.window == "unavailable":
+            if act.window == UNKNOWN:  # rebuilt after a restart and not read since: closed
+                return (f"hawkBit's maintenance window of action {act.action_id} could not be "
+                        "read (it is read again before the next attempt)")
+            if act.window not in (None, "available"):
                 return f"hawkBit's maintenance window of action {act.action_id} is not open"
             return None
         return gate
@@ -426,6 +459,9 @@ class HawkbitSource(HttpSource):
     def _download_headers(self, url: str) -> dict[str, str]:
         """The headers for an artifact URL: the token only on the server's own origin; another
         origin only when ``download_hosts`` allows it, without the token (c)."""
+        if _userinfo(url):
+            raise FetchError("artifact link with credentials in it: not downloaded",
+                             UpdateResult.INVALID_URI)
         if _origin(url) == self._origin:
             return {"Authorization": self._headers()["Authorization"]}
         if _origin(url) in self._download_origins:
@@ -455,22 +491,27 @@ class HawkbitSource(HttpSource):
         why: str | None = None
         if dl.done():
             watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await watch
             path = dl.result()
             with contextlib.suppress(FetchError, ReportNotDelivered):
                 why = await self._cancel_for(act)
             if why is None:
                 return path
-        else:
-            why = watch.result()
+        else:  # the watch ended first: a cancel - never a download left running behind it
             dl.cancel()
-            with contextlib.suppress(asyncio.CancelledError, FetchError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await dl
-        await self.acknowledge_cancel(offer, True, "canceled during the artifact download: "
-                                      "nothing was sent to the device")
-        raise FetchError(f"{why} during the artifact download; nothing was sent to the device",
-                         UpdateResult.UPDATE_FAILED)
+            try:
+                why = watch.result()
+            except Exception as exc:  # (it does not fail; if it did, it is the server's)
+                raise FetchError(f"hawkBit cancel check of action {act.action_id} failed: "
+                                 f"{type(exc).__name__}: {exc}", UpdateResult.CONNECTION_LOST) from None
+        # reported, not confirmed here: the gateway journals it and answers it (ServerCanceled)
+        raise ServerCanceled(f"{why} during the artifact download", Offer(
+            device_id=offer.device_id, source=self.name, artifact_id=offer.artifact_id,
+            report_to=dict(offer.report_to)),
+            {"controller": act.controller, "action_id": act.action_id})
 
     async def _watch_cancel(self, act: _Action) -> str:
         period = min(30.0, max(0.5, self.poll_interval()))
@@ -478,7 +519,7 @@ class HawkbitSource(HttpSource):
             await asyncio.sleep(period)
             try:
                 why = await self._cancel_for(act)
-            except (FetchError, ReportNotDelivered) as exc:  # a server hiccup is not a cancel
+            except Exception as exc:  # a server hiccup (or garbage) is not a cancel
                 log.debug("hawkBit cancel check for action %s failed: %s", act.action_id, exc)
                 continue
             if why:
@@ -522,7 +563,12 @@ class HawkbitSource(HttpSource):
             raise ReportRefused(f"hawkBit report handle of {offer.device_id} lacks {exc}") from None
         act = self._actions.get((controller, action_id))
         if act is None:
-            act = self._actions[(controller, action_id)] = _Action(controller, action_id, url)
+            # not this process's offer (a restart): whether the action has a maintenance window
+            # is in the handle (absent: an older handle - assume it has one); its state is not
+            # known until the deployment is read again (report/canceled do): closed until then
+            windowed = rt.get("maintenance_window") is not False
+            act = self._actions[(controller, action_id)] = _Action(
+                controller, action_id, url, window=UNKNOWN if windowed else None)
         return act
 
     async def report(self, offer: Offer, report: Report) -> None:
@@ -627,16 +673,37 @@ class HawkbitSource(HttpSource):
                                  f"answered HTTP {st}")
 
 
+def _obj(x: Any) -> dict[str, Any]:
+    """``x`` when the server sent an object there, else empty (hostile or missing shapes)."""
+    return x if isinstance(x, dict) else {}
+
+
+def _list(x: Any) -> list[Any]:
+    """``x`` when the server sent an array there, else empty."""
+    return x if isinstance(x, list) else []
+
+
 def _href(link: Any) -> str | None:
     if isinstance(link, dict) and isinstance(link.get("href"), str):
         return str(link["href"])
     return None
 
 
+def _userinfo(url: str) -> bool:
+    """``url`` carries user:password@ (never followed: credentials are the config's, (c))."""
+    try:
+        return "@" in urlsplit(url).netloc
+    except ValueError:
+        return True  # not even a URL: not followed either
+
+
 def _origin(url: str) -> tuple[str, str, int | None]:
     """(scheme, host, port) with the scheme's default port filled in: the unit credentials
     are scoped to."""
-    p = urlsplit(url)
+    try:
+        p = urlsplit(url)
+    except ValueError:  # e.g. an unbalanced "[": matches no origin, so it is not followed
+        return "invalid", "", None
     scheme = p.scheme.lower()
     try:
         port = p.port
@@ -653,24 +720,24 @@ def _image_parts(chunks: list[Any], pattern: str | None) -> list[dict[str, Any]]
     for chunk in chunks:
         if not isinstance(chunk, dict):
             continue
-        meta = {m.get("key"): m.get("value") for m in chunk.get("metadata") or []
+        meta = {str(m.get("key")): m.get("value") for m in _list(chunk.get("metadata"))
                 if isinstance(m, dict)}
         raw = meta.get("image_index")
         if raw is None:
             continue
-        arts = [a for a in chunk.get("artifacts") or [] if isinstance(a, dict) and (
+        arts = [a for a in _list(chunk.get("artifacts")) if isinstance(a, dict) and (
             pattern is None or fnmatch.fnmatch(str(a.get("filename", "")), pattern))]
         if len(arts) != 1:
             continue
         art = arts[0]
-        links = art.get("_links") or {}
+        links = _obj(art.get("_links"))
         url = _href(links.get("download")) or _href(links.get("download-http"))
         try:
             image = int(str(raw), 0)
         except ValueError:
             continue
         if url:
-            sha = (art.get("hashes") or {}).get("sha256")
+            sha = _obj(art.get("hashes")).get("sha256")
             parts.append({"url": url, "filename": art.get("filename"), "image": image,
                           "sha256": sha.lower() if isinstance(sha, str) else None,
                           "size": art.get("size") if isinstance(art.get("size"), int) else None})

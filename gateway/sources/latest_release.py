@@ -30,7 +30,7 @@ import aiohttp
 from gateway.artifacts.bundle import may_be_bundle, set_cap
 from gateway.download import retry_after_seconds
 from gateway.mcuboot import Version
-from gateway.sources._http import HttpSource
+from gateway.sources._http import HttpSource, read_json
 from gateway.sources.base import DeviceView, FetchError, Offer, Report, UpdateResult
 from gateway.sources.settings import LatestReleaseSourceConfig
 
@@ -98,8 +98,8 @@ class LatestReleaseSource(HttpSource):
                     return None
                 if r.status != 200:
                     raise FetchError(f"release server answered HTTP {r.status}", UpdateResult.CONNECTION_LOST)
-                data = await r.json(content_type=None)
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                data = await read_json(r, "release server")  # bounded in bytes
+        except (aiohttp.ClientError, TimeoutError) as exc:
             raise FetchError(f"release server unreachable: {exc}", UpdateResult.CONNECTION_LOST) from None
         return self._offer(device, data)
 

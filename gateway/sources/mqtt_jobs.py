@@ -32,7 +32,11 @@ the execution is the gateway's as a whole. It covers the gateway's devices behin
 (configured, or seen) that the job names and has a file for - a device it does not cover is
 left alone. Each covered device's result goes into ``statusDetails`` (``result:<device>``,
 ``detail:<device>``; upload ``progress:<device>``; the whole map is sent each time, AWS may
-replace rather than merge it), and the final SUCCEEDED/FAILED is sent once, when all are done.
+replace rather than merge it; ``_key`` escapes ids so two devices never share a key), and the
+final SUCCEEDED/FAILED is sent once, when all are done - with discovery on (the roster is not
+known in advance) also only once a device the job names has reported, or ``roster_wait_s``
+passed. A message that cannot be parsed is dropped (logged, bounded); the session task is
+supervised (restarted, with its reconnect backoff).
 
 Closed executions: DescribeJobExecution of a terminal execution (CANCELED, TIMED_OUT,
 REMOVED...) answers ``TerminalStateReached``, an update ``InvalidStateTransition``, a deleted
@@ -48,6 +52,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import re
@@ -92,12 +97,20 @@ _START_NEXT_TRIES = 3  # a start-next whose answer was lost is asked again (it i
 _MAX_DETAILED_DEVICES = 100  # per-device statusDetails entries kept (bounded map)
 _MAX_PAYLOAD = 256 * 1024  # an MQTT answer larger than this is not parsed
 _MAX_DOCUMENT = 32 * 1024  # AWS job documents are at most 32 KiB
-_KEY_BAD = re.compile(r"[^a-zA-Z0-9:_-]")
+_KEY_BAD = re.compile(r"[^a-zA-Z0-9_-]")
+_KEY_MAX = 128
 
 
 def _key(prefix: str, device_id: str) -> str:
-    """A statusDetails key AWS takes ([a-zA-Z0-9:_-], 1-128 characters)."""
-    return (prefix + _KEY_BAD.sub("_", device_id))[:128]
+    """A statusDetails key AWS takes ([a-zA-Z0-9:_-], 1-128 characters), distinct for distinct
+    device ids: every other character (``:`` too) is escaped as ``:`` + two hex digits per
+    UTF-8 byte ("pump.1" -> "pump:2e1", "pump_1" stays). Too long: cut, and ``:z`` + 16 hex
+    digits of the id's sha256 appended - ``:z`` never occurs in an uncut encoding."""
+    enc = _KEY_BAD.sub(lambda m: "".join(f":{b:02x}" for b in m.group().encode()), device_id)
+    if len(prefix) + len(enc) <= _KEY_MAX:
+        return prefix + enc
+    digest = hashlib.sha256(device_id.encode()).hexdigest()[:16]
+    return prefix + enc[:_KEY_MAX - len(prefix) - 18] + ":z" + digest
 
 
 def _value(text: str, limit: int = 1000) -> str:
@@ -127,6 +140,7 @@ class _Job:
     last_sig: dict[str, tuple[int, int]] = field(default_factory=dict)
     last_progress_at: dict[str, float] = field(default_factory=dict)
     closed: str | None = None  # why the execution takes no more work (None: open)
+    seen_at: float = field(default_factory=time.monotonic)  # first seen by this process
     final: str | None = None  # the final status this gateway got accepted
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -135,7 +149,7 @@ class MqttJobsSource(FleetSource):
     name = "mqtt_jobs"
 
     def __init__(self, cfg: MqttJobsSourceConfig, state_dir: Path, gateway_id: str = "smp-gateway",
-                 devices: Iterable[tuple[str, str | None]] = ()) -> None:
+                 devices: Iterable[tuple[str, str | None]] = (), roster_open: bool = False) -> None:
         self.cfg = cfg
         self.gateway_id = gateway_id
         # downloads trust the system CAs (or download_ca_file), never the broker's ca_file: the
@@ -156,12 +170,16 @@ class MqttJobsSource(FleetSource):
         self._jobs: dict[tuple[str, str], _Job] = {}
         self.notified = asyncio.Event()  # set when notify-next announces a pending job
         self._stopping = False
+        self._dropped = 0  # messages not used (unreadable, hostile)
         self._inventory_sent: dict[str, str] = {}  # topic -> last reported state
         # thing -> the gateway's devices behind it (c: configured devices, and every device
         # seen asking): who an execution of that thing covers
         self._roster: dict[str, set[str]] = {}
         for dev_id, group in devices:
             self._roster.setdefault(self._thing_of(dev_id, group), set()).add(dev_id)
+        # discovery configured: devices not configured may be behind a thing too (they join
+        # the roster when they first ask) - the roster is not complete in advance
+        self._roster_open = roster_open
 
     # -- connection ----------------------------------------------------------------------
     def _tls_context(self) -> ssl.SSLContext | None:
@@ -182,7 +200,20 @@ class MqttJobsSource(FleetSource):
             ctx.verify_mode = ssl.CERT_NONE
         return ctx
 
+    def _drop(self, topic: str, why: str) -> None:
+        """A message that is not used; logged at the 1st, 2nd, 4th, 8th... (bounded logs)."""
+        self._dropped += 1
+        if self._dropped & (self._dropped - 1) == 0:
+            log.warning("MQTT message on %s dropped: %s (%d dropped so far)", topic, why[:200],
+                        self._dropped)
+
     async def start(self) -> None:
+        r = self._runner
+        if r is not None and r.done() and not self._stopping:
+            # the session task ended (it should not): said so, and started again
+            exc = None if r.cancelled() else r.exception()
+            log.error("MQTT session task ended (%s); starting it again", exc or "cancelled")
+            self._runner = None
         if self._runner is None:
             self._stopping = False
             self._runner = asyncio.create_task(self._run(), name="mqtt-jobs")
@@ -218,7 +249,10 @@ class MqttJobsSource(FleetSource):
                     delay = 1.0
                     log.info("connected to MQTT broker %s:%d", self.cfg.host, self.cfg.port)
                     async for msg in client.messages:
-                        self._dispatch(msg.topic.value, msg.payload)
+                        try:  # one hostile message costs that message, never the session
+                            self._dispatch(msg.topic.value, msg.payload)
+                        except Exception as exc:
+                            self._drop(msg.topic.value, f"{type(exc).__name__}: {exc}")
             except aiomqtt.MqttError as exc:
                 log.warning(
                     "MQTT connection to %s:%d lost: %s; reconnecting in %.0fs",
@@ -227,6 +261,10 @@ class MqttJobsSource(FleetSource):
                     exc,
                     delay,
                 )
+            except Exception as exc:  # never silently dead: logged, and the session starts over
+                log.error("MQTT session with %s:%d failed: %s: %s; reconnecting in %.0fs",
+                          self.cfg.host, self.cfg.port, type(exc).__name__, exc, delay,
+                          exc_info=exc)
             finally:
                 self._connected.clear()
                 self._client = None
@@ -275,8 +313,8 @@ class MqttJobsSource(FleetSource):
             return
         try:
             data = json.loads(payload)
-        except ValueError:
-            log.warning("unreadable MQTT message on %s", topic)
+        except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, nested too deep...
+            self._drop(topic, f"unreadable ({type(exc).__name__})")
             return
         if not isinstance(data, dict):
             return
@@ -362,6 +400,7 @@ class MqttJobsSource(FleetSource):
                     f"in it (asked by {device.id})")})
             return None
         if device.id in job.results:
+            await self._final_if_due(job)  # a final status that waited for an unseen device
             return None  # its part of this execution is done (its result is with the server)
         f = _file_for(files, device.id)
         assert f is not None  # covered
@@ -416,12 +455,21 @@ class MqttJobsSource(FleetSource):
         if isinstance(doc, str) and len(doc) <= _MAX_DOCUMENT:  # JobExecution documents it a string
             try:
                 doc = json.loads(doc)
-            except ValueError:
+            except (ValueError, RecursionError):
                 pass
         job.document = doc
         details = execution.get("statusDetails")
         if isinstance(details, dict):
-            for dev in self._roster.get(job.thing, ()):
+            roster = self._roster.get(job.thing, set())
+            keys: dict[str, list[str]] = {}
+            for dev in roster:
+                keys.setdefault(_key("result:", dev), []).append(dev)
+            for dev in roster:
+                if len(keys[_key("result:", dev)]) > 1:  # never another device's result as its own
+                    log.error("devices %s share the statusDetails key %s: their results are not "
+                              "adopted (each is updated again)", keys[_key("result:", dev)],
+                              _key("result:", dev))
+                    continue
                 res = details.get(_key("result:", dev))
                 if isinstance(res, str) and res in UpdateResult.__members__:
                     job.results[dev] = (res, str(details.get(_key("detail:", dev), ""))[:200])
@@ -549,15 +597,10 @@ class MqttJobsSource(FleetSource):
             if report.finished:
                 job.results[dev] = (report.result.name, _value(report.detail, 200))
                 job.progress.pop(dev, None)
-                waiting = self._covered(job) - job.results.keys()
-                if waiting:  # the execution is the gateway's: final when every device is done
+                if self._final_waits(job):  # the execution is the gateway's: final when all are done
                     await self._update(job, "IN_PROGRESS", self._details(job, dev, report))
                     return
-                failed = any(r != "SUCCESS" for r, _d in job.results.values())
-                status = "FAILED" if failed else "SUCCEEDED"
-                await self._update(job, status, self._details(job, dev, report, final=True),
-                                   final=True)
-                job.final, job.closed = status, f"job {job.job_id} finished: {status}"
+                await self._final(job, dev, report)
                 return
             if dev in job.results:
                 return
@@ -570,6 +613,43 @@ class MqttJobsSource(FleetSource):
             if report.progress is not None:
                 job.progress[dev] = str(round(report.progress * 100))
             await self._update(job, "IN_PROGRESS", self._details(job, dev, report))
+
+    def _final_waits(self, job: _Job) -> set[str]:
+        """The devices the execution still waits for before its final status: every covered
+        device without a result - and, while the roster is not complete in advance (discovery)
+        and for at most ``roster_wait_s``, a device the job names that could be behind this
+        thing but has not asked yet. Never a success declared for a device not heard from."""
+        waiting = self._covered(job) - job.results.keys()
+        if waiting or not self._roster_open:
+            return waiting
+        named = job.document.get("devices") if isinstance(job.document, dict) else None
+        if not isinstance(named, list) or time.monotonic() - job.seen_at >= self.cfg.roster_wait_s:
+            return set()
+        try:
+            files = _files(job.document)
+        except ValueError:
+            return set()
+        return {d for d in named[:_MAX_DETAILED_DEVICES] if isinstance(d, str)
+                and d not in job.results and _file_for(files, d) is not None}
+
+    async def _final(self, job: _Job, dev: str, report: Report) -> None:
+        failed = any(r != "SUCCESS" for r, _d in job.results.values())
+        status = "FAILED" if failed else "SUCCEEDED"
+        await self._update(job, status, self._details(job, dev, report, final=True), final=True)
+        job.final, job.closed = status, f"job {job.job_id} finished: {status}"
+
+    async def _final_if_due(self, job: _Job) -> None:
+        """An execution whose devices all reported but whose final status waited for a named
+        device not seen (``_final_waits``): sent once that wait is over (at a later check)."""
+        async with job.lock:
+            if job.closed is not None or not job.results or self._final_waits(job):
+                return
+            dev, (res, detail) = sorted(job.results.items())[-1]
+            report = Report(UpdateState.IDLE, UpdateResult[res], detail=detail)
+            try:
+                await self._final(job, dev, report)
+            except ReportNotDelivered as exc:  # asked again at the next check
+                log.warning("%s", exc)
 
     def _details(self, job: _Job, dev: str, report: Report, final: bool = False) -> dict[str, str]:
         """The execution's whole statusDetails (AWS may replace rather than merge them): the

@@ -58,7 +58,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from gateway.artifacts.bundle import set_cap
 from gateway.artifacts.mender import ArtifactError, ArtifactIntegrityError, unpack_zephyr_artifact
-from gateway.sources._http import HttpSource
+from gateway.sources._http import HttpSource, read_json, read_text
 from gateway.sources.base import (
     DeviceView,
     FetchError,
@@ -245,12 +245,12 @@ class RdfmSource(HttpSource):
                         log.info("device %s still waiting for acceptance on the RDFM server", ident)
                     return None
                 if r.status != 200:
-                    text = (await r.text())[:200]
+                    text = await read_text(r)
                     raise FetchError(
                         f"RDFM authentication of {ident} failed: HTTP {r.status} {text}",
                         UpdateResult.CONNECTION_LOST,
                     )
-                data = await r.json(content_type=None)
+                data = await read_json(r, "RDFM authentication")  # bounded in bytes
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise FetchError(f"RDFM server unreachable: {exc}", UpdateResult.CONNECTION_LOST) from None
         token = data.get("token") if isinstance(data, dict) else None
@@ -309,9 +309,11 @@ class RdfmSource(HttpSource):
         headers = {"Authorization": f"Bearer token={token}", "Accept": "application/json"}
         try:
             async with session.post(f"{self.base}{path}", json=payload, headers=headers) as r:
-                data = await r.json(content_type=None) if r.status == 200 else None
+                data = None
+                if r.status == 200:  # bounded in bytes; an unreadable answer: FetchError
+                    data = await read_json(r, f"RDFM {path}")
                 return r.status, data
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        except (aiohttp.ClientError, TimeoutError) as exc:
             raise FetchError(f"RDFM request {path} failed: {exc}", UpdateResult.CONNECTION_LOST) from None
 
     async def canceled(self, offer: Offer) -> str | None:

@@ -105,6 +105,10 @@ class MqttJobsSourceConfig(Model):
     poll_interval_s: float = Field(60.0, gt=0)
     download_retries: int = Field(5, ge=0, le=50)
     download_read_timeout_s: float = Field(60.0, gt=0)
+    roster_wait_s: float = Field(
+        600.0, ge=0, description="with discovery (the devices behind a thing are not all known "
+        "in advance): how long an execution waits, before its final status, for a device its job "
+        "names that this gateway has not seen yet")
 
     @model_validator(mode="after")
     def _pairs(self) -> MqttJobsSourceConfig:
