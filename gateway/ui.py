@@ -7,6 +7,7 @@ structured logs instead, and this module stays silent.
 from __future__ import annotations
 
 import json
+import logging
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
@@ -18,6 +19,21 @@ from gateway.engine import Outcome
 if TYPE_CHECKING:
     from gateway.config import GatewayConfig
     from gateway.daemon import Pass
+
+
+class _ConsoleStream:
+    """A file-like stream printing whole lines through a rich console (above a live display)."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+
+    def write(self, text: str) -> int:
+        for line in text.rstrip("\n").split("\n"):
+            self.console.print(line, markup=False, highlight=False, emoji=False)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
 
 
 class ProgressView:
@@ -38,9 +54,16 @@ class ProgressView:
 
     def __enter__(self) -> ProgressView:
         self.progress.start()
+        # log lines go above the bars (through the live console), not through them
+        self._swapped: list[tuple[logging.StreamHandler[Any], Any]] = []
+        for h in logging.getLogger().handlers:
+            if isinstance(h, logging.StreamHandler) and getattr(h.stream, "isatty", lambda: False)():
+                self._swapped.append((h, h.setStream(_ConsoleStream(self.progress.console))))
         return self
 
     def __exit__(self, *exc: object) -> None:
+        for h, stream in self._swapped:
+            h.setStream(stream)
         self.progress.stop()
 
     def update(self, device_id: str, step: str, done: int, total: int) -> None:

@@ -410,3 +410,42 @@ async def test_ctl_output_for_people(bench_factory: Any, tmp_path: Path) -> None
         finally:
             proc.send_signal(signal.SIGTERM)
             await asyncio.wait_for(proc.communicate(), 40)
+
+
+# -- the terminal an operator watches: `run --once` in a real terminal (tmux) ---------------------
+async def test_once_in_a_terminal_shows_progress_and_summary(bench_factory: Any,
+                                                             tmp_path: Path) -> None:
+    from fleet_servers.common import require_tool
+
+    tmux = require_tool("tmux", "tmux")
+    bench = bench_factory(udp=2, serial=1, image_size=24 * 1024)
+    bench.publish("2.0.0")
+    sock = str(tmp_path / "tmux.sock")  # a private server: this environment (PYTHONPATH) in it
+
+    async def tmux_cmd(*args: str, timeout: float = 60) -> str:
+        p = await asyncio.create_subprocess_exec(tmux, "-S", sock, *args, stdout=subprocess.PIPE,
+                                                 stderr=subprocess.PIPE)
+        out, err = await asyncio.wait_for(p.communicate(), timeout)
+        assert p.returncode == 0, (args, err.decode())
+        return out.decode()
+
+    async with Simulator(bench.sim_cfg) as sim:
+        cfg = sim_cfg(bench, sim, tmp_path / "gw.yaml")
+        await tmux_cmd("new-session", "-d", "-x", "120", "-y", "40", "-s", "op",
+                       "env -u TMUX bash --norc --noprofile")
+        try:
+            cmd = (f"{' '.join(CLI)} run --once -c {cfg}; echo \"exit=$?\"; "
+                   f"{tmux} -S {sock} wait-for -S once-done")
+            await tmux_cmd("send-keys", "-t", "op", cmd, "Enter")
+            await tmux_cmd("wait-for", "once-done", timeout=90)  # the pass ended (an event)
+            screen = await tmux_cmd("capture-pane", "-p", "-t", "op", "-S", "-200")
+        finally:
+            await tmux_cmd("kill-server")
+    assert "Traceback" not in screen, screen
+    assert "exit=0" in screen, screen
+    for dev in ("udp-1", "udp-2", "serial-1"):  # a progress line and a table row each
+        assert screen.count(dev) >= 2, screen
+    assert "updated" in screen and "1.0.0" in screen and "2.0.0" in screen, screen
+    assert "KiB" in screen, screen  # the progress bars' transfer column / the table's upload
+    # log lines go above the bars, never into them
+    assert not any("B/s" in ln and "level=" in ln for ln in screen.splitlines()), screen
