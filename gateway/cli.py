@@ -138,11 +138,12 @@ def main(argv: list[str] | None = None) -> int:
 def _sim(path: Path) -> int:
     from pydantic import ValidationError
 
-    from gateway.sim.config import load_sim_config
+    from gateway.sim.config import check_files, load_sim_config
     from gateway.sim.simulator import run_until_signalled
 
     try:
         cfg = load_sim_config(path)
+        check_files(cfg)
     except ValidationError as exc:
         for e in exc.errors():  # one line each, with the key path
             loc = ".".join(str(x) for x in e["loc"]) or "(top level)"

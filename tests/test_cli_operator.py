@@ -36,11 +36,11 @@ def run_cli(*args: str, timeout: float = 90, env: dict[str, str] | None = None,
                           stdin=subprocess.DEVNULL, check=False, env=env)
 
 
-async def arun_cli(*args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
+async def arun_cli(*args: str, limit_s: float = 90) -> subprocess.CompletedProcess[str]:
     """The CLI as a subprocess while this test's event loop serves simulated devices/servers."""
     proc = await asyncio.create_subprocess_exec(*CLI, *args, stdin=subprocess.DEVNULL,
                                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    out, err = await asyncio.wait_for(proc.communicate(), limit_s)
     assert proc.returncode is not None
     return subprocess.CompletedProcess(args, proc.returncode, out.decode(), err.decode())
 
@@ -422,10 +422,10 @@ async def test_once_in_a_terminal_shows_progress_and_summary(bench_factory: Any,
     bench.publish("2.0.0")
     sock = str(tmp_path / "tmux.sock")  # a private server: this environment (PYTHONPATH) in it
 
-    async def tmux_cmd(*args: str, timeout: float = 60) -> str:
+    async def tmux_cmd(*args: str, limit_s: float = 60) -> str:
         p = await asyncio.create_subprocess_exec(tmux, "-S", sock, *args, stdout=subprocess.PIPE,
                                                  stderr=subprocess.PIPE)
-        out, err = await asyncio.wait_for(p.communicate(), timeout)
+        out, err = await asyncio.wait_for(p.communicate(), limit_s)
         assert p.returncode == 0, (args, err.decode())
         return out.decode()
 
@@ -437,7 +437,7 @@ async def test_once_in_a_terminal_shows_progress_and_summary(bench_factory: Any,
             cmd = (f"{' '.join(CLI)} run --once -c {cfg}; echo \"exit=$?\"; "
                    f"{tmux} -S {sock} wait-for -S once-done")
             await tmux_cmd("send-keys", "-t", "op", cmd, "Enter")
-            await tmux_cmd("wait-for", "once-done", timeout=90)  # the pass ended (an event)
+            await tmux_cmd("wait-for", "once-done", limit_s=90)  # the pass ended (an event)
             screen = await tmux_cmd("capture-pane", "-p", "-t", "op", "-S", "-200")
         finally:
             await tmux_cmd("kill-server")

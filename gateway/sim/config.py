@@ -434,7 +434,12 @@ def load_sim_config(path: str | Path) -> SimConfig:
             img.initial_image = fix(img.initial_image) or img.initial_image
         if d.serial is not None and d.serial.link is not None:
             d.serial.link = fix(d.serial.link) or d.serial.link
-    for i, d in enumerate(cfg.devices):  # name the missing file and its key, before any start
+    return cfg
+
+
+def check_files(cfg: SimConfig) -> None:
+    """Raise ``ValueError`` naming the first missing file and its key (before any start)."""
+    for i, d in enumerate(cfg.devices):
         files = [("key", d.key), ("initial_image", d.initial_image),
                  ("loader_image", d.loader_image), ("encryption_key", d.encryption_key)]
         files += [(f"extra_images[{n}].initial_image", img.initial_image)
@@ -442,4 +447,3 @@ def load_sim_config(path: str | Path) -> SimConfig:
         for name, f in files:
             if f is not None and not f.is_file():
                 raise ValueError(f"devices[{i}] ({d.id}).{name}: no such file: {f}")
-    return cfg
