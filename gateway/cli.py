@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import importlib.metadata
 import logging
 import os
 import signal
+import sqlite3
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from gateway import cli_tools
 from gateway import log as glog
@@ -45,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--config", "-c", required=True, type=Path)
     r.add_argument("--once", action="store_true",
                    help="one pass; exit 0 if every device ended on its target, 1 otherwise")
+    r.add_argument("--json", action="store_true",
+                   help="--once: the summary (with --dry-run: the plan) as JSON on stdout")
     s = sub.add_parser("status", help="show each device's slots and the journal")
     s.add_argument("--config", "-c", required=True, type=Path)
     s.add_argument("--offline", action="store_true", help="journal only; do not contact devices")
@@ -78,6 +85,11 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--workdir", help="keep the demo's files here (default: a temporary dir)")
     d.add_argument("--keep", action="store_true", help="do not delete the temporary directory")
     cli_tools.register(sub)  # device, check-config, verify, history, run --dry-run
+    for sp in sub.choices.values():  # also after the subcommand: `smp-gateway run -c X -v`
+        sp.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help=argparse.SUPPRESS)
+        sp.add_argument("--log-format", choices=["text", "json"], default=argparse.SUPPRESS,
+                        help=argparse.SUPPRESS)
     return p
 
 
@@ -110,15 +122,20 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config)
         glog.setup(args.log_format or cfg.log_format, level)
         if args.cmd == "run":
-            return asyncio.run(_run(cfg, args.once))
+            if args.json and not args.once:
+                print("smp-gateway: run --json needs --once (the daemon logs; see --log-format)",
+                      file=sys.stderr)
+                return EXIT_USAGE
+            return asyncio.run(_run(cfg, args.once, args.json))
         if args.cmd == "status":
-            return asyncio.run(_status(cfg, args.offline, args.json))
+            return _status_of(cfg, args.offline, args.json)
         if args.cmd == "ctl":
             from gateway.ctl import main_ctl
 
             return main_ctl(cfg, args)
     except ConfigError as exc:
-        print(f"smp-gateway: configuration error: {exc}", file=sys.stderr)
+        for line in exc.lines():  # every problem, one line each
+            print(f"smp-gateway: configuration error: {line}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
@@ -128,25 +145,81 @@ def main(argv: list[str] | None = None) -> int:
 def _sim(path: Path) -> int:
     from pydantic import ValidationError
 
-    from gateway.sim.config import load_sim_config
+    from gateway.sim.config import check_files, load_sim_config
     from gateway.sim.simulator import run_until_signalled
 
     try:
         cfg = load_sim_config(path)
-    except (OSError, ValidationError, ValueError) as exc:
-        print(f"smp-gateway: simulator configuration error in {path}: {exc}", file=sys.stderr)
+        check_files(cfg)
+    except ValidationError as exc:
+        for e in exc.errors():  # one line each, with the key path
+            loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
+            msg = str(e["msg"]).removeprefix("Value error, ")
+            print(f"smp-gateway: simulator configuration error in {path}: {loc}: {msg}",
+                  file=sys.stderr)
         return EXIT_USAGE
-
-    asyncio.run(run_until_signalled(cfg))
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        print(f"smp-gateway: simulator configuration error in {path}: {why}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        asyncio.run(run_until_signalled(cfg))
+    except OSError as exc:  # e.g. its ports are in use (another simulator runs this config)
+        hint = (" (another simulator or program uses it: stop it or change the ports)"
+                if exc.errno == errno.EADDRINUSE else "")
+        print(f"smp-gateway: simulator cannot start ({path}): {exc.strerror or exc}{hint}",
+              file=sys.stderr)
+        return EXIT_USAGE
+    except ValueError as exc:  # e.g. a key file that is not a key (the simulator did not start)
+        print(f"smp-gateway: simulator cannot start ({path}): {exc}", file=sys.stderr)
+        return EXIT_USAGE
     return EXIT_OK
 
 
-async def _run(cfg: GatewayConfig, once: bool) -> int:
+def _state_dir_problem(state_dir: Path) -> str | None:
+    """Why ``state_dir`` cannot be used, without creating anything (None: it can be)."""
+    p = state_dir
+    if p.exists():
+        if not p.is_dir():
+            return f"{p} is not a directory"
+        if not os.access(p, os.R_OK | os.X_OK):
+            return f"{p}: permission denied"
+        return None
+    parent = p.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{p} cannot be created: {parent} is not a directory"
+    if not os.access(parent, os.W_OK | os.X_OK) or str(p.resolve()).startswith(("/proc/", "/sys/")):
+        return f"{p} cannot be created: {parent} is not writable"
+    return None
+
+
+def _status_of(cfg: GatewayConfig, offline: bool, as_json: bool) -> int:
+    """``status``: read-only towards the state directory - an unusable one is one line (exit
+    2), a missing one is not created (nothing is journaled yet: the devices are shown bare)."""
+    where = cfg.config_path or "<config>"
+    problem = _state_dir_problem(cfg.state_dir)
+    if problem is not None:
+        raise ConfigError(where, "state_dir", f"{problem}; give a directory the gateway user "
+                          "can create and write")
+    try:
+        if not cfg.state_dir.exists():
+            with tempfile.TemporaryDirectory(prefix="smp-gateway-status-") as empty:
+                return asyncio.run(_status(cfg.model_copy(update={"state_dir": Path(empty)}),
+                                           offline, as_json))
+        return asyncio.run(_status(cfg, offline, as_json))
+    except (OSError, sqlite3.Error) as exc:
+        raise ConfigError(where, "state_dir", f"{cfg.state_dir}: cannot read the journal: "
+                          f"{getattr(exc, 'strerror', None) or exc}") from None
+
+
+async def _run(cfg: GatewayConfig, once: bool, as_json: bool = False) -> int:
     from gateway.daemon import Gateway, SupervisorDied
     from gateway.ui import run_once_shown
 
     if once:
-        result = await run_once_shown(cfg)
+        result = await run_once_shown(cfg, as_json=as_json)
         return EXIT_OK if result.ok else EXIT_FAILED
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -338,20 +411,23 @@ def _status_json(cfg: GatewayConfig, devices: list[DeviceConfig], live: dict[str
     for dev in devices:
         got = live.get(dev.id)
         prev = last.get(dev.id) or {}
-        reachable: bool | str = "not asked (--offline)" if got is None else True
+        # reachable: true / false (then "error" says why) / null: not asked (--offline)
+        reachable: bool | None = None if got is None else True
+        error = None
         slots = prev.get("slots")
         d = (daemon or {}).get(dev.id)
         if daemon is not None:
-            reachable = "not asked: the running daemon holds the device"
+            reachable, error = None, "not asked: the running daemon holds the device"
             slots = (d or {}).get("slots") or slots
         if isinstance(got, Exception):
-            reachable, rc = f"unreachable: {got}", EXIT_FAILED
+            reachable, error, rc = False, f"unreachable: {got}", EXIT_FAILED
         elif got is not None:
             slots = inventory.slots_of(got)
         rec = inventory.record(
             dev, slots=slots, params=prev.get("mcumgr_params"), bootloader_mode=prev.get("mcuboot_mode"),
-            facts=prev, entry=journal.get(dev.id), versions=versions, reachable=reachable,
+            facts=prev, entry=journal.get(dev.id), versions=versions, reachable=bool(reachable),
             quarantine=quarantined.get(dev.id))
+        rec["reachable"], rec["error"] = reachable, error
         if dev.id in quarantined:
             rc = EXIT_FAILED
         r = (retry or {}).get(dev.id)

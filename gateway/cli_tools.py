@@ -41,7 +41,7 @@ def register(sub: Any) -> None:
         run.add_argument("--dry-run", action="store_true",
                          help="with --once: say what would be updated, with which image, and what "
                               "would be refused; writes to no device, reports nothing")
-        run.add_argument("--json", action="store_true", help="--dry-run: as JSON")
+        # ``--json`` (run's own: the --once summary, or the --dry-run plan, as JSON)
     d = sub.add_parser("device", help="one-off command to one device (through the daemon when "
                                       "it runs): " + DEVICE_HELP)
     d.add_argument("--config", "-c", required=True, type=Path)

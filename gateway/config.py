@@ -583,13 +583,47 @@ def _known_keys() -> set[str]:
     return keys
 
 
+def _models_of(tp: Any) -> list[type[BaseModel]]:
+    """The models an annotation can hold (through unions, lists, dicts, Annotated)."""
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return [tp]
+    out: list[type[BaseModel]] = []
+    for arg in getattr(tp, "__args__", ()) or ():
+        out += _models_of(arg)
+    origin = getattr(tp, "__origin__", None)
+    if origin is not None and not getattr(tp, "__args__", None):
+        out += _models_of(origin)
+    return out
+
+
+def _keys_at(loc: tuple[Any, ...]) -> set[str] | None:
+    """The keys valid at the mapping ``loc`` names (None when the path cannot be followed):
+    a misspelt key is compared with its siblings, not with every key of the schema."""
+    models: list[type[BaseModel]] = [GatewayConfig]
+    for part in loc:
+        if isinstance(part, int):
+            continue  # list index: the item's type is already in models
+        nxt = [m2 for m in models if part in m.model_fields
+               for m2 in _models_of(m.model_fields[part].annotation)]
+        if not nxt:  # a discriminated union's tag (e.g. 'udp'): keep the member it names
+            tagged = [m for m in models if "kind" in m.model_fields
+                      and m.model_fields["kind"].default == part]
+            if not tagged:
+                return None
+            nxt = tagged
+        models = nxt
+    return {k for m in models for k in m.model_fields} - {"config_path"}
+
+
 def _describe(err: Any) -> str:
     typ = err["type"]
     if typ == "extra_forbidden":
         import difflib
 
         key = str(err["loc"][-1]) if err.get("loc") else ""
-        close = difflib.get_close_matches(key, sorted(_known_keys()), n=1, cutoff=0.7)
+        siblings = _keys_at(tuple(err["loc"][:-1])) if err.get("loc") else None
+        close = difflib.get_close_matches(key, sorted(siblings if siblings is not None
+                                                      else _known_keys()), n=1, cutoff=0.7)
         hint = f"did you mean {close[0]!r}? " if close else ""
         return f"unknown key {key!r} ({hint}check the spelling; see configs/ for the schema)"
     if typ == "missing":
@@ -615,16 +649,35 @@ def parse_config(data: Any, path: str | Path = "<config>") -> GatewayConfig:
     try:
         cfg = GatewayConfig.model_validate({**data, "config_path": str(path)})
     except ValidationError as exc:
-        err = exc.errors()[0]
-        more = len(exc.errors()) - 1
-        suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
-        raise ConfigError(path, _format_loc(err["loc"], data), _describe(err) + suffix) from None
+        errs = [(_format_loc(e["loc"], data), _describe(e)) for e in exc.errors()]
+        raise ConfigError(path, errs[0][0], errs[0][1], more=errs[1:]) from None
     for i, k in enumerate(cfg.trusted_keys):
         if not k.is_file():
             raise ConfigError(path, f"trusted_keys[{i}]", f"no such key file: {k}")
+    _check_bumble(cfg, path)
     for i, t in enumerate(cfg.device_templates):
         _check_template(t, f"device_templates[{i}]", path, set(cfg.maintenance_windows))
     return cfg
+
+
+def _check_bumble(cfg: GatewayConfig, path: str | Path) -> None:
+    """``backend: bumble`` needs the optional Bumble stack (the ``[ble]`` extra): say so now,
+    not when the first BLE session starts."""
+    uses = [f"devices[{i}].transport.backend" for i, d in enumerate(cfg.devices)
+            if isinstance(d.transport, BleTransport) and d.transport.backend == "bumble"]
+    if cfg.discovery is not None:
+        uses += [f"discovery.ble[{i}].backend" for i, b in enumerate(cfg.discovery.ble)
+                 if b.backend == "bumble"]
+    uses += [f"device_templates[{i}].ble.backend" for i, t in enumerate(cfg.device_templates)
+             if (t.ble or {}).get("backend") == "bumble"]
+    if not uses:
+        return
+    try:
+        import bumble  # noqa: F401  (optional dependency: the [ble] extra)
+    except ImportError:
+        raise ConfigError(path, uses[0], "backend bumble needs the Bumble BLE stack, which is "
+                          "not installed: pip install 'smp-gateway[ble]' (or use backend bleak)"
+                          ) from None
 
 
 def template_device_dict(t: DeviceTemplate, kind: str, transport: dict[str, Any],

@@ -1,7 +1,8 @@
 """``smp-gateway ctl``: the operator's client of the daemon's control socket.
 
 Owns turning the command line into one request on ``control.socket`` (``gateway.control``)
-and printing the answer (a table for ``list``, JSON with ``--json``). Exit codes: 0 done,
+and printing the answer (tables for ``list`` and ``audit`` in local time, a line per artifact for
+``rollout``; the raw answer as JSON with ``--json``). Exit codes: 0 done,
 1 the daemon refused (the reason is printed), 2 usage.
 """
 
@@ -11,7 +12,11 @@ import argparse
 import asyncio
 import json
 import sys
+import time
 from typing import Any
+
+from rich.console import Console
+from rich.table import Table
 
 from gateway.config import GatewayConfig
 from gateway.control import ControlError, request
@@ -40,9 +45,6 @@ def build_request(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _print_list(rows: list[dict[str, Any]]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     table = Table(title="devices")
     cols = ["device", "source", "transport", "address", "present", "paused", "step", "outcome",
             "running", "target", "blocked", "parked", "window", "quarantine"]
@@ -63,10 +65,44 @@ def main_ctl(cfg: GatewayConfig, args: argparse.Namespace) -> int:
     except ControlError as exc:
         print(f"smp-gateway ctl: {exc}", file=sys.stderr)
         return 1
-    if args.json or args.action in ("rollout", "audit"):
+    if args.json:
         print(json.dumps(result, indent=2, default=str))
     elif args.action == "list":
         _print_list(result)
+    elif args.action == "audit":
+        _print_audit(result)
+    elif args.action == "rollout":
+        _print_rollout(result)
     else:
         print(result)
     return 0
+
+
+def _when(t: Any) -> str:
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(t)))
+    except (TypeError, ValueError, OverflowError, OSError):
+        return str(t)
+
+
+def _print_audit(rows: list[Any]) -> None:
+    """The audit log, newest first, in local time (``--json``: the raw rows, epoch seconds)."""
+    if not rows:
+        print("no operator actions recorded")
+        return
+    table = Table(title="operator actions (newest first)")
+    for c in ("time", "actor", "action", "target", "detail"):
+        table.add_column(c, overflow="fold")
+    for r in rows:
+        t, *rest = list(r) + [""] * (5 - len(r))
+        table.add_row(_when(t), *[str(x) for x in rest[:4]])
+    Console(width=220 if not sys.stdout.isatty() else None).print(table)
+
+
+def _print_rollout(waves: dict[str, Any]) -> None:
+    if not waves:
+        print("no rollout (none configured, or no artifact offered yet)")
+        return
+    for art, w in waves.items():
+        summary = w.get("summary") if isinstance(w, dict) else None
+        print(f"{art}: {summary or w}")

@@ -64,6 +64,7 @@ from gateway.sources.base import (
     DeviceView,
     FetchError,
     FleetSource,
+    NotYetAccepted,
     Offer,
     Report,
     ReportNotDelivered,
@@ -416,6 +417,9 @@ class Gateway:
             return self._source_wait(dev, str(exc))
         except ServerCanceled as exc:  # journalled as an intent, taken back, acknowledged
             return await self.fleet.server_cancel(dev, session, exc)
+        except NotYetAccepted as exc:  # waits for the server's administrator: held, not ok
+            return Outcome(dev.id, Status.HELD, UpdateResult.INITIAL, str(exc),
+                           old_version=slots.running, new_version=slots.running)
         except Exception as exc:
             self.metrics.inc("source_errors_total", source=self.source.name, op="check")
             hint = getattr(exc, "hint", None) or "check the source's url in the config and the network"
@@ -423,7 +427,9 @@ class Gateway:
                       "(the device was not touched)")
             if _server_side(exc):  # the server's outage, not the device's failure
                 return self._source_wait(dev, detail)
-            return self._fail(dev, UpdateResult.CONNECTION_LOST, detail)
+            # e.g. a local manifest that does not validate: its own result, not a lost link
+            result = exc.result if isinstance(exc, FetchError) else UpdateResult.CONNECTION_LOST
+            return self._fail(dev, result, detail)
         if offer is None and slots.active is not None and not slots.active.confirmed:
             # e.g. someone else's test boot: it is not settled, and not ours to confirm
             return self._fail(dev, UpdateResult.UPDATE_FAILED,
@@ -519,6 +525,11 @@ class Gateway:
                                    f"{health.failures} failed check(s): {health.last_error})")
         try:
             offer = await self.source.check(view)
+        except NotYetAccepted:  # an answer: the server is up
+            if health.succeeded():
+                for d in list(self.source_waiting):
+                    self.fleet.wake(d)
+            raise
         except Exception as exc:
             if _server_side(exc):
                 health.failed(str(exc))
@@ -929,14 +940,20 @@ class Gateway:
         loop = asyncio.get_running_loop()
         t_stop_budget = self.cfg.stop_timeout_s
         aux: list[asyncio.Task[None]] = []
-        await self.source.start()
+        if self.cfg.metrics is not None:  # first: a port in use is one line (exit 2), nothing ran
+            self.metrics_server = MetricsServer(self.metrics, self.cfg.metrics.host,
+                                                self.cfg.metrics.port,
+                                                self.cfg.config_path or "<config>")
+            await self.metrics_server.start()
+        try:
+            await self.source.start()
+        except BaseException:
+            if self.metrics_server is not None:
+                await self.metrics_server.close()
+            raise
         try:
             self.fleet.ops.clear_retry()  # a new process: nobody parked yet
             self._source_changed(self.source_health)
-            if self.cfg.metrics is not None:
-                self.metrics_server = MetricsServer(self.metrics, self.cfg.metrics.host,
-                                                    self.cfg.metrics.port)
-                await self.metrics_server.start()
             sups = {key: asyncio.create_task(self._supervise(key, devs), name=f"unit-{key}")
                     for key, devs in self.units()}
             await self.fleet.start(lambda key, devs: None if key in sups else sups.setdefault(

@@ -94,9 +94,10 @@ class Outcome:
     detail: str = ""
     old_version: str | None = None
     new_version: str | None = None
-    bytes_uploaded: int = 0
+    bytes_uploaded: int = 0  # on the wire: retransmissions included
     upload_seconds: float = 0.0
     resumed_from: int = 0
+    image_bytes: int = 0  # the image's own size (0: nothing was uploaded)
     group: str | None = None  # set when this outcome is part of a group's (failed) update
 
     @property
@@ -208,7 +209,8 @@ class UpdateEngine:
         sent, secs, resumed = self.upload
         return _Finish(Outcome(self.dev.id, status, result, detail, old_version=old,
                                new_version=str(image.version) if image else None,
-                               bytes_uploaded=sent, upload_seconds=secs, resumed_from=resumed))
+                               bytes_uploaded=sent, upload_seconds=secs, resumed_from=resumed,
+                               image_bytes=image.size if image and sent else 0))
 
     def _gate(self, what: str, image: VerifiedImage, old: str | None) -> None:
         """Stop HELD before ``what`` (a mark-and-reset or a reset) if ``reset_gate`` says no
@@ -654,9 +656,10 @@ class UpdateEngine:
                 self.journal.put(self.entry, "upload-interrupted")
                 raise
         stats.sent_bytes += sent
-        log.info("device=%s upload done bytes=%d resumed_from=%d window=%d chunk=%d seconds=%.2f "
-                 "retransmits=%d rewinds=%d", self.dev.id, stats.total, stats.start_offset,
-                 stats.window, stats.chunk_size, stats.seconds, stats.retransmits, stats.rewinds)
+        log.info("device=%s upload done image_bytes=%d resumed_from=%d wire_bytes=%d window=%d "
+                 "chunk=%d seconds=%.2f retransmits=%d rewinds=%d", self.dev.id, stats.total,
+                 stats.start_offset, stats.sent_bytes, stats.window, stats.chunk_size,
+                 stats.seconds, stats.retransmits, stats.rewinds)
         return stats.sent_bytes, stats.seconds, stats.start_offset
 
     async def _reset_and_verify(self, image: VerifiedImage, old_v: str | None) -> Outcome:

@@ -1,7 +1,8 @@
 """Structured logging: ``key=value`` text (reads well in journald) or one JSON object a line.
 
 Owns the process-wide logging setup. Messages in the gateway are written as ``key=value``
-pairs (``device=... step=...``); the JSON formatter lifts those pairs into fields.
+pairs (``device=... step=...``); the JSON formatter lifts those pairs into JSON keys (numbers as
+numbers) and leaves only the remaining words in ``msg``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,18 @@ import re
 import sys
 import time
 
-_KV = re.compile(r"(\w+)=(\"[^\"]*\"|\S+)")
+_KV = re.compile(r"(\w+)=(\"[^\"]*\"|'[^']*'|\S+)")
+_RESERVED = {"time", "level", "logger", "msg", "exc"}
+_NUM = re.compile(r"-?\d+(\.\d+)?")
+
+
+def _value(v: str) -> object:
+    v = v.strip(",;")
+    if len(v) >= 2 and v[0] == v[-1] and v[0] in "\"'":
+        return v[1:-1]
+    if _NUM.fullmatch(v):
+        return float(v) if "." in v else int(v)
+    return v
 
 
 class TextFormatter(logging.Formatter):
@@ -41,8 +53,18 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": msg,
         }
-        for k, v in _KV.findall(msg):
-            out.setdefault(k, v.strip('"'))
+        fields: dict[str, object] = {}
+
+        def lift(m: re.Match[str]) -> str:
+            k = m.group(1)
+            if k in _RESERVED or k in fields:
+                return m.group(0)
+            fields[k] = _value(m.group(2))
+            return ""
+
+        # the key=value pairs become JSON keys; msg keeps only the words around them
+        out["msg"] = " ".join(_KV.sub(lift, msg).split())
+        out.update(fields)
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out)

@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from gateway.schema import ConfigError
 
 log = logging.getLogger("gateway.metrics")
 
@@ -79,12 +83,22 @@ class Metrics:
 class MetricsServer:
     """``GET /metrics`` on host:port (anything else: 404). HTTP/1.0-style, one request a connection."""
 
-    def __init__(self, metrics: Metrics, host: str, port: int) -> None:
+    def __init__(self, metrics: Metrics, host: str, port: int,
+                 config_path: str | Path = "<config>") -> None:
         self.metrics, self.host, self.port = metrics, host, port
+        self.config_path = config_path
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        """Listen, or raise ``ConfigError`` (one line, exit 2) when host:port cannot be used."""
+        try:
+            self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        except OSError as exc:
+            why = ("is in use by another program" if exc.errno == errno.EADDRINUSE
+                   else f"cannot be used: {exc.strerror or exc}")
+            raise ConfigError(self.config_path, "metrics", f"{self.host}:{self.port} {why}; give "
+                              "metrics.port a free port (0: any) or stop the other program"
+                              ) from None
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("metrics listening=http://%s:%d/metrics", self.host, self.port)
 

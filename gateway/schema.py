@@ -18,11 +18,18 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, SecretStr, model_va
 class ConfigError(Exception):
     """A configuration problem, with the file, the key path and what was expected."""
 
-    def __init__(self, path: str | Path, key: str, message: str) -> None:
+    def __init__(self, path: str | Path, key: str, message: str,
+                 more: list[tuple[str, str]] | None = None) -> None:
         self.path = str(path)
         self.key = key
         self.message = message
+        self.more = list(more or [])  # further (key, message) problems of the same file
         super().__init__(f"{self.path}: {key}: {message}" if key else f"{self.path}: {message}")
+
+    def lines(self) -> list[str]:
+        """Every problem, one line each (the first is ``str(self)``)."""
+        return [str(self)] + [f"{self.path}: {k}: {m}" if k else f"{self.path}: {m}"
+                              for k, m in self.more]
 
 
 class Model(BaseModel):

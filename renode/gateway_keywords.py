@@ -159,7 +159,7 @@ def outcome_line(stdout: str, device: str = "disco") -> dict[str, str]:
 @keyword("Upload Resumed From")
 def upload_resumed_from(stdout: str, device: str = "disco") -> int:
     """``resumed_from`` of the engine's ``upload done`` log line."""
-    m = re.search(rf"device={re.escape(device)} upload done bytes=(\d+) resumed_from=(\d+)", stdout)
+    m = re.search(rf"device={re.escape(device)} upload done image_bytes=(\d+) resumed_from=(\d+)", stdout)
     if m is None:
         raise AssertionError(f"no 'upload done' line for {device}:\n{stdout[-3000:]}")
     return int(m.group(2))

@@ -82,7 +82,8 @@ async def test_rdfm_metadata_carries_the_inventory_as_strings(bench_factory) -> 
             res = await gw.run_once()  # registers (pending acceptance): the metadata went out
         finally:
             gw.close()
-        assert res.outcomes["udp-1"].status == Status.UP_TO_DATE  # waiting for acceptance
+        assert res.outcomes["udp-1"].status == Status.HELD  # waiting for acceptance: not ok
+        assert "not accepted" in res.outcomes["udp-1"].detail and not res.ok
         (meta,) = list(srv.registrations.values())
         assert {"rdfm.hardware.devtype", "rdfm.software.version", "rdfm.hardware.macaddr"} <= set(meta)
         assert all(isinstance(v, str) for v in meta.values())

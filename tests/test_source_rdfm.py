@@ -23,7 +23,14 @@ from gateway.artifacts.mender import (
 )
 from gateway.devkit import make_key, sign_image
 from gateway.mcuboot import Version, parse_image
-from gateway.sources.base import DeviceView, FetchError, Report, UpdateResult, UpdateState
+from gateway.sources.base import (
+    DeviceView,
+    FetchError,
+    NotYetAccepted,
+    Report,
+    UpdateResult,
+    UpdateState,
+)
 from gateway.sources.rdfm import RdfmSource
 from gateway.sources.settings import RdfmSourceConfig
 
@@ -57,7 +64,8 @@ async def test_pending_then_accepted_then_update(
     src = source(rdfm, tmp_path)
     try:
         caplog.set_level(logging.INFO)
-        assert await src.check(DEV) is None
+        with pytest.raises(NotYetAccepted, match="not accepted by the server"):
+            await src.check(DEV)  # not "nothing to do": nobody has looked at it yet
         assert "device mcu-1 waiting for acceptance on the RDFM server" in caplog.text
         keyfile = src.key_path("mcu-1")
         assert stat.S_IMODE(keyfile.stat().st_mode) == 0o600
@@ -68,7 +76,8 @@ async def test_pending_then_accepted_then_update(
             "rdfm.software.version": "1.0.0",
             "rdfm.hardware.macaddr": "mcu-1",
         }
-        assert await src.check(DEV) is None  # still pending, no restart needed
+        with pytest.raises(NotYetAccepted):
+            await src.check(DEV)  # still pending, no restart needed
 
         rdfm.accept("mcu-1")
         assert await src.check(DEV) is None  # accepted, nothing assigned: 204
@@ -96,7 +105,8 @@ async def test_pending_then_accepted_then_update(
 
 async def test_key_survives_restart(rdfm: RdfmServer, tmp_path: Path) -> None:
     src = source(rdfm, tmp_path)
-    await src.check(DEV)
+    with pytest.raises(NotYetAccepted):  # registers: pending
+        await src.check(DEV)
     rdfm.accept("mcu-1")
     await src.close()
     src2 = source(rdfm, tmp_path)
@@ -110,7 +120,8 @@ async def test_key_survives_restart(rdfm: RdfmServer, tmp_path: Path) -> None:
 async def test_expired_token_renewed_on_401(rdfm: RdfmServer, tmp_path: Path) -> None:
     src = source(rdfm, tmp_path)
     try:
-        await src.check(DEV)
+        with pytest.raises(NotYetAccepted):  # registers: pending
+            await src.check(DEV)
         rdfm.accept("mcu-1")
         await src.check(DEV)
         n_auth = len(rdfm.auth_requests)
@@ -126,7 +137,8 @@ async def test_token_renewed_before_expiry(rdfm: RdfmServer, tmp_path: Path) -> 
     rdfm.token_expiry = 1
     src = source(rdfm, tmp_path, token_margin_s=0.5)
     try:
-        await src.check(DEV)
+        with pytest.raises(NotYetAccepted):  # registers: pending
+            await src.check(DEV)
         rdfm.accept("mcu-1")
         await src.check(DEV)
         n_auth = len(rdfm.auth_requests)
@@ -142,7 +154,8 @@ async def test_token_renewed_before_expiry(rdfm: RdfmServer, tmp_path: Path) -> 
 async def test_tampered_artifact_refused(rdfm: RdfmServer, tmp_path: Path, image: bytes) -> None:
     src = source(rdfm, tmp_path)
     try:
-        await src.check(DEV)
+        with pytest.raises(NotYetAccepted):  # registers: pending
+            await src.check(DEV)
         rdfm.accept("mcu-1")
         art = build_zephyr_artifact(image, device_types=["nrf52840dk"], version="1.2.3")
         pkg = rdfm.assign("mcu-1", art, "1.2.3", "nrf52840dk")

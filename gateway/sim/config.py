@@ -435,3 +435,15 @@ def load_sim_config(path: str | Path) -> SimConfig:
         if d.serial is not None and d.serial.link is not None:
             d.serial.link = fix(d.serial.link) or d.serial.link
     return cfg
+
+
+def check_files(cfg: SimConfig) -> None:
+    """Raise ``ValueError`` naming the first missing file and its key (before any start)."""
+    for i, d in enumerate(cfg.devices):
+        files = [("key", d.key), ("initial_image", d.initial_image),
+                 ("loader_image", d.loader_image), ("encryption_key", d.encryption_key)]
+        files += [(f"extra_images[{n}].initial_image", img.initial_image)
+                  for n, img in enumerate(d.extra_images)]
+        for name, f in files:
+            if f is not None and not f.is_file():
+                raise ValueError(f"devices[{i}] ({d.id}).{name}: no such file: {f}")

@@ -22,6 +22,7 @@ class Simulator:
     def __init__(self, cfg: SimConfig) -> None:
         self.cfg = cfg
         self.devices: dict[str, SimDevice] = {}
+        self._wrote_endpoints = False
 
     async def start(self) -> None:
         self.cfg.state_dir.mkdir(parents=True, exist_ok=True)
@@ -29,7 +30,13 @@ class Simulator:
             for dcfg in self.cfg.devices:
                 dev = SimDevice(dcfg, self.cfg.state_dir)
                 self.devices[dcfg.id] = dev
-                await dev.start()
+                try:
+                    await dev.start()
+                except OSError as exc:  # name the device and its address (e.g. a port in use)
+                    where = (f" udp {dcfg.udp.host}:{dcfg.udp.port}" if dcfg.udp is not None
+                             else "")
+                    raise OSError(exc.errno, f"device {dcfg.id}{where}: "
+                                  f"{exc.strerror or exc}") from exc
         except BaseException:
             await self.stop()
             raise
@@ -39,8 +46,11 @@ class Simulator:
         for dev in self.devices.values():
             await dev.stop()
         with_file = self.cfg.state_dir / ENDPOINTS_FILE
-        if with_file.exists():
+        # only the file this simulator wrote: one that failed to start (its ports in use by
+        # another simulator) must not delete the running one's endpoints
+        if self._wrote_endpoints and with_file.exists():
             with_file.unlink()
+            self._wrote_endpoints = False
 
     def endpoints(self) -> dict[str, dict[str, Any]]:
         return {i: d.endpoint() for i, d in self.devices.items()}
@@ -54,6 +64,7 @@ class Simulator:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        self._wrote_endpoints = True
         return path
 
     async def __aenter__(self) -> Simulator:

@@ -47,6 +47,7 @@ __all__ = ["BootloaderInfo", "McumgrParams", "Plan", "SMPError", "SMPProtocolErr
            "SMPTimeout", "UploadError", "UploadStats"]
 
 log = logging.getLogger(__name__)
+_PARAMS_LOGGED: set[str] = set()  # devices whose missing MCUmgr parameters were logged at INFO
 
 T = TypeVar("T")
 
@@ -286,8 +287,14 @@ class SMPSession:
                                      retries=1)
             self.params = McumgrParams(int(rsp.buf_size), int(rsp.buf_count), True)
         except (SMPError, SMPTimeout) as exc:
-            log.info("device=%s MCUmgr parameters unavailable (%s): window 1, default buffer",
-                     self.device_id, exc)
+            # a firmware fact, the same at every session: said once per device, then debug
+            first = self.device_id not in _PARAMS_LOGGED
+            if len(_PARAMS_LOGGED) >= 4096:  # bounded: discovered ids come and go
+                _PARAMS_LOGGED.clear()
+            _PARAMS_LOGGED.add(self.device_id)
+            log.log(logging.INFO if first else logging.DEBUG,
+                    "device=%s MCUmgr parameters unavailable (%s): window 1, default buffer",
+                    self.device_id, exc)
             self.params = McumgrParams(384, 1, False)
         return self.params
 

@@ -295,6 +295,12 @@ class SourceHealth:
                 "next_try_at": self.next_try_at or None, "last_error": self.last_error or None}
 
 
+class NotYetAccepted(Exception):
+    """The server knows the device but does not serve it yet (RDFM: its registration waits for
+    an administrator). Not an outage and not the device's failure: the device is held (the
+    daemon checks again at its next poll; ``run --once`` does not count it as up to date)."""
+
+
 class ReportNotDelivered(Exception):
     """A report did not reach the server (down, timeout, rejected for now): try again later."""
 

@@ -31,13 +31,20 @@ at every check, so dropping in a new image and editing the manifest is picked up
 daemon. An ``images:`` entry is handed to the gateway as one ``dfu_application.zip``-format
 artifact (``gateway.artifacts.bundle.write_bundle``, written to a private temporary folder);
 its artifact id is the image set's id (the member hashes), the same for the same images in any
-container. Reports are logged and kept in ``<dir>/reports.jsonl`` when the directory is
-writable (a read-only image directory is not an error: the log line is the report). The report
-handle (``Offer.report_to``) is ``{"file"}``, the entry the report is about.
+container. Reports are logged and appended to ``<dir>/reports.jsonl``; a report that cannot be
+written there is not delivered (``ReportNotDelivered``: the journal keeps it and it is retried).
+The report handle (``Offer.report_to``) is ``{"file"}``, the entry the report is about.
+
+An entry that matches a device but cannot be used (its file is missing, not an MCUboot image,
+outside the directory) is never silently skipped: it is offered as a broken release whose
+download fails permanently, so the device's outcome is ``refused`` (reported once, and
+``run --once`` exits 1) until the manifest is fixed. A manifest that cannot be read or does not
+validate fails the check with its path, line and what is wrong (not as a lost connection).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -51,7 +58,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from gateway.artifacts.bundle import BundleEntry, BundleError, is_bundle, read_bundle, write_bundle
 from gateway.mcuboot import ImageFormatError, ImageInfo, Version, parse_image
-from gateway.sources.base import DeviceView, FetchError, FleetSource, Offer, Report, UpdateResult
+from gateway.sources.base import (
+    DeviceView,
+    FetchError,
+    FleetSource,
+    Offer,
+    Report,
+    ReportNotDelivered,
+    UpdateResult,
+)
 
 if TYPE_CHECKING:
     from gateway.config import LocalSourceConfig
@@ -95,24 +110,75 @@ class Manifest(BaseModel):
 
 
 class ManifestError(FetchError):
-    pass
+    """The update directory or its manifest is unusable: the operator's to fix (not an outage)."""
+
+    hint = "fix the update directory or its manifest.yaml (source.path in the config)"
+
+
+def _line_of(root: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
+    """The 1-based line of the deepest node of ``loc`` found in the composed YAML document."""
+    node, line = root, None
+    for part in loc:
+        if node is None:
+            break
+        line = node.start_mark.line + 1
+        nxt = None
+        if isinstance(node, yaml.MappingNode):
+            nxt = next((v for k, v in node.value if getattr(k, "value", None) == part), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            nxt = node.value[part]
+        node = nxt
+    if node is not None:
+        line = node.start_mark.line + 1
+    return line
 
 
 def load_manifest(directory: Path) -> Manifest:
     path = directory / "manifest.yaml"
+    if not directory.is_dir():
+        raise ManifestError(f"update directory {directory} does not exist or is not a directory",
+                            UpdateResult.INVALID_URI)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text()
+        data = yaml.safe_load(text) or {}
     except FileNotFoundError:
         raise ManifestError(f"{path}: no manifest.yaml in the update directory",
                             UpdateResult.INVALID_URI) from None
-    except (OSError, yaml.YAMLError) as exc:
-        raise ManifestError(f"{path}: cannot read: {exc}", UpdateResult.INVALID_URI) from exc
+    except OSError as exc:
+        raise ManifestError(f"{path}: cannot read: {exc.strerror or exc}",
+                            UpdateResult.INVALID_URI) from exc
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise ManifestError(f"{path}{where}: not valid YAML: {getattr(exc, 'problem', None) or exc}",
+                            UpdateResult.UNSUPPORTED_PACKAGE) from None
     try:
         return Manifest.model_validate(data)
     except ValidationError as exc:
-        e = exc.errors()[0]
-        loc = ".".join(str(x) for x in e["loc"])
-        raise ManifestError(f"{path}: {loc}: {e['msg']}", UpdateResult.UNSUPPORTED_PACKAGE) from None
+        try:
+            root = yaml.compose(text)
+        except yaml.YAMLError:
+            root = None
+        problems = []
+        for e in exc.errors():
+            loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
+            line = _line_of(root, tuple(e["loc"]))
+            msg = str(e["msg"]).removeprefix("Value error, ")
+            problems.append(f"{path}{f':{line}' if line else ''}: {loc}: {msg}")
+        raise ManifestError("; ".join(problems), UpdateResult.UNSUPPORTED_PACKAGE) from None
+
+
+class _Outside(Exception):
+    """A manifest path that resolves outside the update directory."""
+
+
+class _Broken:
+    """A manifest entry that matches but cannot be used: offered so that it fails, never skipped."""
+
+    def __init__(self, reason: str, result: UpdateResult) -> None:
+        self.reason = reason
+        self.result = result
+        self.artifact_id = "unusable-" + hashlib.sha256(reason.encode()).hexdigest()[:24]
 
 
 class _Target:
@@ -149,6 +215,7 @@ class LocalSource(FleetSource):
         # device -> (artifact id, image-0 hash) of an image set it was reported to run: the
         # device view carries image 0's hash only, so a set is not offered again while that holds
         self._installed: dict[str, str] = {}
+        self._broken_logged: set[str] = set()
 
     def _stamp(self, path: Path) -> tuple[int, int]:
         st = path.stat()
@@ -184,46 +251,62 @@ class LocalSource(FleetSource):
     def _inside(self, rel: str) -> Path | None:
         path = (self.dir / rel).resolve()
         if self.dir.resolve() not in path.parents:
-            log.warning("manifest entry %s points outside %s: ignored", rel, self.dir)
             return None
         return path
 
-    def _target(self, e: ManifestEntry) -> _Target | None:
-        """Parse one entry (cached); None when unusable (logged)."""
+    def _target(self, e: ManifestEntry) -> _Target | _Broken:
+        """Parse one entry (cached); ``_Broken`` (why, logged once) when it cannot be used."""
+        try:
+            return self._parse_target(e)
+        except FileNotFoundError as exc:
+            broken = _Broken(f"{e.name}: {exc.filename or e.name} does not exist in {self.dir}",
+                             UpdateResult.INVALID_URI)
+        except _Outside as exc:
+            broken = _Broken(f"{e.name}: {exc} points outside {self.dir}", UpdateResult.INVALID_URI)
+        except OSError as exc:
+            broken = _Broken(f"{e.name}: {exc.filename or e.name}: {exc.strerror or exc}",
+                             UpdateResult.INVALID_URI)
+        except (ImageFormatError, BundleError) as exc:
+            broken = _Broken(f"{e.name}: not a usable MCUboot image: {exc}",
+                             UpdateResult.UNSUPPORTED_PACKAGE)
+        if broken.reason not in self._broken_logged:
+            self._broken_logged.add(broken.reason)
+            log.warning("local source: manifest entry unusable: %s", broken.reason)
+        return broken
+
+    def _parse_target(self, e: ManifestEntry) -> _Target:
         from gateway.images import set_id
 
-        try:
-            pairs: list[tuple[BundleEntry, ImageInfo]] = []
-            path: Path | None = None
-            if e.file is not None:
-                path = self._inside(e.file)
-                if path is None:
-                    return None
-                if not is_bundle_path(path):
-                    info = self._image_info(path)
-                    return _Target(info.version, info.hash.hex(), path, None, {0}, {info.hash})
-                pairs = self._bundle(path)
-            else:
-                for sf in e.images or []:
-                    p = self._inside(sf.file)
-                    if p is None:
-                        return None
-                    pairs.append((BundleEntry(Path(sf.file).name, b"", sf.image, sf.slot,
-                                              netcore=sf.netcore), self._image_info(p)))
-            images = {be.image for be, _ in pairs}
-            image0 = {info.hash for be, info in pairs if be.image == 0}
-            first = next((info for be, info in pairs if be.image == 0), pairs[0][1])
-            slot_builds = all(be.slot is not None for be, _ in pairs)
-            if len(pairs) == 1 and not slot_builds:  # one image: the same as a file: entry
-                return _Target(first.version, first.hash.hex(), path, None if path else
-                               [pairs[0][0]], images, image0)
-            sid = set_id([(be.image, be.slot, info.hash) for be, info in pairs])
-            return _Target(first.version, sid.hex(), path,
-                           None if path is not None else [be for be, _ in pairs], images, image0,
-                           slot_builds)
-        except (OSError, ImageFormatError, BundleError) as exc:
-            log.warning("local source: %s unusable: %s", e.name, exc)
-            return None
+        def inside(rel: str) -> Path:
+            p = self._inside(rel)
+            if p is None:
+                raise _Outside(rel)
+            return p
+
+        pairs: list[tuple[BundleEntry, ImageInfo]] = []
+        path: Path | None = None
+        if e.file is not None:
+            path = inside(e.file)
+            if not is_bundle_path(path):
+                info = self._image_info(path)
+                return _Target(info.version, info.hash.hex(), path, None, {0}, {info.hash})
+            pairs = self._bundle(path)
+        else:
+            for sf in e.images or []:
+                p = inside(sf.file)
+                pairs.append((BundleEntry(Path(sf.file).name, b"", sf.image, sf.slot,
+                                          netcore=sf.netcore), self._image_info(p)))
+        images = {be.image for be, _ in pairs}
+        image0 = {info.hash for be, info in pairs if be.image == 0}
+        first = next((info for be, info in pairs if be.image == 0), pairs[0][1])
+        slot_builds = all(be.slot is not None for be, _ in pairs)
+        if len(pairs) == 1 and not slot_builds:  # one image: the same as a file: entry
+            return _Target(first.version, first.hash.hex(), path, None if path else
+                           [pairs[0][0]], images, image0)
+        sid = set_id([(be.image, be.slot, info.hash) for be, info in pairs])
+        return _Target(first.version, sid.hex(), path,
+                       None if path is not None else [be for be, _ in pairs], images, image0,
+                       slot_builds)
 
     def poll_interval(self) -> float:
         return self.interval
@@ -239,8 +322,12 @@ class LocalSource(FleetSource):
             if e.group is not None and e.group != device.group:
                 continue
             t = self._target(e)
-            if t is None:
-                continue
+            if isinstance(t, _Broken):
+                # a release the operator named for this device cannot be used: that is this
+                # device's failure (refused, reported once, blocked until the entry changes),
+                # never "up-to-date" - whatever else the manifest offers it
+                return Offer(device_id=device.id, source=self.name, artifact_id=t.artifact_id,
+                             hardware=e.hardware, handle=(e, t), report_to={"file": e.name})
             offer = Offer(device_id=device.id, source=self.name, artifact_id=t.artifact_id,
                           version=t.version, hardware=e.hardware, handle=(e, t),
                           report_to={"file": e.name})
@@ -269,6 +356,8 @@ class LocalSource(FleetSource):
 
     async def fetch(self, offer: Offer, max_size: int | None) -> Path:
         entry, t = offer.handle
+        if isinstance(t, _Broken):  # the same entry can never pass: refused and blocked
+            raise FetchError(f"manifest entry unusable: {t.reason}", t.result, permanent=True)
         if t.entries is not None:  # an images: entry -> one dfu_application.zip artifact
             blobs = []
             for sf, be in zip(entry.images or [], t.entries, strict=True):
@@ -297,11 +386,9 @@ class LocalSource(FleetSource):
         return Path(path)
 
     async def report(self, offer: Offer, report: Report) -> None:
-        self.reports.append((offer.device_id, report))
         if not report.finished:
+            self.reports.append((offer.device_id, report))
             return
-        if report.result == UpdateResult.SUCCESS:
-            self._installed[offer.device_id] = offer.artifact_id
         log.info("device=%s outcome of %s: %s (%d) %s", offer.device_id, offer.report_to.get("file"),
                  report.result.name, int(report.result), report.detail)
         line = {"time": time.time(), "device": offer.device_id, "artifact": offer.artifact_id,
@@ -312,9 +399,12 @@ class LocalSource(FleetSource):
         try:
             with (self.dir / "reports.jsonl").open("a") as f:
                 f.write(json.dumps(line) + "\n")
-        except OSError as exc:  # read-only image directory: the log line is the report
-            log.info("report of %s not added to %s: %s", offer.device_id, self.dir / "reports.jsonl",
-                     exc.strerror)
+        except OSError as exc:  # not delivered: the journal keeps it and it is sent again
+            raise ReportNotDelivered(f"report of {offer.device_id} not written to "
+                                     f"{self.dir / 'reports.jsonl'}: {exc.strerror or exc}") from exc
+        self.reports.append((offer.device_id, report))
+        if report.result == UpdateResult.SUCCESS:
+            self._installed[offer.device_id] = offer.artifact_id
 
 
 def is_bundle_path(path: Path) -> bool:

@@ -62,6 +62,7 @@ from gateway.sources._http import HttpSource, read_json, read_text
 from gateway.sources.base import (
     DeviceView,
     FetchError,
+    NotYetAccepted,
     Offer,
     Report,
     ReportNotDelivered,
@@ -234,15 +235,11 @@ class RdfmSource(HttpSource):
             async with session.post(f"{self.base}/api/v1/auth/device", data=body, headers=headers) as r:
                 if r.status == 401:
                     if ident not in self._waiting:
-                        log.warning(
-                            "device %s waiting for acceptance on the RDFM server %s "
-                            "(accept its registration there; polling continues)",
-                            ident,
-                            self.base,
-                        )
+                        log.warning("device %s waiting for acceptance on the RDFM server %s "
+                                    "(accept its registration there)", ident, self.base)
                         self._waiting.add(ident)
                     else:
-                        log.info("device %s still waiting for acceptance on the RDFM server", ident)
+                        log.debug("device %s still waiting for acceptance on the RDFM server", ident)
                     return None
                 if r.status != 200:
                     text = await read_text(r)
@@ -271,8 +268,9 @@ class RdfmSource(HttpSource):
         meta = self.metadata(device)
         for attempt in range(2):
             token = await self._token(meta, force=attempt > 0)
-            if token is None:
-                return None
+            if token is None:  # no offer is not "up to date": nobody has looked yet
+                raise NotYetAccepted(f"RDFM device {meta[META_MAC]} is not accepted by the server "
+                                     f"{self.base} yet: accept its registration there")
             status, data = await self._post_json("/api/v1/update/check", meta, token)
             if status == 401:
                 log.info("RDFM token for %s rejected; authenticating again", meta[META_MAC])
@@ -325,7 +323,7 @@ class RdfmSource(HttpSource):
             return None
         try:
             now = await self.check(device)
-        except FetchError:
+        except (FetchError, NotYetAccepted):
             return None  # server unreachable: not a cancel
         if now is None:
             return f"RDFM no longer assigns {offer.artifact_id} to {self.identity(device)}"

@@ -26,6 +26,14 @@ class HttpOptions(Model):
     download_read_timeout_s: float = Field(60.0, gt=0, description="max silence during a download")
     download_retries: int = Field(5, ge=0, le=50)
 
+    @model_validator(mode="after")
+    def _ca_needs_https(self) -> HttpOptions:
+        url = getattr(self, "url", None)
+        if self.ca_file is not None and isinstance(url, str) and url.lower().startswith("http://"):
+            raise ValueError(f"ca_file is set but url {url} is plain http:// (no TLS, the CA "
+                             "would never be used): use https:// or remove ca_file")
+        return self
+
 
 class RdfmSourceConfig(HttpOptions):
     kind: Literal["rdfm"] = "rdfm"
