@@ -351,6 +351,8 @@ async def _converge(tmp_path: Path, preset: str, images: dict[str, Any], shell: 
                                "boot_time_s": 0.05, **overrides}
     if preset == "zephyr-udp":
         dev_cfg["udp"] = {"host": "127.0.0.1", "port": 0}
+    if preset == "zephyr-ble":
+        dev_cfg["ble"] = {"hci": f"link:tuning-{tmp_path.name}"}
     sim = Simulator(SimConfig(state_dir=tmp_path / "sim",
                               devices=[SimDeviceConfig.model_validate(dev_cfg)]))
     store = MemoryStore()
@@ -362,8 +364,17 @@ async def _converge(tmp_path: Path, preset: str, images: dict[str, Any], shell: 
         last: LinkMemory | None = None
         for _ in range(4):
             before = {k: dev.counters[k] for k in DROPS}
-            tr = (UdpTransport(ep["host"], ep["port"]) if ep["transport"] == "udp"
-                  else SerialTransport(ep["address"], shell=shell))
+            tr: Any
+            if ep["transport"] == "ble":
+                from gateway.config import BleTransport
+                from gateway.smp.ble import BleLink
+
+                tr = BleLink(BleTransport.model_validate(
+                    {"kind": "ble", "name": ep["name"], "backend": "bumble", "hci": ep["hci"]}))
+            elif ep["transport"] == "udp":
+                tr = UdpTransport(ep["host"], ep["port"])
+            else:
+                tr = SerialTransport(ep["address"], shell=shell)
             async with SMPSession(tr, device_id="d", timeout_s=3.0) as s:
                 st = await s.upload(images["v2"], store=store)
                 states = await s.image_state()
@@ -412,6 +423,19 @@ async def test_shell_link_starts_at_the_shell_mtu_without_a_lost_first_chunk(
     assert stats[0].probes == [] and stats[0].plan.startswith("chunk=151 packet=176")
     assert "dropped_shell_mtu" not in drops[0] and mem.packet == 176
     assert mem.packet_failed is None and drops[-1] == {}
+
+
+@pytest.mark.timeout(120)
+async def test_ble_preset_drops_writes_silently_and_the_window_settles_at_2(
+        tmp_path: Path, preset_images: dict[str, Any]) -> None:
+    """``zephyr-ble`` (smp_bt on Zephyr 3.4: parameters 2475 x 4, reassembly holds a netbuf):
+    the upload starts at window 3, the device drops a write silently (no ENOMEM), the gateway
+    sees a rewind, steps down to 2 and remembers 3 as failed; the next upload loses nothing."""
+    stats, drops, mem = await _converge(tmp_path, "zephyr-ble", preset_images)
+    assert stats[0].window == 3 and drops[0].get("dropped_netbuf", 0) >= 1
+    assert drops[0].get("enomem", 0) == 0 and stats[0].rewinds >= 1
+    assert (mem.window, mem.window_failed) == (2, 3)
+    assert drops[-1] == {} and stats[-1].window_max == 2 and stats[-1].retransmitted_bytes == 0
 
 
 @pytest.mark.timeout(120)
