@@ -31,15 +31,15 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from _common import table, update_doc  # noqa: E402
-from zephyr_native import Kit, make_images  # noqa: E402
+from _common import table, update_doc
+from zephyr_native import Kit, make_images
 
-from gateway import devkit  # noqa: E402
-from gateway.config import BleTransport  # noqa: E402
-from gateway.smp.session import SMPSession  # noqa: E402
-from gateway.smp.transport import SerialTransport, Transport, UdpTransport  # noqa: E402
-from gateway.smp.tuning import MemoryStore  # noqa: E402
-from gateway.smp.upload import WindowedUpload  # noqa: E402
+from gateway import devkit
+from gateway.config import BleTransport
+from gateway.smp.session import SMPSession
+from gateway.smp.transport import SerialTransport, Transport, UdpTransport
+from gateway.smp.tuning import MemoryStore
+from gateway.smp.upload import WindowedUpload
 
 VARIANT = {"udp": ("udp", "udp-params"), "shell": ("serial", "shell-params"), "ble": ("ble", "ble")}
 
