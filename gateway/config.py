@@ -52,6 +52,10 @@ class SerialTransport(Model):
         None, ge=64, le=65535,
         description="cap on one SMP packet before base64 (default: the device's buf_size)",
     )
+    shell: bool = Field(
+        False, description="SMP over the Zephyr shell UART (CONFIG_MCUMGR_TRANSPORT_SHELL): "
+                           "uploads start at the shell MTU (256) within its 2 line buffers",
+    )
 
 
 class BleTransport(Model):
@@ -240,7 +244,7 @@ class DeviceConfig(Model):
 
 # -- fleet operations: device templates, discovery, rollout, maintenance windows, control ----
 _TEMPLATE_TRANSPORT_KEYS = {
-    "serial": {"baud", "line_length", "mtu"},
+    "serial": {"baud", "line_length", "mtu", "shell"},
     "udp": {"port", "mtu"},
     "ble": {"adapter", "backend", "hci", "scan_timeout_s", "connect_timeout_s", "mtu", "reassembly"},
 }

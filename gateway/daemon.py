@@ -87,7 +87,7 @@ def make_transport(dev: DeviceConfig) -> Transport:
     if isinstance(t, UdpTransport):
         return UdpLink(t.host, t.port, t.mtu)
     if isinstance(t, SerialTransport):
-        return SerialLink(t.port, t.baud, t.line_length, t.mtu)
+        return SerialLink(t.port, t.baud, t.line_length, t.mtu, t.shell)
     if isinstance(t, BleTransport):
         from gateway.smp.ble import BleLink  # type: ignore[import-not-found,unused-ignore]
 

@@ -21,6 +21,8 @@ from gateway.journal import Journal
 from gateway.smp.session import McumgrParams, SMPSession
 from gateway.smp.transport import UdpTransport
 from gateway.smp.tuning import (
+    BLE_CONN_INTERVAL_S,
+    MIN_RTO_S,
     REPROBE_AFTER_S,
     ChunkControl,
     LinkFacts,
@@ -30,6 +32,7 @@ from gateway.smp.tuning import (
     ladder,
     learn,
     plan_upload,
+    rto_floor_s,
     serial_lines,
     serial_packet_for_lines,
 )
@@ -125,16 +128,70 @@ def test_window_grows_while_the_device_keeps_up_and_drops_back_on_the_first_loss
     assert w.window == 2 and w.kept_up == 2  # the probe stopped: no second loss at 3
 
 
-def test_window_within_the_reported_capacity_treats_losses_as_link_losses() -> None:
+def test_window_within_the_reported_capacity_steps_down_on_any_lost_data() -> None:
+    """Zephyr's smp_bt reports buf_count 4 but drops a write silently when no netbuf is free:
+    the only trace is a rewind. Any evidence of lost data at a window above 1 takes one off,
+    not only ENOMEM (issue: rewinds never lowered the window, 84-162 % of the image re-sent)."""
+    for kind in ("rewind", "duplicate", "gap"):
+        w = WindowControl(3, cap=3, trusted=3, grow_limit=3)
+        assert w.on_loss(kind) == f"window 3->2 after {kind} (data lost at window 3)"
+        assert (w.window, w.failed, w.learned) == (2, 3, 2)
+        for _ in range(100):
+            w.on_answer()
+        assert w.window == 2 and w.learned == 2  # never back to the window that lost data
+        assert w.on_loss(kind) is not None and (w.window, w.failed) == (1, 2)
+        assert w.on_loss(kind) is None and w.window == 1  # 1 is the floor
     w = WindowControl(3, cap=3, trusted=3, grow_limit=3)
-    assert w.on_loss("rewind") is None and w.window == 3  # a lost datagram: go-back-N only
     assert w.on_loss("timeout") is None and w.window == 3
     assert w.on_loss("timeout") == "window 3->1 after 2 timeouts"
+    assert w.learned == 2  # timed out at 3 (not found spurious): 3 is not what kept up
+    w = WindowControl(3, cap=3, trusted=3, grow_limit=3)
+    w.on_loss("timeout")
+    w.on_spurious()  # the answer came after all: nothing was lost
+    assert w.learned == 3
     w = WindowControl(3, cap=3, trusted=3, grow_limit=3)
     assert w.on_loss("enomem") == "window 3->2 after ENOMEM" and w.failed == 3
     for _ in range(100):
         w.on_answer()
     assert w.window == 2  # the device said it cannot hold 3
+
+
+def test_learn_never_stores_a_window_that_lost_data() -> None:
+    p = plan_upload(LinkFacts("ble", 0xFFFF + 8, max_write=495), McumgrParams(2475, 4, True), None,
+                    floor=FLOOR, now=NOW)
+    assert p.window == 3 and p.trusted_window == 3
+    c = ChunkControl(p.ladder, step_on_loss=False)
+    w = WindowControl(p.window, cap=p.window_cap, trusted=p.trusted_window, grow_limit=p.grow_limit)
+    w.on_loss("rewind")
+    m = learn(p, c, w, None, now=NOW)
+    assert (m.window, m.window_failed) == (2, 3)
+    # the next upload starts at 2 and never probes 3 again
+    p2 = plan_upload(p.facts, McumgrParams(2475, 4, True), m, floor=FLOOR, now=NOW + 1)
+    assert (p2.window, p2.grow_limit, p2.source) == (2, 2, "memory")
+
+
+def test_shell_starts_at_the_shell_mtu_within_its_two_line_buffers() -> None:
+    """SMP over the Zephyr shell: CONFIG_MCUMGR_TRANSPORT_SHELL_MTU 256 and 2 line buffers of
+    127 bytes; the real shell build answers 182 bytes written in one go and loses 183. The
+    first chunk is no longer the 380 bytes the parameters (384 x 4) would allow."""
+    shell = LinkFacts("serial", 0xFFFF - 4, 4, 127, shell=True)
+    for params in (P384, NONE):
+        p = plan_upload(shell, params, None, floor=FLOOR, now=NOW)
+        assert p.packet == serial_packet_for_lines(2, 127) == 176 and "shell: MTU 256" in p.reason
+    assert plan_upload(SERIAL, P384, None, floor=FLOOR, now=NOW).packet == 380  # uart_mcumgr
+    assert shell.signature != SERIAL.signature  # memory learned as a UART is probed again
+    mem = LinkMemory(packet=380, window=1, params="384x4", link=SERIAL.signature, probed_at=NOW)
+    assert plan_upload(shell, P384, mem, floor=FLOOR, now=NOW).packet == 176
+
+
+def test_rto_floor_follows_the_link() -> None:
+    assert rto_floor_s(UDP, 1472) == MIN_RTO_S
+    ble = LinkFacts("ble", 0xFFFF + 8, max_write=495)
+    # 2475 bytes: 5 writes + 1 notification, two round trips of 50 ms connection events
+    assert rto_floor_s(ble, 2475) == pytest.approx(2 * 6 * BLE_CONN_INTERVAL_S)
+    assert rto_floor_s(LinkFacts("ble", 0xFFFF + 8, max_write=20), 2475) > 10
+    uart = LinkFacts("serial", 0xFFFF - 4, 4, 127, rate=960.0)  # 9600 baud
+    assert rto_floor_s(uart, 380) == pytest.approx(2 * serial_lines(380, 127) * 128 / 960.0)
 
 
 def test_packet_size_steps_down_on_losses_on_serial_only() -> None:
@@ -232,6 +289,26 @@ async def test_window_probe_stops_at_the_first_loss_and_is_not_repeated() -> Non
     assert r.dropped_busy == busy and stats.window_max == 1 and stats.rewinds == 0
 
 
+async def test_silent_drops_below_the_reported_capacity_lower_the_window_and_are_not_learned(
+        ) -> None:
+    """Like smp_bt on Zephyr 3.4: parameters say buf_count 4 (window 3), the device holds only
+    2 requests and drops a third silently; the gateway sees only rewinds. The window steps down
+    at the first one, 3 is remembered as failed, and the next upload re-sends nothing."""
+    r = await start(Responder(buf_count=4, capacity=2, processing_s=0.003))
+    store = MemoryStore()
+    stats = await _upload(r, store)
+    assert done_ok(r, IMAGE)
+    assert stats.window == 3 and stats.window_final == 2 and r.dropped_busy >= 1
+    mem = LinkMemory.from_dict(store.link_tuning("dev-1"))
+    assert mem is not None and (mem.window, mem.window_failed) == (2, 3)
+    assert stats.retransmitted_ratio < 0.5  # the old rule: 3 kept, most of the image re-sent
+
+    busy = r.dropped_busy
+    stats = await _upload(r, store)
+    assert done_ok(r, IMAGE)
+    assert stats.window_max == 2 and r.dropped_busy == busy and stats.retransmitted_bytes == 0
+
+
 async def test_a_late_answer_is_a_spurious_timeout_not_a_loss() -> None:
     def slow(q: Any) -> float:  # one chunk takes the device beyond the RTO (>= 0.2 s)
         return 0.35 if q.n == 3 else 0.02
@@ -260,8 +337,8 @@ def preset_images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"v1": Path(v1), "v2": Path(v2).read_bytes()}
 
 
-async def _converge(tmp_path: Path, preset: str, images: dict[str, Any], **overrides: Any,
-                    ) -> tuple[list[Any], list[dict[str, int]], Any]:
+async def _converge(tmp_path: Path, preset: str, images: dict[str, Any], shell: bool = False,
+                    **overrides: Any) -> tuple[list[Any], list[dict[str, int]], Any]:
     """Upload until what the gateway learned stops changing (at most 4 uploads): the stats and
     the device's drop counters of each upload, and the final memory."""
     from gateway.mcuboot import parse_image
@@ -274,6 +351,8 @@ async def _converge(tmp_path: Path, preset: str, images: dict[str, Any], **overr
                                "boot_time_s": 0.05, **overrides}
     if preset == "zephyr-udp":
         dev_cfg["udp"] = {"host": "127.0.0.1", "port": 0}
+    if preset == "zephyr-ble":
+        dev_cfg["ble"] = {"hci": f"link:tuning-{tmp_path.name}"}
     sim = Simulator(SimConfig(state_dir=tmp_path / "sim",
                               devices=[SimDeviceConfig.model_validate(dev_cfg)]))
     store = MemoryStore()
@@ -285,8 +364,17 @@ async def _converge(tmp_path: Path, preset: str, images: dict[str, Any], **overr
         last: LinkMemory | None = None
         for _ in range(4):
             before = {k: dev.counters[k] for k in DROPS}
-            tr = (UdpTransport(ep["host"], ep["port"]) if ep["transport"] == "udp"
-                  else SerialTransport(ep["address"]))
+            tr: Any
+            if ep["transport"] == "ble":
+                from gateway.config import BleTransport
+                from gateway.smp.ble import BleLink
+
+                tr = BleLink(BleTransport.model_validate(
+                    {"kind": "ble", "name": ep["name"], "backend": "bumble", "hci": ep["hci"]}))
+            elif ep["transport"] == "udp":
+                tr = UdpTransport(ep["host"], ep["port"])
+            else:
+                tr = SerialTransport(ep["address"], shell=shell)
             async with SMPSession(tr, device_id="d", timeout_s=3.0) as s:
                 st = await s.upload(images["v2"], store=store)
                 states = await s.image_state()
@@ -324,6 +412,30 @@ async def test_shell_preset_first_chunk_above_the_shell_mtu_is_retried_smaller(
     assert stats[0].probes == [380] and drops[0].get("dropped_shell_mtu", 0) >= 1
     assert mem.packet == 176 and mem.packet_failed == 380
     assert drops[-1] == {} and stats[-1].probes == [] and stats[-1].retransmitted_bytes <= 154
+
+
+@pytest.mark.timeout(120)
+async def test_shell_link_starts_at_the_shell_mtu_without_a_lost_first_chunk(
+        tmp_path: Path, preset_images: dict[str, Any]) -> None:
+    """``serial: {shell: true}``: the first chunk already fits the shell (no 380-byte probe,
+    nothing dropped by the device from the first upload on)."""
+    stats, drops, mem = await _converge(tmp_path, "zephyr-shell", preset_images, shell=True)
+    assert stats[0].probes == [] and stats[0].plan.startswith("chunk=151 packet=176")
+    assert "dropped_shell_mtu" not in drops[0] and mem.packet == 176
+    assert mem.packet_failed is None and drops[-1] == {}
+
+
+@pytest.mark.timeout(120)
+async def test_ble_preset_drops_writes_silently_and_the_window_settles_at_2(
+        tmp_path: Path, preset_images: dict[str, Any]) -> None:
+    """``zephyr-ble`` (smp_bt on Zephyr 3.4: parameters 2475 x 4, reassembly holds a netbuf):
+    the upload starts at window 3, the device drops a write silently (no ENOMEM), the gateway
+    sees a rewind, steps down to 2 and remembers 3 as failed; the next upload loses nothing."""
+    stats, drops, mem = await _converge(tmp_path, "zephyr-ble", preset_images)
+    assert stats[0].window == 3 and drops[0].get("dropped_netbuf", 0) >= 1
+    assert drops[0].get("enomem", 0) == 0 and stats[0].rewinds >= 1
+    assert (mem.window, mem.window_failed) == (2, 3)
+    assert drops[-1] == {} and stats[-1].window_max == 2 and stats[-1].retransmitted_bytes == 0
 
 
 @pytest.mark.timeout(120)

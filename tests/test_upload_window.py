@@ -250,11 +250,14 @@ async def test_small_device_buffer_limits_the_chunk() -> None:
 
 
 # -- losses, reordering, duplicates -------------------------------------------------------
-async def test_lost_responses_cost_nothing_when_a_later_answer_arrives() -> None:
-    r = await start(Responder(drop_response=lambda q: q.n in (3, 7, 8, 15)))
+async def test_lost_responses_are_loss_evidence_but_cost_no_resend_when_answered_later() -> None:
+    r = await start(Responder(drop_response=lambda q: q.n in (3, 7)))
     stats, _ = await upload(r, IMAGE)
     assert done_ok(r, IMAGE)
-    assert stats.retransmits == 0  # offsets are cumulative: later answers cover them
+    assert stats.retransmits == 0 and stats.rewinds == 0  # offsets are cumulative
+    assert stats.retransmitted_bytes == 0
+    # a silent gap is evidence of loss (tuning.DATA_LOSS): the window steps down, once each
+    assert stats.gaps == 2 and stats.window == 3 and stats.window_final == 1
 
 
 async def test_lost_last_response_is_retransmitted_after_a_timeout() -> None:

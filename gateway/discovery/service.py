@@ -100,7 +100,7 @@ def link_for(cand: Candidate, t: DeviceTemplate | None) -> Transport:
     tr = {**cand.transport, **opts}
     if cand.kind == "serial":
         return SerialTransport(tr["port"], int(tr.get("baud", 115200)), int(tr.get("line_length", 127)),
-                               tr.get("mtu"))
+                               tr.get("mtu"), tr.get("shell") is True)
     if cand.kind == "udp":
         return UdpTransport(tr["host"], int(tr.get("port", 1337)), int(tr.get("mtu", 1500)))
     from gateway.smp.ble import BleLink

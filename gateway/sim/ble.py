@@ -227,7 +227,9 @@ class BleEndpoint:
                 dev.send_response(rsp, lambda b: self._queue_notify(c, b))
 
             dev.req_pipe.send(len(frame),
-                              lambda f=frame, r=reply: dev.frame_arrived(f, r, limit_in_flight=True),  # type: ignore[misc]
+                              lambda f=frame, r=reply: dev.frame_arrived(  # type: ignore[misc]
+                                  f, r, limit_in_flight=True,
+                                  reserved=1 if self.cfg.reassembly_netbuf else 0),
                               lossy=False)
 
     def _queue_notify(self, c: _Conn, rsp: bytes) -> None:

@@ -101,6 +101,10 @@ class BleTransportConfig(_Model):
     hci: str = "link:smp-sim"  # bumble HCI transport; link:NAME = in-process virtual link NAME
     mtu: int = Field(default=498, ge=23, le=517)  # largest ATT MTU accepted (CONFIG_BT_L2CAP_TX_MTU)
     reassembly: bool = True  # CONFIG_MCUMGR_TRANSPORT_BT_REASSEMBLY
+    # smp_bt.c (Zephyr 3.4): the reassembly of the next request holds a netbuf of the pool, so
+    # a write finds none one request earlier than on UDP and is dropped silently (preset
+    # ``zephyr-ble``); off: the pool is shared as on the other transports
+    reassembly_netbuf: bool = False
     advertising_interval_ms: float = Field(default=50.0, ge=20)
 
 

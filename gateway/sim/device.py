@@ -286,14 +286,16 @@ class SimDevice:
         return self.state in ("running", "recovery", "dfu-window")
 
     def frame_arrived(self, frame: bytes, reply: Reply, *, limit_in_flight: bool,
-                      netbuf_overhead: int = 0, at: float | None = None) -> None:
+                      netbuf_overhead: int = 0, at: float | None = None,
+                      reserved: int = 0) -> None:
         """A complete SMP packet reached the device's SMP transport.
 
         Zephyr's transports put requests and responses in one pool of ``buf_count`` netbufs of
         ``buf_size`` bytes (smp.c ``pkt_pool``); the request being handled also holds its
         response buffer. A request that finds no free netbuf is dropped (smp_udp.c "Failed to
         allocate mcumgr buffer"). ``netbuf_overhead``: transport framing decoded into the same
-        netbuf (serial: 2-byte length + CRC16, serial_util.c).
+        netbuf (serial: 2-byte length + CRC16, serial_util.c). ``reserved``: netbufs the
+        transport itself holds (smp_bt's reassembly buffer, preset ``zephyr-ble``).
         """
         if not self.accepting():
             self.counters["ignored_not_running"] += 1
@@ -322,7 +324,7 @@ class SimDevice:
             return
         in_flight = len(self._queue) + (1 if self._busy else 0)
         held = len(self._queue) + (2 if self._busy else 0)  # request + response while busy
-        if limit_in_flight and held >= self.cfg.buf_count:
+        if limit_in_flight and held + reserved >= self.cfg.buf_count:
             self.counters["dropped_netbuf"] += 1  # netbuf pool exhausted
             self._notify()
             return

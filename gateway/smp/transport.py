@@ -246,9 +246,10 @@ class SerialTransport(Transport):
     name = "serial"
 
     def __init__(self, port: str, baud: int = 115200, line_length: int = 127,
-                 mtu: int | None = None) -> None:
+                 mtu: int | None = None, shell: bool = False) -> None:
         super().__init__()
         self.port, self.baud, self.line_length, self.mtu = port, baud, line_length, mtu
+        self.shell = shell  # SMP over the Zephyr shell (smp_shell.c): tuning starts at its MTU
         self._serial: Any = None
         self._fd = -1
         self._deframer = SerialDeframer()

@@ -40,14 +40,31 @@ the same thing):
   chunk settles their size.
 * **Window.** Where the device's reported capacity is the only buffer (UDP/BLE with MCUmgr
   parameters) the upload starts at ``buf_count - 1`` and treats a loss as a link loss
-  (go-back-N; two timeouts in a row fall back to 1; ENOMEM takes one off). Everywhere else
+  (go-back-N; two timeouts in a row fall back to 1). **Any evidence that data was lost at a
+  window above 1 takes one off and marks that window as failed**: ENOMEM, a rewind (an answer
+  with an offset below the chunk's end: a request ahead of it was dropped), a duplicate offset
+  (an answer that does not move the device on), a silent gap (a later chunk answered while an
+  earlier one never was). The reported capacity is not proof: Zephyr's BLE transport
+  (``smp_bt.c``) reports ``buf_count`` 4, but reassembly holds one netbuf and each request in
+  flight needs one for its answer; with none free the write without response is dropped
+  silently, and the device's only trace is the earlier offset in its next answer. Everywhere else
   (serial links: the line buffers are not in the parameters; any link without parameters) it
   starts at 1, or at the window remembered for the device, and **grows by one only after
   ``GROW_AFTER`` x W answers in a row that kept up** (each answer advanced the offset by its
   own chunk: nothing lost, nothing re-sent), never above the reported capacity
   (``buf_count - 1``; 3, the Kconfig default, when unknown). **The first loss at a window
   above what is known to fit drops it back by one and stops the growth** for the rest of the
-  upload; that window is remembered as too big.
+  upload; that window is remembered as too big. A window that lost data (or timed out, the
+  timeout not found spurious) is never stored as the one that kept up.
+* **Serial shell** (``smp_shell.c``, ``SerialTransport(shell=True)``): the shell's MTU
+  (``CONFIG_MCUMGR_TRANSPORT_SHELL_MTU``, 256) and its 2 line buffers of 127 bytes bound a
+  request below the netbuf the parameters report: uploads start at the largest packet within
+  both (2 lines at ``line_length`` 127: 176 bytes). Measured on the real ``shell`` build
+  (../shared/zephyr-native): 182 bytes written in one go answered, 183 lost.
+* **RTO floor from the link** (``rto_floor_s``): never below ``MIN_RTO_S``; on BLE at least
+  two round trips of the connection events a packet needs (its writes of ``max_write`` bytes
+  plus the notification, at up to ``BLE_CONN_INTERVAL_S`` each); with a known link rate at
+  least twice the time the packet takes on the wire.
 * **Memory.** What worked (packet size, window; the sizes and windows that failed) is kept
   per device (``TuningStore``: the journal's ``link_tuning`` table), so a restarted gateway
   starts there without the failed probes. It is **re-probed from the top** when the device's
@@ -69,8 +86,7 @@ from typing import Any, Protocol
 __all__ = [
     "ChunkControl", "LinkFacts", "LinkMemory", "MemoryStore", "Plan", "TuningStore",
     "WindowControl", "chunk_data_room", "first_chunk_floor_for", "first_resend_s", "kconfig_netbuf",
-    "ladder", "learn",
-    "plan_upload",
+    "ladder", "learn", "plan_upload", "rto_floor_s",
     "serial_lines", "serial_packet_for_lines",
 ]
 
@@ -88,6 +104,11 @@ REPROBE_AFTER_S = 7 * 86400.0
 GROW_AFTER = 8  # answers per unit of window that kept up before the window grows by one
 LOSS_SPAN = 8  # serial: the last chunks of a size that count ...
 LOSS_LIMIT = 2  # ... and how many of them lost make the size step down
+SHELL_MTU = 256  # CONFIG_MCUMGR_TRANSPORT_SHELL_MTU default (smp_shell.c)
+MIN_RTO_S = 0.2  # RFC 6298 allows less than 1 s; below this a busy host fakes losses
+BLE_CONN_INTERVAL_S = 0.05  # Zephyr's default peripheral preferred max (40 x 1.25 ms) + slack
+# evidence that a request (or its answer) was lost; "timeout" is handled apart (may be spurious)
+DATA_LOSS = ("enomem", "rewind", "duplicate", "gap")
 
 
 class ParamsLike(Protocol):
@@ -166,13 +187,27 @@ class LinkFacts:
     max_packet: int  # largest SMP packet the link carries in one piece
     netbuf_overhead: int = 0  # bytes of the device's netbuf taken by framing (serial: 4)
     line_length: int | None = None  # serial: smp.packet line length
+    shell: bool = False  # serial: SMP over the Zephyr shell (smp_shell.c)
+    max_write: int | None = None  # BLE: bytes per ATT write (a packet takes ceil(n/max_write))
+    rate: float | None = None  # bytes/s on the wire, when the link knows it (a UART)
 
     @classmethod
     def of(cls, transport: Any) -> LinkFacts:
         line = getattr(transport, "line_length", None)
+        try:
+            mw = getattr(transport, "max_write", None)
+        except Exception:  # BLE before the link is open: no MTU yet
+            mw = None
+        try:
+            rate = getattr(transport, "link_rate", None)
+        except Exception:
+            rate = None
         return cls(str(getattr(transport, "name", "?")), int(transport.max_packet),
                    int(getattr(transport, "netbuf_overhead", 0)),
-                   int(line) if isinstance(line, int) else None)
+                   int(line) if isinstance(line, int) else None,
+                   getattr(transport, "shell", False) is True,
+                   int(mw) if isinstance(mw, int) and not isinstance(mw, bool) and mw > 0 else None,
+                   float(rate) if isinstance(rate, int | float) and rate > 0 else None)
 
     @property
     def serial(self) -> bool:
@@ -181,6 +216,8 @@ class LinkFacts:
     @property
     def signature(self) -> str:
         extra = f":{self.line_length}" if self.serial else ""
+        if self.serial and self.shell:
+            extra += ":shell"
         return f"{self.kind}:{self.max_packet}{extra}"
 
 
@@ -336,6 +373,12 @@ def plan_upload(
     top = max(1, min(facts.max_packet, dev_max))
     if facts.max_packet < dev_max:
         why.append(f"link carries {facts.max_packet}")
+    if facts.serial and facts.shell:
+        assert facts.line_length is not None
+        shell_top = min(SHELL_MTU, serial_packet_for_lines(KCONFIG_SERIAL_RX_LINES, facts.line_length))
+        if shell_top < top:
+            top = max(1, shell_top)
+            why.append(f"shell: MTU {SHELL_MTU}, {KCONFIG_SERIAL_RX_LINES} line buffers -> {top}")
     if facts.netbuf_overhead and top == dev_max:
         why.append(f"-{facts.netbuf_overhead} frame length+CRC")
     # 2. the window the device is known to hold, and how far probing may go
@@ -424,6 +467,7 @@ class WindowControl:
         self.kept_up = min(self.window, self.trusted)  # largest window that kept up
         self.failed: int | None = None  # smallest window that lost above the trusted one
         self.max_window = self.window
+        self.timed_out: list[int] = []  # windows (> 1) at which a timeout fired
 
     @property
     def probing(self) -> bool:
@@ -446,21 +490,29 @@ class WindowControl:
         return f"window {self.window - 1}->{self.window} (device kept up)"
 
     def on_loss(self, kind: str) -> str | None:
+        """``kind``: "timeout", or one of ``DATA_LOSS`` ("enomem", "rewind", "duplicate",
+        "gap"): any of those at a window above 1 takes one off, for the rest of the upload,
+        and that window is never learned as one that kept up."""
         if self.static:
             return None
         self.clean = 0
         w = self.window
+        if kind == "timeout" and w > 1:
+            self.timed_out.append(w)  # not learned as kept up, unless found spurious
         if self.probing:
             self.failed = w if self.failed is None else min(self.failed, w)
             self.window = self.limit = max(1, w - 1)
             self.kept_up = min(self.kept_up, self.window)
             return f"window {w}->{self.window} after {kind} (probe: stays there)"
-        if kind == "enomem" and w > 1:
-            # smp.c answered ENOMEM: it holds fewer requests than we sent
+        if kind in DATA_LOSS and w > 1:
+            # the device holds fewer requests than we sent (ENOMEM says so; smp_bt drops a
+            # write silently and the next answer names the earlier offset): below the capacity
+            # it reports, a loss is still the window's until a smaller window shows otherwise
             self.failed = w if self.failed is None else min(self.failed, w)
             self.window = self.trusted = self.limit = w - 1
             self.kept_up = min(self.kept_up, self.window)
-            return f"window {w}->{w - 1} after ENOMEM"
+            what = "ENOMEM" if kind == "enomem" else f"{kind} (data lost at window {w})"
+            return f"window {w}->{w - 1} after {what}"
         if kind == "timeout":
             self.timeouts += 1
             if self.timeouts >= 2 and w > 1:
@@ -471,6 +523,16 @@ class WindowControl:
     def on_spurious(self) -> None:
         """A timeout turned out to be a slow answer (it arrived after all)."""
         self.timeouts = max(0, self.timeouts - 1)
+        if self.timed_out:
+            self.timed_out.pop()
+
+    @property
+    def learned(self) -> int:
+        """The largest window that kept up without losing anything (what ``learn`` stores)."""
+        kept = self.kept_up if self.failed is None else min(self.kept_up, self.failed - 1)
+        if self.timed_out:
+            kept = min(kept, min(self.timed_out) - 1)
+        return max(1, kept)
 
 
 class ChunkControl:
@@ -540,6 +602,26 @@ class ChunkControl:
                 return
 
 
+def rto_floor_s(facts: LinkFacts, packet: int) -> float:
+    """The least retransmission timeout the link allows for a ``packet``-byte request.
+
+    A BLE request of n bytes takes ceil(n / max_write) writes without response, its answer at
+    least one notification; a peripheral may serve one PDU per connection event, up to
+    ``BLE_CONN_INTERVAL_S`` apart: two such round trips are the floor (a timer below that
+    fires before a busy but healthy link can answer, and every such timeout re-sends a window).
+    With a known link rate (a UART), twice the time the packet takes on the wire."""
+    floor = MIN_RTO_S
+    if facts.kind == "ble" and facts.max_write:
+        events = -(-max(packet, 1) // facts.max_write) + 1
+        floor = max(floor, 2 * events * BLE_CONN_INTERVAL_S)
+    if facts.rate:
+        wire = packet
+        if facts.serial and facts.line_length:
+            wire = serial_lines(packet, facts.line_length) * (facts.line_length + 1)
+        floor = max(floor, 2 * wire / facts.rate)
+    return floor
+
+
 FIRST_RESEND_MIN_S = 1.0
 FIRST_RESEND_MAX_S = 20.0
 
@@ -571,9 +653,8 @@ def learn(plan: Plan, chunks: ChunkControl, window: WindowControl, previous: Lin
     if keep is not None and keep.window_failed is not None:
         window_failed = keep.window_failed if window_failed is None else min(window_failed,
                                                                             keep.window_failed)
-    kept = window.kept_up if window.failed is None else min(window.kept_up, window.failed - 1)
     return LinkMemory(
-        packet=chunks.packet, window=max(1, kept), packet_failed=packet_failed,
+        packet=chunks.packet, window=window.learned, packet_failed=packet_failed,
         window_failed=window_failed, params=plan.params, link=plan.facts.signature,
         first_s_per_kb=first_s_per_kb,
         probed_at=now if keep is None else keep.probed_at, updated_at=now,

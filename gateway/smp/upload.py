@@ -115,6 +115,7 @@ from gateway.smp.codec import cbor_head
 from gateway.smp.errors import SMPError, SMPProtocolError, SMPTimeout, UploadError
 from gateway.smp.transport import Transport, TransportError
 from gateway.smp.tuning import (
+    DATA_LOSS,
     MAX_WINDOW,
     SMP_HEADER,
     ChunkControl,
@@ -130,6 +131,7 @@ from gateway.smp.tuning import (
     first_resend_s,
     learn,
     plan_upload,
+    rto_floor_s,
     same_knowledge,
 )
 
@@ -201,6 +203,7 @@ class UploadStats:
     window_final: int = 1
     window_max: int = 1
     spurious: int = 0  # timeouts whose answer came after all
+    gaps: int = 0  # answers that came while an earlier request never got one (silently lost)
     probes: list[int] = field(default_factory=list)  # first-chunk sizes that got no answer
     plan: str = ""  # Plan.describe() of the start
 
@@ -410,6 +413,8 @@ class WindowedUpload:
         self.win = WindowControl(plan.window, cap=plan.window_cap, trusted=plan.trusted_window,
                                  grow_limit=plan.grow_limit, static=self.fixed)
         self.stats.window = plan.window
+        # the link's own floor (BLE connection events, a UART's wire time): see tuning.rto_floor_s
+        self.rto_floor = max(self.rto_floor, rto_floor_s(plan.facts, plan.packet))
         if not params.reported and self.window_cfg is None:
             self.stats.fallbacks.append(f"no MCUmgr parameters: window {plan.window}")
         t0 = time.monotonic()
@@ -671,8 +676,9 @@ class WindowedUpload:
                                   f"{acked}/{total} (the last: {what}); given up")
 
         def lost(kind: str, where: int) -> None:
-            """A loss: the window takes the blame when it is probing, else the packet size."""
-            blame_window = win.probing
+            """A loss: the window takes the blame when it is probing or above 1 (any lost
+            data there steps it down: tuning.DATA_LOSS), else the packet size."""
+            blame_window = win.probing or (kind in DATA_LOSS and win.window > 1)
             self._note(win.on_loss(kind), where)
             if not blame_window and kind != "enomem":
                 self._note(chunks.on_chunk(False), where)
@@ -798,8 +804,11 @@ class WindowedUpload:
                     inflight.pop(seq, None)
                     # the device handles requests in order: whatever was sent before this
                     # chunk and is still unanswered was lost (or its answer was): no longer
-                    # held by the device, so it leaves the window now, not at its timeout
+                    # held by the device, so it leaves the window now, not at its timeout.
+                    # A live one among them is evidence of loss (a silent gap)
+                    gap = False
                     for old in [c for c in inflight.values() if c.order < ch.order]:
+                        gap = gap or not old.stale
                         self._forget(old, inflight)
                     if not late:  # timed-out chunks sent before it are settled too
                         for g in [g for g in ghosts.values() if g.order < ch.order]:
@@ -876,6 +885,8 @@ class WindowedUpload:
                         # the device holds less than it acknowledged: go back to its offset
                         acked, acked_order = dev_off, ch.order
                         no_progress(f"rewind to {dev_off}")
+                        if not ch.stale:
+                            lost("rewind", dev_off)
                         stats.rewinds += 1
                         for c in inflight.values():
                             c.stale = True
@@ -906,11 +917,17 @@ class WindowedUpload:
                             if not advanced:
                                 no_progress(f"answer off={dev_off} to the chunk at {ch.off}")
                             stats.rewinds += 1
-                            lost("rewind", dev_off)
+                            # an offset the device had acknowledged already: a duplicate
+                            lost("rewind" if advanced else "duplicate", dev_off)
                             for c in inflight.values():
                                 c.stale = True
                             next_off = dev_off
                             undo = None
+                        elif gap:
+                            # its data arrived (offsets are cumulative) but an answer ahead
+                            # of it did not: the device or the link dropped something
+                            stats.gaps += 1
+                            lost("gap", dev_off)
                         else:
                             self._note(win.on_answer(), dev_off)
                             chunks.on_chunk(True)
