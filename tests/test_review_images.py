@@ -59,3 +59,61 @@ def test_gnu_longname_bomb_in_mender_data_tar_is_bounded(tmp_path: Path) -> None
     res = run_bounded("tar", art, tmp_path, cap=None)
     assert res["error_type"] in ("ArtifactError", "ArtifactIntegrityError"), res
     assert res["peak_growth_kib"] < PEAK_MIB * 1024, res
+
+
+# --- a set's revert reset that does not reach the device -------------------------------------
+async def test_lost_revert_reset_of_a_failed_set_is_not_closed_as_done(bench_factory,
+                                                                       tmp_path) -> None:
+    """Image 1 is refused at boot (signed with a key the device does not trust), image 0
+    test-boots: the set failed, the revert intent is journalled and the revert reset sent -
+    but it is lost (UDP). The engine reads the device, sees image 0 still test-running, and
+    closes the intent anyway (tested_hash := set id, FAILED). A new offer then never finishes
+    the revert: every later attempt says "test-running an unconfirmed image ... leaving it
+    alone" and the failed set's image 0 runs unconfirmed until someone power-cycles it."""
+    from modes_support import active, publish_entry, resets, sign
+    from safety_support import Tap
+    from test_trust_sets_xip import two_images
+
+    from gateway import devkit
+    from gateway.config import parse_config
+    from gateway.daemon import Gateway
+
+    bench, _imgs = two_images(bench_factory)
+    other = devkit.make_key(tmp_path / "other.pem")
+    bad1 = sign(bench, "img1-2.0.0-other.bin", "2.0.0", key=other, size=16 * 1024)
+    publish_entry(bench, {"images": [{"file": str(bench.images["2.0.0"]), "image": 0},
+                                     {"file": str(bad1), "image": 1}]})
+    from gateway.sim.simulator import Simulator
+    async with Simulator(bench.sim_cfg) as sim:
+        (dev,) = sim.devices.values()
+        data = bench.gateway_dict(sim)
+        data["trusted_keys"].append(str(other))
+        cfg = parse_config(data, bench.root / "gateway.yaml")
+        tap = Tap(dev).install()
+        n = [0]
+
+        def hook(req, frame, reply) -> bool:
+            if req.is_reset:
+                n[0] += 1
+                return n[0] != 2  # the second reset (the set's revert) is lost on the way
+            return True
+
+        tap.hook = hook
+        gw = Gateway(cfg)
+        try:
+            out = (await gw.run_once()).outcomes[dev.id]
+            print("first:", out.status, out.detail)
+            e = gw.journal.get(dev.id)
+            print("journal:", e.outcome, e.tested_hash, e.step)
+            assert active(dev, 0)[1] is False  # image 0 2.0.0 still test-runs
+            # the server moves on: a new single-image offer
+            publish_entry(bench, {"file": str(sign(bench, "app-3.0.0.bin", "3.0.0"))})
+            for _ in range(2):
+                out = (await gw.run_once()).outcomes[dev.id]
+                print("next:", out.status, out.detail)
+        finally:
+            gw.close()
+        print("resets", resets(dev), "image0", active(dev, 0))
+        # the failed set's test boot must be finished (reverted), never left running
+        # unconfirmed with the journal saying the revert is done
+        assert active(dev, 0)[1] is True, (active(dev, 0), out.detail)
