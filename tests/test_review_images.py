@@ -12,6 +12,7 @@ import pytest
 from test_trust_bounds import PEAK_MIB, _zeros_deflate, mender_with_data, run_bounded
 
 from gateway.artifacts.bundle import BundleError, read_bundle
+from gateway.engine import Status
 from gateway.images import ImageRefused, ImageStore
 
 pytestmark = pytest.mark.timeout(180)
@@ -117,3 +118,50 @@ async def test_lost_revert_reset_of_a_failed_set_is_not_closed_as_done(bench_fac
         # the failed set's test boot must be finished (reverted), never left running
         # unconfirmed with the journal saying the revert is done
         assert active(dev, 0)[1] is True, (active(dev, 0), out.detail)
+
+
+# --- an operator's cancel of a set whose revert waits for the window --------------------------
+async def test_cancel_of_a_test_booted_set_reverts_it(bench_factory, tmp_path) -> None:
+    """The failed set's revert reset waits for a maintenance window (image 0 2.0.0 test-runs,
+    row open). The operator cancels. ``cancel.undo`` compares the set id (the journal's
+    target_hash, which the intent carries) with image 0's hash: never equal, so it sees no
+    test boot, resets nothing, "erases" slot 1 and closes the row CANCELED and the intent
+    "taken back" - while the device still test-runs the canceled set's image 0, and the set's
+    journalled revert intent is gone with the closed row."""
+    from modes_support import active, publish_entry, sign
+    from test_trust_sets_xip import NEXT_OPEN, OPEN, WINDOW, Clock, two_images, window_gateway
+
+    from gateway import devkit
+    from gateway.config import parse_config
+    from gateway.sim.simulator import Simulator
+
+    bench, _imgs = two_images(bench_factory)
+    other = devkit.make_key(tmp_path / "other.pem")
+    bad1 = sign(bench, "img1-2.0.0-other.bin", "2.0.0", key=other, size=16 * 1024)
+    publish_entry(bench, {"images": [{"file": str(bench.images["2.0.0"]), "image": 0},
+                                     {"file": str(bad1), "image": 1}]})
+    async with Simulator(bench.sim_cfg) as sim:
+        (dev,) = sim.devices.values()
+        data = bench.gateway_dict(sim)
+        data["trusted_keys"].append(str(other))
+        data["maintenance_windows"] = WINDOW
+        cfg = parse_config(data, bench.root / "gateway.yaml")
+        clock = Clock(OPEN)
+        gw = window_gateway(cfg, clock, close_at_step="verify")
+        try:
+            out = (await gw.run_once()).outcomes[dev.id]
+            assert out.status == Status.HELD and "waits for a maintenance window" in out.detail
+            assert active(dev, 0) == ("2.0.0", False, 0)
+            assert gw.fleet.request_cancel(dev.id, "operator changed their mind")
+            clock.now = NEXT_OPEN
+            for _ in range(2):
+                out = (await gw.run_once()).outcomes[dev.id]
+                print("after cancel:", out.status, out.detail)
+            intents = gw.journal.open_intents(dev.id)
+            e = gw.journal.get(dev.id)
+            print("journal:", e.outcome, e.step, e.tested_hash, "open intents:", intents)
+        finally:
+            gw.close()
+        print("image0:", active(dev, 0), "image1:", active(dev, 1))
+        # a cancel reported taken back must have taken it back
+        assert active(dev, 0) == ("1.0.0", True, 0), active(dev, 0)
