@@ -165,3 +165,40 @@ async def test_cancel_of_a_test_booted_set_reverts_it(bench_factory, tmp_path) -
         print("image0:", active(dev, 0), "image1:", active(dev, 1))
         # a cancel reported taken back must have taken it back
         assert active(dev, 0) == ("1.0.0", True, 0), active(dev, 0)
+
+
+# --- a device that answers the first upload chunk with a negative offset ----------------------
+async def test_negative_first_chunk_offset_is_an_upload_error(bench_factory) -> None:
+    """``_first_chunk`` checks ``acked > total`` only: a negative ``off`` is taken as the
+    acknowledged offset, the image is sliced from its tail (memoryview[-4096:]) and the chunk
+    encoder raises ValueError - an 'internal error' (a gateway bug) instead of the device's
+    protocol violation (UploadError / SMPProtocolError)."""
+    import asyncio
+
+    from safety_support import Tap
+
+    from gateway.daemon import Gateway
+    from gateway.sim.simulator import Simulator
+
+    bench = bench_factory(udp=1, serial=0, image_size=24 * 1024)
+    bench.publish("2.0.0")
+    async with Simulator(bench.sim_cfg) as sim:
+        (dev,) = sim.devices.values()
+        tap = Tap(dev).install()
+
+        def hook(req, frame, reply) -> bool:
+            if req.is_upload:
+                hdr = (req.op, (frame[0] >> 3) & 3, req.group, req.seq, req.cmd)
+                reply(dev.server._pack(hdr, {"off": -4096}))
+                return False
+            return True
+
+        tap.hook = hook
+        gw = Gateway(bench.gateway_config(sim, health_check_s=0.3, timeouts={
+            "request_s": 1.0, "reset_s": 10, "upload_first_chunk_s": 2.0}))
+        try:
+            out = (await asyncio.wait_for(gw.run_once(), 60)).outcomes[dev.id]
+        finally:
+            gw.close()
+        assert out.status == Status.FAILED
+        assert "internal error" not in out.detail, out.detail
