@@ -61,6 +61,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from gateway import safejson
 from gateway.artifacts.bundle import BundleEntry, may_be_bundle, set_cap, write_bundle
 from gateway.mcuboot import Version
 from gateway.sources._http import HttpSource
@@ -151,7 +152,7 @@ class HawkbitSource(HttpSource):
                 data = None
                 if r.status == 200 and r.content_length != 0:
                     try:
-                        data = await r.json(content_type=None)
+                        data = await r.json(content_type=None, loads=safejson.loads)
                     except ValueError:
                         data = None
                 return r.status, data

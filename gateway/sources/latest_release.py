@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from gateway import safejson
 from gateway.artifacts.bundle import may_be_bundle, set_cap
 from gateway.download import retry_after_seconds
 from gateway.mcuboot import Version
@@ -98,7 +99,7 @@ class LatestReleaseSource(HttpSource):
                     return None
                 if r.status != 200:
                     raise FetchError(f"release server answered HTTP {r.status}", UpdateResult.CONNECTION_LOST)
-                data = await r.json(content_type=None)
+                data = await r.json(content_type=None, loads=safejson.loads)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             raise FetchError(f"release server unreachable: {exc}", UpdateResult.CONNECTION_LOST) from None
         return self._offer(device, data)

@@ -105,8 +105,8 @@ def load_manifest(directory: Path) -> Manifest:
     except FileNotFoundError:
         raise ManifestError(f"{path}: no manifest.yaml in the update directory",
                             UpdateResult.INVALID_URI) from None
-    except (OSError, yaml.YAMLError) as exc:
-        raise ManifestError(f"{path}: cannot read: {exc}", UpdateResult.INVALID_URI) from exc
+    except (OSError, yaml.YAMLError, RecursionError) as exc:  # PyYAML recurses per nesting level
+        raise ManifestError(f"{path}: cannot read: {exc}", UpdateResult.INVALID_URI) from None
     try:
         return Manifest.model_validate(data)
     except ValidationError as exc:

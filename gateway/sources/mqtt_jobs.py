@@ -62,6 +62,7 @@ from urllib.parse import urlsplit
 
 import aiomqtt
 
+from gateway import safejson
 from gateway.artifacts.bundle import may_be_bundle, set_cap
 from gateway.download import Downloader, DownloadTimeouts
 from gateway.mcuboot import Version
@@ -274,7 +275,7 @@ class MqttJobsSource(FleetSource):
             log.warning("unusable MQTT message on %s (not text, or over %d bytes)", topic, _MAX_PAYLOAD)
             return
         try:
-            data = json.loads(payload)
+            data = safejson.loads(payload)
         except ValueError:
             log.warning("unreadable MQTT message on %s", topic)
             return
@@ -415,7 +416,7 @@ class MqttJobsSource(FleetSource):
         doc = execution.get("jobDocument")
         if isinstance(doc, str) and len(doc) <= _MAX_DOCUMENT:  # JobExecution documents it a string
             try:
-                doc = json.loads(doc)
+                doc = safejson.loads(doc)
             except ValueError:
                 pass
         job.document = doc

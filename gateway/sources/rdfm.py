@@ -56,6 +56,7 @@ import aiohttp
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
+from gateway import safejson
 from gateway.artifacts.bundle import set_cap
 from gateway.artifacts.mender import ArtifactError, ArtifactIntegrityError, unpack_zephyr_artifact
 from gateway.sources._http import HttpSource
@@ -250,8 +251,8 @@ class RdfmSource(HttpSource):
                         f"RDFM authentication of {ident} failed: HTTP {r.status} {text}",
                         UpdateResult.CONNECTION_LOST,
                     )
-                data = await r.json(content_type=None)
-        except (aiohttp.ClientError, TimeoutError) as exc:
+                data = await r.json(content_type=None, loads=safejson.loads)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             raise FetchError(f"RDFM server unreachable: {exc}", UpdateResult.CONNECTION_LOST) from None
         token = data.get("token") if isinstance(data, dict) else None
         expires = data.get("expires") if isinstance(data, dict) else None
@@ -309,7 +310,7 @@ class RdfmSource(HttpSource):
         headers = {"Authorization": f"Bearer token={token}", "Accept": "application/json"}
         try:
             async with session.post(f"{self.base}{path}", json=payload, headers=headers) as r:
-                data = await r.json(content_type=None) if r.status == 200 else None
+                data = await r.json(content_type=None, loads=safejson.loads) if r.status == 200 else None
                 return r.status, data
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             raise FetchError(f"RDFM request {path} failed: {exc}", UpdateResult.CONNECTION_LOST) from None
