@@ -178,6 +178,56 @@ async def test_cancel_of_a_test_booted_set_reverts_it(bench_factory, tmp_path) -
         assert active(dev, 0) == ("1.0.0", True, 0), active(dev, 0)
 
 
+async def test_cancel_of_a_test_booted_set_outside_a_window_waits_then_reverts_it(
+        bench_factory, tmp_path) -> None:
+    """The same cancel, the device paused (nothing is re-installed afterwards) and the window
+    closed when it arrives: the take-back waits - the device untouched, image 0's secondary
+    (what the test boot reverts to) not erased, the intent open - and is done by the cancel
+    itself once a window opens: a reset, MCUboot reverts, the old image 0 confirmed."""
+    from modes_support import active, entry, publish_entry, resets, sign
+    from test_trust_sets_xip import NEXT_OPEN, OPEN, WINDOW, Clock, two_images, window_gateway
+
+    from gateway import devkit
+    from gateway.config import parse_config
+    from gateway.sim.simulator import Simulator
+
+    bench, _imgs = two_images(bench_factory)
+    other = devkit.make_key(tmp_path / "other.pem")
+    bad1 = sign(bench, "img1-2.0.0-other.bin", "2.0.0", key=other, size=16 * 1024)
+    publish_entry(bench, {"images": [{"file": str(bench.images["2.0.0"]), "image": 0},
+                                     {"file": str(bad1), "image": 1}]})
+    async with Simulator(bench.sim_cfg) as sim:
+        (dev,) = sim.devices.values()
+        data = bench.gateway_dict(sim)
+        data["trusted_keys"].append(str(other))
+        data["maintenance_windows"] = WINDOW
+        cfg = parse_config(data, bench.root / "gateway.yaml")
+        clock = Clock(OPEN)
+        gw = window_gateway(cfg, clock, close_at_step="verify")
+        try:
+            out = (await gw.run_once()).outcomes[dev.id]
+            assert out.status == Status.HELD and "waits for a maintenance window" in out.detail
+            n_resets = resets(dev)
+            gw.fleet.ops.pause(dev.id, "hands off")
+            assert gw.fleet.request_cancel(dev.id, "operator changed their mind")
+            out = (await gw.run_once()).outcomes[dev.id]
+            assert out.status == Status.HELD, out.detail
+            assert [i.kind for i in gw.journal.open_intents(dev.id)] == ["cancel"]
+            assert resets(dev) == n_resets
+            assert active(dev, 0) == ("2.0.0", False, 0)
+            back_to = entry(dev, 0, 1)  # the old image the test boot reverts to: kept
+            assert back_to is not None and back_to["version"] == "1.0.0", back_to
+            clock.now = NEXT_OPEN
+            out = (await gw.run_once()).outcomes[dev.id]
+            print("after the window opened:", out.status, out.detail)
+            assert gw.journal.open_intents(dev.id) == []
+            assert resets(dev) == n_resets + 1
+            assert gw.journal.get(dev.id).outcome == "canceled"
+        finally:
+            gw.close()
+        assert active(dev, 0) == ("1.0.0", True, 0), active(dev, 0)
+
+
 # --- a device that answers the first upload chunk with a negative offset ----------------------
 async def test_negative_first_chunk_offset_is_an_upload_error(bench_factory) -> None:
     """``_first_chunk`` checks ``acked > total`` only: a negative ``off`` is taken as the
