@@ -263,3 +263,36 @@ async def test_negative_first_chunk_offset_is_an_upload_error(bench_factory) -> 
             gw.close()
         assert out.status == Status.FAILED
         assert "internal error" not in out.detail, out.detail
+
+
+# --- a manifest that swaps the images' numbers -------------------------------------------------
+async def test_member_depending_on_its_own_image_number_is_refused(bench_factory) -> None:
+    """The manifest's image_index is unsigned: an application binary whose signed DEPENDENCY
+    TLV names image 1 (the network core it needs) listed as image 1 - and the network core's
+    binary as image 0 - is refused before a byte is sent (a binary that depends on image N is
+    not image N), never made permanent as image 1."""
+    from modes_support import publish_entry, resets, run_pass, sign, upload_requests
+    from test_multi_image import set_entry
+    from test_trust_sets_xip import two_images
+
+    from gateway.images import Refusal
+    from gateway.sim.simulator import Simulator
+
+    bench, imgs = two_images(bench_factory)
+    app = sign(bench, "img0-2.0.0-dep.bin", "2.0.0", "--dependencies", "(1, 2.0.0)")
+    swapped = set_entry(imgs["img1-2.0.0"], app)  # net binary as image 0, the app as image 1
+    publish_entry(bench, swapped)
+    async with Simulator(bench.sim_cfg) as sim:
+        (dev,) = sim.devices.values()
+        res = await run_pass(bench.gateway_config(sim, images={1: {"netcore": True}}))
+        out = res.outcomes[dev.id]
+        assert out.status == Status.REFUSED, out
+        assert out.detail.startswith(Refusal.BAD_SET.value), out.detail
+        assert "dependency on image 1 itself" in out.detail, out.detail
+        assert upload_requests(dev) == 0 and resets(dev) == 0
+    # the same binaries numbered right still go (the dependency on image 1 >= 2.0.0 is met)
+    publish_entry(bench, set_entry(app, imgs["img1-2.0.0"]))
+    async with Simulator(bench.sim_cfg) as sim:
+        (dev,) = sim.devices.values()
+        res = await run_pass(bench.gateway_config(sim))
+        assert res.outcomes[dev.id].status == Status.UPDATED, res.outcomes[dev.id]
