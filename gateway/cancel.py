@@ -130,49 +130,56 @@ def _fresh(entry: Entry, slots: Slots) -> Entry:
 
 
 async def undo(session: SMPSession, dev: DeviceConfig, journal: Journal, target_hash: bytes,
-               reason: str, *, reset_allowed: bool) -> CancelResult:
+               reason: str, *, reset_allowed: bool,
+               members: frozenset[bytes] = frozenset()) -> CancelResult:
     """Take the update of ``target_hash`` back on an open session; journal the result.
 
     The caller journalled the cancel intent before calling this; ``undo`` may be cut short (it
     raises on a device that does not answer within its bounds) and is called again for the
     same intent until it returns ``done`` (or ``confirmed``: too late). Every state read goes
-    through a reboot in progress; it never confirms anything."""
+    through a reboot in progress; it never confirms anything.
+
+    ``target_hash`` of an image set is the set's id, no image's hash: ``members`` are then the
+    hashes of the set's images for ``dev.image`` (signed, from the store), and an image of
+    them test-running or pending is the canceled update's, taken back the same way."""
     slots = Slots.parse(await read_through_reboot(session, dev), dev.image)
     running = slots.running
     entry = _fresh(journal.get(dev.id), slots)
     th = target_hash.hex()
+    ours = {target_hash} | members
     res: CancelResult
-    if slots.active_hash == target_hash and slots.active and slots.active.confirmed:
+    if slots.active_hash in ours and slots.active and slots.active.confirmed:
         res = CancelResult("confirmed", False, f"{reason}: too late, {running} is installed and "
                            "confirmed", running=running)
         log.warning("device=%s cancel refused: %s", dev.id, res.detail)
         return res
-    needs_reset = slots.active_hash == target_hash or (
-        slots.other_hash == target_hash and slots.other is not None and slots.other.pending)
+    needs_reset = slots.active_hash in ours or (
+        slots.other_hash in ours and slots.other is not None and slots.other.pending)
     if needs_reset and not reset_allowed:
         journal.put(entry.with_(step=CANCEL_PENDING, outcome=CANCELED, last_error=reason),
                     f"cancel: revert waits for a maintenance window ({reason})")
-        return CancelResult("booted" if slots.active_hash == target_hash else "marked", False,
+        return CancelResult("booted" if slots.active_hash in ours else "marked", False,
                             f"{reason}: the revert needs a reset, which waits for a maintenance "
                             "window (the image is never confirmed meanwhile)", deferred=True,
                             running=running)
-    if slots.active_hash == target_hash:
+    if slots.active_hash in ours:
         phase = "booted"
         await _reset(session, dev, "revert the unconfirmed image")
-    elif slots.other_hash == target_hash and slots.other is not None and slots.other.pending:
+    elif slots.other_hash in ours and slots.other is not None and slots.other.pending:
         phase = "marked"
         await _reset(session, dev, "test-boot the pending image (img_mgmt cannot un-mark it)")
         after = Slots.parse(await read_through_reboot(session, dev), dev.image)
-        if after.active_hash == target_hash and after.active and not after.active.confirmed:
+        if after.active_hash in ours and after.active and not after.active.confirmed:
             await _reset(session, dev, "revert the unconfirmed image")
-    elif entry.step in (Step.UPLOAD.value, *_MARKED_STEPS) or slots.other_hash == target_hash:
+    elif entry.step in (Step.UPLOAD.value, *_MARKED_STEPS) or slots.other_hash in ours:
         phase = "upload"
     else:
         phase = "before-upload"
     slots = Slots.parse(await read_through_reboot(session, dev), dev.image)
     running = slots.running
     entry = _fresh(entry, slots)  # what runs after the revert, never the canceled image's
-    if slots.active_hash == target_hash:
+    if slots.active_hash in ours or (phase in ("booted", "marked") and not (
+            slots.active and slots.active.confirmed)):  # (b): back only on a confirmed image
         detail = f"{reason}: the device still runs the canceled image after the reset"
         journal.put(entry.with_(step=Step.FAILED.value, outcome="failed", last_error=detail), detail)
         return CancelResult(phase, False, detail, running=running)
@@ -184,7 +191,7 @@ async def undo(session: SMPSession, dev: DeviceConfig, journal: Journal, target_
                                         empty=slots.other is None)
     detail = f"{reason}: canceled in phase {phase}; running {running}" + (f"; {erased}" if erased else "")
     journal.put(entry.with_(step=CANCELED, outcome=CANCELED, last_error=reason,
-                            tested_hash=None if entry.tested_hash == th else entry.tested_hash,
+                            tested_hash=None if th in (entry.tested_hash or "") else entry.tested_hash,
                             upload_offset=0),
                 detail)
     log.info("device=%s %s", dev.id, detail)

@@ -48,9 +48,9 @@ from gateway.config import (
     UdpTransport,
 )
 from gateway.download import sha256_file
-from gateway.engine import Outcome, Slots, Stage, Status, Step, UpdateEngine
+from gateway.engine import Outcome, Slots, Stage, Status, Step, UpdateEngine, set_revert_open
 from gateway.groups import GroupRunner
-from gateway.images import ImageRefused, ImageStore
+from gateway.images import ImageRefused, ImageStore, VerifiedImageSet
 from gateway.journal import STAGED, Entry, FinalReport, Journal
 from gateway.mcuboot import IMAGE_MAGIC, TrustedKey, Version, read_version
 from gateway.metrics import Metrics, MetricsServer
@@ -512,6 +512,14 @@ class Gateway:
                           and entry.tested_hash is not None
                           and slots.active_hash is not None
                           and entry.tested_hash == slots.active_hash.hex())
+        if entry.outcome in (Status.FAILED.value, Status.ROLLED_BACK.value) and not tested_running:
+            # an image set's test boot this gateway started is finished by it too, whatever is
+            # offered: its revert intent still open, or (b) the device test-runs (unconfirmed)
+            # a member of the set this gateway marked (a hash of its (a) signed images)
+            tested_running = set_revert_open(entry) or (
+                entry.tested_hash is not None and entry.tested_hash == entry.target_hash
+                and slots.active is not None and not slots.active.confirmed
+                and await self._runs_set_member(dev, entry, slots))
         if ((entry.outcome is None or tested_running) and entry.target_hash and entry.image_path
                 and Path(entry.image_path).is_file()):
             log.info("device=%s resuming step=%s target=%s", dev.id, entry.step, entry.target_version)
@@ -543,6 +551,21 @@ class Gateway:
             for d in list(self.source_waiting):
                 self.fleet.wake(d)
         return offer, None
+
+    async def _runs_set_member(self, dev: DeviceConfig, entry: Entry, slots: Slots) -> bool:
+        """The journal's target is an image set (from the store, where it was verified) and the
+        device's active image is one of its members."""
+        if not entry.image_path or not Path(entry.image_path).is_file():
+            return False
+        try:
+            iset = await self.store.add_file_async(Path(entry.image_path), hardware=None,
+                                                   allow_unsigned=dev.allow_unsigned)
+        except (ImageRefused, OSError) as exc:
+            log.warning("device=%s journalled image set %s unreadable: %s", dev.id,
+                        entry.image_path, exc)
+            return False
+        return isinstance(iset, VerifiedImageSet) and any(
+            m.image == dev.image and m.hash == slots.active_hash for m in iset.members)
 
     def offer_from_journal(self, dev: DeviceConfig) -> Offer:
         """The offer of the device's journaled update, with its journaled report handle."""

@@ -157,6 +157,12 @@ def _revert_mark(set_id: str) -> str:
     return f"revert:{set_id}:"
 
 
+def set_revert_open(entry: Entry) -> bool:
+    """The journal row holds a failed set's revert intent not yet finished (``_set_revert``)."""
+    return bool(entry.target_hash and entry.tested_hash
+                and entry.tested_hash.startswith(_revert_mark(entry.target_hash)))
+
+
 class UpdateEngine:
     """Drives one device through one update. Create one per (device, image) attempt."""
 
@@ -1337,21 +1343,45 @@ class UpdateEngine:
                            f"{sorted(testing)}", tested_hash=mark, last_error=failures)
             self._gate(f"the reset that reverts image(s) {sorted(testing)} of the failed image "
                        "set", iset, old_v)
-            self._step(Step.RESET, "image set failed: reset so MCUboot reverts images "
-                       f"{sorted(testing)}")
-            acked = await self.s.reset()
-            self._step(Step.WAIT_BOOT, f"revert reset acknowledged={acked}")
-            await self._wait_reboot()
-            states = await self._states()
-            for i in testing:
-                m = next(x for x in iset.members if x.image == i)
-                if imageset.ImageSlots.of(states, i).primary_hash == m.hash:
-                    still.append(i)
+            unconfirmed: list[int] = []
+            for attempt in range(1, 4):
+                self._step(Step.RESET, "image set failed: reset so MCUboot reverts images "
+                           f"{sorted(testing)}" + (f", attempt {attempt}" if attempt > 1 else ""))
+                acked = await self.s.reset()
+                self._step(Step.WAIT_BOOT, f"revert reset acknowledged={acked}")
+                await self._wait_reboot()
+                # (b) the device's own state decides whether the revert happened
+                states = await self._states()
+                still, unconfirmed = [], []
+                for i in testing:
+                    m = next(x for x in iset.members if x.image == i)
+                    sl = imageset.ImageSlots.of(states, i)
+                    if sl.primary_hash == m.hash:
+                        still.append(i)
+                        if sl.primary is None or not sl.primary.confirmed:
+                            unconfirmed.append(i)
+                # an unanswered reset may never have reached the device: while a member still
+                # test-runs unconfirmed, a reset can only revert it - send it again (bounded)
+                if acked or not unconfirmed:
+                    break
+                log.warning("device=%s revert reset unanswered and image(s) %s still test-run: "
+                            "the reset did not reach the device; resetting again", self.dev.id,
+                            unconfirmed)
             back = [i for i in testing if i not in still]
             if back:
                 detail += f"; reset: MCUboot reverted image(s) {back}"
+            if unconfirmed:
+                # the intent stays open (tested_hash keeps the revert mark): the next attempt,
+                # whatever is offered then (daemon._target), finishes it before anything else
+                detail += (f"; image(s) {unconfirmed} still test-run the failed set after the "
+                           "reset: the revert is retried at the next attempt")
+                fin = self._finish(Status.FAILED, UpdateResult.UPDATE_FAILED, detail, iset, old_v)
+                self.entry = self.entry.with_(last_error=failures)  # for the resumed revert
+                self.journal.put(self.entry, "revert intent stays open")
+                raise fin
             if still:
-                detail += f"; image(s) {still} still run the new version after the reset"
+                detail += (f"; image(s) {still} still run the new version after the reset, "
+                           "confirmed (it cannot be reverted any more)")
         if (self.entry.tested_hash or "").startswith(_revert_mark(sid)):
             self.entry = self.entry.with_(tested_hash=sid)  # the intent is done
         if permanent:

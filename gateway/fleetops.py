@@ -33,6 +33,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from gateway import cancel as cancel_mod
@@ -42,7 +43,7 @@ from gateway.config import DeviceConfig, GatewayConfig, SerialTransport
 from gateway.control import ControlError, ControlServer
 from gateway.discovery.guard import IdentityGuard
 from gateway.engine import Outcome, Slots, Stage, Status, Step, UpdateEngine
-from gateway.images import ImageRefused, ImageStore
+from gateway.images import ImageRefused, ImageStore, VerifiedImageSet
 from gateway.journal import STAGED, Entry, Intent, Journal
 from gateway.maintenance import MaintenancePolicy
 from gateway.metrics import DeviceSeries
@@ -605,9 +606,11 @@ class FleetOps:
                 journal.intent_progress(intent.id, "done", "nothing identifiable to take back")
                 return Outcome(dev.id, Status.HELD, UpdateResult.INITIAL, "canceled")
             try:
+                members = await self._set_members(dev, intent.target_hash)
                 res = await cancel_mod.undo(session, dev, journal, bytes.fromhex(intent.target_hash),
-                                            intent.reason, reset_allowed=self.maint.reset_allowed(dev))
-            except (SMPError, SMPTimeout, TransportError) as exc:
+                                            intent.reason, reset_allowed=self.maint.reset_allowed(dev),
+                                            members=members)
+            except (SMPError, SMPTimeout, TransportError, ImageRefused, OSError) as exc:
                 detail = (f"take-back interrupted ({type(exc).__name__}: {exc}); the cancel stays "
                           "journalled and is finished first at the next session")
                 journal.intent_progress(intent.id, "pending", detail)
@@ -671,6 +674,20 @@ class FleetOps:
             journal.intent_progress(intent.id, "ack", verdict)
             intent = replace(intent, state="ack", detail=verdict)
         return await self.finish_cancel(dev, session, intent, offer)
+
+    async def _set_members(self, dev: DeviceConfig, target_hash: str) -> frozenset[bytes]:
+        """The hashes of ``dev.image``'s members when the canceled update is an image set (its
+        id is no image's hash): the set as the store verified it - (a) what the signatures
+        cover - from the journal row's stored file. ImageRefused/OSError if that file cannot be
+        read: the cancel then stays pending rather than undo a set it cannot recognise."""
+        e = self.gw.journal.get(dev.id)
+        if e.target_hash != target_hash or not e.image_path or not e.image_path.endswith(".zip"):
+            return frozenset()
+        iset = await self.gw.store.add_file_async(Path(e.image_path), hardware=None,
+                                                  allow_unsigned=dev.allow_unsigned)
+        if not isinstance(iset, VerifiedImageSet) or iset.hash.hex() != target_hash:
+            return frozenset()
+        return frozenset(m.hash for m in iset.members if m.image == dev.image)
 
     async def _acknowledge(self, dev: DeviceConfig, intent: Intent, done: bool,
                            offer: Offer | None) -> bool:

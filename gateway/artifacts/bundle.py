@@ -63,6 +63,8 @@ import zlib
 from dataclasses import dataclass
 from typing import Any
 
+from gateway import safejson
+
 ZIP_MAGIC = b"PK\x03\x04"
 MANIFEST = "manifest.json"
 MAX_MEMBERS = 16
@@ -236,7 +238,7 @@ def read_bundle(data: bytes, *, source: str = "artifact",
             raise BundleError(f"{source}: {MANIFEST} is too large")
         raw_manifest = _read_member(zf, names[MANIFEST], MAX_MANIFEST, budget, source)
         try:
-            manifest = json.loads(raw_manifest)
+            manifest = safejson.loads(raw_manifest)
         except ValueError as exc:
             raise BundleError(f"{source}: {MANIFEST} is not valid JSON: {exc}") from None
         files = manifest.get("files") if isinstance(manifest, dict) else None

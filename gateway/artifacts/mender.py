@@ -47,11 +47,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from gateway import safejson
 from gateway.artifacts.bundle import is_bundle, set_cap
 
 ZEPHYR_TYPE = "zephyr-image"
 MAX_META_MEMBER = 1 << 20  # version, manifest, header tar: 1 MiB is plenty
 MAX_MEMBERS = 64
+MAX_EXT_HEADER = 64 << 10  # one GNU long name/link or pax header's body
+MAX_EXT_TOTAL = 256 << 10  # all of them in one tar (tarfile keeps them in its member list)
+MAX_EXT_CHAIN = 3  # extended headers in a row before a member (pax g + x + GNU L at most)
 
 
 class ArtifactError(ValueError):
@@ -69,6 +73,39 @@ class ZephyrArtifact:
     version: str | None  # zephyr-image.version
     device_types: list[str]
     provides: dict[str, str] = field(default_factory=dict)
+
+
+_EXT_TYPES = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE,
+              tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE)
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """A TarInfo whose extended headers are bounded before tarfile reads them.
+
+    tarfile has no limit for these: for a GNU long name/link (``L``/``K``) or a pax header
+    (``x``/``g``) it reads the whole body the 512-byte header claims into memory (a 1 GiB long
+    name from 1 MiB of gzip), and chains any number of them recursively, before a TarInfo
+    reaches our checks. ``_proc_member`` is where tarfile dispatches on the header type, with
+    ``size`` already parsed and nothing read yet: refuse there. GNU sparse members (``S``, whose
+    extension blocks tarfile also reads unbounded) are never in an artifact: refused too."""
+
+    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type == tarfile.GNUTYPE_SPARSE:
+            raise ArtifactError("GNU sparse member is not allowed in an artifact")
+        if self.type in _EXT_TYPES:
+            seen = getattr(tarfile_, "_gw_ext", (0, 0))  # (bytes so far, in a row)
+            total, chain = seen[0] + self.size, seen[1] + 1
+            if self.size > MAX_EXT_HEADER or total > MAX_EXT_TOTAL or chain > MAX_EXT_CHAIN:
+                raise ArtifactError(f"extended tar header of {self.size} bytes (type "
+                                    f"{self.type!r}, {chain} in a row) is over the limits")
+            tarfile_._gw_ext = (total, chain)  # type: ignore[attr-defined]
+        else:
+            tarfile_._gw_ext = (getattr(tarfile_, "_gw_ext", (0, 0))[0], 0)  # type: ignore[attr-defined]
+        return super()._proc_member(tarfile_)  # type: ignore[misc]
+
+
+def _open_tar(**kwargs: Any) -> tarfile.TarFile:
+    return tarfile.open(tarinfo=_BoundedTarInfo, **kwargs)
 
 
 def _safe_name(name: str) -> str:
@@ -133,7 +170,7 @@ def _members(tf: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
 
 def _json(data: bytes, what: str) -> dict[str, Any]:
     try:
-        obj = json.loads(data)
+        obj = safejson.loads(data)
     except ValueError as exc:
         raise ArtifactError(f"{what} is not valid JSON: {exc}") from None
     if not isinstance(obj, dict):
@@ -167,7 +204,7 @@ def _check(manifest: dict[str, str], name: str, digest: str) -> None:
 def _parse_header(header: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
     """header-info and headers/0000/type-info from the (decompressed) header tar."""
     infos: dict[str, bytes] = {}
-    with tarfile.open(fileobj=io.BytesIO(header), mode="r:") as tf:
+    with _open_tar(fileobj=io.BytesIO(header), mode="r:") as tf:
         for m in _members(tf):
             name = _safe_name(m.name)
             if name in infos:
@@ -224,7 +261,7 @@ def unpack_zephyr_artifact(
     header_name = ""
     data_files: dict[str, tuple[bytes, str]] = {}  # name -> (content, sha256)
     try:
-        outer = tarfile.open(path, mode="r:")
+        outer = _open_tar(name=path, mode="r:")
     except (tarfile.TarError, OSError) as exc:
         raise ArtifactIntegrityError(f"not a tar archive: {exc}") from None
     with outer:
@@ -270,7 +307,7 @@ def unpack_zephyr_artifact(
                     if raw_f is None:
                         raise ArtifactError(f"cannot read member {name!r}")
                     budget = image_cap + (1 << 20)
-                    with tarfile.open(fileobj=raw_f, mode=_stream_mode(name)) as dtf:
+                    with _open_tar(fileobj=raw_f, mode=_stream_mode(name)) as dtf:
                         for dm in _members(dtf):
                             budget -= dm.size + 512
                             if budget < 0:

@@ -241,6 +241,14 @@ def after_boot(states: list[ImageState], iset: VerifiedImageSet, rls: dict[int, 
 def dependency_problem(iset: VerifiedImageSet, running: dict[int, Version | None]) -> str | None:
     """A member's DEPENDENCY TLV that the set and the device together cannot meet: MCUboot
     would then swap nothing (``boot_verify_dependencies`` sets every swap type to NONE)."""
+    for m in iset.members:
+        # (a) the signed DEPENDENCY TLVs name other images' numbers: a binary that depends on
+        # image N is not image N - the manifest's unsigned image_index sent it to the wrong
+        # image (e.g. an application and a network core binary swapped)
+        if any(dep_image == m.image for dep_image, _ in m.verified.info.dependencies):
+            return (f"{m.label()} {m.verified.version} ({m.name or 'no name'}) declares (signed) a "
+                    f"dependency on image {m.image} itself: it is not image {m.image}'s binary; "
+                    "the artifact's manifest numbers its images wrongly")
     after = dict(running)
     for m in iset.members:
         after[m.image] = m.verified.version

@@ -549,6 +549,12 @@ class WindowedUpload:
                         continue
                     if rsp.off is None:
                         raise UploadError("device answered the first chunk without an offset")
+                    off = rsp.off
+                    if not isinstance(off, int) or isinstance(off, bool) or not 0 <= off <= self.total:
+                        # (b) taken only when it is an offset into this image: a negative one
+                        # would slice the image from its tail
+                        raise UploadError(f"device answered the first chunk with offset {off!r}, "
+                                          f"not one within the image's {self.total} bytes")
                     order = list(futs)
                     earlier = order.index(f)
                     unanswered = [futs[g][2] for g in order[:earlier]

@@ -3,13 +3,13 @@ bounded reads of a server's answers (``read_body`` / ``read_json``)."""
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
+from gateway import safejson
 from gateway.download import Downloader, DownloadTimeouts, make_ssl
 from gateway.sources.base import FetchError, FleetSource, UpdateResult
 from gateway.sources.settings import HttpOptions
@@ -46,7 +46,7 @@ def parse_json(raw: bytes, what: str) -> Any:
     """``raw`` as JSON; any parse problem (not JSON, not UTF-8, nested too deep: RecursionError,
     a number too long) is the server's: FetchError."""
     try:
-        return json.loads(raw)
+        return safejson.loads(raw)  # depth-checked before json recurses
     except (ValueError, RecursionError) as exc:
         raise FetchError(f"{what}: unreadable answer ({type(exc).__name__})",
                          UpdateResult.CONNECTION_LOST) from None

@@ -147,7 +147,7 @@ def load_manifest(directory: Path) -> Manifest:
     except OSError as exc:
         raise ManifestError(f"{path}: cannot read: {exc.strerror or exc}",
                             UpdateResult.INVALID_URI) from exc
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as exc:  # PyYAML recurses
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
         raise ManifestError(f"{path}{where}: not valid YAML: {getattr(exc, 'problem', None) or exc}",

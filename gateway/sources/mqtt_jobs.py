@@ -67,6 +67,7 @@ from urllib.parse import urlsplit
 
 import aiomqtt
 
+from gateway import safejson
 from gateway.artifacts.bundle import may_be_bundle, set_cap
 from gateway.download import Downloader, DownloadTimeouts
 from gateway.mcuboot import Version
@@ -312,7 +313,7 @@ class MqttJobsSource(FleetSource):
             log.warning("unusable MQTT message on %s (not text, or over %d bytes)", topic, _MAX_PAYLOAD)
             return
         try:
-            data = json.loads(payload)
+            data = safejson.loads(payload)
         except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, nested too deep...
             self._drop(topic, f"unreadable ({type(exc).__name__})")
             return
@@ -454,7 +455,7 @@ class MqttJobsSource(FleetSource):
         doc = execution.get("jobDocument")
         if isinstance(doc, str) and len(doc) <= _MAX_DOCUMENT:  # JobExecution documents it a string
             try:
-                doc = json.loads(doc)
+                doc = safejson.loads(doc)
             except (ValueError, RecursionError):
                 pass
         job.document = doc
