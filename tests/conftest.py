@@ -171,6 +171,18 @@ def write_fault_schedule_doc(stats: dict[str, Any], path: Path) -> None:
     ]
     for name, text in fault_schedules.INVARIANTS:
         lines.append(f"- **{name}**: {text}.")
+    actors = stats.get("actors") or []
+    if actors:
+        lines += ["", f"New actors in this set: {', '.join(actors)} - **operators** (cancel, "
+                  "pause, resume, unblock, update, restart, maintenance windows opening and "
+                  "closing, at random moments and right after a step), **hostile devices** (upload "
+                  "answers without progress, ENOMEM forever, rewinds, state reads that contradict "
+                  "the last one) and **hostile servers** (a dfu_application.zip that calls image 0 "
+                  "a network core, lying versions/boards/load addresses, a zip bomb whose central "
+                  "directory lies, a link outside the update directory, outages of 0.05-30 s). "
+                  "Their invariants, checked on every schedule:", ""]
+        for name, text in fault_schedules.NEW_INVARIANTS:
+            lines.append(f"- **{name}**: {text}.")
     lines += ["", f"Schedules with a group: {stats.get('groups', 0)}; with the gateway as a "
               f"SIGKILLed subprocess: {stats.get('subprocess', 0)}.", "",
               "| fault injected | times |", "|---|---|"]
