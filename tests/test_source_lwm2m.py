@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiocoap
 import pytest
 from aiohttp import web
 from fleet_servers.common import FileStore, serve
@@ -27,6 +28,8 @@ from gateway.config import GatewayConfig, parse_config
 from gateway.daemon import Gateway
 from gateway.sim.simulator import Simulator
 from gateway.sources.lwm2m import codec
+from gateway.sources.lwm2m.endpoint import Endpoint
+from gateway.sources.settings import Lwm2mSourceConfig
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -255,7 +258,9 @@ async def test_server_restart_mid_update_re_registers(bench_factory, server: Wak
             c = (await server.wait(lambda e: e.kind == "REGISTERED" and e.get("ep") == "udp-1",
                                    30, m)).client
             assert ep.registrations == before + 1
-            assert tlv_int((await server.read(c, STATE)).payload) == 2
+            r = await server.read(c, STATE)
+            assert r.code == "2.05", server.hexdump(6000)
+            assert tlv_int(r.payload) == 2
             await server.observe(c, RESULT)
             m = server.mark()
             assert (await server.exec(c, "/5/0/2")).code == "2.04"
@@ -333,3 +338,85 @@ async def test_twenty_endpoints_by_push(bench_factory, server: Wakaama) -> None:
         assert all(active(sim.devices[d]) == ("2.0.0", True) for d in ids)
         print(f"\nLwM2M PUSH x{n}: {wall:.1f}s wall, {cpu:.1f}s CPU (gateway + simulator "
               f"process), peak RSS {rss_mb:.0f} MB")
+
+
+def _msg(mtype: Any, code: Any, mid: int, token: bytes = b"", **opts: Any) -> aiocoap.Message:
+    m = aiocoap.Message(code=code, **opts)
+    m.mtype, m.mid, m.token = mtype, mid, token
+    return m
+
+
+class _RawServer(asyncio.DatagramProtocol):
+    """The server side of CoAP on a real UDP socket, message by message (to choose the
+    Message IDs a restarted server sends, which Wakaama picks itself)."""
+
+    def __init__(self) -> None:
+        self.inbox: asyncio.Queue[tuple[aiocoap.Message, tuple[str, int]]] = asyncio.Queue()
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        with contextlib.suppress(Exception):
+            self.inbox.put_nowait((aiocoap.Message.decode(data), addr))
+
+    def send(self, msg: aiocoap.Message, addr: tuple[str, int]) -> None:
+        assert self.transport is not None
+        self.transport.sendto(msg.encode(), addr)
+
+    async def expect(self, pred: Any, within: float = 20.0) -> tuple[aiocoap.Message, Any]:
+        async def find() -> tuple[aiocoap.Message, Any]:
+            while True:
+                msg, addr = await self.inbox.get()
+                if msg.mtype == aiocoap.CON and not pred(msg):
+                    # anything else the client asks (a notification, ...) gets an empty ACK
+                    self.send(_msg(aiocoap.ACK, aiocoap.EMPTY, msg.mid), addr)
+                    continue
+                if pred(msg):
+                    return msg, addr
+        return await asyncio.wait_for(find(), within)
+
+    def answer(self, req: aiocoap.Message, addr: Any, code: Any, **opts: Any) -> None:
+        self.send(_msg(aiocoap.ACK, code, req.mid, req.token, **opts), addr)
+
+    async def get(self, addr: Any, mid: int, token: bytes) -> aiocoap.Message:
+        self.send(_msg(aiocoap.CON, aiocoap.GET, mid, token, uri_path=("5", "0", "3")), addr)
+        msg, _ = await self.expect(lambda m: m.mtype == aiocoap.ACK and m.mid == mid)
+        return msg
+
+
+async def test_restarted_server_reusing_a_message_id_gets_an_answer_not_a_replay(
+        tmp_path: Path) -> None:
+    """A restarted server may start its Message IDs where its predecessor did (Wakaama often
+    does). After the re-registration its first Read must get an answer with its own token and
+    the current State - not the message layer's replay of what the old session was told
+    (that made ``test_server_restart_mid_update_re_registers`` fail 2 runs in 3)."""
+    loop = asyncio.get_running_loop()
+    transport, srv = await loop.create_datagram_endpoint(_RawServer, local_addr=("127.0.0.1", 0))
+    port = transport.get_extra_info("sockname")[1]
+    cfg = Lwm2mSourceConfig(server=f"coap://127.0.0.1:{port}", bind_host="127.0.0.1",
+                            lifetime_s=5, request_timeout_s=5)
+    ep = Endpoint(cfg, "dev-1", "dev-1", tmp_path, on_change=lambda *_: None)
+    await ep.start()
+    try:
+        def register(m: aiocoap.Message) -> bool:
+            return m.code == aiocoap.POST and m.opt.uri_path == ("rd",)
+        req, addr = await srv.expect(register)
+        srv.answer(req, addr, aiocoap.CREATED, location_path=("rd", "0"))
+        old = await srv.get(addr, 0x1FAD, b"old1")
+        assert old.token == b"old1" and tlv_int(old.payload) == 0
+        ep.set(state=2, phase="wait")  # State changes: Downloaded
+        # the server restarts: it answers the registration update 4.04, the client registers
+        req, addr = await srv.expect(lambda m: m.code == aiocoap.POST
+                                     and m.opt.uri_path == ("rd", "0"))
+        srv.answer(req, addr, aiocoap.NOT_FOUND)
+        req, addr2 = await srv.expect(register)
+        srv.answer(req, addr2, aiocoap.CREATED, location_path=("rd", "0"))
+        new = await srv.get(addr2, 0x1FAD, b"new1")  # the same Message ID as before
+        assert new.token == b"new1", (new, new.payload)
+        assert new.code == aiocoap.CONTENT and tlv_int(new.payload) == 2
+        assert ep.registrations == 2
+    finally:
+        await ep.close(deregister=False)
+        transport.close()
