@@ -102,7 +102,7 @@ class Wakaama:
         self._reader: asyncio.Task[None] | None = None
         # the hexdump of every packet the server sends and receives (its stderr), kept to
         # explain a failure: ``hexdump()``
-        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed by close_log()
+        self._stderr = tempfile.TemporaryFile()  # closed by __aexit__
 
     def hexdump(self, last: int = 20_000) -> str:
         self._stderr.flush()
@@ -138,6 +138,7 @@ class Wakaama:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+        self._stderr.close()
 
     async def _read(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None

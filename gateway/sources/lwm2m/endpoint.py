@@ -7,7 +7,9 @@ socket: the old one's CoAP message layer remembers the previous server session's
 (deduplication, EXCHANGE_LIFETIME 247 s), and a restarted server that happens to reuse one
 (Wakaama does, often) would get a replay of an answer to its predecessor - stale values under
 another token - instead of an answer. The old socket closes after ``request_timeout_s`` (a
-request in flight on it, e.g. a coap:// block, finishes first). Registration (``POST /rd?ep=&lt=&lwm2m=&b=U`` with the object links), updates
+request in flight on it, e.g. a coap:// block, finishes first).
+
+Registration (``POST /rd?ep=&lt=&lwm2m=&b=U`` with the object links), updates
 (``POST /rd/<id>``) at half the lifetime, and a new registration when the server answers an
 update 4.04 (it forgot the client: restart, lifetime expired) or does not answer before the
 lifetime ends. Every request is bounded by ``request_timeout_s``; retries back off to 60 s.
