@@ -24,6 +24,7 @@ from lwm2m_server import Wakaama, free_udp_port, tlv_int, wakaama_binary
 
 from gateway import devkit
 from gateway.artifacts.bundle import BundleEntry, write_bundle
+from gateway.cancel import CANCELED
 from gateway.config import GatewayConfig, parse_config
 from gateway.daemon import Gateway
 from gateway.sim.simulator import Simulator
@@ -63,6 +64,10 @@ async def daemon(cfg: GatewayConfig) -> AsyncIterator[Gateway]:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(task, 30)
         gw.close()
+
+
+def slot1(dev: Any) -> Any:
+    return next((s for s in dev.server.state_images() if s.slot == 1), None)
 
 
 def active(dev: Any) -> tuple[str, bool]:
@@ -198,6 +203,39 @@ async def test_empty_package_uri_cancels_in_downloaded(bench_factory, server: Wa
             assert (await server.exec(c, "/5/0/2")).code == "4.05"
         assert dev.counters["upload_bytes_received"] == 0 and active(dev) == ("1.0.0", True)
         assert not list((cfg.state_dir / "lwm2m" / "packages").glob("*.bin"))
+
+
+async def test_empty_package_uri_while_updating_before_the_mark_takes_it_back(
+        bench_factory, server: Wakaama) -> None:
+    """A cancel (empty Package URI) in State 3 while the image is still being uploaded (before
+    the test mark): State 0 Result 0 at once, the cancel acted on at once (not a poll period
+    later: ``poll_interval_s`` is 30 s here), slot 1 erased, the device never reset and still
+    on its confirmed image."""
+    bench = bench_factory(udp=1, serial=0, image_size=96 * 1024,
+                          device_kw={"link": {"bandwidth_bps": 40_000}})  # ~20 s of upload
+    async with Simulator(bench.sim_cfg) as sim:
+        dev = sim.devices["udp-1"]
+        async with daemon(lwm2m_cfg(bench, sim, server)) as gw:
+            c = await server.registered("udp-1")
+            await observe_fw(server, c)
+            m = server.mark()
+            assert (await server.write(c, "/5/0/0", f"@{bench.images['2.0.0']}", 120)).code == "2.04"
+            await until_downloaded(server, c, m)
+            assert (await server.exec(c, "/5/0/2")).code == "2.04"
+            await server.notified(c, STATE, 3, 10, m)
+            await dev.wait_for(lambda d: d.counters["upload_bytes_received"] > 4000, 60)
+            t0 = time.monotonic()
+            assert (await server.write(c, "/5/0/1", '[{"bn":"/5/0/1","vs":""}]')).code == "2.04"
+            await server.notified(c, STATE, 0, 10, m)
+            await dev.wait_for(lambda d: gw.journal.get("udp-1").outcome is not None, 60)
+            assert gw.journal.get("udp-1").outcome == CANCELED
+            assert time.monotonic() - t0 < 10  # not the 30 s poll period
+            assert dev.counters["upload_bytes_received"] < 90 * 1024  # stopped mid-upload
+            assert server.values(c, RESULT)[-1] == 0
+            assert (await server.exec(c, "/5/0/2")).code == "4.05"
+        assert active(dev) == ("1.0.0", True)
+        assert slot1(dev) is None and dev.image_info(1) is None  # erased
+        assert dev.counters["resets"] == 0
 
 
 async def test_crashing_image_is_result_8(bench_factory, server: Wakaama) -> None:
