@@ -44,8 +44,9 @@ async def server() -> AsyncIterator[Wakaama]:
         yield srv
 
 
-def lwm2m_cfg(bench: Any, sim: Simulator, srv: Wakaama, **source: Any) -> GatewayConfig:
-    data = bench.gateway_dict(sim)
+def lwm2m_cfg(bench: Any, sim: Simulator, srv: Wakaama, top: dict[str, Any] | None = None,
+              **source: Any) -> GatewayConfig:
+    data = {**bench.gateway_dict(sim), **(top or {})}
     data["source"] = {"kind": "lwm2m", "server": srv.url, "bind_host": "127.0.0.1",
                       "lifetime_s": 60, "poll_interval_s": 30, "request_timeout_s": 20,
                       **source}
@@ -236,6 +237,31 @@ async def test_empty_package_uri_while_updating_before_the_mark_takes_it_back(
         assert active(dev) == ("1.0.0", True)
         assert slot1(dev) is None and dev.image_info(1) is None  # erased
         assert dev.counters["resets"] == 0
+
+
+async def test_reboot_goes_through_the_maintenance_window_gate(bench_factory,
+                                                                server: Wakaama) -> None:
+    """Reboot (/3/0/4) is an SMP reset of the device, only inside a maintenance window (c):
+    outside, 4.03 with the reason and the device untouched; inside, 2.04 once the device
+    acknowledged the reset, and it reboots."""
+    never = {"cron": "0 0 1 1 *", "duration_s": 60, "timezone": "UTC"}  # 1 January 00:00
+    always = {"cron": "* * * * *", "duration_s": 3600, "timezone": "UTC"}
+    bench = bench_factory(udp=1, serial=0, image_size=16 * 1024)
+    async with Simulator(bench.sim_cfg) as sim:
+        dev = sim.devices["udp-1"]
+        boots = dev.boots
+        async with daemon(lwm2m_cfg(bench, sim, server, {"maintenance_windows": {"w": never}})):
+            c = await server.registered("udp-1")
+            r = await server.exec(c, "/3/0/4")
+            assert r.code == "4.03" and b"maintenance window" in r.payload, r
+            assert dev.counters["resets"] == 0 and dev.boots == boots
+        m = server.mark()
+        async with daemon(lwm2m_cfg(bench, sim, server, {"maintenance_windows": {"w": always}})):
+            c = await server.registered("udp-1", since=m)
+            assert (await server.exec(c, "/3/0/4")).code == "2.04"
+            await dev.wait_booted(boots + 1, 20)
+            assert dev.counters["resets"] == 1
+        assert active(dev) == ("1.0.0", True)
 
 
 async def test_crashing_image_is_result_8(bench_factory, server: Wakaama) -> None:

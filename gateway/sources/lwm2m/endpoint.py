@@ -44,6 +44,7 @@ from gateway.sources.settings import Lwm2mSourceConfig
 log = logging.getLogger("gateway.sources.lwm2m")
 
 SHORT_SERVER_ID = 1
+REBOOT_ANSWER_S = 10.0  # a Reboot is answered within this (Wakaama waits 15 s for it)
 PUSH_IDLE_S = 60.0  # a Block1 transfer that stops this long is abandoned (Result 4)
 SCHEMES_PULL = ("http", "https", "coap")  # coaps: needs DTLS (the lwm2m-dtls extra), later
 
@@ -293,20 +294,24 @@ class Endpoint:
         self.set(state=UPDATING, phase="install", result=0, detail="")
 
     async def _exec_reboot(self, _args: bytes) -> None:
+        """Reboot (/3/0/4): an SMP reset of the device through the gateway's maintenance-window
+        gate (c) and never while an update of it is open (the daemon's ``reboot_device``).
+        Answered once that is decided - 2.04 when the device acknowledged the reset, 4.03 with
+        the reason when the gate refused it, 5.03 when it failed or took longer than
+        ``REBOOT_ANSWER_S`` (aiocoap sends the empty ACK first; the answer goes separately) - so
+        a server never reads a reboot that did not happen as done."""
         if self.reboot is None:
             raise CoapError(Code.METHOD_NOT_ALLOWED, "reboot is not wired in this process")
-        # answered at once (the spec: the client acknowledges, then reboots); the reset goes
-        # through the gateway's maintenance-window gate
-        asyncio.get_running_loop().create_task(self._reboot())
-
-    async def _reboot(self) -> None:
-        assert self.reboot is not None
         try:
-            why = await self.reboot(self.device_id)
+            why = await asyncio.wait_for(self.reboot(self.device_id), REBOOT_ANSWER_S)
         except Exception as exc:
-            why = f"{type(exc).__name__}: {exc}"
+            log.warning("lwm2m ep=%s Reboot of %s failed: %s: %s", self.name, self.device_id,
+                        type(exc).__name__, exc)
+            raise CoapError(Code.SERVICE_UNAVAILABLE, f"reboot failed: {type(exc).__name__}") from None
         if why:
             log.warning("lwm2m ep=%s Reboot of %s not done: %s", self.name, self.device_id, why)
+            raise CoapError(Code.FORBIDDEN, f"not rebooted: {why}")
+        log.info("lwm2m ep=%s Reboot: %s reset", self.name, self.device_id)
 
     async def _exec_update_trigger(self, _args: bytes) -> None:
         asyncio.get_running_loop().create_task(self._update_now())
