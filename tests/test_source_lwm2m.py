@@ -321,6 +321,9 @@ async def test_server_restart_mid_update_re_registers(bench_factory, server: Wak
             await server.start()  # same port, no clients
             c = (await server.wait(lambda e: e.kind == "REGISTERED" and e.get("ep") == "udp-1",
                                    30, m)).client
+            # the server prints REGISTERED before its 2.01 reaches the endpoint (which
+            # cleared ``registered`` when the update got 4.04, before registering again)
+            await asyncio.wait_for(ep.registered.wait(), 10)
             assert ep.registrations == before + 1
             r = await server.read(c, STATE)
             assert r.code == "2.05", server.hexdump(6000)
