@@ -232,17 +232,28 @@ class Gateway:
     async def reboot_device(self, device_id: str) -> str | None:
         """A server's Reboot (LwM2M /3/0/4): an SMP reset through the maintenance-window gate
         (c), never while the journal holds an update of the device open (a reset could start a
-        test boot nobody is watching). None when the device acknowledged it, else why not."""
+        test boot nobody is watching). None when the device acknowledged it, else why not.
+        A session open now (a status check) is waited for, not taken for an update; both
+        checks are made again once the session is this one's (the caller bounds the wait)."""
         dev = next((d for d in self.fleet.devices() if d.id == device_id), None)
         if dev is None:
             return "not a device of this gateway"
-        why = self.fleet.reset_gate(dev)()
-        if why is not None:
-            return f"outside the maintenance windows ({why})"
-        e = self.journal.get(dev.id)
-        if dev.id in self.in_session or (e.outcome is None and e.target_hash):
-            return "an update of the device is in progress"
+        gate = self.fleet.reset_gate(dev)
+
+        def refused() -> str | None:
+            why = gate()
+            if why is not None:
+                return f"outside the maintenance windows ({why})"
+            e = self.journal.get(dev.id)
+            if e.outcome is None and e.target_hash:
+                return "an update of the device is in progress"
+            return None
+
+        if (why := refused()) is not None:
+            return why
         async with self.session(dev) as s:
+            if (why := refused()) is not None:
+                return why
             return None if await s.reset() else "the device did not acknowledge the reset"
 
     def close(self) -> None:

@@ -70,14 +70,16 @@ T = TypeVar("T")
 WATCH_STOP_S = 5.0  # how long a finished attempt waits for its cancel watcher to end
 
 
-async def _wait_event(ev: asyncio.Event, timeout_s: float) -> None:
-    """Wait until ``ev`` is set or ``timeout_s`` passed. Unlike ``asyncio.wait_for`` in
-    Python 3.11 this never turns the caller's cancellation into a TimeoutError."""
-    waiter = asyncio.ensure_future(ev.wait())
+async def _wait_event(ev: asyncio.Event, timeout_s: float, *more: asyncio.Event) -> None:
+    """Wait until ``ev`` (or one of ``more``) is set or ``timeout_s`` passed. Unlike
+    ``asyncio.wait_for`` in Python 3.11 this never turns the caller's cancellation into a
+    TimeoutError."""
+    waiters = {asyncio.ensure_future(e.wait()) for e in (ev, *more)}
     try:
-        await asyncio.wait({waiter}, timeout=timeout_s)
+        await asyncio.wait(waiters, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        waiter.cancel()
+        for w in waiters:
+            w.cancel()
 
 
 async def _bounded(aw: Awaitable[T], timeout_s: float) -> T:
@@ -161,6 +163,8 @@ class FleetOps:
         self._wake: dict[str, asyncio.Event] = {}
         self._now: dict[str, bool] = {}  # device id -> ctl update: ignore the window?
         self._cancel: dict[str, asyncio.Event] = {}
+        # a source's news about a device whose update runs (``wake``): its cancel probe now
+        self._news: dict[str, asyncio.Event] = {}
         self._cancel_why: dict[str, str] = {}
         self._running: dict[str, str] = {}  # device id -> hash of the image its engine runs
         self._group_cancel: dict[str, asyncio.Event] = {}  # group name -> its run's cancel wake-up
@@ -264,6 +268,11 @@ class FleetOps:
         return self._wake.setdefault(key, asyncio.Event())
 
     def wake(self, device_or_key: str) -> None:
+        """The unit's next check now; for a device whose update runs, also its cancel probe
+        (a server event-driven source's cancel is acted on at once, not a poll period later)."""
+        news = self._news.get(device_or_key)
+        if news is not None:
+            news.set()
         for key, devs in self.gw.units():
             if key == device_or_key or any(d.id == device_or_key for d in devs):
                 self._event(key).set()
@@ -512,9 +521,11 @@ class FleetOps:
         probe: Callable[[Offer], Awaitable[str | None]] | None = getattr(src, "canceled", None)
         period = min(30.0, max(0.5, src.poll_interval()))
         sent = -1
+        news = self._news.setdefault(dev.id, asyncio.Event())
         while True:
             if started.is_set():
-                await _wait_event(ev, period)
+                await _wait_event(ev, period, news)
+                news.clear()
             if stop.is_set():  # the engine finished: a cancel from here on is not this attempt's
                 raise asyncio.CancelledError
             if ev.is_set():
@@ -575,6 +586,7 @@ class FleetOps:
             raise
         finally:
             self._cancel.pop(dev.id, None)
+            self._news.pop(dev.id, None)
             self._running.pop(dev.id, None)
         if task.done():
             # never wait on the watcher unbounded: Python 3.11's wait_for can turn a

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,6 +100,15 @@ class Wakaama:
         self._changed = asyncio.Condition()
         self.proc: asyncio.subprocess.Process | None = None
         self._reader: asyncio.Task[None] | None = None
+        # the hexdump of every packet the server sends and receives (its stderr), kept to
+        # explain a failure: ``hexdump()``
+        self._stderr = tempfile.TemporaryFile()  # closed by __aexit__
+
+    def hexdump(self, last: int = 20_000) -> str:
+        self._stderr.flush()
+        size = self._stderr.seek(0, os.SEEK_END)
+        self._stderr.seek(max(0, size - last))
+        return self._stderr.read().decode(errors="replace")
 
     @property
     def url(self) -> str:
@@ -109,7 +119,7 @@ class Wakaama:
             str(self.binary), "-4", "-a", "127.0.0.1", "-l", str(self.port), "-m",
             "-S", str(self.block_size),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.DEVNULL)
+            stderr=self._stderr)
         self._reader = asyncio.create_task(self._read())
 
     async def stop(self) -> None:
@@ -128,6 +138,7 @@ class Wakaama:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+        self._stderr.close()
 
     async def _read(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None

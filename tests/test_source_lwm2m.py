@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiocoap
 import pytest
 from aiohttp import web
 from fleet_servers.common import FileStore, serve
@@ -23,10 +24,13 @@ from lwm2m_server import Wakaama, free_udp_port, tlv_int, wakaama_binary
 
 from gateway import devkit
 from gateway.artifacts.bundle import BundleEntry, write_bundle
+from gateway.cancel import CANCELED
 from gateway.config import GatewayConfig, parse_config
 from gateway.daemon import Gateway
 from gateway.sim.simulator import Simulator
 from gateway.sources.lwm2m import codec
+from gateway.sources.lwm2m.endpoint import Endpoint
+from gateway.sources.settings import Lwm2mSourceConfig
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -40,8 +44,9 @@ async def server() -> AsyncIterator[Wakaama]:
         yield srv
 
 
-def lwm2m_cfg(bench: Any, sim: Simulator, srv: Wakaama, **source: Any) -> GatewayConfig:
-    data = bench.gateway_dict(sim)
+def lwm2m_cfg(bench: Any, sim: Simulator, srv: Wakaama, top: dict[str, Any] | None = None,
+              **source: Any) -> GatewayConfig:
+    data = {**bench.gateway_dict(sim), **(top or {})}
     data["source"] = {"kind": "lwm2m", "server": srv.url, "bind_host": "127.0.0.1",
                       "lifetime_s": 60, "poll_interval_s": 30, "request_timeout_s": 20,
                       **source}
@@ -60,6 +65,10 @@ async def daemon(cfg: GatewayConfig) -> AsyncIterator[Gateway]:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(task, 30)
         gw.close()
+
+
+def slot1(dev: Any) -> Any:
+    return next((s for s in dev.server.state_images() if s.slot == 1), None)
 
 
 def active(dev: Any) -> tuple[str, bool]:
@@ -197,6 +206,64 @@ async def test_empty_package_uri_cancels_in_downloaded(bench_factory, server: Wa
         assert not list((cfg.state_dir / "lwm2m" / "packages").glob("*.bin"))
 
 
+async def test_empty_package_uri_while_updating_before_the_mark_takes_it_back(
+        bench_factory, server: Wakaama) -> None:
+    """A cancel (empty Package URI) in State 3 while the image is still being uploaded (before
+    the test mark): State 0 Result 0 at once, the cancel acted on at once (not a poll period
+    later: ``poll_interval_s`` is 30 s here), slot 1 erased, the device never reset and still
+    on its confirmed image."""
+    bench = bench_factory(udp=1, serial=0, image_size=96 * 1024,
+                          device_kw={"link": {"bandwidth_bps": 40_000}})  # ~20 s of upload
+    async with Simulator(bench.sim_cfg) as sim:
+        dev = sim.devices["udp-1"]
+        async with daemon(lwm2m_cfg(bench, sim, server)) as gw:
+            c = await server.registered("udp-1")
+            await observe_fw(server, c)
+            m = server.mark()
+            assert (await server.write(c, "/5/0/0", f"@{bench.images['2.0.0']}", 120)).code == "2.04"
+            await until_downloaded(server, c, m)
+            assert (await server.exec(c, "/5/0/2")).code == "2.04"
+            await server.notified(c, STATE, 3, 10, m)
+            await dev.wait_for(lambda d: d.counters["upload_bytes_received"] > 4000, 60)
+            t0 = time.monotonic()
+            assert (await server.write(c, "/5/0/1", '[{"bn":"/5/0/1","vs":""}]')).code == "2.04"
+            await server.notified(c, STATE, 0, 10, m)
+            await dev.wait_for(lambda d: gw.journal.get("udp-1").outcome is not None, 60)
+            assert gw.journal.get("udp-1").outcome == CANCELED
+            assert time.monotonic() - t0 < 10  # not the 30 s poll period
+            assert dev.counters["upload_bytes_received"] < 90 * 1024  # stopped mid-upload
+            assert server.values(c, RESULT)[-1] == 0
+            assert (await server.exec(c, "/5/0/2")).code == "4.05"
+        assert active(dev) == ("1.0.0", True)
+        assert slot1(dev) is None and dev.image_info(1) is None  # erased
+        assert dev.counters["resets"] == 0
+
+
+async def test_reboot_goes_through_the_maintenance_window_gate(bench_factory,
+                                                                server: Wakaama) -> None:
+    """Reboot (/3/0/4) is an SMP reset of the device, only inside a maintenance window (c):
+    outside, 4.03 with the reason and the device untouched; inside, 2.04 once the device
+    acknowledged the reset, and it reboots."""
+    never = {"cron": "0 0 1 1 *", "duration_s": 60, "timezone": "UTC"}  # 1 January 00:00
+    always = {"cron": "* * * * *", "duration_s": 3600, "timezone": "UTC"}
+    bench = bench_factory(udp=1, serial=0, image_size=16 * 1024)
+    async with Simulator(bench.sim_cfg) as sim:
+        dev = sim.devices["udp-1"]
+        boots = dev.boots
+        async with daemon(lwm2m_cfg(bench, sim, server, {"maintenance_windows": {"w": never}})):
+            c = await server.registered("udp-1")
+            r = await server.exec(c, "/3/0/4")
+            assert r.code == "4.03" and b"maintenance window" in r.payload, r
+            assert dev.counters["resets"] == 0 and dev.boots == boots
+        m = server.mark()
+        async with daemon(lwm2m_cfg(bench, sim, server, {"maintenance_windows": {"w": always}})):
+            c = await server.registered("udp-1", since=m)
+            assert (await server.exec(c, "/3/0/4")).code == "2.04"
+            await dev.wait_booted(boots + 1, 20)
+            assert dev.counters["resets"] == 1
+        assert active(dev) == ("1.0.0", True)
+
+
 async def test_crashing_image_is_result_8(bench_factory, server: Wakaama) -> None:
     bench = bench_factory(udp=1, serial=0, image_size=32 * 1024,
                           device_kw={"crash_on_boot_versions": ["2.0.0"], "crash_after_s": 0.2})
@@ -254,8 +321,13 @@ async def test_server_restart_mid_update_re_registers(bench_factory, server: Wak
             await server.start()  # same port, no clients
             c = (await server.wait(lambda e: e.kind == "REGISTERED" and e.get("ep") == "udp-1",
                                    30, m)).client
+            # the server prints REGISTERED before its 2.01 reaches the endpoint (which
+            # cleared ``registered`` when the update got 4.04, before registering again)
+            await asyncio.wait_for(ep.registered.wait(), 10)
             assert ep.registrations == before + 1
-            assert tlv_int((await server.read(c, STATE)).payload) == 2
+            r = await server.read(c, STATE)
+            assert r.code == "2.05", server.hexdump(6000)
+            assert tlv_int(r.payload) == 2
             await server.observe(c, RESULT)
             m = server.mark()
             assert (await server.exec(c, "/5/0/2")).code == "2.04"
@@ -333,3 +405,85 @@ async def test_twenty_endpoints_by_push(bench_factory, server: Wakaama) -> None:
         assert all(active(sim.devices[d]) == ("2.0.0", True) for d in ids)
         print(f"\nLwM2M PUSH x{n}: {wall:.1f}s wall, {cpu:.1f}s CPU (gateway + simulator "
               f"process), peak RSS {rss_mb:.0f} MB")
+
+
+def _msg(mtype: Any, code: Any, mid: int, token: bytes = b"", **opts: Any) -> aiocoap.Message:
+    m = aiocoap.Message(code=code, **opts)
+    m.mtype, m.mid, m.token = mtype, mid, token
+    return m
+
+
+class _RawServer(asyncio.DatagramProtocol):
+    """The server side of CoAP on a real UDP socket, message by message (to choose the
+    Message IDs a restarted server sends, which Wakaama picks itself)."""
+
+    def __init__(self) -> None:
+        self.inbox: asyncio.Queue[tuple[aiocoap.Message, tuple[str, int]]] = asyncio.Queue()
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        with contextlib.suppress(Exception):
+            self.inbox.put_nowait((aiocoap.Message.decode(data), addr))
+
+    def send(self, msg: aiocoap.Message, addr: tuple[str, int]) -> None:
+        assert self.transport is not None
+        self.transport.sendto(msg.encode(), addr)
+
+    async def expect(self, pred: Any, within: float = 20.0) -> tuple[aiocoap.Message, Any]:
+        async def find() -> tuple[aiocoap.Message, Any]:
+            while True:
+                msg, addr = await self.inbox.get()
+                if msg.mtype == aiocoap.CON and not pred(msg):
+                    # anything else the client asks (a notification, ...) gets an empty ACK
+                    self.send(_msg(aiocoap.ACK, aiocoap.EMPTY, msg.mid), addr)
+                    continue
+                if pred(msg):
+                    return msg, addr
+        return await asyncio.wait_for(find(), within)
+
+    def answer(self, req: aiocoap.Message, addr: Any, code: Any, **opts: Any) -> None:
+        self.send(_msg(aiocoap.ACK, code, req.mid, req.token, **opts), addr)
+
+    async def get(self, addr: Any, mid: int, token: bytes) -> aiocoap.Message:
+        self.send(_msg(aiocoap.CON, aiocoap.GET, mid, token, uri_path=("5", "0", "3")), addr)
+        msg, _ = await self.expect(lambda m: m.mtype == aiocoap.ACK and m.mid == mid)
+        return msg
+
+
+async def test_restarted_server_reusing_a_message_id_gets_an_answer_not_a_replay(
+        tmp_path: Path) -> None:
+    """A restarted server may start its Message IDs where its predecessor did (Wakaama often
+    does). After the re-registration its first Read must get an answer with its own token and
+    the current State - not the message layer's replay of what the old session was told
+    (that made ``test_server_restart_mid_update_re_registers`` fail 2 runs in 3)."""
+    loop = asyncio.get_running_loop()
+    transport, srv = await loop.create_datagram_endpoint(_RawServer, local_addr=("127.0.0.1", 0))
+    port = transport.get_extra_info("sockname")[1]
+    cfg = Lwm2mSourceConfig(server=f"coap://127.0.0.1:{port}", bind_host="127.0.0.1",
+                            lifetime_s=5, request_timeout_s=5)
+    ep = Endpoint(cfg, "dev-1", "dev-1", tmp_path, on_change=lambda *_: None)
+    await ep.start()
+    try:
+        def register(m: aiocoap.Message) -> bool:
+            return m.code == aiocoap.POST and m.opt.uri_path == ("rd",)
+        req, addr = await srv.expect(register)
+        srv.answer(req, addr, aiocoap.CREATED, location_path=("rd", "0"))
+        old = await srv.get(addr, 0x1FAD, b"old1")
+        assert old.token == b"old1" and tlv_int(old.payload) == 0
+        ep.set(state=2, phase="wait")  # State changes: Downloaded
+        # the server restarts: it answers the registration update 4.04, the client registers
+        req, addr = await srv.expect(lambda m: m.code == aiocoap.POST
+                                     and m.opt.uri_path == ("rd", "0"))
+        srv.answer(req, addr, aiocoap.NOT_FOUND)
+        req, addr2 = await srv.expect(register)
+        srv.answer(req, addr2, aiocoap.CREATED, location_path=("rd", "0"))
+        new = await srv.get(addr2, 0x1FAD, b"new1")  # the same Message ID as before
+        assert new.token == b"new1", (new, new.payload)
+        assert new.code == aiocoap.CONTENT and tlv_int(new.payload) == 2
+        assert ep.registrations == 2
+    finally:
+        await ep.close(deregister=False)
+        transport.close()

@@ -113,7 +113,8 @@ class Lwm2mSource(FleetSource):
         return ep
 
     def _changed(self, ep: Endpoint, phase: str) -> None:
-        if phase in ("fetch", "check", "install") and self._waker is not None:
+        # a cancel (empty Package URI / Package) too: a running update's cancel probe now
+        if (phase in ("fetch", "check", "install") or ep.rec.canceled) and self._waker is not None:
             self._waker(ep.device_id)
 
     async def start(self) -> None:

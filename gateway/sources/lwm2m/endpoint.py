@@ -2,7 +2,14 @@
 
 A server tells clients apart by their source address, so each endpoint has its own aiocoap
 context (one UDP socket, ephemeral port) that both serves the server's requests and sends the
-registration. Registration (``POST /rd?ep=&lt=&lwm2m=&b=U`` with the object links), updates
+registration. A registration after the first (the server forgot the client) goes from a fresh
+socket: the old one's CoAP message layer remembers the previous server session's Message IDs
+(deduplication, EXCHANGE_LIFETIME 247 s), and a restarted server that happens to reuse one
+(Wakaama does, often) would get a replay of an answer to its predecessor - stale values under
+another token - instead of an answer. The old socket closes after ``request_timeout_s`` (a
+request in flight on it, e.g. a coap:// block, finishes first).
+
+Registration (``POST /rd?ep=&lt=&lwm2m=&b=U`` with the object links), updates
 (``POST /rd/<id>``) at half the lifetime, and a new registration when the server answers an
 update 4.04 (it forgot the client: restart, lifetime expired) or does not answer before the
 lifetime ends. Every request is bounded by ``request_timeout_s``; retries back off to 60 s.
@@ -37,6 +44,7 @@ from gateway.sources.settings import Lwm2mSourceConfig
 log = logging.getLogger("gateway.sources.lwm2m")
 
 SHORT_SERVER_ID = 1
+REBOOT_ANSWER_S = 10.0  # a Reboot is answered within this (Wakaama waits 15 s for it)
 PUSH_IDLE_S = 60.0  # a Block1 transfer that stops this long is abandoned (Result 4)
 SCHEMES_PULL = ("http", "https", "coap")  # coaps: needs DTLS (the lwm2m-dtls extra), later
 
@@ -64,6 +72,9 @@ class Endpoint:
         self.registered = asyncio.Event()
         self.registrations = 0  # how many times it registered (tests, status)
         self._task: asyncio.Task[None] | None = None
+        self._site: Any = None  # the aiocoap Site of the objects, shared by every socket
+        self._ctx_registered = False  # a registration went from the current socket
+        self._retiring: set[asyncio.Task[None]] = set()  # old sockets, closing
         self._push: dict[str, Any] | None = None  # Block1 transfer in progress
         self._push_timer: asyncio.TimerHandle | None = None
         self.tree = self._build()
@@ -283,20 +294,24 @@ class Endpoint:
         self.set(state=UPDATING, phase="install", result=0, detail="")
 
     async def _exec_reboot(self, _args: bytes) -> None:
+        """Reboot (/3/0/4): an SMP reset of the device through the gateway's maintenance-window
+        gate (c) and never while an update of it is open (the daemon's ``reboot_device``).
+        Answered once that is decided - 2.04 when the device acknowledged the reset, 4.03 with
+        the reason when the gate refused it, 5.03 when it failed or took longer than
+        ``REBOOT_ANSWER_S`` (aiocoap sends the empty ACK first; the answer goes separately) - so
+        a server never reads a reboot that did not happen as done."""
         if self.reboot is None:
             raise CoapError(Code.METHOD_NOT_ALLOWED, "reboot is not wired in this process")
-        # answered at once (the spec: the client acknowledges, then reboots); the reset goes
-        # through the gateway's maintenance-window gate
-        asyncio.get_running_loop().create_task(self._reboot())
-
-    async def _reboot(self) -> None:
-        assert self.reboot is not None
         try:
-            why = await self.reboot(self.device_id)
+            why = await asyncio.wait_for(self.reboot(self.device_id), REBOOT_ANSWER_S)
         except Exception as exc:
-            why = f"{type(exc).__name__}: {exc}"
+            log.warning("lwm2m ep=%s Reboot of %s failed: %s: %s", self.name, self.device_id,
+                        type(exc).__name__, exc)
+            raise CoapError(Code.SERVICE_UNAVAILABLE, f"reboot failed: {type(exc).__name__}") from None
         if why:
             log.warning("lwm2m ep=%s Reboot of %s not done: %s", self.name, self.device_id, why)
+            raise CoapError(Code.FORBIDDEN, f"not rebooted: {why}")
+        log.info("lwm2m ep=%s Reboot: %s reset", self.name, self.device_id)
 
     async def _exec_update_trigger(self, _args: bytes) -> None:
         asyncio.get_running_loop().create_task(self._update_now())
@@ -305,11 +320,31 @@ class Endpoint:
     async def start(self) -> None:
         if self._task is not None:
             return
-        site = self.tree.site()
-        host = self.cfg.bind_host
-        self.ctx = await aiocoap.Context.create_server_context(site, bind=(host, 0),
-                                                               transports=["udp6"])
+        self._site = self.tree.site()
+        self.ctx = await self._open()
         self._task = asyncio.create_task(self._run(), name=f"lwm2m-{self.name}")
+
+    async def _open(self) -> aiocoap.Context:
+        return await aiocoap.Context.create_server_context(
+            self._site, bind=(self.cfg.bind_host, 0), transports=["udp6"])
+
+    async def _new_socket(self) -> None:
+        """Before registering again: a fresh socket, so that nothing the old one's message
+        layer remembers of an earlier server session (Message IDs it deduplicates, the
+        answers it would replay) can answer the new session's requests (module docstring)."""
+        old, self.ctx = self.ctx, await self._open()
+        self._ctx_registered = False
+        if old is not None:
+            task = asyncio.create_task(self._retire(old), name=f"lwm2m-{self.name}-retire")
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+
+    async def _retire(self, ctx: aiocoap.Context) -> None:
+        try:
+            await asyncio.sleep(self.cfg.request_timeout_s)  # bounded: in-flight requests end
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(ctx.shutdown(), 5.0)
 
     async def close(self, deregister: bool = True) -> None:
         self._abort_push()
@@ -326,6 +361,9 @@ class Endpoint:
             with contextlib.suppress(Exception):
                 await self.ctx.shutdown()
             self.ctx = None
+        for task in list(self._retiring):
+            task.cancel()
+        await asyncio.gather(*self._retiring, return_exceptions=True)
         self.registered.clear()
 
     def _uri(self, path: str) -> str:
@@ -348,6 +386,7 @@ class Endpoint:
             return False
         self.location = list(resp.opt.location_path)
         self.registrations += 1
+        self._ctx_registered = True
         self.registered.set()
         log.info("lwm2m ep=%s registered at %s as /%s (lifetime %ds)", self.name, self.cfg.server,
                  "/".join(self.location), int(self.cfg.lifetime_s))
@@ -371,6 +410,8 @@ class Endpoint:
         loop = asyncio.get_running_loop()
         while True:
             try:
+                if self._ctx_registered:  # the server forgot this client: a new session
+                    await self._new_socket()
                 if not await self._register():
                     raise ConnectionError("registration refused")
                 delay = 1.0
