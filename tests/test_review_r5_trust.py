@@ -57,7 +57,8 @@ async def test_group_cancel_with_a_member_image_gone_is_not_reported_taken_back(
             closed_as_back = not intents and gw.journal.group("pair").phase == "failed"  # type: ignore[union-attr]
             assert not (closed_as_back and runs_new_unconfirmed(first)), (
                 f"cancel closed as 'taken back' while {first.id} still test-runs the canceled "
-                f"2.0.0 ({second.id}: {active(second)}): {[(e[2], e[3]) for e in gw.journal.events(second.id)][-4:]}")
+                f"2.0.0 ({second.id}: {active(second)}): "
+                f"{[(e[2], e[3]) for e in gw.journal.events(second.id)][-4:]}")
         finally:
             gw.close()
 
@@ -250,11 +251,12 @@ async def test_open_set_revert_is_finished_for_a_paused_device(bench_factory, tm
     taking back of an update (docs/operations.md: 'a pause never holds back the take-back of
     a cancel'); once the window opens the revert must be done, paused or not - else image 0
     test-runs the failed set, unconfirmed, for as long as the pause lasts."""
-    from gateway import devkit
-    from gateway.config import parse_config
     from modes_support import active as mactive
     from modes_support import publish_entry, sign
     from test_trust_sets_xip import NEXT_OPEN, OPEN, WINDOW, Clock, two_images, window_gateway
+
+    from gateway import devkit
+    from gateway.config import parse_config
 
     bench, _imgs = two_images(bench_factory)
     other = devkit.make_key(tmp_path / "other.pem")
