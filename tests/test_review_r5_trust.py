@@ -281,3 +281,38 @@ async def test_open_set_revert_is_finished_for_a_paused_device(bench_factory, tm
             gw.close()
         assert mactive(dev, 0)[:2] == ("1.0.0", True), (
             f"paused device still test-runs the failed set's image 0: {out.status} {out.detail}")
+
+
+async def test_group_resumed_with_a_member_image_gone_goes_back_whole(bench_factory: Any) -> None:
+    """Both members test-run 2.0.0 (group phase boot), the gateway stops, one member's stored
+    image is gone before the restart; no cancel. The resumed group must never confirm the
+    other member alone (the one without its image would revert at its next reset: a mixed
+    group): it cannot be finished, so every member goes back, the image-less one from the
+    hash the group journalled (c), driven by what the device reports (b)."""
+    bench = bench_factory(udp=2, serial=0)
+    bench.publish("2.0.0")
+    async with Simulator(bench.sim_cfg) as sim:
+        first, second = sim.devices.values()
+        cfg = bench.gateway_config(sim, group="pair", health_check_s=5.0)
+        gw = Gateway(cfg)
+        try:
+            run = asyncio.create_task(gw.run_once())
+            await first.wait_for(runs_new_unconfirmed, timeout_s=120)
+            await second.wait_for(runs_new_unconfirmed, timeout_s=120)
+            run.cancel()
+            await asyncio.gather(run, return_exceptions=True)
+            img = gw.journal.get(first.id).image_path
+        finally:
+            gw.close()
+        assert img is not None
+        Path(img).unlink()
+        gw = Gateway(cfg)
+        try:
+            res = await gw.run_once()
+            phase = gw.journal.group("pair").phase  # type: ignore[union-attr]
+        finally:
+            gw.close()
+        now = {d.id: active(d) for d in (first, second)}
+        assert all(v == ("1.0.0", True) for v in now.values()), (
+            now, phase, {k: (o.status.value, o.detail[:100]) for k, o in res.outcomes.items()})
+        assert phase == "failed", phase
