@@ -387,9 +387,8 @@ class Gateway:
                     lambda: eng.run(plan.image, None, artifact_id=offer.artifact_id,
                                     source=offer.source, until=adm.until))
                 if out.status == Status.HELD and adm.until != Stage.CONFIRMED:
-                    out.detail = adm.reason
                     self.fleet.after_hold(dev, offer)
-                    await self._report(offer, Report(UpdateState.DOWNLOADED, detail=adm.reason))
+                    return await self.staged(dev, offer, out, adm.reason)
                 if out.status in (Status.ROLLED_BACK, Status.REFUSED):
                     self.block(dev.id, plan.image.hash.hex(), offer.artifact_id)
                 return await self.final(offer, out)
@@ -741,6 +740,13 @@ class Gateway:
                         self.source.name, exc)
             return False
 
+    async def staged(self, dev: DeviceConfig, offer: Offer, out: Outcome, reason: str) -> Outcome:
+        """The engine stopped where the admission allowed (download-only, outside a window):
+        the image sits in the secondary slot; DOWNLOADED is reported, no final report."""
+        out.detail = reason
+        await self._report(offer, Report(UpdateState.DOWNLOADED, detail=reason))
+        return await self.final(offer, out)
+
     async def final(self, offer: Offer | None, out: Outcome) -> Outcome:
         """Count the outcome; about an offer, journal its final report, then deliver it.
 
@@ -805,7 +811,8 @@ class Gateway:
             return
         if dev.group is not None:
             rec = self.journal.group(dev.group)
-            if rec is not None and dev.id in rec.members and rec.phase not in ("done", "failed"):
+            if rec is not None and dev.id in rec.members and rec.phase not in ("done", "failed",
+                                                                              "staged"):
                 return  # the group's decision is still open: its run reports every member
         try:
             data = json.loads(entry.unreported)

@@ -218,7 +218,7 @@ class UpdateEngine:
                                bytes_uploaded=sent, upload_seconds=secs, resumed_from=resumed,
                                image_bytes=image.size if image and sent else 0))
 
-    def _gate(self, what: str, image: VerifiedImage, old: str | None) -> None:
+    def _gate(self, what: str, image: VerifiedImage | None, old: str | None) -> None:
         """Stop HELD before ``what`` (a mark-and-reset or a reset) if ``reset_gate`` says no
         (the window closed during the upload or a wait). No outcome is journaled: the row
         stays open at its step, so the next attempt - or a restarted gateway - resumes from
@@ -228,7 +228,8 @@ class UpdateEngine:
             log.warning("device=%s %s waits for a maintenance window: %s", self.dev.id, what, why)
             raise _Finish(Outcome(self.dev.id, Status.HELD, UpdateResult.INITIAL,
                                   f"{what} waits for a maintenance window ({why})",
-                                  old_version=old, new_version=str(image.version)))
+                                  old_version=old,
+                                  new_version=str(image.version) if image else None))
 
     def _hold(self, stage: Stage, image: VerifiedImage, old: str | None) -> None:
         """Stop here if the caller asked to go only this far (no outcome is journaled)."""

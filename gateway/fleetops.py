@@ -42,7 +42,7 @@ from gateway.bootmodes.recovery import in_serial_recovery, last_confirmed_path
 from gateway.config import DeviceConfig, GatewayConfig, SerialTransport
 from gateway.control import ControlError, ControlServer
 from gateway.discovery.guard import IdentityGuard
-from gateway.engine import Outcome, Slots, Stage, Status, Step, UpdateEngine
+from gateway.engine import Outcome, Slots, Stage, Status, Step, UpdateEngine, set_revert_open
 from gateway.images import ImageRefused, ImageStore, VerifiedImageSet
 from gateway.journal import STAGED, Entry, Intent, Journal
 from gateway.maintenance import MaintenancePolicy
@@ -302,8 +302,16 @@ class FleetOps:
         return f"paused by the operator ({why})" if why is not None else None
 
     async def admit(self, key: str, dev: DeviceConfig, offer: Offer) -> Admission:
-        """Before anything is sent for ``offer``: go, go up to a stage, or hold (with why)."""
+        """Before anything is sent for ``offer``: go, go up to a stage, or hold (with why).
+
+        A pause stops new work, never the taking back of a failed test boot: the journal's (c)
+        open revert of a failed image set (``set_revert_open``) goes on while paused - its
+        reset still only through the maintenance-window gate (``reset_gate``)."""
         why = self.paused(dev)
+        if why is not None and set_revert_open(self.gw.journal.get(dev.id)):
+            log.info("device=%s paused, but the failed image set's open revert is finished",
+                     dev.id)
+            return Admission(True)
         if why is not None:
             return Admission(False, reason=why)
         now = self._now.pop(dev.id, None)
@@ -348,6 +356,33 @@ class FleetOps:
         if why is None:
             return None
         return [Outcome(d.id, Status.HELD, UpdateResult.INITIAL, why, group=d.group) for d in devs]
+
+    def install_gate(self, offer: Offer) -> Callable[[], str | None] | None:
+        """The source's own hold on marks and resets for ``offer`` (hawkBit: the action's
+        maintenance window), or None. Server metadata only ever withholds a reset, added to
+        the gateway's windows (c); it never allows one. Unreadable: it holds (fail safe)."""
+        gate = getattr(self.gw.source, "install_gate", None)
+        if gate is None or offer.source != self.gw.source.name:
+            return None
+        try:
+            made: Callable[[], str | None] = gate(offer)
+        except Exception as exc:
+            why = f"{self.gw.source.name}'s install window unreadable: {exc}"
+            return lambda: why
+        return made
+
+    @staticmethod
+    def install_stage(members: list[tuple[DeviceConfig, Offer]]) -> tuple[Stage, str]:
+        """How far a group goes by its members' offers (``install_mode``), as ``admit`` for one
+        device: a check-only or download-only offer of ANY member stops the whole group
+        before anything is marked (all or nothing: no member installs alone)."""
+        modes = {install_mode(o) for _, o in members}
+        if CHECK_ONLY in modes:
+            return Stage.CHECKED, PREFLIGHT_PASSED
+        if "download-only" in modes:
+            return Stage.UPLOADED, ("download-only: staged in the secondary slot; waits for the "
+                                    "server's install")
+        return Stage.CONFIRMED, ""
 
     async def admit_group(self, key: str, members: list[tuple[DeviceConfig, Offer]],
                           resumed: bool = False) -> str | None:
@@ -449,7 +484,7 @@ class FleetOps:
     def _group_target(self, dev: DeviceConfig) -> str | None:
         """The member's target in its group's journalled update, while that is not over."""
         rec = self.gw.journal.group(str(dev.group))
-        if rec is None or rec.phase in ("done", "failed"):
+        if rec is None or rec.phase in ("done", "failed", "staged"):
             return None
         return rec.members.get(dev.id)
 
@@ -459,11 +494,14 @@ class FleetOps:
         return [i for d in devs for i in self.gw.journal.open_intents(d.id) if i.kind == "cancel"]
 
     async def watch_group_cancel(self, name: str,
-                                 members: list[tuple[DeviceConfig, Offer, str]]) -> Intent:
+                                 members: list[tuple[DeviceConfig, Offer, str]],
+                                 stop: asyncio.Event | None = None) -> Intent:
         """While a group runs: until a cancel of any member arrives - the operator's (journalled
         by ``request_cancel``) or the fleet server's for any member's offer (its ``canceled``
         probe, as ``_watch_cancel``), journalled here before anything is done about it. Each
-        probe is bounded in time; a server hiccup is not a cancel."""
+        probe is bounded in time; a server hiccup is not a cancel. ``stop`` set: the run is
+        over, the watcher ends at its next turn (``_bounded``/``_wait_event``, never
+        ``asyncio.wait_for``, which can swallow the caller's cancellation in Python 3.11)."""
         src = self.gw.source
         probe: Callable[[Offer], Awaitable[str | None]] | None = getattr(src, "canceled", None)
         period = min(30.0, max(0.5, src.poll_interval()))
@@ -472,6 +510,8 @@ class FleetOps:
             self._running[dev.id] = th
         try:
             while True:
+                if stop is not None and stop.is_set():
+                    raise asyncio.CancelledError
                 mine = self.group_cancels([d for d, _, _ in members])
                 if mine:
                     return mine[0]
@@ -479,15 +519,16 @@ class FleetOps:
                     if probe is None or offer.source != src.name:
                         continue
                     try:
-                        why = await asyncio.wait_for(probe(offer), max(5.0, period))
-                    except Exception as exc:
+                        why = await _bounded(probe(offer), max(5.0, period))
+                    except Exception as exc:  # a server hiccup is not a cancel
                         log.debug("device=%s cancel check failed: %s", dev.id, exc)
                         why = None
-                    if why:
+                    if why:  # journalled even as the run ends: ``GroupRunner.run`` answers it
                         return self.gw.journal.put_intent(dev.id, "cancel", th, "server",
                                                           str(why), offer.report_handle())
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(ev.wait(), period)
+                    if stop is not None and stop.is_set():
+                        raise asyncio.CancelledError
+                await _wait_event(ev, period)
                 ev.clear()
         finally:
             for dev, _, _ in members:

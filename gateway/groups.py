@@ -59,13 +59,15 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from gateway.config import DeviceConfig
 from gateway.engine import Outcome, Slots, Stage, Status, Step, UpdateEngine, _Finish
+from gateway.fleetops import WATCH_STOP_S
 from gateway.images import ImageRefused, ImageStore, VerifiedImage
 from gateway.journal import GroupRecord, Intent, Journal
 from gateway.metrics import Metrics
@@ -78,6 +80,7 @@ log = logging.getLogger("gateway.groups")
 
 _PHASE_STAGE = {"upload": Stage.UPLOADED, "mark": Stage.MARKED, "boot": Stage.BOOTED}
 _OPEN_PHASES = ("mark", "boot", "confirm", "revert")  # past the point of no return
+_CLOSED_PHASES = ("done", "failed", "staged")  # staged: download-only, every member in slot 1
 
 
 class GroupAdmission(Protocol):
@@ -89,8 +92,15 @@ class GroupAdmission(Protocol):
 
     def group_cancels(self, devs: list[DeviceConfig]) -> list[Intent]: ...
 
+    def install_gate(self, offer: Offer) -> Callable[[], str | None] | None: ...
+
+    def install_stage(self, members: list[tuple[DeviceConfig, Offer]]) -> tuple[Stage, str]: ...
+
+    def after_hold(self, dev: DeviceConfig, offer: Offer) -> None: ...
+
     async def watch_group_cancel(self, name: str,
-                                 members: list[tuple[DeviceConfig, Offer, str]]) -> Intent: ...
+                                 members: list[tuple[DeviceConfig, Offer, str]],
+                                 stop: asyncio.Event | None = None) -> Intent: ...
 
     async def finish_group_cancel(self, dev: DeviceConfig, intent: Intent,
                                   verdict: str | None) -> None: ...
@@ -118,6 +128,8 @@ class GroupHost(Protocol):
 
     async def final(self, offer: Offer | None, out: Outcome) -> Outcome: ...
 
+    async def staged(self, dev: DeviceConfig, offer: Offer, out: Outcome, reason: str) -> Outcome: ...
+
     async def flush_unreported(self, dev: DeviceConfig) -> None: ...
 
     def block(self, device_id: str, image_hash: str | None, artifact_id: str | None) -> None: ...
@@ -125,6 +137,26 @@ class GroupHost(Protocol):
     def fail(self, dev: DeviceConfig, result: UpdateResult, detail: str) -> Outcome: ...
 
     def offer_from_journal(self, dev: DeviceConfig) -> Offer: ...
+
+
+@dataclass
+class _Back:
+    """A member taken back from the journal alone - its stored image is gone or no longer
+    verifies: reverting sends no image bytes, so the canceled image's hash as this gateway
+    journalled it (c) and what the device reports (b) are all ``MemberEngine.take_back``
+    needs. Never installed or confirmed from here."""
+
+    dev: DeviceConfig
+    offer: Offer
+    target: bytes
+    version: str
+
+
+def _target(p: Plan | _Back) -> tuple[bytes, str]:
+    """The hash and version of the image a member (its plan, or its journal) is about."""
+    if isinstance(p, _Back):
+        return p.target, p.version
+    return p.image.hash, str(p.image.version)
 
 
 class MemberEngine(UpdateEngine):
@@ -176,34 +208,35 @@ class MemberEngine(UpdateEngine):
         bad = await self.recheck(image)
         return bad if bad is not None else await self.confirm(image)
 
-    async def take_back(self, image: VerifiedImage, reason: str) -> Outcome:
+    async def take_back(self, target: bytes, version: str, reason: str) -> Outcome:
         """Bring the member back to its previous image, confirmed (see the module docstring).
 
         Decided from the device's state at each step, at most a few resets; ROLLED_BACK when
-        the previous image runs confirmed with nothing pending, FAILED otherwise."""
+        the previous image runs confirmed with nothing pending, FAILED otherwise. ``target``:
+        the canceled image's hash from the journal (c), never the stored file - which may be
+        gone - and no image bytes: reverting sends none."""
         self.until = Stage.CONFIRMED
         old_v = self.entry.old_version
         old = bytes.fromhex(self.entry.old_hash) if self.entry.old_hash else None
-        target = image.hash
         did: list[str] = []
         try:
             for _ in range(6):
                 slots = await self._read_slots_through_reboot()
                 active, other = slots.active, slots.other
                 if slots.active_hash == target and active is not None and not active.confirmed:
-                    did.append(f"reset the test-running {image.version} (MCUboot reverted it)")
-                    await self._reset_step(f"group take-back: {reason}", image)
+                    did.append(f"reset the test-running {version} (MCUboot reverted it)")
+                    await self._reset_step(f"group take-back: {reason}")
                     continue
                 if slots.active_hash == target:  # confirmed: re-install the previous image
                     if old is None or slots.other_hash != old or other is None:
                         raise self._finish(
                             Status.FAILED, UpdateResult.UPDATE_FAILED,
-                            f"{reason}; {image.version} is confirmed here and its previous image is "
-                            "no longer in the secondary slot: it cannot be taken back", image, old_v)
+                            f"{reason}; {version} is confirmed here and its previous image is "
+                            "no longer in the secondary slot: it cannot be taken back", None, old_v)
                     if not other.pending:
                         # the mark belongs with its reset: both only inside a maintenance window
                         self._gate("group take-back: the mark and reset of the previous image",
-                                   image, old_v)
+                                   None, old_v)
                         self._step(Step.MARK_TEST, f"group take-back: test-boot the previous image "
                                    f"{other.version}", tested_hash=old.hex())
                         post = Slots.parse(await self.s.image_test(old), self.dev.image)
@@ -211,15 +244,15 @@ class MemberEngine(UpdateEngine):
                             raise self._finish(
                                 Status.FAILED, UpdateResult.UPDATE_FAILED,
                                 f"{reason}; the device did not mark the previous image "
-                                f"{other.version} for test", image, old_v)
+                                f"{other.version} for test", None, old_v)
                     did.append(f"re-installed {other.version} from the secondary slot (test swap)")
-                    await self._reset_step(f"group take-back: boot the previous image {other.version}", image)
+                    await self._reset_step(f"group take-back: boot the previous image {other.version}")
                     continue
                 if old is not None and slots.active_hash == old:
                     if slots.other_hash == target and other is not None and other.pending:
                         # marked, never booted: only a reset clears it (it test-boots, then reverts)
-                        did.append(f"test-booted the pending {image.version} to clear it")
-                        await self._reset_step(f"group take-back: clear the pending {image.version}", image)
+                        did.append(f"test-booted the pending {version} to clear it")
+                        await self._reset_step(f"group take-back: clear the pending {version}")
                         continue
                     if active is not None and not active.confirmed:
                         await self._confirm_previous(old)
@@ -228,25 +261,28 @@ class MemberEngine(UpdateEngine):
                     raise self._finish(
                         Status.ROLLED_BACK, UpdateResult.UPDATE_FAILED,
                         f"{reason}; {'; '.join(did) or 'nothing to undo'}; back on {now}, confirmed",
-                        image, old_v)
+                        None, old_v)
                 now = active.version if active else "?"
                 raise self._finish(Status.FAILED, UpdateResult.UPDATE_FAILED,
-                                   f"{reason}; the device runs {now}, neither {image.version} nor "
-                                   "its previous image: not touched", image, old_v)
+                                   f"{reason}; the device runs {now}, neither {version} nor "
+                                   "its previous image: not touched", None, old_v)
             raise self._finish(Status.FAILED, UpdateResult.UPDATE_FAILED,
                                f"{reason}; taking it back did not settle ({'; '.join(did)})",
-                               image, old_v)
+                               None, old_v)
         except _Finish as f:
+            f.outcome.new_version = f.outcome.new_version or version
             return f.outcome
         except (SMPTimeout, TransportError, SMPError) as exc:
-            return self._finish(Status.FAILED, UpdateResult.CONNECTION_LOST,
-                                f"{reason}; take-back: {type(exc).__name__}: {exc}", image,
-                                old_v).outcome
+            out = self._finish(Status.FAILED, UpdateResult.CONNECTION_LOST,
+                               f"{reason}; take-back: {type(exc).__name__}: {exc}", None,
+                               old_v).outcome
+            out.new_version = version
+            return out
 
-    async def _reset_step(self, detail: str, image: VerifiedImage) -> None:
+    async def _reset_step(self, detail: str) -> None:
         """Every take-back reset: only when ``reset_gate`` allows it (else HELD; the group
         stays in its revert phase and resumes when a window opens)."""
-        self._gate(f"{detail}: the reset", image, self.entry.old_version)
+        self._gate(f"{detail}: the reset", None, self.entry.old_version)
         self._step(Step.RESET, detail)
         acked = await self.s.reset()
         self._step(Step.WAIT_BOOT, f"reset acknowledged={acked}")
@@ -276,6 +312,11 @@ class MemberEngine(UpdateEngine):
                         self.dev.id, exc)
 
 
+def _both_gates(first: Callable[[], str | None],
+                second: Callable[[], str | None] | None) -> Callable[[], str | None]:
+    return lambda: first() or (second() if second is not None else None)
+
+
 def _resumable(o: Outcome) -> bool:
     """A take-back that may finish later: a link error, or a reset waiting for a window."""
     return o.status == Status.HELD or (o.status == Status.FAILED
@@ -287,20 +328,25 @@ class GroupRunner:
         self.host = host
 
     # -- one member, one phase, one session --------------------------------------------------
-    async def _member(self, plan: Plan, phase: str, reason: str = "") -> Outcome:
+    async def _member(self, plan: Plan | _Back, phase: str, reason: str = "",
+                      until: Stage | None = None) -> Outcome:
         h, dev = self.host, plan.dev
         try:
             async with h.session(dev) as s:
                 eng = MemberEngine.of(h.engine(dev, s))
+                if phase == "revert":  # the gateway's windows only: a take-back is not an install
+                    return await eng.take_back(*_target(plan), reason)
+                assert isinstance(plan, Plan)  # forward phases: the verified image, always
+                src_gate = h.fleet.install_gate(plan.offer)  # e.g. hawkBit's window: withholds only
+                if src_gate is not None:
+                    eng.reset_gate = _both_gates(src_gate, eng.reset_gate)
                 if phase == "confirm":
                     return await eng.confirm_checked(plan.image)
                 if phase == "recheck":
                     return await eng.recheck(plan.image) or Outcome(
                         dev.id, Status.HELD, UpdateResult.INITIAL, "re-checked")
-                if phase == "revert":
-                    return await eng.take_back(plan.image, reason)
                 return await eng.run(plan.image, None, artifact_id=plan.offer.artifact_id,
-                                     source=plan.offer.source, until=_PHASE_STAGE[phase])
+                                     source=plan.offer.source, until=until or _PHASE_STAGE[phase])
         except Stopping:
             return Outcome(dev.id, Status.FAILED, UpdateResult.INITIAL, "gateway stopping")
         except (SMPTimeout, TransportError) as exc:
@@ -348,6 +394,15 @@ class GroupRunner:
         return plan, Outcome(dev.id, st, res, e.last_error or e.step, old_version=e.old_version,
                              new_version=e.target_version)
 
+    def _back(self, dev: DeviceConfig, target_hash: str) -> _Back:
+        """A member to take back whose stored image cannot be used (gone, or it no longer
+        verifies): from the group's journalled target hash (c) - the device's own report (b)
+        decides each step of ``MemberEngine.take_back``; no image is needed to revert."""
+        e = self.host.journal.get(dev.id)
+        version = e.target_version if e.target_hash == target_hash and e.target_version else "?"
+        return _Back(dev, self.host.offer_from_journal(dev), bytes.fromhex(target_hash),
+                     f"{version} ({target_hash[:12]})" if version == "?" else version)
+
     # -- the group ---------------------------------------------------------------------------
     async def run(self, name: str, members: list[DeviceConfig]) -> list[Outcome]:
         h, j = self.host, self.host.journal
@@ -363,15 +418,19 @@ class GroupRunner:
         confirmed: set[str] = set()
         failure: tuple[str, Outcome] | None = None
         phase = "upload"
+        stop_at, stop_why = Stage.CONFIRMED, ""
         if rec is not None and rec.phase in _OPEN_PHASES:
             # interrupted after the point of no return for some member: follow the journal
             phase = rec.phase
             log.info("group=%s resuming phase=%s members=%s", name, phase, ",".join(rec.members))
+            backs: dict[str, _Back] = {}
             for dev in members:
                 if dev.id not in rec.members:
                     continue
                 resumed = self._resume_plan(dev, rec.members[dev.id])
                 if resumed is None:
+                    if h.journal.get(dev.id).target_hash == rec.members[dev.id]:
+                        backs[dev.id] = self._back(dev, rec.members[dev.id])
                     continue
                 plans[dev.id], journaled = resumed
                 if journaled is None:
@@ -384,6 +443,17 @@ class GroupRunner:
             members_map = dict(rec.members)
             await h.fleet.admit_group(f"group:{name}", [(p.dev, p.offer) for p in plans.values()],
                                       resumed=True)  # past the point of no return: accounted only
+            if backs:
+                # past the point of no return, a member's stored image is gone or no longer
+                # verifies: the group cannot go forward (nothing more is confirmed); every
+                # member goes back, that one from the journal's hash (``_Back``)
+                bid = next(iter(backs))
+                lost = (f"group {name}: member {bid}'s stored image is gone or no longer "
+                        "verifies: the group cannot be finished; taking every member back")
+                return await self._close(name, {**plans, **backs}, outs,
+                                         (bid, Outcome(bid, Status.FAILED,
+                                                       UpdateResult.UPDATE_FAILED, lost)),
+                                         revert=True, why=lost)
         else:
             planned = await asyncio.gather(*(self._plan(d) for d in members))
             done: dict[str, Outcome] = {}
@@ -405,23 +475,31 @@ class GroupRunner:
                 return [Outcome(i, Status.HELD, UpdateResult.INITIAL, why, group=name)
                         for i in plans] + list(done.values())
             outs.update(done)
+            # download-only / check-only offers stop the whole group before the mark, as
+            # ``FleetOps.admit`` stops a single device
+            stop_at, stop_why = h.fleet.install_stage([(p.dev, p.offer) for p in plans.values()])
             members_map = {i: p.image.hash.hex() for i, p in plans.items()}
             j.put_group(GroupRecord(name, "upload", members_map, "members: " + ",".join(plans)))
             h.metrics.inc("updates_started_total", len(plans))
         # a cancel of any member's offer (the server's) or of any member (the operator's) is
         # watched for the whole run, journalled as an intent before it is acted on
+        stop = asyncio.Event()
         watch = asyncio.ensure_future(h.fleet.watch_group_cancel(
             name, [(p.dev, p.offer, members_map.get(i, p.image.hash.hex()))
-                   for i, p in plans.items()]))
+                   for i, p in plans.items()], stop))
         try:
             result = await self._drive(name, plans, outs, confirmed, failure, phase, members_map,
-                                       rec, watch)
+                                       rec, watch, (stop_at, stop_why))
         except _GroupCanceled:
             result = None
         finally:
+            # never wait on the watcher unbounded (Python 3.11's wait_for can swallow a
+            # cancellation): ``stop`` ends it at its next turn
+            stop.set()
             watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await watch
+            await asyncio.wait({watch}, timeout=WATCH_STOP_S)
+            if watch.done() and not watch.cancelled():
+                watch.exception()  # retrieved: an error of the watcher is not the run's
         if result is None or (h.fleet.group_cancels(members) and not h.stop.is_set()):
             # taken back now; or it came as the group ended: answered (too late / nothing left)
             canceled = await self._canceled(name, members)
@@ -431,10 +509,13 @@ class GroupRunner:
     async def _drive(self, name: str, plans: dict[str, Plan], outs: dict[str, Outcome],
                      confirmed: set[str], failure: tuple[str, Outcome] | None, phase: str,
                      members_map: dict[str, str], rec: GroupRecord | None,
-                     watch: asyncio.Future[Intent]) -> list[Outcome]:
+                     watch: asyncio.Future[Intent],
+                     stage: tuple[Stage, str] = (Stage.CONFIRMED, "")) -> list[Outcome]:
         """The group's phases from ``phase`` on; raises ``_GroupCanceled`` when a member's
-        cancel arrives (the members' steps in flight are stopped; nothing more is confirmed)."""
+        cancel arrives (the members' steps in flight are stopped; nothing more is confirmed).
+        ``stage``: how far the members' offers let the group go (``FleetOps.install_stage``)."""
         h, j = self.host, self.host.journal
+        stop_at, stop_why = stage
 
         # -- upload, mark, boot: every member together ---------------------------------------
         order = list(_PHASE_STAGE)
@@ -444,13 +525,18 @@ class GroupRunner:
             if order.index(ph) < order.index(phase):
                 continue
             self._check_cancel(watch, plans)
+            if ph == "mark" and phase == "upload":  # nobody is marked yet
+                held = await self._before_mark(name, plans, outs, stop_at, stop_why)
+                if held is not None:
+                    return held
+            until = min(_PHASE_STAGE[ph], stop_at)
             j.put_group(GroupRecord(name, ph, members_map))
-            results = await self._unless_canceled(watch, [self._member(p, ph)
+            results = await self._unless_canceled(watch, [self._member(p, ph, until=until)
                                                           for p in plans.values()])
             if h.stop.is_set():
                 return self._stopping(plans, outs)  # the journaled phase resumes at the next start
             waits = [o for o in results if o.status == Status.HELD
-                     and o.detail != _PHASE_STAGE[ph].name.lower()]
+                     and o.detail != until.name.lower()]
             if waits and all(o.status == Status.HELD for o in results):
                 # a mark/reset the maintenance window no longer allows (it closed during the
                 # upload or the boots): the journaled phase resumes when a window opens
@@ -483,6 +569,39 @@ class GroupRunner:
             failure = ("?", Outcome("?", Status.FAILED, UpdateResult.UPDATE_FAILED,
                                     rec.detail if rec else "group reverted"))
         return await self._close(name, plans, outs, failure, revert=True)
+
+    async def _before_mark(self, name: str, plans: dict[str, Plan], outs: dict[str, Outcome],
+                           stop_at: Stage, stop_why: str) -> list[Outcome] | None:
+        """Every member holds its image, unmarked; None: the group may mark them now.
+
+        As ``FleetOps.admit`` for one device: a download-only (or check-only) offer stops the
+        group here - each member's row closed as staged (``after_hold``) and DOWNLOADED
+        reported per member; the group's record "staged" (nothing to take back: slot 1 only).
+        Else the source's own hold (``install_gate``, e.g. hawkBit's maintenance window of an
+        action) is asked for every member before anyone is marked: server metadata may only
+        withhold the mark and reset, never allow them (that is the gateway's windows, (c))."""
+        h, j = self.host, self.host.journal
+        others = [o for i, o in outs.items() if i not in plans]
+        if stop_at < Stage.MARKED:
+            result = []
+            for p in plans.values():
+                h.fleet.after_hold(p.dev, p.offer)
+                o = Outcome(p.dev.id, Status.HELD, UpdateResult.INITIAL, stop_why,
+                            new_version=str(p.image.version), group=name)
+                result.append(await h.staged(p.dev, p.offer, o, stop_why))
+            j.put_group(GroupRecord(name, "staged", {i: p.image.hash.hex() for i, p in plans.items()},
+                                    stop_why))
+            log.info("group=%s staged: %s", name, stop_why)
+            return result + others
+        for p in plans.values():
+            gate = h.fleet.install_gate(p.offer)
+            why = gate() if gate is not None else None
+            if why is not None:
+                detail = f"group {name} waits: {p.dev.id}: {why} (images staged, nothing marked)"
+                log.info("group=%s %s", name, detail)
+                return [Outcome(i, Status.HELD, UpdateResult.INITIAL, detail, group=name)
+                        for i in plans] + others
+        return None
 
     async def _confirm_all(self, name: str, plans: dict[str, Plan], outs: dict[str, Outcome],
                            confirmed: set[str], watch: asyncio.Future[Intent],
@@ -545,7 +664,12 @@ class GroupRunner:
         (``finish_group_cancel``: a server's is acknowledged now). A take-back left unfinished
         (link error, a reset waiting for a window) keeps the intents pending: the next
         attempt - also after a restart - resumes it here, before anything else. What is taken
-        back, and how, is read from each device (b) and the group's journalled phase."""
+        back, and how, is read from each device (b) and the group's journalled phase; a member
+        whose stored image is gone (or no longer verifies) is taken back all the same, from
+        the hash the group journalled for it (c) (``_Back``: reverting needs no image). The
+        cancel is "taken back" only once every member's take-back ended ROLLED_BACK (its
+        previous image runs, confirmed, nothing of the canceled one pending); any other end
+        keeps the group in "revert" and the intents pending (visible, resumed next time)."""
         h, j = self.host, self.host.journal
         intents = h.fleet.group_cancels(members)
         first = intents[0]
@@ -555,18 +679,20 @@ class GroupRunner:
         verdict: str | None = None
         result: list[Outcome] = []
         if any(i.state == "pending" for i in intents):
-            plans: dict[str, Plan] = {}
-            if rec is not None and rec.phase not in ("done", "failed"):
+            plans: dict[str, Plan | _Back] = {}
+            if rec is not None and rec.phase not in _CLOSED_PHASES:
                 for dev in members:
                     if dev.id in rec.members:
                         got = self._resume_plan(dev, rec.members[dev.id])
                         if got is not None:
                             plans[dev.id] = got[0]
+                        elif j.get(dev.id).target_hash == rec.members[dev.id]:
+                            plans[dev.id] = self._back(dev, rec.members[dev.id])
             if rec is not None and rec.phase == "done":
                 verdict = f"too late: group {name} is installed, every member confirmed"
             elif not plans:
                 verdict = f"taken back: nothing of group {name} is left to take back"
-                if rec is not None and rec.phase not in ("done", "failed"):
+                if rec is not None and rec.phase not in _CLOSED_PHASES:
                     j.put_group(GroupRecord(name, "failed", rec.members, why))
             else:
                 assert rec is not None
@@ -577,7 +703,7 @@ class GroupRunner:
                     j.put_group(GroupRecord(name, "failed", rec.members, why))
                 log.warning("group=%s %s: taking every member back", name, why)
                 result = await self._close(name, plans, {}, failure, revert=revert, why=why,
-                                           block=False, canceled=canceled)
+                                           block=False, canceled=canceled, all_back=True)
                 after = j.group(name)
                 if after is None or after.phase != "failed":  # unfinished: resumed next time
                     for i in intents:
@@ -595,7 +721,7 @@ class GroupRunner:
         return result
 
     @staticmethod
-    def _stopping(plans: dict[str, Plan], outs: dict[str, Outcome]) -> list[Outcome]:
+    def _stopping(plans: Mapping[str, Plan | _Back], outs: dict[str, Outcome]) -> list[Outcome]:
         """Shutting down mid-group: no decision now, no report (the journal resumes it)."""
         return [Outcome(i, Status.FAILED, UpdateResult.INITIAL, "gateway stopping") for i in plans] + [
             o for i, o in outs.items() if i not in plans]
@@ -621,18 +747,20 @@ class GroupRunner:
             result.append(o)
         return result
 
-    async def _close(self, name: str, plans: dict[str, Plan], outs: dict[str, Outcome],
+    async def _close(self, name: str, plans: Mapping[str, Plan | _Back], outs: dict[str, Outcome],
                      failure: tuple[str, Outcome], revert: bool, *, why: str | None = None,
-                     block: bool = True, canceled: set[str] | None = None) -> list[Outcome]:
+                     block: bool = True, canceled: set[str] | None = None,
+                     all_back: bool = False) -> list[Outcome]:
         """``canceled``: members whose update was canceled (taken back with the group, their
         rows closed ``canceled``; no final report - the cancel's acknowledgement answers it);
         ``block`` False: the group's images are not blocked (a cancel is not a failure of the
-        image)."""
+        image); ``all_back`` (a cancel): the group closes only once EVERY member is back
+        (ROLLED_BACK), else it stays in "revert" (``_revert_open``)."""
         h, j = self.host, self.host.journal
         fid, fout = failure
         why = why or f"group {name} failed: member {fid} {fout.status.value}: {fout.detail}"
         rec = j.group(name)
-        members_map = rec.members if rec else {i: p.image.hash.hex() for i, p in plans.items()}
+        members_map = rec.members if rec else {i: _target(p)[0].hex() for i, p in plans.items()}
         if revert:
             if rec is None or rec.phase != "revert":
                 j.put_group(GroupRecord(name, "revert", members_map, why))
@@ -647,7 +775,7 @@ class GroupRunner:
                 outs[p.dev.id] = o
             not_back = [p.dev.id for p, o in zip(todo, results, strict=True)
                         if o.status != Status.ROLLED_BACK]
-            unfinished = [i for i in not_back if _resumable(outs[i])]
+            unfinished = [i for i in not_back if all_back or _resumable(outs[i])]
             if unfinished:
                 # the link failed (or a reset waits for a window) half-way: the group stays in
                 # "revert" and the next attempt resumes taking every member back; closing now
@@ -659,7 +787,7 @@ class GroupRunner:
                           ", ".join(f"{i} ({outs[i].detail})" for i in not_back))
             # taken back: the group's images are not pushed again until the source offers others
             for p in plans.values() if block else ():
-                h.block(p.dev.id, p.image.hash.hex(), p.offer.artifact_id)
+                h.block(p.dev.id, _target(p)[0].hex(), p.offer.artifact_id)
             j.put_group(GroupRecord(name, "failed", members_map, why))
         else:
             # upload phase: nobody is marked; close the held members' journal rows so that the
@@ -688,7 +816,7 @@ class GroupRunner:
         result += [self._tag(name, o, why) for i, o in outs.items() if i not in plans]
         return result
 
-    def _revert_open(self, name: str, plans: dict[str, Plan], outs: dict[str, Outcome],
+    def _revert_open(self, name: str, plans: Mapping[str, Plan | _Back], outs: dict[str, Outcome],
                      unfinished: list[str], why: str) -> list[Outcome]:
         """The take-back did not finish: no decision is reported yet (the journaled phase stays
         "revert", each member's outcome stays with its journal row until the group closes).
