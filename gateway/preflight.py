@@ -49,6 +49,7 @@ from gateway.config import (
 )
 from gateway.control import ControlError, _alive, request
 from gateway.daemon import make_transport
+from gateway.devcmd import parse_state_dicts
 from gateway.engine import Slots
 from gateway.images import (
     ImageRefused,
@@ -282,13 +283,10 @@ async def _state_for(cfg: GatewayConfig, dev: DeviceConfig, journal: Journal | N
         try:
             res = await request(cfg.control_socket, {"cmd": "device", "device": dev.id,
                                                      "op": "image-list"}, timeout_s=60)
-        except ControlError as exc:
+            # the socket's other end is outside input: every value typed (devcmd)
+            states = parse_state_dicts(res.get("images") if isinstance(res, dict) else None)
+        except (ControlError, ValueError) as exc:
             return journal_state(dev, journal, f"device not read through the daemon ({exc})")
-        states = [ImageState(image=i["image"], slot=i["slot"], version=i["version"],
-                             hash=bytes.fromhex(i["hash"]) if i.get("hash") else None,
-                             **{f: i[f] for f in ("bootable", "pending", "confirmed", "active",
-                                                  "permanent")})
-                  for i in res.get("images", [])]
         return DeviceState(Slots.parse(states, dev.image), True, note="read from the device "
                            "(through the daemon)")
     return await read_device(dev, journal)
