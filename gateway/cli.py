@@ -266,7 +266,21 @@ async def _daemon_status(cfg: GatewayConfig) -> dict[str, dict[str, Any]] | None
     except (OSError, ValueError) as exc:  # a broken answer: read the devices instead
         logging.getLogger("gateway").debug("control socket %s: %s", cfg.control_socket, exc)
         return None
-    return got if isinstance(got, dict) else None
+    if not isinstance(got, dict):  # the socket's other end is outside input: typed here
+        return None
+    return {k: v for k, v in got.items() if isinstance(k, str) and isinstance(v, dict)}
+
+
+def _daemon_slots(d: dict[str, Any]) -> list[dict[str, Any]]:
+    """The slot records of a daemon's device view that have the expected shape (others: left
+    out, never a traceback)."""
+    slots = d.get("slots")
+    return [s for s in slots if isinstance(s, dict)] if isinstance(slots, list) else []
+
+
+def _flags_of(s: dict[str, Any]) -> list[str]:
+    f = s.get("flags")
+    return [x for x in f if isinstance(x, str)] if isinstance(f, list) else []
 
 
 async def _status(cfg: GatewayConfig, offline: bool, as_json: bool = False) -> int:
@@ -363,18 +377,18 @@ def _daemon_row(d: dict[str, Any] | None, row: list[str], step: str) -> tuple[li
     """The running/hash/flags/slot-1 cells and the step from the daemon's view of a device."""
     if d is None:
         return row, step
-    slots = [s for s in d.get("slots") or [] if isinstance(s, dict)]
-    act = next((s for s in slots if "active" in (s.get("flags") or [])), None)
+    slots = _daemon_slots(d)
+    act = next((s for s in slots if "active" in _flags_of(s)), None)
     other = next((s for s in slots if s is not act), None)
     if act is not None:
-        row = [str(act.get("version")), str(act.get("hash") or "-")[:16],
-               ",".join(f for f in act.get("flags") or [] if f != "bootable"), row[3]]
+        row = [str(act.get("version"))[:64], str(act.get("hash") or "-")[:16],
+               ",".join(f for f in _flags_of(act) if f != "bootable")[:80], row[3]]
     if slots:
-        row[3] = (f"{other.get('version')} "
-                  f"{','.join(f for f in other.get('flags') or [] if f != 'bootable')}".strip()
+        row[3] = (f"{str(other.get('version'))[:64]} "
+                  f"{','.join(f for f in _flags_of(other) if f != 'bootable')[:80]}".strip()
                   if other is not None else "empty")
     at = d.get("slots_at")
-    if slots and isinstance(at, int | float):
+    if slots and isinstance(at, int | float) and not isinstance(at, bool) and 0 < at < 2**32:
         row[2] = f"{row[2]} (read {time.strftime('%H:%M:%S', time.localtime(at))})".strip()
     if d.get("in_session"):
         step = f"{step}; in session"
@@ -418,7 +432,7 @@ def _status_json(cfg: GatewayConfig, devices: list[DeviceConfig], live: dict[str
         d = (daemon or {}).get(dev.id)
         if daemon is not None:
             reachable, error = None, "not asked: the running daemon holds the device"
-            slots = (d or {}).get("slots") or slots
+            slots = _daemon_slots(d or {}) or slots
         if isinstance(got, Exception):
             reachable, error, rc = False, f"unreachable: {got}", EXIT_FAILED
         elif got is not None:

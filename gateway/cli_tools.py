@@ -171,11 +171,14 @@ def _device(cfg: GatewayConfig, args: argparse.Namespace) -> int:
 
 
 def _print_result(dev_id: str, cmd: devcmd.DeviceCommand, result: dict[str, Any]) -> None:
-    if "images" in result:
+    if isinstance(result.get("images"), list):
         for i in result["images"]:
-            flags = ",".join(f for f in ("active", "confirmed", "pending", "permanent") if i[f])
-            print(f"{dev_id} image {i['image']} slot {i['slot']}: {i['version']} "
-                  f"{(i['hash'] or '-')[:16]} {flags}")
+            if not isinstance(i, dict):
+                continue
+            flags = ",".join(f for f in ("active", "confirmed", "pending", "permanent")
+                             if i.get(f) is True)
+            print(f"{dev_id} image {i.get('image')} slot {i.get('slot')}: {i.get('version')} "
+                  f"{str(i.get('hash') or '-')[:16]} {flags}")
     elif "echo" in result:
         print(result["echo"])
     elif "os_info" in result:
@@ -190,6 +193,9 @@ async def _device_async(cfg: GatewayConfig, dev_id: str,
     directory's lock (a daemon holding it without a reachable socket: refused, not raced)."""
     if cfg.control.enabled and await _alive(cfg.control_socket):
         res = await request(cfg.control_socket, cmd.to_request(dev_id), timeout_s=120)
+        if not isinstance(res, dict):  # the socket's other end is outside input
+            raise ControlError(f"unusable answer from the daemon: a {type(res).__name__}, not "
+                               "an object")
         return res, "daemon"
     dev = next((d for d in cfg.devices if d.id == dev_id), None)
     if dev is None:

@@ -18,9 +18,12 @@ import logging
 import os
 import socket
 import struct
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
+
+from gateway import safejson
 
 log = logging.getLogger("gateway.control")
 
@@ -90,11 +93,14 @@ class ControlServer:
                     return
                 if not line:
                     return
-                try:
-                    req = json.loads(line)
+                try:  # outside input: depth-checked (a RecursionError is no ValueError)
+                    req = safejson.loads(line)
                     if not isinstance(req, dict) or not isinstance(req.get("cmd"), str):
                         raise ValueError("a JSON object with 'cmd'")
-                except ValueError as exc:
+                    if "deadline" in req and (not isinstance(req["deadline"], int | float)
+                                              or isinstance(req["deadline"], bool)):
+                        raise ValueError("'deadline' is a number (seconds since the epoch)")
+                except (ValueError, UnicodeDecodeError) as exc:
                     await _send(writer, {"ok": False, "error": f"bad request: {exc}"})
                     continue
                 try:
@@ -128,7 +134,13 @@ async def _alive(path: Path) -> bool:
 
 
 async def request(path: Path, req: dict[str, Any], timeout_s: float = 60.0) -> Any:
-    """Client: one request; the result, or ControlError with the daemon's error."""
+    """Client: one request; the result, or ControlError (one line) with the daemon's error,
+    no answer within ``timeout_s`` or an answer that is not one (the socket's other end is
+    outside input: depth-checked JSON, an object with a boolean ``ok``).
+
+    The request carries ``deadline`` (wall clock, this host): when the client stops waiting.
+    The daemon does not start acting on a device command after it (``fleetops``), so a command
+    the operator was told failed does not run later, when the device is free."""
     try:
         reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path), limit=1 << 24),
                                                 5.0)
@@ -140,14 +152,26 @@ async def request(path: Path, req: dict[str, Any], timeout_s: float = 60.0) -> A
     except (OSError, TimeoutError) as exc:
         raise ControlError(f"cannot connect to {path}: {exc}") from None
     try:
-        writer.write(json.dumps(req).encode() + b"\n")
+        writer.write(json.dumps({**req, "deadline": time.time() + timeout_s}).encode() + b"\n")
         await writer.drain()
         line = await asyncio.wait_for(reader.readline(), timeout_s)
+    except TimeoutError:
+        raise ControlError(f"no answer from the daemon within {timeout_s:g}s (it is busy with the "
+                           "device?); it does not start the request after that") from None
+    except (ValueError, asyncio.LimitOverrunError):
+        raise ControlError("the daemon's answer is too long") from None
+    except OSError as exc:
+        raise ControlError(f"control socket {path}: {exc}") from None
     finally:
         writer.close()
     if not line:
         raise ControlError("the daemon closed the connection without an answer")
-    rsp = json.loads(line)
-    if not rsp.get("ok"):
-        raise ControlError(str(rsp.get("error")))
+    try:
+        rsp = safejson.loads(line)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ControlError(f"unusable answer on {path}: {str(exc)[:120]}") from None
+    if not isinstance(rsp, dict) or not isinstance(rsp.get("ok"), bool):
+        raise ControlError(f"unusable answer on {path}: not an object with a boolean 'ok'")
+    if not rsp["ok"]:
+        raise ControlError(str(rsp.get("error"))[:1000])
     return rsp.get("result")

@@ -18,8 +18,13 @@ and the rules that keep that from undoing the gateway's work:
   boot, without a test boot. ``image confirm`` without a hash confirms the running image.
 * ``reset`` goes through the maintenance-window gate of the gateway's configuration (c)
   unless ``--ignore-window``.
-* ``image erase`` is refused while the journal holds an update of that device open (the
-  daemon would resume it - or has marked it for test).
+* ``image erase``, ``image test`` and ``image confirm`` (with or without a hash, also with
+  ``--force``) are refused while the journal holds an update of that device open (the daemon
+  would resume it - or has marked it for test and owns its health check and confirm: a
+  confirm by hand would make its test image permanent without the health check).
+* a command that came through the daemon carries its client's deadline: once the client has
+  stopped waiting (the device was busy in a long session), nothing is sent - the operator was
+  told the command failed, so it must not run later.
 
 Every request is bounded by the device's ``timeouts.request_s``; answers are read as CBOR
 maps of bounded size by ``SMPSession``.
@@ -28,6 +33,7 @@ maps of bounded size by ``SMPSession``.
 from __future__ import annotations
 
 import struct
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,6 +101,32 @@ def state_dicts(states: list[ImageState]) -> list[dict[str, Any]]:
     return out
 
 
+def parse_state_dicts(obj: Any) -> list[ImageState]:
+    """``state_dicts`` back (an answer through the control socket: outside input, typed
+    here); ValueError when anything has another shape."""
+    if not isinstance(obj, list) or len(obj) > 64:
+        raise ValueError("images: not a list of slots")
+    out = []
+    for i in obj:
+        if not isinstance(i, dict):
+            raise ValueError("images: a slot is not an object")
+        num = {k: i.get(k) for k in ("image", "slot")}
+        if any(not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 256
+               for v in num.values()):
+            raise ValueError("images: image/slot not small integers")
+        flags = {f: i.get(f) for f in ("bootable", "pending", "confirmed", "active", "permanent")}
+        if any(not isinstance(v, bool) for v in flags.values()):
+            raise ValueError("images: flags not booleans")
+        version, h = i.get("version"), i.get("hash")
+        if not isinstance(version, str) or len(version) > 64:
+            raise ValueError("images: version not a string")
+        if h is not None and (not isinstance(h, str) or len(h) > 128):
+            raise ValueError("images: hash not a hex string")
+        out.append(ImageState(image=num["image"], slot=num["slot"], version=version,
+                              hash=bytes.fromhex(h) if h else None, **flags))
+    return out
+
+
 @dataclass
 class DeviceCommand:
     op: str
@@ -138,9 +170,20 @@ def _hash(arg: str | None) -> bytes:
 
 
 async def run(dev: DeviceConfig, session: SMPSession, cmd: DeviceCommand, journal: Journal,
-              ops: OpState, maint: MaintenancePolicy, actor: str) -> dict[str, Any]:
-    """Run ``cmd`` on the open ``session`` (the caller holds the device's lock)."""
+              ops: OpState, maint: MaintenancePolicy, actor: str,
+              deadline: float | None = None) -> dict[str, Any]:
+    """Run ``cmd`` on the open ``session`` (the caller holds the device's lock). ``deadline``
+    (wall clock): when the client stops waiting for the answer; nothing is sent after it."""
     t = dev.timeouts.request_s
+
+    def in_time(what: str) -> None:
+        # room for one request before the client gives up; else the operator would be told
+        # "failed" while the device does it
+        if deadline is not None and time.time() + t > deadline:
+            raise DeviceCommandRefused(f"{cmd.op} not sent: the device was busy until after the "
+                                       f"client's deadline ({what})")
+
+    in_time("before the first request")
     if cmd.op == "echo":
         return {"echo": await session.echo(cmd.arg or "ping", timeout_s=t)}
     if cmd.op == "image-list":
@@ -160,12 +203,14 @@ async def run(dev: DeviceConfig, session: SMPSession, cmd: DeviceCommand, journa
     if cmd.op == "reset" and not cmd.ignore_window and not maint.reset_allowed(dev):
         raise DeviceCommandRefused(f"reset refused: {maint.describe(dev)} (--ignore-window to "
                                    "reset anyway)")
-    if cmd.op == "image-erase":
+    if cmd.op in ("image-erase", "image-test", "image-confirm"):
+        # (c)+(b): the journal says this gateway owns the device's update (a test boot it
+        # started is health-checked and confirmed by it alone); --force does not override
         open_ = update_in_progress(journal, dev.id)
         if open_ is not None:
-            raise DeviceCommandRefused(f"erase refused: the gateway has an update of {dev.id} in "
-                                       f"progress (image {open_[:16]}); cancel it first (ctl "
-                                       "cancel) or let it finish")
+            raise DeviceCommandRefused(f"{cmd.op.split('-')[1]} refused: the gateway has an update "
+                                       f"of {dev.id} in progress (image {open_[:16]}); cancel it "
+                                       "first (smp-gateway ctl cancel) or wait for it to finish")
     if cmd.op == "image-test":
         hash_ = _hash(cmd.arg)
     if cmd.op == "image-confirm" and cmd.arg:
@@ -178,6 +223,7 @@ async def run(dev: DeviceConfig, session: SMPSession, cmd: DeviceCommand, journa
                 f"({bytes(running.hash).hex()[:16] if running and running.hash else 'none'}); "
                 "confirming another slot installs it permanently at the next boot without a test "
                 "boot (--force to do it anyway)")
+    in_time("before sending")
     what = f"operator device {cmd.describe()} by {actor}"
     journal.put(journal.get(dev.id), f"{what}: sending")
     ops.audit(actor, f"device {cmd.op}", dev.id, cmd.describe())

@@ -67,6 +67,10 @@ class Step(enum.StrEnum):
     FAILED = "failed"
 
 
+# the journal's event (step confirm) written just before this gateway sends its confirm
+CONFIRM_SENT = "confirm sent"
+
+
 class Status(enum.StrEnum):
     UPDATED = "updated"
     UP_TO_DATE = "up-to-date"
@@ -477,8 +481,16 @@ class UpdateEngine:
                 # was cut short), or someone else's
                 mine = resuming or self.entry.tested_hash == th
                 st = Status.UPDATED if mine else Status.UP_TO_DATE
-                raise self._finish(st, UpdateResult.SUCCESS, f"running {image.version}, confirmed",
-                                   image, old_v)
+                detail = f"running {image.version}, confirmed"
+                if (self.entry.tested_hash == th and flow.test_boot and self.dev.confirm != "app"
+                        and not self.journal.event_since(self.dev.id, Step.MARK_TEST.value,
+                                                         Step.CONFIRM.value, CONFIRM_SENT)):
+                    # (b) says confirmed, the journal says this gateway never sent its confirm:
+                    # made permanent by someone else - the health check did not decide it
+                    detail += (" outside the gateway (it never sent its confirm); health check "
+                               "not run")
+                    log.warning("device=%s %s", self.dev.id, detail)
+                raise self._finish(st, UpdateResult.SUCCESS, detail, image, old_v)
             if self.entry.tested_hash == th:
                 self._hold(Stage.MARKED, image, old_v)
                 return await self._after_boot(image, old_v)
@@ -884,7 +896,11 @@ class UpdateEngine:
             if before.active is not None and before.active.confirmed:
                 # an earlier confirm landed (its answer was lost), or the application confirmed
                 raise self._finish(Status.UPDATED, UpdateResult.SUCCESS,
-                                   f"{old_v} -> {image.version}, confirmed", image, old_v)
+                                   f"{old_v} -> {image.version}, confirmed" + (
+                                       "" if attempt > 1 else " before the gateway's confirm "
+                                       "(by the device or someone else)"), image, old_v)
+            # journalled before it is sent: a later pass tells its own confirm from another's
+            self._step(Step.CONFIRM, f"{CONFIRM_SENT} {target.hex()[:16]} ({attempt}/{attempts})")
             try:
                 states = await self.s.image_confirm(by_hash, retries=0)
             except (SMPTimeout, SMPProtocolError) as exc:

@@ -992,10 +992,12 @@ class FleetOps:
             cmd = devcmd.DeviceCommand.from_request(req)
         except devcmd.DeviceCommandRefused as exc:
             raise ControlError(str(exc)) from None
+        deadline = req.get("deadline")  # the client's: checked by devcmd before it acts
         try:
             async with self.gw.session(dev) as session:
                 result = await devcmd.run(dev, session, cmd, self.gw.journal, self.ops, self.maint,
-                                          actor)
+                                          actor, deadline=deadline if isinstance(
+                                              deadline, int | float) else None)
         except devcmd.DeviceCommandRefused as exc:
             raise ControlError(str(exc)) from None
         except Stopping:

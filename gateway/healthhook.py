@@ -14,6 +14,10 @@ The verdict rests on (c) the gateway's configuration (which check) and (b) what 
 the user's check answers; the hook is bounded like any input from outside: ``timeout_s``
 (a command that does not end is killed - its whole process group - and counts as failed),
 ``max_output_bytes`` of its output kept (the rest is read and discarded, never buffered).
+The command is judged by its own exit status within its own timeout: once it has exited its
+output is read for at most ``DRAIN_S`` more - a process it left behind (``setsid``, a daemon)
+that keeps the pipe open is never waited for (``asyncio``'s ``Process.wait`` would: it waits
+for the pipes to close too).
 Anything but a clear pass is a failure: the engine then does not confirm, resets so MCUboot
 reverts, and reports ``rolled-back`` with the hook's output (``UpdateEngine._after_boot``).
 """
@@ -33,6 +37,7 @@ from gateway.smp.session import SMPError, SMPSession, SMPTimeout
 from gateway.smp.transport import TransportError
 
 READ_CHUNK = 4096
+DRAIN_S = 2.0  # output still read after the command exited (a leftover process may hold it)
 
 
 @dataclass
@@ -49,17 +54,22 @@ def hook_env(dev: DeviceConfig, version: str, old_version: str | None, image_has
             "SMPGW_HARDWARE": dev.hardware}
 
 
-async def _read_bounded(stream: asyncio.StreamReader, cap: int) -> tuple[bytes, int]:
-    """Read to EOF, keeping at most ``cap`` bytes (the rest is counted and dropped)."""
-    kept = bytearray()
-    total = 0
+class _Output:
+    """A command's output: at most ``cap`` bytes kept, the rest counted and dropped."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap, self.kept, self.total = cap, bytearray(), 0
+
+
+async def _read_bounded(stream: asyncio.StreamReader, out: _Output) -> None:
+    """Read to EOF into ``out`` (what was read stays there if this is cancelled)."""
     while True:
         chunk = await stream.read(READ_CHUNK)
         if not chunk:
-            return bytes(kept), total
-        total += len(chunk)
-        if len(kept) < cap:
-            kept += chunk[: cap - len(kept)]
+            return
+        out.total += len(chunk)
+        if len(out.kept) < out.cap:
+            out.kept += chunk[: out.cap - len(out.kept)]
 
 
 def _text(out: bytes, total: int) -> str:
@@ -69,35 +79,63 @@ def _text(out: bytes, total: int) -> str:
     return s
 
 
+class _ExitProtocol(asyncio.subprocess.SubprocessStreamProtocol):
+    """Says when the process itself exited (``exited``), whoever still holds its pipes."""
+
+    def __init__(self, limit: int, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(limit=limit, loop=loop)
+        self.exited: asyncio.Future[None] = loop.create_future()
+
+    def process_exited(self) -> None:
+        super().process_exited()
+        if not self.exited.done():
+            self.exited.set_result(None)
+
+
+def _kill_group(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)  # the whole group: a shell's children too
+
+
 async def run_command(hook: HealthCheckHook, env: dict[str, str]) -> HookResult:
+    """The command's verdict: its own exit status within ``timeout_s`` (killed past it)."""
     assert hook.command is not None
     argv = list(hook.command)
+    loop = asyncio.get_running_loop()
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        transport, protocol = await loop.subprocess_exec(
+            lambda: _ExitProtocol(READ_CHUNK * 16, loop), *argv,
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT, env=env, start_new_session=True)
     except OSError as exc:
         return HookResult(False, f"health check command {argv[0]!r} could not start: {exc}")
+    proc = asyncio.subprocess.Process(transport, protocol, loop)
     assert proc.stdout is not None
-    reader = asyncio.create_task(_read_bounded(proc.stdout, hook.max_output_bytes))
+    out = _Output(hook.max_output_bytes)
+    reader = asyncio.create_task(_read_bounded(proc.stdout, out))
     try:
-        await asyncio.wait_for(proc.wait(), hook.timeout_s)
-        out, total = await asyncio.wait_for(reader, 5.0)  # a child that keeps stdout open
-    except TimeoutError:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)  # the whole group: a shell's children too
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(proc.wait(), 5.0)
+        try:
+            await asyncio.wait_for(asyncio.shield(protocol.exited), hook.timeout_s)
+        except TimeoutError:
+            _kill_group(proc.pid)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(protocol.exited), 5.0)
+            return HookResult(False, f"health check command timed out after {hook.timeout_s:g}s "
+                                     "(killed)")
+        # exited: its output up to EOF - or, when something it left behind holds the pipe,
+        # what came within DRAIN_S (that process is not the hook, its lifetime is not waited for)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(reader), DRAIN_S)
+        if not reader.done():
+            _kill_group(proc.pid)  # leftovers in the hook's own process group
+    finally:
+        if proc.returncode is None:  # cancelled (shutdown): never leave it running
+            _kill_group(proc.pid)
         reader.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await reader
-        return HookResult(False, f"health check command timed out after {hook.timeout_s:g}s "
-                                 "(killed)")
-    finally:
-        if proc.returncode is None:  # cancelled (shutdown): never leave it running
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
-    text = _text(out, total)
+        transport.close()  # its pipes, also those a leftover process still holds
+    text = _text(bytes(out.kept), out.total)
     if proc.returncode == 0:
         return HookResult(True, f"health check command passed{': ' + text if text else ''}")
     return HookResult(False, f"health check command exited {proc.returncode}"

@@ -33,15 +33,16 @@ def collect(journal_path: Path, device_id: str | None, limit: int = 200) -> dict
         for a in attempts:
             a["duration_s"] = (round(a["finished_at"] - a["started_at"], 3)
                                if a.get("finished_at") and a.get("started_at") else None)
-        events = j.events(device_id)
+        # selected and limited in SQL: memory is bounded by ``limit``, not the journal's size
+        events = j.events(device_id, detail_prefix="operator ", limit=limit)
+        outcomes = [] if attempts else j.events(device_id, steps=OUTCOME_STEPS, limit=limit)
     finally:
         j.close()
-    operator = [{"t": t, "device": d, "detail": detail} for t, d, _step, detail in events
-                if detail.startswith("operator ")][-limit:]
+    operator = [{"t": t, "device": d, "detail": detail} for t, d, _step, detail in events]
     if not attempts:  # an older journal: its outcome events
         attempts = [{"device_id": d, "finished_at": t, "status": step, "detail": detail,
-                     "actor": None} for t, d, step, detail in events
-                    if step in OUTCOME_STEPS and detail and detail != "up to date"][-limit:]
+                     "actor": None} for t, d, step, detail in outcomes
+                    if detail and detail != "up to date"]
     return {"attempts": attempts, "operator": operator}
 
 

@@ -47,6 +47,9 @@ from gateway.statedb import open_state_db
 # the outcome of a download-only update: uploaded (the device acknowledged its last byte) and
 # left in the secondary slot until the server says install
 STAGED = "staged"
+# the event of a device's state read each pass; the newest KEEP_READ_EVENTS per device are kept
+READ_EVENT = "read"
+KEEP_READ_EVENTS = 50
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,7 @@ class Journal:
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS events (t REAL, device_id TEXT, step TEXT, detail TEXT)"
         )
+        self._db.execute("CREATE INDEX IF NOT EXISTS events_device ON events (device_id)")
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS report_handles (device_id TEXT PRIMARY KEY, handle TEXT, "
             "updated_at REAL)"
@@ -193,14 +197,49 @@ class Journal:
             )
             self._db.execute("INSERT INTO events VALUES (?, ?, ?, ?)",
                              (time.time(), entry.device_id, entry.step, detail))
+            if detail == READ_EVENT:
+                # one per device and pass (``Gateway``): only the newest are kept, so the table
+                # does not grow with uptime (``put_attempt`` needs the last one)
+                self._db.execute(
+                    "DELETE FROM events WHERE device_id=? AND detail=? AND rowid < (SELECT rowid "
+                    "FROM events WHERE device_id=? AND detail=? ORDER BY rowid DESC LIMIT 1 "
+                    "OFFSET ?)", (entry.device_id, READ_EVENT, entry.device_id, READ_EVENT,
+                                  KEEP_READ_EVENTS - 1))
             self._db.execute("COMMIT")
 
-    def events(self, device_id: str | None = None) -> list[tuple[float, str, str, str]]:
+    def events(self, device_id: str | None = None, *, limit: int | None = None,
+               detail_prefix: str | None = None, steps: tuple[str, ...] | None = None,
+               ) -> list[tuple[float, str, str, str]]:
+        """Events, oldest first; with ``limit`` only the newest ``limit`` (selected in SQL, so
+        memory is bounded by it), optionally only those whose detail starts with
+        ``detail_prefix`` or whose step is one of ``steps``."""
+        where, args = [], list[Any]()
+        if device_id is not None:
+            where.append("device_id=?")
+            args.append(device_id)
+        if detail_prefix is not None:
+            where.append("substr(detail, 1, ?)=?")
+            args += [len(detail_prefix), detail_prefix]
+        if steps is not None:
+            where.append(f"step IN ({', '.join('?' for _ in steps)})")
+            args += list(steps)
+        q = "SELECT * FROM events" + (" WHERE " + " AND ".join(where) if where else "")
         with self._lock:
-            if device_id is None:
-                return list(self._db.execute("SELECT * FROM events ORDER BY rowid"))
-            return list(self._db.execute("SELECT * FROM events WHERE device_id=? ORDER BY rowid",
-                                         (device_id,)))
+            if limit is None:
+                return list(self._db.execute(q + " ORDER BY rowid", args))
+            rows = list(self._db.execute(q + " ORDER BY rowid DESC LIMIT ?", [*args, int(limit)]))
+        return rows[::-1]
+
+    def event_since(self, device_id: str, since_step: str, step: str, detail_prefix: str) -> bool:
+        """Whether the device has an event ``step`` whose detail starts with ``detail_prefix``
+        after its last ``since_step`` event (e.g. a confirm sent since the mark)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT 1 FROM events WHERE device_id=? AND step=? AND substr(detail, 1, ?)=? AND "
+                "rowid > coalesce((SELECT max(rowid) FROM events WHERE device_id=? AND step=?), 0) "
+                "LIMIT 1", (device_id, step, len(detail_prefix), detail_prefix, device_id,
+                            since_step)).fetchone()
+        return row is not None
 
     # -- link tuning: what uploads learned about a device's link (gateway/smp/tuning.py) -----
     # a TuningStore: opaque JSON per device, in its own table (created on first use)

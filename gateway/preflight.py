@@ -18,7 +18,10 @@ Owns answering "what would the gateway do" without doing it:
   the offered image into a scratch store, and says what would be updated with which image and
   why, and what would be refused or held. It never writes to a device (only image list,
   bootloader info, MCUmgr parameters, os info reads), never reports to the server and never
-  writes the journal.
+  writes the journal. The source is asked read-only (``FleetSource.peek``: MQTT jobs describes
+  the next execution instead of starting it, hawkBit sends no configData or feedback); a source
+  that cannot be asked without changing the server's state (LwM2M) is not asked at all - each
+  device says so (action ``not-asked``).
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from gateway.config import (
 )
 from gateway.control import ControlError, _alive, request
 from gateway.daemon import make_transport
+from gateway.devcmd import parse_state_dicts
 from gateway.engine import Slots
 from gateway.images import (
     ImageRefused,
@@ -64,7 +68,7 @@ from gateway.opstate import OpState
 from gateway.smp.session import SMPError, SMPSession, SMPTimeout
 from gateway.smp.transport import TransportError
 from gateway.sources import build_source
-from gateway.sources.base import DeviceView, FetchError
+from gateway.sources.base import DeviceView, FetchError, NotReadOnly
 
 READ_TIMEOUT_S = 3.0
 
@@ -282,13 +286,10 @@ async def _state_for(cfg: GatewayConfig, dev: DeviceConfig, journal: Journal | N
         try:
             res = await request(cfg.control_socket, {"cmd": "device", "device": dev.id,
                                                      "op": "image-list"}, timeout_s=60)
-        except ControlError as exc:
+            # the socket's other end is outside input: every value typed (devcmd)
+            states = parse_state_dicts(res.get("images") if isinstance(res, dict) else None)
+        except (ControlError, ValueError) as exc:
             return journal_state(dev, journal, f"device not read through the daemon ({exc})")
-        states = [ImageState(image=i["image"], slot=i["slot"], version=i["version"],
-                             hash=bytes.fromhex(i["hash"]) if i.get("hash") else None,
-                             **{f: i[f] for f in ("bootable", "pending", "confirmed", "active",
-                                                  "permanent")})
-                  for i in res.get("images", [])]
         return DeviceState(Slots.parse(states, dev.image), True, note="read from the device "
                            "(through the daemon)")
     return await read_device(dev, journal)
@@ -303,7 +304,8 @@ async def dry_run(cfg: GatewayConfig) -> list[dict[str, Any]]:
     ops = OpState(cfg.state_dir / "fleet.sqlite")
     maint = MaintenancePolicy.from_config(cfg.maintenance_windows)
     out: list[dict[str, Any]] = []
-    await source.start()
+    if source.peekable:  # else not even started (LwM2M: registering changes the server)
+        await source.start()
     try:
         with tempfile.TemporaryDirectory(prefix="smpgw-dry-run-") as tmp:
             store = ImageStore(Path(tmp) / "images", keys)
@@ -313,10 +315,14 @@ async def dry_run(cfg: GatewayConfig) -> list[dict[str, Any]]:
                                        "device_state": state.note}
                 e = journal.get(dev.id)
                 paused = ops.is_paused(dev.id)
-                try:
-                    offer = await asyncio.wait_for(source.check(DeviceView(
+                try:  # read-only: nothing the server keeps (never check(): it may start a job)
+                    offer = await asyncio.wait_for(source.peek(DeviceView(
                         id=dev.id, hardware=dev.hardware, running_version=state.slots.active_version,
                         running_hash=state.slots.active_hash, group=dev.group)), 60)
+                except NotReadOnly as exc:
+                    out.append({**row, "action": "not-asked",
+                                "why": f"server state would change: not asked ({exc})"})
+                    continue
                 except Exception as exc:
                     out.append({**row, "action": "none", "why": f"source check failed: {exc}"})
                     continue

@@ -21,6 +21,7 @@ server says it never will): the gateway keeps every final report journaled until
 from __future__ import annotations
 
 import abc
+import contextvars
 import logging
 import random
 import time
@@ -157,6 +158,23 @@ class FleetSource(abc.ABC):
     async def check(self, device: DeviceView) -> Offer | None:
         """The target for this device, or None when it is up to date / nothing is assigned."""
 
+    # ``check`` may be used read-only: under ``peek`` it changes nothing on the server (the
+    # source checks ``peeking()`` before anything that would: start an execution, send
+    # feedback, config data, a status, an inventory). False: ``peek`` refuses (NotReadOnly).
+    peekable: bool = False
+
+    async def peek(self, device: DeviceView) -> Offer | None:
+        """The target ``check`` would give, for ``run --dry-run``: never changes the server's
+        state (no execution started, no status, feedback, config data or inventory sent). A
+        source that cannot ask read-only raises NotReadOnly - the dry run then does not ask."""
+        if not self.peekable:
+            raise NotReadOnly(f"asking {self.name} for the target would change the server's state")
+        token = _PEEKING.set(True)
+        try:
+            return await self.check(device)
+        finally:
+            _PEEKING.reset(token)
+
     @abc.abstractmethod
     async def fetch(self, offer: Offer, max_size: int | None) -> Path:
         """Download (or locate) the artifact; return the path of a raw MCUboot image file.
@@ -186,6 +204,18 @@ class FleetSource(abc.ABC):
     async def acknowledge_cancel(self, offer: Offer, done: bool, detail: str) -> None:  # noqa: B027
         """Answer a cancel the way the server expects; ``done``: the update was taken back (or
         its revert is scheduled), False: too late (installed and confirmed)."""
+
+
+_PEEKING: contextvars.ContextVar[bool] = contextvars.ContextVar("source_peeking", default=False)
+
+
+def peeking() -> bool:
+    """True inside ``FleetSource.peek``: nothing may be sent that changes the server's state."""
+    return _PEEKING.get()
+
+
+class NotReadOnly(Exception):
+    """The source cannot answer without changing the server's state (``peek``): not asked."""
 
 
 class FetchError(Exception):

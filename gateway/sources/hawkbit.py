@@ -83,6 +83,7 @@ from gateway.sources.base import (
     ServerCanceled,
     UpdateResult,
     UpdateState,
+    peeking,
 )
 from gateway.sources.settings import HawkbitSourceConfig
 
@@ -124,6 +125,7 @@ class _Action:
 class HawkbitSource(HttpSource):
     server_label = "hawkBit server"
     name = "hawkbit"
+    peekable = True  # peek: controller base and deployment read; no configData, no feedback
 
     def __init__(self, cfg: HawkbitSourceConfig, state_dir: Path, gateway_id: str = "smp-gateway") -> None:
         super().__init__(cfg, cfg.url, state_dir)
@@ -162,6 +164,9 @@ class HawkbitSource(HttpSource):
         if _userinfo(url):
             raise FetchError(f"hawkBit link with credentials in it ({_origin(url)[1]}): not "
                              "followed", UpdateResult.CONNECTION_LOST)
+        if peeking() and method != "GET":  # run --dry-run: nothing that changes the server
+            raise FetchError(f"hawkBit {method} {url}: not sent in a read-only check",
+                             UpdateResult.CONNECTION_LOST)
         await self.start()
         assert self._session is not None
         try:
@@ -216,7 +221,7 @@ class HawkbitSource(HttpSource):
         links = _obj(base.get("_links"))
 
         attrs = self.attributes(device)
-        if "configData" in links or self._attrs_sent.get(controller) != attrs:
+        if not peeking() and ("configData" in links or self._attrs_sent.get(controller) != attrs):
             href = _href(links.get("configData")) or f"{self.controller_url(controller)}/configData"
             st, _ = await self._request("PUT", href, {"mode": "merge", "data": attrs})
             if st in (200, 201, 204):
@@ -269,6 +274,10 @@ class HawkbitSource(HttpSource):
                      action_id, controller, "outside hawkBit's maintenance window"
                      if body.get("maintenanceWindow") == "unavailable" else "download-only")
         picked = self._pick(_list(body.get("chunks")))
+        if picked is None and peeking():
+            raise FetchError(f"hawkBit action {action_id}: no artifact matches "
+                             f"{self.cfg.artifact_pattern or '(any)'} (a pass closes the action as "
+                             "failed)", UpdateResult.UNSUPPORTED_PACKAGE)
         if picked is None:
             try:  # the next poll offers the action again if this does not get through
                 await self._feedback(

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 class LatestReleaseSource(HttpSource):
     server_label = "release server"
     name = "latest_release"
+    peekable = True  # check() is read-only: one GET
 
     def __init__(
         self, cfg: LatestReleaseSourceConfig, state_dir: Path, gateway_id: str = "smp-gateway"

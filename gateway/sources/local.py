@@ -202,6 +202,7 @@ class _Target:
 
 class LocalSource(FleetSource):
     name = "local"
+    peekable = True  # check() is read-only: the manifest and files are only read
 
     def __init__(self, cfg: LocalSourceConfig) -> None:
         self.dir = cfg.path

@@ -81,6 +81,7 @@ from gateway.sources.base import (
     ReportRefused,
     UpdateResult,
     UpdateState,
+    peeking,
 )
 from gateway.sources.settings import MqttJobsSourceConfig
 
@@ -148,6 +149,8 @@ class _Job:
 
 class MqttJobsSource(FleetSource):
     name = "mqtt_jobs"
+    # peek: DescribeJobExecution of $next instead of start-next, no status, no inventory
+    peekable = True
 
     def __init__(self, cfg: MqttJobsSourceConfig, state_dir: Path, gateway_id: str = "smp-gateway",
                  devices: Iterable[tuple[str, str | None]] = (), roster_open: bool = False) -> None:
@@ -332,6 +335,8 @@ class MqttJobsSource(FleetSource):
             fut.set_result(("accepted" if topic.endswith("/accepted") else "rejected", data))
 
     async def _request(self, thing: str, topic: str, body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        if peeking() and not topic.endswith("/get"):  # run --dry-run: describe only
+            raise FetchError(f"{topic}: not sent in a read-only check", UpdateResult.CONNECTION_LOST)
         client = await self._client_for(thing)
         token = uuid.uuid4().hex
         body = {**body, "clientToken": token}
@@ -361,11 +366,14 @@ class MqttJobsSource(FleetSource):
     async def check(self, device: DeviceView) -> Offer | None:
         thing = self.thing_name(device)
         self._roster.setdefault(thing, set()).add(device.id)
-        await self.publish_inventory(thing, device)
-        self._notified.discard(thing)
-        if not self._notified:
-            self.notified.clear()
-        data = await self._start_next(thing)
+        if peeking():  # read-only: describe the next execution, start nothing, publish nothing
+            data = await self._describe_next(thing)
+        else:
+            await self.publish_inventory(thing, device)
+            self._notified.discard(thing)
+            if not self._notified:
+                self.notified.clear()
+            data = await self._start_next(thing)
         execution = data.get("execution")
         if not isinstance(execution, dict):
             return None
@@ -380,6 +388,9 @@ class MqttJobsSource(FleetSource):
         try:
             files = _files(job.document)
         except ValueError as exc:
+            if peeking():
+                raise FetchError(f"job {job_id}: document not understood: {exc} (a pass reports "
+                                 "the job FAILED)", UpdateResult.INVALID_URI) from None
             await self._update_quietly(
                 job,
                 "FAILED",
@@ -395,13 +406,14 @@ class MqttJobsSource(FleetSource):
             # (c) which devices an execution covers is the gateway's configuration (the devices
             # behind this thing) crossed with the job's list: a device the job does not name is
             # simply not part of it - REJECTED only when no device of this thing can do it
-            if not covered:
+            if not covered and not peeking():
                 await self._update_quietly(job, "REJECTED", {"detail": _value(
                     f"no device of this gateway behind {thing} is named by the job or has a file "
                     f"in it (asked by {device.id})")})
             return None
         if device.id in job.results:
-            await self._final_if_due(job)  # a final status that waited for an unseen device
+            if not peeking():
+                await self._final_if_due(job)  # a final status that waited for an unseen device
             return None  # its part of this execution is done (its result is with the server)
         f = _file_for(files, device.id)
         assert f is not None  # covered
@@ -448,6 +460,18 @@ class MqttJobsSource(FleetSource):
         raise FetchError(f"start-next for {thing}: no usable answer after {_START_NEXT_TRIES} tries "
                          f"({last}); is the jobs service behind MQTT broker {self.cfg.host}:"
                          f"{self.cfg.port} up?", UpdateResult.CONNECTION_LOST)
+
+    async def _describe_next(self, thing: str) -> dict[str, Any]:
+        """DescribeJobExecution of ``$next`` (the next pending execution, IN_PROGRESS or
+        QUEUED): read-only, unlike start-next. Nothing pending: an answer without execution."""
+        verdict, data = await self._request(thing, f"$aws/things/{thing}/jobs/$next/get",
+                                            {"includeJobDocument": True})
+        if verdict == "accepted":
+            return data
+        if data.get("code") == "ResourceNotFound":
+            return {}
+        raise FetchError(f"describe of the next job for {thing} rejected: {data.get('code')} "
+                         f"{data.get('message')}", UpdateResult.CONNECTION_LOST)
 
     def _adopt(self, job: _Job, execution: dict[str, Any]) -> None:
         """Take the execution's job document and the per-device results this gateway already

@@ -62,12 +62,14 @@ from gateway.sources._http import HttpSource, read_json, read_text
 from gateway.sources.base import (
     DeviceView,
     FetchError,
+    NotReadOnly,
     NotYetAccepted,
     Offer,
     Report,
     ReportNotDelivered,
     ReportRefused,
     UpdateResult,
+    peeking,
 )
 from gateway.sources.settings import RdfmSourceConfig
 
@@ -89,6 +91,9 @@ class _Token:
 class RdfmSource(HttpSource):
     server_label = "RDFM server"
     name = "rdfm"
+    # peek: the device API's update check (a query); authenticating a device that has a key
+    # here sends its current metadata, one without a key is not registered (NotReadOnly)
+    peekable = True
 
     def __init__(self, cfg: RdfmSourceConfig, state_dir: Path) -> None:
         super().__init__(cfg, cfg.url, state_dir)
@@ -216,6 +221,9 @@ class RdfmSource(HttpSource):
             return await self._authenticate(meta, ident)
 
     async def _authenticate(self, meta: dict[str, str], ident: str) -> str | None:
+        if peeking() and ident not in self._keys and not self.key_path(ident).exists():
+            raise NotReadOnly(f"RDFM device {ident} has no key here: asking would register it "
+                              f"with {self.base}")
         key = await self.device_key(ident)
         body = json.dumps(
             {

@@ -119,6 +119,14 @@ class JobsService:
                 job.status_details.update(body.get("statusDetails") or {})
                 answer["execution"] = self._execution(job)
             await self._client.publish(topic + "/accepted", json.dumps(answer), qos=1)
+        elif parts[-1] == "get" and parts[4] == "$next":  # DescribeJobExecution of $next
+            pending = [j for j in self.jobs.get(thing, []) if j.status not in TERMINAL]
+            job = next((j for j in pending if j.status == "IN_PROGRESS"),
+                       pending[0] if pending else None)
+            answer = {"timestamp": int(time.time()), "clientToken": token}
+            if job is not None:
+                answer["execution"] = self._execution(job)
+            await self._client.publish(topic + "/accepted", json.dumps(answer), qos=1)
         elif parts[-1] == "get":  # DescribeJobExecution
             job = next((j for j in self.jobs.get(thing, []) if j.job_id == parts[4]), None)
             if job is None or job.status == "REMOVED":
