@@ -248,3 +248,36 @@ async def test_job_with_only_fileid_0_left_queued(tmp_path: Path) -> None:
         finally:
             await src.close()
     assert ex.status == "QUEUED" and ex.updates == []
+
+
+async def test_gateway_restart_mid_stream_resumes_by_bitmap(bench_factory: Any, tmp_path: Path) -> None:
+    bench = bench_factory(udp=1, serial=0, image_size=120 * 1024)
+    img = bench.images["2.0.0"].read_bytes()
+    total = (len(img) + BLOCK - 1) // BLOCK
+    key, store = codesign(tmp_path)
+    async with (mosquitto(tmp_path) as port, AwsJobs(port) as aws, AwsStreams(port) as st,
+                Simulator(bench.sim_cfg) as sim):
+        st.streams["AFR_OTA-s1"] = {1: img}
+
+        def stall(_f: int, _i: int) -> None:
+            if len(st.sent) == 16:  # after two requests of 8: the service stalls
+                st.hold.clear()
+
+        st.after_block = stall
+        (ex,) = await aws.create_job("ota-6", ota_doc([ota_file(1, img, key)]), [THING])
+        cfg = gw_cfg(bench, sim, port, store, blocks_per_request=8, block_timeout_s=5)
+        gw = Gateway(cfg)
+        run = asyncio.create_task(gw.run_once())
+        await st.wait_for(lambda: len(st.requests) == 3)  # the 2nd round's bitmap is saved
+        run.cancel()  # the gateway goes away mid-stream
+        with pytest.raises(asyncio.CancelledError):
+            await run
+        gw.close()
+        assert sim.devices["udp-1"].counters["upload_bytes_received"] == 0
+        st.after_block = None
+        st.hold.set()
+        res = await run_gw(gw_cfg(bench, sim, port, store, blocks_per_request=8))
+        assert active(sim.devices["udp-1"]) == ("2.0.0", True), res.outcomes
+    first_after = st.requests[3]
+    assert wanted_blocks(first_after["b"], 0, total)[0] >= 16  # blocks 0-15 never asked again
+    assert ex.status == "SUCCEEDED"
