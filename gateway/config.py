@@ -23,6 +23,7 @@ from pydantic import (
 
 from gateway.schema import ConfigError, Model, Secret, SecretRef
 from gateway.sources.settings import (
+    AwsOtaSourceConfig,
     HawkbitSourceConfig,
     LatestReleaseSourceConfig,
     Lwm2mSourceConfig,
@@ -441,6 +442,7 @@ SourceConfig = Annotated[
     | RdfmSourceConfig
     | HawkbitSourceConfig
     | MqttJobsSourceConfig
+    | AwsOtaSourceConfig
     | LatestReleaseSourceConfig
     | Lwm2mSourceConfig,
     Field(discriminator="kind"),

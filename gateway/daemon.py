@@ -718,6 +718,7 @@ class Gateway:
         """With ``offer``: upload progress goes to the source too (one report in flight at a
         time; the source bounds the rate it sends upstream)."""
         inflight: list[asyncio.Task[bool]] = []
+        steps: list[asyncio.Task[bool]] = []
 
         def cb(device_id: str, step: Step, off: int, total: int) -> None:
             self.steps[device_id] = step.value
@@ -727,6 +728,10 @@ class Gateway:
                     inflight and not inflight[0].done()):
                 inflight[:] = [asyncio.ensure_future(self._report(
                     offer, Report(UpdateState.UPDATING, progress=off / total)))]
+            elif offer is not None and step != Step.UPLOAD and getattr(
+                    self.source, "reports_steps", False):  # AWS OTA: self_test ready / active
+                steps[:] = [t for t in steps if not t.done()] + [asyncio.ensure_future(
+                    self._report(offer, Report(UpdateState.UPDATING, detail=f"step:{step.value}")))]
         return cb
 
     async def _report(self, offer: Offer, report: Report) -> bool:

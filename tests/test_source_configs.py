@@ -14,7 +14,8 @@ from gateway.sources import build_source
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
-@pytest.mark.parametrize("name", ["rdfm", "hawkbit", "mqtt-jobs", "latest-release", "lwm2m"])
+@pytest.mark.parametrize("name", ["rdfm", "hawkbit", "mqtt-jobs", "latest-release", "lwm2m",
+                                  "aws-ota"])
 def test_example_configs_validate(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
     key = tmp_path / "k.pem"

@@ -39,6 +39,13 @@ def build_source(cfg: GatewayConfig) -> FleetSource:
             return MqttJobsSource(src, cfg.state_dir, gateway_id=cfg.gateway_id,
                                   devices=[(d.id, d.group) for d in cfg.devices],
                                   roster_open=cfg.discovery is not None and bool(cfg.device_templates))
+        case "aws_ota":
+            from gateway.sources.aws_ota import AwsOtaSource
+            from gateway.sources.settings import AwsOtaSourceConfig
+
+            assert isinstance(src, AwsOtaSourceConfig)
+            return AwsOtaSource(src, cfg.state_dir, gateway_id=cfg.gateway_id,
+                                devices=[(d.id, d.group) for d in cfg.devices])
         case "latest_release":
             from gateway.sources.latest_release import LatestReleaseSource
             from gateway.sources.settings import LatestReleaseSourceConfig

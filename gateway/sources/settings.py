@@ -125,6 +125,47 @@ class MqttJobsSourceConfig(Model):
         return self
 
 
+
+class AwsOtaRoute(Model):
+    """Which MCU an AWS OTA file is for: the gateway's configuration (c), never the job's."""
+
+    fileid: int = Field(ge=1, le=255, description="the job's fileid (0 is the connectivity "
+                        "processor's own image: never routed)")
+    thing: str | None = Field(None, description="fnmatch pattern of the thing name (default: any)")
+    filepath: str | None = Field(None, description="fnmatch pattern the file's filepath must match")
+    file_type: int | None = Field(None, description="the file's fileType must be this")
+    device: str | None = Field(None, description="the device id it goes to")
+    group: str | None = Field(None, description="or: every device of this group")
+
+    @model_validator(mode="after")
+    def _one_target(self) -> AwsOtaRoute:
+        if (self.device is None) == (self.group is None):
+            raise ValueError("give exactly one of device or group")
+        return self
+
+
+class AwsOtaSourceConfig(MqttJobsSourceConfig):
+    """AWS IoT OTA (FreeRTOS ``afr_ota`` job documents) for the MCUs behind this gateway:
+    files routed by fileid, MQTT streams or HTTP presigned URLs, code-signing check."""
+
+    kind: Literal["aws_ota"] = "aws_ota"  # type: ignore[assignment]
+    thing: str = Field("{gateway}", description="thing name template: {device}, {gateway}, {group}")
+    routes: list[AwsOtaRoute] = Field(min_length=1, max_length=256)
+    code_signing_cert_dir: Path | None = Field(
+        None, description="certificate store: a job's certfile names a file in it")
+    code_signing_certs: dict[str, Path] = Field(
+        default_factory=dict, description="certfile name in the job -> certificate file")
+    prefer_protocol: Literal["MQTT", "HTTP"] = Field("MQTT", description="when a job offers both")
+    stream_format: Literal["cbor", "json"] = "cbor"
+    block_size: int = Field(4096, ge=256, le=128 * 1024, description="MQTT stream block size")
+    blocks_per_request: int = Field(32, ge=1, le=1024, description="blocks asked per GetStream")
+    block_timeout_s: float = Field(5.0, gt=0, description="silence that ends a request round")
+    stream_rounds_without_progress: int = Field(
+        6, ge=1, le=100, description="GetStream rounds in a row with no new block before the "
+        "download fails (the bitmap is kept: the next attempt resumes)")
+    max_file_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+
+
 class Lwm2mSourceConfig(HttpOptions):
     """An LwM2M client endpoint per device (``gateway.sources.lwm2m``); the HTTP options are
     for Package URI downloads over http(s)."""
