@@ -181,7 +181,7 @@ Image The Gateway Does Not Trust Is Refused With Zero Bytes Sent
     ${out}=    Outcome Line    ${run.stdout}
     Should Be Equal    ${out}[result]    refused
     Should Be Equal    ${out}[lwm2m_result]    5
-    Should Be Equal    ${out}[bytes]    0
+    Should Be Equal    ${out}[wire_bytes]    0
     Report Should Be    ${work}    5    untrusted-signature
     Slot Should Hold    ${work}/uart.pty    1    3.0.0    ${V3_HASH}    pending=False    confirmed=False
     FOR    ${offset}    IN    0    0x200    0x4000    0xB000
@@ -199,7 +199,7 @@ Image The Gateway Does Not Trust Is Refused With Zero Bytes Sent
     Should Be Equal As Integers    ${run.rc}    1    expected a failed pass: ${run.stdout}
     ${out}=    Outcome Line    ${run.stdout}
     Should Be Equal    ${out}[result]    refused
-    Should Be Equal    ${out}[bytes]    0
+    Should Be Equal    ${out}[wire_bytes]    0
     Report Should Be    ${work}    6    trailing-data    image_ok
     Slot Should Hold    ${work}/uart.pty    1    3.0.0    ${V3_HASH}    pending=False    confirmed=False
     ${console}=    Get File    ${work}/console.log

@@ -102,7 +102,7 @@ Direct XIP With Revert: Build For The Inactive Slot Only
     Should Be Equal As Integers    ${run.rc}    1    expected a refusal: ${run.stdout}
     ${out}=    Outcome Line    ${run.stdout}
     Should Be Equal    ${out}[result]    refused
-    Should Be Equal    ${out}[bytes]    0
+    Should Be Equal    ${out}[wire_bytes]    0
     Report Should Be    ${work}    6    wrong-slot    slot 1
     Slot Should Be Empty    ${work}/uart.pty    1
     Publish Slot Builds    ${work}    ${fw}/img/v2-slot0.signed.bin    ${fw}/img/v2-slot1.signed.bin
