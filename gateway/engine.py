@@ -337,17 +337,8 @@ class UpdateEngine:
                     raise self._finish(Status.FAILED, UpdateResult.UPDATE_FAILED,
                                        f"{reason}; {image.version} is already confirmed here and "
                                        "cannot be reverted", image, old_v)
-                self._gate("the reset that reverts it", image, old_v)
-                self._step(Step.RESET, f"group revert: {reason}")
-                acked = await self.s.reset()
-                self._step(Step.WAIT_BOOT, f"revert reset acknowledged={acked}")
-                await self._wait_reboot()
-                slots = await self.read_slots()
-                if slots.active_hash == image.hash:
-                    raise self._finish(Status.FAILED, UpdateResult.UPDATE_FAILED,
-                                       f"{reason}; reset to revert, but the device still runs "
-                                       f"{image.version}", image, old_v)
-                now = slots.running or "?"
+                now = await self._reset_to_revert(image, old_v, reason, "the reset that reverts it",
+                                                  f"group revert: {reason}")
                 raise self._finish(Status.ROLLED_BACK, UpdateResult.UPDATE_FAILED,
                                    f"{reason}; reset, MCUboot reverted to {now}", image, old_v)
             now = slots.running or "?"
@@ -807,19 +798,29 @@ class UpdateEngine:
             self._step(Step.CONFIRM, res.detail)
             return
         log.warning("device=%s %s: not confirming %s", self.dev.id, res.detail, image.version)
-        self._gate(f"{res.detail}; the reset that reverts it", image, old_v)
-        self._step(Step.RESET, f"{res.detail}: not confirmed; reset so MCUboot reverts")
+        now = await self._reset_to_revert(image, old_v, res.detail,
+                                          f"{res.detail}; the reset that reverts it",
+                                          f"{res.detail}: not confirmed; reset so MCUboot reverts")
+        raise self._finish(Status.ROLLED_BACK, UpdateResult.UPDATE_FAILED,
+                           f"{res.detail}; not confirmed: reset, MCUboot reverted to {now}",
+                           image, old_v)
+
+    async def _reset_to_revert(self, image: VerifiedImage, old_v: str | None, reason: str,
+                               gate_what: str, step_detail: str) -> str:
+        """Reset a device test-running ``image`` so MCUboot reverts it: through the reset gate
+        (c), journalled first; the version it runs afterwards, or FAILED when the device (b)
+        still runs ``image`` after the reset."""
+        self._gate(gate_what, image, old_v)
+        self._step(Step.RESET, step_detail)
         acked = await self.s.reset()
         self._step(Step.WAIT_BOOT, f"revert reset acknowledged={acked}")
         await self._wait_reboot()
         slots = await self.read_slots()
         if slots.active_hash == image.hash:
             raise self._finish(Status.FAILED, UpdateResult.UPDATE_FAILED,
-                               f"{res.detail}; reset to revert, but the device still runs "
+                               f"{reason}; reset to revert, but the device still runs "
                                f"{image.version} unconfirmed", image, old_v)
-        raise self._finish(Status.ROLLED_BACK, UpdateResult.UPDATE_FAILED,
-                           f"{res.detail}; not confirmed: reset, MCUboot reverted to "
-                           f"{slots.running or '?'}", image, old_v)
+        return slots.running or "?"
 
     async def _after_install(self, image: VerifiedImage, old_v: str | None) -> Outcome:
         """A mode without a test boot (overwrite-only, direct-XIP without revert, RAM load):

@@ -78,7 +78,8 @@ upload, not hold its lock and a ``max_concurrent`` slot forever)::
                                   restarts and the first chunk included)
     time, first chunk           ``first_timeout_s`` (re-sent at doubling       SMPTimeout
                                 intervals, one rung smaller each time)
-    no-progress events in a row ``max_stalls`` (8): retransmission timeouts,   UploadError
+    no-progress events in a row ``max_stalls`` (8; timeouts alone: +4, a lossy UploadError
+                                link's run of lost round trips, as TCP retries): timeouts,
                                 ENOMEM answers, rewinds, answers that do not
                                 advance the highest acknowledged offset; each
                                 backs off (timer doubles; answers: a pause of
@@ -153,6 +154,9 @@ DEADLINE_BASE_S = 10.0  # fixed part of an upload's deadline, on top of the firs
 DEFAULT_MIN_RATE_BPS = 256.0  # floor rate an upload must beat when none is configured
 MAX_SEND_FACTOR = 8  # data bytes sent (retransmissions included) per image byte, at most
 NO_PROGRESS_PAUSE_S = 0.01  # first pause after an answer that makes no progress (doubles)
+# a timeout may be plain loss (20 % each way loses a round trip in 3 of 8): a run of timeouts
+# gets these extra tries over ``max_stalls``; a device's own no-progress answer does not
+TIMEOUT_EXTRA_STALLS = 4
 
 
 def upload_deadline_s(size: int, *, first_timeout_s: float = 30.0,
@@ -666,8 +670,8 @@ class WindowedUpload:
             stalls += 1
             stats.retransmits += 1
             self.backoff = min(self.backoff * 2, 64.0)
-            if stalls > self.max_stalls:
-                raise UploadError(f"no progress after {self.max_stalls} retransmissions at "
+            if stalls > self.max_stalls + TIMEOUT_EXTRA_STALLS:
+                raise UploadError(f"no progress after {stalls - 1} retransmissions at "
                                   f"offset {acked}/{total}")
 
         def no_progress(what: str) -> None:
