@@ -1051,6 +1051,8 @@ async def run_schedule(sched: Schedule, assets: Assets, root: Path) -> Verdict:
         server.enabled = False
         set_window(True)  # the window opens for good: what waited for it is done now
         canceled = {d for _, d in cancels}
+        if sched.group and canceled:  # a canceled member stays paused: its group is held whole
+            canceled |= set(sim.devices)
         # an operator who paused without canceling lets the devices go again for the check
         if sched.ops:
             gw = new_gateway()

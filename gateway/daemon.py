@@ -285,8 +285,13 @@ class Gateway:
             self.source_waiting.discard(d.id)
         try:
             if key.startswith("group:"):
-                outs = (self.fleet.gate_group(key, devs)  # paused / outside a window: untouched
-                        or await self.groups.run(key[len("group:"):], devs))
+                held = self.fleet.gate_group(key, devs)  # paused / outside a window: untouched
+                if held:
+                    for d in devs:  # pending final reports need only the server, not the group
+                        await self.flush_unreported(d)
+                    outs = held
+                else:
+                    outs = await self.groups.run(key[len("group:"):], devs)
             else:
                 outs = [await self.update_device(devs[0])]
         except Exception as exc:
