@@ -189,6 +189,16 @@ async def undo(session: SMPSession, dev: DeviceConfig, journal: Journal, target_
     elif phase == "upload":
         erased = await _erase_secondary(session, dev,  # a partial upload lists no image
                                         empty=slots.other is None)
+    if erased.startswith("secondary slot not erased"):
+        # (b) the device refused the erase: read again - an image of the update still listed
+        # there (e.g. pending after all: a state read that lagged behind, fault schedule seed
+        # 2070) is not taken back; the intent stays open and the next session goes on
+        after = Slots.parse(await read_through_reboot(session, dev), dev.image)
+        if after.other_hash in ours:
+            detail = (f"{reason}: {erased}; the canceled image is still in the secondary slot "
+                      "(the take-back goes on at the next session)")
+            journal.put(entry.with_(last_error=detail), detail)
+            return CancelResult(phase, False, detail, running=running)
     detail = f"{reason}: canceled in phase {phase}; running {running}" + (f"; {erased}" if erased else "")
     journal.put(entry.with_(step=CANCELED, outcome=CANCELED, last_error=reason,
                             tested_hash=None if th in (entry.tested_hash or "") else entry.tested_hash,
