@@ -148,7 +148,8 @@ def report_should_be(work: str, result: int, *details: str) -> dict[str, Any]:
 
 @keyword("Outcome Line")
 def outcome_line(stdout: str, device: str = "disco") -> dict[str, str]:
-    """Parse ``device=… result=… lwm2m_result=… wire_bytes=… image_bytes=… detail="…"`` from ``run --once``."""
+    """Parse ``device=… result=… lwm2m_result=… wire_bytes=… image_bytes=… detail="…"``
+    from ``run --once``."""
     m = re.search(rf'^device={re.escape(device)} (.*)$', stdout, re.M)
     if m is None:
         raise AssertionError(f"no outcome line for {device} in the gateway's output:\n{stdout[-3000:]}")
