@@ -52,6 +52,7 @@ from gateway.engine import Outcome, Slots, Stage, Status, Step, UpdateEngine, se
 from gateway.groups import GroupRunner
 from gateway.images import ImageRefused, ImageStore, VerifiedImageSet
 from gateway.journal import STAGED, Entry, FinalReport, Journal
+from gateway.maintenance import both_gates
 from gateway.mcuboot import IMAGE_MAGIC, TrustedKey, Version, read_version
 from gateway.metrics import Metrics, MetricsServer
 from gateway.plan import Plan, Stopping
@@ -112,10 +113,6 @@ def device_address(dev: DeviceConfig) -> str:
         return f"ble:{t.address.upper()}" if t.address else f"ble-name:{t.name}"
     return f"{type(t).__name__}:{t!r}"
 
-
-def _both_gates(first: Callable[[], str | None],
-                second: Callable[[], str | None] | None) -> Callable[[], str | None]:
-    return lambda: first() or (second() if second is not None else None)
 
 
 class SourceBackingOff(Exception):
@@ -384,7 +381,7 @@ class Gateway:
                 eng.on_progress = self._progress_cb(dev, offer)  # upload progress upstream
                 src_gate = getattr(self.source, "install_gate", None)  # e.g. hawkBit's window
                 if src_gate is not None:
-                    eng.reset_gate = _both_gates(src_gate(offer), eng.reset_gate)
+                    eng.reset_gate = both_gates(src_gate(offer), eng.reset_gate)
                 if adm.ignore_window:
                     eng.reset_gate = None
                 out = await self.fleet.run_engine(  # watches for a cancel; undoes as far as it got

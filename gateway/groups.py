@@ -70,6 +70,7 @@ from gateway.engine import Outcome, Slots, Stage, Status, Step, UpdateEngine, _F
 from gateway.fleetops import WATCH_STOP_S
 from gateway.images import ImageRefused, ImageStore, VerifiedImage
 from gateway.journal import GroupRecord, Intent, Journal
+from gateway.maintenance import both_gates
 from gateway.metrics import Metrics
 from gateway.plan import Plan, Stopping
 from gateway.smp.session import SMPError, SMPSession, SMPTimeout, UploadError
@@ -312,10 +313,6 @@ class MemberEngine(UpdateEngine):
                         self.dev.id, exc)
 
 
-def _both_gates(first: Callable[[], str | None],
-                second: Callable[[], str | None] | None) -> Callable[[], str | None]:
-    return lambda: first() or (second() if second is not None else None)
-
 
 def _resumable(o: Outcome) -> bool:
     """A take-back that may finish later: a link error, or a reset waiting for a window."""
@@ -339,7 +336,7 @@ class GroupRunner:
                 assert isinstance(plan, Plan)  # forward phases: the verified image, always
                 src_gate = h.fleet.install_gate(plan.offer)  # e.g. hawkBit's window: withholds only
                 if src_gate is not None:
-                    eng.reset_gate = _both_gates(src_gate, eng.reset_gate)
+                    eng.reset_gate = both_gates(src_gate, eng.reset_gate)
                 if phase == "confirm":
                     return await eng.confirm_checked(plan.image)
                 if phase == "recheck":

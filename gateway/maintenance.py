@@ -155,3 +155,11 @@ class MaintenancePolicy:
         nxt = min(ws, key=lambda w: w.next_open(now))
         return (f"outside the maintenance windows ({', '.join(w.name for w in ws)}); next: "
                 f"{nxt.name} at {nxt.next_open(now):%Y-%m-%d %H:%M %Z}")
+
+
+def both_gates(first: Callable[[], str | None],
+               second: Callable[[], str | None] | None) -> Callable[[], str | None]:
+    """One reset gate from two: the first one's reason to hold, else the second's (a
+    source's window - hawkBit's - on top of the gateway's own maintenance windows)."""
+    return lambda: first() or (second() if second is not None else None)
+
