@@ -89,8 +89,8 @@ def outcome(hub: AzureHub, dev: str) -> dict[str, Any]:
 
 
 @asynccontextmanager
-async def running(cfg: Any) -> AsyncIterator[Gateway]:
-    gw = Gateway(cfg)
+async def running(cfg: Any, on_progress: Any = None) -> AsyncIterator[Gateway]:
+    gw = Gateway(cfg, on_progress=on_progress)
     stop = asyncio.Event()
     task = asyncio.create_task(gw.run_forever(stop))
     try:
@@ -133,3 +133,116 @@ async def test_desired_version_updates_and_reports_success(bench_factory: Any, t
     assert mcu(hub, "udp-2")["result_name"] == "UNSUPPORTED_PACKAGE"
     assert "downgrade" in mcu(hub, "udp-3")["reason"]
     assert "SECRET" not in json.dumps(hub.reported)
+
+
+def reached(step: str) -> tuple[asyncio.Event, Any]:
+    ev = asyncio.Event()
+
+    def progress(dev_id: str, st: str, off: int, total: int) -> None:
+        if st == step and (step != "upload" or 0 < off < total):
+            ev.set()
+
+    return ev, progress
+
+
+async def test_missed_patch_recovered_by_twin_read_on_reconnect(bench_factory: Any,
+                                                                tmp_path: Path) -> None:
+    bench = bench_factory(udp=1, serial=0, image_size=16 * 1024)
+    img = bench.images["2.0.0"].read_bytes()
+    async with (hub_broker(tmp_path) as broker, AzureHub(broker) as hub,
+                serve(files_app({"v2": img})) as base, Simulator(bench.sim_cfg) as sim):
+        async with running(gw_cfg(bench, sim, hub, poll_interval_s=600)) as gw:
+            await hub.wait_reported(lambda r: "udp-1" in r.get("mcus", {}))  # inventory: read
+            reads = gw.source.stats["twin_reads"]  # type: ignore[attr-defined]
+            await hub.set_desired({"mcus": {"udp-1": entry(base, "v2", img)}}, deliver=False)
+            await broker.restart()  # the SDK reconnects: the whole twin is read again
+            await hub.wait_reported(lambda r: outcome(hub, "udp-1").get("result_name") == "SUCCESS")
+            assert active(sim.devices["udp-1"]) == ("2.0.0", True)
+            assert gw.source.stats["twin_reads"] > reads  # type: ignore[attr-defined]
+
+
+async def test_broker_restart_mid_update(bench_factory: Any, tmp_path: Path) -> None:
+    bench = bench_factory(udp=1, serial=0, image_size=64 * 1024,
+                          device_kw={"link": {"bandwidth_bps": 60_000}})
+    img = bench.images["2.0.0"].read_bytes()
+    ev, progress = reached("upload")
+    async with (hub_broker(tmp_path) as broker, AzureHub(broker) as hub,
+                serve(files_app({"v2": img})) as base, Simulator(bench.sim_cfg) as sim):
+        hub.desired = {"mcus": {"udp-1": entry(base, "v2", img)}}
+        async with running(gw_cfg(bench, sim, hub), progress) as gw:
+            await asyncio.wait_for(ev.wait(), 30)
+            await broker.restart()
+            await hub.wait_reported(lambda r: outcome(hub, "udp-1").get("result_name") == "SUCCESS",
+                                    40)
+            assert active(sim.devices["udp-1"]) == ("2.0.0", True)
+            await sim.devices["udp-1"].wait_for(lambda _d: not gw.journal.unreported("udp-1"), 10)
+    assert broker.restarts == 1
+
+
+@pytest.mark.parametrize("phase", ["download", "upload", "test-run"])
+async def test_cancel_by_direct_method_in_each_phase(bench_factory: Any, tmp_path: Path,
+                                                      phase: str) -> None:
+    kw: dict[str, Any] = {}
+    if phase == "upload":
+        kw = {"device_kw": {"link": {"bandwidth_bps": 40_000}}}
+    bench = bench_factory(udp=1, serial=0, image_size=(96 if phase == "upload" else 16) * 1024, **kw)
+    img = bench.images["2.0.0"].read_bytes()
+    gate = {"v2": asyncio.Event()} if phase == "download" else None
+    started: dict[str, asyncio.Event] = {"v2": asyncio.Event()}
+    step = {"upload": "upload", "test-run": "wait-app-confirm"}.get(phase, "")
+    ev, progress = reached(step)
+    async with (hub_broker(tmp_path) as broker, AzureHub(broker) as hub,
+                serve(files_app({"v2": img}, gate, started)) as base,
+                Simulator(bench.sim_cfg) as sim):
+        hub.desired = {"mcus": {"udp-1": entry(base, "v2", img)}}
+        cfg = gw_cfg(bench, sim, hub)
+        if phase == "test-run":
+            data = bench.gateway_dict(sim, confirm="app",
+                                      timeouts={"app_confirm_s": 120, "reset_s": 20})
+            data["source"], data["retry"] = cfg.source.model_dump(mode="json"), {"base_s": 0.5}
+            data["source"]["connection_string"] = hub.connection_string()
+            cfg = parse_config(data, bench.root / "gateway.yaml")
+        async with running(cfg, progress) as gw:
+            await asyncio.wait_for((started["v2"] if phase == "download" else ev).wait(), 30)
+            status, body = await hub.invoke("cancel", {"mcu": "udp-1"})
+            assert status == 200, body
+            if gate is not None:
+                gate["v2"].set()
+            await hub.wait_reported(lambda r: mcu(hub, "udp-1").get("canceled") is True, 40)
+            dev = sim.devices["udp-1"]
+            await dev.wait_for(lambda d: active(d) == ("1.0.0", True) and not d.image_info(1), 30)
+            events = gw.journal.events("udp-1", steps=("intent-cancel",))
+            assert events and "by server" in events[0][3], events  # journalled first
+            await dev.wait_for(lambda _d: not gw.journal.open_intents("udp-1"), 10)
+            assert (await hub.invoke("cancel", {"mcu": "udp-1"}))[0] == 409  # nothing left
+        assert mcu(hub, "udp-1")["reason"].startswith("canceled")
+        if phase == "download":
+            assert dev.counters["upload_bytes_received"] == 0
+
+
+async def test_final_report_refused_or_unanswered_is_retried_never_lost(
+        bench_factory: Any, tmp_path: Path) -> None:
+    bench = bench_factory(udp=1, serial=0, image_size=16 * 1024)
+    img = bench.images["2.0.0"].read_bytes()
+    answers = iter([429, None, 500])  # throttled, no answer at all, server error; then 204
+    refused: list[int | None] = []
+
+    def answer(patch: dict[str, Any]) -> int | None:
+        if "last_outcome" not in patch.get("mcus", {}).get("udp-1", {}):
+            return 204
+        status = next(answers, 204)
+        refused.append(status)
+        return status
+
+    async with (hub_broker(tmp_path) as broker, AzureHub(broker) as hub,
+                serve(files_app({"v2": img})) as base, Simulator(bench.sim_cfg) as sim):
+        hub.reported_answer = answer
+        hub.desired = {"mcus": {"udp-1": entry(base, "v2", img)}}
+        async with running(gw_cfg(bench, sim, hub, request_timeout_s=1.5)) as gw:
+            await hub.wait_reported(lambda r: outcome(hub, "udp-1").get("result_name") == "SUCCESS",
+                                    45)
+            assert refused[:4] == [429, None, 500, 204]
+            await sim.devices["udp-1"].wait_for(lambda _d: not gw.journal.unreported("udp-1"), 10)
+            (rep,) = [r for r in gw.journal.reports("udp-1") if r.state == "delivered"]
+            assert str(outcome(hub, "udp-1")["report_id"]).endswith(f":{rep.id}")
+        assert active(sim.devices["udp-1"]) == ("2.0.0", True)

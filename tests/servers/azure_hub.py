@@ -128,7 +128,9 @@ class Broker:
         conf.write_text(
             f"listener 8883 {self.ip}\ncafile {self.tls.ca}\ncertfile {self.tls.cert}\n"
             f"keyfile {self.tls.key}\nlistener {self.port} 127.0.0.1\nallow_anonymous true\n"
-            "persistence false\nlog_dest stderr\nlog_type error\n"
+            # sessions survive a restart as IoT Hub's do: the SDK connects with
+            # clean_session=False and does not subscribe again when it reconnects
+            f"persistence true\npersistence_location {self.tmp}/\nlog_dest stderr\nlog_type error\n"
             f"user {getpass.getuser()}\n")  # as root, mosquitto would drop to a user who cannot read tmp
         exe = require_tool("mosquitto", "mosquitto")
         self.proc = await asyncio.create_subprocess_exec(

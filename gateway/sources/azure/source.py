@@ -121,7 +121,7 @@ class AzureIotHubSource(FleetSource):
         self._desired: dict[str, Any] = {}
         self._desired_version: int | None = None
         self._fresh = False  # the cached desired properties follow the hub's (no gap)
-        self._was_connected = False
+        self._dropped = False  # the connection dropped since the twin was last read
         self._patch_times: collections.deque[float] = collections.deque()
         self._current: dict[str, Offer] = {}  # device id -> its offer in flight
         self._cancel_ev: dict[str, asyncio.Event] = {}
@@ -229,7 +229,6 @@ class AzureIotHubSource(FleetSource):
                 except Exception as exc:  # the SDK's own errors: hub unreachable for now
                     raise FetchError(f"IoT Hub connect: {type(exc).__name__}: {exc}",
                                      UpdateResult.CONNECTION_LOST) from None
-                self._was_connected = True
             return self._client
 
     # SDK handlers run in the SDK's threads: each only hands over to the gateway's loop
@@ -258,10 +257,13 @@ class AzureIotHubSource(FleetSource):
         if client is None:
             return
         if not client.connected:
-            self._fresh = False  # patches may be missed until the twin is read again
+            self._fresh, self._dropped = False, True  # patches may be missed from here on
             log.info("azure: disconnected from the hub; the twin is read again on reconnect")
             return
-        log.info("azure: connected to the hub; reading the whole twin")
+        if not self._dropped:
+            return  # the first connection: the check that made it reads the twin
+        self._dropped = False
+        log.info("azure: reconnected to the hub; reading the whole twin (patches can be missed)")
         self._fresh = False
         self._spawn(self._refresh_quietly())
 
