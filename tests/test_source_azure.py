@@ -102,7 +102,7 @@ async def running(cfg: Any, on_progress: Any = None) -> AsyncIterator[Gateway]:
 
 
 async def test_desired_version_updates_and_reports_success(bench_factory: Any, tmp_path: Path) -> None:
-    bench = bench_factory(udp=3, serial=0, image_size=24 * 1024)
+    bench = bench_factory(udp=4, serial=0, image_size=24 * 1024)
     img = bench.images["2.0.0"].read_bytes()
     async with (hub_broker(tmp_path) as broker, AzureHub(broker) as hub,
                 serve(files_app({"v2": img})) as base, Simulator(bench.sim_cfg) as sim):
@@ -111,6 +111,7 @@ async def test_desired_version_updates_and_reports_success(bench_factory: Any, t
             "udp-1": entry(base, "v2", img, hardware=hw),
             "udp-2": entry(base, "v2", img, hardware="other-board"),  # not its hardware (c)
             "udp-3": entry(base, "v2", img, version="0.9.0"),  # a downgrade (b)
+            "udp-4": entry(base, "v2", img, version="2.1.0"),  # the header (a) says 2.0.0
         }}
         cfg = gw_cfg(bench, sim, hub)
         gw = Gateway(cfg)
@@ -119,7 +120,7 @@ async def test_desired_version_updates_and_reports_success(bench_factory: Any, t
         finally:
             gw.close()
         assert active(sim.devices["udp-1"]) == ("2.0.0", True), res.outcomes
-        for d in ("udp-2", "udp-3"):
+        for d in ("udp-2", "udp-3", "udp-4"):
             assert sim.devices[d].counters["upload_bytes_received"] == 0
             assert active(sim.devices[d]) == ("1.0.0", True)
     o = outcome(hub, "udp-1")
@@ -132,6 +133,8 @@ async def test_desired_version_updates_and_reports_success(bench_factory: Any, t
     assert "hardware 'other-board'" in mcu(hub, "udp-2")["reason"]
     assert mcu(hub, "udp-2")["result_name"] == "UNSUPPORTED_PACKAGE"
     assert "downgrade" in mcu(hub, "udp-3")["reason"]
+    assert "the image is version 2.0.0" in outcome(hub, "udp-4")["reason"]
+    assert outcome(hub, "udp-4")["result_name"] == "UNSUPPORTED_PACKAGE"
     assert "SECRET" not in json.dumps(hub.reported)
 
 
@@ -246,3 +249,68 @@ async def test_final_report_refused_or_unanswered_is_retried_never_lost(
             (rep,) = [r for r in gw.journal.reports("udp-1") if r.state == "delivered"]
             assert str(outcome(hub, "udp-1")["report_id"]).endswith(f":{rep.id}")
         assert active(sim.devices["udp-1"]) == ("2.0.0", True)
+
+
+async def test_direct_methods_take_the_ctl_path_hostile_payloads_refused(
+        bench_factory: Any, tmp_path: Path) -> None:
+    bench = bench_factory(udp=2, serial=0, image_size=16 * 1024)
+    img = bench.images["2.0.0"].read_bytes()
+    async with (hub_broker(tmp_path) as broker, AzureHub(broker) as hub,
+                serve(files_app({"v2": img})) as base, Simulator(bench.sim_cfg) as sim):
+        async with running(gw_cfg(bench, sim, hub)) as gw:
+            await hub.wait_reported(lambda r: "udp-2" in r.get("mcus", {}))
+            assert (await hub.invoke("reboot", {"mcu": "udp-1"}))[0] == 404
+            assert (await hub.invoke("pause", {"mcu": "udp-1", "pad": "x" * 5000}))[0] == 413
+            assert (await hub.invoke("pause", {"mcu": {"a": {"b": {"c": 1}}}}))[0] == 413
+            assert (await hub.invoke("pause", {"mcu": 5}))[0] == 400
+            assert (await hub.invoke("pause", [1, 2]))[0] == 400
+            assert (await hub.invoke("pause", {"mcu": "nope"}))[0] == 404
+            assert not gw.fleet.ops.is_paused("udp-1")  # nothing of that did anything
+            status, body = await hub.invoke("pause", {"mcu": "udp-1", "reason": "line stop"})
+            assert status == 200 and "paused" in body["result"]
+            assert gw.fleet.ops.is_paused("udp-1")
+            audit = gw.fleet.ops.audit_log()
+            assert any("azure-iot-hub direct method" in str(a) and "pause" in str(a) for a in audit)
+            await hub.set_desired({"mcus": {"udp-1": entry(base, "v2", img),
+                                            "udp-2": entry(base, "v2", img)}})
+            await hub.wait_reported(lambda r: outcome(hub, "udp-2").get("result_name") == "SUCCESS")
+            assert sim.devices["udp-1"].counters["upload_bytes_received"] == 0  # paused
+            assert (await hub.invoke("resume", {"mcu": "udp-1"}))[0] == 200
+            await hub.wait_reported(lambda r: outcome(hub, "udp-1").get("result_name") == "SUCCESS")
+            assert active(sim.devices["udp-1"]) == ("2.0.0", True)
+            # a refused offer is reported once; update_now asks again at once (same ctl path)
+            await hub.set_desired({"mcus": {"udp-2": {"version": "3.0.0", "hardware": "x"}}})
+            await hub.wait_reported(lambda r: "hardware 'x'" in mcu(hub, "udp-2").get("reason", ""))
+            n = len(hub.reported_patches)
+            status, body = await hub.invoke("update_now", {"mcu": "udp-2"})
+            assert status == 200 and "update check now" in body["result"]
+            await hub.wait_reported(lambda r: any("hardware 'x'" in json.dumps(p) for p in
+                                                  hub.reported_patches[n:]))
+            assert (await hub.invoke("cancel", {"mcu": "udp-2"}))[0] == 409
+
+
+async def test_hostile_twin_bounded_patch_flood_reread(bench_factory: Any, tmp_path: Path) -> None:
+    bench = bench_factory(udp=1, serial=0, image_size=16 * 1024)
+    img = bench.images["2.0.0"].read_bytes()
+    deep: dict[str, Any] = {"x": 1}
+    for _ in range(20):
+        deep = {"d": deep}
+    async with (hub_broker(tmp_path) as broker, AzureHub(broker) as hub,
+                serve(files_app({"v2": img})) as base, Simulator(bench.sim_cfg) as sim):
+        hub.desired = {"mcus": {f"m{i}": {"version": "1.0.0"} for i in range(40)}}  # > max_mcus
+        async with running(gw_cfg(bench, sim, hub, max_mcus=32, max_patches_per_minute=10,
+                                  max_twin_bytes=4096)) as gw:
+            src: Any = gw.source
+            await sim.devices["udp-1"].wait_for(lambda _d: gw.source_health.down, 20)
+            assert "more than 32" in gw.source_health.last_error
+            await hub.set_desired({"mcus": None})  # the hub's twin becomes usable
+            await hub.wait_reported(lambda r: "udp-1" in r.get("mcus", {}), 20)
+            await hub.set_desired({"mcus": {"junk": deep}})  # too deep: refused, not taken
+            await hub.set_desired({"mcus": {"junk": None}})
+            await hub.set_desired({"mcus": {"udp-1": {"version": "9.9.9", "url": "x" * 5000}}})
+            for i in range(30):  # a flood: more than 10 a minute are dropped, the twin re-read
+                await hub.set_desired({"mcus": {"udp-1": entry(base, "v2", img, note=str(i))}})
+            await hub.wait_reported(lambda r: outcome(hub, "udp-1").get("result_name") == "SUCCESS")
+            assert src.stats["refused"] >= 2 and src.stats["patches_dropped"] > 0
+            assert active(sim.devices["udp-1"]) == ("2.0.0", True)
+            assert sim.devices["udp-1"].counters["upload_bytes_received"] < 2 * len(img)
