@@ -23,15 +23,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from aiohttp import web
 from fleet_servers.common import serve
 from servers.azure_hub import AzureHub, hub_broker
 
-from gateway.config import parse_config
+from gateway.config import ConfigError, parse_config
 from gateway.daemon import Gateway
 from gateway.sim.simulator import Simulator
 
 pytest.importorskip("azure.iot.device")
+# the SDK builds its paho client with callback API version 1 (paho's DeprecationWarning)
+pytestmark = pytest.mark.filterwarnings("ignore:Callback API version 1:DeprecationWarning")
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -102,7 +105,7 @@ async def running(cfg: Any, on_progress: Any = None) -> AsyncIterator[Gateway]:
 
 
 async def test_desired_version_updates_and_reports_success(bench_factory: Any, tmp_path: Path) -> None:
-    bench = bench_factory(udp=4, serial=0, image_size=24 * 1024)
+    bench = bench_factory(udp=5, serial=0, image_size=24 * 1024)
     img = bench.images["2.0.0"].read_bytes()
     async with (hub_broker(tmp_path) as broker, AzureHub(broker) as hub,
                 serve(files_app({"v2": img})) as base, Simulator(bench.sim_cfg) as sim):
@@ -112,6 +115,7 @@ async def test_desired_version_updates_and_reports_success(bench_factory: Any, t
             "udp-2": entry(base, "v2", img, hardware="other-board"),  # not its hardware (c)
             "udp-3": entry(base, "v2", img, version="0.9.0"),  # a downgrade (b)
             "udp-4": entry(base, "v2", img, version="2.1.0"),  # the header (a) says 2.0.0
+            "udp-5": {**entry(base, "v2", img), "sha256": "ab" * 32},  # not the blob's hash
         }}
         cfg = gw_cfg(bench, sim, hub)
         gw = Gateway(cfg)
@@ -120,7 +124,7 @@ async def test_desired_version_updates_and_reports_success(bench_factory: Any, t
         finally:
             gw.close()
         assert active(sim.devices["udp-1"]) == ("2.0.0", True), res.outcomes
-        for d in ("udp-2", "udp-3", "udp-4"):
+        for d in ("udp-2", "udp-3", "udp-4", "udp-5"):
             assert sim.devices[d].counters["upload_bytes_received"] == 0
             assert active(sim.devices[d]) == ("1.0.0", True)
     o = outcome(hub, "udp-1")
@@ -135,7 +139,9 @@ async def test_desired_version_updates_and_reports_success(bench_factory: Any, t
     assert "downgrade" in mcu(hub, "udp-3")["reason"]
     assert "the image is version 2.0.0" in outcome(hub, "udp-4")["reason"]
     assert outcome(hub, "udp-4")["result_name"] == "UNSUPPORTED_PACKAGE"
-    assert "SECRET" not in json.dumps(hub.reported)
+    assert outcome(hub, "udp-5")["result_name"] == "INTEGRITY_FAILURE"
+    assert "sha256 mismatch for http" in outcome(hub, "udp-5")["reason"]
+    assert "SECRET" not in json.dumps(hub.reported)  # the SAS token is a credential
 
 
 def reached(step: str) -> tuple[asyncio.Event, Any]:
@@ -314,3 +320,75 @@ async def test_hostile_twin_bounded_patch_flood_reread(bench_factory: Any, tmp_p
             assert src.stats["refused"] >= 2 and src.stats["patches_dropped"] > 0
             assert active(sim.devices["udp-1"]) == ("2.0.0", True)
             assert sim.devices["udp-1"].counters["upload_bytes_received"] < 2 * len(img)
+
+
+def readme_configuration() -> dict[str, Any]:
+    """The automatic device configuration's content as the README gives it."""
+    text = (ROOT / "README.md").read_text()
+    m = re.search(r"<!-- azure-configuration -->\s*```json\n(.*?)```", text, re.S)
+    assert m, "the README's Azure section lost its configuration example"
+    return dict(json.loads(m.group(1)))
+
+
+async def test_readme_section_end_to_end(bench_factory: Any, tmp_path: Path) -> None:
+    bench = bench_factory(udp=1, serial=0, image_size=16 * 1024)
+    img = bench.images["2.0.0"].read_bytes()
+    async with (hub_broker(tmp_path) as broker, AzureHub(broker) as hub,
+                serve(files_app({"sensor-2.0.0.bin": img})) as base,
+                Simulator(bench.sim_cfg) as sim):
+        # 1. the connection string in a file; 2. configs/azure.yaml with this bench's devices
+        cs = tmp_path / "azure-connection-string"
+        cs.write_text(hub.connection_string("line-3-gateway") + "\n")
+        data = yaml.safe_load((ROOT / "configs" / "azure.yaml").read_text())
+        assert data["source"]["connection_string"] == {"file": "/etc/smp-gateway/azure-connection-string"}
+        data["source"]["connection_string"] = {"file": str(cs)}
+        data["source"]["server_verification_cert"] = str(broker.tls.ca)  # type: ignore[union-attr]
+        sim_dev = bench.gateway_dict(sim)["devices"][0]
+        hw = sim_dev["hardware"]
+        data["devices"] = [{**sim_dev, "id": "sensor-1"}]
+        data.update(state_dir=str(tmp_path / "state"), trusted_keys=[str(bench.key)])
+        cfg = parse_config(data, tmp_path / "azure.yaml")
+        # 3./4. the blob and the configuration's content, applied as IoT Hub applies it
+        content = readme_configuration()["deviceContent"]
+        desired: dict[str, Any] = {}
+        for path, value in content.items():
+            assert path.startswith("properties.desired.")
+            node = desired
+            *parents, last = path.split(".")[2:]
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[last] = value
+        want = desired["mcus"]["sensor-1"]
+        assert want["hardware"] == "nrf52840dk" and want["version"] == "2.0.0"
+        want.update(url=f"{base}/blob/sensor-2.0.0.bin?sv=2024&sig=SAS", size=len(img),
+                    sha256=hashlib.sha256(img).hexdigest(), hardware=hw)
+        async with running(cfg) as gw:
+            await hub.wait_reported(lambda r: "sensor-1" in r.get("mcus", {}))
+            await hub.set_desired(desired)
+            # 5. the reported properties the README names
+            await hub.wait_reported(lambda r: outcome(hub, "sensor-1").get("result_name")
+                                    == "SUCCESS")
+            rep = mcu(hub, "sensor-1")
+            for k in ("state", "result", "result_name", "reason", "version", "running_version",
+                      "slots", "last_outcome"):
+                assert k in rep, k
+            assert rep["state"] == "idle" and rep["version"] == "2.0.0"
+            assert active(sim.devices["udp-1"]) == ("2.0.0", True)
+            # 6. a direct method as the README calls it
+            status, body = await hub.invoke("pause", {"mcu": "sensor-1"})
+            assert status == 200 and gw.fleet.ops.is_paused("sensor-1"), body
+        assert "SAS" not in json.dumps(hub.reported)
+
+
+def test_config_errors_name_the_key(tmp_path: Path) -> None:
+    key = tmp_path / "k.pem"
+    key.write_text("x")
+    base = {"state_dir": str(tmp_path), "trusted_keys": [str(key)]}
+    with pytest.raises(ConfigError, match=r"source.*exactly one of connection_string or dps"):
+        parse_config({**base, "source": {"kind": "azure_iot_hub"}}, tmp_path / "c.yaml")
+    with pytest.raises(ConfigError, match=r"source\.dps.*symmetric_key"):
+        parse_config({**base, "source": {"kind": "azure_iot_hub", "dps": {"id_scope": "0ne"}}},
+                     tmp_path / "c.yaml")
+    with pytest.raises(ConfigError, match=r"source\.max_mcus"):
+        parse_config({**base, "source": {"kind": "azure_iot_hub", "connection_string": "x",
+                                         "max_mcus": 0}}, tmp_path / "c.yaml")

@@ -298,7 +298,8 @@ class AzureHub:
         finally:
             self._methods.pop(rid, None)
 
-    async def wait_reported(self, pred: Callable[[dict[str, Any]], bool], timeout_s: float = 30) -> dict[str, Any]:
+    async def wait_reported(self, pred: Callable[[dict[str, Any]], bool],
+                            timeout_s: float = 30) -> dict[str, Any]:
         async with self._changed:
             await asyncio.wait_for(self._changed.wait_for(lambda: pred(self.reported)), timeout_s)
         return self.reported
