@@ -264,7 +264,8 @@ class Downloader:
                     attempts += 1
                 if attempts > self.retries:
                     raise FetchError(
-                        f"download of {shown(url)} failed after {attempts} attempts: {exc or type(exc).__name__}",
+                        f"download of {shown(url)} failed after {attempts} attempts: "
+                        f"{exc or type(exc).__name__}",
                         UpdateResult.CONNECTION_LOST,
                     ) from None
                 delay = getattr(exc, "delay", None)
