@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -32,7 +33,8 @@ from gateway.config import ConfigError, parse_config
 from gateway.daemon import Gateway
 from gateway.sim.simulator import Simulator
 
-pytest.importorskip("azure.iot.device")
+if not os.environ.get("CI"):  # in CI (the test extra installs the SDK) a failure, never a skip
+    pytest.importorskip("azure.iot.device")
 # the SDK builds its paho client with callback API version 1 (paho's DeprecationWarning)
 pytestmark = pytest.mark.filterwarnings("ignore:Callback API version 1:DeprecationWarning")
 
