@@ -24,6 +24,7 @@ from pydantic import (
 from gateway.schema import ConfigError, Model, Secret, SecretRef
 from gateway.sources.settings import (
     AwsOtaSourceConfig,
+    AzureIotHubSourceConfig,
     HawkbitSourceConfig,
     LatestReleaseSourceConfig,
     Lwm2mSourceConfig,
@@ -444,7 +445,8 @@ SourceConfig = Annotated[
     | MqttJobsSourceConfig
     | AwsOtaSourceConfig
     | LatestReleaseSourceConfig
-    | Lwm2mSourceConfig,
+    | Lwm2mSourceConfig
+    | AzureIotHubSourceConfig,
     Field(discriminator="kind"),
 ]
 

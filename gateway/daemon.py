@@ -225,6 +225,11 @@ class Gateway:
         if hooks[0] is not None and hooks[1] is not None:  # a source driven by server events (LwM2M)
             hooks[0](self.fleet.wake)
             hooks[1](self.reboot_device)
+        elif hooks[0] is not None:  # a source with server events but no reboot (IoT Hub)
+            hooks[0](self.fleet.wake)
+        control = getattr(self.source, "set_control", None)
+        if control is not None:  # IoT Hub direct methods: the very path of ``smp-gateway ctl``
+            control(self.fleet.handle)
 
     async def reboot_device(self, device_id: str) -> str | None:
         """A server's Reboot (LwM2M /3/0/4): an SMP reset through the maintenance-window gate

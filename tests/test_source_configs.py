@@ -15,7 +15,7 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
 @pytest.mark.parametrize("name", ["rdfm", "hawkbit", "mqtt-jobs", "latest-release", "lwm2m",
-                                  "aws-ota"])
+                                  "aws-ota", "azure"])
 def test_example_configs_validate(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
     key = tmp_path / "k.pem"
@@ -26,7 +26,7 @@ def test_example_configs_validate(name: str, tmp_path: Path, monkeypatch: pytest
     for k in ("ca_file", "cert_file", "key_file"):  # the examples point at /etc files
         data["source"].pop(k, None)
     cfg = parse_config(data, tmp_path / f"{name}.yaml")
-    assert cfg.source.kind == name.replace("-", "_")
+    assert cfg.source.kind == {"azure": "azure_iot_hub"}.get(name, name.replace("-", "_"))
     assert build_source(cfg).name == cfg.source.kind
 
 

@@ -59,4 +59,11 @@ def build_source(cfg: GatewayConfig) -> FleetSource:
             assert isinstance(src, Lwm2mSourceConfig)
             return Lwm2mSource(src, cfg.state_dir, gateway_id=cfg.gateway_id,
                                devices=[(d.id, d.group) for d in cfg.devices])
+        case "azure_iot_hub":
+            from gateway.sources.azure import AzureIotHubSource
+            from gateway.sources.settings import AzureIotHubSourceConfig
+
+            assert isinstance(src, AzureIotHubSourceConfig)
+            return AzureIotHubSource(src, cfg.state_dir, gateway_id=cfg.gateway_id,
+                                     devices=[(d.id, d.group) for d in cfg.devices])
     raise ValueError(f"unknown source kind {src.kind!r}")

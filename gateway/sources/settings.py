@@ -190,3 +190,61 @@ class Lwm2mSourceConfig(HttpOptions):
         if not self.server.startswith("coap://"):
             raise ValueError("server must be coap://host[:port]")
         return self
+
+
+class AzureDpsConfig(Model):
+    """Azure Device Provisioning Service: the gateway's IoT Hub and device id are assigned by
+    DPS at start, with a symmetric key or an X.509 certificate."""
+
+    provisioning_host: str = Field("global.azure-devices-provisioning.net")
+    id_scope: str
+    registration_id: str = Field("{gateway}", description="template: {gateway}")
+    symmetric_key: Secret | None = Field(None, description="the enrollment's (derived) key")
+    cert_file: Path | None = Field(None, description="X.509 attestation: certificate (PEM)")
+    key_file: Path | None = Field(None, description="X.509 attestation: its private key")
+
+    @model_validator(mode="after")
+    def _one_attestation(self) -> AzureDpsConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("give both cert_file and key_file, or neither")
+        if (self.symmetric_key is None) == (self.cert_file is None):
+            raise ValueError("give exactly one of symmetric_key or cert_file/key_file")
+        return self
+
+
+class AzureIotHubSourceConfig(HttpOptions):
+    """Azure IoT Hub device twin (``gateway.sources.azure``): one device identity for the
+    gateway, each MCU a section ``<section>.<device id>`` of its desired/reported properties;
+    the HTTP options are for the blob downloads."""
+
+    kind: Literal["azure_iot_hub"] = "azure_iot_hub"
+    connection_string: Secret | None = Field(
+        None, description="the gateway's device connection string (HostName=...;DeviceId=...;"
+        "SharedAccessKey=...)")
+    dps: AzureDpsConfig | None = Field(None, description="or: provisioned through DPS")
+    server_verification_cert: Path | None = Field(
+        None, description="PEM CA the hub's TLS certificate must chain to (default: system)")
+    section: str = Field("mcus", pattern=r"^[A-Za-z][A-Za-z0-9_]{0,31}$",
+                         description="twin property holding one object per MCU")
+    group_section: str = Field("groups", pattern=r"^[A-Za-z][A-Za-z0-9_]{0,31}$",
+                               description="twin property holding one object per device group")
+    poll_interval_s: float = Field(60.0, gt=0, description="device checks between twin events")
+    progress_interval_s: float = Field(5.0, ge=0, description="min seconds between progress patches")
+    reconnect_interval_s: int = Field(10, ge=1, le=3600, description="the SDK's retry interval")
+    keepalive_s: int = Field(60, ge=5, le=1177)
+    max_twin_bytes: int = Field(64 * 1024, ge=1024, le=1024 * 1024,
+                                description="a larger twin or desired patch is refused")
+    max_depth: int = Field(8, ge=3, le=32, description="nesting of the twin's desired properties")
+    max_mcus: int = Field(256, ge=1, le=4096, description="MCU/group sections read from the twin")
+    max_method_payload_bytes: int = Field(4096, ge=64, le=128 * 1024)
+    max_patches_per_minute: int = Field(120, ge=1, le=6000,
+                                        description="more desired patches: dropped, twin re-read")
+    max_package_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+
+    @model_validator(mode="after")
+    def _one_connection(self) -> AzureIotHubSourceConfig:
+        if (self.connection_string is None) == (self.dps is None):
+            raise ValueError("give exactly one of connection_string or dps")
+        if self.section == self.group_section:
+            raise ValueError("section and group_section must differ")
+        return self
