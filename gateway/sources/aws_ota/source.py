@@ -88,6 +88,7 @@ class AwsOtaSource(MqttJobsSource):
         self._versions: dict[tuple[str, str, str], str] = {}
         self._self_test: dict[tuple[str, str, str], str] = {}
         self._rejected: set[tuple[str, str]] = set()
+        self._gone: set[str] = set()  # downloads removed while running: they stop
         self._describing: dict[str, asyncio.Future[tuple[str, dict[str, Any]]]] = {}
         self.stream_stats = {"requests": 0, "blocks": 0, "duplicates": 0, "bad": 0, "resumed": 0,
                              "unasked": 0, "swept": 0}
@@ -289,12 +290,14 @@ class AwsOtaSource(MqttJobsSource):
             rt = offer.report_to
             key = rt.get("stream_key")
             if isinstance(key, str) and _SAFE.sub("_", key) == key:
+                self._gone.add(key)
                 streams.discard(self._stream_root, key)
             return
         doc: OtaDocument = h["doc"]
         if doc.streamname is not None:
-            streams.discard(self._stream_root,
-                            self._key_of(h["thing"], doc.streamname, h["file"], h["job"].job_id))
+            key = self._key_of(h["thing"], doc.streamname, h["file"], h["job"].job_id)
+            self._gone.add(key)
+            streams.discard(self._stream_root, key)
 
     async def _describe(self, thing: str, stream: str) -> tuple[int | None, dict[int, int]]:
         """DescribeStream: the stream's version and files (bounded in time and size)."""
@@ -335,6 +338,7 @@ class AwsOtaSource(MqttJobsSource):
         if final.is_file() and final.stat().st_size == f.filesize:
             return final  # complete before a restart (the checks that follow still apply)
         self._stream_root.mkdir(parents=True, exist_ok=True)
+        self._gone.discard(key)
         swept = await asyncio.to_thread(streams.sweep, self._stream_root, key,
                                         cfg.stream_cache_bytes, cfg.stream_keep_s, time.time())
         self.stream_stats["swept"] += len(swept)
@@ -364,6 +368,9 @@ class AwsOtaSource(MqttJobsSource):
         deadline = time.monotonic() + cfg.stream_deadline_s
         try:
             while part.bitmap.missing():
+                if key in self._gone:
+                    raise FetchError(f"stream {stream} file {f.fileid}: download called off",
+                                     UpdateResult.CONNECTION_LOST)
                 if time.monotonic() > deadline:
                     raise FetchError(
                         f"stream {stream} file {f.fileid}: not complete within "
@@ -403,6 +410,8 @@ class AwsOtaSource(MqttJobsSource):
             if not ls:
                 self._listeners.pop((thing, stream), None)
             part.close()
+            if key in self._gone:  # removed while it ran: nothing of it is left behind
+                streams.discard(self._stream_root, key)
 
     async def _round(self, lst: _Listener, part: streams.Partial, n: int, stream: str,
                      deadline: float) -> int:
@@ -465,8 +474,8 @@ class AwsOtaSource(MqttJobsSource):
             if isinstance(v, str) and len(v) <= 64:
                 self._versions.setdefault(self._rkey(offer), v)
         await super().report(offer, report)
-        if report.finished:  # taken by the server: the download is not needed any more
-            self._forget(offer)
+        if report.result == UpdateResult.SUCCESS:  # taken by the server: not needed any more
+            self._forget(offer)  # (a FAILED one is kept for a retry of the job, swept later)
 
     async def canceled(self, offer: Offer) -> str | None:
         why = await super().canceled(offer)
