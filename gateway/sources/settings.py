@@ -164,6 +164,16 @@ class AwsOtaSourceConfig(MqttJobsSourceConfig):
         6, ge=1, le=100, description="GetStream rounds in a row with no new block before the "
         "download fails (the bitmap is kept: the next attempt resumes)")
     max_file_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    describe_stream: bool = Field(
+        True, description="DescribeStream before a download: the stream must hold the file with "
+        "the job's filesize (else REJECTED, nothing downloaded); its version pins the resume")
+    stream_deadline_s: float = Field(
+        3600.0, gt=0, description="one download attempt's time limit (the bitmap is kept)")
+    stream_cache_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, description="disk held by stream downloads (partial and "
+        "complete files of other downloads are removed, oldest first, past it)")
+    stream_keep_s: float = Field(
+        7 * 86400.0, gt=0, description="an unfinished download untouched this long is removed")
 
 
 class Lwm2mSourceConfig(HttpOptions):
