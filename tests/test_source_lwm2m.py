@@ -190,7 +190,7 @@ async def test_empty_package_uri_cancels_in_downloaded(bench_factory, server: Wa
     async with Simulator(bench.sim_cfg) as sim:
         dev = sim.devices["udp-1"]
         cfg = lwm2m_cfg(bench, sim, server)
-        async with daemon(cfg):
+        async with daemon(cfg) as gw:
             c = await server.registered("udp-1")
             await observe_fw(server, c)
             m = server.mark()
@@ -202,6 +202,10 @@ async def test_empty_package_uri_cancels_in_downloaded(bench_factory, server: Wa
             await server.notified(c, STATE, 0, 10, m)
             assert server.values(c, RESULT)[-1] == 0
             assert (await server.exec(c, "/5/0/2")).code == "4.05"
+            # the same cancel path as every source: journalled as an intent, then finished
+            await wait_until(lambda: "intent-cancel-done" in cancel_events(gw, "udp-1"), 20,
+                             "the cancel's intent finished")
+            assert cancel_events(gw, "udp-1")[0] == "intent-cancel"
         assert dev.counters["upload_bytes_received"] == 0 and active(dev) == ("1.0.0", True)
         assert not list((cfg.state_dir / "lwm2m" / "packages").glob("*.bin"))
 
@@ -487,3 +491,55 @@ async def test_restarted_server_reusing_a_message_id_gets_an_answer_not_a_replay
     finally:
         await ep.close(deregister=False)
         transport.close()
+
+
+async def wait_until(pred: Any, within: float, what: str) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + within
+    while not pred():
+        if loop.time() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)  # polling the in-process daemon's journal, not a fixed wait
+
+
+def cancel_events(gw: Gateway, dev_id: str) -> list[str]:
+    return [e[2] for e in gw.journal.events(dev_id, steps=("intent-cancel", "intent-cancel-ack",
+                                                           "intent-cancel-done"))]
+
+
+async def test_empty_package_uri_cancels_a_slow_pull_in_downloading(bench_factory,
+                                                                     server: Wakaama) -> None:
+    """A cancel (empty Package URI) while a PULL is in flight (State 1; the HTTP server sent
+    its headers and holds the body): State 0 Result 0 at once, the download stopped (not left
+    to the read timeout), the cancel journalled as an intent and finished, nothing sent to the
+    device; a later Update is 4.05."""
+    bench = bench_factory(udp=1, serial=0, image_size=16 * 1024)
+    fs = FileStore(release=asyncio.Event())  # set at the end only: the body never comes
+    app = web.Application()
+    fs.routes(app)
+    async with serve(app) as base, Simulator(bench.sim_cfg) as sim:
+        dev = sim.devices["udp-1"]
+        url = base + fs.add("app-2.0.0.bin", bench.images["2.0.0"].read_bytes())
+        async with daemon(lwm2m_cfg(bench, sim, server, download_read_timeout_s=120)) as gw:
+            c = await server.registered("udp-1")
+            await observe_fw(server, c)
+            m = server.mark()
+            assert (await server.write(c, "/5/0/1", url)).code == "2.04"
+            await server.notified(c, STATE, 1, 10, m)
+            await asyncio.wait_for(fs.started.wait(), 30)  # the GET is in flight
+            t0 = time.monotonic()
+            assert (await server.write(c, "/5/0/1", '[{"bn":"/5/0/1","vs":""}]')).code == "2.04"
+            await server.notified(c, STATE, 0, 10, m)
+            await wait_until(lambda: "intent-cancel-done" in cancel_events(gw, "udp-1"), 20,
+                             "the cancel's intent finished")
+            assert time.monotonic() - t0 < 15  # not the 120 s read timeout
+            assert gw.journal.open_intents("udp-1") == []
+            assert cancel_events(gw, "udp-1")[0] == "intent-cancel"  # journalled first
+            assert gw.source.endpoint("udp-1").rec.canceled is None  # type: ignore[attr-defined]
+            assert server.values(c, RESULT)[-1] == 0 and 2 not in server.values(c, STATE)
+            assert (await server.exec(c, "/5/0/2")).code == "4.05"
+            assert fs.gets("app-2.0.0.bin") == 1
+            assert fs.release is not None
+            fs.release.set()  # (the HTTP server's shutdown waits for its handler)
+        assert dev.counters["upload_bytes_received"] == 0 and dev.counters["resets"] == 0
+        assert active(dev) == ("1.0.0", True)

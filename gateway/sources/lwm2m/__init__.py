@@ -50,6 +50,7 @@ from gateway.sources.base import (
     FleetSource,
     Offer,
     Report,
+    ServerCanceled,
     UpdateResult,
     UpdateState,
 )
@@ -142,6 +143,11 @@ class Lwm2mSource(FleetSource):
             ep.set(running_version=str(device.running_version))  # (b): what the device reports
         rec = ep.rec
         report_to = {"endpoint": ep.name, "gen": rec.gen}
+        if rec.canceled and rec.phase == "idle":
+            # the server's cancel of a package no engine run is holding (Downloading,
+            # Downloaded): journalled as an intent and taken back by the gateway like every
+            # other source's cancel (``FleetOps.server_cancel``); ``acknowledge_cancel`` closes it
+            raise ServerCanceled(rec.canceled, self._cancel_offer(device.id, ep), report_to)
         if rec.phase == "fetch":
             art = "lwm2m-uri-" + hashlib.sha256(rec.uri.encode()).hexdigest()[:32]
             return Offer(device.id, self.name, art, handle={"uri": rec.uri, "gen": rec.gen},
@@ -174,15 +180,31 @@ class Lwm2mSource(FleetSource):
         if may_be_bundle(urlsplit(uri).path):
             cap = min(self.cfg.max_package_bytes, set_cap(max_size) or self.cfg.max_package_bytes)
         scheme = urlsplit(uri).scheme.lower()
-        if scheme in ("http", "https"):
-            path = await self._downloader.fetch(uri, sha256=None, max_size=cap)
-        elif scheme == "coap":
-            if ep is None:
-                raise FetchError("no endpoint for the device", UpdateResult.CONNECTION_LOST)
-            path = await self._coap_get(ep, uri, cap)
-        else:
+        if scheme not in ("http", "https", "coap"):
             raise FetchError(f"unsupported protocol {scheme!r}", UpdateResult.UNSUPPORTED_PROTOCOL)
-        if ep is not None and ep.rec.gen == h.get("gen"):
+        if ep is None:
+            raise FetchError("no endpoint for the device", UpdateResult.CONNECTION_LOST)
+        if scheme == "coap":
+            dl: asyncio.Future[Path] = asyncio.ensure_future(self._coap_get(ep, uri, cap))
+        else:
+            dl = asyncio.ensure_future(self._downloader.fetch(uri, sha256=None, max_size=cap))
+        # the server's cancel (empty Package URI / Package) stops the download at once: no
+        # waiting out a slow server; the gateway journals and finishes it (ServerCanceled)
+        stop = asyncio.ensure_future(ep.cancel_seen.wait())
+        try:
+            await asyncio.wait({dl, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            if not dl.done():
+                dl.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await dl
+        if ep.rec.gen == h.get("gen") and ep.rec.canceled:
+            raise ServerCanceled(f"{ep.rec.canceled} during the download",
+                                 self._cancel_offer(offer.device_id, ep),
+                                 {"endpoint": ep.name, "gen": ep.rec.gen})
+        path = dl.result()
+        if ep.rec.gen == h.get("gen"):
             ep.set(package=str(path))
         return path
 
@@ -276,8 +298,18 @@ class Lwm2mSource(FleetSource):
         return rec.canceled
 
     async def acknowledge_cancel(self, offer: Offer, done: bool, detail: str) -> None:
-        # LwM2M has no cancel acknowledgement: State/Result (0/0) already say it
+        # LwM2M has no cancel acknowledgement: State/Result (0/0) already say it. The gateway
+        # finished the cancel (journal): the endpoint stops asking for it.
+        ep = self._ep_for(offer)
+        if ep is not None and offer.report_to.get("gen") == ep.rec.gen and ep.rec.canceled:
+            ep.set(canceled=None)
         log.info("lwm2m device=%s update canceled by the server: %s", offer.device_id, detail)
+
+    def _cancel_offer(self, device_id: str, ep: Endpoint) -> Offer:
+        """The canceled package as an offer: enough to journal the cancel and find the
+        endpoint again (its report handle), also after a restart."""
+        return Offer(device_id, self.name, f"lwm2m-{ep.name}-gen-{ep.rec.gen}",
+                     report_to={"endpoint": ep.name, "gen": ep.rec.gen})
 
 
 def _is_zip(path: Path) -> bool:

@@ -77,6 +77,9 @@ class Endpoint:
         self._retiring: set[asyncio.Task[None]] = set()  # old sockets, closing
         self._push: dict[str, Any] | None = None  # Block1 transfer in progress
         self._push_timer: asyncio.TimerHandle | None = None
+        # set by a cancel of the current package, cleared by the next package: a download in
+        # flight for it stops at once (``Lwm2mSource.fetch``)
+        self.cancel_seen = asyncio.Event()
         self.tree = self._build()
 
     # -- the objects ---------------------------------------------------------------------------
@@ -148,6 +151,7 @@ class Endpoint:
         self.on_change(self, self.rec.phase)
 
     def _new_package(self, **changes: Any) -> None:
+        self.cancel_seen.clear()
         self.set(gen=self.rec.gen + 1, canceled=None, result=0, detail="", pkg_name="",
                  pkg_version="", **changes)
 
@@ -156,8 +160,12 @@ class Endpoint:
         self._abort_push()
         running = self.rec.phase in ("install",) or self.rec.state == UPDATING
         self.set(state=IDLE, result=0, uri="", phase="idle", pkg_name="", pkg_version="",
-                 detail=why, canceled=why if running or self.rec.phase != "idle" else None)
+                 detail=why,
+                 # a second empty write keeps the first cancel open until it is acknowledged
+                 canceled=why if running or self.rec.phase != "idle" else self.rec.canceled)
         self.push_file.unlink(missing_ok=True)
+        if self.rec.canceled:
+            self.cancel_seen.set()
 
     # -- /5 handlers ---------------------------------------------------------------------------
     async def _write_ignored(self, v: codec.Value) -> None:
