@@ -18,7 +18,9 @@ from typing import Any
 
 import aiocoap
 import pytest
+import yaml
 from aiohttp import web
+from daemon_support import GatewayProcess, journal_rows
 from fleet_servers.common import FileStore, serve
 from lwm2m_server import Wakaama, free_udp_port, tlv_int, wakaama_binary
 
@@ -543,3 +545,55 @@ async def test_empty_package_uri_cancels_a_slow_pull_in_downloading(bench_factor
             fs.release.set()  # (the HTTP server's shutdown waits for its handler)
         assert dev.counters["upload_bytes_received"] == 0 and dev.counters["resets"] == 0
         assert active(dev) == ("1.0.0", True)
+
+
+async def test_gateway_sigkill_mid_upload_resumes_and_re_notifies(bench_factory,
+                                                                   server: Wakaama) -> None:
+    """``smp-gateway run`` (a real process) is SIGKILLed while it uploads the pushed package
+    (State 3). Restarted: the endpoint registers again (the server keeps the client), the
+    journal resumes the upload from the device's offset - one install, one test boot - and the
+    server, observing again, is told State 3 then State 0 / Result 1."""
+    bench = bench_factory(udp=1, serial=0, image_size=64 * 1024,
+                          device_kw={"link": {"bandwidth_bps": 20_000}})
+    img = bench.images["2.0.0"]
+    async with Simulator(bench.sim_cfg) as sim:
+        dev = sim.devices["udp-1"]
+        data = bench.gateway_dict(sim)
+        data["source"] = {"kind": "lwm2m", "server": server.url, "bind_host": "127.0.0.1",
+                          "lifetime_s": 60, "poll_interval_s": 30, "request_timeout_s": 20}
+        cfg_path = bench.root / "gateway.yaml"
+        cfg_path.write_text(yaml.safe_dump(data, sort_keys=False))
+        log_path = bench.root / "gateway.log"
+        gw = GatewayProcess(cfg_path, log_path)
+        await gw.start()
+        try:
+            c = await server.registered("udp-1", within=60)
+            await observe_fw(server, c)
+            m = server.mark()
+            assert (await server.write(c, "/5/0/0", f"@{img}", 120)).code == "2.04"
+            await until_downloaded(server, c, m)
+            assert (await server.exec(c, "/5/0/2")).code == "2.04"
+            await server.notified(c, STATE, 3, 10, m)
+            await dev.wait_for(lambda d: d.counters["upload_bytes_received"] > 8000, 60)
+            await gw.kill()
+            cut = dev.counters["upload_bytes_received"]
+            assert cut < img.stat().st_size and dev.counters["resets"] == 0
+            m = server.mark()
+            gw = GatewayProcess(cfg_path, log_path)
+            await gw.start()
+            assert await server.registered("udp-1", within=60, since=m) == c  # the same client
+            m = server.mark()
+            await server.cmd(f"observe {c} {STATE}")  # (the old observation's end is told
+            await server.notified(c, STATE, 3, 10, m)  # first, as an empty NOTIFY)
+            await server.observe(c, RESULT)
+            await server.notified(c, RESULT, 1, 120, m)
+            await server.notified(c, STATE, 0, 10, m)
+            assert tlv_int((await server.read(c, STATE)).payload) == 0
+        finally:
+            await gw.kill()
+        assert active(dev) == ("2.0.0", True)
+        assert dev.counters["resets"] == 1  # one test boot: no second install
+        # resumed from the device's offset, not sent again from 0
+        assert dev.counters["upload_bytes_received"] < img.stat().st_size + cut // 2, (
+            dev.counters["upload_bytes_received"], cut, log_path.read_text()[-3000:])
+        assert [r["outcome"] for r in journal_rows(bench.root / "gateway-state")] == ["updated"]
