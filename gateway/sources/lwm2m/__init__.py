@@ -34,6 +34,7 @@ import os
 import struct
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path, PurePosixPath
+from typing import Any
 from urllib.parse import urlsplit
 
 import aiocoap
@@ -107,7 +108,8 @@ class Lwm2mSource(FleetSource):
         ep = self._eps.get(device_id)
         if ep is None:
             name = self.endpoint_name(device_id, group)
-            ep = Endpoint(self.cfg, device_id, name, self.state_dir, self._changed, self._reboot)
+            ep = Endpoint(self.cfg, device_id, name, self.state_dir, self._changed, self._reboot,
+                          gateway_id=self.gateway_id)
             self._eps[device_id] = ep
             self._by_name[name] = ep
             await ep.start()
@@ -191,8 +193,9 @@ class Lwm2mSource(FleetSource):
         # the server's cancel (empty Package URI / Package) stops the download at once: no
         # waiting out a slow server; the gateway journals and finishes it (ServerCanceled)
         stop = asyncio.ensure_future(ep.cancel_seen.wait())
+        race: set[asyncio.Future[Any]] = {dl, stop}
         try:
-            await asyncio.wait({dl, stop}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(race, return_when=asyncio.FIRST_COMPLETED)
         finally:
             stop.cancel()
             if not dl.done():
