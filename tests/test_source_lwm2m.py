@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import aiocoap
+import aiocoap.resource
 import pytest
 import yaml
+from aiocoap.optiontypes import BlockOption
 from aiohttp import web
 from daemon_support import GatewayProcess, journal_rows
 from fleet_servers.common import FileStore, serve
@@ -30,7 +32,8 @@ from gateway.cancel import CANCELED
 from gateway.config import GatewayConfig, parse_config
 from gateway.daemon import Gateway
 from gateway.sim.simulator import Simulator
-from gateway.sources.lwm2m import codec
+from gateway.sources.base import FetchError, Offer, UpdateResult
+from gateway.sources.lwm2m import Lwm2mSource, codec
 from gateway.sources.lwm2m.endpoint import Endpoint
 from gateway.sources.settings import Lwm2mSourceConfig
 
@@ -597,3 +600,72 @@ async def test_gateway_sigkill_mid_upload_resumes_and_re_notifies(bench_factory,
         assert dev.counters["upload_bytes_received"] < img.stat().st_size + cut // 2, (
             dev.counters["upload_bytes_received"], cut, log_path.read_text()[-3000:])
         assert [r["outcome"] for r in journal_rows(bench.root / "gateway-state")] == ["updated"]
+
+
+class _HostileFw(aiocoap.resource.Resource):
+    """A coap:// package server that answers Block2 requests as ``mode`` says."""
+
+    def __init__(self, data: bytes, mode: str) -> None:
+        super().__init__()
+        self.data, self.mode, self.asked = data, mode, []  # type: ignore[var-annotated]
+
+    async def needs_blockwise_assembly(self, request: aiocoap.Message) -> bool:
+        return False  # every block is answered here, as the mode says
+
+    async def render_get(self, req: aiocoap.Message) -> aiocoap.Message:
+        b = req.opt.block2
+        num, szx = (b.block_number, b.size_exponent) if b else (0, 6)
+        self.asked.append(num)
+        if self.mode == "small-blocks":  # a smaller block size than asked: allowed (RFC 7959)
+            szx = min(szx, 2)
+        if self.mode == "tiny-forever":
+            szx = 0
+        size = 1 << (szx + 4)
+        if self.mode == "same-block":
+            num = 0
+        chunk = self.data[num * size:(num + 1) * size]
+        more = (num + 1) * size < len(self.data) or self.mode in ("endless", "tiny-forever")
+        if self.mode in ("endless", "tiny-forever"):
+            chunk = b"\xa5" * size
+        return aiocoap.Message(payload=chunk, block2=BlockOption.BlockwiseTuple(num, more, szx))
+
+
+async def test_coap_pull_hostile_servers_are_bounded(tmp_path: Path) -> None:
+    """A coap:// Package URI from a server that sends without end (the size cap: Result 2),
+    repeats a block (stopped before the repeat is written), drips tiny blocks for ever
+    (``coap_pull_timeout_s``), or legitimately answers with smaller blocks than asked (the
+    file is exact)."""
+    data = bytes(range(256)) * 40  # 10 KiB
+    site = aiocoap.resource.Site()
+    servers = {m: _HostileFw(data, m) for m in ("endless", "same-block", "tiny-forever",
+                                               "small-blocks")}
+    for m, res in servers.items():
+        site.add_resource([m], res)
+    port = free_udp_port()
+    ctx = await aiocoap.Context.create_server_context(site, bind=("127.0.0.1", port),
+                                                      transports=["udp6"])
+    cfg = Lwm2mSourceConfig(server=f"coap://127.0.0.1:{free_udp_port()}", bind_host="127.0.0.1",
+                            request_timeout_s=5, coap_pull_timeout_s=1.0)
+    src = Lwm2mSource(cfg, tmp_path, devices=[("dev-1", None)])
+    await src.start()
+    try:
+        async def pull(mode: str, max_size: int | None = None) -> Path:
+            offer = Offer("dev-1", "lwm2m", "a", handle={"uri": f"coap://127.0.0.1:{port}/{mode}",
+                                                         "gen": 0})
+            return await src.fetch(offer, max_size)
+
+        assert (await pull("small-blocks")).read_bytes() == data
+        t0 = time.monotonic()
+        with pytest.raises(FetchError, match="coap_pull_timeout_s") as ei:
+            await pull("tiny-forever")
+        assert ei.value.result == UpdateResult.CONNECTION_LOST and time.monotonic() - t0 < 3
+        with pytest.raises(FetchError) as ei:
+            await pull("endless", 32 * 1024)
+        assert ei.value.result == UpdateResult.NOT_ENOUGH_FLASH and len(servers["endless"].asked) == 33
+        with pytest.raises(FetchError, match="does not continue") as ei:
+            await pull("same-block")
+        assert servers["same-block"].asked == [0, 1]
+        assert not list((tmp_path / "downloads").glob("*.part"))  # nothing half-written left
+    finally:
+        await src.close()
+        await ctx.shutdown()

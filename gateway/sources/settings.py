@@ -188,6 +188,8 @@ class Lwm2mSourceConfig(HttpOptions):
     max_package_bytes: int = Field(16 * 1024 * 1024, ge=1024,
                                    description="cap on a pushed or pulled package")
     poll_interval_s: float = Field(60.0, gt=0, description="device checks between server events")
+    coap_pull_timeout_s: float = Field(1800.0, gt=0, le=86400,
+                                       description="a coap:// Package URI download, whole")
 
     @model_validator(mode="after")
     def _server(self) -> Lwm2mSourceConfig:
