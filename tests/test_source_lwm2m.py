@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -617,7 +618,7 @@ class _HostileFw(aiocoap.resource.Resource):
         num, szx = (b.block_number, b.size_exponent) if b else (0, 6)
         self.asked.append(num)
         if self.mode == "small-blocks":  # a smaller block size than asked: allowed (RFC 7959)
-            szx = min(szx, 2)
+            num, szx = (num << (szx + 4)) >> 6, min(szx, 2)  # the block at the asked offset
         if self.mode == "tiny-forever":
             szx = 0
         size = 1 << (szx + 4)
@@ -644,8 +645,10 @@ async def test_coap_pull_hostile_servers_are_bounded(tmp_path: Path) -> None:
     port = free_udp_port()
     ctx = await aiocoap.Context.create_server_context(site, bind=("127.0.0.1", port),
                                                       transports=["udp6"])
-    cfg = Lwm2mSourceConfig(server=f"coap://127.0.0.1:{free_udp_port()}", bind_host="127.0.0.1",
-                            request_timeout_s=5, coap_pull_timeout_s=1.0)
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # an LwM2M server that never
+    silent.bind(("127.0.0.1", 0))  # answers (registration is not what this test is about)
+    cfg = Lwm2mSourceConfig(server=f"coap://127.0.0.1:{silent.getsockname()[1]}",
+                            bind_host="127.0.0.1", request_timeout_s=5, coap_pull_timeout_s=1.0)
     src = Lwm2mSource(cfg, tmp_path, devices=[("dev-1", None)])
     await src.start()
     try:
@@ -669,3 +672,4 @@ async def test_coap_pull_hostile_servers_are_bounded(tmp_path: Path) -> None:
     finally:
         await src.close()
         await ctx.shutdown()
+        silent.close()

@@ -212,38 +212,68 @@ class Lwm2mSource(FleetSource):
         return path
 
     async def _coap_get(self, ep: Endpoint, uri: str, cap: int) -> Path:
-        """A coap:// Package URI, Block2 by Block2 into a file (bounded: size cap, blocks,
-        time per request)."""
-        assert ep.ctx is not None
+        """A coap:// Package URI, Block2 by Block2 into a file. Bounded: the size cap, the
+        number of blocks, ``request_timeout_s`` per block and ``coap_pull_timeout_s`` for the
+        whole transfer. Each block must be the one at the file's current end (its number and
+        size, RFC 7959: a server may choose a smaller block size, never a larger one); anything
+        else stops the transfer before its bytes are written."""
+        ctx, own = ep.ctx, False
+        if ep.secure:  # the endpoint's context speaks DTLS to its server only
+            ctx, own = await aiocoap.Context.create_client_context(transports=["udp6"]), True
+        assert ctx is not None
         dest = self.state_dir / "downloads" / ("coap-" + hashlib.sha256(uri.encode()).hexdigest())
         dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         part = dest.with_suffix(".part")
         fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        size = 0
+        size, szx = 0, COAP_BLOCK_SZX
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.cfg.coap_pull_timeout_s
         try:
-            for num in range(COAP_MAX_BLOCKS):
+            for _ in range(COAP_MAX_BLOCKS):
+                num = size >> (szx + 4)
                 req = aiocoap.Message(code=Code.GET, uri=uri,
-                                      block2=BlockOption.BlockwiseTuple(num, False, COAP_BLOCK_SZX))
+                                      block2=BlockOption.BlockwiseTuple(num, False, szx))
+                left = deadline - loop.time()
+                late = FetchError(f"coap GET {uri}: not done within coap_pull_timeout_s "
+                                  f"({self.cfg.coap_pull_timeout_s:g}s, {size} bytes)",
+                                  UpdateResult.CONNECTION_LOST)
+                if left <= 0:
+                    raise late
                 try:
-                    resp = await asyncio.wait_for(ep.ctx.request(req, handle_blockwise=False).response,
-                                                  self.cfg.request_timeout_s)
-                except (TimeoutError, aiocoap.error.Error) as exc:
+                    resp = await asyncio.wait_for(ctx.request(req, handle_blockwise=False).response,
+                                                  min(self.cfg.request_timeout_s, left))
+                except TimeoutError:
+                    if loop.time() >= deadline:
+                        raise late from None
+                    raise FetchError(f"coap GET {uri}: no answer within request_timeout_s",
+                                     UpdateResult.CONNECTION_LOST) from None
+                except aiocoap.error.Error as exc:
                     raise FetchError(f"coap GET {uri}: {type(exc).__name__}: {exc}",
                                      UpdateResult.CONNECTION_LOST) from None
                 if resp.code == Code.NOT_FOUND:
                     raise FetchError(f"coap GET {uri}: 4.04", UpdateResult.INVALID_URI)
                 if not resp.code.is_successful():
                     raise FetchError(f"coap GET {uri}: {resp.code}", UpdateResult.CONNECTION_LOST)
+                b2 = resp.opt.block2
+                if b2 is None and size:
+                    raise FetchError(f"coap GET {uri}: an answer without Block2 after {size} "
+                                     "bytes", UpdateResult.CONNECTION_LOST)
+                if b2 is not None:
+                    bsize = 1 << (b2.size_exponent + 4)
+                    if (b2.size_exponent > szx or b2.block_number * bsize != size
+                            or len(resp.payload) > bsize
+                            or (b2.more and len(resp.payload) != bsize)):
+                        raise FetchError(f"coap GET {uri}: block {b2.block_number} of "
+                                         f"{bsize} bytes ({len(resp.payload)} sent) does not "
+                                         f"continue the {size} bytes so far",
+                                         UpdateResult.CONNECTION_LOST)
+                    szx = b2.size_exponent
                 if size + len(resp.payload) > cap:
                     raise FetchError(f"package larger than {cap} bytes", UpdateResult.NOT_ENOUGH_FLASH)
                 os.write(fd, resp.payload)
                 size += len(resp.payload)
-                b2 = resp.opt.block2
                 if b2 is None or not b2.more:
                     break
-                if b2.block_number != num:
-                    raise FetchError(f"coap GET {uri}: block {b2.block_number} for {num}",
-                                     UpdateResult.CONNECTION_LOST)
             else:
                 raise FetchError(f"coap GET {uri}: more than {COAP_MAX_BLOCKS} blocks",
                                  UpdateResult.NOT_ENOUGH_FLASH)
@@ -252,6 +282,10 @@ class Lwm2mSource(FleetSource):
             os.close(fd)
             part.unlink(missing_ok=True)
             raise
+        finally:
+            if own:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(ctx.shutdown(), 5.0)
         os.close(fd)
         os.replace(part, dest)
         return dest
