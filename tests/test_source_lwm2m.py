@@ -673,3 +673,38 @@ async def test_coap_pull_hostile_servers_are_bounded(tmp_path: Path) -> None:
         await src.close()
         await ctx.shutdown()
         silent.close()
+
+
+async def test_discovered_device_registers_when_found_and_deregisters_when_gone(
+        bench_factory, server: Wakaama) -> None:
+    """A device found by discovery (a serial port appears) gets its endpoint and registers;
+    unplugged (its port gone), the endpoint deregisters; plugged again, it registers again."""
+    bench = bench_factory(udp=0, serial=1, image_size=16 * 1024)
+    (d,) = bench.sim_cfg.devices
+    d.serial.link = bench.root / "sim-links" / "serial-1"  # the simulator's own, not watched
+    ports = bench.root / "ports"
+    ports.mkdir()
+    async with Simulator(bench.sim_cfg) as sim:
+        dev = sim.devices["serial-1"]
+        cfg = parse_config({
+            "gateway_id": "t", "state_dir": str(bench.root / "gw-state"),
+            "trusted_keys": [str(bench.key)],
+            "source": {"kind": "lwm2m", "server": server.url, "bind_host": "127.0.0.1",
+                       "lifetime_s": 60, "poll_interval_s": 30, "request_timeout_s": 20},
+            "discovery": {"serial": {"paths": [str(ports / "tty*")], "hotplug": "poll",
+                                     "poll_s": 0.2}, "interval_s": 1},
+            "device_templates": [{"name": "sim", "id": "{node}", "slot_size": 0x40000,
+                                  "match": {"transport": "serial", "board": "sim_board"},
+                                  "timeouts": {"reset_s": 15, "request_s": 2.0}}],
+        }, bench.root / "gateway.yaml")
+        async with daemon(cfg) as gw:
+            (ports / "ttyACM0").symlink_to(dev.transport.pty_path)
+            c = await server.registered("serial-1", within=30)
+            m = server.mark()
+            (ports / "ttyACM0").unlink()
+            await server.wait(lambda e: e.kind == "DEREGISTERED" and e.client == c, 30, m)
+            assert gw.source.endpoint("serial-1") is None  # type: ignore[attr-defined]
+            m = server.mark()
+            (ports / "ttyACM1").symlink_to(dev.transport.pty_path)
+            assert await server.registered("serial-1", within=30, since=m) is not None
+        assert dev.counters["resets"] == 0 and dev.image_info(1) is None  # only read

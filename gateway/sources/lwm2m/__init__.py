@@ -84,6 +84,7 @@ class Lwm2mSource(FleetSource):
                                       read_s=cfg.download_read_timeout_s),
             retries=cfg.download_retries)
         self._started = False
+        self._closing: set[asyncio.Task[None]] = set()  # endpoints of gone devices, closing
 
     # -- hooks the gateway sets --------------------------------------------------------------
     def set_waker(self, wake: Callable[[str], None]) -> None:
@@ -115,6 +116,19 @@ class Lwm2mSource(FleetSource):
             await ep.start()
         return ep
 
+    def device_gone(self, device_id: str) -> None:
+        """Discovery lost the device: its endpoint deregisters (bounded: 2 s) and its socket
+        closes. Its /5 record stays in the state directory: found again, the device gets its
+        endpoint back at its next check, registering with the same State/Result."""
+        ep = self._eps.pop(device_id, None)
+        if ep is None:
+            return
+        self._by_name.pop(ep.name, None)
+        log.info("lwm2m ep=%s device=%s gone: deregistering", ep.name, device_id)
+        task = asyncio.get_running_loop().create_task(ep.close(), name=f"lwm2m-{ep.name}-gone")
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
     def _changed(self, ep: Endpoint, phase: str) -> None:
         # a cancel (empty Package URI / Package) too: a running update's cancel probe now
         if (phase in ("fetch", "check", "install") or ep.rec.canceled) and self._waker is not None:
@@ -132,7 +146,7 @@ class Lwm2mSource(FleetSource):
         self._eps.clear()
         self._by_name.clear()
         self._started = False
-        await asyncio.gather(*(ep.close() for ep in eps), return_exceptions=True)
+        await asyncio.gather(*(ep.close() for ep in eps), *self._closing, return_exceptions=True)
         await self._downloader.close()
 
     def poll_interval(self) -> float:
