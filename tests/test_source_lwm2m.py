@@ -708,3 +708,58 @@ async def test_discovered_device_registers_when_found_and_deregisters_when_gone(
             (ports / "ttyACM1").symlink_to(dev.transport.pty_path)
             assert await server.registered("serial-1", within=30, since=m) is not None
         assert dev.counters["resets"] == 0 and dev.image_info(1) is None  # only read
+
+
+async def test_reads_in_every_format_and_odd_writes_refused(tmp_path: Path) -> None:
+    """The server's reads in TLV, SenML JSON, SenML CBOR and text as it asks (4.06 for a
+    format the client does not speak); writes of the wrong type (a number for the Package URI
+    or the Package, an infinite number, an over-long URI, a read-only resource) are refused
+    with 4.00/4.05 and change nothing - a wrongly typed value is never read as "empty", which
+    would cancel the package waiting in Downloaded."""
+    loop = asyncio.get_running_loop()
+    transport, srv = await loop.create_datagram_endpoint(_RawServer, local_addr=("127.0.0.1", 0))
+    port = transport.get_extra_info("sockname")[1]
+    cfg = Lwm2mSourceConfig(server=f"coap://127.0.0.1:{port}", bind_host="127.0.0.1",
+                            lifetime_s=60, request_timeout_s=5)
+    ep = Endpoint(cfg, "dev-1", "dev-1", tmp_path, on_change=lambda *_: None)
+    await ep.start()
+    mids = iter(range(0x100, 0x200))
+
+    async def ask(code: Any, path: str, payload: bytes = b"", **opts: Any) -> aiocoap.Message:
+        mid = next(mids)
+        srv.send(_msg(aiocoap.CON, code, mid, mid.to_bytes(2, "big"), payload=payload,
+                      uri_path=tuple(path.strip("/").split("/")), **opts), addr)
+        msg, _ = await srv.expect(lambda m: m.mtype == aiocoap.ACK and m.mid == mid)
+        return msg
+
+    try:
+        req, addr = await srv.expect(lambda m: m.code == aiocoap.POST and m.opt.uri_path == ("rd",))
+        srv.answer(req, addr, aiocoap.CREATED, location_path=("rd", "0"))
+        ep.set(state=2, phase="wait", pkg_version="2.0.0", uri="http://h/fw.bin")  # Downloaded
+        r = await ask(aiocoap.GET, "/5/0", accept=codec.CT_TLV)
+        assert r.opt.content_format == codec.CT_TLV
+        got = {i.rid: i.value for i in codec.tlv_decode(r.payload, instance_level=True)}
+        assert got[3] == b"\x02" and got[7] == b"2.0.0"
+        for ct in (codec.CT_SENML_JSON, codec.CT_SENML_CBOR):
+            r = await ask(aiocoap.GET, "/5/0", accept=ct)
+            assert r.opt.content_format == ct
+            recs = dict(codec.senml_decode(r.payload, cbor=ct == codec.CT_SENML_CBOR))
+            assert recs["/5/0/3"] == 2 and recs["/5/0/1"] == "http://h/fw.bin"
+        r = await ask(aiocoap.GET, "/5/0/3", accept=codec.CT_TEXT)
+        assert (r.code, r.opt.content_format, r.payload) == (aiocoap.CONTENT, codec.CT_TEXT, b"2")
+        assert (await ask(aiocoap.GET, "/5/0", accept=50)).code == aiocoap.NOT_ACCEPTABLE
+        sj = codec.CT_SENML_JSON
+        for path, payload, ct, want in [
+            ("/5/0/1", b'[{"bn":"/5/0/","n":"1","v":5}]', sj, aiocoap.BAD_REQUEST),
+            ("/5/0/0", b'[{"bn":"/5/0/","n":"0","vb":true}]', sj, aiocoap.BAD_REQUEST),
+            ("/5/0/1", b'[{"bn":"/5/0/","n":"1","v":1e400}]', sj, aiocoap.BAD_REQUEST),
+            ("/5/0/1", b"coap://h/" + b"x" * 2100, codec.CT_TEXT, aiocoap.BAD_REQUEST),
+            ("/5/0/3", b"0", codec.CT_TEXT, aiocoap.METHOD_NOT_ALLOWED),
+            ("/5/0", b'[{"bn":"/5/0/","n":"3","v":0}]', sj, aiocoap.METHOD_NOT_ALLOWED),
+        ]:
+            r = await ask(aiocoap.PUT, path, payload, content_format=ct)
+            assert r.code == want, (path, payload[:40], r.code, r.payload)
+            assert (ep.rec.state, ep.rec.phase, ep.rec.canceled) == (2, "wait", None)
+    finally:
+        await ep.close(deregister=False)
+        transport.close()
