@@ -763,3 +763,37 @@ async def test_reads_in_every_format_and_odd_writes_refused(tmp_path: Path) -> N
     finally:
         await ep.close(deregister=False)
         transport.close()
+
+
+async def test_push_over_the_size_cap_is_refused_mid_transfer(tmp_path: Path,
+                                                              server: Wakaama) -> None:
+    """A Package pushed by Block1 past ``max_package_bytes``: the block that crosses the cap
+    is answered 4.13 (with Size1 = the cap), the partial file is deleted, State 0 / Result 2
+    (not enough flash) - and the blocks after the cap are never written."""
+    cfg = Lwm2mSourceConfig(server=server.url, bind_host="127.0.0.1", lifetime_s=60,
+                            request_timeout_s=20, max_package_bytes=8 * 1024)
+    ep = Endpoint(cfg, "dev-1", "dev-1", tmp_path, on_change=lambda *_: None)
+    await ep.start()
+    try:
+        c = await server.registered("dev-1")
+        await server.observe(c, RESULT)
+        m = server.mark()
+        big = tmp_path / "big.bin"
+        big.write_bytes(bytes(range(256)) * 128)  # 32 KiB: 32 blocks of 1 KiB
+        r = await server.write(c, "/5/0/0", f"@{big}", within=60)
+        assert r.code == "4.13", r
+        first = next(i for i, e in enumerate(server.events) if e is r)
+        blocks = [e for e in server.events[m:first] if e.kind == "RESULT" and e.code == "2.31"]
+        assert len(blocks) == 8  # 8 KiB accepted, the 9th block refused
+        await server.notified(c, RESULT, 2, 10, m)  # not enough flash
+        # Wakaama answers a 4.13 by sending the whole package again in 16-byte blocks (RFC
+        # 7959 allows a retry with smaller blocks; this build retries for ever, Size1 or
+        # not): every transfer is refused at the same cap, 512 blocks of 16 bytes = 8 KiB
+        second = await server.wait(lambda e: e.kind == "RESULT" and e.get("uri") == "/5/0/0"
+                                   and e.code == "4.13", 60, first + 1)
+        again = server.events[first + 1:next(i for i, e in enumerate(server.events)
+                                             if e is second)]
+        assert sum(1 for e in again if e.kind == "RESULT" and e.code == "2.31") == 512
+        assert not ep.push_file.exists()  # nothing of a refused package is kept
+    finally:
+        await ep.close()

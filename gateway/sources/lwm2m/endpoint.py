@@ -271,6 +271,10 @@ class Endpoint:
             return aiocoap.Message(code=Code.CHANGED, block1=BlockOption.BlockwiseTuple(
                 b.block_number, False, b.size_exponent))
         except CoapError as exc:
+            if exc.code == Code.REQUEST_ENTITY_TOO_LARGE:
+                # Size1: the most the client takes (RFC 7959 4), so no retry in smaller blocks
+                return aiocoap.Message(code=exc.code, payload=str(exc).encode()[:200],
+                                       size1=self.cfg.max_package_bytes)
             return aiocoap.Message(code=exc.code, payload=str(exc).encode()[:200])
 
     def _begin_push(self) -> None:
