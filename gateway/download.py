@@ -38,13 +38,6 @@ from gateway.sources.base import FetchError, UpdateResult
 log = logging.getLogger(__name__)
 
 _SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
-
-
-def shown(url: str) -> str:
-    """``url`` for logs, errors and reports: without its query (a blob SAS token, a presigned
-    URL's signature are credentials; they go to the server, never anywhere else)."""
-    base, sep, _query = url.partition("?")
-    return base + ("?..." if sep else "")
 _CONTENT_RANGE_RE = re.compile(r"^bytes\s+(\d+)-(\d+)/(\d+|\*)$")
 _UNSATISFIED_RANGE_RE = re.compile(r"^bytes\s+\*/(\d+)$")
 
@@ -210,7 +203,7 @@ class Downloader:
             self._inflight[key] = task
             task.add_done_callback(self._done_callback(key))
         else:
-            log.debug("joining the in-flight download of %s", shown(url))
+            log.debug("joining the in-flight download of %s", url)
         path = await asyncio.shield(task)
         # a joiner may have a smaller cap than the caller that started the download
         if max_size is not None and _size(path) > max_size:
@@ -253,18 +246,18 @@ class Downloader:
                 await self._transfer(url, part, meta, sha256, max_size, size, headers)
                 break
             except _Restart as exc:
-                log.info("download of %s restarts from zero: %s", shown(url), exc)
+                log.info("download of %s restarts from zero: %s", url, exc)
                 _unlink(part, meta)
                 attempts += 1
                 if attempts > self.retries:
-                    raise FetchError(f"download of {shown(url)} failed: {exc}") from None
+                    raise FetchError(f"download of {url} failed: {exc}") from None
             except (_Retryable, aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
                 progressed = _size(part) > before
                 if not progressed:
                     attempts += 1
                 if attempts > self.retries:
                     raise FetchError(
-                        f"download of {shown(url)} failed after {attempts} attempts: {exc or type(exc).__name__}",
+                        f"download of {url} failed after {attempts} attempts: {exc or type(exc).__name__}",
                         UpdateResult.CONNECTION_LOST,
                     ) from None
                 delay = getattr(exc, "delay", None)
@@ -292,12 +285,12 @@ class Downloader:
             if digest != sha256.lower():
                 _unlink(part, meta)
                 raise FetchError(
-                    f"sha256 mismatch for {shown(url)}: expected {sha256.lower()}, got {digest}",
+                    f"sha256 mismatch for {url}: expected {sha256.lower()}, got {digest}",
                     UpdateResult.INTEGRITY_FAILURE,
                 )
         os.replace(part, final)
         _unlink(meta)
-        log.info("downloaded %s (%d bytes)", shown(url), got_size)
+        log.info("downloaded %s (%d bytes)", url, got_size)
         return final
 
     async def _transfer(
@@ -345,7 +338,7 @@ class Downloader:
                     raise _Restart(f"unexpected Content-Range {resp.headers.get('Content-Range')!r}")
                 total = None if m.group(3) == "*" else int(m.group(3))
                 truncate = False
-                log.info("resuming download of %s at byte %d", shown(url), offset)
+                log.info("resuming download of %s at byte %d", url, offset)
             else:
                 if offset:
                     log.info("server sent the whole file (200) instead of a range; restarting")
