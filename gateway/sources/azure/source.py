@@ -6,7 +6,9 @@ Microsoft's own device SDK (``azure-iot-device``, asyncio API; an optional depen
 is a named section of its twin:
 
 * **desired** ``mcus.<device id>`` (or ``groups.<group>`` for every member of a configured
-  group; the MCU's own section wins): ``{url, version, size, sha256, hardware}``, as an IoT Hub
+  group; the MCU's own section replaces it as a whole; a member whose section is refused or
+  unusable keeps the WHOLE group from starting - ``check``/``fetch``; the members read one
+  copy of the twin per round - ``_desired_for``): ``{url, version, size, sha256, hardware}``, as an IoT Hub
   automatic device configuration writes them. A desired version different from what the MCU
   runs is an offer. The whole twin is read at the first check and again after every
   reconnect, after a gap in the patches' ``$version`` and after patches were dropped for
@@ -124,6 +126,8 @@ class AzureIotHubSource(FleetSource):
         self._dropped = False  # the connection dropped since the twin was last read
         self._patch_times: collections.deque[float] = collections.deque()
         self._current: dict[str, Offer] = {}  # device id -> its offer in flight
+        # group -> (taken at, desired properties, members that read them): see _desired_for
+        self._group_snap: dict[str, tuple[float, dict[str, Any], set[str]]] = {}
         self._cancel_ev: dict[str, asyncio.Event] = {}
         self._progress_at: dict[str, float] = {}
         self._sent_state: dict[str, str] = {}
@@ -341,24 +345,46 @@ class AzureIotHubSource(FleetSource):
         if not self._fresh:
             self._spawn(self._refresh_quietly())
 
-    def _entry_raw(self, device_id: str) -> Any:
-        mcus = self._desired.get(self.cfg.section)
+    def _desired_for(self, device_id: str) -> dict[str, Any]:
+        """The desired properties a check of ``device_id`` reads. The members of a group read
+        ONE copy per round - taken at the first member's check, kept until every member read
+        it (or ``request_timeout_s`` passed) - so a patch landing between two members' checks
+        cannot offer the new version to one member only (which would then go alone)."""
+        group = self._groups.get(device_id)
+        if group is None:
+            return self._desired
+        now = time.monotonic()
+        snap = self._group_snap.get(group)
+        if snap is None or device_id in snap[2] or now - snap[0] > self.cfg.request_timeout_s:
+            snap = (now, self._desired, set())  # ``_take`` replaces the dict, never mutates it
+            self._group_snap[group] = snap
+        snap[2].add(device_id)
+        if snap[2] >= {d for d, g in self._groups.items() if g == group}:
+            self._group_snap.pop(group, None)
+        return snap[1]
+
+    def _entry_raw(self, device_id: str, desired: dict[str, Any] | None = None) -> Any:
+        """The device's own section, else its configured group's - the own section replaces
+        the group's as a whole (no field-wise merge); a ``null`` deletes it (twin merge)."""
+        desired = self._desired if desired is None else desired
+        mcus = desired.get(self.cfg.section)
         raw = mcus.get(twin_key(device_id)) if isinstance(mcus, dict) else None
         if raw is None:
             group = self._groups.get(device_id)
-            groups = self._desired.get(self.cfg.group_section)
+            groups = desired.get(self.cfg.group_section)
             if group and isinstance(groups, dict):
                 raw = groups.get(twin_key(group))
         return raw
 
-    def _entry(self, device_id: str) -> Desired | None:
+    def _entry(self, device_id: str, desired: dict[str, Any] | None = None) -> Desired | None:
         """The desired section for the device (its own, else its configured group's)."""
-        raw = self._entry_raw(device_id)
+        desired = self._desired if desired is None else desired
+        raw = self._entry_raw(device_id, desired)
         if raw is None:
             return None
         group = self._groups.get(device_id)
-        own = isinstance(self._desired.get(self.cfg.section), dict) and twin_key(
-            device_id) in self._desired[self.cfg.section]
+        own = isinstance(desired.get(self.cfg.section), dict) and twin_key(
+            device_id) in desired[self.cfg.section]
         origin = (f"{self.cfg.section}.{twin_key(device_id)}" if own
                   else f"{self.cfg.group_section}.{twin_key(group or '')}")
         return parse_entry(origin, raw, self.cfg.max_package_bytes)
@@ -405,9 +431,12 @@ class AzureIotHubSource(FleetSource):
         await self._inventory(device)
         key = twin_key(device.id)
         try:
-            want = self._entry(device.id)
+            want = self._entry(device.id, self._desired_for(device.id))
         except TwinRefused as exc:
             await self._refuse(device.id, f"unusable desired section: {exc}", None)
+            if device.group is not None:  # its group does not start without it (retried)
+                raise FetchError(f"unusable desired section: {exc}",
+                                 UpdateResult.UNSUPPORTED_PACKAGE) from None
             return None
         if want is None:
             return None
@@ -429,14 +458,23 @@ class AzureIotHubSource(FleetSource):
         if device.running_version is not None and want.version == device.running_version:
             return None  # the device itself reports it runs it (b)
         # cross-checks of the hub's metadata against (c) the configuration, (b) the device
+        refusal = None
         if want.hardware is not None and want.hardware != device.hardware:
-            await self._refuse(device.id, f"refused: the offer is for hardware "
-                               f"{want.hardware!r}, the device is {device.hardware!r}", vs)
+            refusal = (f"refused: the offer is for hardware {want.hardware!r}, the device is "
+                       f"{device.hardware!r}")
+        elif device.running_version is not None and want.version < device.running_version:
+            refusal = (f"refused: {vs} is a downgrade from {device.running_version} (versions "
+                       "only increase)")
+        if refusal is not None and device.group is None:
+            await self._refuse(device.id, refusal, vs)
             return None
-        if device.running_version is not None and want.version < device.running_version:
-            await self._refuse(device.id, f"refused: {vs} is a downgrade from "
-                               f"{device.running_version} (versions only increase)", vs)
-            return None
+        if refusal is not None:
+            # a group member: the offer goes to the gateway and ``fetch`` refuses it before a
+            # byte is downloaded, so the group runner starts NO member (all-or-nothing) and
+            # reports every member's offer - a None here would let the others go alone
+            log.warning("azure device=%s %s (group %s: no member starts)", device.id, refusal,
+                        device.group)
+            offer.handle["refuse"] = refusal
         self._current[device.id] = offer
         self._cancel_ev.setdefault(device.id, asyncio.Event())
         return offer
@@ -470,6 +508,9 @@ class AzureIotHubSource(FleetSource):
 
     async def fetch(self, offer: Offer, max_size: int | None) -> Path:
         want: Desired = (offer.handle or {})["desired"]
+        refusal = (offer.handle or {}).get("refuse")
+        if refusal:  # a group member's offer refused on the cross-checks in ``check``
+            raise FetchError(str(refusal), UpdateResult.UNSUPPORTED_PACKAGE, permanent=True)
         cap = min(x for x in (max_size, self.cfg.max_package_bytes) if x)
         if want.size is not None and want.size > cap:
             raise FetchError(f"the file is {want.size} bytes, more than the {cap} the device's "
