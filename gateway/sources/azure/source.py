@@ -36,6 +36,10 @@ engine - decide whether it is installed, and the image's header version must be 
 version. Everything from the hub is bounded: twin and patch size and nesting, number of
 sections, rate of patches, method payload size; every SDK call is bounded in time.
 
+DPS (``dps:``): registered at ``start`` (``_provision``), bounded by ``dps.timeout_s``; a
+refused enrollment is a ConfigError naming the key (the gateway exits 2), DPS slow or
+unreachable is retried by the device checks. Module identity per MCU: not supported (README).
+
 State (``<state_dir>/azure/state.json``): the hub's cancels not yet acknowledged and the desired
 versions declined (refused or canceled) so they are neither offered nor reported again until
 the desired version changes or ``update_now`` is called.
