@@ -154,7 +154,7 @@ async def test_ble_open_times_out_when_nothing_advertises() -> None:
     link = BleLink(t)
     loop = asyncio.get_running_loop()
     t0 = loop.time()
-    with pytest.raises(TransportError, match="no advertisement from name=nobody within 0.5s on sim0"):
+    with pytest.raises(TransportError, match=r"no advertisement from name=nobody within 0\.5s on sim0"):
         await link.open()
     assert loop.time() - t0 < 3
     await link.close()
