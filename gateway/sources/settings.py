@@ -225,6 +225,8 @@ class AzureDpsConfig(Model):
     symmetric_key: Secret | None = Field(None, description="the enrollment's (derived) key")
     cert_file: Path | None = Field(None, description="X.509 attestation: certificate (PEM)")
     key_file: Path | None = Field(None, description="X.509 attestation: its private key")
+    timeout_s: float = Field(30.0, gt=0, le=600, description="the whole registration, its "
+                             "status polls (202 + retry-after) included")
 
     @model_validator(mode="after")
     def _one_attestation(self) -> AzureDpsConfig:
