@@ -122,7 +122,7 @@ async def test_block1_to_other_resources_is_bounded(tmp_path: Path, code: Any, p
     every block is answered 2.31 Continue: the endpoint keeps buffering. It must refuse
     (4.13) no later than the cap."""
     cap = 8 * 1024
-    async with registered(tmp_path, max_package_bytes=cap) as (ep, srv, addr):
+    async with registered(tmp_path, max_package_bytes=cap) as (_ep, srv, addr):
         codes = []
         for num in range(64):
             r = await srv.ask(addr, code, path, b"A" * 1024, content_format=0,
@@ -231,3 +231,44 @@ async def test_pulled_packages_do_not_pile_up_on_disk(tmp_path: Path) -> None:
         await src.close()
         await fctx.shutdown()
         silent.transport.close()
+
+
+# -- (suspicion) a Reboot while a cancel's revert waits: it would test-boot the canceled image ---
+
+async def test_reboot_refused_while_a_cancel_is_open(bench_factory: Any) -> None:
+    """A server canceled an update whose image was already marked for test; the revert needs
+    a reset, deferred (``cancel-pending``: the journal row closed as canceled, the cancel
+    intent open). Inside a maintenance window the server's Reboot (/3/0/4, the daemon's
+    ``reboot_device``) must not reset the device: that reset would test-boot the canceled
+    image, outside the take-back that is meant to run it (``finish_intents``)."""
+    from gateway.cancel import CANCEL_PENDING, CANCELED
+    from gateway.config import parse_config
+    from gateway.daemon import Gateway
+    from gateway.sim.simulator import Simulator
+
+    always = {"cron": "* * * * *", "duration_s": 3600, "timezone": "UTC"}
+    bench = bench_factory(udp=1, serial=0, image_size=16 * 1024)
+    async with Simulator(bench.sim_cfg) as sim:
+        dev = sim.devices["udp-1"]
+        cfg = parse_config({**bench.gateway_dict(sim), "maintenance_windows": {"w": always}},
+                           bench.root / "gateway.yaml")
+        gw = Gateway(cfg)
+        try:
+            d = next(x for x in gw.fleet.devices() if x.id == "udp-1")
+            data = bench.images["2.0.0"].read_bytes()
+            img = gw.store.add_bytes(data, hardware=None)
+            async with gw.session(d) as s:
+                await s.upload(data)
+                await s.image_test(img.info.hash)
+            th = img.info.hash.hex()
+            gw.journal.put_intent("udp-1", "cancel", th, "server", "canceled by the server")
+            e = gw.journal.get("udp-1")
+            gw.journal.put(e.with_(step=CANCEL_PENDING, outcome=CANCELED, target_hash=th),
+                           "cancel: revert waits for a maintenance window")
+            resets = dev.counters["resets"]
+            why = await gw.reboot_device("udp-1")
+            assert why is not None and "cancel" in why, why
+            assert dev.counters["resets"] == resets
+            assert dev.image_info(1) is not None  # still pending, for the take-back to revert
+        finally:
+            gw.close()
