@@ -23,13 +23,14 @@ A handshake that fails or gets no answer is one log line naming the PSK identity
 key comes from (``last_error``); the key itself is never logged.
 
 Who may drive the objects (the trust rule): over plain ``coap://`` only the LwM2M server the
-endpoint registered to - the address:port its registration was answered from, taken anew at
-each registration (the server sends its requests from the socket it serves registrations on;
-Wakaama does) - (c), the configured server. Any other host that reaches the endpoint's UDP
-port gets 4.01 Unauthorized for everything (no read, no write, no Update, no observation,
-nothing spooled); before the first registration nobody is answered. Plain CoAP's source
-address is all there is to tell the server apart - an attacker able to spoof it is what
-``coaps://`` is for. Over ``coaps://`` the DTLS session is the server's authentication.
+endpoint registered to (c): the configured server's address:port, resolved before each
+registration (its requests may come as soon as it answered), then the address its answer
+came from (the server sends its requests from the socket it serves registrations on; Wakaama
+does). Any other host that reaches the endpoint's UDP port gets 4.01 Unauthorized for
+everything (no read, no write, no Update, no observation, nothing spooled); before the first
+registration nobody is answered. Plain CoAP's source address is all there is to tell the
+server apart - an attacker able to spoof it is what ``coaps://`` is for. Over ``coaps://``
+the DTLS session is the server's authentication.
 
 Objects: /0 Security and /1 Server as a configured (non-bootstrap) client has them, /3 Device
 (manufacturer/model from the config, serial number = the device's id in the gateway, firmware
@@ -45,6 +46,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -56,7 +58,7 @@ from aiocoap.optiontypes import BlockOption
 
 from gateway.sources.lwm2m import codec
 from gateway.sources.lwm2m.firmware import DOWNLOADED, DOWNLOADING, IDLE, UPDATING, FwRecord
-from gateway.sources.lwm2m.objects import CoapError, GatedSite, Res, Tree, peer_key
+from gateway.sources.lwm2m.objects import CoapError, GatedSite, Res, Tree, addr_key, peer_key
 from gateway.sources.settings import Lwm2mSourceConfig
 
 log = logging.getLogger("gateway.sources.lwm2m")
@@ -124,7 +126,7 @@ class Endpoint:
         self.psk_identity = cfg.psk_identity.format(endpoint=name, device_id=device_id,
                                                     gateway_id=gateway_id)
         self._session: Any = None  # coaps: the DTLS session registered on (kept alive)
-        self._server_at: Any = None  # coap: (host, port) the registration was answered from
+        self._server_at: set[Any] = set()  # coap: the server's (host, port): see _admits
         self.last_error = ""  # why the last registration attempt failed (status, tests)
         self.failed = asyncio.Event()  # set when a registration attempt failed
         self.tree = self._build()
@@ -392,7 +394,7 @@ class Endpoint:
         the DTLS session (the only transport of the context) is the server's."""
         if self.secure:
             return True
-        return self._server_at is not None and peer_key(remote) == self._server_at
+        return peer_key(remote) in self._server_at
 
     async def _open(self) -> aiocoap.Context:
         if not self.secure:
@@ -455,11 +457,22 @@ class Endpoint:
         assert self.ctx is not None
         return await asyncio.wait_for(self.ctx.request(msg).response, self.cfg.request_timeout_s)
 
+    async def _resolve_server(self) -> None:
+        """coap: the configured server's addresses, resolved once per registration (bounded by
+        ``request_timeout_s``): admitted from the moment the registration goes out."""
+        parts = urlsplit(self.cfg.server)
+        host, port = parts.hostname or "", parts.port or 5683
+        infos = await asyncio.wait_for(asyncio.get_running_loop().getaddrinfo(
+            host, port, type=socket.SOCK_DGRAM), self.cfg.request_timeout_s)
+        self._server_at = {addr_key(str(i[4][0]), int(i[4][1])) for i in infos}
+
     async def _register(self) -> bool:
         q = [f"ep={self.name}", f"lt={int(self.cfg.lifetime_s)}", "lwm2m=1.0", "b=U"]
         msg = aiocoap.Message(code=Code.POST, uri=self._uri("rd"), payload=self.tree.links().encode(),
                               content_format=codec.CT_LINK)
         msg.opt.uri_query = tuple(q)
+        if not self.secure:
+            await self._resolve_server()
         resp = await self._request(msg)
         if resp.code != Code.CREATED:
             log.warning("lwm2m ep=%s registration refused: %s %s", self.name, resp.code,
@@ -469,7 +482,7 @@ class Endpoint:
         if self.secure:
             self._session = resp.remote  # the server's requests come back on this session
         else:
-            self._server_at = peer_key(resp.remote)  # only it may drive the objects
+            self._server_at = {peer_key(resp.remote)}  # only it may drive the objects
         self.last_error = ""
         self.failed.clear()
         self.registrations += 1

@@ -268,9 +268,17 @@ class GatedSite(resource.Site):
 
 
 def peer_key(remote: Any) -> Any:
-    """A peer's address (host, port) as a plain key; the remote itself when it has none."""
+    """A peer's address (host, port) as a plain key (an IPv4-mapped IPv6 address as IPv4);
+    the remote itself when it has none."""
     sa = getattr(remote, "sockaddr", None)
-    return tuple(sa[:2]) if isinstance(sa, tuple) else remote
+    return addr_key(sa[0], sa[1]) if isinstance(sa, tuple) else remote
+
+
+def addr_key(host: str, port: int) -> tuple[str, int]:
+    host = host.split("%", 1)[0]
+    if host.startswith("::ffff:") and "." in host:
+        host = host[7:]
+    return host, int(port)
 
 
 class _Node(resource.ObservableResource):
