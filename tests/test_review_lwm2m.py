@@ -83,7 +83,7 @@ async def registered(tmp_path: Path, **cfg_kw: Any) -> AsyncIterator[tuple[Endpo
 async def test_stranger_cannot_execute_update(tmp_path: Path) -> None:
     """The package waits in Downloaded. A host that is NOT the server the endpoint registered
     to (another address:port) executes /5/0/2: the endpoint must not start the install."""
-    async with registered(tmp_path) as (ep, _srv, addr):
+    async with registered(tmp_path) as (ep, srv, addr):
         ep.set(state=DOWNLOADED, phase="wait", pkg_version="2.0.0")
         stranger = await peer()
         try:
@@ -91,7 +91,10 @@ async def test_stranger_cannot_execute_update(tmp_path: Path) -> None:
         finally:
             stranger.transport.close()
         assert (ep.rec.state, ep.rec.phase) == (DOWNLOADED, "wait"), (r.code, ep.rec)
-        assert r.code != aiocoap.CHANGED
+        assert r.code == aiocoap.UNAUTHORIZED
+        # the registered server itself is served as before
+        assert (await srv.ask(addr, aiocoap.POST, "/5/0/2")).code == aiocoap.CHANGED
+        assert (ep.rec.state, ep.rec.phase) == (UPDATING, "install")
 
 
 async def test_stranger_cannot_cancel_or_replace_the_package(tmp_path: Path) -> None:
@@ -132,6 +135,18 @@ async def test_block1_to_other_resources_is_bounded(tmp_path: Path, code: Any, p
                 break
         accepted = sum(1 for c in codes if c == aiocoap.CONTINUE) * 1024
         assert accepted <= cap, f"{path}: {accepted} bytes buffered in memory, all 2.31"
+        assert codes[-1] == aiocoap.REQUEST_ENTITY_TOO_LARGE and accepted == 0, codes
+
+
+async def test_single_block_requests_still_work(tmp_path: Path) -> None:
+    """Without the Block1 spool, a request in one block (Block1 0, no more) is served as it
+    is: a Package URI written with a Block1 option is taken."""
+    async with registered(tmp_path) as (ep, srv, addr):
+        uri = b"http://127.0.0.1:9/fw.bin"
+        r = await srv.ask(addr, aiocoap.PUT, "/5/0/1", uri, content_format=0,
+                          block1=BlockOption.BlockwiseTuple(0, False, 6))
+        assert r.code == aiocoap.CHANGED, (r.code, r.payload)
+        assert (ep.rec.uri, ep.rec.phase) == (uri.decode(), "fetch")
 
 
 # -- 3. observations: unbounded -----------------------------------------------------------------
