@@ -233,8 +233,9 @@ class Gateway:
 
     async def reboot_device(self, device_id: str) -> str | None:
         """A server's Reboot (LwM2M /3/0/4): an SMP reset through the maintenance-window gate
-        (c), never while the journal holds an update of the device open (a reset could start a
-        test boot nobody is watching). None when the device acknowledged it, else why not.
+        (c), never while the journal holds an update or an intent (a cancel) of the device open
+        (a reset could start a test boot nobody is watching). None when the device acknowledged
+        it, else why not.
         A session open now (a status check) is waited for, not taken for an update; both
         checks are made again once the session is this one's (the caller bounds the wait)."""
         dev = next((d for d in self.fleet.devices() if d.id == device_id), None)
@@ -249,6 +250,10 @@ class Gateway:
             e = self.journal.get(dev.id)
             if e.outcome is None and e.target_hash:
                 return "an update of the device is in progress"
+            if self.journal.open_intents(dev.id):
+                # e.g. a cancel whose revert waits (``cancel-pending``, its row closed): a reset
+                # now would test-boot the canceled image outside the take-back that owns it
+                return "a cancel of an update of the device is not finished"
             return None
 
         if (why := refused()) is not None:

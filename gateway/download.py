@@ -11,6 +11,11 @@ otherwise the URL), so N devices needing one artifact fetch it once.
 
 TLS certificates are always verified unless the caller passes ``insecure=True`` (logged as a
 warning). Files are created 0600 and directories 0700.
+
+Bounded on disk (``prune``, before each download, at most once a minute): a file of the
+directory not touched for ``max_age_s`` (7 days) is removed, then the oldest until the rest
+holds at most ``max_bytes``; the downloads in flight are never touched. (The image store
+keeps what an update uses: a download is only needed until it was verified.)
 """
 
 from __future__ import annotations
@@ -142,6 +147,8 @@ class Downloader:
         max_backoff_s: float = 30.0,
         chunk_size: int = 64 * 1024,
         url_cache_ttl_s: float = 3600.0,
+        max_age_s: float = 7 * 86400.0,
+        max_bytes: int = 2 * MAX_ARTIFACT,
     ) -> None:
         self.dir = Path(state_dir) / "downloads"
         self._ssl = make_ssl(ca_file, insecure, "artifact downloads")
@@ -153,6 +160,9 @@ class Downloader:
         self.url_cache_ttl_s = url_cache_ttl_s
         self._session: aiohttp.ClientSession | None = None
         self._inflight: dict[str, asyncio.Task[Path]] = {}
+        self.max_age_s = max_age_s
+        self.max_bytes = max_bytes
+        self._pruned_at = float("-inf")
 
     async def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -220,6 +230,32 @@ class Downloader:
             )
         return path
 
+    def prune(self, now: float | None = None) -> list[str]:
+        """Bound the directory (module docstring): returns the names removed. Every file is
+        counted (other users of the directory too: the LwM2M source's coap:// pulls); a file
+        whose name starts with a key in flight is kept."""
+        now = time.time() if now is None else now
+        self._pruned_at = time.monotonic()
+        files: list[tuple[float, int, Path]] = []
+        with contextlib.suppress(OSError):
+            for p in self.dir.iterdir():
+                with contextlib.suppress(OSError):
+                    st = p.stat()
+                    if p.is_file() and not any(p.name.startswith(k) for k in self._inflight):
+                        files.append((st.st_mtime, st.st_blocks * 512, p))
+        files.sort()
+        total = sum(sz for _m, sz, _p in files)
+        removed = []
+        for mtime, sz, p in files:
+            if now - mtime <= self.max_age_s and total <= self.max_bytes:
+                break
+            _unlink(p)
+            total -= sz
+            removed.append(p.name)
+        if removed:
+            log.info("downloads: %d old file(s) removed (%s)", len(removed), ", ".join(removed[:5]))
+        return removed
+
     def _done_callback(self, key: str) -> Callable[[asyncio.Task[Path]], None]:
         def done(_task: asyncio.Task[Path]) -> None:
             self._inflight.pop(key, None)
@@ -236,6 +272,8 @@ class Downloader:
         headers: dict[str, str],
     ) -> Path:
         _mkdir_private(self.dir)
+        if time.monotonic() - self._pruned_at > 60.0:
+            self.prune()
         final = self.dir / f"{key}.bin"
         part = self.dir / f"{key}.part"
         meta = self.dir / f"{key}.meta"

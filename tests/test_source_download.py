@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import os
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -211,3 +212,31 @@ def test_retry_after_parsing() -> None:
     assert retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412480 - 60) == 60
     assert retry_after_seconds("garbage") is None
     assert retry_after_seconds(None) is None
+
+
+async def test_old_downloads_are_pruned_by_age_and_size(store: FileStore, tmp_path: Path) -> None:
+    """The downloads directory is bounded: before a download, files not touched for
+    ``max_age_s`` go, then the oldest until the rest fits ``max_bytes`` - never the download
+    being made, and the freshly downloaded file is there for its caller."""
+    d = dl(tmp_path, max_age_s=3600.0, max_bytes=700_000)
+    d.dir.mkdir(parents=True)
+    now = time.time()
+    old = d.dir / "url-old.bin"
+    old.write_bytes(b"x" * 1000)
+    os.utime(old, (now - 7200, now - 7200))  # past max_age_s
+    mid = d.dir / "coap-mid"
+    mid.write_bytes(os.urandom(300_000))
+    os.utime(mid, (now - 600, now - 600))
+    young = d.dir / "url-young.bin"
+    young.write_bytes(os.urandom(300_000))
+    url = store.base + store.add("a.bin", DATA)  # type: ignore[attr-defined]
+    try:
+        p = await d.fetch(url, sha256=SHA, max_size=None)
+        assert p.read_bytes() == DATA
+        # old: too old; then 600 KB held + 300 KB of this download > 700 KB: the oldest (mid)
+        # would go on the next prune; at this one (before the download) 600 KB fit
+        assert not old.exists() and mid.exists() and young.exists()
+        assert d.prune() == ["coap-mid"]  # 900 KB held now: the oldest goes
+        assert young.exists() and p.exists()
+    finally:
+        await d.close()

@@ -330,6 +330,7 @@ class Lwm2mSource(FleetSource):
             ep.set(**changes)
             if rec.package and Path(rec.package) == ep.push_file:
                 ep.push_file.unlink(missing_ok=True)
+            self._drop_download(ep)
             return
         if report.state == UpdateState.DOWNLOADED and report.detail == PREFLIGHT_PASSED \
                 and rec.phase in ("fetch", "check"):
@@ -353,8 +354,34 @@ class Lwm2mSource(FleetSource):
         # finished the cancel (journal): the endpoint stops asking for it.
         ep = self._ep_for(offer)
         if ep is not None and offer.report_to.get("gen") == ep.rec.gen and ep.rec.canceled:
-            ep.set(canceled=None)
+            rec = ep.rec
+            if not done and rec.canceled_pkg is not None:
+                # too late: the take-back read the device running the canceled package's image,
+                # confirmed (b) - the update happened. The server reads that truth, not the
+                # cancel's 0/0: Result 1, the package's name/version, /3/0/3 its version (the
+                # engine's final report, dropped while the cancel was open, said no more)
+                name, version = [*rec.canceled_pkg, "", ""][:2]
+                changes: dict[str, object] = {
+                    "state": IDLE, "phase": "idle", "result": int(UpdateResult.SUCCESS),
+                    "pkg_name": name, "pkg_version": version,
+                    "detail": f"installed and confirmed before the cancel: {detail}"[:300]}
+                if version:
+                    changes["running_version"] = version
+                ep.set(**changes)
+            ep.set(canceled=None, canceled_pkg=None)
+            self._drop_download(ep)
         log.info("lwm2m device=%s update canceled by the server: %s", offer.device_id, detail)
+
+    def _drop_download(self, ep: Endpoint) -> None:
+        """A pulled package's file, once its outcome is reported (or its cancel finished): the
+        gateway's image store holds what it verified, so nothing of the download is needed -
+        unless another endpoint holds the same file (one URL, de-duplicated downloads)."""
+        pkg = ep.rec.package
+        if not pkg or Path(pkg).parent != self.state_dir / "downloads":
+            return
+        ep.set(package=None)
+        if not any(o.rec.package == pkg for o in self._eps.values()):
+            Path(pkg).unlink(missing_ok=True)
 
     def _cancel_offer(self, device_id: str, ep: Endpoint) -> Offer:
         """The canceled package as an offer: enough to journal the cancel and find the

@@ -22,6 +22,16 @@ keeps a reference to the session it registered on (the server sends its requests
 A handshake that fails or gets no answer is one log line naming the PSK identity and where the
 key comes from (``last_error``); the key itself is never logged.
 
+Who may drive the objects (the trust rule): over plain ``coap://`` only the LwM2M server the
+endpoint registered to (c): the configured server's address:port, resolved before each
+registration (its requests may come as soon as it answered), then the address its answer
+came from (the server sends its requests from the socket it serves registrations on; Wakaama
+does). Any other host that reaches the endpoint's UDP port gets 4.01 Unauthorized for
+everything (no read, no write, no Update, no observation, nothing spooled); before the first
+registration nobody is answered. Plain CoAP's source address is all there is to tell the
+server apart - an attacker able to spoof it is what ``coaps://`` is for. Over ``coaps://``
+the DTLS session is the server's authentication.
+
 Objects: /0 Security and /1 Server as a configured (non-bootstrap) client has them, /3 Device
 (manufacturer/model from the config, serial number = the device's id in the gateway, firmware
 version = the version the device reports running, Reboot, Error Code), /5 Firmware Update
@@ -36,6 +46,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -47,7 +58,7 @@ from aiocoap.optiontypes import BlockOption
 
 from gateway.sources.lwm2m import codec
 from gateway.sources.lwm2m.firmware import DOWNLOADED, DOWNLOADING, IDLE, UPDATING, FwRecord
-from gateway.sources.lwm2m.objects import CoapError, Res, Tree
+from gateway.sources.lwm2m.objects import CoapError, GatedSite, Res, Tree, addr_key, peer_key
 from gateway.sources.settings import Lwm2mSourceConfig
 
 log = logging.getLogger("gateway.sources.lwm2m")
@@ -115,6 +126,7 @@ class Endpoint:
         self.psk_identity = cfg.psk_identity.format(endpoint=name, device_id=device_id,
                                                     gateway_id=gateway_id)
         self._session: Any = None  # coaps: the DTLS session registered on (kept alive)
+        self._server_at: set[Any] = set()  # coap: the server's (host, port): see _admits
         self.last_error = ""  # why the last registration attempt failed (status, tests)
         self.failed = asyncio.Event()  # set when a registration attempt failed
         self.tree = self._build()
@@ -189,13 +201,16 @@ class Endpoint:
 
     def _new_package(self, **changes: Any) -> None:
         self.cancel_seen.clear()
-        self.set(gen=self.rec.gen + 1, canceled=None, result=0, detail="", pkg_name="",
-                 pkg_version="", **changes)
+        self.set(gen=self.rec.gen + 1, canceled=None, canceled_pkg=None, result=0,
+                 detail="", pkg_name="", pkg_version="", **changes)
 
     def cancel(self, why: str) -> None:
         """Empty Package URI / Package: back to Idle, whatever the state (spec: "cancel/reset")."""
         self._abort_push()
         running = self.rec.phase in ("install",) or self.rec.state == UPDATING
+        if running and self.rec.canceled_pkg is None:
+            # kept for a cancel found too late (``Lwm2mSource.acknowledge_cancel``)
+            self.set(canceled_pkg=[self.rec.pkg_name, self.rec.pkg_version])
         self.set(state=IDLE, result=0, uri="", phase="idle", pkg_name="", pkg_version="",
                  detail=why,
                  # a second empty write keeps the first cancel open until it is acknowledged
@@ -369,9 +384,17 @@ class Endpoint:
     async def start(self) -> None:
         if self._task is not None:
             return
-        self._site = self.tree.site()
+        self._site = self.tree.site(GatedSite(self._admits))
         self.ctx = await self._open()
         self._task = asyncio.create_task(self._run(), name=f"lwm2m-{self.name}")
+
+    def _admits(self, remote: Any) -> bool:
+        """A request is served only from the server registered to (module docstring): over
+        plain CoAP its address:port, as the registration's answer came from (c); over coaps
+        the DTLS session (the only transport of the context) is the server's."""
+        if self.secure:
+            return True
+        return peer_key(remote) in self._server_at
 
     async def _open(self) -> aiocoap.Context:
         if not self.secure:
@@ -434,11 +457,22 @@ class Endpoint:
         assert self.ctx is not None
         return await asyncio.wait_for(self.ctx.request(msg).response, self.cfg.request_timeout_s)
 
+    async def _resolve_server(self) -> None:
+        """coap: the configured server's addresses, resolved once per registration (bounded by
+        ``request_timeout_s``): admitted from the moment the registration goes out."""
+        parts = urlsplit(self.cfg.server)
+        host, port = parts.hostname or "", parts.port or 5683
+        infos = await asyncio.wait_for(asyncio.get_running_loop().getaddrinfo(
+            host, port, type=socket.SOCK_DGRAM), self.cfg.request_timeout_s)
+        self._server_at = {addr_key(str(i[4][0]), int(i[4][1])) for i in infos}
+
     async def _register(self) -> bool:
         q = [f"ep={self.name}", f"lt={int(self.cfg.lifetime_s)}", "lwm2m=1.0", "b=U"]
         msg = aiocoap.Message(code=Code.POST, uri=self._uri("rd"), payload=self.tree.links().encode(),
                               content_format=codec.CT_LINK)
         msg.opt.uri_query = tuple(q)
+        if not self.secure:
+            await self._resolve_server()
         resp = await self._request(msg)
         if resp.code != Code.CREATED:
             log.warning("lwm2m ep=%s registration refused: %s %s", self.name, resp.code,
@@ -447,6 +481,8 @@ class Endpoint:
         self.location = list(resp.opt.location_path)
         if self.secure:
             self._session = resp.remote  # the server's requests come back on this session
+        else:
+            self._server_at = {peer_key(resp.remote)}  # only it may drive the objects
         self.last_error = ""
         self.failed.clear()
         self.registrations += 1

@@ -49,6 +49,9 @@ class FwRecord:
     phase: str = "idle"  # idle | fetch | check | wait | install
     gen: int = 0
     canceled: str | None = None  # why the package of ``gen`` was called off (for canceled())
+    # a cancel of a package the engine was installing: its [PkgName, PkgVersion], for a
+    # cancel found too late (the image confirmed: the device's word, (b))
+    canceled_pkg: list[str] | None = None
     running_version: str = ""  # what the device reported running (/3/0/3)
 
     @classmethod

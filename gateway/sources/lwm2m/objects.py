@@ -10,6 +10,13 @@ instance and object (aiocoap re-renders each observation in the format it asked 
 Access rules of the spec are kept: the Security object (/0) is never readable by the
 server (only a bootstrap server may touch it), a resource is read/written/executed only if
 its operations allow it (else 4.05 Method Not Allowed), an unknown path is 4.04.
+
+Bounded (the trust rule): the site answers only the peer its ``admits`` says (the LwM2M server
+the endpoint registered to; anyone else 4.01, before any resource, Block1 spool or observation
+sees the request); aiocoap assembles no Block1 transfer in memory - the Package PUSH (PUT
+/5/0/0) streams to a file, every other request must fit one block (a transfer of more is
+4.13 with Size1, at its first block); observations are capped per peer and per endpoint
+(``MAX_OBSERVERS_PER_PEER``, ``MAX_OBSERVERS``: beyond, the read is answered without Observe).
 """
 
 from __future__ import annotations
@@ -27,6 +34,10 @@ from gateway.sources.lwm2m import codec
 from gateway.sources.lwm2m.codec import Item, Value
 
 log = logging.getLogger("gateway.sources.lwm2m")
+
+ONE_BLOCK = 1024  # the largest request outside the Package PUSH (Size1 of a 4.13)
+MAX_OBSERVERS_PER_PEER = 64  # a server observes a handful of paths (Wakaama: State, Result, ...)
+MAX_OBSERVERS = 256  # every observation of one endpoint, all peers and paths
 
 
 def _of_kind(kind: str, v: Value) -> bool:
@@ -69,6 +80,7 @@ class Tree:
     objects: dict[int, dict[int, dict[int, Res]]] = field(default_factory=dict)
     nodes: dict[tuple[int, ...], list[_Node]] = field(default_factory=dict)
     hidden: set[int] = field(default_factory=lambda: {0})  # /0 Security: bootstrap only
+    observers: dict[Any, int] = field(default_factory=dict)  # peer -> observations it holds
 
     def links(self) -> str:
         """The registration payload: every object instance (``</1/0>,</3/0>,...``)."""
@@ -87,7 +99,7 @@ class Tree:
                 n.updated_state()
 
     def site(self, extra: resource.Site | None = None) -> resource.Site:
-        site = extra or resource.Site()
+        site = resource.Site() if extra is None else extra
         for oid, insts in self.objects.items():
             self._add(site, (oid,))
             for iid, ress in insts.items():
@@ -233,6 +245,42 @@ class Tree:
         await res.exe(payload)
 
 
+class GatedSite(resource.Site):
+    """The endpoint's site, answering only the peers ``admits(remote)`` accepts: anyone else
+    gets 4.01 before any resource, aiocoap's Block1 spool or an observation sees the request."""
+
+    def __init__(self, admits: Callable[[Any], bool]) -> None:
+        super().__init__()
+        self.admits = admits
+        self.refused = 0  # requests refused (tests, status)
+
+    async def render_to_pipe(self, request: Any) -> None:
+        msg = request.request
+        if not self.admits(msg.remote):
+            self.refused += 1
+            if self.refused <= 10 or self.refused % 1000 == 0:
+                log.warning("lwm2m: %s %s from %s refused (4.01): not the LwM2M server the "
+                            "endpoint registered to (%d refused)", msg.code,
+                            "/".join(msg.opt.uri_path), msg.remote, self.refused)
+            request.add_response(aiocoap.Message(code=Code.UNAUTHORIZED), is_last=True)
+            return
+        await super().render_to_pipe(request)
+
+
+def peer_key(remote: Any) -> Any:
+    """A peer's address (host, port) as a plain key (an IPv4-mapped IPv6 address as IPv4);
+    the remote itself when it has none."""
+    sa = getattr(remote, "sockaddr", None)
+    return addr_key(sa[0], sa[1]) if isinstance(sa, tuple) else remote
+
+
+def addr_key(host: str, port: int) -> tuple[str, int]:
+    host = host.split("%", 1)[0]
+    if host.startswith("::ffff:") and "." in host:
+        host = host[7:]
+    return host, int(port)
+
+
 class _Node(resource.ObservableResource):
     """One path of the tree (/O, /O/I or /O/I/R) as a CoAP resource."""
 
@@ -246,11 +294,49 @@ class _Node(resource.ObservableResource):
             return None
         return self.tree.objects[self.path[0]][self.path[1]][self.path[2]]
 
-    async def needs_blockwise_assembly(self, request: aiocoap.Message) -> bool:
+    def _streams(self, request: aiocoap.Message) -> bool:
         res = self._res()
-        # the PUSH resource streams each Block1 block to a file itself (never the whole
-        # package in memory); aiocoap assembles nothing for it
-        return not (res is not None and res.raw_put is not None and request.code == Code.PUT)
+        return res is not None and res.raw_put is not None and request.code == Code.PUT
+
+    async def needs_blockwise_assembly(self, request: aiocoap.Message) -> bool:
+        # the PUSH resource streams each Block1 block to a file itself; anything else with
+        # Block1 must fit one block (``render``): aiocoap's Block1 spool - the whole transfer
+        # in memory, no cap - is never used. Without Block1 aiocoap only cuts a long answer
+        # into Block2 blocks.
+        return request.opt.block1 is None
+
+    async def render(self, request: aiocoap.Message) -> aiocoap.Message:
+        b = request.opt.block1
+        if b is not None and not self._streams(request):
+            if b.block_number or b.more:
+                return aiocoap.Message(code=Code.REQUEST_ENTITY_TOO_LARGE, size1=ONE_BLOCK,
+                                       payload=b"one block at most, but for the Package PUSH")
+            response = await super().render(request)
+            response.opt.block1 = b
+            return response
+        return await super().render(request)
+
+    async def add_observation(self, request: aiocoap.Message, serverobservation: Any) -> None:
+        """Accepted within the caps (per peer, per endpoint); beyond, not accepted: the read
+        is answered as a plain read, without Observe."""
+        peer = peer_key(request.remote)
+        counts = self.tree.observers
+        if counts.get(peer, 0) >= MAX_OBSERVERS_PER_PEER or sum(counts.values()) >= MAX_OBSERVERS:
+            log.debug("lwm2m: observation of /%s by %s refused (caps reached)",
+                      "/".join(map(str, self.path)), request.remote)
+            return
+        counts[peer] = counts.get(peer, 0) + 1
+        self._observations.add(serverobservation)
+
+        def _cancel(obs: Any = serverobservation) -> None:
+            self._observations.discard(obs)
+            left = counts.get(peer, 1) - 1
+            if left > 0:
+                counts[peer] = left
+            else:
+                counts.pop(peer, None)
+
+        serverobservation.accept(_cancel)
 
     def get_link_description(self) -> Any:
         return None  # /.well-known/core is not LwM2M's discovery
