@@ -638,8 +638,9 @@ async def test_coap_pull_hostile_servers_are_bounded(tmp_path: Path) -> None:
     file is exact)."""
     data = bytes(range(256)) * 40  # 10 KiB
     site = aiocoap.resource.Site()
-    servers = {m: _HostileFw(data, m) for m in ("endless", "same-block", "tiny-forever",
-                                               "small-blocks")}
+    servers = {m: _HostileFw(data, m) for m in ("endless", "same-block", "tiny-forever")}
+    # 32 round trips of 64-byte blocks, well inside coap_pull_timeout_s on a loaded CI machine
+    servers["small-blocks"] = _HostileFw(data[:2048], "small-blocks")
     for m, res in servers.items():
         site.add_resource([m], res)
     port = free_udp_port()
@@ -648,7 +649,7 @@ async def test_coap_pull_hostile_servers_are_bounded(tmp_path: Path) -> None:
     silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # an LwM2M server that never
     silent.bind(("127.0.0.1", 0))  # answers (registration is not what this test is about)
     cfg = Lwm2mSourceConfig(server=f"coap://127.0.0.1:{silent.getsockname()[1]}",
-                            bind_host="127.0.0.1", request_timeout_s=5, coap_pull_timeout_s=1.0)
+                            bind_host="127.0.0.1", request_timeout_s=5, coap_pull_timeout_s=2.0)
     src = Lwm2mSource(cfg, tmp_path, devices=[("dev-1", None)])
     await src.start()
     try:
@@ -657,11 +658,11 @@ async def test_coap_pull_hostile_servers_are_bounded(tmp_path: Path) -> None:
                                                          "gen": 0})
             return await src.fetch(offer, max_size)
 
-        assert (await pull("small-blocks")).read_bytes() == data
+        assert (await pull("small-blocks")).read_bytes() == data[:2048]
         t0 = time.monotonic()
         with pytest.raises(FetchError, match="coap_pull_timeout_s") as ei:
             await pull("tiny-forever")
-        assert ei.value.result == UpdateResult.CONNECTION_LOST and time.monotonic() - t0 < 3
+        assert ei.value.result == UpdateResult.CONNECTION_LOST and time.monotonic() - t0 < 5
         with pytest.raises(FetchError) as ei:
             await pull("endless", 32 * 1024)
         assert ei.value.result == UpdateResult.NOT_ENOUGH_FLASH and len(servers["endless"].asked) == 33
