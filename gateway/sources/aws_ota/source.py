@@ -331,7 +331,7 @@ class AwsOtaSource(MqttJobsSource):
         if key is None:
             return
         self._unpin(offer, key)
-        if key in self._in_use():
+        if key in self._pins.values():  # another device's update holds it (or waits for it)
             return
         self._gone.add(key)
         streams.discard(self._stream_root, key)
