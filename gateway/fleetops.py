@@ -17,7 +17,9 @@ stays a scheduler; the jobs live here and in the modules named):
   operator) and takes the update back as far as it got (``gateway.cancel``). Every cancel is
   an *intent*, journalled before it is acted on (``Journal.put_intent``) and finished -
   reverted, never confirmed, then acknowledged to the server - at the device's next session
-  (``finish_intents``, paused or not, also after a restart) if it was cut short;
+  (``finish_intents``, paused or not, also after a restart) if it was cut short. The last
+  gate before any confirm asks the source once more (``probe_cancel``, bounded): a cancel the
+  watcher's poll has not seen yet still stops it;
 * ``sleep(key, delay)`` - the supervisor's wait, cut short by ``ctl update``, a device that
   came back, a rollout that moved on or a window that opened;
 * ``handle(request)`` - the ``smp-gateway ctl`` commands on the control socket

@@ -141,3 +141,37 @@ async def test_rejected_update_of_a_closed_execution_wakes_the_watcher(tmp_path:
             assert "canceled" in (await src.canceled(offer) or "")
         finally:
             await src.close()
+
+
+async def test_hawkbit_cancel_of_a_group_member_before_the_group_confirm(
+        bench_factory: Any) -> None:
+    """A group member's action is canceled while both members test-run the new image (the
+    group's watcher polls every 30 s): the group's confirm gate asks for every member before
+    the decision; the cancel is journalled and the WHOLE group goes back, nothing confirmed."""
+    from test_groups_cancel import assert_all_back, runs_new_unconfirmed
+
+    bench = bench_factory(udp=2, serial=0, image_size=16 * 1024)
+    hb = HangingHawkbit(sleep="00:01:00")
+    async with serve(hb.app()) as base, Simulator(bench.sim_cfg) as sim:
+        first, second = sim.devices.values()
+        acts = {d: hb.deploy(d, bench.images["2.0.0"].read_bytes(), "2.0.0")
+                for d in sim.devices}
+        data = bench.gateway_dict(sim, group="pair", health_check_s=1.0,
+                                  timeouts={"reset_s": 30, "request_s": 2.0})
+        data["source"] = {"kind": "hawkbit", "url": base, "gateway_token": hb.gateway_token,
+                          **SLOW_POLL}
+        gw = Gateway(parse_config(data, bench.root / "gateway.yaml"))
+        try:
+            run = asyncio.create_task(gw.run_once())
+            await first.wait_for(runs_new_unconfirmed, timeout_s=60)
+            await second.wait_for(runs_new_unconfirmed, timeout_s=60)
+            hb.cancel(acts[second.id])
+            res = await asyncio.wait_for(run, 90)
+            events = [e[2] for e in gw.journal.events(second.id)]
+            left = gw.journal.open_intents()
+        finally:
+            gw.close()
+        assert_all_back(sim)  # nothing confirmed anywhere, every member on 1.0.0
+        assert "intent-cancel" in events and left == [], (events, left)
+        assert all("canceled" in o.detail for o in res.outcomes.values()), res.outcomes
+        assert acts[second.id].status == "canceled" and acts[second.id].cancel_feedback

@@ -11,10 +11,15 @@ is done, closed executions taken as a cancel) and adds what the OTA agent does:
 * **Routing** (trust rule (c)): ``routes`` in the configuration map a thing + ``fileid`` (and
   optionally ``filepath`` / ``fileType``) to a device or a group. The job only names a fileid;
   which physical device gets it is the configuration's. Several files in one job go to several
-  MCUs; ``fileid`` 0 (the connectivity processor's own image) is never routed.
+  MCUs; ``fileid`` 0 (the connectivity processor's own image) is never routed. Two files of a
+  job routed to one MCU: its part is REJECTED with the reason (one update installs one image;
+  installing one of them would report the job done with the other never installed).
 * **Delivery** - MQTT streams (``streams.py``: GetStream with a block bitmap, resumed from the
   state directory after a lost message, a dropped connection or a restart) or the HTTP
-  presigned URL (``update_data_url``) through the shared downloader.
+  presigned URL (``update_data_url``) through the shared downloader. One stream download per
+  (thing, stream, job, fileid): the MCUs a file is routed to (a group) join it; a download in
+  use (running, or its file held by a device's update) is never removed by another device's
+  end (``_forget``) nor by the cache bound (``streams.sweep``).
 * **Code signing** (``codesign.py``, trust rule (a)/(c)): with a certificate store configured,
   the file's ``sig-sha256-ecdsa`` (or RSA) signature must verify with the configured
   certificate its ``certfile`` names - before the image store's MCUboot checks, and before any
