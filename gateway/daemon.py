@@ -401,6 +401,8 @@ class Gateway:
                     eng.reset_gate = both_gates(src_gate(offer), eng.reset_gate)
                 if adm.ignore_window:
                     eng.reset_gate = None
+                # the source asked (bounded) right before the confirm: still wanted?
+                eng.confirm_gate = self.fleet.confirm_gate(dev, offer, plan.image.hash.hex())
                 out = await self.fleet.run_engine(  # watches for a cancel; undoes as far as it got
                     dev, offer, plan.image.hash, session,
                     lambda: eng.run(plan.image, None, artifact_id=offer.artifact_id,

@@ -20,7 +20,7 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from smp.image_management import ImageState
@@ -173,6 +173,10 @@ class UpdateEngine:
     # the daemon's check before every mark-and-reset and reset (maintenance windows,
     # ``FleetOps.reset_gate``): None = allowed now, else why not; no gate = always allowed
     reset_gate: Callable[[], str | None] | None = None
+    # the last gate before a confirm (``FleetOps.confirm_gate``): asks the fleet source, bounded
+    # in time, whether the update is still wanted; a "no" comes back journalled as a cancel
+    # intent (its reason returned here) and the image is not confirmed. None: no source to ask
+    confirm_gate: Callable[[], Awaitable[str | None]] | None = None
 
     def __init__(
         self,
@@ -880,8 +884,9 @@ class UpdateEngine:
         if self.entry.tested_hash != target.hex():  # the invariant, checked at the last moment
             raise self._finish(Status.FAILED, UpdateResult.UPDATE_FAILED,
                                "refusing to confirm an image this gateway did not test", image, old_v)
-        if any(i.kind == "cancel" and i.target_hash == target.hex()
-               for i in self.journal.open_intents(self.dev.id)):
+        called_off = await self.confirm_gate() if self.confirm_gate is not None else None
+        if called_off is not None or any(i.kind == "cancel" and i.target_hash == target.hex()
+                                         for i in self.journal.open_intents(self.dev.id)):
             # a cancel journalled for this image (fleet server or operator): never confirmed;
             # the intent's take-back (gateway.fleetops) reverts it - the row stays open for it
             raise _Finish(Outcome(self.dev.id, Status.HELD, UpdateResult.INITIAL,
@@ -1264,6 +1269,14 @@ class UpdateEngine:
                 raise self._finish(Status.FAILED, UpdateResult.UPDATE_FAILED,
                                    "refusing to confirm an image set this gateway did not test",
                                    iset, old_v)
+            called_off = await self.confirm_gate() if self.confirm_gate is not None else None
+            if called_off is not None or any(i.kind == "cancel" and i.target_hash == sid
+                                             for i in self.journal.open_intents(self.dev.id)):
+                # as ``_confirm``: canceled, never confirmed; the intent's take-back reverts it
+                raise _Finish(Outcome(self.dev.id, Status.HELD, UpdateResult.INITIAL,
+                                      f"image set {iset.version} was canceled: not confirmed "
+                                      "(the cancel is being taken back)", old_version=old_v,
+                                      new_version=str(iset.version)))
             order = sorted(verdict.testing, key=lambda i: (i == 0, i))
             for i in order:
                 m = next(x for x in iset.members if x.image == i)

@@ -17,7 +17,9 @@ stays a scheduler; the jobs live here and in the modules named):
   operator) and takes the update back as far as it got (``gateway.cancel``). Every cancel is
   an *intent*, journalled before it is acted on (``Journal.put_intent``) and finished -
   reverted, never confirmed, then acknowledged to the server - at the device's next session
-  (``finish_intents``, paused or not, also after a restart) if it was cut short;
+  (``finish_intents``, paused or not, also after a restart) if it was cut short. The last
+  gate before any confirm asks the source once more (``probe_cancel``, bounded): a cancel the
+  watcher's poll has not seen yet still stops it;
 * ``sleep(key, delay)`` - the supervisor's wait, cut short by ``ctl update``, a device that
   came back, a rollout that moved on or a window that opened;
 * ``handle(request)`` - the ``smp-gateway ctl`` commands on the control socket
@@ -96,6 +98,10 @@ async def _bounded(aw: Awaitable[T], timeout_s: float) -> T:
     return fut.result()
 
 ACK_TIMEOUT_S = 30.0  # one try at a cancel's acknowledgement (the server's answer)
+# the last gate before a confirm asks the source this long at most: a server that has not
+# answered by then does not hold the confirm (the device's own health check passed, (b)); a
+# server that answers "canceled" stops it (journalled as a cancel intent first)
+CONFIRM_PROBE_S = 10.0
 
 
 def _open_update(e: Entry) -> str | None:
@@ -277,6 +283,10 @@ class FleetOps:
         news = self._news.get(device_or_key)
         if news is not None:
             news.set()
+        member = next((d for d in self.devices() if d.id == device_or_key and d.group), None)
+        gev = self._group_cancel.get(str(member.group)) if member is not None else None
+        if gev is not None:  # a running group's member: its group's cancel probe now
+            gev.set()
         for key, devs in self.gw.units():
             if key == device_or_key or any(d.id == device_or_key for d in devs):
                 self._event(key).set()
@@ -598,6 +608,50 @@ class FleetOps:
                     await src.report(offer, Report(UpdateState.UPDATING,
                                                    progress=e.upload_offset / e.upload_total))
 
+    def confirm_gate(self, dev: DeviceConfig, offer: Offer,
+                     target: str) -> Callable[[], Awaitable[str | None]]:
+        """The engine's last gate before it confirms ``target`` (``UpdateEngine.confirm_gate``):
+        ``probe_cancel`` - None: confirm; else the journalled cancel's reason (not confirmed)."""
+        async def gate() -> str | None:
+            intent = await self.probe_cancel(dev, offer, target)
+            return intent.reason if intent is not None else None
+        return gate
+
+    async def probe_cancel(self, dev: DeviceConfig, offer: Offer, target: str) -> Intent | None:
+        """Right before a confirm (a single device's or a group member's): an open cancel
+        intent of the device, else the source's word now - ``canceled(offer)``, the contract
+        every source that can cancel implements (AWS jobs, hawkBit, LwM2M, IoT Hub, RDFM) -
+        asked at most ``CONFIRM_PROBE_S``. Its "canceled" is journalled as a server cancel
+        intent BEFORE anything is done about it, and the watcher is woken to take it back; no
+        answer in time (or an error) is not a cancel: the confirm rests on the device's own
+        health check (b). The server's word only ever stops a confirm, never causes one."""
+        mine = self._cancel_intent(dev.id)
+        if mine is not None:
+            return mine
+        src = self.gw.source
+        probe: Callable[[Offer], Awaitable[str | None]] | None = getattr(src, "canceled", None)
+        if probe is None or offer.source != src.name:
+            return None
+        try:
+            why = await _bounded(probe(offer), CONFIRM_PROBE_S)
+        except Exception as exc:
+            log.warning("device=%s %s did not answer before the confirm (%s: %s): confirmed on "
+                        "the device's health check", dev.id, src.name, type(exc).__name__, exc)
+            return None
+        if not why:
+            return self._cancel_intent(dev.id)  # an operator's, journalled meanwhile
+        intent = self.gw.journal.put_intent(dev.id, "cancel", self._cancel_hash(dev.id, target),
+                                            "server", str(why), offer.report_handle())
+        log.warning("device=%s %s canceled the update right before its confirm: %s", dev.id,
+                    src.name, why)
+        ev = self._cancel.get(dev.id)
+        if ev is not None:  # the running attempt's watcher takes it back now
+            ev.set()
+        gev = self._group_cancel.get(str(dev.group)) if dev.group else None
+        if gev is not None:  # a group member's: the whole group goes back
+            gev.set()
+        return intent
+
     def _cancel_intent(self, device_id: str) -> Intent | None:
         return next((i for i in self.gw.journal.open_intents(device_id) if i.kind == "cancel"),
                     None)
@@ -640,7 +694,15 @@ class FleetOps:
             stop.set()
             watch.cancel()
             await asyncio.wait({watch}, timeout=WATCH_STOP_S)
-            return task.result()
+            out = task.result()
+            intent = self._cancel_intent(dev.id) if out.status == Status.HELD else None
+            if intent is not None and intent.state == "pending":
+                # the engine stopped at its confirm for a cancel journalled meanwhile (e.g. by
+                # ``confirm_gate``): taken back now, not left for the next session
+                log.warning("device=%s update canceled before its confirm (%s, intent %d): %s",
+                            dev.id, intent.actor, intent.id, intent.reason)
+                return await self.finish_cancel(dev, session, intent, offer)
+            return out
         intent = watch.result()
         log.warning("device=%s update canceled (%s, journalled as intent %d): %s", dev.id,
                     intent.actor, intent.id, intent.reason)

@@ -93,6 +93,8 @@ class GroupAdmission(Protocol):
 
     def group_cancels(self, devs: list[DeviceConfig]) -> list[Intent]: ...
 
+    async def probe_cancel(self, dev: DeviceConfig, offer: Offer, target: str) -> Intent | None: ...
+
     def install_gate(self, offer: Offer) -> Callable[[], str | None] | None: ...
 
     def install_stage(self, members: list[tuple[DeviceConfig, Offer]]) -> tuple[Stage, str]: ...
@@ -615,6 +617,11 @@ class GroupRunner:
             if o.status != Status.HELD:
                 outs[p.dev.id] = o
                 return (p.dev.id, o)
+        # the last gate before the first confirm: the source is asked for every member's offer
+        # (each bounded, ``FleetOps.probe_cancel``); a "canceled" is journalled as an intent and
+        # takes the whole group back, an unanswered probe does not hold the confirm
+        await self._unless_canceled(watch, [self._probe(p) for p in todo])
+        self._check_cancel(watch, plans)
         log.info("group=%s decision=confirm members=%s", name, ",".join(plans))
         for p in todo:
             if h.stop.is_set():
@@ -626,6 +633,10 @@ class GroupRunner:
                 return (p.dev.id, o)
             confirmed.add(p.dev.id)
         return None
+
+    async def _probe(self, p: Plan) -> Outcome:
+        await self.host.fleet.probe_cancel(p.dev, p.offer, p.image.hash.hex())
+        return Outcome(p.dev.id, Status.HELD, UpdateResult.INITIAL, "probed")
 
     # -- cancel: a member's cancel takes the whole group back --------------------------------
     def _check_cancel(self, watch: asyncio.Future[Intent], plans: dict[str, Plan]) -> None:

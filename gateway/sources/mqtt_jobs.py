@@ -59,7 +59,7 @@ import re
 import ssl
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -184,6 +184,25 @@ class MqttJobsSource(FleetSource):
         # discovery configured: devices not configured may be behind a thing too (they join
         # the roster when they first ask) - the roster is not complete in advance
         self._roster_open = roster_open
+        self._waker: Callable[[str], None] | None = None
+
+    def set_waker(self, wake: Callable[[str], None]) -> None:
+        """``wake(device_id)``: the device's cancel probe (and next check) now - called when an
+        execution is found closed on the server (``_closed``), so a cancel learnt from a
+        rejected status update is journalled and taken back at once, not a poll period later."""
+        self._waker = wake
+
+    def _closed(self, job: _Job, why: str) -> None:
+        """The server says the execution takes no more work (canceled, removed, timed out): the
+        job is closed and every device it covers is woken (``set_waker``)."""
+        was, job.closed = job.closed, why
+        if was is not None or self._waker is None:
+            return
+        for dev in sorted(self._covered(job) | set(job.progress)):
+            try:
+                self._waker(dev)
+            except Exception as exc:  # a wake-up is best effort: the watcher's poll remains
+                log.warning("wake-up of %s after job %s closed failed: %s", dev, job.job_id, exc)
 
     # -- connection ----------------------------------------------------------------------
     def _tls_context(self) -> ssl.SSLContext | None:
@@ -764,8 +783,8 @@ class MqttJobsSource(FleetSource):
                      job.job_id, job.thing, status)
             return
         if code in _CLOSED_CODES:
-            job.closed = (f"job {job.job_id} canceled on the server: its execution for {job.thing} "
-                          f"is {state.get('status') or 'closed'} ({code})")
+            self._closed(job, f"job {job.job_id} canceled on the server: its execution for "
+                              f"{job.thing} is {state.get('status') or 'closed'} ({code})")
         raise ReportRefused(f"job {job.job_id} of {job.thing}: update to {status} rejected: "
                             f"{code} {message}")
 

@@ -11,10 +11,15 @@ is done, closed executions taken as a cancel) and adds what the OTA agent does:
 * **Routing** (trust rule (c)): ``routes`` in the configuration map a thing + ``fileid`` (and
   optionally ``filepath`` / ``fileType``) to a device or a group. The job only names a fileid;
   which physical device gets it is the configuration's. Several files in one job go to several
-  MCUs; ``fileid`` 0 (the connectivity processor's own image) is never routed.
+  MCUs; ``fileid`` 0 (the connectivity processor's own image) is never routed. Two files of a
+  job routed to one MCU: its part is REJECTED with the reason (one update installs one image;
+  installing one of them would report the job done with the other never installed).
 * **Delivery** - MQTT streams (``streams.py``: GetStream with a block bitmap, resumed from the
   state directory after a lost message, a dropped connection or a restart) or the HTTP
-  presigned URL (``update_data_url``) through the shared downloader.
+  presigned URL (``update_data_url``) through the shared downloader. One stream download per
+  (thing, stream, job, fileid): the MCUs a file is routed to (a group) join it; a download in
+  use (running, or its file held by a device's update) is never removed by another device's
+  end (``_forget``) nor by the cache bound (``streams.sweep``).
 * **Code signing** (``codesign.py``, trust rule (a)/(c)): with a certificate store configured,
   the file's ``sig-sha256-ecdsa`` (or RSA) signature must verify with the configured
   certificate its ``certfile`` names - before the image store's MCUboot checks, and before any
@@ -52,6 +57,7 @@ from gateway.sources.base import (
     FetchError,
     Offer,
     Report,
+    ReportNotDelivered,
     UpdateResult,
     UpdateState,
 )
@@ -89,6 +95,13 @@ class AwsOtaSource(MqttJobsSource):
         self._self_test: dict[tuple[str, str, str], str] = {}
         self._rejected: set[tuple[str, str]] = set()
         self._gone: set[str] = set()  # downloads removed while running: they stop
+        # one stream download per key (thing, stream, job, fileid), joined by every MCU routed
+        # the same file (a group); a key is in use while it runs or a device's update holds its
+        # file (``_pins``: one key per device, released by its final report or ``_forget``):
+        # neither ``_forget`` of another device nor ``streams.sweep`` removes a key in use
+        self._inflight: dict[str, asyncio.Task[Path]] = {}
+        self._waiting: dict[str, int] = {}
+        self._pins: dict[str, str] = {}  # device id -> key
         self._describing: dict[str, asyncio.Future[tuple[str, dict[str, Any]]]] = {}
         self.stream_stats = {"requests": 0, "blocks": 0, "duplicates": 0, "bad": 0, "resumed": 0,
                              "unasked": 0, "swept": 0}
@@ -220,8 +233,11 @@ class AwsOtaSource(MqttJobsSource):
             await self._final_if_due(job)
             return None
         if len(mine) > 1:
-            log.warning("job %s routes files %s to %s: only fileid %d is taken (one image per "
-                        "update)", job_id, [f.fileid for f in mine], device.id, mine[0].fileid)
+            # one update installs one image: taking one file would report the job done while
+            # the others never reached the MCU - the device's part is REJECTED, with the reason
+            await self._refuse(job, device.id, f"refused: files {[f.fileid for f in mine]} of "
+                               f"the job are routed to {device.id}; one file per MCU and job")
+            return None
         f = mine[0]
         use_http = f.url is not None and "HTTP" in doc.protocols and (
             self.ota.prefer_protocol == "HTTP" or "MQTT" not in doc.protocols or not doc.streamname)
@@ -233,6 +249,20 @@ class AwsOtaSource(MqttJobsSource):
                     "protocol": "HTTP" if use_http else "MQTT"},
             report_to={"thing": thing, "job_id": job_id, "execution_number": job.execution_number,
                        "fileid": f.fileid})
+
+    async def _refuse(self, job: _Job, dev: str, detail: str) -> None:
+        """The device's part of ``job`` can never be done: its result is a refusal (the final
+        status REJECTED once every covered device is done); not delivered now: asked again."""
+        log.warning("job %s of %s: %s", job.job_id, job.thing, detail)
+        offer = Offer(device_id=dev, source=self.name, artifact_id=f"aws-ota-{job.job_id}",
+                      report_to={"thing": job.thing, "job_id": job.job_id,
+                                 "execution_number": job.execution_number})
+        try:
+            await super().report(offer, Report(UpdateState.IDLE, UpdateResult.UNSUPPORTED_PACKAGE,
+                                               detail=detail))
+        except ReportNotDelivered as exc:
+            job.results.pop(dev, None)
+            log.warning("%s", exc)
 
     async def fetch(self, offer: Offer, max_size: int | None) -> Path:
         h = offer.handle
@@ -283,21 +313,33 @@ class AwsOtaSource(MqttJobsSource):
         digest = hashlib.sha256(f"{thing}\0{stream}\0{job_id}".encode()).hexdigest()[:16]
         return f"{_SAFE.sub('_', stream)[:48]}-{f.fileid}-{digest}"
 
+    def _in_use(self) -> set[str]:
+        """The keys of downloads running now or held by a device's update (never removed)."""
+        return set(self._inflight) | set(self._pins.values())
+
+    def _unpin(self, offer: Offer, key: str | None = None) -> None:
+        if key is None or self._pins.get(offer.device_id) == key:
+            self._pins.pop(offer.device_id, None)
+
     def _forget(self, offer: Offer) -> None:
-        """Remove the stream download of an offer (finished, REJECTED or called off)."""
+        """Remove the stream download of an offer (finished, REJECTED or called off) - unless
+        another device's update still uses it (the same file routed to a group's members)."""
         h = offer.handle if isinstance(offer.handle, dict) else None
+        key: str | None = None
         if h is None or h.get("protocol") != "MQTT" or not isinstance(h.get("doc"), OtaDocument):
             rt = offer.report_to
-            key = rt.get("stream_key")
-            if isinstance(key, str) and _SAFE.sub("_", key) == key:
-                self._gone.add(key)
-                streams.discard(self._stream_root, key)
+            k = rt.get("stream_key")
+            if isinstance(k, str) and _SAFE.sub("_", k) == k:
+                key = k
+        elif h["doc"].streamname is not None:
+            key = self._key_of(h["thing"], h["doc"].streamname, h["file"], h["job"].job_id)
+        if key is None:
             return
-        doc: OtaDocument = h["doc"]
-        if doc.streamname is not None:
-            key = self._key_of(h["thing"], doc.streamname, h["file"], h["job"].job_id)
-            self._gone.add(key)
-            streams.discard(self._stream_root, key)
+        self._unpin(offer, key)
+        if key in self._pins.values():  # another device's update holds it (or waits for it)
+            return
+        self._gone.add(key)
+        streams.discard(self._stream_root, key)
 
     async def _describe(self, thing: str, stream: str) -> tuple[int | None, dict[int, int]]:
         """DescribeStream: the stream's version and files (bounded in time and size)."""
@@ -330,16 +372,44 @@ class AwsOtaSource(MqttJobsSource):
 
     async def _stream_fetch(self, thing: str, stream: str, f: OtaFile, job_id: str,
                             offer: Offer) -> Path:
-        """The file over MQTT streams, resumed from the bitmap in the state directory."""
-        cfg = self.ota
+        """The file over MQTT streams: one download per key, joined by every device that asks
+        for the same file while it runs (it stops once nobody waits for it any more)."""
         key = self._key_of(thing, stream, f, job_id)
         offer.report_to["stream_key"] = key  # journalled: a restarted gateway removes it too
-        final = self._stream_root / f"{key}.bin"
-        if final.is_file() and final.stat().st_size == f.filesize:
-            return final  # complete before a restart (the checks that follow still apply)
+        self._pins[offer.device_id] = key  # in use by this device's update from here on
+        try:
+            task = self._inflight.get(key)
+            if task is None:
+                final = self._stream_root / f"{key}.bin"
+                if final.is_file() and final.stat().st_size == f.filesize:
+                    return final  # complete (before a restart, or another MCU's download)
+                task = asyncio.ensure_future(self._stream_download(thing, stream, f, key, offer))
+                self._inflight[key] = task
+                task.add_done_callback(lambda t: self._inflight.pop(key, None)
+                                       if self._inflight.get(key) is t else None)
+            else:
+                log.info("device=%s joins the running download of stream %s file %d",
+                         offer.device_id, stream, f.fileid)
+            self._waiting[key] = self._waiting.get(key, 0) + 1
+            try:
+                return await asyncio.shield(task)
+            finally:
+                left = self._waiting.pop(key) - 1
+                if left:
+                    self._waiting[key] = left
+                elif not task.done():  # nobody waits for it any more: it stops (kept to resume)
+                    task.cancel()
+        except BaseException:
+            self._unpin(offer, key)
+            raise
+
+    async def _stream_download(self, thing: str, stream: str, f: OtaFile, key: str,
+                               offer: Offer) -> Path:
+        """The file over MQTT streams, resumed from the bitmap in the state directory."""
+        cfg = self.ota
         self._stream_root.mkdir(parents=True, exist_ok=True)
         self._gone.discard(key)
-        swept = await asyncio.to_thread(streams.sweep, self._stream_root, key,
+        swept = await asyncio.to_thread(streams.sweep, self._stream_root, self._in_use(),
                                         cfg.stream_cache_bytes, cfg.stream_keep_s, time.time())
         self.stream_stats["swept"] += len(swept)
         version = None
@@ -476,6 +546,8 @@ class AwsOtaSource(MqttJobsSource):
         await super().report(offer, report)
         if report.result == UpdateResult.SUCCESS:  # taken by the server: not needed any more
             self._forget(offer)  # (a FAILED one is kept for a retry of the job, swept later)
+        elif report.finished:  # this device's update is over: its file is no longer in use
+            self._pins.pop(offer.device_id, None)
 
     async def canceled(self, offer: Offer) -> str | None:
         why = await super().canceled(offer)

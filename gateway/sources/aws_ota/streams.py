@@ -196,10 +196,13 @@ def discard(root: Path, key: str) -> None:
             (root / f"{key}{suffix}").unlink()
 
 
-def sweep(root: Path, keep: str, max_bytes: int, max_age_s: float, now: float) -> list[str]:
+def sweep(root: Path, keep: str | set[str], max_bytes: int, max_age_s: float,
+          now: float) -> list[str]:
     """Bound the downloads on disk: every download (its files share a key) not touched for
     ``max_age_s`` is removed, then the oldest until the rest holds at most ``max_bytes``; the
-    download ``keep`` (the one about to run) is never removed. Returns the keys removed."""
+    downloads ``keep`` (in use: running, or held by a device's update) are never removed.
+    Returns the keys removed."""
+    keep = {keep} if isinstance(keep, str) else keep
     entries: dict[str, list[tuple[Path, float, int]]] = {}
     with contextlib.suppress(OSError):
         for p in root.iterdir():
@@ -211,7 +214,7 @@ def sweep(root: Path, keep: str, max_bytes: int, max_age_s: float, now: float) -
     total = sum(sz for _k, fs in by_age for _p, _m, sz in fs)
     removed = []
     for k, fs in by_age:
-        if k == keep:
+        if k in keep:
             continue
         newest = max(m for _p, m, _s in fs)
         if now - newest > max_age_s or total > max_bytes:
