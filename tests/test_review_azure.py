@@ -1,0 +1,217 @@
+"""Adversarial review of the Azure IoT Hub source (#23): each test reproduces a finding and
+FAILS on the reviewed code (efda6fb). Unit tests drive AzureIotHubSource with a fake SDK
+client (the SDK's handlers are called as the SDK calls them); the integration test runs the
+whole gateway against servers/azure_hub.py (mosquitto + Microsoft's SDK)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from aiohttp import web
+from fleet_servers.common import serve
+from servers.azure_hub import AzureHub, hub_broker
+from test_source_azure import active, entry, gw_cfg, outcome, running
+
+from gateway.daemon import Gateway
+from gateway.mcuboot import Version
+from gateway.sim.simulator import Simulator
+from gateway.sources.azure.source import AzureIotHubSource
+from gateway.sources.base import DeviceView
+from gateway.sources.settings import AzureIotHubSourceConfig
+
+pytestmark = pytest.mark.filterwarnings("ignore:Callback API version 1:DeprecationWarning")
+
+SHA = "ab" * 32
+
+
+class FakeClient:
+    """The SDK client as the source uses it; ``twins`` are what the next GETs answer,
+    ``gate`` (if set) holds a GET's answer until set."""
+
+    def __init__(self, twin: dict[str, Any]) -> None:
+        self.connected = True
+        self.twin = twin
+        self.gate: asyncio.Event | None = None
+        self.in_get = asyncio.Event()
+        self.reported: list[dict[str, Any]] = []
+
+    async def connect(self) -> None:
+        self.connected = True
+
+    async def get_twin(self) -> dict[str, Any]:
+        snapshot = {"desired": dict(self.twin["desired"]), "reported": {}}
+        self.in_get.set()
+        if self.gate is not None:
+            await self.gate.wait()  # the answer was made before a patch, arrives after it
+        return snapshot
+
+    async def patch_twin_reported_properties(self, body: dict[str, Any]) -> None:
+        self.reported.append(body)
+
+    async def shutdown(self) -> None:
+        pass
+
+
+def source(tmp: Path, client: FakeClient, devices: list[tuple[str, str | None]]) -> AzureIotHubSource:
+    cfg = AzureIotHubSourceConfig(kind="azure_iot_hub", connection_string="HostName=h;DeviceId=g;"
+                                  "SharedAccessKey=a2V5", request_timeout_s=2)
+    src = AzureIotHubSource(cfg, tmp, devices=devices)
+    src._client = client
+    src._loop = asyncio.get_running_loop()
+    return src
+
+
+def want(version: str, hw: str = "board-a") -> dict[str, Any]:
+    return {"url": "https://blob.example/fw.bin?sv=1&sig=SECRET", "version": version,
+            "size": 1000, "sha256": SHA, "hardware": hw}
+
+
+# --- 1. device ids that map to one twin key: another device's image, reports, methods ---------
+async def test_method_for_one_mcu_acts_on_another_with_colliding_twin_key(tmp_path: Path) -> None:
+    """Ids ``line.1`` and ``line_1`` (both valid device ids) share the twin key ``line_1``. A
+    direct method naming ``line_1`` exactly - the id the hub knows - is applied to ``line.1``
+    (the first configured device whose *twin key* matches): the pause/cancel the hub meant for
+    line_1 lands on the wrong MCU, and line_1 keeps installing."""
+    client = FakeClient({"desired": {"$version": 1}})
+    src = source(tmp_path, client, [("line.1", None), ("line_1", None)])
+    calls: list[dict[str, Any]] = []
+
+    async def control(req: dict[str, Any], actor: str) -> str:
+        calls.append(req)
+        return f"{req['device']} paused"
+
+    src.set_control(control)
+    status, _body = await src._answer("pause", {"mcu": "line_1"})
+    assert status == 200
+    assert calls[0]["device"] == "line_1", f"the hub paused line_1, the gateway paused {calls}"
+
+
+async def test_desired_section_of_one_mcu_offered_to_another(tmp_path: Path) -> None:
+    """``mcus.line_1`` (the hub's desired section for MCU line_1) is offered to ``line.1`` too
+    (same twin key): the other device gets line_1's image, and its reports overwrite line_1's
+    reported section - line_1 reads as updated while it still runs 1.0.0."""
+    client = FakeClient({"desired": {"$version": 1, "mcus": {"line_1": want("2.0.0")}}})
+    src = source(tmp_path, client, [("line.1", None), ("line_1", None)])
+    other = DeviceView("line.1", "board-a", running_version=Version.parse("1.0.0"))
+    offer = await src.check(other)
+    assert offer is None, "line_1's desired image was offered to line.1"
+
+
+async def test_long_ids_sharing_a_128_char_prefix_share_a_section(tmp_path: Path) -> None:
+    """twin_key truncates to 128 characters; the config allows longer ids: two MCUs whose
+    ids differ after 128 characters read one desired section and write one reported one."""
+    a, b = "m" * 128 + "-a", "m" * 128 + "-b"
+    client = FakeClient({"desired": {"$version": 1, "mcus": {"m" * 128: want("2.0.0")}}})
+    src = source(tmp_path, client, [(a, None), (b, None)])
+    offer_a = await src.check(DeviceView(a, "board-a", running_version=Version.parse("1.0.0")))
+    offer_b = await src.check(DeviceView(b, "board-a", running_version=Version.parse("1.0.0")))
+    assert not (offer_a and offer_b), "one desired section offered to two MCUs"
+
+
+# --- 2. the blob's SAS token in the reported properties and the logs -------------------------
+async def test_sas_token_leaks_through_aiohttp_error_into_reported_reason(
+        bench_factory: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """``shown()`` strips the query from the URL the gateway formats itself, but the download's
+    FetchError also carries ``str(exc)`` of aiohttp's own error: a blob endpoint that redirects
+    in a loop (TooManyRedirects - a ClientResponseError, whose text holds ``url='...'`` with the
+    full query) puts the SAS token into the reported ``reason``/``last_outcome`` on the hub and
+    into the gateway's log."""
+    bench = bench_factory(udp=1, serial=0, image_size=16 * 1024)
+    img = bench.images["2.0.0"].read_bytes()
+
+    async def loop_redirect(request: web.Request) -> web.Response:
+        raise web.HTTPFound(str(request.rel_url))  # the same blob, the same SAS query
+
+    app = web.Application()
+    app.router.add_get("/blob/{name}", loop_redirect)
+    async with (hub_broker(tmp_path) as broker, AzureHub(broker) as hub,
+                serve(app) as base, Simulator(bench.sim_cfg) as sim):
+        hub.desired = {"mcus": {"udp-1": entry(base, "v2", img)}}
+        cfg = gw_cfg(bench, sim, hub, download_retries=0)
+        gw = Gateway(cfg)
+        try:
+            await asyncio.wait_for(gw.run_once(), 60)
+        finally:
+            gw.close()
+        assert active(sim.devices["udp-1"]) == ("1.0.0", True)
+    assert outcome(hub, "udp-1").get("result_name"), hub.reported
+    assert "SECRET" not in json.dumps(hub.reported), outcome(hub, "udp-1")["reason"]
+    assert "SECRET" not in caplog.text
+
+
+# --- 3. a transient failure parks the MCU for good ------------------------------------------
+async def test_transient_blob_outage_declines_the_offer_forever(bench_factory: Any,
+                                                                tmp_path: Path) -> None:
+    """Blob storage answers 503 for a moment (longer than the download's retries): the final
+    CONNECTION_LOST outcome makes ``report()`` put the desired version in ``_declined``, so
+    ``check()`` never offers it again - the MCU stays on the old firmware until someone changes
+    the desired version or calls update_now, although the gateway's retry policy is set and
+    the blob is back. (A network blip parks a whole fleet.)"""
+    bench = bench_factory(udp=1, serial=0, image_size=16 * 1024)
+    img = bench.images["2.0.0"].read_bytes()
+    fails = [1]
+
+    async def blob(request: web.Request) -> web.Response:
+        if fails[0] > 0:
+            fails[0] -= 1
+            return web.Response(status=503)
+        return web.Response(body=img)
+
+    app = web.Application()
+    app.router.add_get("/blob/{name}", blob)
+    async with (hub_broker(tmp_path) as broker, AzureHub(broker) as hub,
+                serve(app) as base, Simulator(bench.sim_cfg) as sim):
+        hub.desired = {"mcus": {"udp-1": entry(base, "v2", img)}}
+        cfg = gw_cfg(bench, sim, hub, download_retries=0)
+        async with running(cfg) as gw:
+            await hub.wait_reported(lambda r: outcome(hub, "udp-1").get("result_name")
+                                    == "CONNECTION_LOST", 30)
+            assert fails[0] <= 0
+            try:
+                await hub.wait_reported(lambda r: outcome(hub, "udp-1").get("result_name")
+                                        == "SUCCESS", 20)
+            except TimeoutError:
+                pass
+            declined = dict(gw.source._declined)  # type: ignore[attr-defined]
+        assert active(sim.devices["udp-1"]) == ("2.0.0", True), (
+            f"never retried after the blob came back; declined={declined}")
+
+
+# --- 4. twin re-reads pile up without bound while GETs go unanswered --------------------------
+async def test_refresh_tasks_pile_up_while_twin_get_unanswered(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every desired patch with a ``$version`` gap (or none) spawns its own whole-twin read;
+    the reads queue on ``_twin_lock`` and each waits up to request_timeout_s for a GET the hub
+    does not answer. Patches are admitted at max_patches_per_minute (120), reads drain at one
+    per request_timeout_s: the queue of tasks (each holding a coroutine) grows by ~118 a minute
+    for as long as the condition lasts - not bounded. Ten minutes of such patches (time faked)
+    leave hundreds of pending re-reads where one would do."""
+    import gateway.sources.azure.source as mod
+
+    client = FakeClient({"desired": {"$version": 1}})
+    client.gate = asyncio.Event()  # GETs never answered
+    src = source(tmp_path, client, [("line_1", None)])
+    now = [1000.0]
+
+    class Clock:
+        @staticmethod
+        def monotonic() -> float:
+            return now[0]
+
+    monkeypatch.setattr(mod, "time", Clock)
+    for _minute in range(10):
+        for _ in range(120):
+            src._on_patch({"mcus": {"line_1": {"note": "x"}}})  # no $version: a gap
+            now[0] += 0.5
+        await asyncio.sleep(0)
+    await asyncio.sleep(0.05)
+    pending = len(src._tasks)
+    client.gate.set()
+    for t in list(src._tasks):
+        t.cancel()
+    assert pending <= 2, f"{pending} whole-twin reads queued"
