@@ -6,6 +6,7 @@ whole gateway against servers/azure_hub.py (mosquitto + Microsoft's SDK)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import pytest
 from aiohttp import web
 from fleet_servers.common import serve
 from servers.azure_hub import AzureHub, hub_broker
-from test_source_azure import active, entry, gw_cfg, outcome, running
+from test_source_azure import active, entry, files_app, gw_cfg, outcome, running
 
 from gateway.daemon import Gateway
 from gateway.mcuboot import Version
@@ -215,3 +216,81 @@ async def test_refresh_tasks_pile_up_while_twin_get_unanswered(tmp_path: Path,
     for t in list(src._tasks):
         t.cancel()
     assert pending <= 2, f"{pending} whole-twin reads queued"
+
+
+# --- 5. the hub unreachable at the first connection ------------------------------------------
+async def test_hub_down_at_start_parks_every_mcu(bench_factory: Any, tmp_path: Path) -> None:
+    """The hub (broker) is down when the gateway starts and back ~15 s later. In ``_connected``
+    the handler setters (``client.on_..._received = ...``) enable SDK features, which connects:
+    their ConnectionFailedError escapes raw (not a FetchError CONNECTION_LOST), so the daemon
+    counts the hub's outage as the *device's* failure (not ``_server_side``) and parks the MCU
+    for an hour after 5 such failures; the client is never kept (a new SDK client is made and
+    leaked at every attempt). The update does not happen within a minute of the hub's return."""
+    bench = bench_factory(udp=1, serial=0, image_size=16 * 1024)
+    img = bench.images["2.0.0"].read_bytes()
+    async with (hub_broker(tmp_path) as broker, AzureHub(broker) as hub,
+                serve(files_app({"v2": img})) as base, Simulator(bench.sim_cfg) as sim):
+        hub.desired = {"mcus": {"udp-1": entry(base, "v2", img)}}
+        await broker.stop()
+        async with running(gw_cfg(bench, sim, hub, request_timeout_s=2)):
+            await asyncio.sleep(15)  # a short hub outage at boot
+            await broker.start()
+            await hub.wait_reported(
+                lambda r: outcome(hub, "udp-1").get("result_name") == "SUCCESS", 60)
+        assert active(sim.devices["udp-1"]) == ("2.0.0", True)
+
+
+async def test_sdk_handler_setter_blocks_the_event_loop(tmp_path: Path) -> None:
+    """The SDK's receive-handler setters are synchronous (``fut.result()`` on the SDK's loop
+    thread until the feature is enabled, i.e. connected and subscribed) and ``_connected`` calls
+    them on the gateway's event loop, outside any ``wait_for``: a hub endpoint that accepts the
+    TCP connection and says nothing freezes the WHOLE daemon (every SMP session, timer, ctl)
+    for paho's 5 s connect timeout - and for the SDK's 60 s operation timeout when TLS
+    completes but CONNACK never comes (measured: 60.0 s stall with request_timeout_s=3) - at
+    every check, since the failed client is not kept."""
+    import socket
+    import threading
+    import time
+
+    from servers.azure_hub import _free_loopback, make_tls
+
+    ip = _free_loopback()
+    tls = make_tls(tmp_path, ip)
+    srv = socket.socket()
+    srv.bind((ip, 8883))
+    srv.listen(16)
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                held.append(srv.accept()[0])  # accepted, never answered
+
+    threading.Thread(target=accept, daemon=True).start()
+    cfg = AzureIotHubSourceConfig(kind="azure_iot_hub", connection_string=(
+        f"HostName={ip};DeviceId=gw;SharedAccessKey=a2V5"), server_verification_cert=tls.ca,
+        request_timeout_s=1)
+    src = AzureIotHubSource(cfg, tmp_path / "state", devices=[("d1", None)])
+    await src.start()
+    stalls: list[float] = []
+
+    async def ticker() -> None:
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(0.05)
+            now = time.monotonic()
+            stalls.append(now - last)
+            last = now
+
+    tick = asyncio.create_task(ticker())
+    await asyncio.sleep(0.1)
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(src.check(DeviceView("d1", "hw")), 1.5)
+    await asyncio.sleep(0.2)
+    tick.cancel()
+    srv.close()
+    for s in held:
+        s.close()
+    with contextlib.suppress(Exception):
+        await src.close()
+    assert max(stalls) < 1.0, f"the gateway's event loop stood still for {max(stalls):.1f}s"
