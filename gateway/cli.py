@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
+import functools
 import importlib.metadata
 import logging
 import os
@@ -44,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
         "Keep MCUboot/Zephyr devices up to date over MCUmgr SMP (UDP, serial, BLE)."))
     p.add_argument("--version", action="version", version=f"smp-gateway {_version()}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--trace-ble", action="store_true",
+                   help="also Bumble's per-packet debug log (HCI/ATT; slows the link)")
     p.add_argument("--log-format", choices=["text", "json"], help="log format (default: config)")
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="poll the update source and update devices")
@@ -62,7 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     where.add_argument("--udp", metavar="HOST[:PORT]", help="SMP UDP server (port 1337 by default)")
     where.add_argument("--ble", metavar="NAME|ADDR", help="advertised name or BD_ADDR")
     pr.add_argument("--baud", type=int, default=115200)
-    pr.add_argument("--adapter", default="hci0", help="BLE adapter")
+    pr.add_argument("--adapter", help="BLE adapter (bleak: the BlueZ adapter, default hci0; "
+                    "bumble: a label, default the --hci transport)")
     pr.add_argument("--backend", choices=["bleak", "bumble"], default="bleak")
     pr.add_argument("--hci", help="bumble HCI transport")
     pr.add_argument("--timeout", type=float, default=3.0, help="per SMP request, seconds")
@@ -90,6 +94,8 @@ def _parser() -> argparse.ArgumentParser:
                         help=argparse.SUPPRESS)
         sp.add_argument("--log-format", choices=["text", "json"], default=argparse.SUPPRESS,
                         help=argparse.SUPPRESS)
+        sp.add_argument("--trace-ble", action="store_true", default=argparse.SUPPRESS,
+                        help=argparse.SUPPRESS)
     return p
 
 
@@ -99,14 +105,15 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:
         return EXIT_USAGE if exc.code not in (0, None) else EXIT_OK
     level = logging.DEBUG if args.verbose else logging.INFO
+    setup = functools.partial(glog.setup, trace_ble=args.trace_ble)  # Bumble's log: opt-in
     try:
         if args.cmd == "demo":
-            glog.setup(args.log_format or "text", logging.WARNING if sys.stderr.isatty() else level)
+            setup(args.log_format or "text", logging.WARNING if sys.stderr.isatty() else level)
             from gateway.demo import main_demo
 
             return main_demo(args.workdir, args.keep)
         if args.cmd == "probe":
-            glog.setup(args.log_format or "text", level)
+            setup(args.log_format or "text", level)
             from gateway.probe import main_probe, target
 
             return main_probe(target(args.serial, args.udp, args.ble, baud=args.baud,
@@ -114,13 +121,13 @@ def main(argv: list[str] | None = None) -> int:
                               timeout_s=args.timeout, hwid_format=args.hwid_format,
                               as_json=args.json)
         if args.cmd == "sim":
-            glog.setup(args.log_format or "text", level)
+            setup(args.log_format or "text", level)
             return _sim(args.config)
         if cli_tools.handles(args):  # the operator's tools (gateway/cli_tools.py)
-            glog.setup(args.log_format or "text", level if args.verbose else logging.WARNING)
+            setup(args.log_format or "text", level if args.verbose else logging.WARNING)
             return cli_tools.main(args)
         cfg = load_config(args.config)
-        glog.setup(args.log_format or cfg.log_format, level)
+        setup(args.log_format or cfg.log_format, level)
         if args.cmd == "run":
             if args.json and not args.once:
                 print("smp-gateway: run --json needs --once (the daemon logs; see --log-format)",

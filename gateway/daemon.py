@@ -314,7 +314,9 @@ class Gateway:
 
     def _ble_sem(self, dev: DeviceConfig) -> asyncio.Semaphore | None:
         if isinstance(dev.transport, BleTransport):
-            a = dev.transport.adapter
+            from gateway.smp.ble import adapter_key  # optional stack: only for BLE devices
+
+            a = adapter_key(dev.transport)
             cap = self.cfg.ble_adapters.get(a, self.cfg.ble_per_adapter)
             return self._ble_sems.setdefault(a, asyncio.Semaphore(cap))
         return None
@@ -344,11 +346,16 @@ class Gateway:
             st.callback(done)
             session = SMPSession(self.fleet.transport(dev) or make_transport(dev), device_id=dev.id,
                                  timeout_s=dev.timeouts.request_s)
+            # a BLE link bounds its scan and connection itself (scan_timeout_s, connect_
+            # timeout_s) and names what failed: our deadline must not cut its reason short
+            deadline = max(dev.timeouts.connect_s,
+                           getattr(session.transport, "open_deadline_s", 0.0))
             try:
-                await asyncio.wait_for(session.open(), dev.timeouts.connect_s)
+                await asyncio.wait_for(session.open(), deadline)
             except (TransportError, TimeoutError) as exc:
                 await session.close()
-                raise TransportError(f"cannot open link: {exc}") from exc
+                why = str(exc) or f"no link within {deadline:g}s ({type(exc).__name__})"
+                raise TransportError(f"cannot open link: {why}") from exc
             st.push_async_callback(session.close)
             await session.mcumgr_params(timeout_s=min(2.0, dev.timeouts.request_s))
             await self.fleet.identity.check(dev, session)  # another board there: IdentityRefused

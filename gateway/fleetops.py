@@ -248,6 +248,10 @@ class FleetOps:
         for f in self.discovery.devices.values():
             self._facts[f.config.id] = f.facts.to_dict()
         known = {k for k, _ in self.gw.units()}
+        gone_hook = getattr(self.gw.source, "device_gone", None)  # LwM2M: deregister its endpoint
+        if gone_hook is not None:
+            for dev_id in ch.gone:
+                gone_hook(dev_id)
         for dev in [*ch.added, *ch.moved, *ch.released]:
             self.wake(dev.id)
         if self._add_unit is None:

@@ -70,8 +70,13 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out)
 
 
-def setup(fmt: str = "text", level: int = logging.INFO, stream: object = None) -> None:
-    """Configure the root logger. Under systemd (JOURNAL_STREAM set) timestamps are omitted."""
+def setup(fmt: str = "text", level: int = logging.INFO, stream: object = None, *,
+          trace_ble: bool = False) -> None:
+    """Configure the root logger. Under systemd (JOURNAL_STREAM set) timestamps are omitted.
+
+    Libraries stay at WARNING even under ``-v`` (debug): Bumble logs every HCI/ATT packet at
+    debug level, which floods the log and slows the link it is meant to show; ``trace_ble``
+    (``--trace-ble``) switches Bumble's debug log on."""
     import os
 
     handler = logging.StreamHandler(stream or sys.stderr)  # type: ignore[arg-type]
@@ -82,5 +87,7 @@ def setup(fmt: str = "text", level: int = logging.INFO, stream: object = None) -
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for noisy in ("smp", "smpclient", "asyncio", "aiohttp.access"):
+    for noisy in ("smp", "smpclient", "asyncio", "aiohttp.access", "bumble"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    if trace_ble:
+        logging.getLogger("bumble").setLevel(logging.DEBUG)

@@ -63,7 +63,7 @@ class Target:
 
 
 def target(serial: str | None, udp: str | None, ble: str | None, *, baud: int = 115200,
-           adapter: str = "hci0", backend: str = "bleak", hci: str | None = None) -> Target:
+           adapter: str | None = None, backend: str = "bleak", hci: str | None = None) -> Target:
     if serial:
         t: dict[str, Any] = {"kind": "serial", "port": serial}
         if baud != 115200:
@@ -81,7 +81,9 @@ def target(serial: str | None, udp: str | None, ble: str | None, *, baud: int = 
             t["port"] = int(port)
         return Target("udp", t)
     assert ble
-    t = {"kind": "ble", "adapter": adapter, "backend": backend}
+    t = {"kind": "ble", "backend": backend}
+    if adapter:  # else the backend's own: hci0 (bleak), the --hci transport (bumble)
+        t["adapter"] = adapter
     t["address" if _BD_ADDR.match(ble) else "name"] = ble
     if hci:
         t["hci"] = hci

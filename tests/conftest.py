@@ -74,11 +74,22 @@ def _in_matrix(item: pytest.Item) -> bool:
     return "reliability" in getattr(item, "fixturenames", ())
 
 
+# --- parallel runs (pytest-xdist, ``-n`` in pyproject's addopts) ------------------------------
+# Each test file runs whole in one worker (module fixtures built once, a file's order kept), as
+# ``--dist loadfile`` would; the files that together write docs/reliability.md at session end run
+# in one worker, so that its sections are written by one process from complete figures.
+_XDIST_GROUPS = {name: "reliability-doc"
+                 for name in ("test_faults.py", "test_faults_kill.py", "test_fault_schedule.py")}
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     # before -k/-m deselection: how many matrix tests exist in the files collected
     _MATRIX["collected"] = sum(1 for i in items if _in_matrix(i))
     _matrix_files_seen.update(i.path.name for i in items if _in_matrix(i))
+    for item in items:  # before xdist's own hook reads the groups (--dist loadgroup)
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(_XDIST_GROUPS.get(item.path.name, item.path.name)))
 
 
 def pytest_runtest_protocol(item: pytest.Item) -> None:

@@ -136,6 +136,7 @@ async def test_stream_with_lost_blocks_resumes_by_bitmap(bench_factory: Any, tmp
     final = ex.updates[-1]["statusDetails"]
     assert final["reason"] == "accepted v2.0.0" and final["result:udp-1"] == "SUCCESS"
     assert self_tests(ex, "udp-1")[:1] == ["ready"] and "active" in self_tests(ex, "udp-1")
+    assert not list((bench.root / "gateway-state" / "aws_ota").iterdir())  # removed when done
     got = [int(u["statusDetails"]["receive"].split("/")[0]) for u in ex.updates
            if "receive" in u["statusDetails"]]
     assert got and 0 < got[0] < total and got == sorted(got), got  # download progress
@@ -177,6 +178,7 @@ async def test_bad_code_signature_rejected_zero_bytes(bench_factory: Any, tmp_pa
     assert ex.status == "REJECTED", statuses(ex)
     d = ex.updates[-1]["statusDetails"]
     assert "code signature" in d["reason"] and d["reason"].startswith("rejected")
+    assert not list((bench.root / "gateway-state" / "aws_ota").iterdir())  # nothing kept
     assert d["lwm2m_result_name"] == "INTEGRITY_FAILURE"
 
 
@@ -226,6 +228,8 @@ def _source(port: int, tmp: Path, **kw: Any) -> AwsOtaSource:
     ({"afr_ota": {"streamname": "s", "files": [{"fileid": 1, "filesize": 9,
                                                 "sig-sha256-ecdsa": "%%%"}]}}, "base64"),
     ({"afr_ota": {"protocols": ["HTTP"], "files": [{"fileid": 1, "filesize": 9}]}}, "no way"),
+    ({"afr_ota": {"streamname": "s", "files": [{"fileid": 1, "filesize": 9}] * 2000}},
+     "more than 32 files"),  # a huge files[] list: refused whole, before any per-file work
 ])
 async def test_malformed_document_rejected_with_reason(tmp_path: Path, doc: Any, why: str) -> None:
     async with mosquitto(tmp_path) as port, AwsJobs(port) as aws:
@@ -281,3 +285,32 @@ async def test_gateway_restart_mid_stream_resumes_by_bitmap(bench_factory: Any, 
     first_after = st.requests[3]
     assert wanted_blocks(first_after["b"], 0, total)[0] >= 16  # blocks 0-15 never asked again
     assert ex.status == "SUCCEEDED"
+
+
+async def test_canceled_job_removes_its_stream_download(bench_factory: Any, tmp_path: Path) -> None:
+    bench = bench_factory(udp=1, serial=0, image_size=64 * 1024)
+    img = bench.images["2.0.0"].read_bytes()
+    async with mosquitto(tmp_path) as port, AwsJobs(port) as aws, AwsStreams(port) as st:
+        st.streams["AFR_OTA-s1"] = {1: img}
+
+        def stall(_f: int, _i: int) -> None:
+            if len(st.sent) == 4:
+                st.hold.clear()  # the rest never comes: the download is mid-way
+
+        st.after_block = stall
+        (ex,) = await aws.create_job("ota-c", ota_doc([ota_file(1, img, None)]), [THING])
+        src = _source(port, tmp_path, block_size=BLOCK, blocks_per_request=4, block_timeout_s=0.3)
+        root = tmp_path / "state" / "aws_ota"
+        try:
+            offer = await src.check(DeviceView("a", "nrf"))
+            assert offer is not None
+            run = asyncio.create_task(src.fetch(offer, None))
+            await st.wait_for(lambda: len(st.requests) == 2)  # the 1st round's bitmap is saved
+            assert any(p.suffix == ".bitmap" for p in root.iterdir())
+            await aws.cancel_job("ota-c", force=True)
+            assert "canceled" in (await src.canceled(offer) or "")
+            with pytest.raises(Exception, match="called off"):
+                await run
+        finally:
+            await src.close()
+    assert ex.status == "CANCELED" and not list(root.iterdir())

@@ -81,8 +81,9 @@ class SerialTransportConfig(_Model):
     # rate at which the device's answers leave (None: baud/10, or unpaced)
     tx_bytes_per_s: float | None = Field(default=None, gt=0)
     rx_work_latency_s: float = Field(default=0.0, ge=0)
-    # uart: the RX buffers are freed only when the input pauses for rx_work_latency_s
-    # (Renode's USART keeps the ISR busy while host bytes are queued; see serial_rx.py)
+    # the RX buffers are freed only when the input pauses for rx_work_latency_s (Renode's
+    # USART keeps the ISR busy while host bytes are queued; native_sim's polled shell UART
+    # reads all queued bytes before the shell thread runs; see serial_rx.py)
     rx_free_when_idle: bool = False
     shell_mtu: int = Field(default=256, ge=16)
 

@@ -40,6 +40,14 @@ Presets and where each number comes from:
     next answer names the earlier offset. Window 2 runs clean, 3 loses data (measured on the
     build: fixed window 2 nothing re-sent; window 3 84-162 % re-sent). Flash: the native
     flash simulator (no erase/write time to speak of).
+``zephyr-native-shell``
+    The ``shell`` build of ../shared/zephyr-native (Zephyr 3.4.99 smp_svr on native_sim_64,
+    SMP over the shell UART on a PTY, shell MTU 256, 2 line buffers of 127 bytes): the shell
+    UART is polled, so the line buffers free up only when the input pauses
+    (``rx_free_when_idle``): a 3-line frame written at once loses its third line (README: 182
+    bytes answered, 183 lost; paced, 380 answered). Found by
+    ``tests/test_zephyr_native_differential.py`` (``zephyr-shell`` answered a 200-byte first
+    chunk the build drops). Slots 0x69000, the native flash simulator (no flash timing).
 ``renode-stm32f4-disco``
     Exactly ``shared/firmware/stm32f4_disco`` (Zephyr 3.4.99 smp_svr + MCUboot 2023-08-25,
     swap using scratch, Renode 1.15.3): prj.conf + overlay-serial.conf +
@@ -182,6 +190,16 @@ PRESETS: dict[str, dict[str, Any]] = {
         # a 2449-byte chunk: ~50 ms at the measured 39-54 kB/s of window 2 (host thread + flash)
         "request_processing_s": 0.02,
         "ble": {"mtu": 498, "reassembly": True, "reassembly_netbuf": True, "name": "Zephyr"},
+    },
+    "zephyr-native-shell": {
+        **_STOCK_SMP_SVR,
+        "hardware": "native_sim_64",
+        "slot_size": 0x69000,
+        "flash_write_bps": None,
+        "flash_erase_sector_s": 0.0,
+        "flash_stalls_cpu": False,
+        "serial": {"transport": "shell", "rx_buf_count": 2, "rx_buf_size": 127,
+                   "rx_work_latency_s": 0.001, "rx_free_when_idle": True, "shell_mtu": 256},
     },
     "renode-stm32f4-disco": {
         **_STOCK_SMP_SVR,

@@ -88,7 +88,13 @@ def scan_lock(adapter: str) -> asyncio.Lock:
 
 
 def adapter_key(t: BleTransport) -> str:
-    """The adapter a BLE device is reached through: the key of the per-adapter connection cap."""
+    """The adapter a BLE device is reached through: the key of the per-adapter connection cap.
+
+    bleak: the BlueZ adapter (``adapter``, hci0 by default). bumble: the HCI transport spec
+    (``hci``: ``usb:0``, ``tcp-client:...``) unless ``adapter`` is set explicitly as a label -
+    "hci0" would name a BlueZ adapter the bumble backend never touches (gateway config (c))."""
+    if t.backend == "bumble" and "adapter" not in t.model_fields_set and t.hci:
+        return t.hci
     return t.adapter
 
 
@@ -591,6 +597,13 @@ class BleLink(Transport):
         frags = max(1, -(-packet_len // self.max_write))
         return frags * (ATT_WRITE_OVERHEAD + L2CAP_HEADER)
 
+    @property
+    def open_deadline_s(self) -> float:
+        """The longest :meth:`open` takes: the scan, the connection (+1 s) and the GATT set-up,
+        each bounded by its own timeout, which says what failed. A caller's deadline must not
+        expire first, or the reason is lost (an empty ``TimeoutError``)."""
+        return self.cfg.scan_timeout_s + 2 * self.cfg.connect_timeout_s + 2.0
+
     async def open(self) -> None:
         if self._client is not None:
             await self._drop_client()
@@ -603,7 +616,8 @@ class BleLink(Transport):
             async with scan_lock(self.adapter):
                 advert = await client.find(self.cfg.scan_timeout_s)
                 if advert is None:
-                    raise BleError(f"{target}: not advertising (waited {self.cfg.scan_timeout_s:g}s)")
+                    raise BleError(f"no advertisement from {self.address} within "
+                                   f"{self.cfg.scan_timeout_s:g}s on {self.adapter}")
                 try:
                     await asyncio.wait_for(client.connect(advert, self.cfg.connect_timeout_s),
                                            self.cfg.connect_timeout_s + 1.0)

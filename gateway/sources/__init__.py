@@ -65,5 +65,6 @@ def build_source(cfg: GatewayConfig) -> FleetSource:
 
             assert isinstance(src, AzureIotHubSourceConfig)
             return AzureIotHubSource(src, cfg.state_dir, gateway_id=cfg.gateway_id,
-                                     devices=[(d.id, d.group) for d in cfg.devices])
+                                     devices=[(d.id, d.group) for d in cfg.devices],
+                                     config_path=cfg.config_path)
     raise ValueError(f"unknown source kind {src.kind!r}")

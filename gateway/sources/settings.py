@@ -164,6 +164,16 @@ class AwsOtaSourceConfig(MqttJobsSourceConfig):
         6, ge=1, le=100, description="GetStream rounds in a row with no new block before the "
         "download fails (the bitmap is kept: the next attempt resumes)")
     max_file_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    describe_stream: bool = Field(
+        True, description="DescribeStream before a download: the stream must hold the file with "
+        "the job's filesize (else REJECTED, nothing downloaded); its version pins the resume")
+    stream_deadline_s: float = Field(
+        3600.0, gt=0, description="one download attempt's time limit (the bitmap is kept)")
+    stream_cache_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, description="disk held by stream downloads (partial and "
+        "complete files of other downloads are removed, oldest first, past it)")
+    stream_keep_s: float = Field(
+        7 * 86400.0, gt=0, description="an unfinished download untouched this long is removed")
 
 
 class Lwm2mSourceConfig(HttpOptions):
@@ -171,9 +181,15 @@ class Lwm2mSourceConfig(HttpOptions):
     for Package URI downloads over http(s)."""
 
     kind: Literal["lwm2m"] = "lwm2m"
-    server: str = Field(description="the LwM2M server, coap://host:5683 (coaps: not yet)")
+    server: str = Field(description="the LwM2M server, coap://host:5683 or coaps://host:5684")
     endpoint: str = Field(
         "{device_id}", description="endpoint name template: {device_id}, {gateway_id}, {group}")
+    # coaps:// only: DTLS 1.2 with a pre-shared key (LwM2M Security mode 0), on aiocoap's
+    # tinydtls transport (the ``lwm2m-dtls`` extra: DTLSSocket)
+    psk_identity: str = Field("{endpoint}", max_length=128,
+                              description="PSK identity template: {endpoint}, {device_id}, "
+                                          "{gateway_id}")
+    psk_key: Secret | None = Field(None, description="the PSK, hex (coaps:// only)")
     lifetime_s: int = Field(300, ge=5, le=30 * 86400,
                             description="registration lifetime; updates go at half of it")
     bind_host: str = Field("::", description="local address of the endpoints' UDP sockets")
@@ -182,13 +198,20 @@ class Lwm2mSourceConfig(HttpOptions):
     max_package_bytes: int = Field(16 * 1024 * 1024, ge=1024,
                                    description="cap on a pushed or pulled package")
     poll_interval_s: float = Field(60.0, gt=0, description="device checks between server events")
+    coap_pull_timeout_s: float = Field(1800.0, gt=0, le=86400,
+                                       description="a coap:// Package URI download, whole")
 
     @model_validator(mode="after")
     def _server(self) -> Lwm2mSourceConfig:
         if self.server.startswith("coaps://"):
-            raise ValueError("coaps:// (DTLS with PSK) is not supported yet: use coap://")
+            if self.psk_key is None:
+                raise ValueError("coaps:// needs psk_key (the DTLS pre-shared key, hex)")
+            return self
         if not self.server.startswith("coap://"):
-            raise ValueError("server must be coap://host[:port]")
+            raise ValueError("server must be coap://host[:port] or coaps://host[:port]")
+        if self.psk_key is not None:
+            # a key with plain CoAP would read as "secured" while nothing is
+            raise ValueError("psk_key is for coaps:// only; the server is coap:// (plain CoAP)")
         return self
 
 
@@ -202,6 +225,8 @@ class AzureDpsConfig(Model):
     symmetric_key: Secret | None = Field(None, description="the enrollment's (derived) key")
     cert_file: Path | None = Field(None, description="X.509 attestation: certificate (PEM)")
     key_file: Path | None = Field(None, description="X.509 attestation: its private key")
+    timeout_s: float = Field(30.0, gt=0, le=600, description="the whole registration, its "
+                             "status polls (202 + retry-after) included")
 
     @model_validator(mode="after")
     def _one_attestation(self) -> AzureDpsConfig:

@@ -171,12 +171,18 @@ class AwsJobs:
             await self._task
 
     async def _run(self) -> None:
-        async with aiomqtt.Client(self.host, self.port, identifier="aws-iot-jobs") as client:
-            self._client = client
-            await client.subscribe("$aws/things/+/jobs/#", qos=1)
-            self._ready.set()
-            async for msg in client.messages:
-                await self._handle(msg.topic.value, msg.payload)
+        while True:  # reconnects after a broker restart (once it was up)
+            try:
+                async with aiomqtt.Client(self.host, self.port, identifier="aws-iot-jobs") as client:
+                    self._client = client
+                    await client.subscribe("$aws/things/+/jobs/#", qos=1)
+                    self._ready.set()
+                    async for msg in client.messages:
+                        await self._handle(msg.topic.value, msg.payload)
+            except aiomqtt.MqttError:
+                if not self._ready.is_set():
+                    raise
+                await asyncio.sleep(0.1)
 
     # -- control plane (the operator) ----------------------------------------------------------
     def execution(self, thing: str, job_id: str) -> Execution | None:

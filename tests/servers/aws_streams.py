@@ -18,11 +18,23 @@ the gateway's code:
   is wanted; bits past the last block clear; a data block's ``l`` is its payload length, the
   remainder for the last block).
 
+DescribeStream (same page, "Use DescribeStream to get stream data"): a request on
+``.../describe/{fmt}`` (an optional ``c`` client token) is answered on ``.../description/{fmt}``
+with ``c``, ``s`` stream version, ``d`` description and ``r``: the stream's files, each ``f`` file
+id and ``z`` size in bytes; an unknown stream is answered ``NotFound`` on ``rejected``.
+
 GetStream handling: the request must be a map (``InvalidCbor``/``InvalidJson`` otherwise); ``f``
 a file of the stream (``NotFound``); ``l`` 256..131072 (``BlockSizeOutOfBounds``); ``o`` inside
-the file (``OffsetOutOfBounds``). With ``b``: bit k of the bitmap is block ``o + k``; the set
+the file (``OffsetOutOfBounds``); ``s``, when given, must be the stream's version
+(``VersionMismatch``, the docs: "The device can specify the stream version in a GetStream
+request to enforce a consistency check in case the stream has been updated unexpectedly").
+With ``b``: bit k of the bitmap is block ``o + k``; the set
 bits are sent in order, at most ``n`` of them. Without ``b``: blocks ``o .. o+n-1``. Errors go
 to ``rejected`` as ``{"o": code, "m": message, "c": token}``. In JSON, ``b`` and ``p`` are base64.
+
+Stream versions: ``versions[stream]`` (default 1); ``sizes[stream][fileid]`` overrides the
+size DescribeStream reports (a stream that does not match the job). ``traffic`` counts the bytes
+over the broker both ways (topic + payload of every message the service took or sent).
 
 Fault knobs: ``lose(fileid, block, nth)`` -> True drops that data message (``nth``: how many
 times the block was sent before); ``hold``: an Event; while cleared, requests are recorded but
@@ -59,6 +71,10 @@ class AwsStreams:
     port: int
     host: str = "127.0.0.1"
     streams: dict[str, dict[int, bytes]] = field(default_factory=dict)  # stream -> fileid -> data
+    versions: dict[str, int] = field(default_factory=dict)  # stream -> version (default 1)
+    sizes: dict[str, dict[int, int]] = field(default_factory=dict)  # DescribeStream overrides
+    describes: list[dict[str, Any]] = field(default_factory=list)
+    traffic: dict[str, int] = field(default_factory=lambda: {"in": 0, "out": 0, "messages": 0})
     requests: list[dict[str, Any]] = field(default_factory=list)  # decoded GetStream requests
     sent: list[tuple[int, int]] = field(default_factory=list)  # (fileid, block) published
     lost: list[tuple[int, int]] = field(default_factory=list)  # (fileid, block) dropped
@@ -94,6 +110,7 @@ class AwsStreams:
                 async with aiomqtt.Client(self.host, self.port, identifier="aws-iot-streams") as c:
                     self._client = c
                     await c.subscribe("$aws/things/+/streams/+/get/+", qos=1)
+                    await c.subscribe("$aws/things/+/streams/+/describe/+", qos=1)
                     self._ready.set()
                     async for msg in c.messages:
                         await self._handle(msg.topic.value, bytes(msg.payload))  # type: ignore[arg-type]
@@ -107,20 +124,51 @@ class AwsStreams:
                 await self.changed.wait_for(pred)
         await asyncio.wait_for(until(), within_s)
 
+    async def _publish(self, topic: str, raw: bytes) -> None:
+        assert self._client is not None
+        await self._client.publish(topic, raw, qos=1)
+        self.traffic["out"] += len(topic.encode()) + len(raw)
+        self.traffic["messages"] += 1
+
     async def _reject(self, base: str, fmt: str, code: str, message: str, token: Any) -> None:
         body: dict[str, Any] = {"o": code, "m": message}
         if isinstance(token, str):
             body["c"] = token
         raw = cbor2.dumps(body) if fmt == "cbor" else json.dumps(body).encode()
-        assert self._client is not None
-        await self._client.publish(f"{base}/rejected/{fmt}", raw, qos=1)
+        await self._publish(f"{base}/rejected/{fmt}", raw)
+
+    async def _describe(self, base: str, stream: str, fmt: str, payload: bytes) -> None:
+        try:
+            req = cbor2.loads(payload) if fmt == "cbor" else json.loads(payload) if payload else {}
+        except Exception:
+            await self._reject(base, fmt, "InvalidCbor" if fmt == "cbor" else "InvalidJson",
+                               "request not decodable", None)
+            return
+        token = req.get("c") if isinstance(req, dict) else None
+        self.describes.append({"stream": stream, "fmt": fmt, "c": token})
+        files = self.streams.get(stream)
+        if files is None:
+            await self._reject(base, fmt, "NotFound", "no such stream", token)
+            return
+        sizes = {f: len(d) for f, d in files.items()} | self.sizes.get(stream, {})
+        body: dict[str, Any] = {"s": self.versions.get(stream, 1), "d": f"stream {stream}",
+                                "r": [{"f": f, "z": z} for f, z in sorted(sizes.items())]}
+        if isinstance(token, str):
+            body["c"] = token
+        raw = cbor2.dumps(body) if fmt == "cbor" else json.dumps(body).encode()
+        await self._publish(f"{base}/description/{fmt}", raw)
 
     async def _handle(self, topic: str, payload: bytes) -> None:
         parts = topic.split("/")  # $aws things {thing} streams {stream} get {fmt}
-        if len(parts) != 7 or parts[5] != "get" or parts[6] not in ("cbor", "json"):
+        if len(parts) != 7 or parts[5] not in ("get", "describe") or parts[6] not in ("cbor", "json"):
             return
+        self.traffic["in"] += len(topic.encode()) + len(payload)
+        self.traffic["messages"] += 1
         stream, fmt = parts[4], parts[6]
         base = "/".join(parts[:5])
+        if parts[5] == "describe":
+            await self._describe(base, stream, fmt, payload)
+            return
         try:
             req = cbor2.loads(payload) if fmt == "cbor" else json.loads(payload)
         except Exception:
@@ -137,13 +185,16 @@ class AwsStreams:
         files = self.streams.get(stream)
         f, size, off, n = req.get("f"), req.get("l"), req.get("o", 0), req.get("n", 1)
         rec = {"thing": parts[2], "stream": stream, "fmt": fmt, "c": token, "f": f, "l": size,
-               "o": off, "n": n, "b": bitmap}
+               "o": off, "n": n, "b": bitmap, "s": req.get("s")}
         self.requests.append(rec)
         async with self.changed:
             self.changed.notify_all()
         await self.hold.wait()
         if files is None or not isinstance(f, int) or f not in files:
             await self._reject(base, fmt, "NotFound", "no such stream or file", token)
+            return
+        if "s" in req and req["s"] != self.versions.get(stream, 1):
+            await self._reject(base, fmt, "VersionMismatch", "stream version mismatch", token)
             return
         if not isinstance(size, int) or not MIN_BLOCK <= size <= MAX_BLOCK:
             await self._reject(base, fmt, "BlockSizeOutOfBounds", "block size out of bounds", token)
@@ -171,7 +222,7 @@ class AwsStreams:
             body = {"c": token, "f": f, "l": len(chunk), "i": i,
                     "p": chunk if fmt == "cbor" else base64.b64encode(chunk).decode()}
             raw = cbor2.dumps(body) if fmt == "cbor" else json.dumps(body).encode()
-            await self._client.publish(f"{base}/data/{fmt}", raw, qos=1)
+            await self._publish(f"{base}/data/{fmt}", raw)
             self.sent.append((f, i))
             if self.after_block is not None:
                 r = self.after_block(f, i)

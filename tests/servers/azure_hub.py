@@ -21,6 +21,15 @@ gateway (and the SDK under it) against what the hub is documented to do:
 * Device twins (desired/reported sections, ``$version`` incremented on every change, JSON merge
   semantics with ``null`` deleting a property, size limits):
   https://learn.microsoft.com/en-us/azure/iot-hub/iot-hub-devguide-device-twins
+* Device Provisioning Service over MQTT (``AzureDps``; the device subscribes
+  ``$dps/registrations/res/#``, registers on ``$dps/registrations/PUT/iotdps-register/?$rid=...``
+  with ``{"registrationId": ...}``, gets ``202`` + ``retry-after`` with an ``operationId`` and
+  ``"status": "assigning"``, polls ``$dps/registrations/GET/iotdps-get-operationstatus/?$rid=
+  ...&operationId=...`` until ``200`` with ``"status": "assigned"`` and the
+  ``registrationState`` - ``assignedHub``, ``deviceId``; errors are the status in the response
+  topic with ``{errorCode, trackingId, message}``):
+  https://learn.microsoft.com/en-us/azure/iot-dps/iot-dps-mqtt-support and the runtime
+  registration REST reference (RegistrationOperationStatus, DeviceRegistrationResult)
 
 Not played: SAS-token checks (mosquitto does not pass the password on; ``allow_anonymous``),
 per-connection topic scoping (one device identity per broker here), telemetry and C2D.
@@ -59,7 +68,8 @@ from fleet_servers.mosquitto import free_port
 
 
 def _cert(subject: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Name,
-          issuer_key: ec.EllipticCurvePrivateKey, ca: bool, ip: str | None = None) -> x509.Certificate:
+          issuer_key: ec.EllipticCurvePrivateKey, ca: bool, ip: str | None = None,
+          more_ips: tuple[str, ...] = ()) -> x509.Certificate:
     now = datetime.datetime.now(datetime.UTC)
     b = (x509.CertificateBuilder()
          .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
@@ -68,8 +78,8 @@ def _cert(subject: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Name,
          .not_valid_after(now + datetime.timedelta(days=2))
          .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
     if ip is not None:
-        b = b.add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(ip))]),
-                            critical=False)
+        b = b.add_extension(x509.SubjectAlternativeName(
+            [x509.IPAddress(ipaddress.ip_address(a)) for a in (ip, *more_ips)]), critical=False)
     return b.sign(issuer_key, hashes.SHA256())
 
 
@@ -80,13 +90,13 @@ class TlsFiles:
     key: Path
 
 
-def make_tls(tmp: Path, ip: str) -> TlsFiles:
-    """A test CA and a server certificate for ``ip``, as PEM files in ``tmp``."""
+def make_tls(tmp: Path, ip: str, *more_ips: str) -> TlsFiles:
+    """A test CA and a server certificate for ``ip`` (and ``more_ips``), PEM files in ``tmp``."""
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test hub CA")])
     ca = _cert("test hub CA", ca_key, ca_name, ca_key, ca=True)
     key = ec.generate_private_key(ec.SECP256R1())
-    cert = _cert(ip, key, ca_name, ca_key, ca=False, ip=ip)
+    cert = _cert(ip, key, ca_name, ca_key, ca=False, ip=ip, more_ips=more_ips)
     out = TlsFiles(tmp / "hub-ca.pem", tmp / "hub-cert.pem", tmp / "hub-key.pem")
     out.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     out.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
@@ -96,11 +106,13 @@ def make_tls(tmp: Path, ip: str) -> TlsFiles:
     return out
 
 
-def _free_loopback() -> str:
+def _free_loopback(but: str = "") -> str:
     """A 127.a.b.c whose port 8883 nobody listens on (probed by binding it)."""
     rng = random.Random()
     for _ in range(50):
         ip = f"127.{rng.randint(2, 254)}.{rng.randint(0, 254)}.{rng.randint(2, 254)}"
+        if ip == but:
+            continue
         with socket.socket() as s:
             try:
                 s.bind((ip, 8883))
@@ -121,13 +133,19 @@ class Broker:
     tls: TlsFiles | None = None
     proc: asyncio.subprocess.Process | None = None
     restarts: int = 0
+    dps_ip: str = ""  # a second TLS listener on another address: the DPS endpoint
+
+    def listeners(self) -> str:
+        tls = self.tls
+        assert tls is not None
+        return "".join(f"listener 8883 {ip}\ncafile {tls.ca}\ncertfile {tls.cert}\n"
+                       f"keyfile {tls.key}\n" for ip in (self.ip, self.dps_ip) if ip)
 
     async def start(self) -> None:
         conf = self.tmp / "mosquitto-hub.conf"
         assert self.tls is not None
         conf.write_text(
-            f"listener 8883 {self.ip}\ncafile {self.tls.ca}\ncertfile {self.tls.cert}\n"
-            f"keyfile {self.tls.key}\nlistener {self.port} 127.0.0.1\nallow_anonymous true\n"
+            f"{self.listeners()}listener {self.port} 127.0.0.1\nallow_anonymous true\n"
             # sessions survive a restart as IoT Hub's do: the SDK connects with
             # clean_session=False and does not subscribe again when it reconnects
             f"persistence true\npersistence_location {self.tmp}/\nlog_dest stderr\nlog_type error\n"
@@ -160,9 +178,12 @@ class Broker:
 
 
 @asynccontextmanager
-async def hub_broker(tmp: Path) -> AsyncIterator[Broker]:
+async def hub_broker(tmp: Path, dps: bool = False) -> AsyncIterator[Broker]:
+    """``dps``: a second TLS listener (``broker.dps_ip``) for ``AzureDps``."""
     ip = _free_loopback()
-    b = Broker(tmp, ip, free_port(), make_tls(tmp, ip))
+    dps_ip = _free_loopback(but=ip) if dps else ""
+    b = Broker(tmp, ip, free_port(), make_tls(tmp, ip, *([dps_ip] if dps_ip else [])),
+               dps_ip=dps_ip)
     await b.start()
     try:
         yield b
@@ -307,3 +328,78 @@ class AzureHub:
     def connection_string(self, device_id: str = "gw-1") -> str:
         return (f"HostName={self.broker.ip};DeviceId={device_id};"
                 "SharedAccessKey=dGVzdC1rZXktbm90LWNoZWNrZWQtYnktbW9zcXVpdHRv")
+
+
+@dataclass
+class AzureDps:
+    """The Device Provisioning Service's device endpoint for one enrollment, on the broker's
+    ``dps_ip`` listener. ``answer`` decides what a registration gets: ``"assign"`` (202, then
+    200 assigned on the first status poll), ``"slow"`` (202 "assigning" on every poll, with
+    ``retry_after``), or an error status (401, 404...) for the register request. ``hub``
+    and ``device_id`` are the assignment; ``registrations`` the register bodies received."""
+
+    broker: Broker
+    hub: str = ""
+    device_id: str = "gw-dps-1"
+    answer: str | int = "assign"
+    retry_after: int = 1
+    registration_state: dict[str, Any] | None = None  # over the documented one (hostile)
+    registrations: list[dict[str, Any]] = field(default_factory=list)
+    polls: int = 0
+    _client: aiomqtt.Client | None = None
+    _task: asyncio.Task[None] | None = None
+    _ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def __aenter__(self) -> AzureDps:
+        self._task = asyncio.create_task(self._serve())
+        await asyncio.wait_for(self._ready.wait(), 10)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _serve(self) -> None:
+        async with aiomqtt.Client("127.0.0.1", self.broker.port,
+                                  identifier=f"dps-{uuid.uuid4().hex[:8]}") as client:
+            self._client = client
+            await client.subscribe([("$dps/registrations/PUT/#", 0),
+                                    ("$dps/registrations/GET/#", 0)])
+            self._ready.set()
+            async for msg in client.messages:
+                await self._handle(msg.topic.value, bytes(msg.payload or b""))
+
+    async def _respond(self, status: int, rid: str, body: Any, retry_after: bool = False) -> None:
+        assert self._client is not None
+        extra = f"&retry-after={self.retry_after}" if retry_after else ""
+        await self._client.publish(f"$dps/registrations/res/{status}/?$rid={rid}{extra}",
+                                   json.dumps(body).encode(), qos=0)
+
+    async def _handle(self, topic: str, payload: bytes) -> None:
+        parts, q = AzureHub._split(topic)
+        rid, op = q.get("$rid", ""), q.get("operationId", "")
+        if parts[:4] == ["$dps", "registrations", "PUT", "iotdps-register"]:
+            body = json.loads(payload) if payload else {}
+            self.registrations.append(body)
+            if isinstance(self.answer, int):
+                await self._respond(self.answer, rid, {
+                    "errorCode": self.answer * 1000 + 2, "trackingId": uuid.uuid4().hex,
+                    "message": "refused by the test DPS"})
+                return
+            await self._respond(202, rid, {"operationId": f"4.{uuid.uuid4().hex}",
+                                           "status": "assigning"}, retry_after=True)
+        elif parts[:4] == ["$dps", "registrations", "GET", "iotdps-get-operationstatus"]:
+            self.polls += 1
+            if self.answer == "slow":
+                await self._respond(202, rid, {"operationId": op, "status": "assigning"},
+                                    retry_after=True)
+                return
+            reg = self.registrations[-1].get("registrationId", "") if self.registrations else ""
+            state = {"registrationId": reg, "assignedHub": self.hub, "deviceId": self.device_id,
+                     "status": "assigned", "substatus": "initialAssignment", "etag": "IjAi",
+                     "createdDateTimeUtc": "2024-01-01T00:00:00Z",
+                     "lastUpdatedDateTimeUtc": "2024-01-01T00:00:00Z",
+                     **(self.registration_state or {})}
+            await self._respond(200, rid, {"operationId": op, "status": state.get("status"),
+                                           "registrationState": state})

@@ -34,6 +34,7 @@ import fnmatch
 import hashlib
 import logging
 import re
+import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -68,6 +69,7 @@ _SAFE = re.compile(r"[^A-Za-z0-9_.-]")
 class _Listener:
     fileid: int
     queue: asyncio.Queue[Any] = field(default_factory=lambda: asyncio.Queue(maxsize=256))
+    token: str = ""  # the client token of the request in flight (a rejection names it)
 
 
 class AwsOtaSource(MqttJobsSource):
@@ -86,7 +88,10 @@ class AwsOtaSource(MqttJobsSource):
         self._versions: dict[tuple[str, str, str], str] = {}
         self._self_test: dict[tuple[str, str, str], str] = {}
         self._rejected: set[tuple[str, str]] = set()
-        self.stream_stats = {"requests": 0, "blocks": 0, "duplicates": 0, "bad": 0, "resumed": 0}
+        self._gone: set[str] = set()  # downloads removed while running: they stop
+        self._describing: dict[str, asyncio.Future[tuple[str, dict[str, Any]]]] = {}
+        self.stream_stats = {"requests": 0, "blocks": 0, "duplicates": 0, "bad": 0, "resumed": 0,
+                             "unasked": 0, "swept": 0}
         if not self._store.configured:
             log.warning("aws_ota: no code-signing certificate configured: files are checked "
                         "by MCUboot's signature only")
@@ -96,30 +101,53 @@ class AwsOtaSource(MqttJobsSource):
     async def _subscribe(client: aiomqtt.Client, thing: str) -> None:
         await MqttJobsSource._subscribe(client, thing)
         base = f"$aws/things/{thing}/streams/+"
-        await client.subscribe([(f"{base}/data/+", 1), (f"{base}/rejected/+", 1)])
+        await client.subscribe([(f"{base}/data/+", 1), (f"{base}/rejected/+", 1),
+                                (f"{base}/description/+", 1)])
 
     def _dispatch(self, topic: str, payload: Any) -> None:
         parts = topic.split("/")
-        if len(parts) == 7 and parts[3] == "streams" and parts[5] in ("data", "rejected"):
+        if len(parts) == 7 and parts[3] == "streams" and parts[5] in ("data", "rejected",
+                                                                      "description"):
             self._stream_message(parts[2], parts[4], parts[5], parts[6], payload)
             return
         super()._dispatch(topic, payload)
 
     def _stream_message(self, thing: str, stream: str, kind: str, fmt: str, payload: Any) -> None:
+        """A stream message: only to a download or a DescribeStream waiting for it; everything
+        else (unasked, unreadable, over its size bound) is dropped here, costing nothing kept."""
         listeners = self._listeners.get((thing, stream))
-        if not listeners or fmt not in ("cbor", "json") or not isinstance(payload, bytes | str):
+        if ((not listeners and not self._describing) or fmt not in ("cbor", "json")
+                or not isinstance(payload, bytes | str)):
+            self.stream_stats["unasked"] += 1
             return
         raw = payload.encode() if isinstance(payload, str) else payload
         try:
             data = streams.decode(fmt, raw, self.ota.block_size * 2 + 1024)
+        except ValueError as exc:
+            self.stream_stats["bad"] += 1
+            self._drop(f"$aws/things/{thing}/streams/{stream}/{kind}", str(exc))
+            return
+        token = data.get("c")
+        if kind != "data":
+            fut = self._describing.get(token) if isinstance(token, str) else None
+            if fut is not None:
+                if not fut.done():
+                    fut.set_result((kind, data))
+                return
+            if kind == "description":
+                self.stream_stats["unasked"] += 1
+                return
+        try:
             item: Any = streams.block_of(fmt, data) if kind == "data" else (
                 "rejected", str(data.get("o"))[:80], str(data.get("m"))[:200])
         except ValueError as exc:
             self.stream_stats["bad"] += 1
             self._drop(f"$aws/things/{thing}/streams/{stream}/{kind}", str(exc))
             return
-        for lst in listeners:
-            if kind == "rejected" or lst.fileid == item.fileid:
+        for lst in listeners or ():
+            # a rejection goes to the request it names (any, when it names none)
+            if (lst.fileid == item.fileid if kind == "data"
+                    else not isinstance(token, str) or token == lst.token):
                 with contextlib.suppress(asyncio.QueueFull):  # a flood costs blocks, asked again
                     lst.queue.put_nowait(item)
 
@@ -227,33 +255,108 @@ class AwsOtaSource(MqttJobsSource):
             path = await self._downloader.fetch(f.url, sha256=None, max_size=cap, size=f.filesize)
         else:
             assert doc.streamname is not None
-            path = await self._stream_fetch(h["thing"], doc.streamname, f, h["job"].job_id, offer)
+            try:
+                path = await self._stream_fetch(h["thing"], doc.streamname, f, h["job"].job_id,
+                                                offer)
+            except FetchError as exc:
+                if exc.permanent:  # REJECTED: nothing of it is kept
+                    self._forget(offer)
+                raise
         if self._store.configured:
             try:
                 what = await asyncio.to_thread(verify, path, f, self._store)
             except (CodeSignError, OSError) as exc:
-                with contextlib.suppress(OSError):
-                    if path.is_relative_to(self._stream_root):
-                        path.unlink()
+                self._forget(offer)
                 raise FetchError(f"code signing: {exc}", UpdateResult.INTEGRITY_FAILURE,
                                  permanent=True) from None
             log.info("device=%s job file %d: %s", offer.device_id, f.fileid, what)
         with contextlib.suppress(OSError, ValueError, Exception):
             with path.open("rb") as fh:  # for "accepted v<version>"; the store checks the rest
-                self._versions[self._rkey(offer)] = str(read_version(fh.read(32)))
+                v = str(read_version(fh.read(32)))
+                self._versions[self._rkey(offer)] = v
+                # journalled with the report handle: "accepted v<version>" after a restart too
+                # (said only on SUCCESS, i.e. once the device (b) reports running this image)
+                offer.report_to["version"] = v
         return path
+
+    def _key_of(self, thing: str, stream: str, f: OtaFile, job_id: str) -> str:
+        digest = hashlib.sha256(f"{thing}\0{stream}\0{job_id}".encode()).hexdigest()[:16]
+        return f"{_SAFE.sub('_', stream)[:48]}-{f.fileid}-{digest}"
+
+    def _forget(self, offer: Offer) -> None:
+        """Remove the stream download of an offer (finished, REJECTED or called off)."""
+        h = offer.handle if isinstance(offer.handle, dict) else None
+        if h is None or h.get("protocol") != "MQTT" or not isinstance(h.get("doc"), OtaDocument):
+            rt = offer.report_to
+            key = rt.get("stream_key")
+            if isinstance(key, str) and _SAFE.sub("_", key) == key:
+                self._gone.add(key)
+                streams.discard(self._stream_root, key)
+            return
+        doc: OtaDocument = h["doc"]
+        if doc.streamname is not None:
+            key = self._key_of(h["thing"], doc.streamname, h["file"], h["job"].job_id)
+            self._gone.add(key)
+            streams.discard(self._stream_root, key)
+
+    async def _describe(self, thing: str, stream: str) -> tuple[int | None, dict[int, int]]:
+        """DescribeStream: the stream's version and files (bounded in time and size)."""
+        fmt = self.ota.stream_format
+        token = uuid.uuid4().hex[:16]
+        fut: asyncio.Future[tuple[str, dict[str, Any]]] = asyncio.get_running_loop().create_future()
+        self._describing[token] = fut
+        try:
+            client = await self._client_for(thing)
+            await client.publish(f"$aws/things/{thing}/streams/{stream}/describe/{fmt}",
+                                 streams.encode_describe(fmt, token), qos=1)
+            kind, data = await asyncio.wait_for(fut, self.ota.request_timeout_s)
+        except TimeoutError:
+            raise FetchError(f"stream {stream}: no DescribeStream answer within "
+                             f"{self.ota.request_timeout_s:g}s", UpdateResult.CONNECTION_LOST) from None
+        except aiomqtt.MqttError as exc:
+            raise FetchError(f"stream {stream}: DescribeStream not sent ({exc})",
+                             UpdateResult.CONNECTION_LOST) from None
+        finally:
+            self._describing.pop(token, None)
+        if kind == "rejected":
+            code, msg = str(data.get("o"))[:80], str(data.get("m"))[:200]
+            raise FetchError(f"stream {stream}: DescribeStream rejected: {code} {msg}",
+                             UpdateResult.INVALID_URI, permanent=code == "NotFound")
+        try:
+            return streams.description_of(data)
+        except ValueError as exc:
+            raise FetchError(f"stream {stream}: unusable DescribeStream answer: {exc}",
+                             UpdateResult.CONNECTION_LOST) from None
 
     async def _stream_fetch(self, thing: str, stream: str, f: OtaFile, job_id: str,
                             offer: Offer) -> Path:
         """The file over MQTT streams, resumed from the bitmap in the state directory."""
         cfg = self.ota
-        digest = hashlib.sha256(f"{thing}\0{stream}\0{job_id}".encode()).hexdigest()[:16]
-        key = f"{_SAFE.sub('_', stream)[:48]}-{f.fileid}-{digest}"
+        key = self._key_of(thing, stream, f, job_id)
+        offer.report_to["stream_key"] = key  # journalled: a restarted gateway removes it too
         final = self._stream_root / f"{key}.bin"
         if final.is_file() and final.stat().st_size == f.filesize:
             return final  # complete before a restart (the checks that follow still apply)
+        self._stream_root.mkdir(parents=True, exist_ok=True)
+        self._gone.discard(key)
+        swept = await asyncio.to_thread(streams.sweep, self._stream_root, key,
+                                        cfg.stream_cache_bytes, cfg.stream_keep_s, time.time())
+        self.stream_stats["swept"] += len(swept)
+        version = None
+        if cfg.describe_stream:
+            # the job's filesize is checked against the stream's own (a mismatch is REJECTED
+            # before a byte is asked); trust still rests on the signatures checked after
+            version, files = await self._describe(thing, stream)
+            if f.fileid not in files:
+                raise FetchError(f"stream {stream} has no file {f.fileid} (DescribeStream: "
+                                 f"{sorted(files)[:8]})", UpdateResult.UNSUPPORTED_PACKAGE,
+                                 permanent=True)
+            if files[f.fileid] != f.filesize:
+                raise FetchError(f"stream {stream} file {f.fileid} is {files[f.fileid]} bytes, "
+                                 f"the job says {f.filesize}", UpdateResult.UNSUPPORTED_PACKAGE,
+                                 permanent=True)
         part = await asyncio.to_thread(streams.Partial, self._stream_root, key, f.filesize,
-                                       cfg.block_size)
+                                       cfg.block_size, version)
         if part.resumed:
             self.stream_stats["resumed"] += part.resumed
             log.info("stream %s file %d: resuming, %d of %d blocks already here", stream,
@@ -262,8 +365,17 @@ class AwsOtaSource(MqttJobsSource):
         self._listeners.setdefault((thing, stream), []).append(lst)
         topic = f"$aws/things/{thing}/streams/{stream}/get/{cfg.stream_format}"
         idle = 0
+        deadline = time.monotonic() + cfg.stream_deadline_s
         try:
             while part.bitmap.missing():
+                if key in self._gone:
+                    raise FetchError(f"stream {stream} file {f.fileid}: download called off",
+                                     UpdateResult.CONNECTION_LOST)
+                if time.monotonic() > deadline:
+                    raise FetchError(
+                        f"stream {stream} file {f.fileid}: not complete within "
+                        f"{cfg.stream_deadline_s:g}s ({part.bitmap.missing()} of {part.blocks} "
+                        "missing; kept for a resume)", UpdateResult.CONNECTION_LOST)
                 if idle >= cfg.stream_rounds_without_progress:
                     raise FetchError(
                         f"stream {stream} file {f.fileid}: no block in {idle} requests "
@@ -271,8 +383,9 @@ class AwsOtaSource(MqttJobsSource):
                         UpdateResult.CONNECTION_LOST)
                 client = await self._client_for(thing)
                 n = min(cfg.blocks_per_request, part.bitmap.missing())
-                body = streams.encode_request(cfg.stream_format, uuid.uuid4().hex[:16], f.fileid,
-                                              cfg.block_size, part.bitmap, n)
+                lst.token = uuid.uuid4().hex[:16]
+                body = streams.encode_request(cfg.stream_format, lst.token, f.fileid,
+                                              cfg.block_size, part.bitmap, n, version)
                 try:
                     await client.publish(topic, body, qos=1)
                 except aiomqtt.MqttError as exc:
@@ -281,7 +394,7 @@ class AwsOtaSource(MqttJobsSource):
                     await asyncio.sleep(min(1.0, cfg.block_timeout_s))
                     continue
                 self.stream_stats["requests"] += 1
-                new = await self._round(lst, part, n, stream)
+                new = await self._round(lst, part, n, stream, deadline)
                 await asyncio.to_thread(part.save)
                 idle = 0 if new else idle + 1
                 if new:  # "receive": "<blocks>/<total>" as the agent reports it (rate-limited)
@@ -297,17 +410,24 @@ class AwsOtaSource(MqttJobsSource):
             if not ls:
                 self._listeners.pop((thing, stream), None)
             part.close()
+            if key in self._gone:  # removed while it ran: nothing of it is left behind
+                streams.discard(self._stream_root, key)
 
-    async def _round(self, lst: _Listener, part: streams.Partial, n: int, stream: str) -> int:
-        """Take the blocks of one request: until ``n`` messages came or the stream went quiet
-        for ``block_timeout_s`` (bounded either way). Returns the number of new blocks."""
-        new = seen = 0
-        while seen < n:
+    async def _round(self, lst: _Listener, part: streams.Partial, n: int, stream: str,
+                     deadline: float) -> int:
+        """Take the blocks of one request: until ``n`` new blocks came, or no new block for
+        ``block_timeout_s`` (messages that bring nothing new - duplicates, blocks out of range,
+        a flood - do not extend it), or the attempt's deadline. Returns the new blocks."""
+        new = 0
+        quiet_until = time.monotonic() + self.ota.block_timeout_s
+        while new < n:
+            left = min(quiet_until, deadline) - time.monotonic()
+            if left <= 0:
+                break
             try:
-                item = await asyncio.wait_for(lst.queue.get(), self.ota.block_timeout_s)
+                item = await asyncio.wait_for(lst.queue.get(), left)
             except TimeoutError:
                 break
-            seen += 1
             if isinstance(item, tuple):
                 _r, code, message = item
                 raise FetchError(f"stream {stream} rejected the request: {code} {message}",
@@ -322,6 +442,7 @@ class AwsOtaSource(MqttJobsSource):
                 continue
             part.write(b)
             new += 1
+            quiet_until = time.monotonic() + self.ota.block_timeout_s
             self.stream_stats["blocks"] += 1
         return new
 
@@ -348,7 +469,19 @@ class AwsOtaSource(MqttJobsSource):
                     job, offer.device_id, Report(UpdateState.UPDATING, progress=1.0,
                                                  detail=f"self test {state}")))
             return
+        if report.finished:
+            v = offer.report_to.get("version")  # journalled with the handle (see fetch)
+            if isinstance(v, str) and len(v) <= 64:
+                self._versions.setdefault(self._rkey(offer), v)
         await super().report(offer, report)
+        if report.result == UpdateResult.SUCCESS:  # taken by the server: not needed any more
+            self._forget(offer)  # (a FAILED one is kept for a retry of the job, swept later)
+
+    async def canceled(self, offer: Offer) -> str | None:
+        why = await super().canceled(offer)
+        if why is not None:  # called off on the server: its download goes too
+            self._forget(offer)
+        return why
 
     def _details(self, job: _Job, dev: str, report: Report, final: bool = False) -> dict[str, str]:
         out = super()._details(job, dev, report, final)

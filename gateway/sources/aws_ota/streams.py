@@ -1,7 +1,11 @@
 """AWS IoT MQTT-based file delivery (streams), the gateway side: block bitmap, messages, resume.
 
 Topics: request on ``$aws/things/{thing}/streams/{stream}/get/cbor`` (or ``/get/json``), blocks
-on ``.../data/cbor``, errors on ``.../rejected/cbor``. GetStream request keys: ``c`` client token,
+on ``.../data/cbor``, errors on ``.../rejected/cbor``; DescribeStream on ``.../describe/cbor``,
+answered on ``.../description/cbor`` (keys ``c`` client token, ``s`` stream version, ``d``
+description, ``r`` the files: ``f`` file id, ``z`` size in bytes). The stream version goes in
+every GetStream (``s``): a stream changed under a download is answered VersionMismatch, and a
+resume is only taken for the same version. GetStream request keys: ``c`` client token,
 ``f`` file id, ``l`` block size, ``o`` block offset, ``b`` block bitmap, ``n`` number of blocks;
 data message keys: ``f``, ``i`` block id, ``l`` block size, ``p`` payload; error: ``o`` code,
 ``m`` message, ``c`` client token. In JSON the byte strings (``b``, ``p``) are base64.
@@ -59,13 +63,42 @@ def block_len(i: int, size: int, block: int) -> int:
     return min(block, size - i * block)
 
 
-def encode_request(fmt: str, token: str, fileid: int, block: int, bitmap: Bitmap, n: int) -> bytes:
+MAX_STREAM_FILES = 256  # AWS: 50 files per stream; more is hostile
+
+
+def encode_request(fmt: str, token: str, fileid: int, block: int, bitmap: Bitmap, n: int,
+                   version: int | None = None) -> bytes:
     body: dict[str, Any] = {"c": token, "f": fileid, "l": block, "o": 0, "n": n}
+    if version is not None:
+        body["s"] = version
     if fmt == "cbor":
         body["b"] = bytes(bitmap.data)
         return cbor2.dumps(body)
     body["b"] = base64.b64encode(bytes(bitmap.data)).decode()
     return json.dumps(body).encode()
+
+
+def encode_describe(fmt: str, token: str) -> bytes:
+    body = {"c": token}
+    return cbor2.dumps(body) if fmt == "cbor" else json.dumps(body).encode()
+
+
+def description_of(data: dict[str, Any]) -> tuple[int | None, dict[int, int]]:
+    """A DescribeStream answer: (stream version, {file id: size}); raises ValueError."""
+    version, files = data.get("s"), data.get("r")
+    if version is not None and (isinstance(version, bool) or not isinstance(version, int)
+                                or version < 0):
+        raise ValueError("s must be a non-negative integer")
+    if not isinstance(files, list) or len(files) > MAX_STREAM_FILES:
+        raise ValueError(f"r must be a list of at most {MAX_STREAM_FILES} files")
+    out: dict[int, int] = {}
+    for f in files:
+        fid, size = (f.get("f"), f.get("z")) if isinstance(f, dict) else (None, None)
+        if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in (fid, size)):
+            raise ValueError("r[].f and r[].z must be non-negative integers")
+        assert isinstance(fid, int) and isinstance(size, int)
+        out[fid] = size
+    return version, out
 
 
 @dataclass(frozen=True)
@@ -109,8 +142,9 @@ class Partial:
     (atomically): a crash between the two costs blocks asked again, never a hole taken as data.
     """
 
-    def __init__(self, root: Path, key: str, size: int, block: int) -> None:
-        self.size, self.block = size, block
+    def __init__(self, root: Path, key: str, size: int, block: int,
+                 version: int | None = None) -> None:
+        self.size, self.block, self.version = size, block, version
         self.blocks = (size + block - 1) // block
         root.mkdir(parents=True, exist_ok=True)
         self.path = root / f"{key}.part"
@@ -119,7 +153,8 @@ class Partial:
         self.resumed = 0
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
             saved = json.loads(self.map_path.read_text())
-            if (saved["size"] == size and saved["block"] == block and self.path.is_file()
+            if (saved["size"] == size and saved["block"] == block
+                    and saved.get("version") == version and self.path.is_file()
                     and self.path.stat().st_size == size):
                 self.bitmap = Bitmap(self.blocks, bytes.fromhex(saved["bitmap"]))
                 self.resumed = self.blocks - self.bitmap.missing()
@@ -137,7 +172,7 @@ class Partial:
         self._fh.flush()
         os.fsync(self._fh.fileno())
         tmp = self.map_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"size": self.size, "block": self.block,
+        tmp.write_text(json.dumps({"size": self.size, "block": self.block, "version": self.version,
                                    "bitmap": bytes(self.bitmap.data).hex()}))
         os.replace(tmp, self.map_path)
 
@@ -152,3 +187,35 @@ class Partial:
         with contextlib.suppress(OSError):
             self.map_path.unlink()
         return final
+
+
+def discard(root: Path, key: str) -> None:
+    """Remove a download's files (partial file, bitmap, complete file) - nothing else."""
+    for suffix in (".part", ".bitmap", ".tmp", ".bin"):
+        with contextlib.suppress(OSError):
+            (root / f"{key}{suffix}").unlink()
+
+
+def sweep(root: Path, keep: str, max_bytes: int, max_age_s: float, now: float) -> list[str]:
+    """Bound the downloads on disk: every download (its files share a key) not touched for
+    ``max_age_s`` is removed, then the oldest until the rest holds at most ``max_bytes``; the
+    download ``keep`` (the one about to run) is never removed. Returns the keys removed."""
+    entries: dict[str, list[tuple[Path, float, int]]] = {}
+    with contextlib.suppress(OSError):
+        for p in root.iterdir():
+            if p.suffix in (".part", ".bitmap", ".tmp", ".bin") and p.is_file():
+                with contextlib.suppress(OSError):
+                    st = p.stat()
+                    entries.setdefault(p.stem, []).append((p, st.st_mtime, st.st_blocks * 512))
+    by_age = sorted(entries.items(), key=lambda kv: max(m for _p, m, _s in kv[1]))
+    total = sum(sz for _k, fs in by_age for _p, _m, sz in fs)
+    removed = []
+    for k, fs in by_age:
+        if k == keep:
+            continue
+        newest = max(m for _p, m, _s in fs)
+        if now - newest > max_age_s or total > max_bytes:
+            discard(root, k)
+            total -= sum(sz for _p, _m, sz in fs)
+            removed.append(k)
+    return removed

@@ -6,7 +6,9 @@ Microsoft's own device SDK (``azure-iot-device``, asyncio API; an optional depen
 is a named section of its twin:
 
 * **desired** ``mcus.<device id>`` (or ``groups.<group>`` for every member of a configured
-  group; the MCU's own section wins): ``{url, version, size, sha256, hardware}``, as an IoT Hub
+  group; the MCU's own section replaces it as a whole; a member whose section is refused or
+  unusable keeps the WHOLE group from starting - ``check``/``fetch``; the members read one
+  copy of the twin per round - ``_desired_for``): ``{url, version, size, sha256, hardware}``, as an IoT Hub
   automatic device configuration writes them. A desired version different from what the MCU
   runs is an offer. The whole twin is read at the first check and again after every
   reconnect, after a gap in the patches' ``$version`` and after patches were dropped for
@@ -34,6 +36,10 @@ engine - decide whether it is installed, and the image's header version must be 
 version. Everything from the hub is bounded: twin and patch size and nesting, number of
 sections, rate of patches, method payload size; every SDK call is bounded in time.
 
+DPS (``dps:``): registered at ``start`` (``_provision``), bounded by ``dps.timeout_s``; a
+refused enrollment is a ConfigError naming the key (the gateway exits 2), DPS slow or
+unreachable is retried by the device checks. Module identity per MCU: not supported (README).
+
 State (``<state_dir>/azure/state.json``): the hub's cancels not yet acknowledged and the desired
 versions declined (refused or canceled) so they are neither offered nor reported again until
 the desired version changes or ``update_now`` is called.
@@ -48,6 +54,7 @@ import datetime
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
@@ -55,6 +62,7 @@ from typing import Any
 
 from gateway.download import Downloader, DownloadTimeouts
 from gateway.mcuboot import read_version
+from gateway.schema import ConfigError
 from gateway.sources.azure.twin import (
     Desired,
     TwinRefused,
@@ -100,6 +108,36 @@ def _sdk() -> Any:
     return aio
 
 
+_HOST = re.compile(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?")
+
+
+async def _close_provisioning(prov: Any) -> None:
+    """Disconnect and stop the provisioning client's pipeline (its MQTT connection, which would
+    otherwise stay up and fight the next attempt for the client id, and its retry/poll timers)
+    after a registration that ended or was cut short; the SDK does it only after an
+    assignment (then both calls fail at once: not running)."""
+    pipeline = getattr(prov, "_pipeline", None)
+    loop = asyncio.get_running_loop()
+    for step in ("disconnect", "shutdown"):
+        call = getattr(pipeline, step, None)
+        if call is None:
+            return
+        done: asyncio.Future[None] = loop.create_future()
+
+        def settle(fut: asyncio.Future[None] = done) -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        def finished(error: Any = None, _settle: Callable[[], None] = settle) -> None:
+            loop.call_soon_threadsafe(_settle)  # in the SDK's thread
+
+        try:
+            call(callback=finished)
+            await asyncio.wait_for(done, 5.0)
+        except Exception:  # not running (already shut down), or it did not answer in time
+            continue
+
+
 def _now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -109,8 +147,11 @@ class AzureIotHubSource(FleetSource):
 
     def __init__(self, cfg: AzureIotHubSourceConfig, state_dir: Path,
                  gateway_id: str = "smp-gateway",
-                 devices: Iterable[tuple[str, str | None]] = ()) -> None:
+                 devices: Iterable[tuple[str, str | None]] = (),
+                 config_path: Path | None = None) -> None:
         self.cfg = cfg
+        self.config_path = config_path
+        self._assigned: tuple[str, str] | None = None  # DPS: (hub host name, device id)
         self.state_dir = Path(state_dir)
         self.gateway_id = gateway_id
         self._groups: dict[str, str | None] = dict(devices)
@@ -124,6 +165,8 @@ class AzureIotHubSource(FleetSource):
         self._dropped = False  # the connection dropped since the twin was last read
         self._patch_times: collections.deque[float] = collections.deque()
         self._current: dict[str, Offer] = {}  # device id -> its offer in flight
+        # group -> (taken at, desired properties, members that read them): see _desired_for
+        self._group_snap: dict[str, tuple[float, dict[str, Any], set[str]]] = {}
         self._cancel_ev: dict[str, asyncio.Event] = {}
         self._progress_at: dict[str, float] = {}
         self._sent_state: dict[str, str] = {}
@@ -185,29 +228,112 @@ class AzureIotHubSource(FleetSource):
         assert dps is not None
         from azure.iot.device import X509  # optional dependency
 
+        if self._assigned is None:
+            try:
+                self._assigned = await self._provision()
+            except ConfigError as exc:  # refused after a start that could not reach DPS
+                raise FetchError(str(exc), UpdateResult.CONNECTION_LOST) from None
+        hub, device_id = self._assigned
+        if dps.symmetric_key is not None:
+            return aio.IoTHubDeviceClient.create_from_symmetric_key(
+                symmetric_key=dps.symmetric_key.get(), hostname=hub, device_id=device_id, **kw)
+        return aio.IoTHubDeviceClient.create_from_x509_certificate(
+            x509=X509(str(dps.cert_file), str(dps.key_file)), hostname=hub,
+            device_id=device_id, **kw)
+
+    async def _provision(self) -> tuple[str, str]:
+        """DPS: (assigned hub, device id) for this gateway's enrollment.
+
+        Bounded as a whole by ``dps.timeout_s`` (DPS answers 202 + ``retry-after`` while it
+        assigns; the SDK would poll for ever). A refusal of the enrollment (401/403: the key or
+        certificate, 404: the id scope or registration id, a ``failed`` registration) is a
+        ConfigError naming the key - at start the gateway exits 2 with one line; DPS
+        unreachable or slow is a FetchError (the source's backoff, retried). The assignment
+        is DPS's answer (outside input): bounded to a host name and a device id before use;
+        the hub's TLS certificate is still verified against the CA (``server_verification_cert``)."""
+        aio = _sdk()
+        from azure.iot.device import X509  # optional dependency
+
+        cfg = self.cfg
+        dps = cfg.dps
+        assert dps is not None
+        kw: dict[str, Any] = {}
+        if cfg.server_verification_cert is not None:
+            kw["server_verification_cert"] = cfg.server_verification_cert.read_text()
         reg_id = dps.registration_id.format(gateway=self.gateway_id)
         if dps.symmetric_key is not None:
             prov = aio.ProvisioningDeviceClient.create_from_symmetric_key(
                 provisioning_host=dps.provisioning_host, registration_id=reg_id,
-                id_scope=dps.id_scope, symmetric_key=dps.symmetric_key.get())
+                id_scope=dps.id_scope, symmetric_key=dps.symmetric_key.get(), **kw)
         else:
             assert dps.cert_file is not None and dps.key_file is not None
-            x509 = X509(str(dps.cert_file), str(dps.key_file))
             prov = aio.ProvisioningDeviceClient.create_from_x509_certificate(
                 provisioning_host=dps.provisioning_host, registration_id=reg_id,
-                id_scope=dps.id_scope, x509=x509)
-        result = await asyncio.wait_for(prov.register(), cfg.request_timeout_s * 3)
+                id_scope=dps.id_scope, x509=X509(str(dps.cert_file), str(dps.key_file)), **kw)
+        # not wait_for: a canceled register() makes the SDK's late callback fail on the
+        # canceled future; the pipeline's shutdown ends the registration instead
+        task = asyncio.ensure_future(prov.register())
+        try:
+            await asyncio.wait({task}, timeout=dps.timeout_s)
+            if not task.done():
+                raise TimeoutError
+            result = task.result()
+        except TimeoutError:
+            raise FetchError(f"DPS registration at {dps.provisioning_host} did not finish within "
+                             f"{dps.timeout_s:g} s (source.dps.timeout_s)",
+                             UpdateResult.CONNECTION_LOST) from None
+        except Exception as exc:  # the SDK's errors, the DPS status in the cause chain
+            raise self._dps_error(exc, reg_id) from None
+        finally:
+            await _close_provisioning(prov)
+            if not task.done():
+                await asyncio.wait({task}, timeout=2.0)
+            if not task.done():
+                task.cancel()
+            elif not task.cancelled():
+                task.exception()  # retrieved (raised above, or dropped after a timeout)
         state = getattr(result, "registration_state", None)
         if getattr(result, "status", None) != "assigned" or state is None:
-            raise FetchError(f"DPS did not assign a hub: {getattr(result, 'status', None)}",
+            raise self._refused("source.dps", f"DPS did not assign a hub to registration id "
+                                f"{reg_id!r}: status {str(getattr(result, 'status', None))[:40]!r}")
+        hub, device_id = state.assigned_hub, state.device_id
+        if not (isinstance(hub, str) and _HOST.fullmatch(hub) and isinstance(device_id, str)
+                and 0 < len(device_id) <= 128 and device_id.isprintable()):
+            raise FetchError("DPS assigned an unusable hub host name or device id",
                              UpdateResult.CONNECTION_LOST)
-        if dps.symmetric_key is not None:
-            return aio.IoTHubDeviceClient.create_from_symmetric_key(
-                symmetric_key=dps.symmetric_key.get(), hostname=state.assigned_hub,
-                device_id=state.device_id, **kw)
-        return aio.IoTHubDeviceClient.create_from_x509_certificate(
-            x509=X509(str(dps.cert_file), str(dps.key_file)), hostname=state.assigned_hub,
-            device_id=state.device_id, **kw)
+        log.info("azure: DPS assigned hub %s device id %s (registration id %s)", hub,
+                 device_id, reg_id)
+        return hub, device_id
+
+    def _refused(self, key: str, message: str) -> ConfigError:
+        return ConfigError(self.config_path or "<config>", key, message)
+
+    def _dps_error(self, exc: BaseException, reg_id: str) -> Exception:
+        dps = self.cfg.dps
+        assert dps is not None
+        chain, e = [], exc  # the SDK wraps the service's error (ClientError from ServiceError)
+        for _ in range(5):
+            chain.append(f"{type(e).__name__}: {e}")
+            if e.__cause__ is None:
+                break
+            e = e.__cause__
+        text = " <- ".join(chain)[:300]
+        m = re.search(r"status code (?:of )?(\d{3})", text)
+        status = int(m.group(1)) if m else None
+        cred = "source.dps.symmetric_key" if dps.symmetric_key is not None else "source.dps.cert_file"
+        if status in (401, 403) or "CredentialError" in text:
+            return self._refused(cred, f"DPS {dps.provisioning_host} refused the enrollment's "
+                                 f"credentials ({status or 'unauthorized'}) for registration id "
+                                 f"{reg_id!r}")
+        if status == 404:
+            return self._refused("source.dps.registration_id", f"DPS {dps.provisioning_host} "
+                                 f"knows no enrollment for registration id {reg_id!r} in id "
+                                 f"scope {dps.id_scope!r} (404; see also source.dps.id_scope)")
+        if "failed registration status" in text:
+            return self._refused("source.dps", f"DPS could not assign a hub to registration "
+                                 f"id {reg_id!r} (registration failed)")
+        return FetchError(f"DPS registration at {dps.provisioning_host}: {text}",
+                          UpdateResult.CONNECTION_LOST)
 
     async def _connected(self) -> Any:
         """The connected client (connects once; the SDK reconnects after a drop)."""
@@ -341,24 +467,46 @@ class AzureIotHubSource(FleetSource):
         if not self._fresh:
             self._spawn(self._refresh_quietly())
 
-    def _entry_raw(self, device_id: str) -> Any:
-        mcus = self._desired.get(self.cfg.section)
+    def _desired_for(self, device_id: str) -> dict[str, Any]:
+        """The desired properties a check of ``device_id`` reads. The members of a group read
+        ONE copy per round - taken at the first member's check, kept until every member read
+        it (or ``request_timeout_s`` passed) - so a patch landing between two members' checks
+        cannot offer the new version to one member only (which would then go alone)."""
+        group = self._groups.get(device_id)
+        if group is None:
+            return self._desired
+        now = time.monotonic()
+        snap = self._group_snap.get(group)
+        if snap is None or device_id in snap[2] or now - snap[0] > self.cfg.request_timeout_s:
+            snap = (now, self._desired, set())  # ``_take`` replaces the dict, never mutates it
+            self._group_snap[group] = snap
+        snap[2].add(device_id)
+        if snap[2] >= {d for d, g in self._groups.items() if g == group}:
+            self._group_snap.pop(group, None)
+        return snap[1]
+
+    def _entry_raw(self, device_id: str, desired: dict[str, Any] | None = None) -> Any:
+        """The device's own section, else its configured group's - the own section replaces
+        the group's as a whole (no field-wise merge); a ``null`` deletes it (twin merge)."""
+        desired = self._desired if desired is None else desired
+        mcus = desired.get(self.cfg.section)
         raw = mcus.get(twin_key(device_id)) if isinstance(mcus, dict) else None
         if raw is None:
             group = self._groups.get(device_id)
-            groups = self._desired.get(self.cfg.group_section)
+            groups = desired.get(self.cfg.group_section)
             if group and isinstance(groups, dict):
                 raw = groups.get(twin_key(group))
         return raw
 
-    def _entry(self, device_id: str) -> Desired | None:
+    def _entry(self, device_id: str, desired: dict[str, Any] | None = None) -> Desired | None:
         """The desired section for the device (its own, else its configured group's)."""
-        raw = self._entry_raw(device_id)
+        desired = self._desired if desired is None else desired
+        raw = self._entry_raw(device_id, desired)
         if raw is None:
             return None
         group = self._groups.get(device_id)
-        own = isinstance(self._desired.get(self.cfg.section), dict) and twin_key(
-            device_id) in self._desired[self.cfg.section]
+        own = isinstance(desired.get(self.cfg.section), dict) and twin_key(
+            device_id) in desired[self.cfg.section]
         origin = (f"{self.cfg.section}.{twin_key(device_id)}" if own
                   else f"{self.cfg.group_section}.{twin_key(group or '')}")
         return parse_entry(origin, raw, self.cfg.max_package_bytes)
@@ -388,6 +536,11 @@ class AzureIotHubSource(FleetSource):
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         _sdk()  # a missing SDK is said at once, not at the first check
+        if self.cfg.dps is not None and self._assigned is None:
+            try:  # a refused enrollment is a ConfigError: the gateway does not start
+                self._assigned = await self._provision()
+            except FetchError as exc:  # DPS unreachable or slow: the first check tries again
+                log.warning("azure: %s; retried at the device checks", exc)
 
     async def close(self) -> None:
         for t in list(self._tasks):
@@ -405,9 +558,12 @@ class AzureIotHubSource(FleetSource):
         await self._inventory(device)
         key = twin_key(device.id)
         try:
-            want = self._entry(device.id)
+            want = self._entry(device.id, self._desired_for(device.id))
         except TwinRefused as exc:
             await self._refuse(device.id, f"unusable desired section: {exc}", None)
+            if device.group is not None:  # its group does not start without it (retried)
+                raise FetchError(f"unusable desired section: {exc}",
+                                 UpdateResult.UNSUPPORTED_PACKAGE) from None
             return None
         if want is None:
             return None
@@ -429,14 +585,23 @@ class AzureIotHubSource(FleetSource):
         if device.running_version is not None and want.version == device.running_version:
             return None  # the device itself reports it runs it (b)
         # cross-checks of the hub's metadata against (c) the configuration, (b) the device
+        refusal = None
         if want.hardware is not None and want.hardware != device.hardware:
-            await self._refuse(device.id, f"refused: the offer is for hardware "
-                               f"{want.hardware!r}, the device is {device.hardware!r}", vs)
+            refusal = (f"refused: the offer is for hardware {want.hardware!r}, the device is "
+                       f"{device.hardware!r}")
+        elif device.running_version is not None and want.version < device.running_version:
+            refusal = (f"refused: {vs} is a downgrade from {device.running_version} (versions "
+                       "only increase)")
+        if refusal is not None and device.group is None:
+            await self._refuse(device.id, refusal, vs)
             return None
-        if device.running_version is not None and want.version < device.running_version:
-            await self._refuse(device.id, f"refused: {vs} is a downgrade from "
-                               f"{device.running_version} (versions only increase)", vs)
-            return None
+        if refusal is not None:
+            # a group member: the offer goes to the gateway and ``fetch`` refuses it before a
+            # byte is downloaded, so the group runner starts NO member (all-or-nothing) and
+            # reports every member's offer - a None here would let the others go alone
+            log.warning("azure device=%s %s (group %s: no member starts)", device.id, refusal,
+                        device.group)
+            offer.handle["refuse"] = refusal
         self._current[device.id] = offer
         self._cancel_ev.setdefault(device.id, asyncio.Event())
         return offer
@@ -470,6 +635,9 @@ class AzureIotHubSource(FleetSource):
 
     async def fetch(self, offer: Offer, max_size: int | None) -> Path:
         want: Desired = (offer.handle or {})["desired"]
+        refusal = (offer.handle or {}).get("refuse")
+        if refusal:  # a group member's offer refused on the cross-checks in ``check``
+            raise FetchError(str(refusal), UpdateResult.UNSUPPORTED_PACKAGE, permanent=True)
         cap = min(x for x in (max_size, self.cfg.max_package_bytes) if x)
         if want.size is not None and want.size > cap:
             raise FetchError(f"the file is {want.size} bytes, more than the {cap} the device's "

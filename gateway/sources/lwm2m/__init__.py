@@ -34,6 +34,7 @@ import os
 import struct
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path, PurePosixPath
+from typing import Any
 from urllib.parse import urlsplit
 
 import aiocoap
@@ -50,6 +51,7 @@ from gateway.sources.base import (
     FleetSource,
     Offer,
     Report,
+    ServerCanceled,
     UpdateResult,
     UpdateState,
 )
@@ -82,6 +84,7 @@ class Lwm2mSource(FleetSource):
                                       read_s=cfg.download_read_timeout_s),
             retries=cfg.download_retries)
         self._started = False
+        self._closing: set[asyncio.Task[None]] = set()  # endpoints of gone devices, closing
 
     # -- hooks the gateway sets --------------------------------------------------------------
     def set_waker(self, wake: Callable[[str], None]) -> None:
@@ -106,11 +109,25 @@ class Lwm2mSource(FleetSource):
         ep = self._eps.get(device_id)
         if ep is None:
             name = self.endpoint_name(device_id, group)
-            ep = Endpoint(self.cfg, device_id, name, self.state_dir, self._changed, self._reboot)
+            ep = Endpoint(self.cfg, device_id, name, self.state_dir, self._changed, self._reboot,
+                          gateway_id=self.gateway_id)
             self._eps[device_id] = ep
             self._by_name[name] = ep
             await ep.start()
         return ep
+
+    def device_gone(self, device_id: str) -> None:
+        """Discovery lost the device: its endpoint deregisters (bounded: 2 s) and its socket
+        closes. Its /5 record stays in the state directory: found again, the device gets its
+        endpoint back at its next check, registering with the same State/Result."""
+        ep = self._eps.pop(device_id, None)
+        if ep is None:
+            return
+        self._by_name.pop(ep.name, None)
+        log.info("lwm2m ep=%s device=%s gone: deregistering", ep.name, device_id)
+        task = asyncio.get_running_loop().create_task(ep.close(), name=f"lwm2m-{ep.name}-gone")
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     def _changed(self, ep: Endpoint, phase: str) -> None:
         # a cancel (empty Package URI / Package) too: a running update's cancel probe now
@@ -129,7 +146,7 @@ class Lwm2mSource(FleetSource):
         self._eps.clear()
         self._by_name.clear()
         self._started = False
-        await asyncio.gather(*(ep.close() for ep in eps), return_exceptions=True)
+        await asyncio.gather(*(ep.close() for ep in eps), *self._closing, return_exceptions=True)
         await self._downloader.close()
 
     def poll_interval(self) -> float:
@@ -142,6 +159,11 @@ class Lwm2mSource(FleetSource):
             ep.set(running_version=str(device.running_version))  # (b): what the device reports
         rec = ep.rec
         report_to = {"endpoint": ep.name, "gen": rec.gen}
+        if rec.canceled and rec.phase == "idle":
+            # the server's cancel of a package no engine run is holding (Downloading,
+            # Downloaded): journalled as an intent and taken back by the gateway like every
+            # other source's cancel (``FleetOps.server_cancel``); ``acknowledge_cancel`` closes it
+            raise ServerCanceled(rec.canceled, self._cancel_offer(device.id, ep), report_to)
         if rec.phase == "fetch":
             art = "lwm2m-uri-" + hashlib.sha256(rec.uri.encode()).hexdigest()[:32]
             return Offer(device.id, self.name, art, handle={"uri": rec.uri, "gen": rec.gen},
@@ -174,51 +196,98 @@ class Lwm2mSource(FleetSource):
         if may_be_bundle(urlsplit(uri).path):
             cap = min(self.cfg.max_package_bytes, set_cap(max_size) or self.cfg.max_package_bytes)
         scheme = urlsplit(uri).scheme.lower()
-        if scheme in ("http", "https"):
-            path = await self._downloader.fetch(uri, sha256=None, max_size=cap)
-        elif scheme == "coap":
-            if ep is None:
-                raise FetchError("no endpoint for the device", UpdateResult.CONNECTION_LOST)
-            path = await self._coap_get(ep, uri, cap)
-        else:
+        if scheme not in ("http", "https", "coap"):
             raise FetchError(f"unsupported protocol {scheme!r}", UpdateResult.UNSUPPORTED_PROTOCOL)
-        if ep is not None and ep.rec.gen == h.get("gen"):
+        if ep is None:
+            raise FetchError("no endpoint for the device", UpdateResult.CONNECTION_LOST)
+        if scheme == "coap":
+            dl: asyncio.Future[Path] = asyncio.ensure_future(self._coap_get(ep, uri, cap))
+        else:
+            dl = asyncio.ensure_future(self._downloader.fetch(uri, sha256=None, max_size=cap))
+        # the server's cancel (empty Package URI / Package) stops the download at once: no
+        # waiting out a slow server; the gateway journals and finishes it (ServerCanceled)
+        stop = asyncio.ensure_future(ep.cancel_seen.wait())
+        race: set[asyncio.Future[Any]] = {dl, stop}
+        try:
+            await asyncio.wait(race, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            if not dl.done():
+                dl.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await dl
+        if ep.rec.gen == h.get("gen") and ep.rec.canceled:
+            raise ServerCanceled(f"{ep.rec.canceled} during the download",
+                                 self._cancel_offer(offer.device_id, ep),
+                                 {"endpoint": ep.name, "gen": ep.rec.gen})
+        path = dl.result()
+        if ep.rec.gen == h.get("gen"):
             ep.set(package=str(path))
         return path
 
     async def _coap_get(self, ep: Endpoint, uri: str, cap: int) -> Path:
-        """A coap:// Package URI, Block2 by Block2 into a file (bounded: size cap, blocks,
-        time per request)."""
-        assert ep.ctx is not None
+        """A coap:// Package URI, Block2 by Block2 into a file. Bounded: the size cap, the
+        number of blocks, ``request_timeout_s`` per block and ``coap_pull_timeout_s`` for the
+        whole transfer. Each block must be the one at the file's current end (its number and
+        size, RFC 7959: a server may choose a smaller block size, never a larger one); anything
+        else stops the transfer before its bytes are written."""
+        ctx, own = ep.ctx, False
+        if ep.secure:  # the endpoint's context speaks DTLS to its server only
+            ctx, own = await aiocoap.Context.create_client_context(transports=["udp6"]), True
+        assert ctx is not None
         dest = self.state_dir / "downloads" / ("coap-" + hashlib.sha256(uri.encode()).hexdigest())
         dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         part = dest.with_suffix(".part")
         fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        size = 0
+        size, szx = 0, COAP_BLOCK_SZX
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.cfg.coap_pull_timeout_s
         try:
-            for num in range(COAP_MAX_BLOCKS):
+            for _ in range(COAP_MAX_BLOCKS):
+                num = size >> (szx + 4)
                 req = aiocoap.Message(code=Code.GET, uri=uri,
-                                      block2=BlockOption.BlockwiseTuple(num, False, COAP_BLOCK_SZX))
+                                      block2=BlockOption.BlockwiseTuple(num, False, szx))
+                left = deadline - loop.time()
+                late = FetchError(f"coap GET {uri}: not done within coap_pull_timeout_s "
+                                  f"({self.cfg.coap_pull_timeout_s:g}s, {size} bytes)",
+                                  UpdateResult.CONNECTION_LOST)
+                if left <= 0:
+                    raise late
                 try:
-                    resp = await asyncio.wait_for(ep.ctx.request(req, handle_blockwise=False).response,
-                                                  self.cfg.request_timeout_s)
-                except (TimeoutError, aiocoap.error.Error) as exc:
+                    resp = await asyncio.wait_for(ctx.request(req, handle_blockwise=False).response,
+                                                  min(self.cfg.request_timeout_s, left))
+                except TimeoutError:
+                    if loop.time() >= deadline:
+                        raise late from None
+                    raise FetchError(f"coap GET {uri}: no answer within request_timeout_s",
+                                     UpdateResult.CONNECTION_LOST) from None
+                except aiocoap.error.Error as exc:
                     raise FetchError(f"coap GET {uri}: {type(exc).__name__}: {exc}",
                                      UpdateResult.CONNECTION_LOST) from None
                 if resp.code == Code.NOT_FOUND:
                     raise FetchError(f"coap GET {uri}: 4.04", UpdateResult.INVALID_URI)
                 if not resp.code.is_successful():
                     raise FetchError(f"coap GET {uri}: {resp.code}", UpdateResult.CONNECTION_LOST)
+                b2 = resp.opt.block2
+                if b2 is None and size:
+                    raise FetchError(f"coap GET {uri}: an answer without Block2 after {size} "
+                                     "bytes", UpdateResult.CONNECTION_LOST)
+                if b2 is not None:
+                    bsize = 1 << (b2.size_exponent + 4)
+                    if (b2.size_exponent > szx or b2.block_number * bsize != size
+                            or len(resp.payload) > bsize
+                            or (b2.more and len(resp.payload) != bsize)):
+                        raise FetchError(f"coap GET {uri}: block {b2.block_number} of "
+                                         f"{bsize} bytes ({len(resp.payload)} sent) does not "
+                                         f"continue the {size} bytes so far",
+                                         UpdateResult.CONNECTION_LOST)
+                    szx = b2.size_exponent
                 if size + len(resp.payload) > cap:
                     raise FetchError(f"package larger than {cap} bytes", UpdateResult.NOT_ENOUGH_FLASH)
                 os.write(fd, resp.payload)
                 size += len(resp.payload)
-                b2 = resp.opt.block2
                 if b2 is None or not b2.more:
                     break
-                if b2.block_number != num:
-                    raise FetchError(f"coap GET {uri}: block {b2.block_number} for {num}",
-                                     UpdateResult.CONNECTION_LOST)
             else:
                 raise FetchError(f"coap GET {uri}: more than {COAP_MAX_BLOCKS} blocks",
                                  UpdateResult.NOT_ENOUGH_FLASH)
@@ -227,6 +296,10 @@ class Lwm2mSource(FleetSource):
             os.close(fd)
             part.unlink(missing_ok=True)
             raise
+        finally:
+            if own:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(ctx.shutdown(), 5.0)
         os.close(fd)
         os.replace(part, dest)
         return dest
@@ -276,8 +349,18 @@ class Lwm2mSource(FleetSource):
         return rec.canceled
 
     async def acknowledge_cancel(self, offer: Offer, done: bool, detail: str) -> None:
-        # LwM2M has no cancel acknowledgement: State/Result (0/0) already say it
+        # LwM2M has no cancel acknowledgement: State/Result (0/0) already say it. The gateway
+        # finished the cancel (journal): the endpoint stops asking for it.
+        ep = self._ep_for(offer)
+        if ep is not None and offer.report_to.get("gen") == ep.rec.gen and ep.rec.canceled:
+            ep.set(canceled=None)
         log.info("lwm2m device=%s update canceled by the server: %s", offer.device_id, detail)
+
+    def _cancel_offer(self, device_id: str, ep: Endpoint) -> Offer:
+        """The canceled package as an offer: enough to journal the cancel and find the
+        endpoint again (its report handle), also after a restart."""
+        return Offer(device_id, self.name, f"lwm2m-{ep.name}-gen-{ep.rec.gen}",
+                     report_to={"endpoint": ep.name, "gen": ep.rec.gen})
 
 
 def _is_zip(path: Path) -> bool:

@@ -14,6 +14,14 @@ Registration (``POST /rd?ep=&lt=&lwm2m=&b=U`` with the object links), updates
 update 4.04 (it forgot the client: restart, lifetime expired) or does not answer before the
 lifetime ends. Every request is bounded by ``request_timeout_s``; retries back off to 60 s.
 
+``coaps://`` servers: DTLS 1.2 with a pre-shared key (LwM2M security mode 0) on aiocoap's
+tinydtls client transport (``DTLSSocket``, the ``lwm2m-dtls`` extra). The endpoint's context then
+has that transport only - no plain-CoAP socket at all, so nothing reaches the objects except
+over the authenticated session, and nothing is ever sent in the clear (no fallback) - and it
+keeps a reference to the session it registered on (the server sends its requests back on it).
+A handshake that fails or gets no answer is one log line naming the PSK identity and where the
+key comes from (``last_error``); the key itself is never logged.
+
 Objects: /0 Security and /1 Server as a configured (non-bootstrap) client has them, /3 Device
 (manufacturer/model from the config, serial number = the device's id in the gateway, firmware
 version = the version the device reports running, Reboot, Error Code), /5 Firmware Update
@@ -25,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import importlib.util
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -54,10 +63,32 @@ def safe_name(ep: str) -> str:
     return f"{keep}-{hashlib.sha256(ep.encode()).hexdigest()[:8]}"
 
 
+class DtlsUnavailable(RuntimeError):
+    """coaps:// configured, but aiocoap's DTLS transport (DTLSSocket) is not installed."""
+
+
+def psk_credentials(cfg: Lwm2mSourceConfig, identity: str) -> dict[str, Any]:
+    """aiocoap's client credentials for the server: the PSK (hex in the config: (c)) and the
+    identity. Raises ValueError naming ``source.psk_key`` when the key is not hex, or empty."""
+    assert cfg.psk_key is not None
+    raw = cfg.psk_key.get().strip()
+    try:
+        key = bytes.fromhex(raw)
+    except ValueError:
+        raise ValueError(f"source.psk_key ({cfg.psk_key!r}) is not hex") from None
+    if not key or len(key) > 64:
+        raise ValueError(f"source.psk_key ({cfg.psk_key!r}) must be 1..64 bytes")
+    if not identity or len(identity.encode()) > 128:
+        raise ValueError(f"PSK identity {identity[:40]!r} must be 1..128 bytes")
+    return {cfg.server.rstrip("/") + "/*": {"dtls": {
+        "psk": {"hex": key.hex()}, "client-identity": {"ascii": identity}}}}
+
+
 class Endpoint:
     def __init__(self, cfg: Lwm2mSourceConfig, device_id: str, name: str, state_dir: Path,
                  on_change: Callable[[Endpoint, str], None],
-                 reboot: Callable[[str], Awaitable[str | None]] | None = None) -> None:
+                 reboot: Callable[[str], Awaitable[str | None]] | None = None,
+                 gateway_id: str = "") -> None:
         self.cfg = cfg
         self.device_id = device_id
         self.name = name
@@ -77,6 +108,15 @@ class Endpoint:
         self._retiring: set[asyncio.Task[None]] = set()  # old sockets, closing
         self._push: dict[str, Any] | None = None  # Block1 transfer in progress
         self._push_timer: asyncio.TimerHandle | None = None
+        # set by a cancel of the current package, cleared by the next package: a download in
+        # flight for it stops at once (``Lwm2mSource.fetch``)
+        self.cancel_seen = asyncio.Event()
+        self.secure = cfg.server.startswith("coaps://")
+        self.psk_identity = cfg.psk_identity.format(endpoint=name, device_id=device_id,
+                                                    gateway_id=gateway_id)
+        self._session: Any = None  # coaps: the DTLS session registered on (kept alive)
+        self.last_error = ""  # why the last registration attempt failed (status, tests)
+        self.failed = asyncio.Event()  # set when a registration attempt failed
         self.tree = self._build()
 
     # -- the objects ---------------------------------------------------------------------------
@@ -86,7 +126,7 @@ class Endpoint:
         t.objects[0] = {0: {
             0: Res(0, "str", "R", get=lambda: cfg.server),
             1: Res(1, "bool", "R", get=lambda: False),  # not a bootstrap server
-            2: Res(2, "int", "R", get=lambda: 3),  # security mode: NoSec
+            2: Res(2, "int", "R", get=lambda: 0 if self.secure else 3),  # PSK | NoSec
             10: Res(10, "int", "R", get=lambda: SHORT_SERVER_ID),
         }}
         t.objects[1] = {0: {
@@ -148,6 +188,7 @@ class Endpoint:
         self.on_change(self, self.rec.phase)
 
     def _new_package(self, **changes: Any) -> None:
+        self.cancel_seen.clear()
         self.set(gen=self.rec.gen + 1, canceled=None, result=0, detail="", pkg_name="",
                  pkg_version="", **changes)
 
@@ -156,8 +197,12 @@ class Endpoint:
         self._abort_push()
         running = self.rec.phase in ("install",) or self.rec.state == UPDATING
         self.set(state=IDLE, result=0, uri="", phase="idle", pkg_name="", pkg_version="",
-                 detail=why, canceled=why if running or self.rec.phase != "idle" else None)
+                 detail=why,
+                 # a second empty write keeps the first cancel open until it is acknowledged
+                 canceled=why if running or self.rec.phase != "idle" else self.rec.canceled)
         self.push_file.unlink(missing_ok=True)
+        if self.rec.canceled:
+            self.cancel_seen.set()
 
     # -- /5 handlers ---------------------------------------------------------------------------
     async def _write_ignored(self, v: codec.Value) -> None:
@@ -226,6 +271,10 @@ class Endpoint:
             return aiocoap.Message(code=Code.CHANGED, block1=BlockOption.BlockwiseTuple(
                 b.block_number, False, b.size_exponent))
         except CoapError as exc:
+            if exc.code == Code.REQUEST_ENTITY_TOO_LARGE:
+                # Size1: the most the client takes (RFC 7959 4), so no retry in smaller blocks
+                return aiocoap.Message(code=exc.code, payload=str(exc).encode()[:200],
+                                       size1=self.cfg.max_package_bytes)
             return aiocoap.Message(code=exc.code, payload=str(exc).encode()[:200])
 
     def _begin_push(self) -> None:
@@ -325,8 +374,18 @@ class Endpoint:
         self._task = asyncio.create_task(self._run(), name=f"lwm2m-{self.name}")
 
     async def _open(self) -> aiocoap.Context:
-        return await aiocoap.Context.create_server_context(
-            self._site, bind=(self.cfg.bind_host, 0), transports=["udp6"])
+        if not self.secure:
+            return await aiocoap.Context.create_server_context(
+                self._site, bind=(self.cfg.bind_host, 0), transports=["udp6"])
+        if importlib.util.find_spec("DTLSSocket") is None:  # optional: the lwm2m-dtls extra
+            raise DtlsUnavailable("coaps:// needs aiocoap's DTLS transport: install the "
+                                  "lwm2m-dtls extra (pip install 'smp-gateway[lwm2m-dtls]', "
+                                  "DTLSSocket)")
+        creds = psk_credentials(self.cfg, self.psk_identity)
+        # the DTLS client transport only: no plain-CoAP socket to serve or send on
+        ctx = await aiocoap.Context.create_server_context(self._site, transports=["tinydtls"])
+        ctx.client_credentials.load_from_dict(creds)
+        return ctx
 
     async def _new_socket(self) -> None:
         """Before registering again: a fresh socket, so that nothing the old one's message
@@ -334,6 +393,7 @@ class Endpoint:
         answers it would replay) can answer the new session's requests (module docstring)."""
         old, self.ctx = self.ctx, await self._open()
         self._ctx_registered = False
+        self._session = None
         if old is not None:
             task = asyncio.create_task(self._retire(old), name=f"lwm2m-{self.name}-retire")
             self._retiring.add(task)
@@ -385,6 +445,10 @@ class Endpoint:
                         resp.payload[:100])
             return False
         self.location = list(resp.opt.location_path)
+        if self.secure:
+            self._session = resp.remote  # the server's requests come back on this session
+        self.last_error = ""
+        self.failed.clear()
         self.registrations += 1
         self._ctx_registered = True
         self.registered.set()
@@ -392,6 +456,16 @@ class Endpoint:
                  "/".join(self.location), int(self.cfg.lifetime_s))
         self.tree.changed_all()  # every observation the server kept gets the current values
         return True
+
+    def _why(self, exc: Exception) -> str:
+        """One line: what failed. Over coaps a handshake that fails (alert) or gets no answer
+        names the PSK identity and where the key comes from - never the key."""
+        what = f"{type(exc).__name__}: {exc}".rstrip(": ")
+        if self.secure and isinstance(exc, (TimeoutError, aiocoap.error.NetworkError)):
+            return (f"DTLS handshake as PSK identity {self.psk_identity!r} failed or got no "
+                    f"answer ({what}): check source.psk_key ({self.cfg.psk_key!r}) and the "
+                    "identity the server expects")
+        return what
 
     async def _update(self) -> Code | None:
         if not self.location:
@@ -436,7 +510,11 @@ class Endpoint:
                 raise
             except Exception as exc:
                 self.registered.clear()
-                log.warning("lwm2m ep=%s cannot register at %s: %s: %s; again in %.0fs", self.name,
-                            self.cfg.server, type(exc).__name__, exc, delay)
+                self.last_error = self._why(exc)
+                self.failed.set()
+                log.warning("lwm2m ep=%s cannot register at %s: %s; again in %.0fs", self.name,
+                            self.cfg.server, self.last_error, delay)
+                if isinstance(exc, (DtlsUnavailable, ValueError)):
+                    delay = 60.0  # a configuration error: no quick retries
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 60.0)

@@ -29,6 +29,13 @@ from gateway.sources.lwm2m.codec import Item, Value
 log = logging.getLogger("gateway.sources.lwm2m")
 
 
+def _of_kind(kind: str, v: Value) -> bool:
+    """A decoded SenML value has the resource's type (bool is not an int here)."""
+    if kind == "int":
+        return isinstance(v, int) and not isinstance(v, bool)
+    return isinstance(v, {"str": str, "bool": bool, "opaque": bytes}.get(kind, object))
+
+
 class CoapError(Exception):
     def __init__(self, code: Code, text: str = "") -> None:
         super().__init__(text)
@@ -189,11 +196,16 @@ class Tree:
                     res = self._target(ress, path, int(rest[0]))
                     if res.kind == "opaque" and isinstance(v, str):
                         v = v.encode()
+                    if not _of_kind(res.kind, v):
+                        # e.g. a number for the Package URI: refused, never read as "empty"
+                        # (which would be a cancel)
+                        raise ValueError(f"SenML {name!r}: a {type(v).__name__} for a "
+                                         f"{res.kind} resource")
                     updates.append((res, v))
             else:
                 raise CoapError(Code.UNSUPPORTED_CONTENT_FORMAT, f"content format {ct}")
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise CoapError(Code.BAD_REQUEST, str(exc)) from None
+        except (ValueError, UnicodeDecodeError, OverflowError) as exc:
+            raise CoapError(Code.BAD_REQUEST, str(exc)[:200]) from None
         for res, _v in updates:
             if "W" not in res.ops or res.set is None:
                 raise CoapError(Code.METHOD_NOT_ALLOWED, f"resource {res.rid} is not writable")
