@@ -22,7 +22,7 @@ from gateway.daemon import Gateway
 from gateway.mcuboot import Version
 from gateway.sim.simulator import Simulator
 from gateway.sources.azure.source import AzureIotHubSource
-from gateway.sources.base import DeviceView
+from gateway.sources.base import DeviceView, FetchError
 from gateway.sources.settings import AzureIotHubSourceConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore:Callback API version 1:DeprecationWarning")
@@ -99,8 +99,12 @@ async def test_desired_section_of_one_mcu_offered_to_another(tmp_path: Path) -> 
     client = FakeClient({"desired": {"$version": 1, "mcus": {"line_1": want("2.0.0")}}})
     src = source(tmp_path, client, [("line.1", None), ("line_1", None)])
     other = DeviceView("line.1", "board-a", running_version=Version.parse("1.0.0"))
-    offer = await src.check(other)
-    assert offer is None, "line_1's desired image was offered to line.1"
+    with pytest.raises(FetchError, match=r"'line_1' and 'line.1' both map to twin section 'line_1'"):
+        offer = await src.check(other)  # refused (the config refuses the pair: exit 2)
+        assert offer is None, "line_1's desired image was offered to line.1"
+    assert client.reported == [], "line.1 wrote into line_1's reported section"
+    own = await src.check(DeviceView("line_1", "board-a", running_version=Version.parse("1.0.0")))
+    assert own is not None and own.device_id == "line_1"  # the section's own MCU gets it
 
 
 async def test_long_ids_sharing_a_128_char_prefix_share_a_section(tmp_path: Path) -> None:
@@ -109,9 +113,51 @@ async def test_long_ids_sharing_a_128_char_prefix_share_a_section(tmp_path: Path
     a, b = "m" * 128 + "-a", "m" * 128 + "-b"
     client = FakeClient({"desired": {"$version": 1, "mcus": {"m" * 128: want("2.0.0")}}})
     src = source(tmp_path, client, [(a, None), (b, None)])
-    offer_a = await src.check(DeviceView(a, "board-a", running_version=Version.parse("1.0.0")))
-    offer_b = await src.check(DeviceView(b, "board-a", running_version=Version.parse("1.0.0")))
-    assert not (offer_a and offer_b), "one desired section offered to two MCUs"
+    offers = []
+    for d in (a, b):
+        with pytest.raises(FetchError, match="longer than 128 characters"):  # never cut
+            offers.append(await src.check(DeviceView(d, "board-a",
+                                                     running_version=Version.parse("1.0.0"))))
+    assert not offers and client.reported == [], "one desired section offered to two MCUs"
+
+
+def test_config_refuses_ids_sharing_a_twin_section(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """The fix of the three tests above at the gateway's start: two device ids (or group
+    names) on one twin section, or an id too long for one, is a configuration error - one line
+    naming both ids and the section, exit 2 - not a gateway that mixes up two MCUs."""
+    import yaml
+
+    from gateway.cli import main
+    from gateway.config import ConfigError, parse_config
+
+    key = tmp_path / "k.pem"
+    key.write_text("x")
+
+    def conf(ids: list[str], groups: list[str | None] | None = None) -> dict[str, Any]:
+        groups = groups or [None] * len(ids)
+        return {"state_dir": str(tmp_path / "s"), "trusted_keys": [str(key)],
+                "source": {"kind": "azure_iot_hub", "connection_string": "HostName=h;x"},
+                "devices": [{"id": i, "hardware": "hw", "group": g, "confirm": "gateway",
+                             "transport": {"kind": "udp", "host": "127.0.0.1", "port": 9}}
+                            for i, g in zip(ids, groups, strict=True)]}
+
+    with pytest.raises(ConfigError, match=r"devices\[2\]\.id.*'line_1' and 'line@1' both map "
+                       r"to twin section 'line_1'"):
+        parse_config(conf(["a", "line_1", "line@1"]))
+    with pytest.raises(ConfigError, match=r"devices\[0\]\.id.*longer than 128"):
+        parse_config(conf(["m" * 129]))
+    with pytest.raises(ConfigError, match=r"devices\[1\]\.group.*'p.1' and 'p:1' .*'p_1'"):
+        parse_config(conf(["a", "b"], ["p.1", "p:1"]))
+    parse_config(conf(["line.1", "line-1", "m" * 128]))  # distinct sections: fine
+    other = conf(["line.1", "line_1"])
+    other["source"] = {"kind": "local", "path": str(tmp_path)}
+    parse_config(other)  # another source: no twin, no constraint
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(conf(["line.1", "line_1"])))
+    assert main(["run", "--once", "-c", str(path)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "configuration error" in line and "'line_1' and 'line.1'" in line, line
 
 
 # --- 2. the blob's SAS token in the reported properties and the logs -------------------------
@@ -232,8 +278,16 @@ async def test_hub_down_at_start_parks_every_mcu(bench_factory: Any, tmp_path: P
                 serve(files_app({"v2": img})) as base, Simulator(bench.sim_cfg) as sim):
         hub.desired = {"mcus": {"udp-1": entry(base, "v2", img)}}
         await broker.stop()
-        async with running(gw_cfg(bench, sim, hub, request_timeout_s=2)):
-            await asyncio.sleep(15)  # a short hub outage at boot
+        async with running(gw_cfg(bench, sim, hub, request_timeout_s=2)) as gw:
+            # a short hub outage at boot: five failed checks (the retry policy's max_attempts)
+            errors = lambda: gw.metrics.get("source_errors_total", source="azure_iot_hub",  # noqa: E731
+                                            op="check")
+            for _ in range(400):
+                if errors() >= 5:
+                    break
+                await asyncio.sleep(0.1)
+            assert errors() >= 5
+            assert gw.source_health.failures >= 1, "the hub's outage counted against the device"
             await broker.start()
             await hub.wait_reported(
                 lambda r: outcome(hub, "udp-1").get("result_name") == "SUCCESS", 60)
@@ -294,3 +348,34 @@ async def test_sdk_handler_setter_blocks_the_event_loop(tmp_path: Path) -> None:
     with contextlib.suppress(Exception):
         await src.close()
     assert max(stalls) < 1.0, f"the gateway's event loop stood still for {max(stalls):.1f}s"
+
+
+async def test_hub_unreachable_is_a_source_outage_with_one_client(tmp_path: Path) -> None:
+    """The hub refuses connections: every check fails with FetchError CONNECTION_LOST (the
+    daemon's source outage, not the device's failure), the ONE SDK client is kept and tried
+    again - no new client, no new SDK threads per attempt (bounded over repeated failures)."""
+    import threading
+
+    from servers.azure_hub import _free_loopback, make_tls
+
+    from gateway.sources.base import FetchError, UpdateResult
+
+    ip = _free_loopback()  # nobody listens on ip:8883: connection refused
+    tls = make_tls(tmp_path, ip)
+    cfg = AzureIotHubSourceConfig(kind="azure_iot_hub", connection_string=(
+        f"HostName={ip};DeviceId=gw;SharedAccessKey=a2V5"), server_verification_cert=tls.ca,
+        request_timeout_s=2)
+    src = AzureIotHubSource(cfg, tmp_path / "state", devices=[("d1", None)])
+    await src.start()
+    clients, threads = [], []
+    try:
+        for _ in range(8):
+            with pytest.raises(FetchError) as ei:
+                await src.check(DeviceView("d1", "hw"))
+            assert ei.value.result == UpdateResult.CONNECTION_LOST, ei.value
+            clients.append(src._client)
+            threads.append(threading.active_count())
+    finally:
+        await src.close()
+    assert clients[0] is not None and all(c is clients[0] for c in clients)
+    assert max(threads[2:]) <= threads[1] + 1, f"threads per attempt: {threads}"

@@ -55,6 +55,7 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
@@ -67,6 +68,7 @@ from gateway.sources.azure.twin import (
     Desired,
     TwinRefused,
     bounded,
+    key_owners,
     merge,
     parse_entry,
     sections,
@@ -155,7 +157,15 @@ class AzureIotHubSource(FleetSource):
         self.state_dir = Path(state_dir)
         self.gateway_id = gateway_id
         self._groups: dict[str, str | None] = dict(devices)
+        # twin key -> the one device id / group name it names, and the ids refused a section
+        # (another id maps to it): exact, so one MCU never reads or writes another's section
+        self._owners, self._key_refused = key_owners(self._groups)
+        self._group_owners, self._group_refused = key_owners(
+            g for g in self._groups.values() if g is not None)
         self._client: Any = None
+        self._subscribed = False  # the client's receive handlers are on (subscribed)
+        self._subscribing: asyncio.Future[None] | None = None  # the setters' thread, running
+        self._connecting: asyncio.Future[None] | None = None  # client.connect(), running
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connect_lock = asyncio.Lock()
         self._twin_lock = asyncio.Lock()
@@ -336,26 +346,91 @@ class AzureIotHubSource(FleetSource):
                           UpdateResult.CONNECTION_LOST)
 
     async def _connected(self) -> Any:
-        """The connected client (connects once; the SDK reconnects after a drop)."""
+        """The connected client, its receive handlers on (the SDK reconnects after a drop).
+
+        One client for the source's life: made once, kept after a failed connect (a new one
+        per attempt would leak its pipeline threads). Every step is bounded by
+        ``request_timeout_s`` and every failure is the hub's outage - FetchError
+        CONNECTION_LOST: the daemon backs the source off, it does not count it against the
+        devices. The SDK's receive-handler setters block until the hub subscribed them (up
+        to the SDK's 60 s operation timeout): never on the gateway's loop - ``_subscribe``."""
         async with self._connect_lock:
             if self._client is None:
                 self._loop = asyncio.get_running_loop()
                 try:
                     client = await self._create_client()
-                except (OSError, TimeoutError, ValueError) as exc:
+                except FetchError:
+                    raise
+                except Exception as exc:  # OSError, ValueError, the SDK's own errors
                     raise FetchError(f"IoT Hub client: {type(exc).__name__}: {exc}",
                                      UpdateResult.CONNECTION_LOST) from None
-                client.on_twin_desired_properties_patch_received = self._sdk_patch
-                client.on_method_request_received = self._sdk_method
-                client.on_connection_state_change = self._sdk_connection
+                client.on_connection_state_change = self._sdk_connection  # not blocking
                 self._client = client
-            if not self._client.connected:
+            client = self._client
+            if not client.connected:
+                await self._connect(client)
+            if not self._subscribed:
+                await self._subscribe(client)
+            return client
+
+    async def _connect(self, client: Any) -> None:
+        """``client.connect()``, awaited for at most ``request_timeout_s``. Not canceled when
+        slow (the SDK's late callback would fail on a canceled future; its own operation
+        timeout ends it): the next attempt waits for the same connect - one at a time."""
+        task = self._connecting
+        if task is None:
+            task = self._connecting = asyncio.ensure_future(client.connect())
+        await asyncio.wait({task}, timeout=self.cfg.request_timeout_s)
+        if not task.done():
+            raise FetchError(f"IoT Hub did not answer the connect within "
+                             f"{self.cfg.request_timeout_s:g} s (source.request_timeout_s)",
+                             UpdateResult.CONNECTION_LOST)
+        self._connecting = None
+        exc = None if task.cancelled() else task.exception()
+        if exc is not None:  # the SDK's own errors: hub unreachable for now
+            raise FetchError(f"IoT Hub connect: {type(exc).__name__}: {exc}",
+                             UpdateResult.CONNECTION_LOST) from None
+
+    async def _subscribe(self, client: Any) -> None:
+        """Desired-patch and method handlers on: the SDK's setters subscribe and wait for the
+        hub (``fut.result()``, synchronous) - run in ONE thread of their own, awaited for at
+        most ``request_timeout_s``. A thread still waiting is waited for again by the next
+        attempt, never a second one started (at most one per client)."""
+        loop = asyncio.get_running_loop()
+        fut = self._subscribing
+        if fut is None:
+            fut = self._subscribing = loop.create_future()
+
+            def settle(error: BaseException | None, f: asyncio.Future[None] = fut) -> None:
+                if f.done():
+                    return
+                if error is None:
+                    f.set_result(None)
+                else:
+                    f.set_exception(error)
+
+            def run() -> None:  # the SDK's blocking setters, off the gateway's loop
+                error: BaseException | None = None
                 try:
-                    await asyncio.wait_for(self._client.connect(), self.cfg.request_timeout_s)
-                except Exception as exc:  # the SDK's own errors: hub unreachable for now
-                    raise FetchError(f"IoT Hub connect: {type(exc).__name__}: {exc}",
-                                     UpdateResult.CONNECTION_LOST) from None
-            return self._client
+                    client.on_twin_desired_properties_patch_received = self._sdk_patch
+                    client.on_method_request_received = self._sdk_method
+                except BaseException as exc:  # reported to the awaiting check
+                    error = exc
+                with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                    loop.call_soon_threadsafe(settle, error)
+
+            threading.Thread(target=run, name="azure-subscribe", daemon=True).start()
+        await asyncio.wait({fut}, timeout=self.cfg.request_timeout_s)
+        if not fut.done():
+            raise FetchError(f"IoT Hub did not subscribe the twin patches and methods within "
+                             f"{self.cfg.request_timeout_s:g} s (source.request_timeout_s)",
+                             UpdateResult.CONNECTION_LOST)
+        self._subscribing = None
+        exc = fut.exception()
+        if exc is not None:
+            raise FetchError(f"IoT Hub subscribe: {type(exc).__name__}: {exc}",
+                             UpdateResult.CONNECTION_LOST) from None
+        self._subscribed = True
 
     # SDK handlers run in the SDK's threads: each only hands over to the gateway's loop
     def _hand_over(self, fn: Callable[..., Any], *args: Any) -> None:
@@ -520,6 +595,8 @@ class AzureIotHubSource(FleetSource):
                 client = await self._connected()
             except FetchError as exc:
                 raise ReportNotDelivered(str(exc)) from None
+        if self._owners.get(twin_key(device_id)) != device_id:  # another MCU's section
+            raise ReportNotDelivered(f"{device_id!r} has no twin section of its own")
         body = {self.cfg.section: {twin_key(device_id): {**props, "at": _now()}}}
         try:
             await asyncio.wait_for(client.patch_twin_reported_properties(body),
@@ -546,13 +623,41 @@ class AzureIotHubSource(FleetSource):
         for t in list(self._tasks):
             t.cancel()
         client, self._client = self._client, None
+        self._subscribed, self._subscribing = False, None
+        connecting, self._connecting = self._connecting, None
         if client is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(client.shutdown(), 5.0)
+        if connecting is not None:  # the shutdown failed it; else it is dropped here
+            if not connecting.done():
+                await asyncio.wait({connecting}, timeout=2.0)
+            if not connecting.done():
+                connecting.cancel()
+            elif not connecting.cancelled():
+                connecting.exception()  # retrieved
         await self._downloader.close()
+
+    def _section_refused(self, device_id: str, group: str | None) -> str | None:
+        """Why the device has no twin section of its own (another id or group maps to it), or
+        None. Ids first seen at a check (discovery) get a section when theirs is free."""
+        if device_id not in self._key_refused and self._owners.get(twin_key(device_id)) != device_id:
+            self._owners, refused = key_owners([device_id], self._owners)
+            self._key_refused.update(refused)
+        if device_id in self._key_refused:
+            return f"device id {self._key_refused[device_id]}"
+        if group is None:
+            return None
+        if group not in self._group_refused and self._group_owners.get(twin_key(group)) != group:
+            self._group_owners, refused = key_owners([group], self._group_owners)
+            self._group_refused.update(refused)
+        return f"group {self._group_refused[group]}" if group in self._group_refused else None
 
     async def check(self, device: DeviceView) -> Offer | None:
         self._groups.setdefault(device.id, device.group)
+        refused = self._section_refused(device.id, device.group)
+        if refused is not None:  # (c): never another MCU's section, image, reports or methods
+            raise FetchError(f"azure_iot_hub: {refused}", UpdateResult.UPDATE_FAILED,
+                             permanent=True)
         if not self._fresh:
             await self._refresh()
         await self._inventory(device)
@@ -770,7 +875,10 @@ class AzureIotHubSource(FleetSource):
         mcu = payload.get("mcu") if isinstance(payload, dict) else None
         if not isinstance(mcu, str) or not mcu:
             return 400, {"error": 'payload must be {"mcu": "<device id>"}'}
-        dev = next((d for d in self._groups if d == mcu or twin_key(d) == mcu), None)
+        # exact: the MCU whose twin section is ``mcu`` (or whose id it is), never a lookalike
+        dev = self._owners.get(mcu)
+        if dev is None and self._owners.get(twin_key(mcu)) == mcu:
+            dev = mcu
         if dev is None:
             return 404, {"error": f"no MCU {mcu[:64]!r} behind this gateway"}
         log.info("azure: direct method %s for %s", name, dev)
