@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from aiohttp import web
 from fleet_servers.common import serve
 from servers.azure_hub import AzureHub, hub_broker
@@ -280,8 +279,9 @@ async def test_hub_down_at_start_parks_every_mcu(bench_factory: Any, tmp_path: P
         await broker.stop()
         async with running(gw_cfg(bench, sim, hub, request_timeout_s=2)) as gw:
             # a short hub outage at boot: five failed checks (the retry policy's max_attempts)
-            errors = lambda: gw.metrics.get("source_errors_total", source="azure_iot_hub",  # noqa: E731
-                                            op="check")
+            def errors() -> float:
+                return gw.metrics.get("source_errors_total", source="azure_iot_hub", op="check")
+
             for _ in range(400):
                 if errors() >= 5:
                     break
@@ -358,7 +358,7 @@ async def test_hub_unreachable_is_a_source_outage_with_one_client(tmp_path: Path
 
     from servers.azure_hub import _free_loopback, make_tls
 
-    from gateway.sources.base import FetchError, UpdateResult
+    from gateway.sources.base import UpdateResult
 
     ip = _free_loopback()  # nobody listens on ip:8883: connection refused
     tls = make_tls(tmp_path, ip)
@@ -379,3 +379,92 @@ async def test_hub_unreachable_is_a_source_outage_with_one_client(tmp_path: Path
         await src.close()
     assert clients[0] is not None and all(c is clients[0] for c in clients)
     assert max(threads[2:]) <= threads[1] + 1, f"threads per attempt: {threads}"
+
+
+# --- fixes: refusals only decline; coalesced re-reads; a pending cancel; durable state --------
+async def test_only_final_refusals_decline_the_desired_version(tmp_path: Path) -> None:
+    """A lost link (blob storage, the device) is retried by the gateway's retry policy; a
+    refusal (hardware, downgrade, signature, checksum, 404, a rolled-back image) declines the
+    desired version until it changes - and that survives a restart (state.json)."""
+    from gateway.sources.base import Offer, Report, UpdateResult, UpdateState
+
+    client = FakeClient({"desired": {"$version": 1}})
+    src = source(tmp_path, client, [("m1", None)])
+    cases = [(UpdateResult.CONNECTION_LOST, "failed: download of https://blob/x?... failed", False),
+             (UpdateResult.UPDATE_FAILED, "failed: SMPTimeout: no answer", False),
+             (UpdateResult.OUT_OF_RAM, "failed: device busy", False),
+             (UpdateResult.UNSUPPORTED_PACKAGE, "refused: signature", True),
+             (UpdateResult.INTEGRITY_FAILURE, "failed: sha256 mismatch", True),
+             (UpdateResult.INVALID_URI, "failed: artifact URL answered HTTP 404", True),
+             (UpdateResult.NOT_ENOUGH_FLASH, "refused: too large", True),
+             (UpdateResult.UPDATE_FAILED, "rolled-back: the test boot failed", True)]
+    for i, (result, detail, declines) in enumerate(cases):
+        src._declined.clear()
+        vs = f"2.0.{i}"
+        offer = Offer("m1", src.name, f"a{i}", report_to={"mcu": "m1", "version": vs})
+        await src.report(offer, Report(UpdateState.IDLE, result, detail=detail))
+        assert (src._declined.get("m1") == vs) is declines, (result, detail)
+        reread = AzureIotHubSource(src.cfg, tmp_path, devices=[("m1", None)])
+        assert (reread._declined.get("m1") == vs) is declines  # persisted as decided
+    assert client.reported[-1]["mcus"]["m1"]["last_outcome"]["result_name"] == "UPDATE_FAILED"
+
+
+async def test_coalesced_twin_read_still_happens_once_the_hub_answers(tmp_path: Path) -> None:
+    """Gaps while a GET is unanswered make ONE pending read, not none: once the hub answers,
+    the cached desired properties are the hub's again (two reads at most)."""
+    client = FakeClient({"desired": {"$version": 7, "mcus": {"line_1": want("2.0.0")}}})
+    client.gate = asyncio.Event()
+    src = source(tmp_path, client, [("line_1", None)])
+    src._on_patch({"mcus": {"line_1": {"note": "x"}}})  # no $version: a gap, a read
+    await client.in_get.wait()
+    for _ in range(50):  # more gaps while that GET is unanswered
+        src._on_patch({"mcus": {"line_1": {"note": "x"}}})
+    assert len(src._tasks) == 1 and src._refresh_again
+    client.gate.set()
+    assert src._refreshing is not None
+    await asyncio.wait_for(src._refreshing, 10)
+    assert src.stats["twin_reads"] == 2 and src._fresh and src._desired_version == 7
+    assert src._desired["mcus"]["line_1"]["version"] == "2.0.0"
+
+
+async def test_pending_cancel_is_raised_after_its_section_was_removed(tmp_path: Path) -> None:
+    """The hub canceled (persisted, the gateway restarted before journalling it), then removed
+    the MCU's desired section: the cancel is still raised for the gateway to journal and
+    acknowledge - not forgotten in state.json for ever."""
+    from gateway.sources.base import ServerCanceled
+
+    state = tmp_path / "azure" / "state.json"
+    state.parent.mkdir(parents=True)
+    state.write_text(json.dumps({"cancels": {"m1": {"version": "2.0.0", "reason": "by hub"}}}))
+    client = FakeClient({"desired": {"$version": 3, "mcus": {"other": want("2.0.0")}}})
+    src = source(tmp_path, client, [("m1", None), ("other", None)])
+    with pytest.raises(ServerCanceled) as ei:
+        await src.check(DeviceView("m1", "board-a", running_version=Version.parse("1.0.0")))
+    assert ei.value.offer.report_to == {"mcu": "m1", "version": "2.0.0"}
+    await src.acknowledge_cancel(ei.value.offer, True, "nothing was installed")
+    assert json.loads(state.read_text())["cancels"] == {}
+    assert client.reported[-1]["mcus"]["m1"]["canceled"] is True
+    assert await src.check(DeviceView("m1", "board-a",
+                                      running_version=Version.parse("1.0.0"))) is None
+
+
+def test_state_is_fsynced_before_and_after_the_rename(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    src = AzureIotHubSource(AzureIotHubSourceConfig(
+        kind="azure_iot_hub", connection_string="HostName=h;DeviceId=g;SharedAccessKey=a2V5"),
+        tmp_path, devices=[("m1", None)])
+    synced: list[str] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    src._cancels["m1"] = {"version": "2.0.0", "reason": "r"}
+    src._save_state()
+    state = tmp_path / "azure" / "state.json"
+    assert synced == [str(state.with_suffix(".tmp")), str(state.parent)], synced
+    assert oct(state.stat().st_mode & 0o777) == "0o600"

@@ -140,6 +140,19 @@ async def _close_provisioning(prov: Any) -> None:
             continue
 
 
+# outcomes that the same desired section can never turn into a success: the image or the
+# offer refused (hardware, downgrade, signature, header version, size, checksum, 404/410)
+_REFUSALS = {UpdateResult.UNSUPPORTED_PACKAGE, UpdateResult.INTEGRITY_FAILURE,
+             UpdateResult.NOT_ENOUGH_FLASH, UpdateResult.INVALID_URI,
+             UpdateResult.UNSUPPORTED_PROTOCOL}
+
+
+def _final_refusal(report: Report) -> bool:
+    """A final outcome that declines the desired version: a refusal, or an image that was
+    refused or rolled back by the device (blocked by the gateway too) - not a lost link."""
+    return report.result in _REFUSALS or report.detail.startswith(("refused:", "rolled-back:"))
+
+
 def _now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -183,7 +196,9 @@ class AzureIotHubSource(FleetSource):
         self._inventory_sent: dict[str, str] = {}
         self._waker: Callable[[str], None] | None = None
         self._control: Control | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks: set[asyncio.Future[Any]] = set()
+        self._refreshing: asyncio.Future[Any] | None = None  # the background twin read
+        self._refresh_again = False  # one more asked for while it runs
         self.stats = {"twin_reads": 0, "patches": 0, "patches_dropped": 0, "refused": 0,
                       "methods": 0, "reported": 0}
         self._state_path = self.state_dir / "azure" / "state.json"
@@ -220,8 +235,19 @@ class AzureIotHubSource(FleetSource):
     def _save_state(self) -> None:
         self._state_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         tmp = self._state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"cancels": self._cancels, "declined": self._declined}))
+        data = json.dumps({"cancels": self._cancels, "declined": self._declined}).encode()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:  # durable before it is answered: a hub's cancel is an intent (journalled)
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, self._state_path)
+        dfd = os.open(self._state_path.parent, os.O_RDONLY)
+        try:  # the rename itself
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
 
     # -- connection ---------------------------------------------------------------------------
     async def _create_client(self) -> Any:
@@ -448,10 +474,20 @@ class AzureIotHubSource(FleetSource):
     def _sdk_connection(self) -> None:
         self._hand_over(self._on_connection)
 
-    def _spawn(self, coro: Awaitable[Any]) -> None:
+    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Future[Any]:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _refresh_soon(self) -> None:
+        """A whole-twin read in the background, coalesced: at most one in flight and one
+        pending, however many gaps, drops and reconnects ask for one while the hub is slow."""
+        if self._refreshing is not None and not self._refreshing.done():
+            self._refresh_again = True
+            return
+        self._refresh_again = False
+        self._refreshing = self._spawn(self._refresh_quietly())
 
     def _on_connection(self) -> None:
         client = self._client
@@ -466,13 +502,17 @@ class AzureIotHubSource(FleetSource):
         self._dropped = False
         log.info("azure: reconnected to the hub; reading the whole twin (patches can be missed)")
         self._fresh = False
-        self._spawn(self._refresh_quietly())
+        self._refresh_soon()
 
     async def _refresh_quietly(self) -> None:
-        try:
-            await self._refresh()
-        except Exception as exc:  # the next check tries again
-            log.info("azure: twin read after reconnect failed: %s", exc)
+        again = True
+        while again:
+            self._refresh_again = False
+            try:
+                await self._refresh()
+            except Exception as exc:  # the next check tries again
+                log.info("azure: twin read after reconnect failed: %s", exc)
+            again = self._refresh_again  # asked for again while this one was in flight
 
     # -- the twin -------------------------------------------------------------------------
     async def _refresh(self) -> None:
@@ -540,7 +580,7 @@ class AzureIotHubSource(FleetSource):
             self._fresh = False  # a gap: read the whole twin (next check, or now)
         self._take(merged, version if isinstance(version, int) else None)
         if not self._fresh:
-            self._spawn(self._refresh_quietly())
+            self._refresh_soon()
 
     def _desired_for(self, device_id: str) -> dict[str, Any]:
         """The desired properties a check of ``device_id`` reads. The members of a group read
@@ -662,12 +702,23 @@ class AzureIotHubSource(FleetSource):
             await self._refresh()
         await self._inventory(device)
         key = twin_key(device.id)
+        unusable: TwinRefused | None = None
         try:
             want = self._entry(device.id, self._desired_for(device.id))
         except TwinRefused as exc:
-            await self._refuse(device.id, f"unusable desired section: {exc}", None)
+            want, unusable = None, exc
+        cancel = self._cancels.get(device.id)
+        if cancel is not None and (want is None or str(want.version) != cancel["version"]):
+            # the hub's cancel, not yet acknowledged, of a version the section no longer names
+            # (removed, changed, unusable): still journalled and acknowledged (below: the same)
+            raise ServerCanceled(cancel["reason"], Offer(
+                device.id, self.name, f"azure-{key}-{cancel['version']}",
+                report_to={"mcu": key, "version": cancel["version"]}),
+                {"mcu": key, "version": cancel["version"]})
+        if unusable is not None:
+            await self._refuse(device.id, f"unusable desired section: {unusable}", None)
             if device.group is not None:  # its group does not start without it (retried)
-                raise FetchError(f"unusable desired section: {exc}",
+                raise FetchError(f"unusable desired section: {unusable}",
                                  UpdateResult.UNSUPPORTED_PACKAGE) from None
             return None
         if want is None:
@@ -679,12 +730,8 @@ class AzureIotHubSource(FleetSource):
                       version=want.version, sha256=want.sha256, size=want.size,
                       hardware=want.hardware, handle={"desired": want},
                       report_to={"mcu": key, "version": vs})
-        cancel = self._cancels.get(device.id)
         if cancel is not None:  # the hub's cancel, not yet acknowledged: the gateway journals it
-            raise ServerCanceled(cancel["reason"], offer if cancel["version"] == vs else Offer(
-                device.id, self.name, f"azure-{key}-{cancel['version']}",
-                report_to={"mcu": key, "version": cancel["version"]}),
-                {"mcu": key, "version": cancel["version"]})
+            raise ServerCanceled(cancel["reason"], offer, {"mcu": key, "version": vs})
         if self._declined.get(device.id) == vs:
             return None  # refused or canceled before: not again until it changes
         if device.running_version is not None and want.version == device.running_version:
@@ -801,8 +848,10 @@ class AzureIotHubSource(FleetSource):
         cur = self._current.get(dev)
         if cur is not None and cur.report_to == offer.report_to:
             self._current.pop(dev, None)
-        if report.result != UpdateResult.SUCCESS and offer.report_to.get("version"):
-            # a failed offer is not taken again and again: a new desired version or update_now
+        if _final_refusal(report) and offer.report_to.get("version"):
+            # a refused offer is not taken again and again: a new desired version or update_now.
+            # A transient failure (blob storage or the device's link lost) is not: the gateway's
+            # retry policy (retry.*: backoff, park after max_attempts) takes it again
             self._declined[dev] = str(offer.report_to["version"])
             self._save_state()
 
