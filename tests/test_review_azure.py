@@ -468,3 +468,38 @@ def test_state_is_fsynced_before_and_after_the_rename(tmp_path: Path,
     state = tmp_path / "azure" / "state.json"
     assert synced == [str(state.with_suffix(".tmp")), str(state.parent)], synced
     assert oct(state.stat().st_mode & 0o777) == "0o600"
+
+
+async def test_update_now_during_the_refusal_report_is_not_lost(tmp_path: Path) -> None:
+    """update_now answered while the hub is still taking the refusal's report: the refusal
+    must not decline the version afterwards (the hub asked again) - the next check offers
+    (here: refuses and reports) it again instead of staying silent."""
+    client = FakeClient({"desired": {"$version": 1, "mcus": {"m1": want("3.0.0", hw="x")}}})
+    gate, in_patch = asyncio.Event(), asyncio.Event()
+    plain = client.patch_twin_reported_properties
+
+    async def slow_patch(body: dict[str, Any]) -> None:
+        if "result_name" in json.dumps(body):
+            in_patch.set()
+            await gate.wait()  # the hub has it, its answer is on the way
+        await plain(body)
+
+    client.patch_twin_reported_properties = slow_patch  # type: ignore[method-assign]
+    src = source(tmp_path, client, [("m1", None)])
+    asked: list[dict[str, Any]] = []
+
+    async def control(req: dict[str, Any], actor: str) -> str:
+        asked.append(req)
+        return "update check now"
+
+    src.set_control(control)
+    dev = DeviceView("m1", "board-a", running_version=Version.parse("1.0.0"))
+    check = asyncio.create_task(src.check(dev))
+    await in_patch.wait()
+    assert (await src._answer("update_now", {"mcu": "m1"}))[0] == 200
+    gate.set()
+    assert await check is None
+    assert "m1" not in src._declined, "update_now lost: the refusal declined it afterwards"
+    n = len(client.reported)
+    assert await src.check(dev) is None  # refused again, and reported again
+    assert any("hardware 'x'" in json.dumps(b) for b in client.reported[n:])

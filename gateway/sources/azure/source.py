@@ -5,10 +5,12 @@ Microsoft's own device SDK (``azure-iot-device``, asyncio API; an optional depen
 ``pip install 'smp-gateway[azure]'``). The gateway is one IoT Hub *device identity*; each MCU
 is a named section of its twin:
 
-* **desired** ``mcus.<device id>`` (or ``groups.<group>`` for every member of a configured
-  group; the MCU's own section replaces it as a whole; a member whose section is refused or
-  unusable keeps the WHOLE group from starting - ``check``/``fetch``; the members read one
-  copy of the twin per round - ``_desired_for``): ``{url, version, size, sha256, hardware}``, as an IoT Hub
+* **desired** ``mcus.<device id>`` (the id's twin key, ONE MCU per key - ``key_owners``: ids
+  sharing one are refused by the config and at the check, (c)) (or ``groups.<group>`` for
+  every member of a configured group; the MCU's own section replaces it as a whole; a
+  member whose section is refused or unusable keeps the WHOLE group from starting -
+  ``check``/``fetch``; the members read one copy of the twin per round - ``_desired_for``):
+  ``{url, version, size, sha256, hardware}``, as an IoT Hub
   automatic device configuration writes them. A desired version different from what the MCU
   runs is an offer. The whole twin is read at the first check and again after every
   reconnect, after a gap in the patches' ``$version`` and after patches were dropped for
@@ -204,6 +206,7 @@ class AzureIotHubSource(FleetSource):
         self._state_path = self.state_dir / "azure" / "state.json"
         self._cancels: dict[str, dict[str, str]] = {}  # device id -> {version, reason}
         self._declined: dict[str, str] = {}  # device id -> desired version not to offer again
+        self._asked_again: dict[str, int] = {}  # device id -> update_now calls (not persisted)
         self._load_state()
         self._downloader = Downloader(
             self.state_dir, ca_file=cfg.ca_file, insecure=cfg.insecure,
@@ -762,6 +765,7 @@ class AzureIotHubSource(FleetSource):
         """An offer refused on the cross-checks: reported once (kept until the hub took it)."""
         log.warning("azure device=%s %s", device_id, reason)
         res = UpdateResult.UNSUPPORTED_PACKAGE
+        asked = self._asked_again.get(device_id, 0)
         try:
             await self._patch_reported(device_id, {
                 "state": "idle", "result": int(res), "result_name": res.name,
@@ -769,7 +773,8 @@ class AzureIotHubSource(FleetSource):
         except ReportNotDelivered as exc:
             log.info("azure device=%s refusal not reported yet: %s", device_id, exc)
             return
-        if version is not None:
+        if version is not None and self._asked_again.get(device_id, 0) == asked:
+            # (an update_now that came while the hub took the report asks again: not declined)
             self._declined[device_id] = version
             self._save_state()
 
@@ -837,6 +842,7 @@ class AzureIotHubSource(FleetSource):
             await self._patch_reported(dev, props)
             self._progress_at[dev], self._sent_state[dev] = now, state
             return
+        asked = self._asked_again.get(dev, 0)
         outcome = {"version": offer.report_to.get("version"), "result": int(report.result),
                    "result_name": report.result.name, "reason": report.detail[:500],
                    "report_id": report.report_id, "at": _now()}
@@ -848,7 +854,8 @@ class AzureIotHubSource(FleetSource):
         cur = self._current.get(dev)
         if cur is not None and cur.report_to == offer.report_to:
             self._current.pop(dev, None)
-        if _final_refusal(report) and offer.report_to.get("version"):
+        if (_final_refusal(report) and offer.report_to.get("version")
+                and self._asked_again.get(dev, 0) == asked):
             # a refused offer is not taken again and again: a new desired version or update_now.
             # A transient failure (blob storage or the device's link lost) is not: the gateway's
             # retry policy (retry.*: backoff, park after max_attempts) takes it again
@@ -935,6 +942,8 @@ class AzureIotHubSource(FleetSource):
             return await self._method_cancel(dev)
         if self._control is None:
             return 503, {"error": "not attached to a running gateway"}
+        if name == "update_now":
+            self._asked_again[dev] = self._asked_again.get(dev, 0) + 1
         if name == "update_now" and self._declined.pop(dev, None) is not None:
             self._save_state()  # the hub asks again for what was declined
         req: dict[str, Any] = {"cmd": CTL_CMD[name], "device": dev}
