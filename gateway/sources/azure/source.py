@@ -638,8 +638,9 @@ class AzureIotHubSource(FleetSource):
                 client = await self._connected()
             except FetchError as exc:
                 raise ReportNotDelivered(str(exc)) from None
-        if self._owners.get(twin_key(device_id)) != device_id:  # another MCU's section
-            raise ReportNotDelivered(f"{device_id!r} has no twin section of its own")
+        refused = self._section_refused(device_id, None)
+        if refused is not None:  # it would write into another MCU's section
+            raise ReportNotDelivered(f"azure_iot_hub: {refused}")
         body = {self.cfg.section: {twin_key(device_id): {**props, "at": _now()}}}
         try:
             await asyncio.wait_for(client.patch_twin_reported_properties(body),
