@@ -30,6 +30,7 @@ from gateway.sources.settings import (
     Lwm2mSourceConfig,
     MqttJobsSourceConfig,
     RdfmSourceConfig,
+    azure_key_owners,
 )
 
 # re-exported: ``gateway.config.ConfigError`` / ``Model`` / ``Secret`` / ``SecretRef`` are public
@@ -663,9 +664,26 @@ def parse_config(data: Any, path: str | Path = "<config>") -> GatewayConfig:
         if not k.is_file():
             raise ConfigError(path, f"trusted_keys[{i}]", f"no such key file: {k}")
     _check_bumble(cfg, path)
+    if isinstance(cfg.source, AzureIotHubSourceConfig):
+        _check_twin_keys(cfg, path)
     for i, t in enumerate(cfg.device_templates):
         _check_template(t, f"device_templates[{i}]", path, set(cfg.maintenance_windows))
     return cfg
+
+
+def _check_twin_keys(cfg: GatewayConfig, path: str | Path) -> None:
+    """Azure IoT Hub: every device id and group name has a twin section of its own (c) - two
+    ids on one section would give one MCU the other's image and mix their reports/methods."""
+    ids = [d.id for d in cfg.devices]
+    _owners, refused = azure_key_owners(ids)
+    for i, d in enumerate(cfg.devices):
+        if d.id in refused:
+            raise ConfigError(path, f"devices[{i}].id", f"azure_iot_hub: device id {refused[d.id]}")
+    groups = [d.group for d in cfg.devices if d.group is not None]
+    _owners, refused = azure_key_owners(groups)
+    for i, d in enumerate(cfg.devices):
+        if d.group in refused:
+            raise ConfigError(path, f"devices[{i}].group", f"azure_iot_hub: group {refused[d.group]}")
 
 
 def _check_bumble(cfg: GatewayConfig, path: str | Path) -> None:

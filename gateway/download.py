@@ -50,6 +50,22 @@ def shown(url: str) -> str:
     URL's signature are credentials; they go to the server, never anywhere else)."""
     base, sep, _query = url.partition("?")
     return base + ("?..." if sep else "")
+
+
+# a URL query (``?a=b&...``) anywhere in a text, with or without its scheme and host
+_QUERY_RE = re.compile(r"\?[^\s'\"<>?]*=[^\s'\"<>]*")
+
+
+def redact(text: str) -> str:
+    """``text`` (an exception's message: aiohttp's own errors quote the request's URL, e.g.
+    ``TooManyRedirects ... url='https://blob/x?sig=...'``) without any URL query in it."""
+    return _QUERY_RE.sub("?...", text)
+
+
+def _why(exc: BaseException) -> str:
+    """An exception as it may be logged or put into a FetchError (reported to the server)."""
+    return redact(str(exc) or type(exc).__name__)
+
 _CONTENT_RANGE_RE = re.compile(r"^bytes\s+(\d+)-(\d+)/(\d+|\*)$")
 _UNSATISFIED_RANGE_RE = re.compile(r"^bytes\s+\*/(\d+)$")
 
@@ -221,7 +237,12 @@ class Downloader:
             task.add_done_callback(self._done_callback(key))
         else:
             log.debug("joining the in-flight download of %s", shown(url))
-        path = await asyncio.shield(task)
+        try:
+            path = await asyncio.shield(task)
+        except FetchError as exc:  # the one place every download error passes: no URL query
+            if redact(str(exc)) == str(exc):
+                raise
+            raise FetchError(redact(str(exc)), exc.result, permanent=exc.permanent) from None
         # a joiner may have a smaller cap than the caller that started the download
         if max_size is not None and _size(path) > max_size:
             raise FetchError(
@@ -291,11 +312,11 @@ class Downloader:
                 await self._transfer(url, part, meta, sha256, max_size, size, headers)
                 break
             except _Restart as exc:
-                log.info("download of %s restarts from zero: %s", shown(url), exc)
+                log.info("download of %s restarts from zero: %s", shown(url), _why(exc))
                 _unlink(part, meta)
                 attempts += 1
                 if attempts > self.retries:
-                    raise FetchError(f"download of {shown(url)} failed: {exc}") from None
+                    raise FetchError(f"download of {shown(url)} failed: {_why(exc)}") from None
             except (_Retryable, aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
                 progressed = _size(part) > before
                 if not progressed:
@@ -303,7 +324,7 @@ class Downloader:
                 if attempts > self.retries:
                     raise FetchError(
                         f"download of {shown(url)} failed after {attempts} attempts: "
-                        f"{exc or type(exc).__name__}",
+                        f"{_why(exc)}",
                         UpdateResult.CONNECTION_LOST,
                     ) from None
                 delay = getattr(exc, "delay", None)
@@ -314,7 +335,7 @@ class Downloader:
                     "download of %s interrupted at %d bytes (%s); retrying in %.1fs",
                     shown(url),
                     _size(part),
-                    exc or type(exc).__name__,
+                    _why(exc),
                     delay,
                 )
                 await asyncio.sleep(delay)

@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 from fleet_servers.common import FileStore, serve
 
-from gateway.download import Downloader, retry_after_seconds
+from gateway.download import Downloader, redact, retry_after_seconds
 from gateway.sources.base import FetchError, UpdateResult
 
 DATA = os.urandom(300_000)
@@ -240,3 +240,45 @@ async def test_old_downloads_are_pruned_by_age_and_size(store: FileStore, tmp_pa
         assert young.exists() and p.exists()
     finally:
         await d.close()
+
+
+def test_redact_removes_every_url_query() -> None:
+    text = ("0, message='', url='https://blob.example/c/fw.bin?sv=1&sig=SECRET' "
+            "URL('http://h/x?se=2&sig=SECRET') /rel/path?sig=SECRET, what? no=")
+    out = redact(text)
+    assert "SECRET" not in out
+    assert "https://blob.example/c/fw.bin?..." in out and "what? no=" in out
+
+
+@pytest.mark.parametrize("where", ["loop", "closed_port", "not_http"])
+async def test_sas_query_never_in_errors_or_logs(tmp_path: Path, where: str,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """aiohttp's own errors quote the URL with its query (TooManyRedirects, a redirect to
+    another scheme); a presigned URL's signature is a credential: it never reaches a
+    FetchError (reported to the fleet server) or a log line, whatever failed."""
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+
+    async def blob(request: web.Request) -> web.Response:
+        q = request.query_string
+        if where == "loop":
+            raise web.HTTPFound(str(request.rel_url))  # itself, with the SAS query
+        if where == "closed_port":
+            raise web.HTTPFound(f"http://127.0.0.1:{closed}/blob?{q}")
+        raise web.HTTPFound(f"ftp://blob.example/blob?{q}")
+
+    app = web.Application()
+    app.router.add_get("/blob", blob)
+    caplog.set_level("DEBUG", logger="gateway")
+    async with serve(app) as base:
+        d = dl(tmp_path, retries=1)
+        try:
+            with pytest.raises(FetchError) as ei:
+                await d.fetch(base + "/blob?sv=1&sig=SECRET", sha256=None, max_size=None)
+        finally:
+            await d.close()
+    assert "SECRET" not in str(ei.value) and "SECRET" not in caplog.text, str(ei.value)
+    assert "/blob?..." in str(ei.value) or "/blob" in str(ei.value)

@@ -8,6 +8,8 @@ never logged.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
@@ -235,6 +237,38 @@ class AzureDpsConfig(Model):
         if (self.symmetric_key is None) == (self.cert_file is None):
             raise ValueError("give exactly one of symmetric_key or cert_file/key_file")
         return self
+
+
+AZURE_MAX_KEY = 128  # characters of a twin section name the gateway uses
+_AZURE_KEY = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def azure_twin_key(name: str) -> str:
+    """The twin section name of a device id or group name: ``.``, ``:``, ``@`` (not allowed or
+    awkward in twin property names) become ``_``; never cut. Not injective (``line.1`` and
+    ``line_1`` are both ``line_1``): ``azure_key_owners`` decides which id a key names."""
+    return _AZURE_KEY.sub("_", name)
+
+
+def azure_key_owners(names: Iterable[str], taken: dict[str, str] | None = None,
+                     ) -> tuple[dict[str, str], dict[str, str]]:
+    """(twin key -> the ONE name it stands for, refused name -> why), the gateway's own
+    configuration (c) deciding which MCU a hub section and method name: ``taken`` keeps its
+    owners, then a name that is its own key owns it (``line_1`` is ``mcus.line_1``), then the
+    first configured; any other name mapping to a taken key, or to a key longer than
+    AZURE_MAX_KEY, is refused - never two MCUs on one section."""
+    names = list(dict.fromkeys(names))
+    owners: dict[str, str] = dict(taken or {})
+    refused: dict[str, str] = {}
+    for n in sorted(names, key=lambda n: azure_twin_key(n) != n):  # stable: own keys first
+        key = azure_twin_key(n)
+        if len(key) > AZURE_MAX_KEY:
+            refused[n] = (f"{n[:40]!r}... is longer than {AZURE_MAX_KEY} characters: not usable "
+                          "as a twin section name")
+        elif owners.setdefault(key, n) != n:
+            refused[n] = (f"{owners[key]!r} and {n!r} both map to twin section {key!r} "
+                          "(., :, @ become _); rename one")
+    return owners, refused
 
 
 class AzureIotHubSourceConfig(HttpOptions):

@@ -5,10 +5,12 @@ Microsoft's own device SDK (``azure-iot-device``, asyncio API; an optional depen
 ``pip install 'smp-gateway[azure]'``). The gateway is one IoT Hub *device identity*; each MCU
 is a named section of its twin:
 
-* **desired** ``mcus.<device id>`` (or ``groups.<group>`` for every member of a configured
-  group; the MCU's own section replaces it as a whole; a member whose section is refused or
-  unusable keeps the WHOLE group from starting - ``check``/``fetch``; the members read one
-  copy of the twin per round - ``_desired_for``): ``{url, version, size, sha256, hardware}``, as an IoT Hub
+* **desired** ``mcus.<device id>`` (the id's twin key, ONE MCU per key - ``key_owners``: ids
+  sharing one are refused by the config and at the check, (c)) (or ``groups.<group>`` for
+  every member of a configured group; the MCU's own section replaces it as a whole; a
+  member whose section is refused or unusable keeps the WHOLE group from starting -
+  ``check``/``fetch``; the members read one copy of the twin per round - ``_desired_for``):
+  ``{url, version, size, sha256, hardware}``, as an IoT Hub
   automatic device configuration writes them. A desired version different from what the MCU
   runs is an offer. The whole twin is read at the first check and again after every
   reconnect, after a gap in the patches' ``$version`` and after patches were dropped for
@@ -55,6 +57,7 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
@@ -67,6 +70,7 @@ from gateway.sources.azure.twin import (
     Desired,
     TwinRefused,
     bounded,
+    key_owners,
     merge,
     parse_entry,
     sections,
@@ -138,6 +142,19 @@ async def _close_provisioning(prov: Any) -> None:
             continue
 
 
+# outcomes that the same desired section can never turn into a success: the image or the
+# offer refused (hardware, downgrade, signature, header version, size, checksum, 404/410)
+_REFUSALS = {UpdateResult.UNSUPPORTED_PACKAGE, UpdateResult.INTEGRITY_FAILURE,
+             UpdateResult.NOT_ENOUGH_FLASH, UpdateResult.INVALID_URI,
+             UpdateResult.UNSUPPORTED_PROTOCOL}
+
+
+def _final_refusal(report: Report) -> bool:
+    """A final outcome that declines the desired version: a refusal, or an image that was
+    refused or rolled back by the device (blocked by the gateway too) - not a lost link."""
+    return report.result in _REFUSALS or report.detail.startswith(("refused:", "rolled-back:"))
+
+
 def _now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -155,7 +172,15 @@ class AzureIotHubSource(FleetSource):
         self.state_dir = Path(state_dir)
         self.gateway_id = gateway_id
         self._groups: dict[str, str | None] = dict(devices)
+        # twin key -> the one device id / group name it names, and the ids refused a section
+        # (another id maps to it): exact, so one MCU never reads or writes another's section
+        self._owners, self._key_refused = key_owners(self._groups)
+        self._group_owners, self._group_refused = key_owners(
+            g for g in self._groups.values() if g is not None)
         self._client: Any = None
+        self._subscribed = False  # the client's receive handlers are on (subscribed)
+        self._subscribing: asyncio.Future[None] | None = None  # the setters' thread, running
+        self._connecting: asyncio.Future[None] | None = None  # client.connect(), running
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connect_lock = asyncio.Lock()
         self._twin_lock = asyncio.Lock()
@@ -173,12 +198,15 @@ class AzureIotHubSource(FleetSource):
         self._inventory_sent: dict[str, str] = {}
         self._waker: Callable[[str], None] | None = None
         self._control: Control | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks: set[asyncio.Future[Any]] = set()
+        self._refreshing: asyncio.Future[Any] | None = None  # the background twin read
+        self._refresh_again = False  # one more asked for while it runs
         self.stats = {"twin_reads": 0, "patches": 0, "patches_dropped": 0, "refused": 0,
                       "methods": 0, "reported": 0}
         self._state_path = self.state_dir / "azure" / "state.json"
         self._cancels: dict[str, dict[str, str]] = {}  # device id -> {version, reason}
         self._declined: dict[str, str] = {}  # device id -> desired version not to offer again
+        self._asked_again: dict[str, int] = {}  # device id -> update_now calls (not persisted)
         self._load_state()
         self._downloader = Downloader(
             self.state_dir, ca_file=cfg.ca_file, insecure=cfg.insecure,
@@ -210,8 +238,19 @@ class AzureIotHubSource(FleetSource):
     def _save_state(self) -> None:
         self._state_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         tmp = self._state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"cancels": self._cancels, "declined": self._declined}))
+        data = json.dumps({"cancels": self._cancels, "declined": self._declined}).encode()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:  # durable before it is answered: a hub's cancel is an intent (journalled)
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, self._state_path)
+        dfd = os.open(self._state_path.parent, os.O_RDONLY)
+        try:  # the rename itself
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
 
     # -- connection ---------------------------------------------------------------------------
     async def _create_client(self) -> Any:
@@ -336,26 +375,91 @@ class AzureIotHubSource(FleetSource):
                           UpdateResult.CONNECTION_LOST)
 
     async def _connected(self) -> Any:
-        """The connected client (connects once; the SDK reconnects after a drop)."""
+        """The connected client, its receive handlers on (the SDK reconnects after a drop).
+
+        One client for the source's life: made once, kept after a failed connect (a new one
+        per attempt would leak its pipeline threads). Every step is bounded by
+        ``request_timeout_s`` and every failure is the hub's outage - FetchError
+        CONNECTION_LOST: the daemon backs the source off, it does not count it against the
+        devices. The SDK's receive-handler setters block until the hub subscribed them (up
+        to the SDK's 60 s operation timeout): never on the gateway's loop - ``_subscribe``."""
         async with self._connect_lock:
             if self._client is None:
                 self._loop = asyncio.get_running_loop()
                 try:
                     client = await self._create_client()
-                except (OSError, TimeoutError, ValueError) as exc:
+                except FetchError:
+                    raise
+                except Exception as exc:  # OSError, ValueError, the SDK's own errors
                     raise FetchError(f"IoT Hub client: {type(exc).__name__}: {exc}",
                                      UpdateResult.CONNECTION_LOST) from None
-                client.on_twin_desired_properties_patch_received = self._sdk_patch
-                client.on_method_request_received = self._sdk_method
-                client.on_connection_state_change = self._sdk_connection
+                client.on_connection_state_change = self._sdk_connection  # not blocking
                 self._client = client
-            if not self._client.connected:
+            client = self._client
+            if not client.connected:
+                await self._connect(client)
+            if not self._subscribed:
+                await self._subscribe(client)
+            return client
+
+    async def _connect(self, client: Any) -> None:
+        """``client.connect()``, awaited for at most ``request_timeout_s``. Not canceled when
+        slow (the SDK's late callback would fail on a canceled future; its own operation
+        timeout ends it): the next attempt waits for the same connect - one at a time."""
+        task = self._connecting
+        if task is None:
+            task = self._connecting = asyncio.ensure_future(client.connect())
+        await asyncio.wait({task}, timeout=self.cfg.request_timeout_s)
+        if not task.done():
+            raise FetchError(f"IoT Hub did not answer the connect within "
+                             f"{self.cfg.request_timeout_s:g} s (source.request_timeout_s)",
+                             UpdateResult.CONNECTION_LOST)
+        self._connecting = None
+        exc = None if task.cancelled() else task.exception()
+        if exc is not None:  # the SDK's own errors: hub unreachable for now
+            raise FetchError(f"IoT Hub connect: {type(exc).__name__}: {exc}",
+                             UpdateResult.CONNECTION_LOST) from None
+
+    async def _subscribe(self, client: Any) -> None:
+        """Desired-patch and method handlers on: the SDK's setters subscribe and wait for the
+        hub (``fut.result()``, synchronous) - run in ONE thread of their own, awaited for at
+        most ``request_timeout_s``. A thread still waiting is waited for again by the next
+        attempt, never a second one started (at most one per client)."""
+        loop = asyncio.get_running_loop()
+        fut = self._subscribing
+        if fut is None:
+            fut = self._subscribing = loop.create_future()
+
+            def settle(error: BaseException | None, f: asyncio.Future[None] = fut) -> None:
+                if f.done():
+                    return
+                if error is None:
+                    f.set_result(None)
+                else:
+                    f.set_exception(error)
+
+            def run() -> None:  # the SDK's blocking setters, off the gateway's loop
+                error: BaseException | None = None
                 try:
-                    await asyncio.wait_for(self._client.connect(), self.cfg.request_timeout_s)
-                except Exception as exc:  # the SDK's own errors: hub unreachable for now
-                    raise FetchError(f"IoT Hub connect: {type(exc).__name__}: {exc}",
-                                     UpdateResult.CONNECTION_LOST) from None
-            return self._client
+                    client.on_twin_desired_properties_patch_received = self._sdk_patch
+                    client.on_method_request_received = self._sdk_method
+                except BaseException as exc:  # reported to the awaiting check
+                    error = exc
+                with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                    loop.call_soon_threadsafe(settle, error)
+
+            threading.Thread(target=run, name="azure-subscribe", daemon=True).start()
+        await asyncio.wait({fut}, timeout=self.cfg.request_timeout_s)
+        if not fut.done():
+            raise FetchError(f"IoT Hub did not subscribe the twin patches and methods within "
+                             f"{self.cfg.request_timeout_s:g} s (source.request_timeout_s)",
+                             UpdateResult.CONNECTION_LOST)
+        self._subscribing = None
+        exc = fut.exception()
+        if exc is not None:
+            raise FetchError(f"IoT Hub subscribe: {type(exc).__name__}: {exc}",
+                             UpdateResult.CONNECTION_LOST) from None
+        self._subscribed = True
 
     # SDK handlers run in the SDK's threads: each only hands over to the gateway's loop
     def _hand_over(self, fn: Callable[..., Any], *args: Any) -> None:
@@ -373,10 +477,20 @@ class AzureIotHubSource(FleetSource):
     def _sdk_connection(self) -> None:
         self._hand_over(self._on_connection)
 
-    def _spawn(self, coro: Awaitable[Any]) -> None:
+    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Future[Any]:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _refresh_soon(self) -> None:
+        """A whole-twin read in the background, coalesced: at most one in flight and one
+        pending, however many gaps, drops and reconnects ask for one while the hub is slow."""
+        if self._refreshing is not None and not self._refreshing.done():
+            self._refresh_again = True
+            return
+        self._refresh_again = False
+        self._refreshing = self._spawn(self._refresh_quietly())
 
     def _on_connection(self) -> None:
         client = self._client
@@ -391,13 +505,17 @@ class AzureIotHubSource(FleetSource):
         self._dropped = False
         log.info("azure: reconnected to the hub; reading the whole twin (patches can be missed)")
         self._fresh = False
-        self._spawn(self._refresh_quietly())
+        self._refresh_soon()
 
     async def _refresh_quietly(self) -> None:
-        try:
-            await self._refresh()
-        except Exception as exc:  # the next check tries again
-            log.info("azure: twin read after reconnect failed: %s", exc)
+        again = True
+        while again:
+            self._refresh_again = False
+            try:
+                await self._refresh()
+            except Exception as exc:  # the next check tries again
+                log.info("azure: twin read after reconnect failed: %s", exc)
+            again = self._refresh_again  # asked for again while this one was in flight
 
     # -- the twin -------------------------------------------------------------------------
     async def _refresh(self) -> None:
@@ -465,7 +583,7 @@ class AzureIotHubSource(FleetSource):
             self._fresh = False  # a gap: read the whole twin (next check, or now)
         self._take(merged, version if isinstance(version, int) else None)
         if not self._fresh:
-            self._spawn(self._refresh_quietly())
+            self._refresh_soon()
 
     def _desired_for(self, device_id: str) -> dict[str, Any]:
         """The desired properties a check of ``device_id`` reads. The members of a group read
@@ -520,6 +638,9 @@ class AzureIotHubSource(FleetSource):
                 client = await self._connected()
             except FetchError as exc:
                 raise ReportNotDelivered(str(exc)) from None
+        refused = self._section_refused(device_id, None)
+        if refused is not None:  # it would write into another MCU's section
+            raise ReportNotDelivered(f"azure_iot_hub: {refused}")
         body = {self.cfg.section: {twin_key(device_id): {**props, "at": _now()}}}
         try:
             await asyncio.wait_for(client.patch_twin_reported_properties(body),
@@ -546,23 +667,62 @@ class AzureIotHubSource(FleetSource):
         for t in list(self._tasks):
             t.cancel()
         client, self._client = self._client, None
+        self._subscribed, self._subscribing = False, None
+        connecting, self._connecting = self._connecting, None
         if client is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(client.shutdown(), 5.0)
+        if connecting is not None:  # the shutdown failed it; else it is dropped here
+            if not connecting.done():
+                await asyncio.wait({connecting}, timeout=2.0)
+            if not connecting.done():
+                connecting.cancel()
+            elif not connecting.cancelled():
+                connecting.exception()  # retrieved
         await self._downloader.close()
+
+    def _section_refused(self, device_id: str, group: str | None) -> str | None:
+        """Why the device has no twin section of its own (another id or group maps to it), or
+        None. Ids first seen at a check (discovery) get a section when theirs is free."""
+        if device_id not in self._key_refused and self._owners.get(twin_key(device_id)) != device_id:
+            self._owners, refused = key_owners([device_id], self._owners)
+            self._key_refused.update(refused)
+        if device_id in self._key_refused:
+            return f"device id {self._key_refused[device_id]}"
+        if group is None:
+            return None
+        if group not in self._group_refused and self._group_owners.get(twin_key(group)) != group:
+            self._group_owners, refused = key_owners([group], self._group_owners)
+            self._group_refused.update(refused)
+        return f"group {self._group_refused[group]}" if group in self._group_refused else None
 
     async def check(self, device: DeviceView) -> Offer | None:
         self._groups.setdefault(device.id, device.group)
+        refused = self._section_refused(device.id, device.group)
+        if refused is not None:  # (c): never another MCU's section, image, reports or methods
+            raise FetchError(f"azure_iot_hub: {refused}", UpdateResult.UPDATE_FAILED,
+                             permanent=True)
         if not self._fresh:
             await self._refresh()
         await self._inventory(device)
         key = twin_key(device.id)
+        unusable: TwinRefused | None = None
         try:
             want = self._entry(device.id, self._desired_for(device.id))
         except TwinRefused as exc:
-            await self._refuse(device.id, f"unusable desired section: {exc}", None)
+            want, unusable = None, exc
+        cancel = self._cancels.get(device.id)
+        if cancel is not None and (want is None or str(want.version) != cancel["version"]):
+            # the hub's cancel, not yet acknowledged, of a version the section no longer names
+            # (removed, changed, unusable): still journalled and acknowledged (below: the same)
+            raise ServerCanceled(cancel["reason"], Offer(
+                device.id, self.name, f"azure-{key}-{cancel['version']}",
+                report_to={"mcu": key, "version": cancel["version"]}),
+                {"mcu": key, "version": cancel["version"]})
+        if unusable is not None:
+            await self._refuse(device.id, f"unusable desired section: {unusable}", None)
             if device.group is not None:  # its group does not start without it (retried)
-                raise FetchError(f"unusable desired section: {exc}",
+                raise FetchError(f"unusable desired section: {unusable}",
                                  UpdateResult.UNSUPPORTED_PACKAGE) from None
             return None
         if want is None:
@@ -574,12 +734,8 @@ class AzureIotHubSource(FleetSource):
                       version=want.version, sha256=want.sha256, size=want.size,
                       hardware=want.hardware, handle={"desired": want},
                       report_to={"mcu": key, "version": vs})
-        cancel = self._cancels.get(device.id)
         if cancel is not None:  # the hub's cancel, not yet acknowledged: the gateway journals it
-            raise ServerCanceled(cancel["reason"], offer if cancel["version"] == vs else Offer(
-                device.id, self.name, f"azure-{key}-{cancel['version']}",
-                report_to={"mcu": key, "version": cancel["version"]}),
-                {"mcu": key, "version": cancel["version"]})
+            raise ServerCanceled(cancel["reason"], offer, {"mcu": key, "version": vs})
         if self._declined.get(device.id) == vs:
             return None  # refused or canceled before: not again until it changes
         if device.running_version is not None and want.version == device.running_version:
@@ -610,6 +766,7 @@ class AzureIotHubSource(FleetSource):
         """An offer refused on the cross-checks: reported once (kept until the hub took it)."""
         log.warning("azure device=%s %s", device_id, reason)
         res = UpdateResult.UNSUPPORTED_PACKAGE
+        asked = self._asked_again.get(device_id, 0)
         try:
             await self._patch_reported(device_id, {
                 "state": "idle", "result": int(res), "result_name": res.name,
@@ -617,7 +774,8 @@ class AzureIotHubSource(FleetSource):
         except ReportNotDelivered as exc:
             log.info("azure device=%s refusal not reported yet: %s", device_id, exc)
             return
-        if version is not None:
+        if version is not None and self._asked_again.get(device_id, 0) == asked:
+            # (an update_now that came while the hub took the report asks again: not declined)
             self._declined[device_id] = version
             self._save_state()
 
@@ -685,6 +843,7 @@ class AzureIotHubSource(FleetSource):
             await self._patch_reported(dev, props)
             self._progress_at[dev], self._sent_state[dev] = now, state
             return
+        asked = self._asked_again.get(dev, 0)
         outcome = {"version": offer.report_to.get("version"), "result": int(report.result),
                    "result_name": report.result.name, "reason": report.detail[:500],
                    "report_id": report.report_id, "at": _now()}
@@ -696,8 +855,11 @@ class AzureIotHubSource(FleetSource):
         cur = self._current.get(dev)
         if cur is not None and cur.report_to == offer.report_to:
             self._current.pop(dev, None)
-        if report.result != UpdateResult.SUCCESS and offer.report_to.get("version"):
-            # a failed offer is not taken again and again: a new desired version or update_now
+        if (_final_refusal(report) and offer.report_to.get("version")
+                and self._asked_again.get(dev, 0) == asked):
+            # a refused offer is not taken again and again: a new desired version or update_now.
+            # A transient failure (blob storage or the device's link lost) is not: the gateway's
+            # retry policy (retry.*: backoff, park after max_attempts) takes it again
             self._declined[dev] = str(offer.report_to["version"])
             self._save_state()
 
@@ -770,7 +932,10 @@ class AzureIotHubSource(FleetSource):
         mcu = payload.get("mcu") if isinstance(payload, dict) else None
         if not isinstance(mcu, str) or not mcu:
             return 400, {"error": 'payload must be {"mcu": "<device id>"}'}
-        dev = next((d for d in self._groups if d == mcu or twin_key(d) == mcu), None)
+        # exact: the MCU whose twin section is ``mcu`` (or whose id it is), never a lookalike
+        dev = self._owners.get(mcu)
+        if dev is None and self._owners.get(twin_key(mcu)) == mcu:
+            dev = mcu
         if dev is None:
             return 404, {"error": f"no MCU {mcu[:64]!r} behind this gateway"}
         log.info("azure: direct method %s for %s", name, dev)
@@ -778,6 +943,8 @@ class AzureIotHubSource(FleetSource):
             return await self._method_cancel(dev)
         if self._control is None:
             return 503, {"error": "not attached to a running gateway"}
+        if name == "update_now":
+            self._asked_again[dev] = self._asked_again.get(dev, 0) + 1
         if name == "update_now" and self._declined.pop(dev, None) is not None:
             self._save_state()  # the hub asks again for what was declined
         req: dict[str, Any] = {"cmd": CTL_CMD[name], "device": dev}

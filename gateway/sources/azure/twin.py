@@ -15,18 +15,19 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from gateway.mcuboot import Version
+from gateway.sources.settings import azure_key_owners, azure_twin_key
 
 _SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
-_KEY = re.compile(r"[^A-Za-z0-9_-]")
+
+
+# a device id's / group name's twin section name, and which id a section names (exact, never
+# two MCUs on one section); kept with the config schema, which refuses colliding ids
+twin_key = azure_twin_key
+key_owners = azure_key_owners
 
 
 class TwinRefused(ValueError):
     """The twin (or a patch, a method payload) exceeds a bound or is not the documented shape."""
-
-
-def twin_key(device_id: str) -> str:
-    """The property name of a device id (twin names may not hold ``.``, ``$``, spaces...)."""
-    return _KEY.sub("_", device_id)[:128]
 
 
 def depth(obj: Any, limit: int) -> int:
