@@ -14,8 +14,10 @@ warning). Files are created 0600 and directories 0700.
 
 Bounded on disk (``prune``, before each download, at most once a minute): a file of the
 directory not touched for ``max_age_s`` (7 days) is removed, then the oldest until the rest
-holds at most ``max_bytes``; the downloads in flight are never touched. (The image store
-keeps what an update uses: a download is only needed until it was verified.)
+holds at most ``max_bytes``; the downloads in flight are never touched, nor a file handed out
+within the last hour (still being verified) or one a caller still holds (``keep``: the LwM2M
+source's package waiting in State 2 for the server's Update). (The image store keeps what an
+update uses: a download is only needed until it was verified.)
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import os
 import re
 import ssl
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,7 @@ from gateway.sources.base import FetchError, UpdateResult
 log = logging.getLogger(__name__)
 
 _SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
+HANDED_OUT_KEEP_S = 3600.0  # a file fetch() returned is spared by prune() this long
 
 
 def shown(url: str) -> str:
@@ -179,6 +182,10 @@ class Downloader:
         self.max_age_s = max_age_s
         self.max_bytes = max_bytes
         self._pruned_at = float("-inf")
+        # files prune() never removes: what a caller still holds (a package waiting for the
+        # server's Update), and what was handed out within HANDED_OUT_KEEP_S (being verified)
+        self.keep: Callable[[], Iterable[Path]] = lambda: ()
+        self._handed_out: dict[Path, float] = {}
 
     async def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -249,6 +256,7 @@ class Downloader:
                 f"artifact is {_size(path)} bytes, more than the {max_size} allowed",
                 UpdateResult.NOT_ENOUGH_FLASH,
             )
+        self._handed_out[path] = time.monotonic()
         return path
 
     def prune(self, now: float | None = None) -> list[str]:
@@ -256,16 +264,21 @@ class Downloader:
         counted (other users of the directory too: the LwM2M source's coap:// pulls); a file
         whose name starts with a key in flight is kept."""
         now = time.time() if now is None else now
-        self._pruned_at = time.monotonic()
+        self._pruned_at = mono = time.monotonic()
+        self._handed_out = {p: t for p, t in self._handed_out.items() if mono - t < HANDED_OUT_KEEP_S}
+        spared = {Path(p).resolve() for p in self.keep()} | {p.resolve() for p in self._handed_out}
         files: list[tuple[float, int, Path]] = []
+        total = 0  # every file counts; the spared ones are never removed
         with contextlib.suppress(OSError):
             for p in self.dir.iterdir():
                 with contextlib.suppress(OSError):
                     st = p.stat()
-                    if p.is_file() and not any(p.name.startswith(k) for k in self._inflight):
+                    if not p.is_file():
+                        continue
+                    total += st.st_blocks * 512
+                    if not any(p.name.startswith(k) for k in self._inflight) and p.resolve() not in spared:
                         files.append((st.st_mtime, st.st_blocks * 512, p))
         files.sort()
-        total = sum(sz for _m, sz, _p in files)
         removed = []
         for mtime, sz, p in files:
             if now - mtime <= self.max_age_s and total <= self.max_bytes:

@@ -282,3 +282,19 @@ async def test_sas_query_never_in_errors_or_logs(tmp_path: Path, where: str,
             await d.close()
     assert "SECRET" not in str(ei.value) and "SECRET" not in caplog.text, str(ei.value)
     assert "/blob?..." in str(ei.value) or "/blob" in str(ei.value)
+
+
+async def test_prune_spares_a_file_just_handed_out(store: FileStore, tmp_path: Path) -> None:
+    """A cached download reused today keeps its old date: a prune started by another download
+    must not remove it while its caller still verifies or unpacks it (review core2)."""
+    d = dl(tmp_path, max_age_s=3600.0, max_bytes=10_000_000)
+    url = store.base + store.add("a.bin", DATA)  # type: ignore[attr-defined]
+    try:
+        p = await d.fetch(url, sha256=SHA, max_size=None)
+        old = time.time() - 8 * 86400
+        os.utime(p, (old, old))  # past max_age_s, as a week-old cached copy is
+        assert d.prune() == [] and p.exists()
+        d._handed_out.clear()  # an hour later (HANDED_OUT_KEEP_S): nobody holds it any more
+        assert d.prune() == [p.name] and not p.exists()
+    finally:
+        await d.close()

@@ -83,6 +83,9 @@ class Lwm2mSource(FleetSource):
             timeouts=DownloadTimeouts(connect_s=cfg.download_connect_timeout_s,
                                       read_s=cfg.download_read_timeout_s),
             retries=cfg.download_retries)
+        # a pulled package waits in State 2 for the server's Update, days if need be: never pruned
+        self._downloader.keep = lambda: [Path(ep.rec.package) for ep in self._eps.values()
+                                         if ep.rec.package]
         self._started = False
         self._closing: set[asyncio.Task[None]] = set()  # endpoints of gone devices, closing
 
