@@ -25,10 +25,20 @@ from typing import Any
 
 import yaml
 
-from gateway import cli_tools
+from gateway import cli_tools, inventory
 from gateway import log as glog
 from gateway.config import ConfigError, DeviceConfig, GatewayConfig, load_config
+from gateway.control import ControlError, request
+from gateway.ctl import main_ctl
+from gateway.daemon import Gateway, SupervisorDied, make_transport
+from gateway.demo import main_demo
+from gateway.journal import Journal
 from gateway.opstate import OpState, retry_label, source_label
+from gateway.probe import main_probe, target
+from gateway.sim.config import check_files, load_sim_config
+from gateway.sim.simulator import run_until_signalled
+from gateway.smp.session import SMPSession
+from gateway.ui import run_once_shown
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -109,12 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "demo":
             setup(args.log_format or "text", logging.WARNING if sys.stderr.isatty() else level)
-            from gateway.demo import main_demo
 
             return main_demo(args.workdir, args.keep)
         if args.cmd == "probe":
             setup(args.log_format or "text", level)
-            from gateway.probe import main_probe, target
 
             return main_probe(target(args.serial, args.udp, args.ble, baud=args.baud,
                                      adapter=args.adapter, backend=args.backend, hci=args.hci),
@@ -137,8 +145,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "status":
             return _status_of(cfg, args.offline, args.json)
         if args.cmd == "ctl":
-            from gateway.ctl import main_ctl
-
             return main_ctl(cfg, args)
     except ConfigError as exc:
         for line in exc.lines():  # every problem, one line each
@@ -152,8 +158,6 @@ def main(argv: list[str] | None = None) -> int:
 def _sim(path: Path) -> int:
     from pydantic import ValidationError
 
-    from gateway.sim.config import check_files, load_sim_config
-    from gateway.sim.simulator import run_until_signalled
 
     try:
         cfg = load_sim_config(path)
@@ -222,8 +226,6 @@ def _status_of(cfg: GatewayConfig, offline: bool, as_json: bool) -> int:
 
 
 async def _run(cfg: GatewayConfig, once: bool, as_json: bool = False) -> int:
-    from gateway.daemon import Gateway, SupervisorDied
-    from gateway.ui import run_once_shown
 
     if once:
         result = await run_once_shown(cfg, as_json=as_json)
@@ -261,8 +263,6 @@ async def _daemon_status(cfg: GatewayConfig) -> dict[str, dict[str, Any]] | None
     when no daemon answers there. A daemon holds its devices' links (a serial port is locked
     by it, a device it is resetting does not answer): asking the devices beside it would show
     "in use" and "unreachable" for devices that are fine."""
-    from gateway.control import ControlError, request
-
     if not cfg.control.enabled or not cfg.control_socket.exists():
         return None
     try:
@@ -299,10 +299,6 @@ async def _status(cfg: GatewayConfig, offline: bool, as_json: bool = False) -> i
     from rich.table import Table
     from smp.image_management import ImageState
 
-    from gateway import inventory
-    from gateway.daemon import make_transport
-    from gateway.journal import Journal
-    from gateway.smp.session import SMPSession
 
     def flags(st: ImageState) -> str:
         return ",".join(f for f in ("active", "confirmed", "pending", "permanent") if getattr(st, f))
@@ -419,8 +415,6 @@ def _status_json(cfg: GatewayConfig, devices: list[DeviceConfig], live: dict[str
                  sources: dict[str, dict[str, Any]] | None = None,
                  daemon: dict[str, dict[str, Any]] | None = None) -> int:
     import json
-
-    from gateway import inventory
 
     last: dict[str, dict[str, Any]] = {}
     if (cfg.state_dir / "fleet.sqlite").exists():

@@ -49,6 +49,7 @@ from gateway.config import (
 )
 from gateway.download import sha256_file
 from gateway.engine import Outcome, Slots, Stage, Status, Step, UpdateEngine, set_revert_open
+from gateway.fleetops import FleetOps  # discovery, rollout, windows, cancel, ctl
 from gateway.groups import GroupRunner
 from gateway.images import ImageRefused, ImageStore, VerifiedImageSet
 from gateway.journal import STAGED, Entry, FinalReport, Journal
@@ -56,6 +57,7 @@ from gateway.maintenance import both_gates
 from gateway.mcuboot import IMAGE_MAGIC, TrustedKey, Version, read_version
 from gateway.metrics import Metrics, MetricsServer
 from gateway.plan import Plan, Stopping
+from gateway.smp.ble import BleLink, adapter_key  # the BLE stacks themselves load lazily
 from gateway.smp.session import SMPError, SMPSession, SMPTimeout, UploadError
 from gateway.smp.transport import SerialTransport as SerialLink
 from gateway.smp.transport import Transport, TransportError
@@ -90,8 +92,6 @@ def make_transport(dev: DeviceConfig) -> Transport:
     if isinstance(t, SerialTransport):
         return SerialLink(t.port, t.baud, t.line_length, t.mtu, t.shell)
     if isinstance(t, BleTransport):
-        from gateway.smp.ble import BleLink  # type: ignore[import-not-found,unused-ignore]
-
         return BleLink(t)  # type: ignore[no-any-return,unused-ignore]
     raise ValueError(f"unsupported transport {t!r}")
 
@@ -218,7 +218,6 @@ class Gateway:
         self._report_rng = random.Random()
         self.clock: Callable[[], float] = time.monotonic
         self.groups = GroupRunner(self)
-        from gateway.fleetops import FleetOps  # discovery, rollout, windows, cancel, ctl
 
         self.fleet = FleetOps(self)
         hooks = getattr(self.source, "set_waker", None), getattr(self.source, "set_reboot", None)
@@ -319,8 +318,6 @@ class Gateway:
 
     def _ble_sem(self, dev: DeviceConfig) -> asyncio.Semaphore | None:
         if isinstance(dev.transport, BleTransport):
-            from gateway.smp.ble import adapter_key  # optional stack: only for BLE devices
-
             a = adapter_key(dev.transport)
             cap = self.cfg.ble_adapters.get(a, self.cfg.ble_per_adapter)
             return self._ble_sems.setdefault(a, asyncio.Semaphore(cap))

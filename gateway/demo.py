@@ -33,6 +33,7 @@ from gateway import devkit
 from gateway.config import GatewayConfig, parse_config
 from gateway.sim.config import SimConfig, SimDeviceConfig
 from gateway.sim.simulator import Simulator
+from gateway.ui import run_once_shown
 
 HARDWARE = "sim_board"
 
@@ -189,8 +190,6 @@ def running(dev: Any) -> str:
 
 async def run_demo(workdir: Path | None = None, keep: bool = False) -> int:
     from rich.console import Console
-
-    from gateway.ui import run_once_shown
 
     temp = workdir is None
     root = workdir or Path(tempfile.mkdtemp(prefix="smp-gateway-demo-"))

@@ -40,6 +40,7 @@ from typing import Any
 import aiohttp
 
 from gateway.artifacts.bundle import MAX_ARTIFACT
+from gateway.config import ConfigError
 from gateway.sources.base import FetchError, UpdateResult
 
 log = logging.getLogger(__name__)
@@ -85,8 +86,6 @@ def make_ssl(ca_file: Path | None, insecure: bool, what: str) -> ssl.SSLContext 
         log.warning("TLS certificate verification is DISABLED for %s (insecure: true)", what)
         return False
     if ca_file is not None and not Path(ca_file).is_file():
-        from gateway.config import ConfigError
-
         raise ConfigError(ca_file, "ca_file", f"no such CA file (for {what})")
     return ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
 

@@ -43,7 +43,9 @@ from gateway import devcmd, inventory
 from gateway.bootmodes.recovery import in_serial_recovery, last_confirmed_path
 from gateway.config import DeviceConfig, GatewayConfig, SerialTransport
 from gateway.control import ControlError, ControlServer
+from gateway.discovery import Discovery
 from gateway.discovery.guard import IdentityGuard
+from gateway.discovery.links import FollowingSerialLink
 from gateway.engine import Outcome, Slots, Stage, Status, Step, UpdateEngine, set_revert_open
 from gateway.images import ImageRefused, ImageStore, VerifiedImageSet
 from gateway.journal import STAGED, Entry, Intent, Journal
@@ -160,8 +162,6 @@ class FleetOps:
         self.maint = MaintenancePolicy.from_config(cfg.maintenance_windows)
         self.discovery = None
         if cfg.discovery is not None and cfg.device_templates:
-            from gateway.discovery import Discovery
-
             self.discovery = Discovery(cfg, self.ops, busy=lambda dev_id: dev_id in gw.in_session)
         self.identity = IdentityGuard(cfg, self.ops, self.discovery)  # checked at every session
         self.rollout = RolloutManager(cfg.rollout, self.ops, lambda: max(1, len(gw.units())),
@@ -204,7 +204,6 @@ class FleetOps:
         t = dev.transport
         if not isinstance(t, SerialTransport):
             return None
-        from gateway.discovery.links import FollowingSerialLink
 
         disc = self.discovery
         return FollowingSerialLink(lambda: disc.port_of(dev.id), t.port, t.baud, t.line_length, t.mtu)

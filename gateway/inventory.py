@@ -25,7 +25,10 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from gateway.bootmodes.modes import mode_name
+from gateway.config import DeviceConfig
 from gateway.discovery.identify import SlotInfo
+from gateway.mcuboot import ImageFormatError, parse_image
+from gateway.opstate import OpState
 
 if TYPE_CHECKING:
     from smp.image_management import ImageState
@@ -197,8 +200,6 @@ def release_query(inv: dict[str, Any]) -> dict[str, str]:
 
 def all_devices(cfg: Any) -> list[DeviceConfig]:
     """``devices:`` plus the devices discovery has found (from ``fleet.sqlite``), for ``status``."""
-    from gateway.config import DeviceConfig
-    from gateway.opstate import OpState
 
     out = list(cfg.devices)
     path = cfg.state_dir / "fleet.sqlite"
@@ -221,8 +222,6 @@ def quarantined(state_dir: Any) -> dict[str, str]:
     """device id -> why no update may touch it now (``fleet.sqlite``, for ``status``)."""
     from pathlib import Path
 
-    from gateway.opstate import OpState
-
     path = Path(state_dir) / "fleet.sqlite"
     if not path.exists():
         return {}
@@ -236,8 +235,6 @@ def quarantined(state_dir: Any) -> dict[str, str]:
 def image_versions(state_dir: Any) -> dict[str, str]:
     """image hash (hex) -> version, for the verified images the gateway stored."""
     from pathlib import Path
-
-    from gateway.mcuboot import ImageFormatError, parse_image
 
     out: dict[str, str] = {}
     root = Path(state_dir) / "images"

@@ -41,6 +41,7 @@ from gateway.smp.ble import BleError, BleLink, BleUnavailable
 from gateway.smp.session import SMPError, SMPSession, SMPTimeout
 from gateway.smp.transport import SerialTransport, Transport, TransportError, UdpTransport
 from gateway.smp.tuning import kconfig_netbuf
+from gateway.smp.upload import upload_plan
 
 _BD_ADDR = re.compile(r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -117,8 +118,6 @@ async def upload_start(session: SMPSession) -> dict[str, Any]:
     """The chunk size and window an upload would start with, and why (the upload's own
     policy, ``gateway.smp.upload.upload_plan`` / ``gateway.smp.tuning.plan_upload``; no
     remembered tuning: what a first upload to this device would do)."""
-    from gateway.smp.upload import upload_plan
-
     plan = await upload_plan(session)
     return {"packet_limit": plan.packet, "chunk_data": plan.chunk, "window": plan.window,
             "window_may_grow_to": plan.grow_limit, "ladder": list(plan.ladder),

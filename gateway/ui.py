@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 from rich.table import Table
 
+from gateway.daemon import Gateway
 from gateway.engine import Outcome
 
 if TYPE_CHECKING:
@@ -120,8 +121,6 @@ async def run_once_shown(cfg: GatewayConfig, console: Console | None = None,
     """One ``--once`` pass: a progress bar per device and a table on a terminal, plain lines
     otherwise (``as_json``: one JSON document on stdout). ``title`` may use ``{seconds}``."""
     import sys
-
-    from gateway.daemon import Gateway
 
     tty = sys.stderr.isatty() and not as_json
     view = ProgressView(console) if tty else None

@@ -28,7 +28,15 @@ from typing import Any
 
 from gateway.config import BleDiscovery
 from gateway.discovery.candidates import Candidate
-from gateway.smp.ble import SMP_SERVICE_UUID, BleUnavailable, scan_lock
+from gateway.smp.ble import (
+    SMP_SERVICE_UUID,
+    BleUnavailable,
+    _acquire_host,
+    _advert_name,
+    _bluez_unavailable,
+    _release_host,
+    scan_lock,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,15 +72,11 @@ def _wanted(cfg: BleDiscovery, uuids: list[str], name: str | None) -> bool:
 async def _scan_bumble(cfg: BleDiscovery) -> list[Candidate]:
     from bumble.core import UUID, AdvertisingData
 
-    from gateway.smp.ble import _acquire_host, _release_host
-
     assert cfg.hci is not None
     host = await _acquire_host(cfg.hci)
     seen: dict[str, Candidate] = {}
 
     def on_adv(adv: Any) -> None:
-        from gateway.smp.ble import _advert_name
-
         uuids: list[str] = []
         for t in (AdvertisingData.COMPLETE_LIST_OF_128_BIT_SERVICE_CLASS_UUIDS,
                   AdvertisingData.INCOMPLETE_LIST_OF_128_BIT_SERVICE_CLASS_UUIDS):
@@ -112,7 +116,6 @@ async def _scan_bleak(cfg: BleDiscovery) -> list[Candidate]:
         from bleak import BleakScanner
     except ImportError as exc:  # pragma: no cover - bleak is a dependency
         raise BleUnavailable("BLE discovery (backend bleak) needs the 'bleak' package") from exc
-    from gateway.smp.ble import _bluez_unavailable
 
     try:
         found = await BleakScanner.discover(timeout=cfg.scan_s, return_adv=True,

@@ -54,6 +54,7 @@ from gateway.discovery.identify import DeviceFacts, fingerprint, identify
 from gateway.discovery.mdns import MdnsBrowser
 from gateway.discovery.templates import RuleError, build_device, pick, prematch
 from gateway.opstate import KnownDevice, OpState
+from gateway.smp.ble import BleLink
 from gateway.smp.session import SMPSession, SMPTimeout
 from gateway.smp.transport import SerialTransport, Transport, TransportError, UdpTransport
 
@@ -103,7 +104,6 @@ def link_for(cand: Candidate, t: DeviceTemplate | None) -> Transport:
                                tr.get("mtu"), tr.get("shell") is True)
     if cand.kind == "udp":
         return UdpTransport(tr["host"], int(tr.get("port", 1337)), int(tr.get("mtu", 1500)))
-    from gateway.smp.ble import BleLink
 
     return BleLink(BleTransport.model_validate(tr))
 

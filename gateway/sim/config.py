@@ -8,6 +8,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from gateway.sim.presets import apply_preset
+
 # Values of MCUboot's ``MCUBOOT_MODE_*`` as Zephyr's os_mgmt bootloader-info reports them
 # (zephyr subsys/mgmt/mcumgr/grp/os_mgmt/src/os_mgmt.c maps CONFIG_MCUBOOT_BOOTLOADER_MODE_*
 # to these; numbers from mcuboot boot/bootutil/include/bootutil/boot_status.h, mirrored by
@@ -326,8 +328,6 @@ class SimDeviceConfig(_Model):
     @classmethod
     def _apply_preset(cls, data: Any) -> Any:
         if isinstance(data, dict) and data.get("preset") is not None:
-            from gateway.sim.presets import apply_preset
-
             return apply_preset(str(data["preset"]), data)
         return data
 

@@ -29,6 +29,7 @@ from smp import packet as smppacket
 from smp.exceptions import SMPBadContinueDelimiter, SMPBadCRC, SMPBadStartDelimiter
 
 from gateway.mcuboot import ImageInfo, TrustedKey, Version
+from gateway.sim.ble import BleEndpoint  # imports bumble: only when used
 from gateway.sim.boot import (
     BootEnv,
     BootResult,
@@ -138,8 +139,6 @@ class SimDevice:
         if cfg.udp is not None:
             self.transport = UdpEndpoint(self, cfg.udp.host, cfg.udp.port)
         elif cfg.ble is not None:
-            from gateway.sim.ble import BleEndpoint  # imports bumble: only when used
-
             self.transport = BleEndpoint(self, cfg.ble)
         else:
             self.transport = PtyEndpoint(self)

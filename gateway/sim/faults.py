@@ -38,6 +38,8 @@ from typing import TYPE_CHECKING
 
 import cbor2
 
+from gateway.sim.flash import BOOT_MAGIC
+
 if TYPE_CHECKING:
     from gateway.sim.config import ResponseFaultConfig, SimDeviceConfig
     from gateway.sim.flash import Flash
@@ -81,8 +83,6 @@ class Faults:
         if mode is None or self.trailer_cut_done:
             return
         if mode == "torn-magic" and what == "magic":
-            from gateway.sim.flash import BOOT_MAGIC
-
             flash.write(slot, flash.magic_off_of(slot), BOOT_MAGIC[:8], sync=True)
         elif not (mode == "after-magic" and what in ("swap_info", "image_ok")):
             return

@@ -71,6 +71,7 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from gateway.artifacts.bundle import BundleEntry, may_be_bundle, set_cap, write_bundle
+from gateway.inventory import hawkbit_attributes
 from gateway.mcuboot import Version
 from gateway.sources._http import HttpSource, parse_json, read_body
 from gateway.sources.base import (
@@ -193,7 +194,6 @@ class HawkbitSource(HttpSource):
             "device_id": device.id,
         }
         if device.inventory:  # slots, bootloader mode, params, last outcome (gateway.inventory)
-            from gateway.inventory import hawkbit_attributes
 
             attrs.update(hawkbit_attributes(device.inventory))
         attrs.update(self.cfg.attributes)

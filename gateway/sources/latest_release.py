@@ -29,6 +29,7 @@ import aiohttp
 
 from gateway.artifacts.bundle import may_be_bundle, set_cap
 from gateway.download import retry_after_seconds
+from gateway.inventory import release_query
 from gateway.mcuboot import Version
 from gateway.sources._http import HttpSource, read_json
 from gateway.sources.base import DeviceView, FetchError, Offer, Report, UpdateResult
@@ -71,7 +72,6 @@ class LatestReleaseSource(HttpSource):
             "current_version": device.running_version.semver() if device.running_version else "",
         }
         if device.inventory:  # a few inventory facts beside the API's own four parameters
-            from gateway.inventory import release_query
 
             params = {**release_query(device.inventory), **params}
         headers = {self.cfg.key_header: self.cfg.project_key.get(), "Accept": "application/json"}

@@ -57,6 +57,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from gateway.artifacts.bundle import BundleEntry, BundleError, is_bundle, read_bundle, write_bundle
+from gateway.images import set_id
 from gateway.mcuboot import ImageFormatError, ImageInfo, Version, parse_image
 from gateway.sources.base import (
     DeviceView,
@@ -276,8 +277,6 @@ class LocalSource(FleetSource):
         return broken
 
     def _parse_target(self, e: ManifestEntry) -> _Target:
-        from gateway.images import set_id
-
         def inside(rel: str) -> Path:
             p = self._inside(rel)
             if p is None:

@@ -69,7 +69,9 @@ import aiomqtt
 
 from gateway import safejson
 from gateway.artifacts.bundle import may_be_bundle, set_cap
+from gateway.config import ConfigError
 from gateway.download import Downloader, DownloadTimeouts
+from gateway.inventory import shadow_document
 from gateway.mcuboot import Version
 from gateway.sources.base import (
     DeviceView,
@@ -208,7 +210,6 @@ class MqttJobsSource(FleetSource):
     def _tls_context(self) -> ssl.SSLContext | None:
         if not self.cfg.tls:
             return None
-        from gateway.config import ConfigError
 
         for key in ("ca_file", "cert_file", "key_file"):
             p = getattr(self.cfg, key)
@@ -535,7 +536,6 @@ class MqttJobsSource(FleetSource):
         topic_t = self.cfg.inventory_topic
         if not topic_t or not device.inventory:
             return
-        from gateway.inventory import shadow_document
 
         doc = shadow_document(device.inventory)
         sig = json.dumps(doc["state"], sort_keys=True, default=str)

@@ -58,6 +58,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from gateway.artifacts.bundle import set_cap
 from gateway.artifacts.mender import ArtifactError, ArtifactIntegrityError, unpack_zephyr_artifact
+from gateway.inventory import rdfm_metadata
 from gateway.sources._http import HttpSource, read_json, read_text
 from gateway.sources.base import (
     DeviceView,
@@ -144,7 +145,6 @@ class RdfmSource(HttpSource):
         values, as the real server requires; the three keys above stay as they are."""
         if not device.inventory or self.cfg.identity != "device":
             return {}
-        from gateway.inventory import rdfm_metadata
 
         return rdfm_metadata(device.inventory)
 
