@@ -12,6 +12,7 @@ import asyncio
 import errno
 import functools
 import importlib.metadata
+import json
 import logging
 import os
 import signal
@@ -24,6 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+from smp.image_management import ImageState
 
 from gateway import cli_tools, inventory
 from gateway import log as glog
@@ -156,8 +161,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _sim(path: Path) -> int:
-    from pydantic import ValidationError
-
 
     try:
         cfg = load_sim_config(path)
@@ -295,9 +298,6 @@ async def _status(cfg: GatewayConfig, offline: bool, as_json: bool = False) -> i
     inventory records the fleet servers get, ``gateway.inventory``). With a daemon running
     (its control socket answers) the slots and sessions are the daemon's; the devices are read
     live only when no daemon runs."""
-    from rich.console import Console
-    from rich.table import Table
-    from smp.image_management import ImageState
 
 
     def flags(st: ImageState) -> str:
@@ -414,8 +414,6 @@ def _status_json(cfg: GatewayConfig, devices: list[DeviceConfig], live: dict[str
                  retry: dict[str, dict[str, Any]] | None = None,
                  sources: dict[str, dict[str, Any]] | None = None,
                  daemon: dict[str, dict[str, Any]] | None = None) -> int:
-    import json
-
     last: dict[str, dict[str, Any]] = {}
     if (cfg.state_dir / "fleet.sqlite").exists():
         ops = OpState(cfg.state_dir / "fleet.sqlite")

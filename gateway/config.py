@@ -8,7 +8,10 @@ Relative paths in the file are resolved against the file's directory.
 
 from __future__ import annotations
 
+import difflib
+import ipaddress
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -21,6 +24,7 @@ from pydantic import (
     model_validator,
 )
 
+from gateway.maintenance import check_window
 from gateway.schema import ConfigError, Model, Secret, SecretRef
 from gateway.sources.settings import (
     AwsOtaSourceConfig,
@@ -274,8 +278,6 @@ class TemplateMatch(Model):
     @field_validator("usb_vid_pid")
     @classmethod
     def _vid_pid(cls, v: list[str] | None) -> list[str] | None:
-        import re
-
         for item in v or []:
             if not re.fullmatch(r"[0-9a-fA-F]{4}:([0-9a-fA-F]{4}|\*)", item):
                 raise ValueError(f"{item!r} is not VVVV:PPPP (hex vendor and product id, or VVVV:*)")
@@ -338,8 +340,6 @@ class UdpDiscovery(Model):
     @field_validator("hosts")
     @classmethod
     def _hosts(cls, v: list[str]) -> list[str]:
-        import ipaddress
-
         for h in v:
             if "/" in h:
                 try:
@@ -421,8 +421,6 @@ class MaintenanceWindowConfig(Model):
 
     @model_validator(mode="after")
     def _valid(self) -> MaintenanceWindowConfig:
-        from gateway.maintenance import check_window
-
         check_window(self.cron, self.timezone)
         return self
 
@@ -627,8 +625,6 @@ def _keys_at(loc: tuple[Any, ...]) -> set[str] | None:
 def _describe(err: Any) -> str:
     typ = err["type"]
     if typ == "extra_forbidden":
-        import difflib
-
         key = str(err["loc"][-1]) if err.get("loc") else ""
         siblings = _keys_at(tuple(err["loc"][:-1])) if err.get("loc") else None
         close = difflib.get_close_matches(key, sorted(siblings if siblings is not None

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from rich.console import Console
 
 from gateway import devkit
 from gateway.config import GatewayConfig, parse_config
@@ -189,8 +190,6 @@ def running(dev: Any) -> str:
 
 
 async def run_demo(workdir: Path | None = None, keep: bool = False) -> int:
-    from rich.console import Console
-
     temp = workdir is None
     root = workdir or Path(tempfile.mkdtemp(prefix="smp-gateway-demo-"))
     console = Console(stderr=True, soft_wrap=True)  # a long PTY path stays on its line

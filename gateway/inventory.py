@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gateway.bootmodes.modes import mode_name
@@ -220,8 +221,6 @@ def all_devices(cfg: Any) -> list[DeviceConfig]:
 
 def quarantined(state_dir: Any) -> dict[str, str]:
     """device id -> why no update may touch it now (``fleet.sqlite``, for ``status``)."""
-    from pathlib import Path
-
     path = Path(state_dir) / "fleet.sqlite"
     if not path.exists():
         return {}
@@ -234,8 +233,6 @@ def quarantined(state_dir: Any) -> dict[str, str]:
 
 def image_versions(state_dir: Any) -> dict[str, str]:
     """image hash (hex) -> version, for the verified images the gateway stored."""
-    from pathlib import Path
-
     out: dict[str, str] = {}
     root = Path(state_dir) / "images"
     if not root.is_dir():

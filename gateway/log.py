@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import sys
 import time
@@ -77,8 +78,6 @@ def setup(fmt: str = "text", level: int = logging.INFO, stream: object = None, *
     Libraries stay at WARNING even under ``-v`` (debug): Bumble logs every HCI/ATT packet at
     debug level, which floods the log and slows the link it is meant to show; ``trace_ble``
     (``--trace-ble``) switches Bumble's debug log on."""
-    import os
-
     handler = logging.StreamHandler(stream or sys.stderr)  # type: ignore[arg-type]
     if fmt == "json":
         handler.setFormatter(JsonFormatter())

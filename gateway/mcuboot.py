@@ -23,6 +23,10 @@ from functools import total_ordering
 from pathlib import Path
 from typing import Any
 
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, utils
+
 IMAGE_MAGIC = 0x96F3B83D
 TLV_INFO_MAGIC = 0x6907
 TLV_PROT_INFO_MAGIC = 0x6908
@@ -380,8 +384,6 @@ class TrustedKey:
         return cls(name=name or p.stem, key=key)
 
     def public_pem(self) -> bytes:
-        from cryptography.hazmat.primitives import serialization
-
         pub = self.key._get_public()
         return bytes(
             pub.public_bytes(
@@ -475,9 +477,6 @@ def verify_signature_over_digest(info: ImageInfo, keys: list[TrustedKey]) -> Tru
     payload's match with that hash is MCUboot's check on the device, after decrypting.
     This uses ``cryptography`` directly because imgtool has no digest-only verification.
     """
-    from cryptography.exceptions import InvalidSignature
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, utils
 
     sigs = [(t, v) for t, v in info.tlvs if t in SIGNATURE_TLVS]
     if not sigs:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
@@ -120,8 +121,6 @@ async def run_once_shown(cfg: GatewayConfig, console: Console | None = None,
                          title: str = "smp-gateway", as_json: bool = False) -> Pass:
     """One ``--once`` pass: a progress bar per device and a table on a terminal, plain lines
     otherwise (``as_json``: one JSON document on stdout). ``title`` may use ``{seconds}``."""
-    import sys
-
     tty = sys.stderr.isatty() and not as_json
     view = ProgressView(console) if tty else None
     gw = Gateway(cfg, on_progress=view.update if view else None)

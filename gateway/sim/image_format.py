@@ -30,6 +30,12 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hmac as chmac
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, x25519
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
 from gateway.mcuboot import TLV, ImageInfo, Version
 
 IMAGE_F_ENCRYPTED_AES128 = 0x04
@@ -104,8 +110,6 @@ class EncryptionKey:
 
     @classmethod
     def load(cls, path: Path) -> EncryptionKey:
-        from cryptography.hazmat.primitives import serialization
-
         try:
             key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
         except (ValueError, TypeError, OSError) as exc:
@@ -114,10 +118,6 @@ class EncryptionKey:
 
     def image_key(self, info: ImageInfo) -> bytes:
         """The AES key of an encrypted image (``boot_enc_load``), or DecryptionError."""
-        from cryptography.hazmat.primitives import hashes
-        from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, x25519
-        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-        from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
         key_len = 32 if info.flags & IMAGE_F_ENCRYPTED_AES256 else 16
         k = self.key
@@ -146,7 +146,6 @@ class EncryptionKey:
         derived = HKDF(algorithm=mac_hash, length=key_len + mac_len, salt=None,
                        info=b"MCUBoot_ECIES_v1").derive(shared)
         tag, cipherkey = rest[:mac_len], rest[mac_len:]
-        from cryptography.hazmat.primitives import hmac as chmac
 
         h = chmac.HMAC(derived[key_len:], mac_hash)
         h.update(cipherkey)
@@ -163,8 +162,6 @@ def crypt_range(data: bytes, start: int, info: ImageInfo, aes_key: bytes) -> byt
     left alone, the payload byte at image offset ``o`` uses keystream position
     ``o - hdr_size``.
     """
-    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-
     lo = max(start, info.hdr_size)
     hi = min(start + len(data), info.hdr_size + info.img_size)
     if lo >= hi:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
@@ -97,8 +98,6 @@ async def run_simulator(
 
 async def run_until_signalled(cfg: SimConfig) -> None:
     """``run_simulator`` until SIGINT/SIGTERM, announcing addresses on stdout (the CLI entry)."""
-    import signal
-
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -20,6 +20,7 @@ import contextlib
 import errno
 import logging
 import os
+import socket
 import struct
 from base64 import b64decode
 from typing import Any
@@ -150,8 +151,6 @@ class UdpTransport(Transport):
         self._transport = transport
         sock = transport.get_extra_info("socket")
         if sock is not None:
-            import socket
-
             self._ipv6 = sock.family == socket.AF_INET6
 
     async def close(self) -> None:
