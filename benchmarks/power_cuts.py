@@ -138,7 +138,6 @@ def dump(path):
 if value == 0x7FFFFF00:
     # not a firmware write: the runner asks for the flash at the end of the golden run
     dump(OUT + ".final")
-    value = prev
 elif after >= 0:
     # the first FLASH_CR write after operation CUT: it is done (a program: PG is cleared
     # after the byte; an erase: the controller erased on STRT)
@@ -556,7 +555,7 @@ async def run_cut(mode: Mode, cut: int, variant: str, work: Path, *, label: str 
             if offline and variant == "running":
                 # the gateway waits for the board it reset; the board powers up later
                 await gw.start()
-                await wait_text(work / f"gateway-{gw.n}.log", "step=", timeout_s=60)
+                await wait_text(work / f"gateway-{gw.n}.log", "device=disco", timeout_s=60)
             hook2 = hook_resc(None, second_cut, work / "cut2") if second_cut is not None else ""
             board = Board(fw, work / "board-2", pty=pty, flash=flash, hook=hook2,
                           wait_ready=False)
@@ -587,10 +586,10 @@ async def run_cut(mode: Mode, cut: int, variant: str, work: Path, *, label: str 
                 break
             await gw.start()
         v.outcome = (final or {}).get("result", "none")
-        if log_ops:  # the flash at the end, for the rebuild
+        v.problems += await judge(mode, work, pty, final, gw.outputs)
+        if log_ops:  # the flash at the end, for the rebuild (after the judge's reads)
             await boards[-1].monitor("sysbus WriteDoubleWord 0x40023C10 0x7FFFFF00")
             await wait_file(out.with_suffix(".final"), timeout_s=60, alive=[])
-        v.problems += await judge(mode, work, pty, final, gw.outputs)
     except Exception as exc:  # a broken run is a failed cut, with its reason
         v.problems.append(f"run error: {type(exc).__name__}: {exc}")
     finally:
