@@ -293,6 +293,7 @@ def outcome_of(out: str) -> dict[str, str] | None:
 
 
 FINAL = {"updated", "rolled-back", "refused", "up-to-date"}
+MAX_PASSES = 6
 PASS_TIMEOUT_S = 900  # one pass: uploads ~4.5 kB/s, swaps 35-110 s on a loaded machine
 
 
@@ -478,6 +479,7 @@ class Verdict:
     runs: str = ""
     seconds: float = 0.0
     work: str = ""
+    op: str = ""  # what the hook saw at the cut: "E"/"P" and "boot"/"app" (its program counter)
 
     @property
     def ok(self) -> bool:
@@ -513,6 +515,7 @@ async def run_cut(mode: Mode, cut: int, variant: str, work: Path, *, label: str 
     rebuilt up to ``cut`` (torn), the journal as it was when the board acknowledged the reset
     - what a live run would have at that instant, without replaying the upload and the swap."""
     t0 = time.monotonic()
+    work = work.resolve()
     v = Verdict(mode.name, cut, label, variant, second_cut, work=str(work))
     prepare(mode, work)
     fw = firmware_dir(mode.firmware)
@@ -525,6 +528,8 @@ async def run_cut(mode: Mode, cut: int, variant: str, work: Path, *, label: str 
         if offline:
             assert golden is not None
             v.reached = True
+            o = golden.ops[cut]
+            v.op = f"{'E' if o.kind == 'erase' else 'P'} {o.phase}"
             flash = work / "flash-at-cut.bin"
             flash.write_bytes(torn(golden.flash_before(cut), golden.flash_before(cut + 1)))
             shutil.copytree(golden.root / "golden-state", work / "state")
@@ -544,6 +549,8 @@ async def run_cut(mode: Mode, cut: int, variant: str, work: Path, *, label: str 
                 v.problems.append(f"operation {cut} never came (the update did fewer)")
                 return v
             await board.power_off()
+            _n, kind, pc = out.with_suffix(".meta").read_text().split()
+            v.op = f"{kind} {'boot' if int(pc, 16) < BOOT_END else 'app'}"
             if variant == "restarted":
                 await gw.kill()
                 gw.outputs.append((work / f"gateway-{gw.n}.log").read_text(errors="replace"))
@@ -573,17 +580,20 @@ async def run_cut(mode: Mode, cut: int, variant: str, work: Path, *, label: str 
                     boards.append(board)
                     await board.start()
             if variant == "restarted" or gw.proc is None:
+                # the daemon's next pass: once the board's serial port exists again
+                await wait_file(pty, timeout_s=120, alive=[])
                 await gw.start()
         # passes until a final outcome (a real daemon keeps going the same way)
         final: dict[str, str] | None = None
-        for _ in range(4):
+        for i in range(MAX_PASSES):
             rc, text = await gw.wait(PASS_TIMEOUT_S)
             if rc is None:
                 v.problems.append(f"gateway pass {gw.n} hung (> {PASS_TIMEOUT_S} s): killed")
                 break
             final = outcome_of(text)
-            if final and final.get("result") in FINAL:
+            if (final and final.get("result") in FINAL) or i == MAX_PASSES - 1:
                 break
+            await wait_file(pty, timeout_s=120, alive=[])
             await gw.start()
         v.outcome = (final or {}).get("result", "none")
         v.problems += await judge(mode, work, pty, final, gw.outputs)
@@ -833,7 +843,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--second-cut", type=int)
     a = ap.parse_args(argv)
     mode = MODES[a.mode]
-    root = a.out / mode.name
+    root = a.out.resolve() / mode.name
     root.mkdir(parents=True, exist_ok=True)
     if a.list:
         g = asyncio.run(golden(mode, root))

@@ -131,12 +131,16 @@ def test_trailer_fields_and_cut_points() -> None:
 # -- on Renode: the CI sample ---------------------------------------------------------------------
 # (mode, operation index from the golden run, its kind, the gateway variant)
 SAMPLE = [
-    ("swap-scratch", 0, "data", "restarted"),
+    ("swap-scratch", 48197, "E boot", "running"),  # MCUboot's first operation: erase the scratch
+    ("swap-move", 48186, "P boot", "restarted"),  # MCUboot writes the primary's trailer magic
+    ("overwrite-only", 24000, "P app", "running"),  # img_mgmt, half way through the upload
+    ("direct-xip-revert", 24000, "P app", "restarted"),
+    ("multi-image", 52000, "P app", "running"),  # image 1's upload (after image 0's 48259 B)
 ]
 
 
 @pytest.mark.renode
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_power_cut_sample_on_real_firmware(renode_shared: Path) -> None:
     os.environ.setdefault("SMPGW_SHARED", str(renode_shared))
     root = REPO / "build" / "power-cuts-ci"
@@ -153,3 +157,6 @@ def test_power_cut_sample_on_real_firmware(renode_shared: Path) -> None:
     bad = [(v.mode, v.cut, v.variant, v.problems,
             pc.replay_command(v.mode, v.cut, v.variant, v.second_cut)) for v in verdicts if not v.ok]
     assert not bad, bad
+    # each cut fell on the operation the sample names (kind, and MCUboot or the application)
+    assert [v.op for v in verdicts] == [kind for _m, _n, kind, _v in SAMPLE]
+    assert all(v.reached for v in verdicts)
