@@ -42,7 +42,8 @@ def _slots(active: str, *, confirmed: bool = True, pending: bool = False) -> lis
              "confirmed": False, "pending": pending, "permanent": False}]
 
 
-GOOD_EVENTS = [("upload", "done"), ("mark-test", "x"), ("reset", "x"), ("verify", "health ok"),
+MARK = ("mark-test", f"hash={NEW[:16]}")
+GOOD_EVENTS = [("upload", "done"), MARK, ("reset", "x"), ("verify", "health ok"),
                ("confirm", "confirm sent"), ("done", "updated")]
 
 
@@ -64,6 +65,10 @@ def _judge(tmp_path: Path, slots: list[dict[str, Any]], final: dict[str, str] | 
 def test_judge_passes_a_clean_update_and_a_clean_rollback(tmp_path: Path) -> None:
     assert _judge(tmp_path, _slots(NEW), {"result": "updated"}, _journal("updated", NEW),
                   [1]) == []
+    # the cut itself test-booted the image the gateway had marked: no reset event of its own
+    no_reset = [e for e in GOOD_EVENTS if e[0] != "reset"]
+    assert _judge(tmp_path, _slots(NEW), {"result": "updated"},
+                  _journal("updated", NEW, events=no_reset), [1]) == []
     assert _judge(tmp_path, _slots(OLD), {"result": "rolled-back"},
                   _journal("rolled-back", OLD, result=8), [8]) == []
 
@@ -71,7 +76,7 @@ def test_judge_passes_a_clean_update_and_a_clean_rollback(tmp_path: Path) -> Non
 @pytest.mark.parametrize("case", [
     "confirmed-without-test-boot", "confirmed-without-health-check", "outcome-says-updated",
     "journal-disagrees", "server-disagrees", "left-pending", "unconfirmed", "foreign-image",
-    "report-undelivered", "no-outcome"])
+    "report-undelivered", "no-outcome", "marked-another-image"])
 def test_judge_fails_each_bad_case(tmp_path: Path, case: str) -> None:
     """The judge is strict: each of these is a failed cut (the judge can fail)."""
     slots, journal, server = _slots(NEW), _journal("updated", NEW), [1]
@@ -79,8 +84,7 @@ def test_judge_fails_each_bad_case(tmp_path: Path, case: str) -> None:
     if case == "confirmed-without-test-boot":
         journal["events"] = [e for e in GOOD_EVENTS if e[0] != "mark-test"]
     elif case == "confirmed-without-health-check":
-        journal["events"] = [("mark-test", ""), ("reset", ""), ("confirm", "confirm sent"),
-                             ("verify", "late")]
+        journal["events"] = [MARK, ("reset", ""), ("confirm", "confirm sent"), ("verify", "late")]
     elif case == "outcome-says-updated":
         slots = _slots(OLD)
         journal = _journal("updated", OLD)
@@ -100,6 +104,9 @@ def test_judge_fails_each_bad_case(tmp_path: Path, case: str) -> None:
         journal["reports"][0]["state"] = "pending"
     elif case == "no-outcome":
         final = None
+    elif case == "marked-another-image":
+        journal["events"] = [("mark-test", f"hash={OLD[:16]}") if e == MARK else e
+                             for e in GOOD_EVENTS]
     problems = _judge(tmp_path, slots, final, journal, server)
     assert problems, f"the judge let {case} pass"
 
