@@ -568,21 +568,29 @@ async def run_cut(mode: Mode, cut: int, variant: str, work: Path, *, label: str 
                           wait_ready=False)
             boards.append(board)
             await board.start()
+            if gw.proc is None:
+                # the daemon's next pass: once the board's serial port exists again
+                await wait_file(pty, timeout_s=120, alive=[])
+                await gw.start()
             if second_cut is not None:
-                assert board.proc is not None
-                alive: list[Any] = [board.proc] + ([gw.proc] if gw.proc else [])
-                if await wait_file(work / "cut2.meta", timeout_s=PASS_TIMEOUT_S, alive=alive):
+                # the recovery (MCUboot resuming, or the gateway's next steps) cut again
+                assert board.proc is not None and gw.proc is not None
+                if await wait_file(work / "cut2.meta", timeout_s=PASS_TIMEOUT_S,
+                                   alive=[board.proc, gw.proc]):
                     await board.power_off()
+                    if variant == "restarted":
+                        await gw.kill()
+                        gw.outputs.append((work / f"gateway-{gw.n}.log").read_text(errors="replace"))
+                        gw.proc = None
                     flash2 = work / "flash-at-cut2.bin"
                     flash2.write_bytes(torn((work / "cut2.before").read_bytes(),
                                             (work / "cut2.after").read_bytes()))
                     board = Board(fw, work / "board-3", pty=pty, flash=flash2, wait_ready=False)
                     boards.append(board)
                     await board.start()
-            if variant == "restarted" or gw.proc is None:
-                # the daemon's next pass: once the board's serial port exists again
-                await wait_file(pty, timeout_s=120, alive=[])
-                await gw.start()
+                    if gw.proc is None:
+                        await wait_file(pty, timeout_s=120, alive=[])
+                        await gw.start()
         # passes until a final outcome (a real daemon keeps going the same way)
         final: dict[str, str] | None = None
         for i in range(MAX_PASSES):
@@ -788,7 +796,8 @@ async def golden(mode: Mode, root: Path) -> Golden:
 
 async def campaign(mode: Mode, root: Path, *, jobs: int, kinds: set[str], data_cuts: int,
                    second_every: int, limit: int | None, variants: str,
-                   only: list[int] | None = None, second: int | None = None) -> list[Verdict]:
+                   only: list[int] | None = None, second: int | None = None,
+                   skip_done: bool = False) -> list[Verdict]:
     g = await golden(mode, root)
     ops = g.ops
     cuts = cut_points(ops, data_cuts)
@@ -796,6 +805,12 @@ async def campaign(mode: Mode, root: Path, *, jobs: int, kinds: set[str], data_c
         by_n = {o.n: (o, lbl) for o, lbl in cuts}
         cuts = [by_n.get(n, (ops[n], f"op {n}")) for n in only]
     cuts = [(o, lbl) for o, lbl in cuts if o.kind in kinds or only is not None]
+    done: set[tuple[int, str]] = set()
+    if skip_done and (root / "results.jsonl").exists():  # a campaign stopped and started again
+        for ln in (root / "results.jsonl").read_text().splitlines():
+            r = json.loads(ln)
+            if not r["problems"]:
+                done.add((r["cut"], r["variant"]))
     if limit:
         cuts = cuts[:limit]
     sem = asyncio.Semaphore(jobs)
@@ -803,8 +818,9 @@ async def campaign(mode: Mode, root: Path, *, jobs: int, kinds: set[str], data_c
     out = (root / "results.jsonl").open("a")
 
     async def one(i: int, op: Op, lbl: str, variant: str) -> None:
-        sc = second if second is not None else (3 if second_every and i % second_every == 0
-                                                else None)
+        # the first and the middle cut of every ``second_every`` (one of each variant)
+        sc = second if second is not None else (
+            3 if second_every and i % second_every in (0, second_every // 2) else None)
         async with sem:
             v = await run_cut(mode, op.n, variant, root / f"cut-{op.n}-{variant}", label=lbl,
                               second_cut=sc, golden=g)
@@ -825,7 +841,7 @@ async def campaign(mode: Mode, root: Path, *, jobs: int, kinds: set[str], data_c
         vs = ["restarted", "running"] if variants == "both" else (
             [variants] if variants in ("restarted", "running")
             else ["restarted" if i % 2 == 0 else "running"])
-        tasks += [one(i, op, lbl, var) for var in vs]
+        tasks += [one(i, op, lbl, var) for var in vs if (op.n, var) not in done]
     await asyncio.gather(*tasks)
     out.close()
     return results
@@ -839,7 +855,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kinds", default="erase,trailer,data")
     ap.add_argument("--data-cuts", type=int, default=100)
     ap.add_argument("--second-every", type=int, default=10,
-                    help="every K-th cut is cut again during its recovery (0: never)")
+                    help="the 1st and the (K/2+1)-th of every K cuts are cut again during their "
+                         "recovery (0: never)")
     ap.add_argument("--variants", default="alternate",
                     choices=["alternate", "both", "restarted", "running"])
     ap.add_argument("--limit", type=int)
@@ -847,6 +864,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cut", type=int, action="append", help="only these operations (replay)")
     ap.add_argument("--variant", choices=["restarted", "running"])
     ap.add_argument("--second-cut", type=int)
+    ap.add_argument("--skip-done", action="store_true",
+                    help="skip the cuts results.jsonl already has as passed (resume a campaign)")
     a = ap.parse_args(argv)
     mode = MODES[a.mode]
     root = a.out.resolve() / mode.name
@@ -860,7 +879,7 @@ def main(argv: list[str] | None = None) -> int:
     res = asyncio.run(campaign(
         mode, root, jobs=a.jobs, kinds=set(a.kinds.split(",")), data_cuts=a.data_cuts,
         second_every=a.second_every, limit=a.limit, variants=a.variant or a.variants,
-        only=a.cut, second=a.second_cut))
+        only=a.cut, second=a.second_cut, skip_done=a.skip_done))
     by = Counter((json.loads(json.dumps(r.label)).split()[0], r.ok) for r in res)
     print(f"\n{mode.name}: {len(res)} cuts, {sum(not r.ok for r in res)} failed, "
           f"{time.monotonic() - t0:.0f} s wall; by kind: "

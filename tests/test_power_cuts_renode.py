@@ -140,9 +140,9 @@ def test_trailer_fields_and_cut_points() -> None:
 SAMPLE = [
     ("swap-scratch", 48197, "E boot", "running"),  # MCUboot's first operation: erase the scratch
     ("swap-move", 48186, "P boot", "restarted"),  # MCUboot writes the primary's trailer magic
-    ("overwrite-only", 24000, "P app", "running"),  # img_mgmt, half way through the upload
-    ("direct-xip-revert", 24000, "P app", "restarted"),
-    ("multi-image", 52000, "P app", "running"),  # image 1's upload (after image 0's 48259 B)
+    ("overwrite-only", 4000, "P app", "running"),  # img_mgmt, early in the upload
+    ("direct-xip-revert", 8000, "P app", "restarted"),
+    ("multi-image", 50300, "P app", "running"),  # image 1's upload (after image 0's 48259 B)
 ]
 
 
