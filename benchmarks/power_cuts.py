@@ -573,10 +573,23 @@ async def run_cut(mode: Mode, cut: int, variant: str, work: Path, *, label: str 
                 await wait_file(pty, timeout_s=120, alive=[])
                 await gw.start()
             if second_cut is not None:
-                # the recovery (MCUboot resuming, or the gateway's next steps) cut again
-                assert board.proc is not None and gw.proc is not None
-                if await wait_file(work / "cut2.meta", timeout_s=PASS_TIMEOUT_S,
-                                   alive=[board.proc, gw.proc]):
+                # the recovery (MCUboot resuming, or the gateway's next steps) cut again; the
+                # hook halts the board there whatever the gateway does meanwhile, so wait for it
+                # while the board lives, giving the gateway its next passes as a daemon would
+                assert board.proc is not None
+                reached2 = False
+                deadline = time.monotonic() + PASS_TIMEOUT_S
+                while time.monotonic() < deadline and board.proc.returncode is None:
+                    if await wait_file(work / "cut2.meta", timeout_s=5, alive=[board.proc]):
+                        reached2 = True
+                        break
+                    if gw.proc is not None and gw.proc.returncode is not None:
+                        _rc, text = await gw.wait(5)
+                        if (outcome_of(text) or {}).get("result") in FINAL:
+                            break  # finished before a 3rd operation: no second cut
+                        await wait_file(pty, timeout_s=120, alive=[])
+                        await gw.start()
+                if reached2:
                     await board.power_off()
                     if variant == "restarted":
                         await gw.kill()
@@ -593,7 +606,9 @@ async def run_cut(mode: Mode, cut: int, variant: str, work: Path, *, label: str 
                         await gw.start()
         # passes until a final outcome (a real daemon keeps going the same way)
         final: dict[str, str] | None = None
-        for i in range(MAX_PASSES):
+        if gw.proc is None:  # finished during the recovery's wait above
+            final = outcome_of(gw.outputs[-1]) if gw.outputs else None
+        for i in range(MAX_PASSES if gw.proc is not None else 0):
             rc, text = await gw.wait(PASS_TIMEOUT_S)
             if rc is None:
                 v.problems.append(f"gateway pass {gw.n} hung (> {PASS_TIMEOUT_S} s): killed")
