@@ -1317,6 +1317,10 @@ class UpdateEngine:
                                    "confirm: it reset and MCUboot reverted it", iset, old_v)
             if before.primary is not None and before.primary.confirmed:
                 return
+            # journalled before it is sent, as ``_confirm`` does: a later pass (after a power cut
+            # or a kill) tells this gateway's confirm from someone else's
+            self._step(Step.CONFIRM, f"{CONFIRM_SENT} {m.hash.hex()[:16]} image {m.image} "
+                       f"({attempt}/3)")
             try:
                 await self.s.image_confirm(by_hash, retries=0)
             except (SMPTimeout, SMPProtocolError) as exc:

@@ -89,6 +89,33 @@ async def test_two_images_updated_as_one_set_with_one_reset(bench_factory) -> No
         assert active(dev, 0) == ("3.0.0", True, 0) and active(dev, 1) == ("2.0.0", True, 0)
 
 
+async def test_set_confirm_is_journalled_before_it_is_sent(bench_factory) -> None:
+    """Issue #22 (power cuts on Renode, multi-image): the confirm of a test-booted member is an
+    intent like the single image's - journalled ("confirm sent", step confirm) after the health
+    check and before the write, so a pass after a cut can tell this gateway's confirm from
+    someone else's. It was sent unjournalled."""
+    from gateway.engine import CONFIRM_SENT
+    from gateway.journal import Journal
+
+    bench, imgs = two_images(bench_factory)
+    publish_entry(bench, set_entry(bench.images["2.0.0"], imgs["img1-2.0.0"]))
+    async with Simulator(bench.sim_cfg) as sim:
+        (dev,) = sim.devices.values()
+        cfg = bench.gateway_config(sim)
+        res = await run_pass(cfg)
+        assert res.outcomes[dev.id].status == Status.UPDATED, res.outcomes
+    j = Journal(cfg.state_dir / "journal.sqlite")
+    try:
+        steps = [(step, detail) for _t, _d, step, detail in j.events(dev.id)]
+    finally:
+        j.close()
+    sent = [i for i, (st, d) in enumerate(steps) if st == "confirm" and d.startswith(CONFIRM_SENT)]
+    health = [i for i, (st, d) in enumerate(steps) if st == "confirm" and "health check" in d]
+    assert len(sent) == 1 and "image 0" in steps[sent[0]][1], steps  # image 1 is permanent
+    assert health and health[0] < sent[0], steps
+    assert sent[0] < max(i for i, (st, _d) in enumerate(steps) if st == "done"), steps
+
+
 async def test_a_member_whose_slot_lacks_its_last_bytes_is_uploaded_again(bench_factory) -> None:
     """Image 1's secondary lists the set's image 1 hash (an upload cut short after its hash TLV,
     by this gateway or another tool) but lacks the signature's last bytes: without the journal's
