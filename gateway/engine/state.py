@@ -1,0 +1,206 @@
+"""The state one update attempt shares between its steps, and the journal writer.
+
+Owns ``EngineState``: the one place that lists what every step reads and writes on the engine
+(the device config ``dev``, the SMP session ``s``, the ``journal`` and its current row
+``entry``, ``upload``, ``until``, ``flow``, ``seen_running``, ``_reset_here``, and the
+``reset_gate``/``confirm_gate`` hooks), ``_step`` (the only writer of the journal's ``step``:
+journalled before the step runs), ``_finish`` (writes the final ``Step.DONE``, ``REFUSED``,
+``ROLLED_BACK`` or ``FAILED`` with the outcome), the stops short of an outcome (``_gate``,
+``_hold``, ``_checked``), the device's state read (``read_slots``) and the link's waits
+(``_wait_reboot``, ``_reconnect``, ``_reopen``) every step uses.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from smp.image_management import ImageState
+
+from gateway.bootmodes.flows import ModeFlow
+from gateway.config import DeviceConfig
+from gateway.engine.model import (
+    Outcome,
+    ProgressFn,
+    Slots,
+    Stage,
+    Status,
+    Step,
+    _Finish,
+)
+from gateway.images import (
+    VerifiedImage,
+)
+from gateway.journal import Entry, Journal
+from gateway.smp.session import SMPSession, SMPTimeout
+from gateway.smp.transport import TransportError
+from gateway.sources.base import UpdateResult
+
+log = logging.getLogger("gateway.engine")
+
+
+class EngineState:
+    """What one attempt's steps share (see the module docstring); the steps are the mixins
+    built on it (``gateway.engine.core.UpdateEngine`` composes them)."""
+
+    # the daemon's check before every mark-and-reset and reset (maintenance windows,
+    # ``FleetOps.reset_gate``): None = allowed now, else why not; no gate = always allowed
+    reset_gate: Callable[[], str | None] | None = None
+    # the last gate before a confirm (``FleetOps.confirm_gate``): asks the fleet source, bounded
+    # in time, whether the update is still wanted; a "no" comes back journalled as a cancel
+    # intent (its reason returned here) and the image is not confirmed. None: no source to ask
+    confirm_gate: Callable[[], Awaitable[str | None]] | None = None
+
+    def __init__(
+        self,
+        device: DeviceConfig,
+        session: SMPSession,
+        journal: Journal,
+        *,
+        on_progress: ProgressFn | None = None,
+        poll_interval_s: float = 0.5,
+    ) -> None:
+        self.dev = device
+        self.s = session
+        self.journal = journal
+        self.on_progress = on_progress
+        self.poll = poll_interval_s
+        self.entry = journal.get(device.id)
+        self.upload: tuple[int, float, int] = (0, 0.0, 0)  # bytes sent, seconds, resumed from
+        self.until = Stage.CONFIRMED
+        self.flow: ModeFlow | None = None  # the device's MCUboot mode flow (set by run)
+        self.seen_running = False  # the target was seen test-running in this attempt
+        self._reset_here = False  # this attempt sent the reset that booted the target
+
+    def _step(self, step: Step, detail: str = "", **changes: object) -> None:
+        self.entry = self.entry.with_(step=step.value, **changes)
+        self.journal.put(self.entry, detail)
+        log.info("device=%s step=%s %s", self.dev.id, step.value, detail)
+        if self.on_progress:
+            self.on_progress(self.dev.id, step, self.entry.upload_offset, self.entry.upload_total)
+
+    def _finish(self, status: Status, result: UpdateResult, detail: str, image: VerifiedImage | None,
+                old: str | None = None) -> _Finish:
+        step = {Status.UPDATED: Step.DONE, Status.UP_TO_DATE: Step.DONE, Status.REFUSED: Step.REFUSED,
+                Status.ROLLED_BACK: Step.ROLLED_BACK, Status.FAILED: Step.FAILED}[status]
+        # installed after all (a rollback verdict the device proved wrong): no longer blocked
+        unblock: dict[str, object] = (
+            {"blocked_hash": None, "blocked_artifact": None}
+            if status == Status.UPDATED and self.entry.blocked_hash is not None
+            and self.entry.blocked_hash == self.entry.target_hash else {})
+        self._step(step, detail, outcome=status.value, **unblock,
+                   last_error=None if status in (Status.UPDATED, Status.UP_TO_DATE) else detail,
+                   unreported=json.dumps({"result": int(result),
+                                          "detail": f"{status.value}: {detail}"}))
+        sent, secs, resumed = self.upload
+        return _Finish(Outcome(self.dev.id, status, result, detail, old_version=old,
+                               new_version=str(image.version) if image else None,
+                               bytes_uploaded=sent, upload_seconds=secs, resumed_from=resumed,
+                               image_bytes=image.size if image and sent else 0))
+
+    def _gate(self, what: str, image: VerifiedImage | None, old: str | None) -> None:
+        """Stop HELD before ``what`` (a mark-and-reset or a reset) if ``reset_gate`` says no
+        (the window closed during the upload or a wait). No outcome is journaled: the row
+        stays open at its step, so the next attempt - or a restarted gateway - resumes from
+        the device's state once a window is open."""
+        why = self.reset_gate() if self.reset_gate is not None else None
+        if why is not None:
+            log.warning("device=%s %s waits for a maintenance window: %s", self.dev.id, what, why)
+            raise _Finish(Outcome(self.dev.id, Status.HELD, UpdateResult.INITIAL,
+                                  f"{what} waits for a maintenance window ({why})",
+                                  old_version=old,
+                                  new_version=str(image.version) if image else None))
+
+    def _hold(self, stage: Stage, image: VerifiedImage, old: str | None) -> None:
+        """Stop here if the caller asked to go only this far (no outcome is journaled)."""
+        if self.until <= stage:
+            log.info("device=%s held stage=%s", self.dev.id, stage.name.lower())
+            sent, secs, resumed = self.upload
+            raise _Finish(Outcome(self.dev.id, Status.HELD, UpdateResult.INITIAL, stage.name.lower(),
+                                  old_version=old, new_version=str(image.version),
+                                  bytes_uploaded=sent, upload_seconds=secs, resumed_from=resumed))
+
+    def _checked(self, prev: Entry, image: VerifiedImage, old: str | None) -> None:
+        """Stop after the pre-flight if the caller asked only for it (``Stage.CHECKED``):
+        nothing was sent, so the journal row goes back to what it was before this attempt -
+        no later attempt (nor a restart) resumes an update nobody asked to install."""
+        if self.until <= Stage.CHECKED:
+            self.entry = prev
+            self.journal.put(prev, f"pre-flight of {image.version} passed; nothing sent")
+            self._hold(Stage.CHECKED, image, old)
+
+    async def read_slots(self, timeout_s: float | None = None) -> Slots:
+        images = await self.s.image_state(timeout_s=timeout_s)
+        self._note_confirmed(images)
+        slots = Slots.parse(images, self.dev.image)
+        self.entry = self.entry.with_(
+            running_version=slots.running,
+            running_hash=slots.active_hash.hex() if slots.active_hash else None,
+        )
+        return slots
+
+    def _note_confirmed(self, states: list[ImageState]) -> None:
+        """(b) the device itself reports image 0's running image confirmed: journalled as the
+        only image ``recovery.last_resort`` may re-flash (``Journal.put_confirmed``)."""
+        s = next((s for s in states if (s.image or 0) == 0 and s.active and s.confirmed), None)
+        if s is not None and s.hash and 16 <= len(s.hash) <= 64:
+            self.journal.put_confirmed(self.dev.id, bytes(s.hash).hex(), str(s.version)[:64])
+
+    async def _read_slots_through_reboot(self) -> Slots:
+        """Read the state; if the device vanished (crash, watchdog), wait for it to come back."""
+        try:
+            return await self.read_slots(timeout_s=1.0)
+        except SMPTimeout:
+            await self._wait_reboot()
+            return await self.read_slots()
+
+    async def _wait_reboot(self) -> None:
+        """After a reset: wait for the link to go away (bounded), then for the device to answer."""
+        t = self.dev.timeouts
+        # Zephyr answers the reset, then reboots CONFIG_MCUMGR_GRP_OS_RESET_MS (250 ms) later;
+        # probe until an echo goes unanswered, at most 5 s (a fast boot may hide the gap).
+        gone_deadline = time.monotonic() + 5.0
+        while time.monotonic() < gone_deadline:
+            try:
+                await self.s.echo("boot?", timeout_s=0.3)
+            except SMPTimeout:
+                break
+            except TransportError:
+                await self._reopen()
+                break
+            await asyncio.sleep(0.1)
+        deadline = time.monotonic() + t.reset_s
+        while time.monotonic() < deadline:
+            try:
+                await self.s.echo("boot?", timeout_s=min(1.0, max(0.2, deadline - time.monotonic())))
+                return
+            except SMPTimeout:
+                continue
+            except TransportError:
+                await self._reopen()
+                await asyncio.sleep(self.poll)
+        raise _Finish(Outcome(self.dev.id, Status.FAILED, UpdateResult.CONNECTION_LOST,
+                              f"device did not come back within {t.reset_s:g}s after reset"))
+
+    async def _reconnect(self, deadline: float) -> None:
+        """Re-open the link until the device answers an echo, or raise TransportError."""
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            await self._reopen()
+            try:
+                await self.s.echo("link?", timeout_s=1.0)
+                return
+            except (TransportError, SMPTimeout) as exc:
+                last = exc
+                await asyncio.sleep(self.poll)
+        raise TransportError(f"link to {self.dev.id} did not come back: {last}")
+
+    async def _reopen(self) -> None:
+        """A serial device that re-enumerates (USB CDC) or a closed socket: open again."""
+        try:
+            await self.s.close()
+            await self.s.open()
+        except TransportError as exc:
+            log.debug("device=%s reopen failed: %s", self.dev.id, exc)
