@@ -3,7 +3,7 @@
 ``modes``: which mode a device runs (config override, bootloader info); ``flows``: one
 ``ModeFlow`` per mode - what may be sent, what is marked, what the outcome may promise;
 ``imageset``: several images updated as one set (nRF5340 app + network core, two application
-images) with one reset. The engine (``gateway/engine.py``) is the state machine and journal
+images) with one reset. The engine (``gateway/engine/``) is the state machine and journal
 writer; these modules decide and never talk to a device themselves.
 """
 

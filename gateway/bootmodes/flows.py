@@ -1,6 +1,6 @@
 """One update flow per MCUboot mode: what the engine may do, what it writes, what it expects.
 
-Owns the per-mode rules; the engine (``gateway/engine.py``) stays the state machine and the
+Owns the per-mode rules; the engine (``gateway/engine/``) stays the state machine and the
 journal writer and asks a ``ModeFlow``:
 
 * ``refuse``: what this mode cannot do safely with this image on this device (decided before
