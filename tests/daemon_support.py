@@ -1,4 +1,5 @@
-"""Helpers for the daemon tests: the simulator and the gateway as real processes."""
+"""Helpers for the daemon tests: the simulator and the gateway as real processes, or the
+daemon loop in this process (``serving``)."""
 
 from __future__ import annotations
 
@@ -11,15 +12,36 @@ import shutil
 import socket
 import sqlite3
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from gateway.daemon import Gateway
 from gateway.demo import Bench
 from gateway.smp.session import SMPSession
 from gateway.smp.transport import UdpTransport
+
+
+@asynccontextmanager
+async def serving(gw: Gateway, tolerant: bool = False) -> AsyncIterator[Gateway]:
+    """``gw.run_forever`` in a task for the block; then stopped (within 30 s) and closed.
+    ``tolerant``: an error (or a timeout) of the stopping daemon is not raised."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(gw.run_forever(stop))
+    try:
+        yield gw
+    finally:
+        stop.set()
+        try:
+            await asyncio.wait_for(task, 30)
+        except Exception:
+            if not tolerant:
+                raise
+        finally:
+            gw.close()
 
 
 def gateway_bin() -> list[str]:

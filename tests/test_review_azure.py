@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -159,6 +160,20 @@ def test_config_refuses_ids_sharing_a_twin_section(tmp_path: Path,
     assert "configuration error" in line and "'line_1' and 'line.1'" in line, line
 
 
+@contextlib.asynccontextmanager
+async def blob_rig(tmp_path: Path, bench: Any, img: bytes,
+                   blob: Callable[[web.Request], Awaitable[web.Response]],
+                   ) -> AsyncIterator[tuple[AzureHub, Simulator, Any]]:
+    """The hub wanting ``img`` (as 2.0.0) on udp-1 from blob storage answered by ``blob``, the
+    simulator, and the gateway's config (no download retries)."""
+    app = web.Application()
+    app.router.add_get("/blob/{name}", blob)
+    async with (hub_broker(tmp_path) as broker, AzureHub(broker) as hub,
+                serve(app) as base, Simulator(bench.sim_cfg) as sim):
+        hub.desired = {"mcus": {"udp-1": entry(base, "v2", img)}}
+        yield hub, sim, gw_cfg(bench, sim, hub, download_retries=0)
+
+
 # --- 2. the blob's SAS token in the reported properties and the logs -------------------------
 async def test_sas_token_leaks_through_aiohttp_error_into_reported_reason(
         bench_factory: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -173,12 +188,7 @@ async def test_sas_token_leaks_through_aiohttp_error_into_reported_reason(
     async def loop_redirect(request: web.Request) -> web.Response:
         raise web.HTTPFound(str(request.rel_url))  # the same blob, the same SAS query
 
-    app = web.Application()
-    app.router.add_get("/blob/{name}", loop_redirect)
-    async with (hub_broker(tmp_path) as broker, AzureHub(broker) as hub,
-                serve(app) as base, Simulator(bench.sim_cfg) as sim):
-        hub.desired = {"mcus": {"udp-1": entry(base, "v2", img)}}
-        cfg = gw_cfg(bench, sim, hub, download_retries=0)
+    async with blob_rig(tmp_path, bench, img, loop_redirect) as (hub, sim, cfg):
         gw = Gateway(cfg)
         try:
             await asyncio.wait_for(gw.run_once(), 60)
@@ -208,12 +218,7 @@ async def test_transient_blob_outage_declines_the_offer_forever(bench_factory: A
             return web.Response(status=503)
         return web.Response(body=img)
 
-    app = web.Application()
-    app.router.add_get("/blob/{name}", blob)
-    async with (hub_broker(tmp_path) as broker, AzureHub(broker) as hub,
-                serve(app) as base, Simulator(bench.sim_cfg) as sim):
-        hub.desired = {"mcus": {"udp-1": entry(base, "v2", img)}}
-        cfg = gw_cfg(bench, sim, hub, download_retries=0)
+    async with blob_rig(tmp_path, bench, img, blob) as (hub, sim, cfg):
         async with running(cfg) as gw:
             await hub.wait_reported(lambda r: outcome(hub, "udp-1").get("result_name")
                                     == "CONNECTION_LOST", 30)

@@ -78,6 +78,23 @@ async def registered(tmp_path: Path, **cfg_kw: Any) -> AsyncIterator[tuple[Endpo
         srv.transport.close()
 
 
+@contextlib.asynccontextmanager
+async def silent_source(tmp_path: Path) -> AsyncIterator[Lwm2mSource]:
+    """A started Lwm2mSource for ``dev-1`` whose LwM2M server never answers (registration not
+    needed)."""
+    silent = await peer()
+    port = silent.transport.get_extra_info("sockname")[1]
+    cfg = Lwm2mSourceConfig(server=f"coap://127.0.0.1:{port}", bind_host="127.0.0.1",
+                            request_timeout_s=5)
+    src = Lwm2mSource(cfg, tmp_path, devices=[("dev-1", None)])
+    await src.start()
+    try:
+        yield src
+    finally:
+        await src.close()
+        silent.transport.close()
+
+
 # -- 1. plain CoAP: any host on the network drives /5 -------------------------------------------
 
 async def test_stranger_cannot_execute_update(tmp_path: Path) -> None:
@@ -179,13 +196,7 @@ async def test_cancel_too_late_does_not_lose_the_success(tmp_path: Path) -> None
     take-back finds the image confirmed ("too late") and acknowledges with done=False. The
     device runs the new image, confirmed - yet the server is left with State 0 / Result 0 and
     an empty PkgVersion, as if the cancel had worked: the outcome is lost."""
-    silent = await peer()  # an LwM2M server that never answers (registration not needed)
-    port = silent.transport.get_extra_info("sockname")[1]
-    cfg = Lwm2mSourceConfig(server=f"coap://127.0.0.1:{port}", bind_host="127.0.0.1",
-                            request_timeout_s=5)
-    src = Lwm2mSource(cfg, tmp_path, devices=[("dev-1", None)])
-    await src.start()
-    try:
+    async with silent_source(tmp_path) as src:
         ep = src.endpoint("dev-1")
         assert ep is not None
         ep.set(state=UPDATING, phase="install", gen=5, pkg_version="2.0.0",
@@ -195,9 +206,6 @@ async def test_cancel_too_late_does_not_lose_the_success(tmp_path: Path) -> None
         await src.report(offer, Report(UpdateState.IDLE, UpdateResult.SUCCESS, detail="confirmed"))
         await src.acknowledge_cancel(offer, False, "confirmed: too late to cancel")
         assert (ep.rec.state, ep.rec.result) == (IDLE, int(UpdateResult.SUCCESS)), ep.rec
-    finally:
-        await src.close()
-        silent.transport.close()
 
 
 # -- 5. PULL: every package the server names stays on disk for ever ----------------------------
@@ -223,29 +231,22 @@ async def test_pulled_packages_do_not_pile_up_on_disk(tmp_path: Path) -> None:
     fport = free_udp_port()
     fctx = await aiocoap.Context.create_server_context(site, bind=("127.0.0.1", fport),
                                                        transports=["udp6"])
-    silent = await peer()
-    port = silent.transport.get_extra_info("sockname")[1]
-    cfg = Lwm2mSourceConfig(server=f"coap://127.0.0.1:{port}", bind_host="127.0.0.1",
-                            request_timeout_s=5)
-    src = Lwm2mSource(cfg, tmp_path, devices=[("dev-1", None)])
-    await src.start()
     try:
-        ep = src.endpoint("dev-1")
-        assert ep is not None
-        for i in range(5):
-            await ep._write_uri(f"coap://127.0.0.1:{fport}/fw{i}")
-            offer = Offer("dev-1", "lwm2m", f"a{i}", handle={"uri": ep.rec.uri, "gen": ep.rec.gen},
-                          report_to={"endpoint": ep.name, "gen": ep.rec.gen})
-            path = await src.fetch(offer, None)
-            assert path.is_file()
-            await src.report(offer, Report(UpdateState.IDLE, UpdateResult.UNSUPPORTED_PACKAGE,
-                                           detail="wrong hardware"))
-        left = sorted(p.name for p in (tmp_path / "downloads").iterdir())
-        assert len(left) <= 1, left
+        async with silent_source(tmp_path) as src:
+            ep = src.endpoint("dev-1")
+            assert ep is not None
+            for i in range(5):
+                await ep._write_uri(f"coap://127.0.0.1:{fport}/fw{i}")
+                offer = Offer("dev-1", "lwm2m", f"a{i}", handle={"uri": ep.rec.uri, "gen": ep.rec.gen},
+                              report_to={"endpoint": ep.name, "gen": ep.rec.gen})
+                path = await src.fetch(offer, None)
+                assert path.is_file()
+                await src.report(offer, Report(UpdateState.IDLE, UpdateResult.UNSUPPORTED_PACKAGE,
+                                               detail="wrong hardware"))
+            left = sorted(p.name for p in (tmp_path / "downloads").iterdir())
+            assert len(left) <= 1, left
     finally:
-        await src.close()
         await fctx.shutdown()
-        silent.transport.close()
 
 
 # -- (suspicion) a Reboot while a cancel's revert waits: it would test-boot the canceled image ---

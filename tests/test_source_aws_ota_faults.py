@@ -14,9 +14,10 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +25,7 @@ import cbor2
 import pytest
 import yaml
 from daemon_support import gateway_bin
-from fleet_servers.common import require_tool
-from fleet_servers.mosquitto import free_port, mosquitto
+from fleet_servers.mosquitto import Mosquitto, mosquitto
 from servers.aws_jobs import AwsJobs
 from servers.aws_streams import AwsStreams, wanted_blocks
 from test_conformance_aws_jobs import active
@@ -37,34 +37,21 @@ from gateway.sim.simulator import Simulator
 STREAM = "AFR_OTA-s1"
 
 
-class Broker:
-    """A mosquitto that can be killed and started again on the same port (a broker restart)."""
+def signed_bench(bench_factory: Any, tmp: Path, image_kb: int) -> tuple[Any, bytes, Any, Path]:
+    """A bench with one UDP device, its 2.0.0 image, and a code-signing key and its store."""
+    bench = bench_factory(udp=1, serial=0, image_size=image_kb * 1024)
+    key, store = codesign(tmp)
+    return bench, bench.images["2.0.0"].read_bytes(), key, store
 
-    def __init__(self, tmp: Path) -> None:
-        self.exe = require_tool("mosquitto", "mosquitto")
-        self.port = free_port()
-        self.conf = tmp / "mosquitto-restart.conf"
-        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
-                             "persistence false\nlog_dest stderr\nlog_type error\n")
-        self.proc: asyncio.subprocess.Process | None = None
 
-    async def start(self) -> None:
-        self.proc = await asyncio.create_subprocess_exec(
-            self.exe, "-c", str(self.conf), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        for _ in range(250):
-            try:
-                _r, w = await asyncio.open_connection("127.0.0.1", self.port)
-                w.close()
-                await w.wait_closed()
-                return
-            except OSError:
-                await asyncio.sleep(0.02)
-        raise RuntimeError("mosquitto did not start")
-
-    async def kill(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.kill()
-            await self.proc.wait()
+@asynccontextmanager
+async def ota_servers(port: int, bench: Any,
+                      img: bytes) -> AsyncIterator[tuple[AwsJobs, AwsStreams, Simulator]]:
+    """The Jobs and Streams responders on the broker at ``port`` (stream STREAM serving
+    ``img`` as file 1) and the bench's simulator."""
+    async with (AwsJobs(port) as aws, AwsStreams(port) as st, Simulator(bench.sim_cfg) as sim):
+        st.streams[STREAM] = {1: img}
+        yield aws, st, sim
 
 
 def refetched(st: AwsStreams) -> set[int]:
@@ -77,17 +64,13 @@ def stream_files(bench: Any) -> list[str]:
 
 
 async def test_broker_restart_mid_stream_resumes_by_bitmap(bench_factory: Any, tmp_path: Path) -> None:
-    bench = bench_factory(udp=1, serial=0, image_size=120 * 1024)
-    img = bench.images["2.0.0"].read_bytes()
+    bench, img, key, store = signed_bench(bench_factory, tmp_path, 120)
     total = (len(img) + BLOCK - 1) // BLOCK
-    key, store = codesign(tmp_path)
-    broker = Broker(tmp_path)
+    broker = Mosquitto(tmp_path)
     await broker.start()
     restarted: list[int] = []
     try:
-        async with (AwsJobs(broker.port) as aws, AwsStreams(broker.port) as st,
-                    Simulator(bench.sim_cfg) as sim):
-            st.streams[STREAM] = {1: img}
+        async with ota_servers(broker.port, bench, img) as (aws, st, sim):
 
             async def restart(_f: int, _i: int) -> None:
                 if len(st.sent) == 12 and not restarted:  # mid-request 2 (8 blocks a request)
@@ -115,14 +98,10 @@ async def test_broker_restart_mid_stream_resumes_by_bitmap(bench_factory: Any, t
 
 
 async def test_gateway_sigkill_mid_stream_resumes_by_bitmap(bench_factory: Any, tmp_path: Path) -> None:
-    bench = bench_factory(udp=1, serial=0, image_size=120 * 1024)
-    img = bench.images["2.0.0"].read_bytes()
+    bench, img, key, store = signed_bench(bench_factory, tmp_path, 120)
     total = (len(img) + BLOCK - 1) // BLOCK
-    key, store = codesign(tmp_path)
     killed: list[int] = []
-    async with (mosquitto(tmp_path) as port, AwsJobs(port) as aws, AwsStreams(port) as st,
-                Simulator(bench.sim_cfg) as sim):
-        st.streams[STREAM] = {1: img}
+    async with mosquitto(tmp_path) as port, ota_servers(port, bench, img) as (aws, st, sim):
         (ex,) = await aws.create_job("ota-kill", ota_doc([ota_file(1, img, key)]), [THING])
         cfg = gw_cfg(bench, sim, port, store, blocks_per_request=8, block_timeout_s=1)
         data = bench.gateway_dict(sim)
@@ -158,11 +137,8 @@ async def test_gateway_sigkill_mid_stream_resumes_by_bitmap(bench_factory: Any, 
 @pytest.mark.parametrize("sizes,why", [({1: 123}, "the job says"), ({}, "has no file 1")])
 async def test_describe_stream_mismatch_rejected_nothing_downloaded(
         bench_factory: Any, tmp_path: Path, sizes: dict[int, int], why: str) -> None:
-    bench = bench_factory(udp=1, serial=0, image_size=16 * 1024)
-    img = bench.images["2.0.0"].read_bytes()
-    key, store = codesign(tmp_path)
-    async with (mosquitto(tmp_path) as port, AwsJobs(port) as aws, AwsStreams(port) as st,
-                Simulator(bench.sim_cfg) as sim):
+    bench, img, key, store = signed_bench(bench_factory, tmp_path, 16)
+    async with mosquitto(tmp_path) as port, ota_servers(port, bench, img) as (aws, st, sim):
         st.streams[STREAM] = {1: img} if sizes else {2: img}
         st.sizes[STREAM] = sizes
         (ex,) = await aws.create_job("ota-d", ota_doc([ota_file(1, img, key)]), [THING])
@@ -178,12 +154,8 @@ async def test_describe_stream_mismatch_rejected_nothing_downloaded(
 async def test_restarted_gateway_reports_accepted_version(bench_factory: Any, tmp_path: Path) -> None:
     """The final SUCCEEDED is not taken before the gateway goes away; the next process (no
     memory of the download) reports it with the version the device runs."""
-    bench = bench_factory(udp=1, serial=0, image_size=16 * 1024)
-    img = bench.images["2.0.0"].read_bytes()
-    key, store = codesign(tmp_path)
-    async with (mosquitto(tmp_path) as port, AwsJobs(port) as aws, AwsStreams(port) as st,
-                Simulator(bench.sim_cfg) as sim):
-        st.streams[STREAM] = {1: img}
+    bench, img, key, store = signed_bench(bench_factory, tmp_path, 16)
+    async with mosquitto(tmp_path) as port, ota_servers(port, bench, img) as (aws, _st, sim):
         update = aws._update
         mute = [True]
 
@@ -210,12 +182,8 @@ async def test_hostile_stream_messages_bounded(bench_factory: Any, tmp_path: Pat
     range, another file id, an oversized payload, a forged copy of an already received block,
     and a flood of unrequested copies. The download completes with the real image (the forged
     copy is never written), within bounded queues."""
-    bench = bench_factory(udp=1, serial=0, image_size=48 * 1024)
-    img = bench.images["2.0.0"].read_bytes()
-    key, store = codesign(tmp_path)
-    async with (mosquitto(tmp_path) as port, AwsJobs(port) as aws, AwsStreams(port) as st,
-                Simulator(bench.sim_cfg) as sim):
-        st.streams[STREAM] = {1: img}
+    bench, img, key, store = signed_bench(bench_factory, tmp_path, 48)
+    async with mosquitto(tmp_path) as port, ota_servers(port, bench, img) as (aws, st, sim):
         topic = f"$aws/things/{THING}/streams/{STREAM}/data/cbor"
 
         async def hostile(_f: int, i: int) -> None:
@@ -244,12 +212,8 @@ async def test_hostile_stream_messages_bounded(bench_factory: Any, tmp_path: Pat
 async def test_stream_that_never_completes_is_bounded(bench_factory: Any, tmp_path: Path) -> None:
     """A service that trickles blocks (always progress, never done) and one that stops
     answering: the attempt ends within its bounds, the partial download kept for a resume."""
-    bench = bench_factory(udp=1, serial=0, image_size=64 * 1024)
-    img = bench.images["2.0.0"].read_bytes()
-    key, store = codesign(tmp_path)
-    async with (mosquitto(tmp_path) as port, AwsJobs(port) as aws, AwsStreams(port) as st,
-                Simulator(bench.sim_cfg) as sim):
-        st.streams[STREAM] = {1: img}
+    bench, img, key, store = signed_bench(bench_factory, tmp_path, 64)
+    async with mosquitto(tmp_path) as port, ota_servers(port, bench, img) as (aws, st, sim):
 
         async def trickle(_f: int, _i: int) -> None:
             await asyncio.sleep(0.15)  # the slow service under test, not a wait for the code

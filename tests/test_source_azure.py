@@ -18,14 +18,14 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from aiohttp import web
+from daemon_support import serving
 from fleet_servers.common import serve
 from servers.azure_hub import AzureHub, hub_broker
 
@@ -79,7 +79,7 @@ def gw_cfg(bench: Any, sim: Simulator, hub: AzureHub, **source: Any) -> Any:
     data = bench.gateway_dict(sim)
     data["retry"] = {"base_s": 0.5, "max_s": 2}
     data["source"] = {"kind": "azure_iot_hub", "connection_string": hub.connection_string(),
-                      "server_verification_cert": str(hub.broker.tls.ca),  # type: ignore[union-attr]
+                      "server_verification_cert": str(hub.broker.tls.ca),
                       "poll_interval_s": 1, "progress_interval_s": 0, "reconnect_interval_s": 1,
                       "request_timeout_s": 5, **source}
     return parse_config(data, bench.root / "gateway.yaml")
@@ -93,17 +93,8 @@ def outcome(hub: AzureHub, dev: str) -> dict[str, Any]:
     return dict(mcu(hub, dev).get("last_outcome") or {})
 
 
-@asynccontextmanager
-async def running(cfg: Any, on_progress: Any = None) -> AsyncIterator[Gateway]:
-    gw = Gateway(cfg, on_progress=on_progress)
-    stop = asyncio.Event()
-    task = asyncio.create_task(gw.run_forever(stop))
-    try:
-        yield gw
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
-        gw.close()
+def running(cfg: Any, on_progress: Any = None) -> AbstractAsyncContextManager[Gateway]:
+    return serving(Gateway(cfg, on_progress=on_progress))
 
 
 async def test_desired_version_updates_and_reports_success(bench_factory: Any, tmp_path: Path) -> None:
@@ -344,7 +335,7 @@ async def test_readme_section_end_to_end(bench_factory: Any, tmp_path: Path) -> 
         data = yaml.safe_load((ROOT / "configs" / "azure.yaml").read_text())
         assert data["source"]["connection_string"] == {"file": "/etc/smp-gateway/azure-connection-string"}
         data["source"]["connection_string"] = {"file": str(cs)}
-        data["source"]["server_verification_cert"] = str(broker.tls.ca)  # type: ignore[union-attr]
+        data["source"]["server_verification_cert"] = str(broker.tls.ca)
         sim_dev = bench.gateway_dict(sim)["devices"][0]
         hw = sim_dev["hardware"]
         data["devices"] = [{**sim_dev, "id": "sensor-1"}]

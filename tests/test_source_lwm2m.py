@@ -23,7 +23,7 @@ import pytest
 import yaml
 from aiocoap.optiontypes import BlockOption
 from aiohttp import web
-from daemon_support import GatewayProcess, journal_rows
+from daemon_support import GatewayProcess, journal_rows, serving
 from fleet_servers.common import FileStore, serve
 from lwm2m_server import Wakaama, free_udp_port, tlv_int, wakaama_binary
 
@@ -59,18 +59,8 @@ def lwm2m_cfg(bench: Any, sim: Simulator, srv: Wakaama, top: dict[str, Any] | No
     return parse_config(data, bench.root / "gateway.yaml")
 
 
-@contextlib.asynccontextmanager
-async def daemon(cfg: GatewayConfig) -> AsyncIterator[Gateway]:
-    gw = Gateway(cfg)
-    stop = asyncio.Event()
-    task = asyncio.create_task(gw.run_forever(stop))
-    try:
-        yield gw
-    finally:
-        stop.set()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(task, 30)
-        gw.close()
+def daemon(cfg: GatewayConfig) -> contextlib.AbstractAsyncContextManager[Gateway]:
+    return serving(Gateway(cfg), tolerant=True)
 
 
 def slot1(dev: Any) -> Any:

@@ -10,13 +10,11 @@ the cheapest real run (one swap, ~35 s of it).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from daemon_support import serving
 from lwm2m_server import Wakaama, wakaama_binary
 
 from gateway.config import parse_config
@@ -27,19 +25,6 @@ from gateway.smp.transport import SerialTransport
 pytestmark = [pytest.mark.renode, pytest.mark.timeout(300)]
 
 STATE, RESULT, FWVER = "/5/0/3", "/5/0/5", "/3/0/3"
-
-
-@contextlib.asynccontextmanager
-async def daemon(gw: Gateway) -> AsyncIterator[Gateway]:
-    stop = asyncio.Event()
-    task = asyncio.create_task(gw.run_forever(stop))
-    try:
-        yield gw
-    finally:
-        stop.set()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(task, 30)
-        gw.close()
 
 
 async def test_renode_mcuboot_device_updated_by_lwm2m_push(stm32f4_disco: Path,
@@ -63,7 +48,7 @@ async def test_renode_mcuboot_device_updated_by_lwm2m_push(stm32f4_disco: Path,
                 "timeouts": {"request_s": 10, "upload_first_chunk_s": 60, "reset_s": 180,
                              "connect_s": 30}}],
         }, tmp_path / "gateway.yaml")
-        async with daemon(Gateway(cfg)):
+        async with serving(Gateway(cfg), tolerant=True):
             c = await server.registered("disco", within=60)
             for uri in (STATE, RESULT):
                 await server.observe(c, uri)

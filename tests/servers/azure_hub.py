@@ -49,13 +49,12 @@ import ipaddress
 import json
 import random
 import socket
-import subprocess
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 from urllib.parse import parse_qs
 
 import aiomqtt
@@ -63,8 +62,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from fleet_servers.common import require_tool
-from fleet_servers.mosquitto import free_port
+from fleet_servers.mosquitto import Mosquitto, free_port
 
 
 def _cert(subject: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Name,
@@ -122,59 +120,22 @@ def _free_loopback(but: str = "") -> str:
     raise RuntimeError("no free loopback address for port 8883")
 
 
-@dataclass
-class Broker:
+class Broker(Mosquitto):
     """A mosquitto with a TLS listener on ``ip``:8883 (for the SDK) and a plain one on
     127.0.0.1:``port`` (for the hub's side); ``restart()`` stops and starts it on both."""
 
-    tmp: Path
-    ip: str = ""
-    port: int = 0
-    tls: TlsFiles | None = None
-    proc: asyncio.subprocess.Process | None = None
-    restarts: int = 0
-    dps_ip: str = ""  # a second TLS listener on another address: the DPS endpoint
-
-    def listeners(self) -> str:
-        tls = self.tls
-        assert tls is not None
-        return "".join(f"listener 8883 {ip}\ncafile {tls.ca}\ncertfile {tls.cert}\n"
-                       f"keyfile {tls.key}\n" for ip in (self.ip, self.dps_ip) if ip)
-
-    async def start(self) -> None:
-        conf = self.tmp / "mosquitto-hub.conf"
-        assert self.tls is not None
-        conf.write_text(
-            f"{self.listeners()}listener {self.port} 127.0.0.1\nallow_anonymous true\n"
+    def __init__(self, tmp: Path, ip: str, tls: TlsFiles, dps_ip: str = "") -> None:
+        self.ip, self.tls = ip, tls
+        self.dps_ip = dps_ip  # a second TLS listener on another address: the DPS endpoint
+        port = free_port()
+        listeners = "".join(f"listener 8883 {a}\ncafile {tls.ca}\ncertfile {tls.cert}\n"
+                            f"keyfile {tls.key}\n" for a in (ip, dps_ip) if a)
+        super().__init__(tmp, port, conf_name="mosquitto-hub.conf", config=(
+            f"{listeners}listener {port} 127.0.0.1\nallow_anonymous true\n"
             # sessions survive a restart as IoT Hub's do: the SDK connects with
             # clean_session=False and does not subscribe again when it reconnects
-            f"persistence true\npersistence_location {self.tmp}/\nlog_dest stderr\nlog_type error\n"
-            f"user {getpass.getuser()}\n")  # as root, mosquitto would drop to a user who cannot read tmp
-        exe = require_tool("mosquitto", "mosquitto")
-        self.proc = await asyncio.create_subprocess_exec(
-            exe, "-c", str(conf), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        for _ in range(300):
-            if self.proc.returncode is not None:
-                err = await self.proc.stderr.read() if self.proc.stderr else b""
-                raise RuntimeError(f"mosquitto exited: {err.decode()}")
-            try:
-                _r, w = await asyncio.open_connection("127.0.0.1", self.port)
-                w.close()
-                await w.wait_closed()
-                return
-            except OSError:
-                await asyncio.sleep(0.02)
-        raise RuntimeError("mosquitto did not start")
-
-    async def stop(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.terminate()
-            await self.proc.wait()
-
-    async def restart(self) -> None:
-        await self.stop()
-        self.restarts += 1
-        await self.start()
+            f"persistence true\npersistence_location {tmp}/\nlog_dest stderr\nlog_type error\n"
+            f"user {getpass.getuser()}\n"))  # as root, mosquitto would drop to a user who cannot read tmp
 
 
 @asynccontextmanager
@@ -182,8 +143,7 @@ async def hub_broker(tmp: Path, dps: bool = False) -> AsyncIterator[Broker]:
     """``dps``: a second TLS listener (``broker.dps_ip``) for ``AzureDps``."""
     ip = _free_loopback()
     dps_ip = _free_loopback(but=ip) if dps else ""
-    b = Broker(tmp, ip, free_port(), make_tls(tmp, ip, *([dps_ip] if dps_ip else [])),
-               dps_ip=dps_ip)
+    b = Broker(tmp, ip, make_tls(tmp, ip, *([dps_ip] if dps_ip else [])), dps_ip=dps_ip)
     await b.start()
     try:
         yield b
@@ -193,6 +153,7 @@ async def hub_broker(tmp: Path, dps: bool = False) -> AsyncIterator[Broker]:
 
 def merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
     """Twin merge: a ``null`` deletes the property, objects merge, anything else replaces."""
+    # from Microsoft's device-twins doc, deliberately not shared with gateway/sources/azure/twin.py
     out = dict(base)
     for k, v in patch.items():
         if v is None:
@@ -204,8 +165,29 @@ def merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+class _Served:
+    """``async with``: runs ``_serve`` (an MQTT client of the broker) as a task until it sets
+    ``_ready``; cancels it on exit."""
+
+    _task: asyncio.Task[None] | None
+    _ready: asyncio.Event
+
+    async def _serve(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        self._task = asyncio.create_task(self._serve())
+        await asyncio.wait_for(self._ready.wait(), 10)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+
 @dataclass
-class AzureHub:
+class AzureHub(_Served):
     """The hub's side of one device identity. ``desired``/``reported`` hold the twin's
     properties, ``*_version`` their ``$version``. ``set_desired`` changes the twin as a
     service-side update (an automatic device configuration) does and, unless ``deliver`` is
@@ -227,16 +209,6 @@ class AzureHub:
     _ready: asyncio.Event = field(default_factory=asyncio.Event)
     _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
     _methods: dict[str, asyncio.Future[tuple[int, Any]]] = field(default_factory=dict)
-
-    async def __aenter__(self) -> AzureHub:
-        self._task = asyncio.create_task(self._serve())
-        await asyncio.wait_for(self._ready.wait(), 10)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
 
     async def _serve(self) -> None:
         while True:  # the broker may be restarted by a test: connect again
@@ -331,7 +303,7 @@ class AzureHub:
 
 
 @dataclass
-class AzureDps:
+class AzureDps(_Served):
     """The Device Provisioning Service's device endpoint for one enrollment, on the broker's
     ``dps_ip`` listener. ``answer`` decides what a registration gets: ``"assign"`` (202, then
     200 assigned on the first status poll), ``"slow"`` (202 "assigning" on every poll, with
@@ -349,16 +321,6 @@ class AzureDps:
     _client: aiomqtt.Client | None = None
     _task: asyncio.Task[None] | None = None
     _ready: asyncio.Event = field(default_factory=asyncio.Event)
-
-    async def __aenter__(self) -> AzureDps:
-        self._task = asyncio.create_task(self._serve())
-        await asyncio.wait_for(self._ready.wait(), 10)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
 
     async def _serve(self) -> None:
         async with aiomqtt.Client("127.0.0.1", self.broker.port,
