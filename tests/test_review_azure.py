@@ -508,3 +508,25 @@ async def test_update_now_during_the_refusal_report_is_not_lost(tmp_path: Path) 
     n = len(client.reported)
     assert await src.check(dev) is None  # refused again, and reported again
     assert any("hardware 'x'" in json.dumps(b) for b in client.reported[n:])
+
+
+async def test_a_drop_seen_only_as_connected_still_rereads_the_twin(tmp_path: Path) -> None:
+    """CI, loaded machine: the broker restarted and the SDK reconnected before the loop ran the
+    "disconnected" callback, so both callbacks read ``client.connected`` as True - the drop
+    was never seen, the missed patch never re-read, the update waited for the 600 s poll. Any
+    "connected" after the first is a reconnect; the state is the one the SDK saw."""
+    client = FakeClient({"desired": {"$version": 1}})
+    src = source(tmp_path, client, [("udp-1", None)])
+    src._on_connection(True)  # the first connection: the check that made it reads the twin
+    assert src._refreshing is None
+    src._on_connection(True)  # "disconnected", read only after the SDK was connected again
+    src._on_connection(True)  # "connected"
+    assert src._refreshing is not None
+    await src._refreshing
+    assert src.stats["twin_reads"] == 1
+    first = src._refreshing
+    src._sdk_connection()  # the SDK thread passes the state it saw at the change
+    await asyncio.sleep(0)  # call_soon_threadsafe: the callback runs at the loop's next turn
+    assert src._refreshing is not first
+    await src._refreshing
+    assert src.stats["twin_reads"] == 2

@@ -188,6 +188,7 @@ class AzureIotHubSource(FleetSource):
         self._desired_version: int | None = None
         self._fresh = False  # the cached desired properties follow the hub's (no gap)
         self._dropped = False  # the connection dropped since the twin was last read
+        self._seen_connected = False  # the first "connected" of this client came in
         self._patch_times: collections.deque[float] = collections.deque()
         self._current: dict[str, Offer] = {}  # device id -> its offer in flight
         # group -> (taken at, desired properties, members that read them): see _desired_for
@@ -475,7 +476,10 @@ class AzureIotHubSource(FleetSource):
         self._hand_over(self._spawn_method, request)
 
     def _sdk_connection(self) -> None:
-        self._hand_over(self._on_connection)
+        # the state as the SDK saw it at the change: read on the loop later, a drop followed
+        # by a quick reconnect would look like no change at all (a missed patch never re-read)
+        client = self._client
+        self._hand_over(self._on_connection, bool(client is not None and client.connected))
 
     def _spawn(self, coro: Awaitable[Any]) -> asyncio.Future[Any]:
         task = asyncio.ensure_future(coro)
@@ -492,16 +496,18 @@ class AzureIotHubSource(FleetSource):
         self._refresh_again = False
         self._refreshing = self._spawn(self._refresh_quietly())
 
-    def _on_connection(self) -> None:
+    def _on_connection(self, connected: bool | None = None) -> None:
         client = self._client
         if client is None:
             return
-        if not client.connected:
+        if not (client.connected if connected is None else connected):
             self._fresh, self._dropped = False, True  # patches may be missed from here on
             log.info("azure: disconnected from the hub; the twin is read again on reconnect")
             return
-        if not self._dropped:
+        first, self._seen_connected = not self._seen_connected, True
+        if first and not self._dropped:
             return  # the first connection: the check that made it reads the twin
+        # any later "connected" is read as a reconnect: its drop may not have been seen
         self._dropped = False
         log.info("azure: reconnected to the hub; reading the whole twin (patches can be missed)")
         self._fresh = False
@@ -668,6 +674,7 @@ class AzureIotHubSource(FleetSource):
             t.cancel()
         client, self._client = self._client, None
         self._subscribed, self._subscribing = False, None
+        self._seen_connected = False
         connecting, self._connecting = self._connecting, None
         if client is not None:
             with contextlib.suppress(Exception):
