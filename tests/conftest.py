@@ -47,6 +47,20 @@ def renode_shared() -> Path:
 
 
 @pytest.fixture(scope="session")
+def renode_runtime(renode_shared: Path) -> Path:
+    """``renode_shared``, and Mono to run Renode (skip on a developer machine, fail in CI)."""
+    import os
+    import shutil
+
+    if shutil.which("mono") is None:
+        msg = "mono is not installed (Renode needs it): see ../shared/renode/README.md or .ci/run"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return renode_shared
+
+
+@pytest.fixture(scope="session")
 def stm32f4_disco(renode_shared: Path) -> Path:
     """Real MCUboot (swap using scratch) + Zephyr smp_svr for Renode's STM32F4-Discovery."""
     from gateway.renode import firmware_dir

@@ -13,7 +13,6 @@ Environment: ``SMPGW_RENODE_INCLUDE=tag`` runs only the cases with that tag,
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -46,12 +45,7 @@ def _cases(output: Path) -> list[tuple[str, str, float, str]]:
 
 
 @pytest.mark.timeout(SUITE_TIMEOUT_S + 120)
-def test_robot_suite_on_real_firmware(renode_shared: Path) -> None:
-    if shutil.which("mono") is None:
-        msg = "mono is not installed (Renode needs it): see ../shared/renode/README.md or .ci/run"
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
+def test_robot_suite_on_real_firmware(renode_runtime: Path) -> None:
     results = RESULTS_ROOT / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     tmp = results / "tmp"  # private TMPDIR: never the shared $TMPDIR/renode-*
     tmp.mkdir(parents=True)
@@ -61,7 +55,7 @@ def test_robot_suite_on_real_firmware(renode_shared: Path) -> None:
     link.symlink_to(results.name)
     os.replace(link, latest)
     env = dict(os.environ, TMPDIR=str(tmp), RENODE_PYTHON=sys.executable,
-               SMPGW_SHARED=str(renode_shared))
+               SMPGW_SHARED=str(renode_runtime))
     cmd = [str(renode_test_binary()), "-r", str(results)]
     if os.environ.get("SMPGW_RENODE_INCLUDE"):
         cmd += ["--include", os.environ["SMPGW_RENODE_INCLUDE"]]
