@@ -162,6 +162,13 @@ def _target(p: Plan | _Back) -> tuple[bytes, str]:
     return p.image.hash, str(p.image.version)
 
 
+def _settled(s: Slots) -> tuple[object, ...]:
+    """What a take-back's verdict rests on: which image runs, confirmed or not, and what the
+    secondary slot holds, pending or not."""
+    a, o = s.active, s.other
+    return (s.active_hash, a.confirmed if a else None, s.other_hash, o.pending if o else None)
+
+
 class MemberEngine(UpdateEngine):
     """The engine of one group member, with the steps only a group needs."""
 
@@ -260,6 +267,8 @@ class MemberEngine(UpdateEngine):
                     if active is not None and not active.confirmed:
                         await self._confirm_previous(old)
                         continue
+                    if not await self._state_holds(slots):
+                        continue  # two reads disagree: decide again from a fresh read
                     now = active.version if active else "?"
                     raise self._finish(
                         Status.ROLLED_BACK, UpdateResult.UPDATE_FAILED,
@@ -281,6 +290,14 @@ class MemberEngine(UpdateEngine):
                                old_v).outcome
             out.new_version = version
             return out
+
+    async def _state_holds(self, seen: Slots) -> bool:
+        """Read the slots once more before a take-back is called done: True when the device
+        (b) says the same again. One stale or contradicting answer (a late duplicate, a
+        device repeating an earlier read) must not end a take-back with an image still
+        pending - the loop decides again from the fresh read, within its bound."""
+        again = await self.read_slots()
+        return _settled(again) == _settled(seen)
 
     async def _reset_step(self, detail: str) -> None:
         """Every take-back reset: only when ``reset_gate`` allows it (else HELD; the group

@@ -86,3 +86,62 @@ async def test_take_back_cut_by_a_link_error_is_resumed_until_every_member_is_ba
         # the next reset keeps the old image (it was confirmed, not left test-running)
         await first.power_cycle(wait=True)
         assert active(first) == ("1.0.0", True)
+
+
+async def test_take_back_is_not_called_done_on_one_stale_state_answer(
+        bench_factory: Any) -> None:
+    """Found by the fault schedules (seed 281, a device that repeats its previous state answer
+    every other read): the second member fails its boot step after its test mark, never
+    reset; the take-back's first state read is the device's pre-mark answer (1.0.0 confirmed,
+    nothing pending) and the group used to report it rolled back with 2.0.0 still pending -
+    the next power cycle test-booted it. A take-back is called done only when a second read
+    says the same, so the pending mark is cleared (test boot, MCUboot reverts) first."""
+    import cbor2
+
+    bench = bench_factory(udp=2, serial=0)
+    bench.publish("2.0.0")
+    async with Simulator(bench.sim_cfg) as sim:
+        _first, second = sim.devices.values()
+        cfg = bench.gateway_config(sim, group="pair", health_check_s=0.3,
+                                   timeouts={"reset_s": 3, "request_s": 0.3})
+        orig = second.frame_arrived
+        st: dict[str, Any] = {"last": None, "marked": False, "drop_info": 0, "stale": 0}
+
+        def arrived(frame: bytes, reply: Any, **kw: Any) -> None:
+            op, group, cmd = frame[0] & 7, int.from_bytes(frame[4:6], "big"), frame[7]
+            if op == 0 and group == 1 and cmd == 0:
+                if st["marked"] and st["stale"] == 0 and st["last"] is not None:
+                    st["stale"] += 1  # the pre-mark answer, with this request's sequence
+                    last = st["last"]
+                    reply(last[:6] + frame[6:7] + last[7:])
+                    return
+
+                def keep(b: bytes) -> None:
+                    if not st["marked"]:
+                        st["last"] = b
+                    reply(b)
+                orig(frame, keep, **kw)
+                return
+            if op == 2 and group == 1 and cmd == 0:
+                body = cbor2.loads(frame[8:])
+                if body.get("confirm") is False:
+                    st["marked"] = True
+                    st["drop_info"] = 3  # the boot step's read before the reset goes unanswered
+            elif op == 0 and group == 0 and cmd == 7 and st["drop_info"] > 0:
+                st["drop_info"] -= 1
+                return
+            orig(frame, reply, **kw)
+
+        second.frame_arrived = arrived  # type: ignore[method-assign]
+        gw = Gateway(cfg)
+        try:
+            res = await gw.run_once()
+            assert st["stale"] == 1 and st["drop_info"] == 0, st  # both faults fired
+            assert all(o.status == Status.ROLLED_BACK for o in res.outcomes.values()), res.outcomes
+        finally:
+            gw.close()
+        for dev in sim.devices.values():
+            assert not any(s.pending for s in dev.server.state_images()), dev.image_states()
+            assert active(dev) == ("1.0.0", True)
+        await second.power_cycle(wait=True)  # nothing left to test-boot
+        assert active(second) == ("1.0.0", True)
