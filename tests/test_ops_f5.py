@@ -84,12 +84,15 @@ async def test_hook_that_never_ends_still_times_out(tmp_path: Path) -> None:
 async def test_confirm_by_someone_else_reported_as_such(bench_factory, tmp_path: Path) -> None:
     """The daemon stops while its test boot's health check runs; something other than the
     gateway (a raw SMP client, not ``smp-gateway device``, which refuses) confirms the image.
-    The next pass must not claim the gateway's confirm: "confirmed outside the gateway ...
-    health check not run"."""
+    The next pass must not claim the gateway's confirm ("without this gateway's confirm"),
+    and it still runs the health check before it reports a success (#22: the same state is
+    what a power cut that tears MCUboot's trailer leaves). The hook hangs on the first pass,
+    passes on the second."""
     started = tmp_path / "hook-started"
     bench = bench_factory(udp=1, serial=0, image_size=16 * 1024)
     bench.device_overrides = {"udp-1": {"health_check": {"command": _py(
-        f"import time; open({str(started)!r}, 'w').write('x'); time.sleep(600)"),
+        f"import os, sys, time; p = {str(started)!r}; again = os.path.exists(p); "
+        "open(p, 'a').write('x'); sys.exit(0) if again else time.sleep(600)"),
         "timeout_s": 300}}}
     bench.publish("2.0.0")
     async with Simulator(bench.sim_cfg) as sim:
@@ -126,8 +129,10 @@ async def test_confirm_by_someone_else_reported_as_such(bench_factory, tmp_path:
         finally:
             gw.close()
     assert out.status == Status.UPDATED, out
-    assert "outside the gateway" in out.detail and "health check not run" in out.detail, out.detail
+    assert "without this gateway's confirm" in out.detail, out.detail
+    assert "health check passed" in out.detail, out.detail
     assert "by the gateway" not in out.detail, out.detail
+    assert started.read_text() == "xx"  # the hook ran again on the second pass
 
 
 async def test_gateway_confirm_after_restart_still_its_own(bench_factory) -> None:

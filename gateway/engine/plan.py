@@ -147,11 +147,12 @@ class PlanStep(MarkResetStep, ImageSetStep, RecoveryStep):
                 if (self.entry.tested_hash == th and flow.test_boot and self.dev.confirm != "app"
                         and not self.journal.event_since(self.dev.id, Step.MARK_TEST.value,
                                                          Step.CONFIRM.value, CONFIRM_SENT)):
-                    # (b) says confirmed, the journal says this gateway never sent its confirm:
-                    # made permanent by someone else - the health check did not decide it
-                    detail += (" outside the gateway (it never sent its confirm); health check "
-                               "not run")
-                    log.warning("device=%s %s", self.dev.id, detail)
+                    # (b) says confirmed, the journal says this gateway marked it and never sent
+                    # its confirm: made permanent by the application or a torn trailer - the
+                    # health check still decides whether that is a success
+                    log.warning("device=%s %s", self.dev.id, self.confirmed_elsewhere(image))
+                    return await self._check_permanent(image, old_v,
+                                                       self.confirmed_elsewhere(image))
                 raise self._finish(st, UpdateResult.SUCCESS, detail, image, old_v)
             if self.entry.tested_hash == th:
                 self._hold(Stage.MARKED, image, old_v)

@@ -52,17 +52,17 @@ class VerifyConfirmStep(TakeBackStep):
                 self._reset_here and slots.other is None and self.dev.confirm != "app":
             # a test boot was expected, yet right after the reset the image is confirmed and the
             # secondary slot is empty (a swap leaves the previous image there): MCUboot copied
-            # it over the old one without a test boot (overwrite-only behaviour) - say so
-            raise self._finish(Status.UPDATED, UpdateResult.SUCCESS,
-                               f"{old_v} -> {image.version}: confirmed right after the reset, the "
-                               "device installed it without a test boot (no revert possible; its "
-                               f"MCUboot mode is {self.flow.describe() if self.flow else '?'}: set "
-                               "mcuboot_mode in the device config)", image, old_v)
+            # it over the old one without a test boot (overwrite-only behaviour) - say so; the
+            # health check still decides whether that is a success
+            return await self._check_permanent(
+                image, old_v, f"{old_v} -> {image.version}: confirmed right after the reset, the "
+                "device installed it without a test boot (no revert possible; its MCUboot mode "
+                f"is {self.flow.describe() if self.flow else '?'}: set mcuboot_mode in the "
+                "device config)")
         if self.dev.confirm == "app":
             return await self._wait_app_confirm(image, old_v)
         if slots.active and slots.active.confirmed:
-            raise self._finish(Status.UPDATED, UpdateResult.SUCCESS,
-                               f"running {image.version}, already confirmed", image, old_v)
+            return await self._check_permanent(image, old_v, self.confirmed_elsewhere(image))
         # health window: the new image must keep answering before it is made permanent
         self._step(Step.CONFIRM, f"health check {self.dev.health_check_s:g}s")
         end = time.monotonic() + self.dev.health_check_s
@@ -104,29 +104,52 @@ class VerifyConfirmStep(TakeBackStep):
         health window still runs - its failure is reported, never hidden - but no confirm is
         sent and no rollback is promised."""
         assert self.flow is not None
+        return await self._check_permanent(
+            image, old_v, self.flow.installed(old_v, image, "confirmed by the bootloader"),
+            what=f"installed ({self.flow.mode.value})")
+
+    def confirmed_elsewhere(self, image: VerifiedImage) -> str:
+        """What it means when an image this gateway test-marked runs confirmed without the
+        gateway's confirm (the journal has no ``CONFIRM_SENT`` since the mark)."""
+        return (f"{image.version} runs confirmed without this gateway's confirm (the "
+                "application confirmed itself, or a power cut during the swap tore MCUboot's "
+                "trailer: it no longer reverts); no revert possible")
+
+    async def _check_permanent(self, image: VerifiedImage, old_v: str | None, how: str,
+                               what: str = "confirmed without the gateway") -> Outcome:
+        """The target runs and is already permanent, by no decision of this gateway: a mode
+        without a test boot, an application that confirms itself, or MCUboot's trailer torn
+        by a power cut (found on real MCUboot, docs/reliability.md: a torn copy-done or
+        image-ok byte leaves swap type NONE, and img_mgmt then reports the running slot
+        confirmed). The health window and the ``health_check:`` hook still run and decide
+        the outcome: UPDATED only when both pass; otherwise FAILED with what they saw -
+        never rolled-back, because nothing can take it back now (b)."""
         target = image.hash
-        self._step(Step.CONFIRM, f"installed ({self.flow.mode.value}); health check "
-                   f"{self.dev.health_check_s:g}s")
+        self._step(Step.CONFIRM, f"{what}; health check {self.dev.health_check_s:g}s")
         end = time.monotonic() + self.dev.health_check_s
         while True:
             try:
                 slots = await self._read_slots_through_reboot()
             except _Finish as f:
-                f.outcome.detail = (f"{image.version} is installed for good ({self.flow.mode.value}, "
-                                    f"no revert possible) but the device stopped answering: "
-                                    f"{f.outcome.detail}")
-                raise self._finish(Status.FAILED, UpdateResult.UPDATE_FAILED, f.outcome.detail,
-                                   image, old_v) from None
+                raise self._finish(Status.FAILED, UpdateResult.UPDATE_FAILED,
+                                   f"{how}; the device stopped answering during the health "
+                                   f"check: {f.outcome.detail}", image, old_v) from None
             if slots.active_hash != target:
                 now = slots.running or "?"
                 raise self._finish(Status.FAILED, UpdateResult.UPDATE_FAILED,
-                                   f"{image.version} was installed ({self.flow.mode.value}, no "
-                                   f"revert) but the device now runs {now}", image, old_v)
+                                   f"{how}; but the device now runs {now}", image, old_v)
             if time.monotonic() >= end:
                 break
             await asyncio.sleep(min(self.poll, max(0.0, end - time.monotonic())))
-        how = "confirmed by the bootloader"
-        detail = self.flow.installed(old_v, image, how)
+        res = await run_hook(self.dev, self.s, str(image.version), old_v, image.hash.hex())
+        if res is not None and not res.ok:
+            log.warning("device=%s %s: %s cannot be reverted", self.dev.id, res.detail,
+                        image.version)
+            raise self._finish(Status.FAILED, UpdateResult.UPDATE_FAILED,
+                               f"{how}; its health check failed: {res.detail}", image, old_v)
+        if res is not None:
+            self._step(Step.CONFIRM, res.detail)
+        detail = f"{how}; health check passed"
         if image.unverified:
             detail += f"; {image.unverified}"
         raise self._finish(Status.UPDATED, UpdateResult.SUCCESS, detail, image, old_v)
