@@ -67,6 +67,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "renode"))
 
+from gateway.engine import CONFIRMED_ELSEWHERE  # noqa: E402
 from gateway.renode import RenodeMachine, firmware_dir  # noqa: E402
 
 FLASH_BASE = 0x08000000
@@ -744,7 +745,16 @@ def judge_state(mode: Mode, slots: list[dict[str, Any]], final: dict[str, str] |
                          "by this gateway")
             sent = [i for i, (s, d) in enumerate(ev) if s == "confirm" and d.startswith("confirm sent")]
             verified = [i for i, (s, _) in enumerate(ev) if s == "verify"]
-            if not sent or not verified or min(verified) > sent[-1]:
+            marked = [i for i, (s, _) in enumerate(ev) if s == "mark-test"]
+            # a cut that tore MCUboot's copy-done or image-ok byte leaves the new image
+            # permanent without any confirm (swap type NONE, never reverted): the gateway
+            # must still health-check it before it reports it updated (engine
+            # _check_permanent, CONFIRMED_ELSEWHERE)
+            checked = [i for i, (s, d) in enumerate(ev)
+                       if s == "confirm" and d.startswith(CONFIRMED_ELSEWHERE)]
+            if checked and marked and max(checked) > min(marked) and not sent:
+                pass
+            elif not sent or not verified or min(verified) > sent[-1]:
                 p.append("runs the new image confirmed without a health check before the "
                          f"gateway's confirm (events {steps})")
         elif "mark-test" not in steps:

@@ -71,12 +71,18 @@ def test_judge_passes_a_clean_update_and_a_clean_rollback(tmp_path: Path) -> Non
                   _journal("updated", NEW, events=no_reset), [1]) == []
     assert _judge(tmp_path, _slots(OLD), {"result": "rolled-back"},
                   _journal("rolled-back", OLD, result=8), [8]) == []
+    # a torn copy-done/image-ok byte left the new image permanent without a confirm (cuts
+    # 441464, 441465): updated only after the gateway's health check of it
+    torn = [("upload", "done"), MARK, ("reset", "x"), ("wait-boot", "x"),
+            ("confirm", f"{pc.CONFIRMED_ELSEWHERE}; health check 2s"), ("done", "updated")]
+    assert _judge(tmp_path, _slots(NEW), {"result": "updated"},
+                  _journal("updated", NEW, events=torn), [1]) == []
 
 
 @pytest.mark.parametrize("case", [
     "confirmed-without-test-boot", "confirmed-without-health-check", "outcome-says-updated",
     "journal-disagrees", "server-disagrees", "left-pending", "unconfirmed", "foreign-image",
-    "report-undelivered", "no-outcome", "marked-another-image"])
+    "report-undelivered", "no-outcome", "marked-another-image", "permanent-unchecked"])
 def test_judge_fails_each_bad_case(tmp_path: Path, case: str) -> None:
     """The judge is strict: each of these is a failed cut (the judge can fail)."""
     slots, journal, server = _slots(NEW), _journal("updated", NEW), [1]
@@ -107,6 +113,9 @@ def test_judge_fails_each_bad_case(tmp_path: Path, case: str) -> None:
     elif case == "marked-another-image":
         journal["events"] = [("mark-test", f"hash={OLD[:16]}") if e == MARK else e
                              for e in GOOD_EVENTS]
+    elif case == "permanent-unchecked":  # cuts 441464/441465 before the fix
+        journal["events"] = [MARK, ("reset", "x"), ("wait-boot", "x"),
+                             ("confirmed-seen", "confirmed"), ("done", "updated")]
     problems = _judge(tmp_path, slots, final, journal, server)
     assert problems, f"the judge let {case} pass"
 

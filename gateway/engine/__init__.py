@@ -28,6 +28,7 @@ The package is split by step; each module owns one and names the journal ``Step`
 from gateway.engine.core import UpdateEngine
 from gateway.engine.model import (
     CONFIRM_SENT,
+    CONFIRMED_ELSEWHERE,
     Outcome,
     ProgressFn,
     Slots,
@@ -40,6 +41,7 @@ from gateway.engine.model import (
 )
 
 __all__ = [
+    "CONFIRMED_ELSEWHERE",
     "CONFIRM_SENT",
     "Outcome",
     "ProgressFn",

@@ -37,6 +37,9 @@ class Step(enum.StrEnum):
 
 # the journal's event (step confirm) written just before this gateway sends its confirm
 CONFIRM_SENT = "confirm sent"
+# the health check of an image that runs permanent without this gateway's confirm (an app that
+# confirms itself, a trailer torn by a power cut, a mode without a test boot): the event's prefix
+CONFIRMED_ELSEWHERE = "confirmed without the gateway"
 
 
 class Status(enum.StrEnum):

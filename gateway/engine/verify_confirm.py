@@ -15,6 +15,7 @@ import time
 
 from gateway.engine.model import (
     CONFIRM_SENT,
+    CONFIRMED_ELSEWHERE,
     Outcome,
     Slots,
     Stage,
@@ -116,7 +117,7 @@ class VerifyConfirmStep(TakeBackStep):
                 "trailer: it no longer reverts); no revert possible")
 
     async def _check_permanent(self, image: VerifiedImage, old_v: str | None, how: str,
-                               what: str = "confirmed without the gateway") -> Outcome:
+                               what: str = CONFIRMED_ELSEWHERE) -> Outcome:
         """The target runs and is already permanent, by no decision of this gateway: a mode
         without a test boot, an application that confirms itself, or MCUboot's trailer torn
         by a power cut (found on real MCUboot, docs/reliability.md: a torn copy-done or
