@@ -481,6 +481,10 @@ class Verdict:
     seconds: float = 0.0
     work: str = ""
     op: str = ""  # what the hook saw at the cut: "E"/"P" and "boot"/"app" (its program counter)
+    op2: str = ""  # the same for the second cut
+    # MCUboot itself stopped (its "panic!"): what its console said. Judged apart from the
+    # gateway (bootloader_verdict): the gateway must only not claim a success
+    bootloader: str = ""
 
     @property
     def ok(self) -> bool:
@@ -592,6 +596,8 @@ async def run_cut(mode: Mode, cut: int, variant: str, work: Path, *, label: str 
                         await gw.start()
                 if reached2:
                     await board.power_off()
+                    _n2, kind2, pc2 = (work / "cut2.meta").read_text().split()
+                    v.op2 = f"{kind2} {'boot' if int(pc2, 16) < BOOT_END else 'app'}"
                     if variant == "restarted":
                         await gw.kill()
                         gw.outputs.append((work / f"gateway-{gw.n}.log").read_text(errors="replace"))
@@ -621,6 +627,9 @@ async def run_cut(mode: Mode, cut: int, variant: str, work: Path, *, label: str 
             await gw.start()
         v.outcome = (final or {}).get("result", "none")
         v.problems += await judge(mode, work, pty, final, gw.outputs)
+        if boards and any(x.startswith("board not answering") for x in v.problems):
+            console = (boards[-1].workdir / "console.log").read_text(errors="replace")
+            bootloader_verdict(v, console, final)
         if log_ops:  # the flash at the end, for the rebuild (after the judge's reads)
             await boards[-1].monitor("sysbus WriteDoubleWord 0x40023C10 0x7FFFFF00")
             await wait_file(out.with_suffix(".final"), timeout_s=60, alive=[])
@@ -703,6 +712,26 @@ async def judge(mode: Mode, work: Path, pty: Path, final: dict[str, str] | None,
     except RuntimeError as exc:
         return [f"board not answering after the gateway's last pass (bricked or hung): {exc}"]
     return judge_state(mode, slots, final, journal_view(work), work, p)
+
+
+def bootloader_verdict(v: Verdict, console: str, final: dict[str, str] | None) -> None:
+    """A board that does not answer because MCUboot stopped in its own "panic!"
+    (``boot_complete_partial_swap``, loader.c: a resumed swap whose trailer says no upgrade)
+    after cuts that both fell inside MCUboot's own operations ("boot": its program counter)
+    is MCUboot's result, not the gateway's: a torn single-byte program is outside MCUboot's
+    fault model (its simulator interrupts between flash operations, never inside one). The
+    gateway had no part in it and can do nothing over SMP (MCUboot runs no SMP server here);
+    its only duty then is not to claim a success. Anything else stays a failure."""
+    lines = [ln.strip() for ln in console.splitlines() if ln.strip()]
+    boot_log = lines[-6:]
+    if not lines or "panic!" not in lines[-1]:
+        return
+    if not v.op.endswith("boot") or (v.second_cut is not None and not v.op2.endswith("boot")):
+        return
+    v.bootloader = "MCUboot panic: " + " | ".join(boot_log)
+    v.problems = [x for x in v.problems if not x.startswith("board not answering")]
+    if (final or {}).get("result") in ("updated", "up-to-date"):
+        v.problems.append(f"MCUboot panicked but the gateway reported {final}")
 
 
 def judge_state(mode: Mode, slots: list[dict[str, Any]], final: dict[str, str] | None,
@@ -852,13 +881,16 @@ async def campaign(mode: Mode, root: Path, *, jobs: int, kinds: set[str], data_c
         results.append(v)
         out.write(json.dumps({**dataclasses.asdict(v), "kind": op.kind, "phase": op.phase}) + "\n")
         out.flush()
-        status = "PASS" if v.ok else "FAIL"
+        status = "MCUBOOT" if v.bootloader and v.ok else "PASS" if v.ok else "FAIL"
         print(f"{status} {mode.name} op {op.n:>7} {lbl:<48} {variant:<9} "
               f"{'cut2 ' if sc is not None else ''}{v.outcome:<11} {v.seconds:6.1f}s", flush=True)
+        if v.bootloader:
+            print(f"     {v.bootloader}\n     replay: "
+                  f"{replay_command(mode.name, op.n, variant, sc)}", flush=True)
         if not v.ok:
             print(f"     problems: {v.problems}\n     replay: "
                   f"{replay_command(mode.name, op.n, variant, sc)}", flush=True)
-        else:
+        elif not v.bootloader:
             shutil.rmtree(v.work, ignore_errors=True)
 
     tasks = []
@@ -906,7 +938,9 @@ def main(argv: list[str] | None = None) -> int:
         second_every=a.second_every, limit=a.limit, variants=a.variant or a.variants,
         only=a.cut, second=a.second_cut, skip_done=a.skip_done))
     by = Counter((json.loads(json.dumps(r.label)).split()[0], r.ok) for r in res)
+    panics = sum(1 for r in res if r.bootloader and r.ok)
     print(f"\n{mode.name}: {len(res)} cuts, {sum(not r.ok for r in res)} failed, "
+          f"{panics} MCUboot panics (the gateway reported no success), "
           f"{time.monotonic() - t0:.0f} s wall; by kind: "
           + ", ".join(f"{k} {'ok' if ok else 'FAILED'} {n}" for (k, ok), n in sorted(by.items())))
     return 1 if any(not r.ok for r in res) else 0

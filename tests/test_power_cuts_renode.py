@@ -120,6 +120,38 @@ def test_judge_fails_each_bad_case(tmp_path: Path, case: str) -> None:
     assert problems, f"the judge let {case} pass"
 
 
+PANIC_CONSOLE = """*** Booting Zephyr OS build  ***
+I: Starting bootloader
+I: Primary image: magic=unset, swap_type=0x1, copy_done=0x3, image_ok=0x3
+I: Scratch: magic=unset, swap_type=0x2, copy_done=0x3, image_ok=0x3
+I: Boot source: primary slot
+E: panic!
+"""
+
+
+def _panicked(op: str, op2: str, final: dict[str, str] | None) -> Any:
+    v = pc.Verdict("swap-scratch", 48220, "trailer swap-info", "restarted", 3, op=op, op2=op2,
+                   problems=["board not answering after the gateway's last pass (bricked or "
+                             "hung): timeout"])
+    pc.bootloader_verdict(v, PANIC_CONSOLE, final)
+    return v
+
+
+def test_an_mcuboot_panic_is_judged_apart_only_when_mcuboot_alone_was_cut() -> None:
+    """Cut 48220 + second cut 3 (swap-scratch): a torn swap-info byte, then a cut in the
+    resumed swap - real MCUboot stops in "panic!". Its own result, when both cuts fell inside
+    MCUboot and the gateway claimed no success; anything else stays a failure."""
+    v = _panicked("P boot", "P boot", {"result": "failed"})
+    assert v.ok and v.bootloader.startswith("MCUboot panic") and "E: panic!" in v.bootloader
+    assert not _panicked("P boot", "P boot", {"result": "updated"}).ok  # a false success
+    assert not _panicked("P app", "P boot", {"result": "failed"}).ok  # the app's write was cut
+    assert not _panicked("P boot", "P app", {"result": "failed"}).ok
+    v = pc.Verdict("swap-scratch", 1, "x", "restarted", None, op="P boot",
+                   problems=["board not answering after the gateway's last pass: timeout"])
+    pc.bootloader_verdict(v, "I: Starting bootloader\nI: Jumping to the first image slot\n", None)
+    assert not v.ok and not v.bootloader  # hung without a panic: a failure
+
+
 def test_torn_flash_is_half_of_the_operation() -> None:
     before = bytes([0xFF] * 8)
     prog = bytes([0xFF, 0x00, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF])
