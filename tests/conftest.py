@@ -133,7 +133,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 
 # docs/reliability.md is made of sections, each rewritten by its own writer, the others kept
-_SECTIONS = ("schedules", "matrix", "longruns")  # longruns: written by hand, kept as is
+_SECTIONS = ("schedules", "matrix", "longruns", "powercuts")  # the last two: by hand, kept
 
 
 def _doc_sections(path: Path) -> dict[str, str]:
