@@ -778,10 +778,16 @@ def judge_state(mode: Mode, slots: list[dict[str, Any]], final: dict[str, str] |
             # a cut that tore MCUboot's copy-done or image-ok byte leaves the new image
             # permanent without any confirm (swap type NONE, never reverted): the gateway
             # must still health-check it before it reports it updated (engine
-            # _check_permanent, CONFIRMED_ELSEWHERE)
-            checked = [i for i, (s, d) in enumerate(ev)
-                       if s == "confirm" and d.startswith(CONFIRMED_ELSEWHERE)]
-            if checked and marked and max(checked) > min(marked) and not sent:
+            # _check_permanent, CONFIRMED_ELSEWHERE) - a check started after the last mark
+            # whose pass is the journal's last outcome
+            checked = [i for i, (s, d) in enumerate(ev) if s == "confirm"
+                       and d.startswith(CONFIRMED_ELSEWHERE) and marked and i > max(marked)]
+            outcomes = [i for i, (s, _) in enumerate(ev)
+                        if s in ("done", "failed", "rolled-back", "refused")]
+            passed = bool(checked and outcomes and outcomes[-1] > max(checked)
+                          and ev[outcomes[-1]][0] == "done"
+                          and "health check passed" in ev[outcomes[-1]][1])
+            if passed and not sent:
                 pass
             elif not sent or not verified or min(verified) > sent[-1]:
                 p.append("runs the new image confirmed without a health check before the "

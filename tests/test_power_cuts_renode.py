@@ -74,7 +74,8 @@ def test_judge_passes_a_clean_update_and_a_clean_rollback(tmp_path: Path) -> Non
     # a torn copy-done/image-ok byte left the new image permanent without a confirm (cuts
     # 441464, 441465): updated only after the gateway's health check of it
     torn = [("upload", "done"), MARK, ("reset", "x"), ("wait-boot", "x"),
-            ("confirm", f"{pc.CONFIRMED_ELSEWHERE}; health check 2s"), ("done", "updated")]
+            ("confirm", f"{pc.CONFIRMED_ELSEWHERE}; health check 2s"),
+            ("done", "2.0.0 runs confirmed without ...; health check passed")]
     assert _judge(tmp_path, _slots(NEW), {"result": "updated"},
                   _journal("updated", NEW, events=torn), [1]) == []
 

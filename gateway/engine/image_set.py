@@ -20,6 +20,8 @@ from gateway.bootmodes import imageset
 from gateway.bootmodes.flows import Mark
 from gateway.engine.model import (
     CONFIRM_SENT,
+    CONFIRMED_ELSEWHERE,
+    PERMANENT_READ_S,
     Outcome,
     Stage,
     Status,
@@ -39,6 +41,7 @@ from gateway.images import (
 )
 from gateway.journal import STAGED, Entry
 from gateway.smp.session import SMPProtocolError, SMPTimeout
+from gateway.smp.transport import TransportError
 from gateway.sources.base import UpdateResult
 
 log = logging.getLogger("gateway.engine")
@@ -139,6 +142,12 @@ class ImageSetStep(UploadStep):
                  " ".join(f"image{i}={w.value}" for i, w in where.items()))
         W = imageset.Where
         if all(w == W.INSTALLED for w in where.values()):
+            if marks_started and self.dev.confirm != "app" and not self.journal.event_since(
+                    self.dev.id, Step.MARK_TEST.value, Step.CONFIRM.value, CONFIRM_SENT):
+                # marked here, permanent without the gateway's confirm (a restart or a failed
+                # check since, a torn trailer, a mode without a test boot): checked again
+                return await self._set_after_boot(iset, rls, {m.image for m in iset.members},
+                                                  old_v)
             st = Status.UPDATED if (resuming or marks_started) else Status.UP_TO_DATE
             raise self._finish(st, UpdateResult.SUCCESS, f"runs the image set {iset.describe()}",
                                iset, old_v)
@@ -320,6 +329,14 @@ class ImageSetStep(UploadStep):
             for i in order:
                 m = next(x for x in iset.members if x.image == i)
                 await self._confirm_member(iset, m, old_v)
+        else:
+            # nothing left to confirm: every marked image is already permanent (overwrite-only,
+            # a network core, an application that confirmed itself, a trailer torn by a power
+            # cut) - the health window and the hook still decide, as for one image
+            # (``VerifyConfirmStep._check_permanent``); a failure is reported, never reverted
+            failed = await self._set_check_permanent(iset, rls, marked, old_v)
+            if failed is not None:
+                return failed
         states = await self._states()
         final = imageset.after_boot(states, iset, rls, marked)
         if final.testing or not final.all_ok:
@@ -339,9 +356,53 @@ class ImageSetStep(UploadStep):
                 parts.append(final.ok.get(m.image, f"image {m.image}: installed")
                              + (" (no revert)" if m.image in final.permanent else ""))
         detail = f"{old_v} -> image set {iset.version}: " + "; ".join(parts)
+        if not verdict.testing:
+            detail += "; health check passed"
         if iset.unverified:
             detail += f"; {iset.unverified}"
         raise self._finish(Status.UPDATED, UpdateResult.SUCCESS, detail, iset, old_v)
+
+    async def _set_check_permanent(self, iset: VerifiedImageSet, rls: dict[int, imageset.Rule],
+                                   marked: set[int], old_v: str | None) -> Outcome | None:
+        """The health window and the ``health_check:`` hook of a set whose marked images are all
+        permanent already (no confirm to send): None when both pass; else the failed set's
+        outcome (``_set_failed`` / ``_set_revert``: permanent images are reported, not reverted).
+        A read that goes unanswered twice is a failure (a crash or watchdog reset boots
+        a permanent image straight back into itself; see ``_check_permanent``)."""
+        self._step(Step.CONFIRM, f"{CONFIRMED_ELSEWHERE}: image set {iset.version} installed; "
+                   f"health check {self.dev.health_check_s:g}s")
+        end = time.monotonic() + self.dev.health_check_s
+        missed = 0
+        verdict = imageset.Verdict()
+        while True:
+            try:
+                states = await self.s.image_state(timeout_s=PERMANENT_READ_S, retries=0)
+            except (SMPTimeout, SMPProtocolError, TransportError) as exc:
+                missed += 1
+                if missed >= 2:
+                    return await self._set_revert(
+                        iset, f"it stopped answering during its health window ({missed} reads "
+                        f"unanswered: a crash or watchdog reset, or the link dropped): "
+                        f"{type(exc).__name__}: {exc}", [], sorted(marked), old_v)
+                if isinstance(exc, TransportError):
+                    await self._reopen()
+                await asyncio.sleep(self.poll)
+                continue
+            self._note_confirmed(states)
+            verdict = imageset.after_boot(states, iset, rls, marked)
+            if not verdict.all_ok:
+                return await self._set_failed(iset, verdict, old_v)
+            if time.monotonic() >= end:
+                break
+            await asyncio.sleep(min(self.poll, max(0.0, end - time.monotonic())))
+        hook = await run_hook(self.dev, self.s, str(iset.version), old_v, iset.hash.hex())
+        if hook is not None and not hook.ok:
+            return await self._set_revert(iset, f"its health check failed: {hook.detail}",
+                                          verdict.testing, verdict.permanent or sorted(marked),
+                                          old_v)
+        if hook is not None:
+            self._step(Step.CONFIRM, hook.detail)
+        return None
 
     async def _confirm_member(self, iset: VerifiedImageSet, m: SetMember, old_v: str | None) -> None:
         """Confirm one test-booted image of the set: read before (running unconfirmed), write

@@ -144,12 +144,15 @@ class PlanStep(MarkResetStep, ImageSetStep, RecoveryStep):
                 mine = resuming or self.entry.tested_hash == th
                 st = Status.UPDATED if mine else Status.UP_TO_DATE
                 detail = f"running {image.version}, confirmed"
-                if (self.entry.tested_hash == th and flow.test_boot and self.dev.confirm != "app"
+                if (self.entry.tested_hash == th and self.dev.confirm != "app"
                         and not self.journal.event_since(self.dev.id, Step.MARK_TEST.value,
                                                          Step.CONFIRM.value, CONFIRM_SENT)):
                     # (b) says confirmed, the journal says this gateway marked it and never sent
-                    # its confirm: made permanent by the application or a torn trailer - the
-                    # health check still decides whether that is a success
+                    # its confirm: made permanent by the application, a torn trailer or a mode
+                    # without a test boot - its health check (again, after a failed one or a
+                    # restart) still decides whether that is a success
+                    if not flow.test_boot:
+                        return await self._after_install(image, old_v)
                     log.warning("device=%s %s", self.dev.id, self.confirmed_elsewhere(image))
                     return await self._check_permanent(image, old_v,
                                                        self.confirmed_elsewhere(image))
