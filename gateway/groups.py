@@ -116,7 +116,8 @@ class _GroupCanceled(Exception):
 class GroupHost(Protocol):
     """What a group run needs from the gateway (``gateway.daemon.Gateway`` implements it)."""
 
-    fleet: GroupAdmission
+    @property
+    def fleet(self) -> GroupAdmission: ...  # read-only here: the gateway's is a FleetOps
     journal: Journal
     store: ImageStore
     stop: asyncio.Event
