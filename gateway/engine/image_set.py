@@ -21,7 +21,6 @@ from gateway.bootmodes.flows import Mark
 from gateway.engine.model import (
     CONFIRM_SENT,
     CONFIRMED_ELSEWHERE,
-    PERMANENT_READ_S,
     Outcome,
     Stage,
     Status,
@@ -376,7 +375,7 @@ class ImageSetStep(UploadStep):
         verdict = imageset.Verdict()
         while True:
             try:
-                states = await self.s.image_state(timeout_s=PERMANENT_READ_S, retries=0)
+                states = await self.s.image_state(retries=0)
             except (SMPTimeout, SMPProtocolError, TransportError) as exc:
                 missed += 1
                 if missed >= 2:

@@ -40,7 +40,6 @@ CONFIRM_SENT = "confirm sent"
 # the health check of an image that runs permanent without this gateway's confirm (an app that
 # confirms itself, a trailer torn by a power cut, a mode without a test boot): the event's prefix
 CONFIRMED_ELSEWHERE = "confirmed without the gateway"
-PERMANENT_READ_S = 1.0  # a state read in a permanent image's health window: unanswered = missed
 
 
 class Status(enum.StrEnum):

@@ -16,7 +16,6 @@ import time
 from gateway.engine.model import (
     CONFIRM_SENT,
     CONFIRMED_ELSEWHERE,
-    PERMANENT_READ_S,
     Outcome,
     Slots,
     Stage,
@@ -134,12 +133,12 @@ class VerifyConfirmStep(TakeBackStep):
         while True:
             # A permanent image that crashes boots straight back into itself: its state reads
             # the same after the reboot, so the reboot itself is the sign - a read that goes
-            # unanswered (no re-send: a re-send would hide a short reboot). One miss is
+            # unanswered within the device's request timeout (no re-send: a re-send would hide
+            # a short reboot; the request a rebooting device drops is never answered). One miss is
             # forgiven (a lossy link); a second fails the check. A reboot shorter than the
             # gap between two reads is not seen: Zephyr's SMP has no boot counter to ask.
             try:
-                slots = Slots.parse(await self.s.image_state(timeout_s=PERMANENT_READ_S,
-                                                             retries=0), self.dev.image)
+                slots = Slots.parse(await self.s.image_state(retries=0), self.dev.image)
             except (SMPTimeout, SMPProtocolError, TransportError) as exc:
                 missed += 1
                 if missed >= 2:
