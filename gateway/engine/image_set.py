@@ -28,6 +28,7 @@ from gateway.engine.model import (
     _Finish,
     _revert_mark,
 )
+from gateway.engine.state import Unanswered
 from gateway.engine.upload import UploadStep
 from gateway.healthhook import run_hook
 from gateway.images import (
@@ -40,7 +41,6 @@ from gateway.images import (
 )
 from gateway.journal import STAGED, Entry
 from gateway.smp.session import SMPProtocolError, SMPTimeout
-from gateway.smp.transport import TransportError
 from gateway.sources.base import UpdateResult
 
 log = logging.getLogger("gateway.engine")
@@ -370,30 +370,14 @@ class ImageSetStep(UploadStep):
         a permanent image straight back into itself; see ``_check_permanent``)."""
         self._step(Step.CONFIRM, f"{CONFIRMED_ELSEWHERE}: image set {iset.version} installed; "
                    f"health check {self.dev.health_check_s:g}s")
-        end = time.monotonic() + self.dev.health_check_s
-        missed = 0
         verdict = imageset.Verdict()
-        while True:
-            try:
-                states = await self.s.image_state(retries=0)
-            except (SMPTimeout, SMPProtocolError, TransportError) as exc:
-                missed += 1
-                if missed >= 2:
-                    return await self._set_revert(
-                        iset, f"it stopped answering during its health window ({missed} reads "
-                        f"unanswered: a crash or watchdog reset, or the link dropped): "
-                        f"{type(exc).__name__}: {exc}", [], sorted(marked), old_v)
-                if isinstance(exc, TransportError):
-                    await self._reopen()
-                await asyncio.sleep(self.poll)
-                continue
-            self._note_confirmed(states)
-            verdict = imageset.after_boot(states, iset, rls, marked)
-            if not verdict.all_ok:
-                return await self._set_failed(iset, verdict, old_v)
-            if time.monotonic() >= end:
-                break
-            await asyncio.sleep(min(self.poll, max(0.0, end - time.monotonic())))
+        try:
+            async for states in self._permanent_window():
+                verdict = imageset.after_boot(states, iset, rls, marked)
+                if not verdict.all_ok:
+                    return await self._set_failed(iset, verdict, old_v)
+        except Unanswered as exc:
+            return await self._set_revert(iset, str(exc), [], sorted(marked), old_v)
         hook = await run_hook(self.dev, self.s, str(iset.version), old_v, iset.hash.hex())
         if hook is not None and not hook.ok:
             return await self._set_revert(iset, f"its health check failed: {hook.detail}",

@@ -6,8 +6,9 @@ Owns ``EngineState``: the one place that lists what every step reads and writes 
 ``reset_gate``/``confirm_gate`` hooks), ``_step`` (the only writer of the journal's ``step``:
 journalled before the step runs), ``_finish`` (writes the final ``Step.DONE``, ``REFUSED``,
 ``ROLLED_BACK`` or ``FAILED`` with the outcome), the stops short of an outcome (``_gate``,
-``_hold``, ``_checked``), the device's state read (``read_slots``) and the link's waits
-(``_wait_reboot``, ``_reconnect``, ``_reopen``) every step uses.
+``_hold``, ``_checked``), the device's state read (``read_slots``; ``_permanent_window`` for
+an image no one can take back any more) and the link's waits (``_wait_reboot``,
+``_reconnect``, ``_reopen``) every step uses.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from smp.image_management import ImageState
 
@@ -34,11 +35,15 @@ from gateway.images import (
     VerifiedImage,
 )
 from gateway.journal import Entry, Journal
-from gateway.smp.session import SMPSession, SMPTimeout
+from gateway.smp.session import SMPProtocolError, SMPSession, SMPTimeout
 from gateway.smp.transport import TransportError
 from gateway.sources.base import UpdateResult
 
 log = logging.getLogger("gateway.engine")
+
+
+class Unanswered(Exception):
+    """A permanent image's health window saw the device stop answering (``_permanent_window``)."""
 
 
 class EngineState:
@@ -147,6 +152,38 @@ class EngineState:
         s = next((s for s in states if (s.image or 0) == 0 and s.active and s.confirmed), None)
         if s is not None and s.hash and 16 <= len(s.hash) <= 64:
             self.journal.put_confirmed(self.dev.id, bytes(s.hash).hex(), str(s.version)[:64])
+
+    async def _permanent_window(self) -> AsyncIterator[list[ImageState]]:
+        """The health window of an image that is permanent already (no revert can follow):
+        the device's state (b) every ``poll`` until ``health_check_s`` has passed.
+
+        A permanent image that crashes boots straight back into itself: its state reads the
+        same after the reboot, so the reboot itself is the sign - a read that goes unanswered
+        within the device's request timeout (no re-send: a re-send would hide a short reboot;
+        the request a rebooting device drops is never answered). One miss is forgiven (a
+        lossy link); a second raises ``Unanswered``. A reboot shorter than the gap between two
+        reads is not seen: Zephyr's SMP has no boot counter to ask."""
+        end = time.monotonic() + self.dev.health_check_s
+        missed = 0
+        while True:
+            try:
+                states = await self.s.image_state(retries=0)
+            except (SMPTimeout, SMPProtocolError, TransportError) as exc:
+                missed += 1
+                if missed >= 2:
+                    raise Unanswered(
+                        f"it stopped answering during its health window ({missed} reads "
+                        "unanswered: a crash or watchdog reset, or the link dropped): "
+                        f"{type(exc).__name__}: {exc}") from None
+                if isinstance(exc, TransportError):
+                    await self._reopen()
+                await asyncio.sleep(self.poll)
+                continue
+            self._note_confirmed(states)
+            yield states
+            if time.monotonic() >= end:
+                return
+            await asyncio.sleep(min(self.poll, max(0.0, end - time.monotonic())))
 
     async def _read_slots_through_reboot(self) -> Slots:
         """Read the state; if the device vanished (crash, watchdog), wait for it to come back."""

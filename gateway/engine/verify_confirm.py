@@ -23,13 +23,13 @@ from gateway.engine.model import (
     Step,
     _Finish,
 )
+from gateway.engine.state import Unanswered
 from gateway.engine.take_back import TakeBackStep
 from gateway.healthhook import run_hook
 from gateway.images import (
     VerifiedImage,
 )
 from gateway.smp.session import SMPProtocolError, SMPTimeout
-from gateway.smp.transport import TransportError
 from gateway.sources.base import UpdateResult
 
 log = logging.getLogger("gateway.engine")
@@ -128,36 +128,16 @@ class VerifyConfirmStep(TakeBackStep):
         never rolled-back, because nothing can take it back now (b)."""
         target = image.hash
         self._step(Step.CONFIRM, f"{what}; health check {self.dev.health_check_s:g}s")
-        end = time.monotonic() + self.dev.health_check_s
-        missed = 0
-        while True:
-            # A permanent image that crashes boots straight back into itself: its state reads
-            # the same after the reboot, so the reboot itself is the sign - a read that goes
-            # unanswered within the device's request timeout (no re-send: a re-send would hide
-            # a short reboot; the request a rebooting device drops is never answered). One miss is
-            # forgiven (a lossy link); a second fails the check. A reboot shorter than the
-            # gap between two reads is not seen: Zephyr's SMP has no boot counter to ask.
-            try:
-                slots = Slots.parse(await self.s.image_state(retries=0), self.dev.image)
-            except (SMPTimeout, SMPProtocolError, TransportError) as exc:
-                missed += 1
-                if missed >= 2:
-                    raise self._finish(
-                        Status.FAILED, UpdateResult.UPDATE_FAILED,
-                        f"{how}; it stopped answering during its health window ({missed} "
-                        f"reads unanswered: a crash or watchdog reset, or the link dropped): "
-                        f"{type(exc).__name__}: {exc}", image, old_v) from None
-                if isinstance(exc, TransportError):
-                    await self._reopen()
-                await asyncio.sleep(self.poll)
-                continue
-            if slots.active_hash != target:
-                now = slots.running or "?"
-                raise self._finish(Status.FAILED, UpdateResult.UPDATE_FAILED,
-                                   f"{how}; but the device now runs {now}", image, old_v)
-            if time.monotonic() >= end:
-                break
-            await asyncio.sleep(min(self.poll, max(0.0, end - time.monotonic())))
+        try:
+            async for states in self._permanent_window():
+                slots = Slots.parse(states, self.dev.image)
+                if slots.active_hash != target:
+                    now = slots.running or "?"
+                    raise self._finish(Status.FAILED, UpdateResult.UPDATE_FAILED,
+                                       f"{how}; but the device now runs {now}", image, old_v)
+        except Unanswered as exc:
+            raise self._finish(Status.FAILED, UpdateResult.UPDATE_FAILED, f"{how}; {exc}",
+                               image, old_v) from None
         res = await run_hook(self.dev, self.s, str(image.version), old_v, image.hash.hex())
         if res is not None and not res.ok:
             log.warning("device=%s %s: %s cannot be reverted", self.dev.id, res.detail,
