@@ -141,7 +141,7 @@ class ImageSetStep(UploadStep):
                  " ".join(f"image{i}={w.value}" for i, w in where.items()))
         W = imageset.Where
         if all(w == W.INSTALLED for w in where.values()):
-            if marks_started and self.dev.confirm != "app" and not self.journal.event_since(
+            if marks_started and not self.journal.event_since(
                     self.dev.id, Step.MARK_TEST.value, Step.CONFIRM.value, CONFIRM_SENT):
                 # marked here, permanent without the gateway's confirm (a restart or a failed
                 # check since, a torn trailer, a mode without a test boot): checked again

@@ -144,7 +144,8 @@ class PlanStep(MarkResetStep, ImageSetStep, RecoveryStep):
                 mine = resuming or self.entry.tested_hash == th
                 st = Status.UPDATED if mine else Status.UP_TO_DATE
                 detail = f"running {image.version}, confirmed"
-                if (self.entry.tested_hash == th and self.dev.confirm != "app"
+                if (self.entry.tested_hash == th
+                        and (self.dev.confirm != "app" or not flow.test_boot)
                         and not self.journal.event_since(self.dev.id, Step.MARK_TEST.value,
                                                          Step.CONFIRM.value, CONFIRM_SENT)):
                     # (b) says confirmed, the journal says this gateway marked it and never sent

@@ -2,10 +2,11 @@
 
 Owns ``RecoveryStep._run_recovery`` (single application slot or firmware loader, enabled per
 device; entered with a boot-mode reset, ``_boot_mode_reset``), ``_flash_from_bootloader``
-(upload image 0, check, reset, check the application runs it) and ``recover`` (the last resort:
+(upload image 0, check, reset, check the application runs it, then its health window and hook:
+installed for good, ``VerifyConfirmStep._check_permanent``) and ``recover`` (the last resort:
 re-flash the last image confirmed here). Rules in ``gateway/bootmodes/recovery.py``. Writes
 ``Step.READ_STATE``, ``Step.MARK_TEST`` (before the boot-mode reset), ``Step.UPLOAD`` (through
-``_send``), ``Step.RESET``, ``Step.WAIT_BOOT`` and ``Step.VERIFY``.
+``_send``), ``Step.RESET``, ``Step.WAIT_BOOT``, ``Step.VERIFY`` and ``Step.CONFIRM`` (the check).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from gateway.engine.model import (
     _Finish,
 )
 from gateway.engine.upload import UploadStep
+from gateway.engine.verify_confirm import VerifyConfirmStep
 from gateway.images import (
     ImageRefused,
     VerifiedImage,
@@ -40,7 +42,7 @@ from gateway.sources.base import UpdateResult
 log = logging.getLogger("gateway.engine")
 
 
-class RecoveryStep(UploadStep):
+class RecoveryStep(UploadStep, VerifyConfirmStep):
     """The recovery step (see the module docstring)."""
 
     async def _poll_states(self, want: Callable[[list[ImageState]], bool], what: str,
@@ -99,6 +101,11 @@ class RecoveryStep(UploadStep):
         states = await self.s.image_state()
         app_runs = not in_serial_recovery(states) and not loader_running(states)
         if app_runs and slots.active_hash == target:
+            if resuming and prev.tested_hash == th:
+                # written here through the bootloader, its health check not passed yet (a
+                # restart, a link lost): installed for good, so it is checked, never assumed
+                return await self._check_permanent(
+                    image, old_v, flow.installed(old_v, image, ""), what=f"installed via {flow.via}")
             st = Status.UPDATED if resuming else Status.UP_TO_DATE
             raise self._finish(st, UpdateResult.SUCCESS, f"running {image.version}", image, old_v)
         try:
@@ -178,10 +185,9 @@ class RecoveryStep(UploadStep):
             raise self._finish(Status.FAILED, UpdateResult.UPDATE_FAILED,
                                f"{image.version} was written through {via}, but the device runs "
                                f"{run.running or '?'}", image, old_v)
-        detail = success("")
-        if image.unverified:
-            detail += f"; {image.unverified}"
-        raise self._finish(Status.UPDATED, UpdateResult.SUCCESS, detail, image, old_v)
+        # installed for good (no revert through a bootloader): the health window and the
+        # health_check: hook decide whether that is a success (``_check_permanent``)
+        return await self._check_permanent(image, old_v, success(""), what=f"installed via {via}")
 
     async def recover(self, image: VerifiedImage) -> Outcome:
         """Last resort for a device whose application no longer answers SMP: if MCUboot's

@@ -42,6 +42,11 @@ from gateway.sources.base import UpdateResult
 log = logging.getLogger("gateway.engine")
 
 
+# a permanent image's health window (``_permanent_window``): what counts as not answering
+PERMANENT_MISSES_IN_A_ROW = 4
+PERMANENT_MISS_SHARE = 0.4
+
+
 class Unanswered(Exception):
     """A permanent image's health window saw the device stop answering (``_permanent_window``)."""
 
@@ -160,30 +165,45 @@ class EngineState:
         A permanent image that crashes boots straight back into itself: its state reads the
         same after the reboot, so the reboot itself is the sign - a read that goes unanswered
         within the device's request timeout (no re-send: a re-send would hide a short reboot;
-        the request a rebooting device drops is never answered). One miss is forgiven (a
-        lossy link); a second raises ``Unanswered``. A reboot shorter than the gap between two
-        reads is not seen: Zephyr's SMP has no boot counter to ask."""
+        the request a rebooting device drops is never answered). A lossy link loses some
+        reads too, so ``Unanswered`` is raised only for what loss does not explain:
+        ``PERMANENT_MISSES_IN_A_ROW`` unanswered reads in a row (the device is gone), or at
+        the end of the window at least 2 unanswered and ``PERMANENT_MISS_SHARE`` of all (a
+        crash loop: down about half the time), or no answer at all. A reboot shorter than the
+        gap between two reads is not seen: Zephyr's SMP has no boot counter to ask."""
         end = time.monotonic() + self.dev.health_check_s
-        missed = 0
+        answered = missed = in_a_row = 0
+        last: BaseException | None = None
         while True:
             try:
                 states = await self.s.image_state(retries=0)
             except (SMPTimeout, SMPProtocolError, TransportError) as exc:
                 missed += 1
-                if missed >= 2:
+                in_a_row += 1
+                last = exc
+                if in_a_row >= PERMANENT_MISSES_IN_A_ROW:
                     raise Unanswered(
-                        f"it stopped answering during its health window ({missed} reads "
-                        "unanswered: a crash or watchdog reset, or the link dropped): "
+                        f"it stopped answering during its health window ({in_a_row} reads in a "
+                        "row unanswered: a crash or watchdog reset, or the link dropped): "
                         f"{type(exc).__name__}: {exc}") from None
                 if isinstance(exc, TransportError):
                     await self._reopen()
+                if time.monotonic() >= end:
+                    break
                 await asyncio.sleep(self.poll)
                 continue
+            answered += 1
+            in_a_row = 0
             self._note_confirmed(states)
             yield states
             if time.monotonic() >= end:
-                return
+                break
             await asyncio.sleep(min(self.poll, max(0.0, end - time.monotonic())))
+        if answered == 0 or (missed >= 2 and missed >= PERMANENT_MISS_SHARE * (missed + answered)):
+            raise Unanswered(
+                f"it kept dropping out during its health window ({missed} of {missed + answered} "
+                "reads unanswered: a crash loop - it reboots straight back into itself - or a "
+                f"failing link): {type(last).__name__}: {last}")
 
     async def _read_slots_through_reboot(self) -> Slots:
         """Read the state; if the device vanished (crash, watchdog), wait for it to come back."""

@@ -3,7 +3,10 @@
 Owns ``VerifyConfirmStep._after_boot`` (b: the device runs the target), the health window and
 the user's ``health_check:`` hook (``_user_health_check``), ``_confirm`` (only the image this
 gateway tested, never after an open cancel, never blindly re-sent), ``_wait_app_confirm``
-(``confirm: app``) and ``_after_install`` (modes without a test boot). Writes ``Step.VERIFY``,
+(``confirm: app``), ``_after_install`` (modes without a test boot) and ``_check_permanent``
+(the health window and hook of any image permanent without the gateway's confirm: no test
+boot, an application that confirms itself, a trailer torn by a power cut, a bootloader
+install; a failure is reported, never reverted). Writes ``Step.VERIFY``,
 ``Step.CONFIRM`` (the health check, the hook's verdict, and ``CONFIRM_SENT`` before every
 confirm) and ``Step.WAIT_APP``.
 """

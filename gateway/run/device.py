@@ -27,7 +27,7 @@ from pathlib import Path
 from gateway import inventory
 from gateway.config import DeviceConfig
 from gateway.download import sha256_file
-from gateway.engine import Outcome, Slots, Stage, Status, Step, set_revert_open
+from gateway.engine import CONFIRM_SENT, Outcome, Slots, Stage, Status, Step, set_revert_open
 from gateway.images import ImageRefused, VerifiedImageSet
 from gateway.journal import STAGED, Entry
 from gateway.maintenance import both_gates
@@ -253,10 +253,19 @@ class DeviceStep(ReportsStep):
         The same after a rollback verdict: a device that runs the image this gateway marked
         booted it after all, and a test boot this gateway started is finished by it."""
         entry = self.journal.get(dev.id)
-        tested_running = (entry.outcome in (Status.FAILED.value, Status.ROLLED_BACK.value)
-                          and entry.tested_hash is not None
-                          and slots.active_hash is not None
-                          and entry.tested_hash == slots.active_hash.hex())
+        # (b) the device runs it confirmed, and the journal has no confirm of this gateway's
+        # since its mark: permanent by itself (a mode without a test boot, an application
+        # that confirms itself, a torn trailer). Its health check failed or was cut and that
+        # was reported; nothing is left to finish - the source decides what comes next (its
+        # fix, or the same image again: then the plan checks it again)
+        permanent_by_itself = (slots.active is not None and bool(slots.active.confirmed)
+                               and not self.journal.event_since(
+                                   dev.id, Step.MARK_TEST.value, Step.CONFIRM.value, CONFIRM_SENT))
+        runs_tested = (entry.outcome in (Status.FAILED.value, Status.ROLLED_BACK.value)
+                       and entry.tested_hash is not None
+                       and slots.active_hash is not None
+                       and entry.tested_hash == slots.active_hash.hex())
+        tested_running = runs_tested and not permanent_by_itself
         if entry.outcome in (Status.FAILED.value, Status.ROLLED_BACK.value) and not tested_running:
             # an image set's test boot this gateway started is finished by it too, whatever is
             # offered: its revert intent still open, or (b) the device test-runs (unconfirmed)
@@ -295,6 +304,15 @@ class DeviceStep(ReportsStep):
         if health.succeeded():  # the outage is over: the devices that waited for it go now
             for d in list(self.source_waiting):
                 self.fleet.wake(d)
+        if (runs_tested and permanent_by_itself and entry.target_hash and entry.image_path
+                and Path(entry.image_path).is_file()
+                and (offer is None or (offer.version is not None
+                                       and str(offer.version) == entry.target_version))):
+            # the source offers nothing else (it takes the device for current, or offers the
+            # same image): the failed check of the permanent image runs again - never an
+            # "up to date" over a failed check
+            log.info("device=%s checking the permanent %s again", dev.id, entry.target_version)
+            return self.offer_from_journal(dev), Path(entry.image_path)
         return offer, None
 
     async def _runs_set_member(self, dev: DeviceConfig, entry: Entry, slots: Slots) -> bool:
