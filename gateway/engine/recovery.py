@@ -85,7 +85,10 @@ class RecoveryStep(UploadStep, VerifyConfirmStep):
         old_v = slots.running
         prev = self.entry
         resuming = prev.target_hash == th and prev.outcome is None
-        if resuming and prev.old_version:
+        # a failed attempt at the same image keeps what this gateway did: the image it wrote
+        # (its health check may have failed or been cut: checked again below)
+        same = prev.target_hash == th and prev.outcome == Status.FAILED.value
+        if (resuming or same) and prev.old_version:
             old_v = prev.old_version
         if not resuming:
             self.entry = Entry(device_id=self.dev.id, target_hash=th,
@@ -93,6 +96,7 @@ class RecoveryStep(UploadStep, VerifyConfirmStep):
                                source=source, image_path=str(image.path),
                                old_hash=slots.active_hash.hex() if slots.active_hash else None,
                                old_version=old_v, attempts=prev.attempts + 1,
+                               tested_hash=prev.tested_hash if same else None,
                                running_version=prev.running_version,
                                running_hash=prev.running_hash, blocked_hash=prev.blocked_hash,
                                blocked_artifact=prev.blocked_artifact)
@@ -101,7 +105,7 @@ class RecoveryStep(UploadStep, VerifyConfirmStep):
         states = await self.s.image_state()
         app_runs = not in_serial_recovery(states) and not loader_running(states)
         if app_runs and slots.active_hash == target:
-            if resuming and prev.tested_hash == th:
+            if self.entry.tested_hash == th:
                 # written here through the bootloader, its health check not passed yet (a
                 # restart, a link lost): installed for good, so it is checked, never assumed
                 return await self._check_permanent(

@@ -45,6 +45,7 @@ log = logging.getLogger("gateway.engine")
 # a permanent image's health window (``_permanent_window``): what counts as not answering
 PERMANENT_MISSES_IN_A_ROW = 4
 PERMANENT_MISS_SHARE = 0.4
+PERMANENT_ANSWERS = 3  # answers a window with a miss needs before its verdict
 
 
 class Unanswered(Exception):
@@ -168,10 +169,14 @@ class EngineState:
         the request a rebooting device drops is never answered). A lossy link loses some
         reads too, so ``Unanswered`` is raised only for what loss does not explain:
         ``PERMANENT_MISSES_IN_A_ROW`` unanswered reads in a row (the device is gone), or at
-        the end of the window at least 2 unanswered and ``PERMANENT_MISS_SHARE`` of all (a
-        crash loop: down about half the time), or no answer at all. A reboot shorter than the
+        the end of the window at least 3 unanswered and ``PERMANENT_MISS_SHARE`` of all (a
+        crash loop: down most of the time), or no answer at all. A window that saw a miss
+        goes on until ``PERMANENT_ANSWERS`` answers (at most ``hard_end``), so that one lost
+        read in a short window is not the whole verdict. A reboot shorter than the
         gap between two reads is not seen: Zephyr's SMP has no boot counter to ask."""
         end = time.monotonic() + self.dev.health_check_s
+        hard_end = end + max(2 * self.dev.health_check_s,
+                             PERMANENT_ANSWERS * self.dev.timeouts.request_s)
         answered = missed = in_a_row = 0
         last: BaseException | None = None
         while True:
@@ -188,7 +193,7 @@ class EngineState:
                         f"{type(exc).__name__}: {exc}") from None
                 if isinstance(exc, TransportError):
                     await self._reopen()
-                if time.monotonic() >= end:
+                if time.monotonic() >= hard_end:
                     break
                 await asyncio.sleep(self.poll)
                 continue
@@ -196,10 +201,13 @@ class EngineState:
             in_a_row = 0
             self._note_confirmed(states)
             yield states
-            if time.monotonic() >= end:
+            now = time.monotonic()
+            # a window with a miss goes on until PERMANENT_ANSWERS answers (bounded by
+            # hard_end): one lost read is then one of several, not the whole verdict
+            if now >= hard_end or (now >= end and (missed == 0 or answered >= PERMANENT_ANSWERS)):
                 break
-            await asyncio.sleep(min(self.poll, max(0.0, end - time.monotonic())))
-        if answered == 0 or (missed >= 2 and missed >= PERMANENT_MISS_SHARE * (missed + answered)):
+            await asyncio.sleep(min(self.poll, max(0.0, end - now)) if now < end else self.poll)
+        if answered == 0 or (missed >= 3 and missed >= PERMANENT_MISS_SHARE * (missed + answered)):
             raise Unanswered(
                 f"it kept dropping out during its health window ({missed} of {missed + answered} "
                 "reads unanswered: a crash loop - it reboots straight back into itself - or a "

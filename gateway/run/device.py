@@ -304,13 +304,13 @@ class DeviceStep(ReportsStep):
         if health.succeeded():  # the outage is over: the devices that waited for it go now
             for d in list(self.source_waiting):
                 self.fleet.wake(d)
-        if (runs_tested and permanent_by_itself and entry.target_hash and entry.image_path
-                and Path(entry.image_path).is_file()
-                and (offer is None or (offer.version is not None
-                                       and str(offer.version) == entry.target_version))):
+        if (runs_tested and permanent_by_itself and entry.tested_hash == entry.target_hash
+                and entry.image_path and Path(entry.image_path).is_file()
+                and (offer is None or offer.artifact_id == entry.artifact_id)):
             # the source offers nothing else (it takes the device for current, or offers the
-            # same image): the failed check of the permanent image runs again - never an
-            # "up to date" over a failed check
+            # same artifact): the failed check of the permanent image - the journal's own
+            # target, not a previous image a group take-back re-installed - runs again; never
+            # an "up to date" over a failed check
             log.info("device=%s checking the permanent %s again", dev.id, entry.target_version)
             return self.offer_from_journal(dev), Path(entry.image_path)
         return offer, None
