@@ -147,11 +147,12 @@ elif after >= 0:
     after = -2
     cpu.IsHalted = True
 op = None
-if after == -1 and (value & 0x10000):
-    op = 'E'
-elif after == -1 and (value & 1) and not (prev & 1):
-    op = 'P'
-prev = value
+if value != 0x7FFFFF00:  # the runner's marker has STRT set: not an operation of the firmware
+    if after == -1 and (value & 0x10000):
+        op = 'E'
+    elif after == -1 and (value & 1) and not (prev & 1):
+        op = 'P'
+    prev = value
 if op is not None:
     kind = op
     pc = cpu.PC.RawValue
