@@ -4,6 +4,7 @@ simulated device says (through its own img_mgmt model, not the gateway's code)."
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -106,3 +107,16 @@ def dfu_zip(out: Path, files: list[dict[str, Any]]) -> Path:
 def outcome_line(res: Pass, dev_id: str) -> tuple[str, int, str]:
     o = res.outcomes[dev_id]
     return o.status.value, int(o.result), o.detail
+
+
+def health_hook(code: int) -> dict[str, Any]:
+    """A device override: a ``health_check:`` command that prints "probe said CODE" and exits
+    with CODE (0 = healthy)."""
+    return {"health_check": {"command": [sys.executable, "-c",
+                                         f"print('probe said {code}'); import sys; sys.exit({code})"],
+                             "timeout_s": 30}}
+
+
+def confirm_writes(dev: Any) -> list[Any]:
+    """The simulated device's img_mgmt state writes that confirmed something."""
+    return [e for e in dev.events if e.kind == "state-write" and e.detail.get("confirm")]

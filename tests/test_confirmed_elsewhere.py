@@ -16,6 +16,8 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from modes_support import confirm_writes
+
 from gateway.daemon import Gateway
 from gateway.engine import Status
 from gateway.sim.simulator import Simulator
@@ -26,9 +28,6 @@ def _active(dev: Any) -> tuple[str, bool]:
     a = next(s for s in dev.server.state_images() if s.active and (s.image or 0) == 0)
     return str(a.version), bool(a.confirmed)
 
-
-def _confirm_writes(dev: Any) -> list[Any]:
-    return [e for e in dev.events if e.kind == "state-write" and e.detail.get("confirm")]
 
 
 async def _run(bench_factory: Any, exit_code: int) -> tuple[Any, Any, list[str]]:
@@ -47,7 +46,7 @@ async def _run(bench_factory: Any, exit_code: int) -> tuple[Any, Any, list[str]]
         finally:
             gw.close()
         assert _active(dev) == ("2.0.0", True)  # permanent either way
-        assert not _confirm_writes(dev)  # the gateway never sent a confirm
+        assert not confirm_writes(dev)  # the gateway never sent a confirm
     return out, dev, steps
 
 

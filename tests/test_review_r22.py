@@ -4,11 +4,10 @@ read, power-cut judge)."""
 from __future__ import annotations
 
 import asyncio
-import sys
 from typing import Any
 
 import pytest
-from modes_support import active, publish_entry, run_pass, sign
+from modes_support import active, confirm_writes, health_hook, publish_entry, run_pass, sign
 
 from gateway.engine import Status
 from gateway.sim.config import ExtraImageConfig
@@ -17,14 +16,6 @@ from gateway.sim.simulator import Simulator
 pytestmark = pytest.mark.timeout(180)
 
 
-def _hook(code: int) -> dict[str, Any]:
-    return {"health_check": {"command": [sys.executable, "-c",
-                                         f"print('probe said {code}'); import sys; sys.exit({code})"],
-                             "timeout_s": 30}}
-
-
-def _confirm_writes(dev: Any) -> list[Any]:
-    return [e for e in dev.events if e.kind == "state-write" and e.detail.get("confirm")]
 
 
 async def test_image_set_confirmed_at_boot_still_gets_its_health_check(bench_factory: Any) -> None:
@@ -38,7 +29,7 @@ async def test_image_set_confirmed_at_boot_still_gets_its_health_check(bench_fac
     bench.sim_cfg.devices[0].extra_images = [
         ExtraImageConfig(slot_size=0x40000, initial_image=img1_old, update="swap")]
     bench.sim_cfg.devices[0].app_confirms_after_s = 0.0  # confirmed as soon as it boots
-    bench.device_overrides = {"udp-1": _hook(3)}
+    bench.device_overrides = {"udp-1": health_hook(3)}
     publish_entry(bench, {"images": [{"file": str(bench.images["2.0.0"]), "image": 0},
                                      {"file": str(img1_new), "image": 1}]})
     async with Simulator(bench.sim_cfg) as sim:
@@ -46,7 +37,7 @@ async def test_image_set_confirmed_at_boot_still_gets_its_health_check(bench_fac
         res = await run_pass(bench.gateway_config(sim, health_check_s=0.3))
         out = res.outcomes[dev.id]
         assert active(dev, 0)[:2] == ("2.0.0", True)
-        assert not any(w.detail.get("slot") == 0 for w in _confirm_writes(dev))
+        assert not any(w.detail.get("slot") == 0 for w in confirm_writes(dev))
     assert out.status != Status.UPDATED, out  # the hook fails: never a success
     assert "probe said 3" in out.detail, out.detail
 
@@ -59,7 +50,7 @@ async def test_overwrite_only_failed_health_check_is_not_a_success_on_the_next_p
     confirmed") without the hook - _check_permanent is only reached when flow.test_boot. The
     same holds for a daemon restarted inside the health window."""
     bench = bench_factory(udp=1, serial=0, device_kw={"mcuboot_mode": "overwrite-only"})
-    bench.device_overrides = {"udp-1": _hook(3)}
+    bench.device_overrides = {"udp-1": health_hook(3)}
     bench.publish("2.0.0")
     async with Simulator(bench.sim_cfg) as sim:
         (dev,) = sim.devices.values()
@@ -122,7 +113,7 @@ async def test_held_test_boot_failed_check_stays_failed_on_the_next_pass(bench_f
     next pass (plan.py reaches _check_permanent through the kept tested_hash)."""
     bench = bench_factory(udp=1, serial=0)
     bench.sim_cfg.devices[0].app_confirms_after_s = 0.0
-    bench.device_overrides = {"udp-1": _hook(3)}
+    bench.device_overrides = {"udp-1": health_hook(3)}
     bench.publish("2.0.0")
     async with Simulator(bench.sim_cfg) as sim:
         (dev,) = sim.devices.values()
@@ -213,7 +204,7 @@ async def test_held_group_member_confirmed_at_boot_with_failing_hook_is_not_upda
 
     bench = bench_factory(udp=2, serial=0)
     bench.sim_cfg.devices[0].app_confirms_after_s = 0.0
-    bench.device_overrides = {"udp-1": _hook(3)}
+    bench.device_overrides = {"udp-1": health_hook(3)}
     bench.publish("2.0.0")
     async with Simulator(bench.sim_cfg) as sim:
         gw = Gateway(bench.gateway_config(sim, group="pair", health_check_s=0.3))

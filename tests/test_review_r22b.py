@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 import pytest
-from modes_support import active, publish_entry, run_pass, sign
+from modes_support import active, health_hook, publish_entry, run_pass, sign
 
 from gateway.engine import Status
 from gateway.sim.config import ExtraImageConfig
@@ -17,14 +17,6 @@ from gateway.sim.simulator import Simulator
 pytestmark = pytest.mark.timeout(240)
 
 
-def _hook(code: int) -> dict[str, Any]:
-    return {"health_check": {"command": [sys.executable, "-c",
-                                         f"print('probe said {code}'); import sys; sys.exit({code})"],
-                             "timeout_s": 30}}
-
-
-def _confirm_writes(dev: Any) -> list[Any]:
-    return [e for e in dev.events if e.kind == "state-write" and e.detail.get("confirm")]
 
 
 async def test_overwrite_only_confirm_app_failed_check_turns_updated_on_the_next_pass(
@@ -34,7 +26,7 @@ async def test_overwrite_only_confirm_app_failed_check_turns_updated_on_the_next
     "no revert possible". Pass 2: same image, same state; plan.py step 1 re-checks only when
     ``self.dev.confirm != "app"`` -> "running 2.0.0, confirmed", UPDATED, hook never run."""
     bench = bench_factory(udp=1, serial=0, device_kw={"mcuboot_mode": "overwrite-only"})
-    bench.device_overrides = {"udp-1": {**_hook(3), "confirm": "app"}}
+    bench.device_overrides = {"udp-1": {**health_hook(3), "confirm": "app"}}
     bench.publish("2.0.0")
     async with Simulator(bench.sim_cfg) as sim:
         (dev,) = sim.devices.values()
@@ -55,7 +47,7 @@ async def test_serial_recovery_install_with_failing_hook_is_not_updated(
     bench = bench_factory(udp=0, serial=1, device_kw={
         "mcuboot_mode": "single-app", "os_reset_boot_mode": True,
         "serial_recovery": {"boot_mode": True, "no_application": True}})
-    bench.device_overrides = {"serial-1": _hook(3)}
+    bench.device_overrides = {"serial-1": health_hook(3)}
     bench.publish("2.0.0")
     async with Simulator(bench.sim_cfg) as sim:
         (dev,) = sim.devices.values()
@@ -141,7 +133,7 @@ async def test_overwrite_only_image_set_confirm_app_failed_check_turns_updated(
     img1_new = sign(bench, "img1-2.0.0.bin", "2.0.0", size=16 * 1024)
     bench.sim_cfg.devices[0].extra_images = [
         ExtraImageConfig(slot_size=0x40000, initial_image=img1_old, update="swap")]
-    bench.device_overrides = {"udp-1": {**_hook(3), "confirm": "app"}}
+    bench.device_overrides = {"udp-1": {**health_hook(3), "confirm": "app"}}
     publish_entry(bench, {"images": [{"file": str(bench.images["2.0.0"]), "image": 0},
                                      {"file": str(img1_new), "image": 1}]})
     async with Simulator(bench.sim_cfg) as sim:

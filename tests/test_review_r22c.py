@@ -7,6 +7,7 @@ import asyncio
 from typing import Any
 
 import pytest
+from modes_support import health_hook
 from test_groups_take_back import active, confirms, old_test_boot
 
 from gateway.daemon import Gateway
@@ -77,12 +78,6 @@ async def test_group_take_back_then_member_alone_does_not_reinstall_blocked_imag
         assert active(first)[0] == "1.0.0", "blocked 2.0.0 re-installed on " + first.id
 
 
-def _hook(code: int) -> dict[str, Any]:
-    import sys
-    return {"health_check": {"command": [sys.executable, "-c",
-                                         f"print('probe said {code}'); import sys; sys.exit({code})"],
-                             "timeout_s": 30}}
-
 
 async def test_failed_permanent_image_does_not_shadow_a_new_artifact_with_the_same_version(
         bench_factory: Any) -> None:
@@ -97,7 +92,7 @@ async def test_failed_permanent_image_does_not_shadow_a_new_artifact_with_the_sa
     # allow_downgrade: the gateway's own policy lets a same-version build through (with the
     # default it is refused "not-newer" - then the symptom is that offer B is never answered:
     # the report goes to the journal's handle of A)
-    bench.device_overrides = {"udp-1": {**_hook(3), "allow_downgrade": True}}
+    bench.device_overrides = {"udp-1": {**health_hook(3), "allow_downgrade": True}}
     bench.publish("2.0.0")
     async with Simulator(bench.sim_cfg) as sim:
         (dev,) = sim.devices.values()
@@ -163,7 +158,7 @@ async def test_serial_recovery_install_failed_check_is_not_up_to_date_on_the_nex
     bench = bench_factory(udp=0, serial=1, device_kw={
         "mcuboot_mode": "single-app", "os_reset_boot_mode": True,
         "serial_recovery": {"boot_mode": True, "no_application": True}})
-    bench.device_overrides = {"serial-1": _hook(3)}
+    bench.device_overrides = {"serial-1": health_hook(3)}
     bench.publish("2.0.0")
     async with Simulator(bench.sim_cfg) as sim:
         (dev,) = sim.devices.values()
