@@ -399,7 +399,12 @@ class Golden:
         self.ops = parse_ops(root / "golden-ops.tsv", mode)
         self.dumps = sorted(int(p.suffix[1:]) for p in root.glob("golden-flash.*")
                             if p.suffix[1:].isdigit())
-        self.boot0 = next((o.n for o in self.ops if o.phase == "boot"), len(self.ops))
+        # MCUboot's first operation of the update: after the application's first (direct-XIP's
+        # MCUboot also writes a copy-done byte at the power-up before the update - that one
+        # is cut live, like the application's)
+        first_app = next((o.n for o in self.ops if o.phase == "app"), 0)
+        self.boot0 = next((o.n for o in self.ops if o.phase == "boot" and o.n > first_app),
+                          len(self.ops))
         self._cache: dict[str, bytes] = {}
 
     def dump(self, name: str | int) -> bytes:
@@ -865,7 +870,11 @@ async def campaign(mode: Mode, root: Path, *, jobs: int, kinds: set[str], data_c
     if only is not None:
         by_n = {o.n: (o, lbl) for o, lbl in cuts}
         cuts = [by_n.get(n, (ops[n], f"op {n}")) for n in only]
-    cuts = [(o, lbl) for o, lbl in cuts if o.kind in kinds or only is not None]
+    # the update starts with the application's first operation: MCUboot's writes at the
+    # power-up before it (direct-XIP's copy-done) belong to no update and are not cut
+    first_app = next((o.n for o in ops if o.phase == "app"), 0)
+    cuts = [(o, lbl) for o, lbl in cuts
+            if (o.kind in kinds and o.n >= first_app) or only is not None]
     done: set[tuple[int, str]] = set()
     if skip_done and (root / "results.jsonl").exists():  # a campaign stopped and started again
         for ln in (root / "results.jsonl").read_text().splitlines():
