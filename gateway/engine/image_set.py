@@ -28,7 +28,7 @@ from gateway.engine.model import (
     _Finish,
     _revert_mark,
 )
-from gateway.engine.state import Unanswered
+from gateway.engine.state import Unanswered, confirm_sent_since_mark
 from gateway.engine.upload import UploadStep
 from gateway.healthhook import run_hook
 from gateway.images import (
@@ -141,8 +141,7 @@ class ImageSetStep(UploadStep):
                  " ".join(f"image{i}={w.value}" for i, w in where.items()))
         W = imageset.Where
         if all(w == W.INSTALLED for w in where.values()):
-            if marks_started and not self.journal.event_since(
-                    self.dev.id, Step.MARK_TEST.value, Step.CONFIRM.value, CONFIRM_SENT):
+            if marks_started and not confirm_sent_since_mark(self.journal, self.dev.id):
                 # marked here, permanent without the gateway's confirm (a restart or a failed
                 # check since, a torn trailer, a mode without a test boot): checked again
                 return await self._set_after_boot(iset, rls, {m.image for m in iset.members},
@@ -366,8 +365,8 @@ class ImageSetStep(UploadStep):
         """The health window and the ``health_check:`` hook of a set whose marked images are all
         permanent already (no confirm to send): None when both pass; else the failed set's
         outcome (``_set_failed`` / ``_set_revert``: permanent images are reported, not reverted).
-        A read that goes unanswered twice is a failure (a crash or watchdog reset boots
-        a permanent image straight back into itself; see ``_check_permanent``)."""
+        A device that stops answering in the window fails it (``_permanent_window``: a crash or
+        watchdog reset boots a permanent image straight back into itself)."""
         self._step(Step.CONFIRM, f"{CONFIRMED_ELSEWHERE}: image set {iset.version} installed; "
                    f"health check {self.dev.health_check_s:g}s")
         verdict = imageset.Verdict()

@@ -19,7 +19,6 @@ from gateway.bootmodes.recovery import RecoveryFlow
 from gateway.engine.image_set import ImageSetStep
 from gateway.engine.mark_reset import MarkResetStep
 from gateway.engine.model import (
-    CONFIRM_SENT,
     Outcome,
     Slots,
     Stage,
@@ -28,6 +27,7 @@ from gateway.engine.model import (
     _Finish,
 )
 from gateway.engine.recovery import RecoveryStep
+from gateway.engine.state import confirm_sent_since_mark
 from gateway.images import (
     ImageRefused,
     Refusal,
@@ -146,8 +146,7 @@ class PlanStep(MarkResetStep, ImageSetStep, RecoveryStep):
                 detail = f"running {image.version}, confirmed"
                 if (self.entry.tested_hash == th
                         and (self.dev.confirm != "app" or not flow.test_boot)
-                        and not self.journal.event_since(self.dev.id, Step.MARK_TEST.value,
-                                                         Step.CONFIRM.value, CONFIRM_SENT)):
+                        and not confirm_sent_since_mark(self.journal, self.dev.id)):
                     # (b) says confirmed, the journal says this gateway marked it and never sent
                     # its confirm: made permanent by the application, a torn trailer or a mode
                     # without a test boot - its health check (again, after a failed one or a

@@ -23,6 +23,7 @@ from smp.image_management import ImageState
 from gateway.bootmodes.flows import ModeFlow
 from gateway.config import DeviceConfig
 from gateway.engine.model import (
+    CONFIRM_SENT,
     Outcome,
     ProgressFn,
     Slots,
@@ -45,7 +46,15 @@ log = logging.getLogger("gateway.engine")
 # a permanent image's health window (``_permanent_window``): what counts as not answering
 PERMANENT_MISSES_IN_A_ROW = 4
 PERMANENT_MISS_SHARE = 0.4
+PERMANENT_MIN_MISSES = 3  # ... and at least this many, for the share to count
 PERMANENT_ANSWERS = 3  # answers a window with a miss needs before its verdict
+
+
+def confirm_sent_since_mark(journal: Journal, device_id: str) -> bool:
+    """Whether this gateway sent a confirm (``CONFIRM_SENT``, journalled before it is sent)
+    since its last test mark of the device: without one, an image found confirmed was made
+    permanent by something else (no test boot, the application, a torn trailer)."""
+    return journal.event_since(device_id, Step.MARK_TEST.value, Step.CONFIRM.value, CONFIRM_SENT)
 
 
 class Unanswered(Exception):
@@ -169,8 +178,9 @@ class EngineState:
         the request a rebooting device drops is never answered). A lossy link loses some
         reads too, so ``Unanswered`` is raised only for what loss does not explain:
         ``PERMANENT_MISSES_IN_A_ROW`` unanswered reads in a row (the device is gone), or at
-        the end of the window at least 3 unanswered and ``PERMANENT_MISS_SHARE`` of all (a
-        crash loop: down most of the time), or no answer at all. A window that saw a miss
+        the end of the window at least ``PERMANENT_MIN_MISSES`` unanswered and
+        ``PERMANENT_MISS_SHARE`` of all (a crash loop: down most of the time), or no answer at
+        all. A window that saw a miss
         goes on until ``PERMANENT_ANSWERS`` answers (at most ``hard_end``), so that one lost
         read in a short window is not the whole verdict. A reboot shorter than the
         gap between two reads is not seen: Zephyr's SMP has no boot counter to ask."""
@@ -207,7 +217,8 @@ class EngineState:
             if now >= hard_end or (now >= end and (missed == 0 or answered >= PERMANENT_ANSWERS)):
                 break
             await asyncio.sleep(min(self.poll, max(0.0, end - now)) if now < end else self.poll)
-        if answered == 0 or (missed >= 3 and missed >= PERMANENT_MISS_SHARE * (missed + answered)):
+        if answered == 0 or (missed >= PERMANENT_MIN_MISSES
+                             and missed >= PERMANENT_MISS_SHARE * (missed + answered)):
             raise Unanswered(
                 f"it kept dropping out during its health window ({missed} of {missed + answered} "
                 "reads unanswered: a crash loop - it reboots straight back into itself - or a "

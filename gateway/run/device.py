@@ -27,7 +27,8 @@ from pathlib import Path
 from gateway import inventory
 from gateway.config import DeviceConfig
 from gateway.download import sha256_file
-from gateway.engine import CONFIRM_SENT, Outcome, Slots, Stage, Status, Step, set_revert_open
+from gateway.engine import Outcome, Slots, Stage, Status, Step, set_revert_open
+from gateway.engine.state import confirm_sent_since_mark
 from gateway.images import ImageRefused, VerifiedImageSet
 from gateway.journal import STAGED, Entry
 from gateway.maintenance import both_gates
@@ -259,8 +260,7 @@ class DeviceStep(ReportsStep):
         # was reported; nothing is left to finish - the source decides what comes next (its
         # fix, or the same image again: then the plan checks it again)
         permanent_by_itself = (slots.active is not None and bool(slots.active.confirmed)
-                               and not self.journal.event_since(
-                                   dev.id, Step.MARK_TEST.value, Step.CONFIRM.value, CONFIRM_SENT))
+                               and not confirm_sent_since_mark(self.journal, dev.id))
         runs_tested = (entry.outcome in (Status.FAILED.value, Status.ROLLED_BACK.value)
                        and entry.tested_hash is not None
                        and slots.active_hash is not None
