@@ -335,3 +335,89 @@ async def test_set_interrupted_between_its_marks_completes_them(bench_factory) -
         assert res.outcomes[dev.id].status == Status.UPDATED, res.outcomes
         assert resets(dev) == 1
         assert active(dev, 0) == ("2.0.0", True, 0) and active(dev, 1) == ("2.0.0", True, 0)
+
+
+async def _cut_between_marks(bench: Any, sim: Any, dev: Any, *, mark_image1: bool) -> Any:
+    """The gateway marked image 0 for test (and image 1 permanent when ``mark_image1``) under its
+    "marking" intent and stopped before journalling "marked"; then the device lost power and
+    booted - the power-cut campaign's multi-image cut in image 1's trailer."""
+    from gateway.engine import Stage
+    from gateway.images import VerifiedImageSet
+
+    out = await _engine_run(bench, sim, Stage.UPLOADED)
+    assert out.status == Status.HELD, out
+
+    async def marks_then_cut(gw: Any, session: Any, plan: Any) -> None:
+        iset = plan.image
+        assert isinstance(iset, VerifiedImageSet)
+        e = gw.journal.get(dev.id)
+        gw.journal.put(e.with_(step="mark-test", tested_hash=f"marking:{iset.hash.hex()}"),
+                       "test: power cut between the marks")
+        await session.image_test(iset.members[0].hash)
+        if mark_image1:
+            await session.image_confirm(iset.members[1].hash)
+        await dev.power_cycle()
+        raise RuntimeError("the gateway stopped with the power")
+
+    with pytest.raises(RuntimeError, match="stopped with the power"):
+        await _engine_run(bench, sim, Stage.MARKED, before=marks_then_cut)
+    return out
+
+
+async def test_set_split_by_a_cut_between_its_marks_is_reset_back_and_tried_again(
+        bench_factory) -> None:
+    """Issue #22, power-cut campaign on Renode (multi-image, cuts 57129-57146 in image 1's
+    trailer): image 0's test mark landed, image 1's did not, and the device booted - image 0
+    test-ran beside the old image 1. The gateway reported "the device test-runs an image of this
+    set that this gateway did not test" on every pass and left image 0 unconfirmed (reverted at
+    whatever reset came next). Its own journal said it was marking the set: the split set is
+    reset back through the revert intent (journalled first), and the next attempt installs it."""
+    from gateway.journal import Journal
+
+    bench, imgs = two_images(bench_factory)
+    publish_entry(bench, set_entry(bench.images["2.0.0"], imgs["img1-2.0.0"]))
+    async with Simulator(bench.sim_cfg) as sim:
+        (dev,) = sim.devices.values()
+        await _cut_between_marks(bench, sim, dev, mark_image1=False)
+        assert active(dev, 0) == ("2.0.0", False, 0)  # test-runs, unconfirmed
+        assert active(dev, 1) == ("1.0.0", True, 0)
+        cfg = bench.gateway_config(sim)
+        res = await run_pass(cfg)
+        out = res.outcomes[dev.id]
+        assert out.status == Status.FAILED, out
+        assert "cut short" in out.detail and "tried again" in out.detail, out.detail
+        assert active(dev, 0) == ("1.0.0", True, 0)  # MCUboot reverted it at the gateway's reset
+        assert not any(w["confirm"] and w["slot"] in (0, 1) for w in state_writes(dev))
+        j = Journal(cfg.state_dir / "journal.sqlite")
+        try:
+            ev = [(step, d) for _t, _d, step, d in j.events(dev.id)]
+            e = j.get(dev.id)
+        finally:
+            j.close()
+        intent = next(i for i, (s, d) in enumerate(ev) if "intent: reset" in d)
+        reset = next(i for i, (s, _d) in enumerate(ev) if s == "reset" and i > intent)
+        assert intent < reset, ev
+        assert e.tested_hash is None and e.blocked_hash is None and e.blocked_artifact is None
+        # the next pass: the set is installed whole (uploads again: nothing proves the slots)
+        res = await run_pass(cfg)
+        assert res.outcomes[dev.id].status == Status.UPDATED, res.outcomes
+        assert active(dev, 0) == ("2.0.0", True, 0) and active(dev, 1) == ("2.0.0", True, 0)
+
+
+async def test_set_booted_whole_after_a_cut_before_marked_is_checked_and_confirmed(
+        bench_factory) -> None:
+    """Both marks landed before the cut (the journal still says "marking"): the device booted
+    the whole set - image 0 test-runs, image 1 installed. It is this gateway's test boot: health
+    check, then confirm; no reset, nothing uploaded again."""
+    bench, imgs = two_images(bench_factory)
+    publish_entry(bench, set_entry(bench.images["2.0.0"], imgs["img1-2.0.0"]))
+    async with Simulator(bench.sim_cfg) as sim:
+        (dev,) = sim.devices.values()
+        await _cut_between_marks(bench, sim, dev, mark_image1=True)
+        assert active(dev, 0) == ("2.0.0", False, 0) and active(dev, 1) == ("2.0.0", True, 0)
+        boots, ups = resets(dev), upload_requests(dev)
+        res = await run_pass(bench.gateway_config(sim))
+        out = res.outcomes[dev.id]
+        assert out.status == Status.UPDATED, out
+        assert resets(dev) == boots and upload_requests(dev) == ups
+        assert active(dev, 0) == ("2.0.0", True, 0) and active(dev, 1) == ("2.0.0", True, 0)

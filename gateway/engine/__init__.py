@@ -37,6 +37,7 @@ from gateway.engine.model import (
     Step,
     _Finish,
     _revert_mark,
+    marking_mark,
     set_revert_open,
 )
 
@@ -52,5 +53,6 @@ __all__ = [
     "UpdateEngine",
     "_Finish",
     "_revert_mark",
+    "marking_mark",
     "set_revert_open",
 ]

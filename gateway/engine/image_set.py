@@ -27,6 +27,7 @@ from gateway.engine.model import (
     Step,
     _Finish,
     _revert_mark,
+    marking_mark,
 )
 from gateway.engine.state import Unanswered, confirm_sent_since_mark
 from gateway.engine.upload import UploadStep
@@ -44,6 +45,10 @@ from gateway.smp.session import SMPProtocolError, SMPTimeout
 from gateway.sources.base import UpdateResult
 
 log = logging.getLogger("gateway.engine")
+
+# the revert intent's flag (``revert:<set>:<permanent>:retry``): the set's marks were cut short
+# (``_set_marks_cut``) - once reverted, the update is tried again rather than blocked
+_RETRY = "retry"
 
 
 class ImageSetStep(UploadStep):
@@ -75,7 +80,7 @@ class ImageSetStep(UploadStep):
         assert self.flow is not None
         flow = self.flow
         sid = iset.hash.hex()
-        marking = f"marking:{sid}"  # tested_hash while the marks are being written
+        marking = marking_mark(sid)  # tested_hash while the marks are being written
         states = await self._states()
         s0 = imageset.ImageSlots.of(states, 0)
         old_v = s0.primary.version if s0.primary else None
@@ -151,6 +156,9 @@ class ImageSetStep(UploadStep):
                                iset, old_v)
         marked = {i for i, w in where.items() if w != W.INSTALLED}
         if any(w == W.TESTING for w in where.values()):
+            if not all_marked and tested == marking:
+                # this gateway's own marks were cut short, and the device booted since
+                return await self._set_marks_cut(iset, rls, where, old_v)
             if not all_marked:
                 raise self._finish(Status.FAILED, UpdateResult.UPDATE_FAILED,
                                    "the device test-runs an image of this set that this gateway "
@@ -260,6 +268,32 @@ class ImageSetStep(UploadStep):
         self._hold(Stage.MARKED, iset, old_v)
         await self._set_reset(iset, marked, old_v)
         return await self._set_after_boot(iset, rls, marked, old_v)
+
+    async def _set_marks_cut(self, iset: VerifiedImageSet, rls: dict[int, imageset.Rule],
+                             where: dict[int, imageset.Where], old_v: str | None) -> Outcome:
+        """The marks of this set were being written by this gateway (``tested_hash`` =
+        ``marking:<set>``, journalled before the first mark) when it stopped - a power cut, a
+        kill, a lost link - and the device has booted since: a member test-runs.
+
+        (b) the device's state decides. Every member runs the set (test-booted or installed):
+        every mark landed before the journal's "marked" - this gateway's test boot, judged and
+        confirmed like any other. Else the set is split - a member test-runs beside one whose
+        mark never landed (power-cut campaign, multi-image, a cut in image 1's trailer): no
+        mark can finish it (the test boot is spent; a reset reverts the tested member and would
+        boot the other alone), so the test-run members are reset back through the revert intent
+        (journalled, gated) and the update is tried again from its uploads - a cut is not the
+        image's fault, so nothing is blocked."""
+        W = imageset.Where
+        if all(w in (W.TESTING, W.INSTALLED) for w in where.values()):
+            self._step(Step.MARK_TEST, "image set marked (the device booted every member after "
+                       "the gateway stopped while marking)", tested_hash=iset.hash.hex())
+            return await self._set_after_boot(iset, rls, set(where), old_v)
+        testing = sorted(i for i, w in where.items() if w == W.TESTING)
+        permanent = sorted(i for i, w in where.items()
+                           if w == W.INSTALLED and rls[i].mark == Mark.PERMANENT)
+        cut = ", ".join(f"image {i} {w.value}" for i, w in sorted(where.items()))
+        return await self._set_revert(iset, f"the marks of the set were cut short ({cut})",
+                                      testing, permanent, old_v, retry=True)
 
     async def _set_reset(self, iset: VerifiedImageSet, marked: set[int], old_v: str | None) -> None:
         """The one reset of a set; re-sent only if unanswered and every mark is still pending.
@@ -430,8 +464,8 @@ class ImageSetStep(UploadStep):
                                   mark: str, old_v: str | None, failures: str | None) -> Outcome:
         """The journal holds the intent to revert this failed set (``_set_revert``): what still
         test-runs (b: the device's state) is reset back now, if the reset gate allows."""
-        permanent = [int(x) for x in mark.removeprefix(_revert_mark(iset.hash.hex())).split(",")
-                     if x.isdigit()]
+        perm, _, flag = mark.removeprefix(_revert_mark(iset.hash.hex())).partition(":")
+        permanent = [int(x) for x in perm.split(",") if x.isdigit()]
         testing = []
         for m in iset.members:
             sl = imageset.ImageSlots.of(states, m.image)
@@ -440,10 +474,11 @@ class ImageSetStep(UploadStep):
         log.info("device=%s resuming the revert of the failed image set: images %s still test-"
                  "run", self.dev.id, testing)
         return await self._set_revert(iset, failures or "an image of the set failed", testing,
-                                      permanent, old_v)
+                                      permanent, old_v, retry=flag == _RETRY)
 
     async def _set_revert(self, iset: VerifiedImageSet, failures: str, testing: list[int],
-                          permanent: list[int], old_v: str | None) -> Outcome:
+                          permanent: list[int], old_v: str | None, *,
+                          retry: bool = False) -> Outcome:
         """Reset the failed set's test-booted images back. The reset is an intent like any
         other: journalled first (``tested_hash`` = ``revert:<set id>:<permanent images>``, the
         failures in ``last_error``; from then on nothing of this set is judged or confirmed
@@ -454,7 +489,8 @@ class ImageSetStep(UploadStep):
         detail = "image set failed: " + failures
         still: list[int] = []
         if testing:
-            mark = _revert_mark(sid) + ",".join(str(i) for i in sorted(permanent))
+            mark = _revert_mark(sid) + ",".join(str(i) for i in sorted(permanent)) + (
+                f":{_RETRY}" if retry else "")
             if self.entry.tested_hash != mark:
                 self._step(Step.VERIFY, f"{detail}; intent: reset so MCUboot reverts images "
                            f"{sorted(testing)}", tested_hash=mark, last_error=failures)
@@ -499,6 +535,13 @@ class ImageSetStep(UploadStep):
             if still:
                 detail += (f"; image(s) {still} still run the new version after the reset, "
                            "confirmed (it cannot be reverted any more)")
+        if retry and not still:
+            # the set's marks were cut short (``_set_marks_cut``), not judged: the revert is
+            # done, nothing of this set is marked any more - the next attempt starts from its
+            # uploads (never from the old marks), and nothing is blocked
+            self.entry = self.entry.with_(tested_hash=None)
+            detail += "; the update is tried again"
+            raise self._finish(Status.FAILED, UpdateResult.UPDATE_FAILED, detail, iset, old_v)
         if (self.entry.tested_hash or "").startswith(_revert_mark(sid)):
             self.entry = self.entry.with_(tested_hash=sid)  # the intent is done
         if permanent:

@@ -127,6 +127,12 @@ class Slots:
 ProgressFn = Callable[[str, Step, int, int], None]
 
 
+def marking_mark(set_id: str) -> str:
+    """``tested_hash`` of an image set while this gateway writes its marks (journalled before
+    the first): a member that test-runs then was test-booted by this gateway."""
+    return f"marking:{set_id}"
+
+
 def _revert_mark(set_id: str) -> str:
     """``tested_hash`` prefix of a failed set whose revert reset is due (``_set_revert``)."""
     return f"revert:{set_id}:"

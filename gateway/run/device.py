@@ -27,7 +27,7 @@ from pathlib import Path
 from gateway import inventory
 from gateway.config import DeviceConfig
 from gateway.download import sha256_file
-from gateway.engine import Outcome, Slots, Stage, Status, Step, set_revert_open
+from gateway.engine import Outcome, Slots, Stage, Status, Step, marking_mark, set_revert_open
 from gateway.engine.state import confirm_sent_since_mark
 from gateway.images import ImageRefused, VerifiedImageSet
 from gateway.journal import STAGED, Entry
@@ -271,7 +271,8 @@ class DeviceStep(ReportsStep):
             # offered: its revert intent still open, or (b) the device test-runs (unconfirmed)
             # a member of the set this gateway marked (a hash of its (a) signed images)
             tested_running = set_revert_open(entry) or (
-                entry.tested_hash is not None and entry.tested_hash == entry.target_hash
+                entry.tested_hash is not None and entry.target_hash is not None
+                and entry.tested_hash in (entry.target_hash, marking_mark(entry.target_hash))
                 and slots.active is not None and not slots.active.confirmed
                 and await self._runs_set_member(dev, entry, slots))
         if ((entry.outcome is None or tested_running) and entry.target_hash and entry.image_path
