@@ -284,7 +284,13 @@ class ImageSetStep(UploadStep):
         (journalled, gated) and the update is tried again from its uploads - a cut is not the
         image's fault, so nothing is blocked."""
         W = imageset.Where
-        if all(w in (W.TESTING, W.INSTALLED) for w in where.values()):
+        # booted as marked: a test mark test-runs (or came back permanent: a torn trailer - the
+        # set's health window still decides); a permanent mark is installed. A permanent-marked
+        # member that test-runs had its mark torn after the magic (image-ok never written):
+        # the next reset reverts it, so the set is split
+        if all(w == W.INSTALLED or (w == W.TESTING and rls[i].mark == Mark.TEST
+                                    and not rls[i].netcore)
+               for i, w in where.items()):
             self._step(Step.MARK_TEST, "image set marked (the device booted every member after "
                        "the gateway stopped while marking)", tested_hash=iset.hash.hex())
             return await self._set_after_boot(iset, rls, set(where), old_v)
@@ -292,6 +298,14 @@ class ImageSetStep(UploadStep):
         permanent = sorted(i for i, w in where.items()
                            if w == W.INSTALLED and rls[i].mark == Mark.PERMANENT)
         cut = ", ".join(f"image {i} {w.value}" for i, w in sorted(where.items()))
+        # a network core's image that MCUboot handed over stays in its secondary, unmarked:
+        # img_mgmt cannot tell it from a mark that never landed. Reverting the application is
+        # the side that cannot report a false success (confirming it beside an old network
+        # core could); the retry installs both again
+        unsure = sorted(i for i, w in where.items() if w == W.STAGED and rls[i].netcore)
+        if unsure:
+            cut += (f"; network core image(s) {unsure} may already run the set's build (img_mgmt "
+                    "cannot read them): installed again by the retry")
         return await self._set_revert(iset, f"the marks of the set were cut short ({cut})",
                                       testing, permanent, old_v, retry=True)
 
@@ -535,10 +549,12 @@ class ImageSetStep(UploadStep):
             if still:
                 detail += (f"; image(s) {still} still run the new version after the reset, "
                            "confirmed (it cannot be reverted any more)")
-        if retry and not still:
+        if retry:
             # the set's marks were cut short (``_set_marks_cut``), not judged: the revert is
-            # done, nothing of this set is marked any more - the next attempt starts from its
-            # uploads (never from the old marks), and nothing is blocked
+            # done, and the journal never claims every mark landed - the next attempt starts
+            # from its uploads (never from the old marks), and nothing is blocked (a member
+            # that stayed - its application confirmed itself - counts as installed then, and
+            # the set's health window and hook still decide)
             self.entry = self.entry.with_(tested_hash=None)
             detail += "; the update is tried again"
             raise self._finish(Status.FAILED, UpdateResult.UPDATE_FAILED, detail, iset, old_v)
