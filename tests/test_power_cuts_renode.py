@@ -5,7 +5,7 @@ test boot or without a health check, an outcome or journal that does not match t
 something left pending, a fleet server told otherwise), the torn-flash model and the
 trailer classification.
 
-On Renode (``renode`` mark): the CI sample - one cut per MCUboot mode, spread over the
+On Renode (``renode`` mark): the CI sample - ten cuts, two per MCUboot mode, spread over the
 phases (img_mgmt's upload and test mark in the application, MCUboot's swap/copy), both
 gateway variants (killed with the board and restarted on its journal / still running). The
 operation indices come from the campaign's golden runs (``build/power-cuts/<mode>/
@@ -185,11 +185,19 @@ SAMPLE = [
     ("overwrite-only", 4000, "P app", "running"),  # img_mgmt, early in the upload
     ("direct-xip-revert", 8000, "P app", "restarted"),
     ("multi-image", 50300, "P app", "running"),  # image 1's upload (after image 0's 48259 B)
+    # the test marks (img_mgmt writing the secondary's trailer), one per mode
+    ("swap-scratch", 48196, "P app", "restarted"),  # swap-info torn: the cut itself test-boots
+    ("swap-move", 48178, "P app", "running"),  # the magic's last byte
+    ("overwrite-only", 48179, "P app", "restarted"),
+    ("direct-xip-revert", 48227, "P app", "running"),  # the magic's first byte
+    # image 0's mark landed, image 1's never did: the set boots split and is reset back, then
+    # installed whole (a gateway bug this cut found: image 0 was left test-running)
+    ("multi-image", 57129, "P app", "restarted"),
 ]
 
 
 @pytest.mark.renode
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1800)
 def test_power_cut_sample_on_real_firmware(renode_runtime: Path) -> None:
     os.environ.setdefault("SMPGW_SHARED", str(renode_runtime))
     root = REPO / "build" / "power-cuts-ci"
