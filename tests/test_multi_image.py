@@ -265,11 +265,12 @@ async def test_set_for_an_image_the_device_lacks_is_refused(bench_factory) -> No
         assert upload_requests(dev) == 0
 
 
-async def _engine_run(bench: Any, sim: Any, until: Any, before: Any = None) -> Any:
+async def _engine_run(bench: Any, sim: Any, until: Any, before: Any = None,
+                      **cfg_kw: Any) -> Any:
     """One engine attempt on the set the local source offers, stopped at ``until``."""
     from gateway.daemon import Gateway
 
-    gw = Gateway(bench.gateway_config(sim))
+    gw = Gateway(bench.gateway_config(sim, **cfg_kw))
     try:
         (d,) = gw.cfg.devices
         async with gw.session(d) as session:
@@ -308,25 +309,11 @@ async def test_set_interrupted_between_its_marks_completes_them(bench_factory) -
     """The gateway died after marking image 0 for test and before marking image 1 (journal:
     marks started). The next attempt marks only image 1 and resets once; image 0's test mark is
     not repeated (img_mgmt would refuse nothing, but nothing is written twice)."""
-    from gateway.engine import Stage
-    from gateway.images import VerifiedImageSet
-
     bench, imgs = two_images(bench_factory)
     publish_entry(bench, set_entry(bench.images["2.0.0"], imgs["img1-2.0.0"]))
     async with Simulator(bench.sim_cfg) as sim:
         (dev,) = sim.devices.values()
-        out = await _engine_run(bench, sim, Stage.UPLOADED)
-        assert out.status == Status.HELD, out
-
-        async def mark_image0_only(gw: Any, session: Any, plan: Any) -> None:
-            iset = plan.image
-            assert isinstance(iset, VerifiedImageSet)
-            e = gw.journal.get(dev.id)
-            gw.journal.put(e.with_(step="mark-test", tested_hash=f"marking:{iset.hash.hex()}"),
-                           "test: killed between the marks")
-            await session.image_test(iset.members[0].hash)
-
-        out = await _engine_run(bench, sim, Stage.MARKED, before=mark_image0_only)
+        out = await stopped_while_marking(bench, sim, dev, marks=(0,), power_cut=False)
         assert out.status == Status.HELD, out
         writes = state_writes(dev)
         assert [w for w in writes if w["slot"] == 1] == [{"slot": 1, "confirm": False}]
@@ -337,31 +324,41 @@ async def test_set_interrupted_between_its_marks_completes_them(bench_factory) -
         assert active(dev, 0) == ("2.0.0", True, 0) and active(dev, 1) == ("2.0.0", True, 0)
 
 
-async def _cut_between_marks(bench: Any, sim: Any, dev: Any, *, mark_image1: bool) -> Any:
-    """The gateway marked image 0 for test (and image 1 permanent when ``mark_image1``) under its
-    "marking" intent and stopped before journalling "marked"; then the device lost power and
-    booted - the power-cut campaign's multi-image cut in image 1's trailer."""
+async def stopped_while_marking(bench: Any, sim: Any, dev: Any, *, marks: tuple[int, ...],
+                                power_cut: bool, **cfg_kw: Any) -> Any:
+    """The gateway uploaded the set, journalled its "marking" intent, marked the members
+    ``marks`` (image 0 for test, the others permanent) and stopped before journalling "marked".
+    ``power_cut``: the device lost power with it and booted on what landed (the power-cut
+    campaign's multi-image cuts in image 1's trailer). Else the device keeps its pending marks
+    and the next attempt (started here, held at its marks) goes on from the journal: its
+    outcome is returned."""
     from gateway.engine import Stage
     from gateway.images import VerifiedImageSet
 
-    out = await _engine_run(bench, sim, Stage.UPLOADED)
+    out = await _engine_run(bench, sim, Stage.UPLOADED, **cfg_kw)
     assert out.status == Status.HELD, out
 
-    async def marks_then_cut(gw: Any, session: Any, plan: Any) -> None:
+    async def marks_then_stop(gw: Any, session: Any, plan: Any) -> None:
         iset = plan.image
         assert isinstance(iset, VerifiedImageSet)
         e = gw.journal.get(dev.id)
         gw.journal.put(e.with_(step="mark-test", tested_hash=f"marking:{iset.hash.hex()}"),
-                       "test: power cut between the marks")
-        await session.image_test(iset.members[0].hash)
-        if mark_image1:
-            await session.image_confirm(iset.members[1].hash)
-        await dev.power_cycle()
-        raise RuntimeError("the gateway stopped with the power")
+                       "test: stopped between the marks")
+        for m in iset.members:
+            if m.image in marks:
+                if m.image == 0:
+                    await session.image_test(m.hash)
+                else:
+                    await session.image_confirm(m.hash)
+        if power_cut:
+            await dev.power_cycle()
+            raise RuntimeError("the gateway stopped")
 
-    with pytest.raises(RuntimeError, match="stopped with the power"):
-        await _engine_run(bench, sim, Stage.MARKED, before=marks_then_cut)
-    return out
+    if not power_cut:
+        return await _engine_run(bench, sim, Stage.MARKED, before=marks_then_stop, **cfg_kw)
+    with pytest.raises(RuntimeError, match="the gateway stopped"):
+        await _engine_run(bench, sim, Stage.MARKED, before=marks_then_stop, **cfg_kw)
+    return None
 
 
 async def test_set_split_by_a_cut_between_its_marks_is_reset_back_and_tried_again(
@@ -378,7 +375,7 @@ async def test_set_split_by_a_cut_between_its_marks_is_reset_back_and_tried_agai
     publish_entry(bench, set_entry(bench.images["2.0.0"], imgs["img1-2.0.0"]))
     async with Simulator(bench.sim_cfg) as sim:
         (dev,) = sim.devices.values()
-        await _cut_between_marks(bench, sim, dev, mark_image1=False)
+        await stopped_while_marking(bench, sim, dev, marks=(0,), power_cut=True)
         assert active(dev, 0) == ("2.0.0", False, 0)  # test-runs, unconfirmed
         assert active(dev, 1) == ("1.0.0", True, 0)
         cfg = bench.gateway_config(sim)
@@ -413,7 +410,7 @@ async def test_set_booted_whole_after_a_cut_before_marked_is_checked_and_confirm
     publish_entry(bench, set_entry(bench.images["2.0.0"], imgs["img1-2.0.0"]))
     async with Simulator(bench.sim_cfg) as sim:
         (dev,) = sim.devices.values()
-        await _cut_between_marks(bench, sim, dev, mark_image1=True)
+        await stopped_while_marking(bench, sim, dev, marks=(0, 1), power_cut=True)
         assert active(dev, 0) == ("2.0.0", False, 0) and active(dev, 1) == ("2.0.0", True, 0)
         boots, ups = resets(dev), upload_requests(dev)
         res = await run_pass(bench.gateway_config(sim))

@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 from modes_support import active, dfu_zip, publish_entry, resets, run_pass, sign
 from safety_support import Tap
-from test_multi_image import NETCORE1, set_entry, two_images
+from test_multi_image import NETCORE1, set_entry, stopped_while_marking, two_images
 
 from gateway.config import parse_config
 from gateway.daemon import Gateway
-from gateway.engine import Stage, Status
+from gateway.engine import Status
 from gateway.journal import Journal
 from gateway.sim.config import ExtraImageConfig
 from gateway.sim.simulator import Simulator
@@ -24,46 +24,6 @@ pytestmark = pytest.mark.timeout(180)
 WINDOW = {"nightly": {"cron": "0 3 * * *", "duration_s": 3600, "timezone": "UTC"}}
 OPEN = dt.datetime(2030, 5, 6, 3, 10, tzinfo=dt.UTC)
 CLOSED = dt.datetime(2030, 5, 6, 5, 0, tzinfo=dt.UTC)
-
-
-async def _cut(bench: Any, sim: Any, dev: Any, *, marks: tuple[int, ...], **cfg_kw: Any) -> None:
-    """As test_multi_image._cut_between_marks (with a device config): the journal says
-    "marking", the members ``marks`` were marked (0 test, the others permanent), then the device
-    lost power and booted, the gateway stopped with it."""
-
-    async def run(until: Any, before: Any = None) -> Any:
-        gw = Gateway(bench.gateway_config(sim, **cfg_kw))
-        try:
-            (d,) = gw.cfg.devices
-            async with gw.session(d) as session:
-                plan = await gw.plan(d, session)
-                if before is not None:
-                    await before(gw, session, plan)
-                return await gw.engine(d, session).run(plan.image, None,
-                                                       artifact_id=plan.offer.artifact_id,
-                                                       source="local", until=until)
-        finally:
-            gw.close()
-
-    out = await run(Stage.UPLOADED)
-    assert out.status == Status.HELD, out
-
-    async def marks_then_cut(gw: Any, session: Any, plan: Any) -> None:
-        iset = plan.image
-        e = gw.journal.get(dev.id)
-        gw.journal.put(e.with_(step="mark-test", tested_hash=f"marking:{iset.hash.hex()}"),
-                       "test: power cut between the marks")
-        for m in iset.members:
-            if m.image in marks:
-                if m.image == 0:
-                    await session.image_test(m.hash)
-                else:
-                    await session.image_confirm(m.hash)
-        await dev.power_cycle()
-        raise RuntimeError("the gateway stopped with the power")
-
-    with pytest.raises(RuntimeError, match="stopped with the power"):
-        await run(Stage.MARKED, before=marks_then_cut)
 
 
 def _journal(cfg: Any, dev_id: str) -> Any:
@@ -93,7 +53,7 @@ async def test_netcore_set_cut_while_marking_is_reverted_said_and_installed_whol
     publish_entry(bench, {"file": str(z)})
     async with Simulator(bench.sim_cfg) as sim:
         (dev,) = sim.devices.values()
-        await _cut(bench, sim, dev, marks=(0, 1), images=NETCORE1)
+        await stopped_while_marking(bench, sim, dev, marks=(0, 1), power_cut=True, images=NETCORE1)
         assert active(dev, 0) == ("2.0.0", False, 0)  # test-runs
         assert str(dev.flash.image_info(2).version) == "2.0.0"  # the network core took 2.0.0
         cfg = bench.gateway_config(sim, images=NETCORE1)
@@ -123,7 +83,7 @@ async def test_cut_split_set_whose_app_confirms_itself_at_the_revert_is_not_bloc
     publish_entry(bench, set_entry(bench.images["2.0.0"], imgs["img1-2.0.0"]))
     async with Simulator(bench.sim_cfg) as sim:
         (dev,) = sim.devices.values()
-        await _cut(bench, sim, dev, marks=(0,))
+        await stopped_while_marking(bench, sim, dev, marks=(0,), power_cut=True)
         assert active(dev, 0) == ("2.0.0", False, 0) and active(dev, 1) == ("1.0.0", True, 0)
         armed = [True]
 
@@ -157,7 +117,7 @@ async def test_split_revert_waits_for_the_window_and_keeps_its_retry_flag(bench_
     publish_entry(bench, set_entry(bench.images["2.0.0"], imgs["img1-2.0.0"]))
     async with Simulator(bench.sim_cfg) as sim:
         (dev,) = sim.devices.values()
-        await _cut(bench, sim, dev, marks=(0,))
+        await stopped_while_marking(bench, sim, dev, marks=(0,), power_cut=True)
         boots = resets(dev)
         data = bench.gateway_dict(sim)
         data["maintenance_windows"] = WINDOW
@@ -205,7 +165,7 @@ async def test_kill_after_the_revert_reset_before_the_outcome(bench_factory) -> 
     publish_entry(bench, set_entry(bench.images["2.0.0"], imgs["img1-2.0.0"]))
     async with Simulator(bench.sim_cfg) as sim:
         (dev,) = sim.devices.values()
-        await _cut(bench, sim, dev, marks=(0,))
+        await stopped_while_marking(bench, sim, dev, marks=(0,), power_cut=True)
         cfg = bench.gateway_config(sim)
 
         class Killed(BaseException):
@@ -249,7 +209,7 @@ async def test_three_image_set_cut_after_image1_mark(bench_factory) -> None:
                                      {"file": str(i2b), "image": 2}]})
     async with Simulator(bench.sim_cfg) as sim:
         (dev,) = sim.devices.values()
-        await _cut(bench, sim, dev, marks=(0, 1))
+        await stopped_while_marking(bench, sim, dev, marks=(0, 1), power_cut=True)
         assert active(dev, 0) == ("2.0.0", False, 0) and active(dev, 1) == ("2.0.0", True, 0)
         assert active(dev, 2) == ("1.0.0", True, 0)
         cfg = bench.gateway_config(sim)
