@@ -720,24 +720,38 @@ async def judge(mode: Mode, work: Path, pty: Path, final: dict[str, str] | None,
     return judge_state(mode, slots, final, journal_view(work), work, p)
 
 
+# MCUboot's own stops, as its console prints them: ``panic!`` (loader.c,
+# ``boot_complete_partial_swap``: a resumed swap whose trailer says no upgrade) and "Unable to
+# find bootable image" (boot/zephyr/main.c, then FIH_PANIC: no slot validates - e.g. a swap
+# resumed from a stale scratch status, below)
+MCUBOOT_STOPS = ("panic!", "Unable to find bootable image")
+
+
 def bootloader_verdict(v: Verdict, console: str, final: dict[str, str] | None) -> None:
-    """A board that does not answer because MCUboot stopped in its own "panic!"
-    (``boot_complete_partial_swap``, loader.c: a resumed swap whose trailer says no upgrade)
-    after cuts that both fell inside MCUboot's own operations ("boot": its program counter)
-    is MCUboot's result, not the gateway's: a torn single-byte program is outside MCUboot's
-    fault model (its simulator interrupts between flash operations, never inside one). The
-    gateway had no part in it and can do nothing over SMP (MCUboot runs no SMP server here);
-    its only duty then is not to claim a success. Anything else stays a failure."""
+    """A board that does not answer because MCUboot stopped (``MCUBOOT_STOPS``) after cuts
+    that all fell inside MCUboot's own operations ("boot": its program counter) is MCUboot's
+    result, not the gateway's: a torn program or erase is outside MCUboot's fault model (its
+    simulator interrupts between flash operations, never inside one). Two such stops were
+    found: a torn swap-info byte then a second cut in the resumed swap (swap-scratch 48220 +
+    3: ``panic!``); and a torn erase of the scratch at the end of a swap step (multi-image
+    450126: ``boot_swap_sectors`` erases the scratch's trailer sector after the primary took
+    the status, "to prevent mcuboot from reading a stale status from the scratch area" - with
+    a one-sector scratch that erase is the whole scratch, and torn it keeps the stale trailer
+    while the image data before it is gone: MCUboot resumes from it and copies the erased data
+    into the primary). The gateway had no part in either and can do nothing over SMP (MCUboot
+    runs no SMP server here); its only duty then is not to claim a success. Anything else - a
+    cut in the application, a success claimed, a silent board without MCUboot's stop - stays
+    a failure."""
     lines = [ln.strip() for ln in console.splitlines() if ln.strip()]
     boot_log = lines[-6:]
-    if not lines or "panic!" not in lines[-1]:
+    if not lines or not any(stop in lines[-1] for stop in MCUBOOT_STOPS):
         return
     if not v.op.endswith("boot") or (v.second_cut is not None and not v.op2.endswith("boot")):
         return
-    v.bootloader = "MCUboot panic: " + " | ".join(boot_log)
+    v.bootloader = "MCUboot stopped: " + " | ".join(boot_log)
     v.problems = [x for x in v.problems if not x.startswith("board not answering")]
     if (final or {}).get("result") in ("updated", "up-to-date"):
-        v.problems.append(f"MCUboot panicked but the gateway reported {final}")
+        v.problems.append(f"MCUboot stopped but the gateway reported {final}")
 
 
 def judge_state(mode: Mode, slots: list[dict[str, Any]], final: dict[str, str] | None,

@@ -143,7 +143,7 @@ def test_an_mcuboot_panic_is_judged_apart_only_when_mcuboot_alone_was_cut() -> N
     resumed swap - real MCUboot stops in "panic!". Its own result, when both cuts fell inside
     MCUboot and the gateway claimed no success; anything else stays a failure."""
     v = _panicked("P boot", "P boot", {"result": "failed"})
-    assert v.ok and v.bootloader.startswith("MCUboot panic") and "E: panic!" in v.bootloader
+    assert v.ok and v.bootloader.startswith("MCUboot stopped") and "E: panic!" in v.bootloader
     assert not _panicked("P boot", "P boot", {"result": "updated"}).ok  # a false success
     assert not _panicked("P app", "P boot", {"result": "failed"}).ok  # the app's write was cut
     assert not _panicked("P boot", "P app", {"result": "failed"}).ok
@@ -151,6 +151,42 @@ def test_an_mcuboot_panic_is_judged_apart_only_when_mcuboot_alone_was_cut() -> N
                    problems=["board not answering after the gateway's last pass: timeout"])
     pc.bootloader_verdict(v, "I: Starting bootloader\nI: Jumping to the first image slot\n", None)
     assert not v.ok and not v.bootloader  # hung without a panic: a failure
+
+
+NO_IMAGE_CONSOLE = """*** Booting Zephyr OS build  ***
+I: Starting bootloader
+I: Primary image: magic=good, swap_type=0x2, copy_done=0x3, image_ok=0x3
+I: Scratch: magic=good, swap_type=0x2, copy_done=0x3, image_ok=0x3
+I: Boot source: scratch
+I: Starting swap using scratch algorithm.
+I: Primary image: magic=good, swap_type=0x1, copy_done=0x3, image_ok=0x1
+I: Scratch: magic=unset, swap_type=0x1, copy_done=0x3, image_ok=0x3
+I: Boot source: primary slot
+I: Image index: 1, Swap type: perm
+E: Unable to find bootable image
+"""
+
+
+def test_mcuboot_finding_no_bootable_image_is_judged_apart_only_after_its_own_torn_erase() -> None:
+    """Cut 450126 (multi-image, running): MCUboot's erase of the one-sector scratch at the end
+    of image 0's swap, torn - the stale scratch trailer survives, MCUboot resumes from it and
+    copies the erased half into the primary: "Unable to find bootable image" on every boot.
+    MCUboot's, when only MCUboot's erase was cut and the gateway claimed no success."""
+    def stopped(op: str, final: dict[str, str] | None, console: str = NO_IMAGE_CONSOLE) -> Any:
+        v = pc.Verdict("multi-image", 450126, "erase 0x80c0000 (boot)", "running", None, op=op,
+                       problems=["board not answering after the gateway's last pass (bricked "
+                                 "or hung): timeout"])
+        pc.bootloader_verdict(v, console, final)
+        return v
+
+    v = stopped("E boot", {"result": "failed"})
+    assert v.ok and "Unable to find bootable image" in v.bootloader
+    assert not stopped("E boot", {"result": "updated"}).ok  # a false success
+    assert not stopped("P app", {"result": "failed"}).ok  # the application's write was cut
+    # the stop must be MCUboot's last word: a board that printed it once and then booted an
+    # image (and hangs later) is not excused
+    assert not stopped("E boot", {"result": "failed"},
+                       NO_IMAGE_CONSOLE + "I: Jumping to the first image slot\n").ok
 
 
 def test_torn_flash_is_half_of_the_operation() -> None:
