@@ -903,7 +903,8 @@ async def campaign(mode: Mode, root: Path, *, jobs: int, kinds: set[str], data_c
 
     async def one(i: int, op: Op, lbl: str, variant: str) -> None:
         # the first and the middle cut of every ``second_every`` (one of each variant)
-        sc = second if second is not None else (
+        # a replay (``--cut``) is cut again only when it says so (``--second-cut``)
+        sc = second if second is not None or only is not None else (
             3 if second_every and i % second_every in (0, second_every // 2) else None)
         async with sem:
             v = await run_cut(mode, op.n, variant, root / f"cut-{op.n}-{variant}", label=lbl,
@@ -970,7 +971,7 @@ def main(argv: list[str] | None = None) -> int:
     by = Counter((json.loads(json.dumps(r.label)).split()[0], r.ok) for r in res)
     panics = sum(1 for r in res if r.bootloader and r.ok)
     print(f"\n{mode.name}: {len(res)} cuts, {sum(not r.ok for r in res)} failed, "
-          f"{panics} MCUboot panics (the gateway reported no success), "
+          f"{panics} MCUboot stops (the gateway reported no success), "
           f"{time.monotonic() - t0:.0f} s wall; by kind: "
           + ", ".join(f"{k} {'ok' if ok else 'FAILED'} {n}" for (k, ok), n in sorted(by.items())))
     return 1 if any(not r.ok for r in res) else 0
