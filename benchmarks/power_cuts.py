@@ -716,8 +716,23 @@ async def judge(mode: Mode, work: Path, pty: Path, final: dict[str, str] | None,
     try:
         slots = await device_slots(pty)
     except RuntimeError as exc:
-        return [f"board not answering after the gateway's last pass (bricked or hung): {exc}"]
+        p.append(f"board not answering after the gateway's last pass (bricked or hung): {exc}")
+        # whatever stopped the board, the gateway must not have claimed a success anywhere:
+        # in its journal, or to the fleet server
+        return p + success_claims(journal_view(work), work)
     return judge_state(mode, slots, final, journal_view(work), work, p)
+
+
+def success_claims(journal: dict[str, Any], work: Path) -> list[str]:
+    """A success the gateway recorded or reported (for a board that does not answer)."""
+    p = []
+    if journal["device"].get("outcome") in ("updated", "up-to-date"):
+        p.append(f"the journal says {journal['device']['outcome']!r} of a silent board")
+    rj = work / "updates" / "reports.jsonl"
+    server = [json.loads(x) for x in rj.read_text().splitlines() if x.strip()] if rj.exists() else []
+    if server and int(server[-1]["result"]) == 1:
+        p.append("the fleet server's last word is a success, of a silent board")
+    return p
 
 
 # MCUboot's own stops, as its console prints them: ``panic!`` (loader.c,
@@ -745,6 +760,8 @@ def bootloader_verdict(v: Verdict, console: str, final: dict[str, str] | None) -
     lines = [ln.strip() for ln in console.splitlines() if ln.strip()]
     boot_log = lines[-6:]
     if not lines or not any(stop in lines[-1] for stop in MCUBOOT_STOPS):
+        return
+    if final is None:  # a gateway that printed no outcome (a crash) is never excused
         return
     if not v.op.endswith("boot") or (v.second_cut is not None and not v.op2.endswith("boot")):
         return

@@ -253,3 +253,32 @@ def test_power_cut_sample_on_real_firmware(renode_runtime: Path) -> None:
     # each cut fell on the operation the sample names (kind, and MCUboot or the application)
     assert [v.op for v in verdicts] == [kind for _m, _n, kind, _v in SAMPLE]
     assert all(v.reached for v in verdicts)
+
+
+def test_a_gateway_that_printed_no_outcome_is_not_excused_by_mcuboots_stop() -> None:
+    """Review round 5: every pass of the gateway ended without an outcome line (a crash: no
+    ``final``). With a board that answers the judge fails that ("the gateway printed no
+    outcome"); with a board MCUboot stopped, the excuse dropped the only problem and passed the
+    cut - the gateway's own failure hidden behind MCUboot's."""
+    def stopped(final: dict[str, str] | None) -> Any:
+        v = pc.Verdict("multi-image", 450126, "erase 0x80c0000 (boot)", "running", None,
+                       op="E boot", problems=["board not answering after the gateway's last "
+                                              "pass (bricked or hung): timeout"])
+        pc.bootloader_verdict(v, NO_IMAGE_CONSOLE, final)
+        return v
+
+    assert stopped({"result": "failed"}).ok  # the intended excuse
+    assert not stopped(None).ok
+
+
+def test_a_silent_board_is_judged_on_the_journal_and_the_fleet_server_too(tmp_path: Path) -> None:
+    """Review round 5: with the board silent the judge read nothing but the printed outcome - a
+    success in the journal or told to the fleet server went unseen (and MCUboot's stop would
+    have excused it)."""
+    quiet = {"device": {"outcome": "failed"}, "events": [], "reports": [], "open_intents": []}
+    assert pc.success_claims(quiet, tmp_path) == []
+    assert pc.success_claims({**quiet, "device": {"outcome": "updated"}}, tmp_path)
+    (tmp_path / "updates").mkdir()
+    (tmp_path / "updates" / "reports.jsonl").write_text(
+        json.dumps({"result": 8}) + "\n" + json.dumps({"result": 1}) + "\n")
+    assert pc.success_claims(quiet, tmp_path)
