@@ -46,6 +46,16 @@ from gateway.sources.base import UpdateResult
 
 log = logging.getLogger("gateway.engine")
 
+
+def _marks_pending(states: list[ImageState], members: list[SetMember]) -> bool:
+    """(b) every one of ``members`` is marked in its secondary slot (pending, or permanent)."""
+    for m in members:
+        sl = imageset.ImageSlots.of(states, m.image)
+        sec = sl.secondary
+        if sl.secondary_hash != m.hash or sec is None or not (sec.pending or sec.permanent):
+            return False
+    return True
+
 # the revert intent's flag (``revert:<set>:<permanent>:retry``): the set's marks were cut short
 # (``_set_marks_cut``) - once reverted, the update is tried again rather than blocked
 _RETRY = "retry"
@@ -247,12 +257,19 @@ class ImageSetStep(UploadStep):
         if todo:
             self._step(Step.MARK_TEST, "marking " + ", ".join(
                 f"image {m.image} {rls[m.image].mark.value}" for m in todo), tested_hash=marking)
+            # marks already on the device (an earlier attempt's) and the ones written here
+            landed = [m for m in iset.members if where[m.image] == W.PENDING]
             for m in todo:
                 rule = rls[m.image]
-                if rule.mark == Mark.TEST:
-                    post = await self.s.image_test(m.hash)
-                else:
-                    post = await self.s.image_confirm(m.hash)
+                if landed:
+                    # the marks before this one must still be pending: a device that rebooted
+                    # since (a power cut) booted what had landed - this mark written now would
+                    # be acted on alone at the next reset (a split set made permanent)
+                    if not _marks_pending(await self._states_through_reboot(), landed):
+                        return await self._set_marks_interrupted(iset, rls, old_v)
+                post = await self._write_mark(m, rule, landed)
+                if post is None or not _marks_pending(post, landed):
+                    return await self._set_marks_interrupted(iset, rls, old_v)
                 got = imageset.ImageSlots.of(post, m.image)
                 sec = got.secondary
                 ok = (got.secondary_hash == m.hash and sec is not None and bool(sec.pending)
@@ -264,10 +281,45 @@ class ImageSetStep(UploadStep):
                                        f"already marked: {done or 'none'} (a test-marked image "
                                        "test-boots at the next reset and is reverted at the one "
                                        "after)", iset, old_v)
+                landed.append(m)
         self._step(Step.MARK_TEST, "image set marked", tested_hash=sid)
         self._hold(Stage.MARKED, iset, old_v)
         await self._set_reset(iset, marked, old_v)
         return await self._set_after_boot(iset, rls, marked, old_v)
+
+    async def _write_mark(self, m: SetMember, rule: imageset.Rule,
+                          landed: list[SetMember]) -> list[ImageState] | None:
+        """One member's mark, never re-sent blindly (as the confirm): unanswered, the device's
+        state decides - the mark is there (its answer was lost), or the device rebooted and
+        the marks before it are gone (None: ``_set_marks_interrupted``), or it is sent again
+        (3 times at most)."""
+        for attempt in range(1, 4):
+            try:
+                if rule.mark == Mark.TEST:
+                    return await self.s.image_test(m.hash, retries=0)
+                return await self.s.image_confirm(m.hash, retries=0)
+            except SMPTimeout as exc:
+                if attempt == 3:
+                    raise
+                log.warning("device=%s mark of image %d unanswered (%s); reading the state "
+                            "before sending it again", self.dev.id, m.image, exc)
+            states = await self._states_through_reboot()
+            if not _marks_pending(states, landed):
+                return None
+            if _marks_pending(states, [m]):
+                return states
+        raise AssertionError("unreachable")  # the loop returns or raises
+
+    async def _set_marks_interrupted(self, iset: VerifiedImageSet,
+                                     rls: dict[int, imageset.Rule], old_v: str | None) -> Outcome:
+        """The device rebooted between this gateway's marks (a power cut while the gateway
+        kept going): judged as after a cut between them (``_set_marks_cut``)."""
+        states = await self._states()
+        where = {m.image: imageset.where(imageset.ImageSlots.of(states, m.image), m.hash,
+                                         rls[m.image], False) for m in iset.members}
+        log.warning("device=%s rebooted between the marks of the set: %s", self.dev.id,
+                    " ".join(f"image{i}={w.value}" for i, w in where.items()))
+        return await self._set_marks_cut(iset, rls, where, old_v)
 
     async def _set_marks_cut(self, iset: VerifiedImageSet, rls: dict[int, imageset.Rule],
                              where: dict[int, imageset.Where], old_v: str | None) -> Outcome:
@@ -295,8 +347,10 @@ class ImageSetStep(UploadStep):
                        "the gateway stopped while marking)", tested_hash=iset.hash.hex())
             return await self._set_after_boot(iset, rls, set(where), old_v)
         testing = sorted(i for i, w in where.items() if w == W.TESTING)
-        permanent = sorted(i for i, w in where.items()
-                           if w == W.INSTALLED and rls[i].mark == Mark.PERMANENT)
+        # a permanent mark that landed after the device rebooted is acted on by the reset that
+        # reverts the others: named, never hidden (MCUboot has no way to take it back)
+        permanent = sorted(i for i, w in where.items() if rls[i].mark == Mark.PERMANENT
+                           and (w == W.INSTALLED or (w == W.PENDING and testing)))
         cut = ", ".join(f"image {i} {w.value}" for i, w in sorted(where.items()))
         # a network core's image that MCUboot handed over stays in its secondary, unmarked:
         # img_mgmt cannot tell it from a mark that never landed. Reverting the application is
