@@ -11,19 +11,13 @@ import pytest
 from modes_support import active, publish_entry, run_pass
 from safety_support import Tap
 from test_multi_image import set_entry, two_images
+from test_review_r22_marks_cut import _journal
 
 from gateway.engine import Status
-from gateway.journal import Journal
 from gateway.sim.simulator import Simulator
 
 pytestmark = pytest.mark.timeout(180)
 
-def _journal(cfg: Any, dev_id: str) -> Any:
-    j = Journal(cfg.state_dir / "journal.sqlite")
-    try:
-        return j.get(dev_id)
-    finally:
-        j.close()
 
 async def test_power_cut_between_marks_with_gateway_alive_is_not_made_permanent_split(
         bench_factory) -> None:
