@@ -60,3 +60,37 @@ async def test_power_cut_between_marks_with_gateway_alive_is_not_made_permanent_
         assert out.status == Status.FAILED and "tried again" in out.detail, out
         assert out2.status == Status.UPDATED, out2
         assert active(dev, 0) == ("2.0.0", True, 0) and active(dev, 1) == ("2.0.0", True, 0)
+
+
+async def test_first_mark_landed_then_the_power_went_with_its_answer(bench_factory) -> None:
+    """Image 0's test mark lands, its answer is lost with the power, and the board boots image 0
+    in test mode before the gateway (still running) hears anything. The mark is not sent
+    again blindly (it would hit the running image): the state read after the silence shows
+    image 0 already booted, so image 1's mark is never written - the set is reset back and
+    tried again, never left split."""
+    bench, imgs = two_images(bench_factory)
+    publish_entry(bench, set_entry(bench.images["2.0.0"], imgs["img1-2.0.0"]))
+    async with Simulator(bench.sim_cfg) as sim:
+        (dev,) = sim.devices.values()
+        cut: list[Any] = []
+        taps: list[Tap] = []
+
+        def hook(req: Any, frame: bytes, reply: Any) -> bool:
+            if req.is_test and not cut:
+                cut.append(req)
+                taps[0].deliver(frame, lambda *_a, **_k: None)  # it lands; its answer is lost
+                asyncio.get_running_loop().create_task(dev.power_cycle(wait=False))
+                return False
+            return True
+
+        taps.append(Tap(dev, hook=hook).install())
+        cfg = bench.gateway_config(sim)
+        out = (await run_pass(cfg)).outcomes[dev.id]
+        assert cut, "the cut never happened"
+        assert out.status == Status.FAILED and "tried again" in out.detail, out
+        assert not taps[0].requests(lambda r: r.is_confirm)  # image 1's mark never written
+        assert len(taps[0].requests(lambda r: r.is_test)) == 1  # image 0's not sent again
+        assert active(dev, 0) == ("1.0.0", True, 0) and active(dev, 1) == ("1.0.0", True, 0)
+        out2 = (await run_pass(cfg)).outcomes[dev.id]
+        assert out2.status == Status.UPDATED, out2
+        assert active(dev, 0) == ("2.0.0", True, 0) and active(dev, 1) == ("2.0.0", True, 0)

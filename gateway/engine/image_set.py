@@ -56,6 +56,7 @@ def _marks_pending(states: list[ImageState], members: list[SetMember]) -> bool:
             return False
     return True
 
+
 # the revert intent's flag (``revert:<set>:<permanent>:retry``): the set's marks were cut short
 # (``_set_marks_cut``) - once reverted, the update is tried again rather than blocked
 _RETRY = "retry"
@@ -304,8 +305,9 @@ class ImageSetStep(UploadStep):
                 log.warning("device=%s mark of image %d unanswered (%s); reading the state "
                             "before sending it again", self.dev.id, m.image, exc)
             states = await self._states_through_reboot()
-            if not _marks_pending(states, landed):
-                return None
+            if not _marks_pending(states, landed) or \
+                    imageset.ImageSlots.of(states, m.image).primary_hash == m.hash:
+                return None  # the device rebooted: what landed was booted (or is gone)
             if _marks_pending(states, [m]):
                 return states
         raise AssertionError("unreachable")  # the loop returns or raises
