@@ -723,13 +723,18 @@ async def judge(mode: Mode, work: Path, pty: Path, final: dict[str, str] | None,
     return judge_state(mode, slots, final, journal_view(work), work, p)
 
 
+def server_reports(work: Path) -> list[dict[str, Any]]:
+    """What the fleet server (the local source's reports.jsonl) was told, oldest first."""
+    rj = work / "updates" / "reports.jsonl"
+    return [json.loads(x) for x in rj.read_text().splitlines() if x.strip()] if rj.exists() else []
+
+
 def success_claims(journal: dict[str, Any], work: Path) -> list[str]:
     """A success the gateway recorded or reported (for a board that does not answer)."""
     p = []
     if journal["device"].get("outcome") in ("updated", "up-to-date"):
         p.append(f"the journal says {journal['device']['outcome']!r} of a silent board")
-    rj = work / "updates" / "reports.jsonl"
-    server = [json.loads(x) for x in rj.read_text().splitlines() if x.strip()] if rj.exists() else []
+    server = server_reports(work)
     if server and int(server[-1]["result"]) == 1:
         p.append("the fleet server's last word is a success, of a silent board")
     return p
@@ -851,8 +856,7 @@ def judge_state(mode: Mode, slots: list[dict[str, Any]], final: dict[str, str] |
     last = reports[-1]
     if last["state"] != "delivered":
         p.append(f"last final report {last['id']} is {last['state']}, not delivered")
-    rj = work / "updates" / "reports.jsonl"
-    server = [json.loads(x) for x in rj.read_text().splitlines() if x.strip()] if rj.exists() else []
+    server = server_reports(work)
     if not server:
         p.append("the fleet server got no report")
     else:

@@ -48,6 +48,17 @@ def two_images(bench_factory: Any, *, update: str = "swap", **kw: Any) -> tuple[
 NETCORE1 = {1: {"netcore": True}}  # the device config says image 1 is the network core
 
 
+def netcore_set(bench_factory: Any) -> Any:
+    """An nRF5340-style device (image 1 a network core) and an nRF Connect SDK
+    dfu_application.zip for it (2.0.0 of both; image 1's board names the cpunet), published."""
+    bench, imgs = two_images(bench_factory, update="netcore")
+    z = dfu_zip(bench.root / "dfu_application.zip", [
+        {"path": bench.images["2.0.0"], "image": 0},
+        {"path": imgs["img1-2.0.0"], "image": 1, "board": "nrf5340dk_nrf5340_cpunet"}])
+    publish_entry(bench, {"file": str(z)})
+    return bench
+
+
 def uploads_to(dev: Any) -> list[int]:
     """Flash slots the device's img_mgmt started an upload into (2N + 1 = image N's secondary)."""
     return [int(e.detail["slot"]) for e in dev.events if e.kind == "upload-start"]
@@ -214,11 +225,7 @@ async def test_network_core_is_never_test_marked(bench_factory) -> None:
     device config (``images: {1: {netcore: true}}``) and shipped in an nRF Connect SDK
     dfu_application.zip whose board names the cpunet (consistent with the config); marked
     permanent, checked by its secondary being consumed at the reset."""
-    bench, imgs = two_images(bench_factory, update="netcore")
-    z = dfu_zip(bench.root / "dfu_application.zip", [
-        {"path": bench.images["2.0.0"], "image": 0},
-        {"path": imgs["img1-2.0.0"], "image": 1, "board": "nrf5340dk_nrf5340_cpunet"}])
-    publish_entry(bench, {"file": str(z)})
+    bench = netcore_set(bench_factory)
     async with Simulator(bench.sim_cfg) as sim:
         (dev,) = sim.devices.values()
         assert entry(dev, 1, 0) is None  # the network core's flash is not readable

@@ -8,9 +8,15 @@ import datetime as dt
 from typing import Any
 
 import pytest
-from modes_support import active, dfu_zip, publish_entry, resets, run_pass, sign
+from modes_support import active, publish_entry, resets, run_pass, sign
 from safety_support import Tap
-from test_multi_image import NETCORE1, set_entry, stopped_while_marking, two_images
+from test_multi_image import (
+    NETCORE1,
+    netcore_set,
+    set_entry,
+    stopped_while_marking,
+    two_images,
+)
 
 from gateway.config import parse_config
 from gateway.daemon import Gateway
@@ -46,11 +52,7 @@ async def test_netcore_set_cut_while_marking_is_reverted_said_and_installed_whol
     image 0 beside a network core that may be old could report a false success, so image 0 is
     reset back; the outcome says the network core may already run the build, and the retry
     installs the whole set (no split left once it finishes)."""
-    bench, imgs = two_images(bench_factory, update="netcore")
-    z = dfu_zip(bench.root / "dfu_application.zip", [
-        {"path": bench.images["2.0.0"], "image": 0},
-        {"path": imgs["img1-2.0.0"], "image": 1, "board": "nrf5340dk_nrf5340_cpunet"}])
-    publish_entry(bench, {"file": str(z)})
+    bench = netcore_set(bench_factory)
     async with Simulator(bench.sim_cfg) as sim:
         (dev,) = sim.devices.values()
         await stopped_while_marking(bench, sim, dev, marks=(0, 1), power_cut=True, images=NETCORE1)

@@ -378,15 +378,8 @@ class ImageSetStep(UploadStep):
             await self._wait_reboot()
             if acked or attempt == 3:
                 return
-            states = await self._states()
-            still = True
-            for m in iset.members:
-                if m.image in marked:
-                    sl = imageset.ImageSlots.of(states, m.image)
-                    sec = sl.secondary
-                    still = still and sl.secondary_hash == m.hash and sec is not None and bool(
-                        sec.pending or sec.permanent)
-            if not still:
+            if not _marks_pending(await self._states(),
+                                  [m for m in iset.members if m.image in marked]):
                 return
             log.warning("device=%s reset unanswered and the set still pending: resetting again",
                         self.dev.id)
