@@ -40,6 +40,7 @@ from smp.image_management import ImageState
 from gateway.config import DeviceConfig
 from gateway.engine import Slots, Step
 from gateway.journal import Entry, Journal
+from gateway.smp.reboot import reset_and_wait
 from gateway.smp.session import SMPError, SMPSession, SMPTimeout
 from gateway.smp.transport import TransportError
 
@@ -59,34 +60,6 @@ class CancelResult:
     detail: str
     deferred: bool = False  # needs a reset outside the allowed time: done later
     running: str | None = None  # version running after the undo
-
-
-async def wait_back(session: SMPSession, timeout_s: float) -> None:
-    """After a reset: wait until the device stops answering (bounded), then until it answers."""
-    gone_deadline = time.monotonic() + 5.0
-    while time.monotonic() < gone_deadline:
-        try:
-            await session.echo("cancel?", timeout_s=0.3)
-        except (SMPTimeout, TransportError):
-            break
-        await asyncio.sleep(0.1)
-    deadline = time.monotonic() + timeout_s
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            await session.echo("cancel?", timeout_s=1.0)
-            return
-        except SMPTimeout as exc:
-            last = exc
-        except TransportError as exc:
-            last = exc
-            try:
-                await session.close()
-                await session.open()
-            except TransportError:
-                await asyncio.sleep(0.2)
-    raise SMPTimeout(f"{session.device_id} did not come back within {timeout_s:g}s after a reset "
-                     f"({last})")
 
 
 async def read_through_reboot(session: SMPSession, dev: DeviceConfig) -> list[ImageState]:
@@ -111,8 +84,7 @@ async def read_through_reboot(session: SMPSession, dev: DeviceConfig) -> list[Im
 
 async def _reset(session: SMPSession, dev: DeviceConfig, why: str) -> None:
     log.info("device=%s cancel: reset (%s)", dev.id, why)
-    await session.reset()
-    await wait_back(session, dev.timeouts.reset_s)
+    await reset_and_wait(session, dev.timeouts.reset_s)
 
 
 async def _erase_secondary(session: SMPSession, dev: DeviceConfig, empty: bool = False) -> str:

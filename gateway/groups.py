@@ -305,9 +305,7 @@ class MemberEngine(UpdateEngine):
         stays in its revert phase and resumes when a window opens)."""
         self._gate(f"{detail}: the reset", None, self.entry.old_version)
         self._step(Step.RESET, detail)
-        acked = await self.s.reset()
-        self._step(Step.WAIT_BOOT, f"reset acknowledged={acked}")
-        await self._wait_reboot()
+        await self._reset()
 
     async def _confirm_previous(self, old: bytes) -> None:
         """The previous image test-runs after a re-install: health window, then confirm it."""

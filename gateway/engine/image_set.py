@@ -373,9 +373,7 @@ class ImageSetStep(UploadStep):
         for attempt in range(1, 4):
             self._step(Step.RESET, f"image set: images {sorted(marked)}"
                        + (f", attempt {attempt}" if attempt > 1 else ""))
-            acked = await self.s.reset()
-            self._step(Step.WAIT_BOOT, f"reset acknowledged={acked}")
-            await self._wait_reboot()
+            acked = await self._reset()
             if acked or attempt == 3:
                 return
             if not _marks_pending(await self._states(),
@@ -563,9 +561,7 @@ class ImageSetStep(UploadStep):
             for attempt in range(1, 4):
                 self._step(Step.RESET, "image set failed: reset so MCUboot reverts images "
                            f"{sorted(testing)}" + (f", attempt {attempt}" if attempt > 1 else ""))
-                acked = await self.s.reset()
-                self._step(Step.WAIT_BOOT, f"revert reset acknowledged={acked}")
-                await self._wait_reboot()
+                acked = await self._reset("revert reset acknowledged")
                 # (b) the device's own state decides whether the revert happened
                 states = await self._states()
                 still, unconfirmed = [], []

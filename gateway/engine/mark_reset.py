@@ -66,10 +66,8 @@ class MarkResetStep(VerifyConfirmStep):
         self._gate("the reset into the test boot", image, old_v)
         for attempt in range(1, 4):
             self._step(Step.RESET, f"attempt {attempt}" if attempt > 1 else "")
-            acked = await self.s.reset()
+            acked = await self._reset()
             self._reset_here = True
-            self._step(Step.WAIT_BOOT, f"reset acknowledged={acked}")
-            await self._wait_reboot()
             if acked or attempt == 3:
                 break
             slots = await self.read_slots()

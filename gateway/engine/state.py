@@ -36,6 +36,7 @@ from gateway.images import (
     VerifiedImage,
 )
 from gateway.journal import Entry, Journal
+from gateway.smp.reboot import reopen, state_before_reset, wait_reboot
 from gateway.smp.session import SMPProtocolError, SMPSession, SMPTimeout
 from gateway.smp.transport import TransportError
 from gateway.sources.base import UpdateResult
@@ -232,33 +233,29 @@ class EngineState:
             await self._wait_reboot()
             return await self.read_slots()
 
-    async def _wait_reboot(self) -> None:
-        """After a reset: wait for the link to go away (bounded), then for the device to answer."""
-        t = self.dev.timeouts
-        # Zephyr answers the reset, then reboots CONFIG_MCUMGR_GRP_OS_RESET_MS (250 ms) later;
-        # probe until an echo goes unanswered, at most 5 s (a fast boot may hide the gap).
-        gone_deadline = time.monotonic() + 5.0
-        while time.monotonic() < gone_deadline:
-            try:
-                await self.s.echo("boot?", timeout_s=0.3)
-            except SMPTimeout:
-                break
-            except TransportError:
-                await self._reopen()
-                break
-            await asyncio.sleep(0.1)
-        deadline = time.monotonic() + t.reset_s
-        while time.monotonic() < deadline:
-            try:
-                await self.s.echo("boot?", timeout_s=min(1.0, max(0.2, deadline - time.monotonic())))
-                return
-            except SMPTimeout:
-                continue
-            except TransportError:
-                await self._reopen()
-                await asyncio.sleep(self.poll)
-        raise _Finish(Outcome(self.dev.id, Status.FAILED, UpdateResult.CONNECTION_LOST,
-                              f"device did not come back within {t.reset_s:g}s after reset"))
+    async def _reset(self, wait_detail: str | None = "reset acknowledged") -> bool:
+        """Send ``os reset`` and wait for the device to come back from it; whether it was
+        acknowledged. Every reset of an update goes through here, after its caller passed the
+        reset gate and journalled ``Step.RESET``; ``Step.WAIT_BOOT`` (``wait_detail``) is
+        journalled once the answer is in. The image state read just before the reset is what
+        ``_wait_reboot`` holds the device's answers against (b)."""
+        before = await state_before_reset(self.s)
+        acked = await self.s.reset()
+        if wait_detail is not None:
+            self._step(Step.WAIT_BOOT, f"{wait_detail}={acked}")
+        await self._wait_reboot(before if acked else None)
+        return acked
+
+    async def _wait_reboot(self, before: list[ImageState] | None = None) -> None:
+        """After a reset: ``gateway.smp.reboot.wait_reboot`` (the link's gap, then an answer,
+        then - given ``before`` - the device's state showing the reboot), bounded by
+        ``timeouts.reset_s``; a device that does not come back is FAILED, connection lost."""
+        try:
+            await wait_reboot(self.s, self.dev.timeouts.reset_s, before, self.poll)
+        except SMPTimeout:
+            raise _Finish(Outcome(self.dev.id, Status.FAILED, UpdateResult.CONNECTION_LOST,
+                                  f"device did not come back within {self.dev.timeouts.reset_s:g}s "
+                                  "after reset")) from None
 
     async def _reconnect(self, deadline: float) -> None:
         """Re-open the link until the device answers an echo, or raise TransportError."""
@@ -274,9 +271,4 @@ class EngineState:
         raise TransportError(f"link to {self.dev.id} did not come back: {last}")
 
     async def _reopen(self) -> None:
-        """A serial device that re-enumerates (USB CDC) or a closed socket: open again."""
-        try:
-            await self.s.close()
-            await self.s.open()
-        except TransportError as exc:
-            log.debug("device=%s reopen failed: %s", self.dev.id, exc)
+        await reopen(self.s)

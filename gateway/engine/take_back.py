@@ -35,9 +35,7 @@ class TakeBackStep(EngineState):
         still runs ``image`` after the reset."""
         self._gate(gate_what, image, old_v)
         self._step(Step.RESET, step_detail)
-        acked = await self.s.reset()
-        self._step(Step.WAIT_BOOT, f"revert reset acknowledged={acked}")
-        await self._wait_reboot()
+        await self._reset("revert reset acknowledged")
         slots = await self.read_slots()
         if slots.active_hash == image.hash:
             raise self._finish(Status.FAILED, UpdateResult.UPDATE_FAILED,

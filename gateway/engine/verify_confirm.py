@@ -249,8 +249,7 @@ class VerifyConfirmStep(TakeBackStep):
         # the application never confirmed: reset so MCUboot reverts, and report it
         self._gate(f"application did not confirm {image.version} within "
                    f"{self.dev.timeouts.app_confirm_s:g}s; the reset that reverts it", image, old_v)
-        await self.s.reset()
-        await self._wait_reboot()
+        await self._reset(wait_detail=None)
         slots = await self.read_slots()
         detail = (f"application did not confirm {image.version} within "
                   f"{self.dev.timeouts.app_confirm_s:g}s; reset to revert")
