@@ -21,7 +21,7 @@ import time
 
 from smp.image_management import ImageState
 
-from gateway.smp.session import SMPProtocolError, SMPSession, SMPTimeout
+from gateway.smp.session import SMPError, SMPProtocolError, SMPSession, SMPTimeout
 from gateway.smp.transport import TransportError
 
 log = logging.getLogger("gateway.smp.reboot")
@@ -51,18 +51,20 @@ async def reopen(session: SMPSession) -> None:
 
 
 async def state_before_reset(session: SMPSession) -> list[ImageState] | None:
-    """The device's image state right before a reset; None when it does not answer (the
-    reboot is then judged by the link alone)."""
+    """The device's image state right before a reset (asked again like any read: one lost
+    answer must not cost the evidence); None when it gives none - the reboot is then judged by
+    the link alone. Never raises: this read only informs the wait, it never stops a reset."""
     try:
-        return await session.image_state(retries=0)
-    except (SMPTimeout, SMPProtocolError, TransportError) as exc:
+        return await session.image_state()
+    except (SMPTimeout, SMPError, TransportError) as exc:
         log.debug("device=%s no state before the reset (%s)", session.device_id, exc)
         return None
 
 
-async def wait_answer(session: SMPSession, timeout_s: float, poll_s: float = 0.5) -> None:
-    """Wait until the device answers an echo; SMPTimeout after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
+async def wait_answer(session: SMPSession, deadline: float, timeout_s: float,
+                      poll_s: float = 0.5) -> None:
+    """Wait until the device answers an echo; SMPTimeout at ``deadline`` (``timeout_s``, the
+    bound's name for the message)."""
     last: Exception | None = None
     while time.monotonic() < deadline:
         try:
@@ -80,13 +82,15 @@ async def wait_answer(session: SMPSession, timeout_s: float, poll_s: float = 0.5
 
 async def wait_reboot(session: SMPSession, timeout_s: float,
                       before: list[ImageState] | None = None, poll_s: float = 0.5) -> None:
-    """After a reset: wait (bounded) for the link to go away, then (bounded: ``timeout_s``)
-    for the device to answer; SMPTimeout when it does not. With ``before`` (the state read
-    just before an acknowledged reset) holding something a reboot must change: while the
-    device reports exactly ``before``, it has not rebooted - wait on, at most ``timeout_s``
-    from the start; past it the caller's own read decides (a bootloader that did not take
-    the image, a device that did not reset)."""
+    """After a reset: look (at most ``GONE_PROBE_S``) for the link to go away, then wait for
+    the device to answer; with ``before`` (the state read just before an acknowledged reset)
+    holding something a reboot must change, also while the device reports exactly ``before``
+    (it has not rebooted yet). One bound for all of it: ``GONE_PROBE_S + timeout_s`` from the
+    start (the old link-only wait's bound), SMPTimeout when the device is silent at its end.
+    A device still reporting ``before`` at the end is left to the caller's own read (a
+    bootloader that did not take the image, a device that did not reset)."""
     start = time.monotonic()
+    deadline = start + GONE_PROBE_S + timeout_s
     while time.monotonic() < start + GONE_PROBE_S:
         try:
             await session.echo("boot?", timeout_s=0.3)
@@ -96,25 +100,34 @@ async def wait_reboot(session: SMPSession, timeout_s: float,
             await reopen(session)
             break
         await asyncio.sleep(0.1)
-    await wait_answer(session, timeout_s, poll_s)
+    await wait_answer(session, deadline, timeout_s, poll_s)
     if before is None or not reboot_changes(before):
         return
     key = state_key(before)
-    while time.monotonic() < start + timeout_s:
+    while time.monotonic() < deadline:
         try:
-            now = await session.image_state(retries=0)
+            now = await session.image_state(
+                timeout_s=max(0.2, min(session.timeout_s, deadline - time.monotonic())),
+                retries=0)
         except (SMPTimeout, TransportError) as exc:
             if isinstance(exc, TransportError):
                 await reopen(session)
-            await wait_answer(session, timeout_s, poll_s)  # it went away now: its reboot
+            await wait_answer(session, deadline, timeout_s, poll_s)  # it went away: its reboot
             continue
+        except SMPProtocolError as exc:  # a garbled answer: asked again, like every read
+            log.debug("device=%s state after the reset: %s", session.device_id, exc)
+            await asyncio.sleep(poll_s)
+            continue
+        except SMPError as exc:  # an answer, but not a state: the caller's own read decides
+            log.debug("device=%s state after the reset: %s", session.device_id, exc)
+            return
         if state_key(now) != key:
             return
         log.debug("device=%s still reports its state from before the reset: its reboot has "
                   "not happened yet", session.device_id)
         await asyncio.sleep(poll_s)
     log.info("device=%s reports the same state %gs after its acknowledged reset",
-             session.device_id, timeout_s)
+             session.device_id, GONE_PROBE_S + timeout_s)
 
 
 async def reset_and_wait(session: SMPSession, timeout_s: float, poll_s: float = 0.5) -> bool:
