@@ -82,6 +82,7 @@ from gateway.mcuboot import parse_image, trailer_size  # noqa: E402
 from gateway.sim.config import SimConfig, SimDeviceConfig  # noqa: E402
 from gateway.sim.device import SimDevice  # noqa: E402
 from gateway.sim.simulator import Simulator  # noqa: E402
+from gateway.smp.reboot import GONE_PROBE_S  # noqa: E402
 from gateway.sources import build_source  # noqa: E402
 from gateway.sources.base import (  # noqa: E402
     DeviceView,
@@ -804,7 +805,8 @@ def attempt_bound(sched: Schedule) -> float:
     stalls = 8  # SMPUpload.max_stalls
     one = (TIMEOUTS["connect_s"] + TIMEOUTS["upload_first_chunk_s"]
            + (chunks + stalls) * 2 * TIMEOUTS["request_s"]
-           + 3 * TIMEOUTS["reset_s"] + 2 * HEALTH_S + 30 * TIMEOUTS["request_s"])
+           + 3 * (GONE_PROBE_S + TIMEOUTS["reset_s"])  # gateway.smp.reboot.wait_reboot's bound
+           + 2 * HEALTH_S + 30 * TIMEOUTS["request_s"])
     return round(one * (2 if sched.group else 1), 1)
 
 

@@ -155,6 +155,13 @@ async def undo(session: SMPSession, dev: DeviceConfig, journal: Journal, target_
         detail = f"{reason}: the device still runs the canceled image after the reset"
         journal.put(entry.with_(step=Step.FAILED.value, outcome="failed", last_error=detail), detail)
         return CancelResult(phase, False, detail, running=running)
+    if slots.other_hash in ours and slots.other is not None and slots.other.pending:
+        # (b) still marked: the next reset (anyone's) would test-boot it - not taken back; the
+        # intent stays open and the next session goes on (a device slow to act on the reset)
+        detail = (f"{reason}: the canceled image is still pending in the secondary slot after "
+                  "the reset (the take-back goes on at the next session)")
+        journal.put(entry.with_(last_error=detail), detail)
+        return CancelResult(phase, False, detail, running=running)
     erased = ""
     if phase != "before-upload" and slots.other is not None and not slots.other.pending:
         erased = await _erase_secondary(session, dev)

@@ -243,7 +243,7 @@ class EngineState:
         acked = await self.s.reset()
         if wait_detail is not None:
             self._step(Step.WAIT_BOOT, f"{wait_detail}={acked}")
-        await self._wait_reboot(before if acked else None)
+        await self._wait_reboot(before)  # acknowledged or not: its answer may be what was lost
         return acked
 
     async def _wait_reboot(self, before: list[ImageState] | None = None) -> None:

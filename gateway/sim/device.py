@@ -421,7 +421,7 @@ class SimDevice:
             loop = asyncio.get_running_loop()
             # CONFIG_MCUMGR_GRP_OS_RESET_MS later, but not before the answer has left
             down_at = max(loop.time() + self.cfg.reset_delay_s, self.rsp_pipe.busy_until)
-            loop.call_at(down_at, self._start_reboot, "reset command")
+            loop.call_at(down_at, self._reboot_of, gen, "reset command")
 
     async def _process_recovery(self, frame: bytes, reply: Reply, gen: int, at: float) -> None:
         """A request to MCUboot's serial recovery (``recovery.RecoveryServer``)."""
@@ -440,7 +440,7 @@ class SimDevice:
         if res.reset:
             # bs_reset: answer, 250 ms, sys_reboot
             down_at = max(loop.time() + 0.25, self.rsp_pipe.busy_until)
-            loop.call_at(down_at, self._start_reboot, "recovery reset")
+            loop.call_at(down_at, self._reboot_of, gen, "recovery reset")
 
     def _on_upload(self, old: int, new: int) -> bool:
         at = self.cfg.reboot_during_upload_at
@@ -458,6 +458,13 @@ class SimDevice:
         for h in self._app_timers:
             h.cancel()
         self._app_timers.clear()
+
+    def _reboot_of(self, gen: int, reason: str) -> None:
+        """A reboot the device scheduled (os_mgmt's delayed work item, MCUboot's bs_reset) in
+        life ``gen``: it dies with that life - a reboot in between (a crash, another reset
+        already done) takes the pending work item with it, as the RAM it lives in."""
+        if gen == self._generation:
+            self._start_reboot(reason)
 
     def _start_reboot(self, reason: str, force: bool = False) -> None:
         if self._reboot_task is not None and not self._reboot_task.done():

@@ -21,7 +21,7 @@ import time
 
 from smp.image_management import ImageState
 
-from gateway.smp.session import SMPError, SMPProtocolError, SMPSession, SMPTimeout
+from gateway.smp.session import SMPError, SMPSession, SMPTimeout
 from gateway.smp.transport import TransportError
 
 log = logging.getLogger("gateway.smp.reboot")
@@ -83,11 +83,11 @@ async def wait_answer(session: SMPSession, deadline: float, timeout_s: float,
 async def wait_reboot(session: SMPSession, timeout_s: float,
                       before: list[ImageState] | None = None, poll_s: float = 0.5) -> None:
     """After a reset: look (at most ``GONE_PROBE_S``) for the link to go away, then wait for
-    the device to answer; with ``before`` (the state read just before an acknowledged reset)
-    holding something a reboot must change, also while the device reports exactly ``before``
-    (it has not rebooted yet). One bound for all of it: ``GONE_PROBE_S + timeout_s`` from the
-    start (the old link-only wait's bound), SMPTimeout when the device is silent at its end.
-    A device still reporting ``before`` at the end is left to the caller's own read (a
+    the device to answer; with ``before`` (the state read just before the reset) holding
+    something a reboot must change, also while the device reports exactly ``before`` (it has
+    not rebooted yet). One bound for all of it: ``GONE_PROBE_S + timeout_s`` from the start
+    (the old link-only wait's bound), SMPTimeout when the device is silent at its end. A
+    device still reporting ``before`` at the end is left to the caller's own read (a
     bootloader that did not take the image, a device that did not reset)."""
     start = time.monotonic()
     deadline = start + GONE_PROBE_S + timeout_s
@@ -114,13 +114,13 @@ async def wait_reboot(session: SMPSession, timeout_s: float,
                 await reopen(session)
             await wait_answer(session, deadline, timeout_s, poll_s)  # it went away: its reboot
             continue
-        except SMPProtocolError as exc:  # a garbled answer: asked again, like every read
+        except SMPError as exc:  # an error answer (busy, no memory): asked again, like a
+            # garbled one; only a device without img_mgmt's state read ends the wait here
             log.debug("device=%s state after the reset: %s", session.device_id, exc)
+            if exc.not_supported:
+                return
             await asyncio.sleep(poll_s)
             continue
-        except SMPError as exc:  # an answer, but not a state: the caller's own read decides
-            log.debug("device=%s state after the reset: %s", session.device_id, exc)
-            return
         if state_key(now) != key:
             return
         log.debug("device=%s still reports its state from before the reset: its reboot has "
@@ -132,9 +132,10 @@ async def wait_reboot(session: SMPSession, timeout_s: float,
 
 async def reset_and_wait(session: SMPSession, timeout_s: float, poll_s: float = 0.5) -> bool:
     """Read the state, send ``os reset``, wait for the reboot (``wait_reboot``); whether the
-    reset was acknowledged (an unacknowledged one may never have reached the device: its
-    reboot is then judged by the link alone)."""
+    reset was acknowledged. An unacknowledged reset is waited for the same way: its answer may
+    be what was lost, and the device reboots all the same - a reset that never arrived costs
+    the wait's bound, then the caller's read finds the state unchanged."""
     before = await state_before_reset(session)
     acked = await session.reset()
-    await wait_reboot(session, timeout_s, before if acked else None, poll_s)
+    await wait_reboot(session, timeout_s, before, poll_s)
     return acked
