@@ -49,6 +49,13 @@ log = logging.getLogger("gateway.cancel")
 CANCEL_PENDING = "cancel-pending"  # journal step: a revert that waits for a maintenance window
 CANCELED = "canceled"  # journal step and outcome of a canceled update
 
+# the canceled image still pending after a take-back's reset: a device slow to act on it (the
+# next session goes on), or a bootloader that keeps the mark. After this many sessions ended so
+# (``fleetops.finish_cancel`` counts them) the cancel is closed as not taken back
+# (``not_taken_back``) rather than reset again at every session for ever.
+STILL_PENDING = "the canceled image is still pending"
+TAKE_BACK_RESETS = 3
+
 _MARKED_STEPS = {Step.MARK_TEST.value, Step.RESET.value, Step.WAIT_BOOT.value, Step.VERIFY.value,
                  Step.CONFIRM.value, Step.WAIT_APP.value, CANCEL_PENDING}
 
@@ -59,6 +66,8 @@ class CancelResult:
     done: bool  # the device is back on its previous image with nothing of the update left
     detail: str
     deferred: bool = False  # needs a reset outside the allowed time: done later
+    stuck: bool = False  # STILL_PENDING after the take-back's reset
+    gave_up: bool = False  # closed as not taken back (``not_taken_back``)
     running: str | None = None  # version running after the undo
 
 
@@ -158,10 +167,10 @@ async def undo(session: SMPSession, dev: DeviceConfig, journal: Journal, target_
     if slots.other_hash in ours and slots.other is not None and slots.other.pending:
         # (b) still marked: the next reset (anyone's) would test-boot it - not taken back; the
         # intent stays open and the next session goes on (a device slow to act on the reset)
-        detail = (f"{reason}: the canceled image is still pending in the secondary slot after "
-                  "the reset (the take-back goes on at the next session)")
+        detail = (f"{reason}: {STILL_PENDING} in the secondary slot after the reset (the "
+                  "take-back goes on at the next session)")
         journal.put(entry.with_(last_error=detail), detail)
-        return CancelResult(phase, False, detail, running=running)
+        return CancelResult(phase, False, detail, running=running, stuck=True)
     erased = ""
     if phase != "before-upload" and slots.other is not None and not slots.other.pending:
         erased = await _erase_secondary(session, dev)
@@ -185,3 +194,20 @@ async def undo(session: SMPSession, dev: DeviceConfig, journal: Journal, target_
                 detail)
     log.info("device=%s %s", dev.id, detail)
     return CancelResult(phase, True, detail, running=running)
+
+
+def not_taken_back(journal: Journal, device_id: str, target_hash: bytes, detail: str) -> str:
+    """Close the journal row of a cancel whose image the device kept pending through
+    ``TAKE_BACK_RESETS`` sessions' resets: ``failed``, not taken back - never ``canceled``
+    (something of the update is left). The row's test-boot claim (``tested_hash``) is dropped:
+    should a later reset boot the image after all, this gateway never confirms it (an image it
+    did not test, reverted by the next reset)."""
+    e = journal.get(device_id)
+    th = target_hash.hex()
+    msg = (f"not taken back: {detail}; {TAKE_BACK_RESETS} sessions' resets left it pending (a "
+           "bootloader that keeps the mark?) - never confirmed by this gateway; the next update's "
+           "upload overwrites it, or `smp-gateway device -c CONFIG ID image erase`")
+    journal.put(e.with_(step=Step.FAILED.value, outcome="failed", last_error=msg,
+                        tested_hash=None if th in (e.tested_hash or "") else e.tested_hash), msg)
+    log.warning("device=%s cancel: %s", device_id, msg)
+    return msg

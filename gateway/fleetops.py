@@ -734,8 +734,16 @@ class FleetOps:
                 journal.intent_progress(intent.id, "pending", detail)
                 log.warning("device=%s cancel: %s", dev.id, detail)
                 return Outcome(dev.id, Status.HELD, UpdateResult.INITIAL, f"canceled: {detail}")
-            if res.deferred or not (res.done or res.phase == "confirmed"):
-                journal.intent_progress(intent.id, "pending", res.detail)
+            if res.stuck and len(journal.events(
+                    dev.id, steps=("intent-cancel-pending",), limit=cancel_mod.TAKE_BACK_RESETS,
+                    detail_prefix=f"intent={intent.id}: {cancel_mod.STILL_PENDING}",
+            )) + 1 >= cancel_mod.TAKE_BACK_RESETS:  # bounded: closed, not reset for ever
+                res = replace(res, detail=cancel_mod.not_taken_back(
+                    journal, dev.id, bytes.fromhex(intent.target_hash), res.detail), gave_up=True)
+            elif res.deferred or not (res.done or res.phase == "confirmed"):
+                journal.intent_progress(intent.id, "pending",
+                                        f"{cancel_mod.STILL_PENDING}: {res.detail}" if res.stuck
+                                        else res.detail)
                 # not taken back yet: nothing is decided, so nothing is reported - the intent
                 # stays open and is finished first at the next session (fault schedule seed 298:
                 # a FAILED outcome here went out as a final report with result 0, which the
@@ -744,7 +752,7 @@ class FleetOps:
                                old_version=res.running)
             # taken back, or too late (confirmed before the cancel): the device's part is over
             too_late = res.phase == "confirmed"
-            verdict = ("taken back: " if res.done else "too late: ") + res.detail
+            verdict = ("taken back: " if res.done else "" if res.gave_up else "too late: ") + res.detail
             journal.intent_progress(intent.id, "ack" if intent.actor == "server" else "done", verdict)
             self.ops.audit(intent.actor if intent.actor == "operator" else "fleet", "cancel", dev.id,
                            res.detail)

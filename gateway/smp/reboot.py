@@ -64,11 +64,14 @@ async def state_before_reset(session: SMPSession) -> list[ImageState] | None:
 async def wait_answer(session: SMPSession, deadline: float, timeout_s: float,
                       poll_s: float = 0.5) -> None:
     """Wait until the device answers an echo; SMPTimeout at ``deadline`` (``timeout_s``, the
-    bound's name for the message)."""
+    bound's name for the message). Any answer counts, an error too (a device out of buffers
+    answers ENOMEM, ``smp_on_err``): it is up."""
     last: Exception | None = None
     while time.monotonic() < deadline:
         try:
             await session.echo("boot?", timeout_s=min(1.0, max(0.2, deadline - time.monotonic())))
+            return
+        except SMPError:
             return
         except SMPTimeout as exc:
             last = exc
@@ -86,9 +89,10 @@ async def wait_reboot(session: SMPSession, timeout_s: float,
     the device to answer; with ``before`` (the state read just before the reset) holding
     something a reboot must change, also while the device reports exactly ``before`` (it has
     not rebooted yet). One bound for all of it: ``GONE_PROBE_S + timeout_s`` from the start
-    (the old link-only wait's bound), SMPTimeout when the device is silent at its end. A
-    device still reporting ``before`` at the end is left to the caller's own read (a
-    bootloader that did not take the image, a device that did not reset)."""
+    (the old link-only wait's bound; plus one state read's timeout), SMPTimeout when the device
+    goes silent and does not answer again by then. A device still reporting ``before`` at the
+    end, or silent only on the read that crossed it, is left to the caller's own read (a
+    bootloader that did not take the image, a reset that never arrived: sent again)."""
     start = time.monotonic()
     deadline = start + GONE_PROBE_S + timeout_s
     while time.monotonic() < start + GONE_PROBE_S:
@@ -99,6 +103,8 @@ async def wait_reboot(session: SMPSession, timeout_s: float,
         except TransportError:
             await reopen(session)
             break
+        except SMPError:  # an answer, if an error one: still up
+            pass
         await asyncio.sleep(0.1)
     await wait_answer(session, deadline, timeout_s, poll_s)
     if before is None or not reboot_changes(before):
@@ -106,12 +112,12 @@ async def wait_reboot(session: SMPSession, timeout_s: float,
     key = state_key(before)
     while time.monotonic() < deadline:
         try:
-            now = await session.image_state(
-                timeout_s=max(0.2, min(session.timeout_s, deadline - time.monotonic())),
-                retries=0)
+            now = await session.image_state(retries=0)  # its full timeout, even at the deadline
         except (SMPTimeout, TransportError) as exc:
             if isinstance(exc, TransportError):
                 await reopen(session)
+            if time.monotonic() >= deadline:
+                break  # past the bound: the caller's own read decides, as for an unchanged state
             await wait_answer(session, deadline, timeout_s, poll_s)  # it went away: its reboot
             continue
         except SMPError as exc:  # an error answer (busy, no memory): asked again, like a
@@ -126,8 +132,8 @@ async def wait_reboot(session: SMPSession, timeout_s: float,
         log.debug("device=%s still reports its state from before the reset: its reboot has "
                   "not happened yet", session.device_id)
         await asyncio.sleep(poll_s)
-    log.info("device=%s reports the same state %gs after its acknowledged reset",
-             session.device_id, GONE_PROBE_S + timeout_s)
+    log.info("device=%s shows no reboot %gs after the reset", session.device_id,
+             GONE_PROBE_S + timeout_s)
 
 
 async def reset_and_wait(session: SMPSession, timeout_s: float, poll_s: float = 0.5) -> bool:
