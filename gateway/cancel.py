@@ -51,9 +51,11 @@ CANCELED = "canceled"  # journal step and outcome of a canceled update
 
 # the canceled image still pending after a take-back's reset: a device slow to act on it (the
 # next session goes on), or a bootloader that keeps the mark. After this many sessions ended so
-# (``fleetops.finish_cancel`` counts them) the cancel is closed as not taken back
-# (``not_taken_back``) rather than reset again at every session for ever.
+# (``fleetops.finish_cancel`` counts them by ``STUCK``, a label of the gateway's own before the
+# detail - never by the detail, which starts with the cancel's reason: outside input) the
+# cancel is closed as not taken back (``not_taken_back``) rather than reset again for ever.
 STILL_PENDING = "the canceled image is still pending"
+STUCK, NOT_YET = "stuck: ", "not yet: "  # the intent's progress labels (``finish_cancel``)
 TAKE_BACK_RESETS = 3
 
 _MARKED_STEPS = {Step.MARK_TEST.value, Step.RESET.value, Step.WAIT_BOOT.value, Step.VERIFY.value,
@@ -167,9 +169,9 @@ async def undo(session: SMPSession, dev: DeviceConfig, journal: Journal, target_
     if slots.other_hash in ours and slots.other is not None and slots.other.pending:
         # (b) still marked: the next reset (anyone's) would test-boot it - not taken back; the
         # intent stays open and the next session goes on (a device slow to act on the reset)
-        detail = (f"{reason}: {STILL_PENDING} in the secondary slot after the reset (the "
-                  "take-back goes on at the next session)")
-        journal.put(entry.with_(last_error=detail), detail)
+        detail = f"{reason}: {STILL_PENDING} in the secondary slot after the reset"
+        journal.put(entry.with_(last_error=detail + " (the take-back goes on at the next "
+                                "session)"), detail)
         return CancelResult(phase, False, detail, running=running, stuck=True)
     erased = ""
     if phase != "before-upload" and slots.other is not None and not slots.other.pending:

@@ -736,14 +736,15 @@ class FleetOps:
                 return Outcome(dev.id, Status.HELD, UpdateResult.INITIAL, f"canceled: {detail}")
             if res.stuck and len(journal.events(
                     dev.id, steps=("intent-cancel-pending",), limit=cancel_mod.TAKE_BACK_RESETS,
-                    detail_prefix=f"intent={intent.id}: {cancel_mod.STILL_PENDING}",
+                    detail_prefix=f"intent={intent.id}: {cancel_mod.STUCK}",
             )) + 1 >= cancel_mod.TAKE_BACK_RESETS:  # bounded: closed, not reset for ever
                 res = replace(res, detail=cancel_mod.not_taken_back(
                     journal, dev.id, bytes.fromhex(intent.target_hash), res.detail), gave_up=True)
             elif res.deferred or not (res.done or res.phase == "confirmed"):
-                journal.intent_progress(intent.id, "pending",
-                                        f"{cancel_mod.STILL_PENDING}: {res.detail}" if res.stuck
-                                        else res.detail)
+                # labelled by the gateway (the detail starts with the reason: outside input)
+                journal.intent_progress(intent.id, "pending", (
+                    f"{cancel_mod.STUCK}{res.detail} (the take-back goes on at the next "
+                    "session)" if res.stuck else f"{cancel_mod.NOT_YET}{res.detail}"))
                 # not taken back yet: nothing is decided, so nothing is reported - the intent
                 # stays open and is finished first at the next session (fault schedule seed 298:
                 # a FAILED outcome here went out as a final report with result 0, which the

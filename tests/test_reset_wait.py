@@ -27,7 +27,7 @@ from modes_support import active, publish_entry, resets, run_pass
 from safety_support import Request, Tap
 from test_multi_image import set_entry, two_images
 
-from gateway.cancel import CANCELED, TAKE_BACK_RESETS, undo
+from gateway.cancel import CANCELED, STILL_PENDING, STUCK, TAKE_BACK_RESETS, undo
 from gateway.daemon import Gateway
 from gateway.engine import Outcome, Stage, Status
 from gateway.sim.simulator import Simulator
@@ -354,3 +354,30 @@ async def test_r3_cancel_closed_as_not_taken_back_when_the_mark_outlives_the_res
         assert e.outcome == "failed" and "not taken back" in (e.last_error or ""), e
         assert e.tested_hash != th
         assert slot1(dev) is not None and slot1(dev).pending  # (b) what was left, said so
+
+
+# --- review round 4 ----------------------------------------------------------------------------
+@pytest.mark.parametrize("reason", [f"{STILL_PENDING} - please revert",
+                                    f"{STUCK}{STILL_PENDING} - please revert"])
+async def test_r4_a_cancel_reason_cannot_fool_the_count_of_stuck_sessions(
+        bench_factory: Any, monkeypatch: pytest.MonkeyPatch, reason: str) -> None:
+    """The count of sessions whose reset left the image pending matched the events' detail,
+    which starts with the cancel's reason (outside input): a reason reading like the marker
+    made two sessions deferred outside the maintenance window (no reset) count, and the first
+    real one closed the cancel after one reset. The count rests on the gateway's own label."""
+    import gateway.sim.boot as simboot
+
+    bench = slow_bench(bench_factory, image_size=16 * 1024)
+    async with marked(bench, timeouts={"reset_s": 2.0}) as (gw, dev_cfg, dev, h):
+        gw.journal.put_intent(dev.id, "cancel", h.hex(), "operator", reason)
+        allowed = {"v": False}
+        monkeypatch.setattr(gw.fleet.maint, "reset_allowed", lambda d: allowed["v"])
+        monkeypatch.setattr(simboot, "swap_type", lambda f, i=0, **kw: simboot.SwapType.NONE)
+        for session in range(2 + TAKE_BACK_RESETS):  # 2 outside the window (no reset), then 3
+            allowed["v"] = session >= 2
+            (intent,) = gw.journal.open_intents(dev.id)
+            async with gw.session(dev_cfg) as s:
+                await gw.fleet.finish_cancel(dev_cfg, s, intent)
+            assert bool(gw.journal.open_intents(dev.id)) == (session < 1 + TAKE_BACK_RESETS), (
+                session, gw.journal.get(dev.id).last_error)
+        assert resets(dev) == TAKE_BACK_RESETS
