@@ -87,7 +87,7 @@ async def one_pass(bench: Any, sim: Simulator, **cfg: Any) -> Outcome:
     return out
 
 
-def slow_bench(bench_factory: Any, device_kw: dict[str, Any] | None = None, **kw: Any) -> Any:
+def published_bench(bench_factory: Any, device_kw: dict[str, Any] | None = None, **kw: Any) -> Any:
     bench = bench_factory(udp=1, serial=0, device_kw=device_kw or {}, **kw)
     bench.publish("2.0.0")
     return bench
@@ -126,7 +126,7 @@ def assert_taken_back(gw: Gateway, dev: Any, res: Any) -> None:
 
 # --- the CI failure ----------------------------------------------------------------------------
 async def test_single_image_updated_on_a_device_slow_to_reset(bench_factory: Any) -> None:
-    bench = slow_bench(bench_factory, SLOW)
+    bench = published_bench(bench_factory, SLOW)
     async with Simulator(bench.sim_cfg) as sim:
         (dev,) = sim.devices.values()
         out = await one_pass(bench, sim)
@@ -150,7 +150,7 @@ async def test_image_set_updated_on_a_device_slow_to_reset(bench_factory: Any) -
 # --- review round 1 ----------------------------------------------------------------------------
 async def test_r1_a_garbled_state_answer_after_the_reset_is_asked_again(
         bench_factory: Any) -> None:
-    bench = slow_bench(bench_factory)
+    bench = published_bench(bench_factory)
     async with Simulator(bench.sim_cfg) as sim:
         (dev,) = sim.devices.values()
         st = once(dev, is_state_read, {"images": 5}, after=lambda r: r.is_reset)
@@ -163,7 +163,7 @@ async def test_r1_a_device_error_on_the_read_before_the_reset_does_not_stop_it(
         bench_factory: Any) -> None:
     """That read only informs the wait: EBUSY there must not keep the reset from being sent
     (2.0.0 would stay pending, to test-boot unwatched at the next power cycle)."""
-    bench = slow_bench(bench_factory)
+    bench = published_bench(bench_factory)
     async with Simulator(bench.sim_cfg) as sim:
         (dev,) = sim.devices.values()
         st = once(dev, is_state_read, {"rc": 10}, after=lambda r: r.is_test)
@@ -175,7 +175,7 @@ async def test_r1_a_device_error_on_the_read_before_the_reset_does_not_stop_it(
 async def test_r1_one_lost_answer_to_the_read_before_the_reset_is_asked_again(
         bench_factory: Any) -> None:
     """Without that read's evidence the slow reset is judged by the link alone: the CI failure."""
-    bench = slow_bench(bench_factory, SLOW)
+    bench = published_bench(bench_factory, SLOW)
     async with Simulator(bench.sim_cfg) as sim:
         (dev,) = sim.devices.values()
         st = once(dev, is_state_read, LOST, after=lambda r: r.is_test)
@@ -189,7 +189,7 @@ async def test_r1_the_wait_has_one_deadline(bench_factory: Any) -> None:
     acknowledges the reset, answers echoes but no state read, silent from just before
     reset_s: the wait ends by GONE_PROBE_S + reset_s (+ one request) from the reset."""
     reset_s, request_s = 10.0, 1.0
-    bench = slow_bench(bench_factory, {"reset_delay_s": 300.0})
+    bench = published_bench(bench_factory, {"reset_delay_s": 300.0})
     async with Simulator(bench.sim_cfg) as sim:
         (dev,) = sim.devices.values()
         loop = asyncio.get_running_loop()
@@ -218,7 +218,7 @@ async def test_r1_the_wait_has_one_deadline(bench_factory: Any) -> None:
 async def test_r2_an_error_answer_to_the_state_read_after_the_reset_is_asked_again(
         bench_factory: Any) -> None:
     """ENOMEM once after the reset ended the wait on the old boot's state: the CI failure."""
-    bench = slow_bench(bench_factory, SLOW)
+    bench = published_bench(bench_factory, SLOW)
     async with Simulator(bench.sim_cfg) as sim:
         (dev,) = sim.devices.values()
         st = once(dev, is_state_read, {"rc": 2}, after=lambda r: r.is_reset)
@@ -231,7 +231,7 @@ async def test_r2_cancel_with_an_error_answer_during_its_reset_is_taken_back(
         bench_factory: Any) -> None:
     """Before: the same answer let ``undo`` journal ``canceled`` with the canceled image still
     pending - the device test-booted it a moment later."""
-    bench = slow_bench(bench_factory, SLOW, image_size=16 * 1024)
+    bench = published_bench(bench_factory, SLOW, image_size=16 * 1024)
     async with marked(bench) as (gw, dev_cfg, dev, h):
         st = once(dev, is_state_read, {"rc": 2}, after=lambda r: r.is_reset)
         res = await take_back(gw, dev_cfg, h)
@@ -243,7 +243,7 @@ async def test_r2_a_revert_reset_whose_answer_was_lost_is_waited_for(bench_facto
     """confirm: app, the application never confirms: the revert reset is acted on, its answer
     lost. Judged by the link alone, the wait ended before the revert: ``failed`` "still runs
     it" though MCUboot reverted it a moment later."""
-    bench = slow_bench(bench_factory, SLOWER)
+    bench = published_bench(bench_factory, SLOWER)
     async with Simulator(bench.sim_cfg) as sim:
         (dev,) = sim.devices.values()
         st = once(dev, lambda r: r.is_reset, ACTED, after=lambda r: r.is_reset)
@@ -255,7 +255,7 @@ async def test_r2_a_revert_reset_whose_answer_was_lost_is_waited_for(bench_facto
 
 
 async def test_r2_cancel_whose_reset_answer_was_lost_is_taken_back(bench_factory: Any) -> None:
-    bench = slow_bench(bench_factory, SLOWER, image_size=16 * 1024)
+    bench = published_bench(bench_factory, SLOWER, image_size=16 * 1024)
     async with marked(bench) as (gw, dev_cfg, dev, h):
         st = once(dev, lambda r: r.is_reset, ACTED)
         res = await take_back(gw, dev_cfg, h)
@@ -269,7 +269,7 @@ async def test_r2_cancel_never_closed_with_the_canceled_image_still_pending(
     must not be journalled done (the next reset, anyone's, would test-boot the canceled
     image): the intent stays open, its next session goes on."""
     reset_s = 2.0
-    bench = slow_bench(bench_factory, {"reset_delay_s": GONE_PROBE_S + reset_s + 3.0},
+    bench = published_bench(bench_factory, {"reset_delay_s": GONE_PROBE_S + reset_s + 3.0},
                        image_size=16 * 1024)
     async with marked(bench, timeouts={"reset_s": reset_s}) as (gw, dev_cfg, dev, h):
         res = await take_back(gw, dev_cfg, h)
@@ -286,7 +286,7 @@ async def test_r3_a_lost_reset_with_a_late_read_at_the_deadline_is_sent_again(
     timeout ended as "did not come back" - the reset never sent again. Now it gets its full
     timeout, and a silent one leaves the verdict to the caller's read (reset again)."""
     reset_s = 4.0
-    bench = slow_bench(bench_factory)
+    bench = published_bench(bench_factory)
     async with Simulator(bench.sim_cfg) as sim:
         (dev,) = sim.devices.values()
         tap = Tap(dev).install()
@@ -319,7 +319,7 @@ async def test_r3_a_lost_reset_with_a_late_read_at_the_deadline_is_sent_again(
 async def test_r3_an_error_answer_to_an_echo_of_the_wait_counts_as_up(bench_factory: Any) -> None:
     """ENOMEM (Zephyr's ``smp_on_err`` without a free buffer) to one echo after the reset ended
     the update ``failed`` while the device test-booted 2.0.0 unwatched."""
-    bench = slow_bench(bench_factory)
+    bench = published_bench(bench_factory)
     async with Simulator(bench.sim_cfg) as sim:
         (dev,) = sim.devices.values()
         st = once(dev, is_echo, {"rc": 2}, after=lambda r: r.is_reset)
@@ -336,7 +336,7 @@ async def test_r3_cancel_closed_as_not_taken_back_when_the_mark_outlives_the_res
     confirmed by this gateway), no further reset."""
     import gateway.sim.boot as simboot
 
-    bench = slow_bench(bench_factory, image_size=16 * 1024)
+    bench = published_bench(bench_factory, image_size=16 * 1024)
     async with marked(bench, timeouts={"reset_s": 2.0}) as (gw, dev_cfg, dev, h):
         th = h.hex()
         assert gw.journal.get(dev.id).tested_hash == th
@@ -367,7 +367,7 @@ async def test_r4_a_cancel_reason_cannot_fool_the_count_of_stuck_sessions(
     real one closed the cancel after one reset. The count rests on the gateway's own label."""
     import gateway.sim.boot as simboot
 
-    bench = slow_bench(bench_factory, image_size=16 * 1024)
+    bench = published_bench(bench_factory, image_size=16 * 1024)
     async with marked(bench, timeouts={"reset_s": 2.0}) as (gw, dev_cfg, dev, h):
         gw.journal.put_intent(dev.id, "cancel", h.hex(), "operator", reason)
         allowed = {"v": False}

@@ -36,7 +36,7 @@ from gateway.images import (
     VerifiedImage,
 )
 from gateway.journal import Entry, Journal
-from gateway.smp.reboot import reopen, state_before_reset, wait_reboot
+from gateway.smp.reboot import reopen, reset_and_wait, wait_reboot
 from gateway.smp.session import SMPProtocolError, SMPSession, SMPTimeout
 from gateway.smp.transport import TransportError
 from gateway.sources.base import UpdateResult
@@ -238,24 +238,28 @@ class EngineState:
         acknowledged. Every reset of an update goes through here, after its caller passed the
         reset gate and journalled ``Step.RESET``; ``Step.WAIT_BOOT`` (``wait_detail``) is
         journalled once the answer is in. The image state read just before the reset is what
-        ``_wait_reboot`` holds the device's answers against (b)."""
-        before = await state_before_reset(self.s)
-        acked = await self.s.reset()
-        if wait_detail is not None:
-            self._step(Step.WAIT_BOOT, f"{wait_detail}={acked}")
-        await self._wait_reboot(before)  # acknowledged or not: its answer may be what was lost
-        return acked
-
-    async def _wait_reboot(self, before: list[ImageState] | None = None) -> None:
-        """After a reset: ``gateway.smp.reboot.wait_reboot`` (the link's gap, then an answer,
-        then - given ``before`` - the device's state showing the reboot), bounded by
-        ``timeouts.reset_s``; a device that does not come back is FAILED, connection lost."""
+        ``gateway.smp.reboot.reset_and_wait`` holds the device's answers against (b)."""
+        def answered(acked: bool) -> None:
+            if wait_detail is not None:
+                self._step(Step.WAIT_BOOT, f"{wait_detail}={acked}")
         try:
-            await wait_reboot(self.s, self.dev.timeouts.reset_s, before, self.poll)
+            return await reset_and_wait(self.s, self.dev.timeouts.reset_s, self.poll, answered)
         except SMPTimeout:
-            raise _Finish(Outcome(self.dev.id, Status.FAILED, UpdateResult.CONNECTION_LOST,
-                                  f"device did not come back within {self.dev.timeouts.reset_s:g}s "
-                                  "after reset")) from None
+            raise self._not_back() from None
+
+    async def _wait_reboot(self) -> None:
+        """A device that vanished (crash, watchdog): ``gateway.smp.reboot.wait_reboot`` on the
+        link alone (no reset of ours, no state before it), bounded by ``timeouts.reset_s``; a
+        device that does not come back is FAILED, connection lost (``_not_back``)."""
+        try:
+            await wait_reboot(self.s, self.dev.timeouts.reset_s, poll_s=self.poll)
+        except SMPTimeout:
+            raise self._not_back() from None
+
+    def _not_back(self) -> _Finish:
+        return _Finish(Outcome(self.dev.id, Status.FAILED, UpdateResult.CONNECTION_LOST,
+                               f"device did not come back within {self.dev.timeouts.reset_s:g}s "
+                               "after reset"))
 
     async def _reconnect(self, deadline: float) -> None:
         """Re-open the link until the device answers an echo, or raise TransportError."""

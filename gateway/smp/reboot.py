@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 from smp.image_management import ImageState
 
@@ -136,12 +137,16 @@ async def wait_reboot(session: SMPSession, timeout_s: float,
              GONE_PROBE_S + timeout_s)
 
 
-async def reset_and_wait(session: SMPSession, timeout_s: float, poll_s: float = 0.5) -> bool:
+async def reset_and_wait(session: SMPSession, timeout_s: float, poll_s: float = 0.5,
+                         answered: Callable[[bool], None] | None = None) -> bool:
     """Read the state, send ``os reset``, wait for the reboot (``wait_reboot``); whether the
-    reset was acknowledged. An unacknowledged reset is waited for the same way: its answer may
-    be what was lost, and the device reboots all the same - a reset that never arrived costs
-    the wait's bound, then the caller's read finds the state unchanged."""
+    reset was acknowledged (``answered`` is told as soon as that is known: the engine journals
+    it before the wait). An unacknowledged reset is waited for the same way: its answer may be
+    what was lost, and the device reboots all the same - a reset that never arrived costs the
+    wait's bound, then the caller's read finds the state unchanged."""
     before = await state_before_reset(session)
     acked = await session.reset()
+    if answered is not None:
+        answered(acked)
     await wait_reboot(session, timeout_s, before, poll_s)
     return acked
